@@ -1,0 +1,243 @@
+//! Reading discovery.k8s.io/v1 EndpointSlices into per-service-port endpoint lists.
+//!
+//! All slices of a Service are merged; the DNAT port of an endpoint is the slice
+//! port whose (name, protocol) equals the Service port's (`targetPort` is never
+//! consulted, exactly as kube-proxy). One bad endpoint is skipped on its own; a
+//! slice that cannot be attributed to a Service is skipped whole.
+
+use crate::addr::{IpFamily, parse_ip_sloppy};
+use crate::node_config::NodeConfig;
+use crate::problem::{ObjectError, ObjectKind};
+use crate::protocol::Protocol;
+use crate::service::{LABEL_HEADLESS, handled_by_other_proxy};
+use crate::state::ObjectKey;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+/// Label linking an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// One endpoint address as kube-proxy sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// On this node (`nodeName` equals the node's name).
+    pub local: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+impl Endpoint {
+    /// Usable for new connections under normal circumstances.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// Serving and terminating: usable only as a fallback when nothing is ready.
+    pub fn is_serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
+
+    /// Counted by the stale-flow rules: ready, or serving while terminating.
+    pub fn is_serving(&self) -> bool {
+        self.serving
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.ip, self.port)
+    }
+}
+
+/// Endpoints of one Service, per family and per (port name, protocol).
+pub type ServiceEndpoints = BTreeMap<(IpFamily, String, Protocol), Vec<Endpoint>>;
+
+/// Groups every slice by the Service it belongs to and merges their endpoints.
+/// Returns the merged endpoints and the problems found.
+pub fn read_endpoint_slices<'a>(
+    slices: impl IntoIterator<Item = (&'a ObjectKey, &'a EndpointSlice)>,
+    cfg: &NodeConfig,
+) -> (BTreeMap<ObjectKey, ServiceEndpoints>, Vec<ObjectError>) {
+    let mut by_service: BTreeMap<ObjectKey, ServiceEndpoints> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (key, slice) in slices {
+        if let Some((service, family)) = slice_owner(key, slice, cfg, &mut errors) {
+            let merged = by_service.entry(service).or_default();
+            merge_slice(key, slice, family, cfg, merged, &mut errors);
+        }
+    }
+    (by_service, errors)
+}
+
+/// The Service and family a slice serves, or `None` if the slice is not ours.
+fn slice_owner(
+    key: &ObjectKey,
+    slice: &EndpointSlice,
+    cfg: &NodeConfig,
+    errors: &mut Vec<ObjectError>,
+) -> Option<(ObjectKey, IpFamily)> {
+    let labels = slice.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS))
+        || handled_by_other_proxy(labels, cfg).is_some()
+    {
+        return None;
+    }
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        // FQDN slices are for DNS, never proxied.
+        "FQDN" => return None,
+        other => {
+            errors.push(ObjectError::skip(
+                ObjectKind::EndpointSlice,
+                key,
+                "addressType",
+                format!("{other:?} is not IPv4, IPv6 or FQDN"),
+            ));
+            return None;
+        }
+    };
+    let Some(service) = labels
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .filter(|s| !s.is_empty())
+    else {
+        errors.push(ObjectError::skip(
+            ObjectKind::EndpointSlice,
+            key,
+            format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+            "is missing, so the slice belongs to no Service",
+        ));
+        return None;
+    };
+    Some((
+        ObjectKey::new(key.namespace.clone(), service.clone()),
+        family,
+    ))
+}
+
+fn merge_slice(
+    key: &ObjectKey,
+    slice: &EndpointSlice,
+    family: IpFamily,
+    cfg: &NodeConfig,
+    merged: &mut ServiceEndpoints,
+    errors: &mut Vec<ObjectError>,
+) {
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let field = format!("ports[{i}]");
+        // kube-proxy ignores a port without a number: it stands for "all ports" in other consumers.
+        let Some(port) = p.port else { continue };
+        let Some(port) = u16::try_from(port).ok().filter(|p| *p != 0) else {
+            errors.push(ObjectError::skip_entry(
+                ObjectKind::EndpointSlice,
+                key,
+                format!("{field}.port"),
+                format!("{port} is out of range 1-65535"),
+            ));
+            continue;
+        };
+        let protocol = match p.protocol.as_deref() {
+            None => Protocol::Tcp,
+            Some(s) => match s.parse::<Protocol>() {
+                Ok(proto) if proto.as_k8s() == s => proto,
+                _ => {
+                    errors.push(ObjectError::skip_entry(
+                        ObjectKind::EndpointSlice,
+                        key,
+                        format!("{field}.protocol"),
+                        format!("{s:?} is not TCP, UDP or SCTP"),
+                    ));
+                    continue;
+                }
+            },
+        };
+        ports.push((p.name.clone().unwrap_or_default(), protocol, port));
+    }
+
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+        let field = format!("endpoints[{i}].addresses[0]");
+        // kube-proxy uses the first address only; an endpoint without one is not usable yet.
+        let Some(address) = ep.addresses.first() else {
+            continue;
+        };
+        let Some(ip) = parse_ip_sloppy(address) else {
+            errors.push(ObjectError::skip_entry(
+                ObjectKind::EndpointSlice,
+                key,
+                field,
+                format!("{address:?} is not an IP address"),
+            ));
+            continue;
+        };
+        if IpFamily::of(&ip) != family {
+            errors.push(ObjectError::skip_entry(
+                ObjectKind::EndpointSlice,
+                key,
+                field,
+                format!(
+                    "{ip} is {} but the slice's addressType is {family} (wrong address family)",
+                    IpFamily::of(&ip)
+                ),
+            ));
+            continue;
+        }
+        let cond = ep.conditions.as_ref();
+        // kube-proxy's defaults for unset conditions.
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let hints = ep.hints.as_ref();
+        let zone_hints = hints
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|z| z.name.clone())
+            .collect();
+        let node_hints = hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|n| n.name.clone())
+            .collect();
+        let node_name = ep.node_name.clone().filter(|n| !n.is_empty());
+        endpoints.push(Endpoint {
+            ip,
+            port: 0,
+            local: node_name.as_deref() == Some(cfg.node_name.as_str())
+                && !cfg.node_name.is_empty(),
+            node_name,
+            zone: ep.zone.clone().filter(|z| !z.is_empty()),
+            ready,
+            serving,
+            terminating,
+            zone_hints,
+            node_hints,
+        });
+    }
+
+    for (name, protocol, port) in ports {
+        let list = merged.entry((family, name, protocol)).or_default();
+        for ep in &endpoints {
+            let ep = Endpoint { port, ..ep.clone() };
+            // The same address may appear in two slices while pods move; keep
+            // one copy and prefer the local one, as kube-proxy does.
+            match list.iter_mut().find(|e| e.ip == ep.ip && e.port == ep.port) {
+                Some(existing) => {
+                    if ep.local && !existing.local {
+                        *existing = ep;
+                    }
+                }
+                None => list.push(ep),
+            }
+        }
+    }
+}

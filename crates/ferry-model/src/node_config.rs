@@ -1,0 +1,149 @@
+//! `NodeConfig`: what the planner must know about the node it runs on.
+//!
+//! This is plain data. The agent fills it from its config file, flags and the
+//! node's interfaces; `ferry conformance` fills it from an acceptance case.
+//! Parsing and key validation of the file live with the binary (`ferry::config`).
+
+use crate::addr::IpFamily;
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// Which node addresses serve NodePorts (`nodePortAddresses`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodePortAddresses {
+    /// The literal `primary`: the node's primary IP of each family.
+    pub primary: bool,
+    /// Any local address inside one of these ranges. A family with no range
+    /// (and no `primary`) serves NodePorts on every local address of that family.
+    pub cidrs: Vec<IpNet>,
+}
+
+impl Default for NodePortAddresses {
+    /// kube-proxy's nftables default (and ferry's): the primary IPs only.
+    fn default() -> Self {
+        NodePortAddresses {
+            primary: true,
+            cidrs: Vec::new(),
+        }
+    }
+}
+
+impl NodePortAddresses {
+    /// Every local address of every family (kube-proxy's iptables default).
+    pub fn all() -> Self {
+        NodePortAddresses {
+            primary: false,
+            cidrs: Vec::new(),
+        }
+    }
+}
+
+/// How the node tells pod traffic apart from other traffic (kube-proxy's
+/// `detectLocalMode`). Pod traffic is not masqueraded on its way to a ClusterIP
+/// and is short-circuited to all endpoints for `externalTrafficPolicy: Local`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum LocalDetector {
+    /// Sources inside the cluster CIDRs are pods.
+    ClusterCidr,
+    /// Sources inside this node's pod CIDRs are pods.
+    NodeCidr,
+    /// Packets arriving on an interface whose name starts with this prefix are from pods.
+    InterfaceNamePrefix(String),
+    /// Packets arriving on this bridge are from pods.
+    BridgeInterface(String),
+    /// Pod traffic cannot be told apart.
+    None,
+}
+
+/// Feature gates that change proxy semantics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FeatureGates {
+    /// `PreferSameTrafficDistribution`: honour node hints (`trafficDistribution: PreferSameNode`).
+    pub prefer_same_traffic_distribution: bool,
+}
+
+impl Default for FeatureGates {
+    fn default() -> Self {
+        FeatureGates {
+            prefer_same_traffic_distribution: true,
+        }
+    }
+}
+
+/// Everything about the node that the planner reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeConfig {
+    /// This node's name; endpoints with this `nodeName` are local.
+    pub node_name: String,
+    /// Every address configured on the node. A source in this list is the host itself.
+    pub node_ips: Vec<IpAddr>,
+    /// The node's primary address per family (at most one each). Empty: the
+    /// first address of each family in `node_ips`.
+    pub primary_ips: Vec<IpAddr>,
+    /// This node's pod ranges (`Node.spec.podCIDRs`), used by `LocalDetector::NodeCidr`.
+    pub pod_cidrs: Vec<IpNet>,
+    /// The cluster's pod ranges, used by `LocalDetector::ClusterCidr`.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Service ranges: an unallocated address inside them is dropped.
+    pub service_cidrs: Vec<IpNet>,
+    /// The families this node proxies.
+    pub ip_families: Vec<IpFamily>,
+    pub node_port_addresses: NodePortAddresses,
+    /// Serve IPv4 NodePorts on 127.0.0.1 too (kube-proxy iptables mode only).
+    pub localhost_node_ports: bool,
+    /// SNAT every service connection, whatever its source.
+    pub masquerade_all: bool,
+    pub local_detector: LocalDetector,
+    /// Topology zone of this node; `None`: read `topology.kubernetes.io/zone` from the Node object.
+    pub zone: Option<String>,
+    pub feature_gates: FeatureGates,
+    /// `service.kubernetes.io/service-proxy-name` value ferry answers to. Services
+    /// carrying that label with another value are left to another proxy.
+    pub service_proxy_name: Option<String>,
+    /// Explicitly accept traffic to health-check node ports ahead of any host
+    /// firewall (what kube-proxy's iptables mode does). Off: such traffic simply
+    /// continues to the local stack, where ferry's health server answers.
+    pub accept_health_check_node_ports: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            node_name: String::new(),
+            node_ips: Vec::new(),
+            primary_ips: Vec::new(),
+            pod_cidrs: Vec::new(),
+            cluster_cidrs: Vec::new(),
+            service_cidrs: Vec::new(),
+            ip_families: vec![IpFamily::V4, IpFamily::V6],
+            node_port_addresses: NodePortAddresses::default(),
+            localhost_node_ports: false,
+            masquerade_all: false,
+            local_detector: LocalDetector::ClusterCidr,
+            zone: None,
+            feature_gates: FeatureGates::default(),
+            service_proxy_name: None,
+            accept_health_check_node_ports: false,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The primary address of `family`: configured, else the first node IP of that family.
+    pub fn primary_ip(&self, family: IpFamily) -> Option<IpAddr> {
+        self.primary_ips
+            .iter()
+            .chain(self.node_ips.iter())
+            .copied()
+            .find(|ip| IpFamily::of(ip) == family)
+    }
+
+    pub fn serves_family(&self, family: IpFamily) -> bool {
+        self.ip_families.contains(&family)
+    }
+}
+
+/// Labels of the Node object the planner cares about.
+pub type NodeLabels = BTreeMap<String, String>;

@@ -1,0 +1,701 @@
+//! The Plan: everything a datapath backend needs, derived from `ClusterState + NodeConfig`.
+//!
+//! `build_plan` is a pure function. It reads every Service and EndpointSlice,
+//! skips (and reports) malformed ones, and produces one `ServicePort` per
+//! (service, port, family) with its frontends, endpoint sets and the route
+//! taken by each source class. The frontend table maps every address:port a
+//! packet can be sent to onto the service port that owns it.
+
+use crate::addr::{IpFamily, fmt_addr_port};
+use crate::endpoints::{Endpoint, ServiceEndpoints, read_endpoint_slices};
+use crate::node_config::{LocalDetector, NodeConfig};
+use crate::problem::{ObjectError, ObjectKind};
+use crate::protocol::Protocol;
+use crate::route::{EndpointSet, MasqReason, PerSource, Route, RouteReason, SourceClass};
+use crate::service::{IgnoreReason, ServiceInfo, ServiceRead, read_service};
+use crate::state::{ClusterState, ObjectKey};
+use crate::topology::{Categorized, TopologyContext, categorize};
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// Node label holding the topology zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// Identifies one service port in one family: kube-proxy's `ServicePortName` plus the family.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePortId {
+    pub service: ObjectKey,
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub family: IpFamily,
+}
+
+impl fmt::Display for ServicePortId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.service)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)?;
+        if self.family == IpFamily::V6 {
+            f.write_str(" (IPv6)")?;
+        }
+        Ok(())
+    }
+}
+
+/// One service port in one family, fully decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub id: ServicePortId,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<IpAddr>,
+    /// Load-balancer addresses the node intercepts (`ipMode: VIP`).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// Load-balancer addresses left alone (`ipMode: Proxy`), kept for `explain`.
+    pub proxied_load_balancer_ips: Vec<IpAddr>,
+    /// `loadBalancerSourceRanges` of this family as written.
+    pub source_ranges: Vec<IpNet>,
+    /// Sources allowed to reach the load-balancer addresses, when a source-range
+    /// firewall is in force: the ranges, plus the LB addresses themselves when
+    /// the node's primary IP is inside a range (node-originated VIP traffic
+    /// loops back with the VIP as source).
+    pub firewall: Option<Vec<IpNet>>,
+    pub internal_policy_local: bool,
+    pub external_policy_local: bool,
+    /// Reachable through a NodePort, a load-balancer address or an ExternalIP.
+    pub externally_accessible: bool,
+    pub affinity_timeout_seconds: Option<u32>,
+    pub health_check_node_port: Option<u16>,
+    /// Every endpoint of the port (deduplicated), whatever its state.
+    pub endpoints: Vec<Endpoint>,
+    pub categorized: Categorized,
+    /// Route for ClusterIP traffic.
+    pub internal: PerSource<Route>,
+    /// Route for NodePort, load-balancer and ExternalIP traffic.
+    pub external: PerSource<Route>,
+}
+
+impl ServicePort {
+    pub fn endpoint_set(&self, set: EndpointSet) -> impl Iterator<Item = &Endpoint> {
+        let idx = match set {
+            EndpointSet::Cluster => &self.categorized.cluster,
+            EndpointSet::Local => &self.categorized.local,
+        };
+        idx.iter().map(|i| &self.endpoints[*i])
+    }
+
+    /// Endpoints counted as serving by the stale-flow rules.
+    pub fn serving_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| e.is_serving())
+    }
+
+    pub fn route(&self, kind: FrontendKind, source: SourceClass) -> Route {
+        match kind {
+            FrontendKind::ClusterIp => *self.internal.get(source),
+            _ => *self.external.get(source),
+        }
+    }
+}
+
+/// How a frontend was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer IP",
+            FrontendKind::ExternalIp => "ExternalIP",
+        })
+    }
+}
+
+/// The address part of a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FrontendAddr {
+    Ip(IpAddr),
+    /// Every NodePort address of the family (`Plan::node.node_port_addresses`).
+    NodePort(IpFamily),
+}
+
+/// An address, port and protocol a packet can be sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct FrontendKey {
+    pub addr: FrontendAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            FrontendAddr::Ip(ip) => {
+                write!(f, "{}/{}", fmt_addr_port(&ip, self.port), self.protocol)
+            }
+            FrontendAddr::NodePort(fam) => write!(
+                f,
+                "<{fam} node-port addresses>:{}/{}",
+                self.port, self.protocol
+            ),
+        }
+    }
+}
+
+/// Who owns a frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    pub service: ServicePortId,
+}
+
+/// Node-level facts the datapath needs, resolved from `NodeConfig` and the Node object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeFacts {
+    pub name: String,
+    pub zone: Option<String>,
+    pub families: Vec<IpFamily>,
+    /// Every address of the node, plus loopback.
+    pub local_addresses: BTreeSet<IpAddr>,
+    pub primary_ips: BTreeMap<IpFamily, IpAddr>,
+    /// Addresses serving NodePorts (after `nodePortAddresses` and `localhostNodePorts`).
+    pub node_port_addresses: BTreeSet<IpAddr>,
+    pub local_detector: LocalDetector,
+    /// Pod ranges the detector uses (ClusterCIDR or NodeCIDR mode); for the
+    /// interface modes, this node's pod ranges (used by `explain` only).
+    pub pod_ranges: Vec<IpNet>,
+    pub service_cidrs: Vec<IpNet>,
+    pub masquerade_all: bool,
+    pub accept_health_check_node_ports: bool,
+}
+
+impl NodeFacts {
+    /// Whether pod traffic of `family` can be recognised.
+    pub fn detects_pods(&self, family: IpFamily) -> bool {
+        match self.local_detector {
+            LocalDetector::ClusterCidr | LocalDetector::NodeCidr => self
+                .pod_ranges
+                .iter()
+                .any(|n| IpFamily::of_net(n) == family),
+            LocalDetector::InterfaceNamePrefix(_) | LocalDetector::BridgeInterface(_) => true,
+            LocalDetector::None => false,
+        }
+    }
+
+    pub fn in_pod_ranges(&self, ip: &IpAddr) -> bool {
+        self.pod_ranges.iter().any(|n| n.contains(ip))
+    }
+
+    pub fn in_service_cidrs(&self, ip: &IpAddr) -> bool {
+        self.service_cidrs.iter().any(|n| n.contains(ip))
+    }
+}
+
+/// Everything a backend applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub node: NodeFacts,
+    pub services: BTreeMap<ServicePortId, Arc<ServicePort>>,
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Every ClusterIP in use: other ports on them are rejected.
+    pub cluster_ips: BTreeSet<IpAddr>,
+    /// Health-check node ports (TCP) and the Service each belongs to.
+    pub health_check_node_ports: BTreeMap<u16, ObjectKey>,
+    pub problems: Vec<ObjectError>,
+    pub ignored: BTreeMap<ObjectKey, IgnoreReason>,
+}
+
+impl Plan {
+    /// The frontend a packet to `dst:port/protocol` hits, if any, with the
+    /// NodePort addresses resolved.
+    pub fn frontend_for(
+        &self,
+        dst: IpAddr,
+        port: u16,
+        protocol: Protocol,
+    ) -> Option<(&FrontendKey, &Frontend)> {
+        let exact = FrontendKey {
+            addr: FrontendAddr::Ip(dst),
+            port,
+            protocol,
+        };
+        if let Some(found) = self.frontends.get_key_value(&exact) {
+            return Some(found);
+        }
+        if self.node.node_port_addresses.contains(&dst) {
+            let np = FrontendKey {
+                addr: FrontendAddr::NodePort(IpFamily::of(&dst)),
+                port,
+                protocol,
+            };
+            return self.frontends.get_key_value(&np);
+        }
+        None
+    }
+}
+
+fn node_facts(state: &ClusterState, cfg: &NodeConfig) -> NodeFacts {
+    let node = state.nodes.get(&cfg.node_name);
+    let zone = cfg
+        .zone
+        .clone()
+        .or_else(|| {
+            node.and_then(|n| n.metadata.labels.as_ref())
+                .and_then(|l| l.get(LABEL_ZONE))
+                .cloned()
+        })
+        .filter(|z| !z.is_empty());
+    let mut pod_cidrs = cfg.pod_cidrs.clone();
+    if pod_cidrs.is_empty()
+        && let Some(spec) = node.and_then(|n| n.spec.as_ref())
+    {
+        let listed = spec.pod_cidrs.clone().unwrap_or_default();
+        let all = if listed.is_empty() {
+            spec.pod_cidr.clone().into_iter().collect()
+        } else {
+            listed
+        };
+        pod_cidrs = all
+            .iter()
+            .filter_map(|s| crate::addr::parse_cidr_sloppy(s))
+            .collect();
+    }
+    let families: Vec<IpFamily> = IpFamily::ALL
+        .into_iter()
+        .filter(|f| cfg.serves_family(*f))
+        .collect();
+    let mut local_addresses: BTreeSet<IpAddr> = cfg.node_ips.iter().copied().collect();
+    for f in IpFamily::ALL {
+        local_addresses.insert(f.loopback());
+    }
+    let primary_ips: BTreeMap<IpFamily, IpAddr> = IpFamily::ALL
+        .into_iter()
+        .filter_map(|f| cfg.primary_ip(f).map(|ip| (f, ip)))
+        .collect();
+
+    let mut node_port_addresses = BTreeSet::new();
+    let npa = &cfg.node_port_addresses;
+    for &family in &families {
+        let cidrs: Vec<&IpNet> = npa
+            .cidrs
+            .iter()
+            .filter(|n| IpFamily::of_net(n) == family)
+            .collect();
+        let match_all = !npa.primary && cidrs.is_empty();
+        for ip in local_addresses
+            .iter()
+            .filter(|ip| IpFamily::of(ip) == family)
+        {
+            let selected = match_all
+                || (npa.primary && primary_ips.get(&family) == Some(ip))
+                || cidrs.iter().any(|n| n.contains(ip));
+            // Loopback NodePorts are an iptables-mode IPv4 special (route_localnet).
+            let loopback_ok =
+                !ip.is_loopback() || (cfg.localhost_node_ports && family == IpFamily::V4);
+            if selected && loopback_ok {
+                node_port_addresses.insert(*ip);
+            }
+        }
+    }
+    let pod_ranges = match cfg.local_detector {
+        LocalDetector::ClusterCidr => cfg.cluster_cidrs.clone(),
+        _ => pod_cidrs,
+    };
+    NodeFacts {
+        name: cfg.node_name.clone(),
+        zone,
+        families,
+        local_addresses,
+        primary_ips,
+        node_port_addresses,
+        local_detector: cfg.local_detector.clone(),
+        pod_ranges,
+        service_cidrs: cfg.service_cidrs.clone(),
+        masquerade_all: cfg.masquerade_all,
+        accept_health_check_node_ports: cfg.accept_health_check_node_ports,
+    }
+}
+
+/// Builds the Plan. Never fails: bad objects end up in `Plan::problems`.
+pub fn build_plan(state: &ClusterState, cfg: &NodeConfig) -> Plan {
+    let node = node_facts(state, cfg);
+    let mut problems = Vec::new();
+    let mut ignored = BTreeMap::new();
+    let mut infos: BTreeMap<ObjectKey, ServiceInfo> = BTreeMap::new();
+    for (key, svc) in &state.services {
+        match read_service(svc, cfg) {
+            ServiceRead::Served(info) => {
+                infos.insert(key.clone(), *info);
+            }
+            ServiceRead::Ignored(reason) => {
+                ignored.insert(key.clone(), reason);
+            }
+            ServiceRead::Invalid(errs) => problems.extend(errs),
+        }
+    }
+    let (mut endpoints, slice_problems) = read_endpoint_slices(&state.endpoint_slices, cfg);
+    problems.extend(slice_problems);
+    for (key, slice) in &state.endpoint_slices {
+        let owner = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::endpoints::LABEL_SERVICE_NAME));
+        if let Some(owner) = owner {
+            let svc = ObjectKey::new(key.namespace.clone(), owner.clone());
+            let known = state.services.contains_key(&svc);
+            if !known && endpoints.contains_key(&svc) {
+                problems.push(ObjectError::warn(
+                    ObjectKind::EndpointSlice,
+                    key,
+                    format!("metadata.labels[{}]", crate::endpoints::LABEL_SERVICE_NAME),
+                    format!("names Service {svc}, which does not exist; its endpoints are unused"),
+                ));
+            }
+        }
+    }
+
+    let zone = node.zone.clone();
+    let ctx = TopologyContext {
+        node_name: &cfg.node_name,
+        zone: zone.as_deref(),
+        prefer_same_node_gate: cfg.feature_gates.prefer_same_traffic_distribution,
+    };
+    let mut plan = Plan {
+        node,
+        services: BTreeMap::new(),
+        frontends: BTreeMap::new(),
+        cluster_ips: BTreeSet::new(),
+        health_check_node_ports: BTreeMap::new(),
+        problems: Vec::new(),
+        ignored,
+    };
+    for (key, info) in &infos {
+        let eps = endpoints.remove(key).unwrap_or_default();
+        add_service(&mut plan, info, &eps, ctx, &mut problems);
+    }
+    problems.sort();
+    problems.dedup();
+    plan.problems = problems;
+    plan
+}
+
+fn add_service(
+    plan: &mut Plan,
+    info: &ServiceInfo,
+    eps: &ServiceEndpoints,
+    ctx: TopologyContext,
+    problems: &mut Vec<ObjectError>,
+) {
+    if let Some(hc) = info.health_check_node_port {
+        match plan.health_check_node_ports.get(&hc) {
+            Some(owner) if owner != &info.key => problems.push(ObjectError::warn(
+                ObjectKind::Service,
+                &info.key,
+                "spec.healthCheckNodePort",
+                format!("{hc} is already the health-check node port of {owner}"),
+            )),
+            _ => {
+                plan.health_check_node_ports.insert(hc, info.key.clone());
+            }
+        }
+    }
+    for family in plan.node.families.clone() {
+        let Some(&cluster_ip) = info.cluster_ips.get(&family) else {
+            continue;
+        };
+        plan.cluster_ips.insert(cluster_ip);
+        let fam = |ips: &[IpAddr]| -> Vec<IpAddr> {
+            ips.iter()
+                .copied()
+                .filter(|i| IpFamily::of(i) == family)
+                .collect()
+        };
+        let external_ips = fam(&info.external_ips);
+        let lb_all: Vec<_> = info
+            .load_balancer_ingress
+            .iter()
+            .filter(|l| IpFamily::of(&l.ip) == family)
+            .collect();
+        let load_balancer_ips: Vec<IpAddr> = lb_all
+            .iter()
+            .filter(|l| !l.proxy_mode)
+            .map(|l| l.ip)
+            .collect();
+        let proxied_load_balancer_ips: Vec<IpAddr> = lb_all
+            .iter()
+            .filter(|l| l.proxy_mode)
+            .map(|l| l.ip)
+            .collect();
+        let source_ranges: Vec<IpNet> = info
+            .source_ranges
+            .iter()
+            .copied()
+            .filter(|n| IpFamily::of_net(n) == family)
+            .collect();
+        if !info.source_ranges.is_empty()
+            && source_ranges.is_empty()
+            && !load_balancer_ips.is_empty()
+        {
+            problems.push(ObjectError::warn(
+                ObjectKind::Service,
+                &info.key,
+                "spec.loadBalancerSourceRanges",
+                format!(
+                    "has no {family} range, so its {family} load-balancer addresses accept every source (as kube-proxy does); add a {family} range to restrict them"
+                ),
+            ));
+        }
+        for spec in &info.ports {
+            let id = ServicePortId {
+                service: info.key.clone(),
+                port_name: spec.name.clone(),
+                protocol: spec.protocol,
+                family,
+            };
+            let endpoints = eps
+                .get(&(family, spec.name.clone(), spec.protocol))
+                .cloned()
+                .unwrap_or_default();
+            let externally_accessible = spec.node_port.is_some()
+                || !load_balancer_ips.is_empty()
+                || !external_ips.is_empty();
+            let sp = decide(
+                plan,
+                id,
+                info,
+                cluster_ip,
+                spec.port,
+                spec.node_port,
+                externally_accessible,
+                PortAddresses {
+                    external_ips: external_ips.clone(),
+                    load_balancer_ips: load_balancer_ips.clone(),
+                    proxied_load_balancer_ips: proxied_load_balancer_ips.clone(),
+                    source_ranges: source_ranges.clone(),
+                },
+                endpoints,
+                ctx,
+            );
+            register_frontends(plan, &sp, problems);
+            plan.services.insert(sp.id.clone(), Arc::new(sp));
+        }
+    }
+}
+
+struct PortAddresses {
+    external_ips: Vec<IpAddr>,
+    load_balancer_ips: Vec<IpAddr>,
+    proxied_load_balancer_ips: Vec<IpAddr>,
+    source_ranges: Vec<IpNet>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    plan: &Plan,
+    id: ServicePortId,
+    info: &ServiceInfo,
+    cluster_ip: IpAddr,
+    port: u16,
+    node_port: Option<u16>,
+    externally_accessible: bool,
+    addrs: PortAddresses,
+    endpoints: Vec<Endpoint>,
+    ctx: TopologyContext,
+) -> ServicePort {
+    let family = id.family;
+    let itp_local = info.internal_policy_local;
+    let etp_local = info.external_policy_local;
+    // kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints.
+    let uses_cluster = !itp_local || externally_accessible;
+    let uses_local = itp_local || (etp_local && externally_accessible);
+    let categorized = categorize(&endpoints, uses_cluster, uses_local, ctx);
+    let has_any = categorized.has_any;
+    let has_local = !categorized.local.is_empty();
+    let detects = plan.node.detects_pods(family);
+
+    let internal = PerSource::from_fn(|source| {
+        if !has_any {
+            return Route::Reject {
+                reason: RouteReason::NoEndpoints,
+            };
+        }
+        if itp_local && !has_local {
+            return Route::Drop {
+                reason: RouteReason::InternalLocalNoLocalEndpoints,
+            };
+        }
+        let masquerade = if plan.node.masquerade_all {
+            MasqReason::MasqueradeAll
+        } else if !detects {
+            MasqReason::NoLocalDetector
+        } else if source == SourceClass::Pod {
+            MasqReason::FromPod
+        } else {
+            MasqReason::NotFromPod
+        };
+        let (set, reason) = if itp_local {
+            (EndpointSet::Local, RouteReason::InternalPolicyLocal)
+        } else {
+            (EndpointSet::Cluster, RouteReason::InternalPolicyCluster)
+        };
+        Route::Forward {
+            set,
+            masquerade,
+            reason,
+        }
+    });
+
+    let external = PerSource::from_fn(|source| {
+        if !has_any {
+            return Route::Reject {
+                reason: RouteReason::NoEndpoints,
+            };
+        }
+        if !etp_local {
+            return Route::Forward {
+                set: EndpointSet::Cluster,
+                masquerade: MasqReason::ExternalPolicyCluster,
+                reason: RouteReason::ExternalPolicyCluster,
+            };
+        }
+        match source {
+            SourceClass::Pod if detects => Route::Forward {
+                set: EndpointSet::Cluster,
+                masquerade: MasqReason::FromPod,
+                reason: RouteReason::PodShortCircuit,
+            },
+            SourceClass::Host => Route::Forward {
+                set: EndpointSet::Cluster,
+                masquerade: MasqReason::HostToExternalLocal,
+                reason: RouteReason::HostShortCircuit,
+            },
+            _ if has_local => Route::Forward {
+                set: EndpointSet::Local,
+                masquerade: MasqReason::ClientIpPreserved,
+                reason: RouteReason::ExternalPolicyLocal,
+            },
+            _ => Route::Drop {
+                reason: RouteReason::ExternalLocalNoLocalEndpoints,
+            },
+        }
+    });
+
+    let firewall =
+        if has_any && !addrs.load_balancer_ips.is_empty() && !addrs.source_ranges.is_empty() {
+            let mut allowed = addrs.source_ranges.clone();
+            let node_in_range = plan
+                .node
+                .primary_ips
+                .get(&family)
+                .is_some_and(|ip| addrs.source_ranges.iter().any(|n| n.contains(ip)));
+            if node_in_range {
+                allowed.extend(addrs.load_balancer_ips.iter().map(|ip| IpNet::from(*ip)));
+            }
+            Some(allowed)
+        } else {
+            None
+        };
+
+    ServicePort {
+        id,
+        cluster_ip,
+        port,
+        node_port,
+        external_ips: addrs.external_ips,
+        load_balancer_ips: addrs.load_balancer_ips,
+        proxied_load_balancer_ips: addrs.proxied_load_balancer_ips,
+        source_ranges: addrs.source_ranges,
+        firewall,
+        internal_policy_local: itp_local,
+        external_policy_local: etp_local,
+        externally_accessible,
+        affinity_timeout_seconds: info.affinity_timeout_seconds,
+        health_check_node_port: info.health_check_node_port,
+        endpoints,
+        categorized,
+        internal,
+        external,
+    }
+}
+
+fn register_frontends(plan: &mut Plan, sp: &ServicePort, problems: &mut Vec<ObjectError>) {
+    let mut claims: Vec<(FrontendKey, FrontendKind, String)> = vec![(
+        FrontendKey {
+            addr: FrontendAddr::Ip(sp.cluster_ip),
+            port: sp.port,
+            protocol: sp.id.protocol,
+        },
+        FrontendKind::ClusterIp,
+        "spec.clusterIP".to_string(),
+    )];
+    for ip in &sp.external_ips {
+        claims.push((
+            FrontendKey {
+                addr: FrontendAddr::Ip(*ip),
+                port: sp.port,
+                protocol: sp.id.protocol,
+            },
+            FrontendKind::ExternalIp,
+            "spec.externalIPs".to_string(),
+        ));
+    }
+    for ip in &sp.load_balancer_ips {
+        claims.push((
+            FrontendKey {
+                addr: FrontendAddr::Ip(*ip),
+                port: sp.port,
+                protocol: sp.id.protocol,
+            },
+            FrontendKind::LoadBalancer,
+            "status.loadBalancer.ingress".to_string(),
+        ));
+    }
+    if let Some(np) = sp.node_port {
+        claims.push((
+            FrontendKey {
+                addr: FrontendAddr::NodePort(sp.id.family),
+                port: np,
+                protocol: sp.id.protocol,
+            },
+            FrontendKind::NodePort,
+            "spec.ports.nodePort".to_string(),
+        ));
+    }
+    for (key, kind, field) in claims {
+        match plan.frontends.get(&key) {
+            Some(owner) if owner.service != sp.id => problems.push(ObjectError::warn(
+                ObjectKind::Service,
+                &sp.id.service,
+                field,
+                format!(
+                    "{key} is already served by {}; this frontend is not programmed",
+                    owner.service
+                ),
+            )),
+            Some(_) => {}
+            None => {
+                plan.frontends.insert(
+                    key,
+                    Frontend {
+                        kind,
+                        service: sp.id.clone(),
+                    },
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `ClusterState`: the Kubernetes objects a node proxies, in their real API shapes.
+//!
+//! Sources (the Kubernetes API, a manifest directory, an acceptance case) fill a
+//! `ClusterState`; the planner reads it. Objects are kept exactly as the API
+//! served them, so validation happens once, in the model, for every source.
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// `namespace/name` of a namespaced object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of an object's metadata; a missing namespace means `default`,
+    /// as for `kubectl apply` of a manifest without one.
+    pub fn of_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        ObjectKey {
+            namespace: meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_string()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Every object the planner reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterState {
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub nodes: BTreeMap<String, Node>,
+}
+
+/// One change to a `ClusterState`, as a watch event delivers it.
+#[derive(Debug, Clone)]
+pub enum StateChange {
+    ServiceApplied(Box<Service>),
+    ServiceDeleted(ObjectKey),
+    EndpointSliceApplied(Box<EndpointSlice>),
+    EndpointSliceDeleted(ObjectKey),
+    NodeApplied(Box<Node>),
+    NodeDeleted(String),
+}
+
+impl ClusterState {
+    pub fn apply(&mut self, change: StateChange) {
+        match change {
+            StateChange::ServiceApplied(svc) => {
+                self.services
+                    .insert(ObjectKey::of_meta(&svc.metadata), *svc);
+            }
+            StateChange::ServiceDeleted(key) => {
+                self.services.remove(&key);
+            }
+            StateChange::EndpointSliceApplied(slice) => {
+                self.endpoint_slices
+                    .insert(ObjectKey::of_meta(&slice.metadata), *slice);
+            }
+            StateChange::EndpointSliceDeleted(key) => {
+                self.endpoint_slices.remove(&key);
+            }
+            StateChange::NodeApplied(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                self.nodes.insert(name, *node);
+            }
+            StateChange::NodeDeleted(name) => {
+                self.nodes.remove(&name);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len() + self.endpoint_slices.len() + self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
