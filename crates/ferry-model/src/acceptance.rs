@@ -14,8 +14,8 @@ use crate::plan::LABEL_ZONE;
 use crate::protocol::Protocol;
 use crate::state::{ClusterState, ObjectKey};
 use k8s_openapi::api::core::v1::{
-    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeSpec, Service, ServicePort,
-    ServiceSpec, ServiceStatus, SessionAffinityConfig,
+    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeSpec, Service, ServicePort, ServiceSpec,
+    ServiceStatus, SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
@@ -191,10 +191,7 @@ pub struct CaseFlow {
 /// What a flow is expected to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expected {
-    Endpoints {
-        set: BTreeSet<SocketAddr>,
-        masq: bool,
-    },
+    Endpoints { set: BTreeSet<SocketAddr>, masq: bool },
     Drop,
     Reject,
     Pass,
@@ -206,16 +203,7 @@ impl fmt::Display for Expected {
         match self {
             Expected::Endpoints { set, masq } => {
                 let list: Vec<String> = set.iter().map(|a| a.to_string()).collect();
-                write!(
-                    f,
-                    "{}{}",
-                    list.join(", "),
-                    if *masq {
-                        " (masqueraded)"
-                    } else {
-                        " (not masqueraded)"
-                    }
-                )
+                write!(f, "{}{}", list.join(", "), if *masq { " (masqueraded)" } else { " (not masqueraded)" })
             }
             Expected::Drop => f.write_str("DROP"),
             Expected::Reject => f.write_str("REJECT"),
@@ -247,15 +235,9 @@ impl CaseFlow {
             list => {
                 let mut set = BTreeSet::new();
                 for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    set.insert(
-                        item.parse::<SocketAddr>()
-                            .map_err(|_| format!("{item:?} is not IP:port"))?,
-                    );
+                    set.insert(item.parse::<SocketAddr>().map_err(|_| format!("{item:?} is not IP:port"))?);
                 }
-                Expected::Endpoints {
-                    set,
-                    masq: self.masq,
-                }
+                Expected::Endpoints { set, masq: self.masq }
             }
         };
         Ok(ParsedFlow {
@@ -291,21 +273,9 @@ impl fmt::Display for Observed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Observed::Endpoint { addr, masq } => {
-                write!(
-                    f,
-                    "{addr}{}",
-                    if *masq {
-                        " (masqueraded)"
-                    } else {
-                        " (not masqueraded)"
-                    }
-                )
+                write!(f, "{addr}{}", if *masq { " (masqueraded)" } else { " (not masqueraded)" })
             }
-            Observed::Endpoints { set, masq } => Expected::Endpoints {
-                set: set.clone(),
-                masq: *masq,
-            }
-            .fmt(f),
+            Observed::Endpoints { set, masq } => Expected::Endpoints { set: set.clone(), masq: *masq }.fmt(f),
             Observed::Drop => f.write_str("DROP"),
             Observed::Reject => f.write_str("REJECT"),
             Observed::Pass => f.write_str("PASS"),
@@ -320,10 +290,9 @@ impl fmt::Display for Observed {
 pub fn observed_from_model(e: &Explanation) -> Observed {
     match &e.verdict {
         Verdict::Endpoints(c) if c.is_empty() => Observed::Drop,
-        Verdict::Endpoints(c) => Observed::Endpoints {
-            set: c.iter().map(|c| c.addr).collect(),
-            masq: c.iter().all(|c| c.masquerade),
-        },
+        Verdict::Endpoints(c) => {
+            Observed::Endpoints { set: c.iter().map(|c| c.addr).collect(), masq: c.iter().all(|c| c.masquerade) }
+        }
         Verdict::Drop => Observed::Drop,
         Verdict::Reject => Observed::Reject,
         Verdict::Pass => Observed::Pass,
@@ -335,12 +304,8 @@ pub fn observed_from_model(e: &Explanation) -> Observed {
 /// endpoint passes when it is one of the allowed ones.
 pub fn matches(expected: &Expected, observed: &Observed) -> bool {
     match (expected, observed) {
-        (Expected::Endpoints { set, masq }, Observed::Endpoints { set: got, masq: m }) => {
-            set == got && masq == m
-        }
-        (Expected::Endpoints { set, masq }, Observed::Endpoint { addr, masq: m }) => {
-            set.contains(addr) && masq == m
-        }
+        (Expected::Endpoints { set, masq }, Observed::Endpoints { set: got, masq: m }) => set == got && masq == m,
+        (Expected::Endpoints { set, masq }, Observed::Endpoint { addr, masq: m }) => set.contains(addr) && masq == m,
         (Expected::Drop, Observed::Drop)
         | (Expected::Reject, Observed::Reject)
         | (Expected::Pass, Observed::Pass)
@@ -360,19 +325,12 @@ pub struct CaseError {
 
 impl Case {
     fn err(&self, field: impl Into<String>, message: impl Into<String>) -> CaseError {
-        CaseError {
-            case: self.name.clone(),
-            field: field.into(),
-            message: message.into(),
-        }
+        CaseError { case: self.name.clone(), field: field.into(), message: message.into() }
     }
 
     pub fn family(&self) -> Result<IpFamily, CaseError> {
         IpFamily::from_k8s(&self.proxy_config.ip_family).ok_or_else(|| {
-            self.err(
-                "proxyConfig.ipFamily",
-                format!("{:?} is not IPv4 or IPv6", self.proxy_config.ip_family),
-            )
+            self.err("proxyConfig.ipFamily", format!("{:?} is not IPv4 or IPv6", self.proxy_config.ip_family))
         })
     }
 
@@ -384,10 +342,7 @@ impl Case {
             "iptables" => true,
             "nftables" => false,
             other => {
-                return Err(self.err(
-                    "proxyConfig.mode",
-                    format!("{other:?} is not iptables or nftables"),
-                ));
+                return Err(self.err("proxyConfig.mode", format!("{other:?} is not iptables or nftables")));
             }
         };
         let cidrs = |field: &str, list: &[String]| -> Result<Vec<ipnet::IpNet>, CaseError> {
@@ -395,45 +350,26 @@ impl Case {
                 .flat_map(|s| s.split(','))
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(|s| {
-                    parse_cidr_sloppy(s)
-                        .ok_or_else(|| self.err(field, format!("{s:?} is not a CIDR")))
-                })
+                .map(|s| parse_cidr_sloppy(s).ok_or_else(|| self.err(field, format!("{s:?} is not a CIDR"))))
                 .collect()
         };
         let node_ips: Vec<IpAddr> = self
             .node
             .ips
             .iter()
-            .map(|s| {
-                parse_ip_sloppy(s)
-                    .ok_or_else(|| self.err("node.ips", format!("{s:?} is not an IP")))
-            })
+            .map(|s| parse_ip_sloppy(s).ok_or_else(|| self.err("node.ips", format!("{s:?} is not an IP"))))
             .collect::<Result<_, _>>()?;
         let mut primary_ips = Vec::new();
         for (fam, ip) in &self.node.primary_ips {
-            let ip = parse_ip_sloppy(ip)
-                .ok_or_else(|| self.err(format!("node.primaryIPs.{fam}"), "not an IP"))?;
+            let ip = parse_ip_sloppy(ip).ok_or_else(|| self.err(format!("node.primaryIPs.{fam}"), "not an IP"))?;
             primary_ips.push(ip);
         }
         let node_port_addresses = if pc.node_port_addresses.is_empty() {
-            if iptables {
-                NodePortAddresses::all()
-            } else {
-                NodePortAddresses::default()
-            }
+            if iptables { NodePortAddresses::all() } else { NodePortAddresses::default() }
         } else {
             let primary = pc.node_port_addresses.iter().any(|s| s == "primary");
-            let listed: Vec<String> = pc
-                .node_port_addresses
-                .iter()
-                .filter(|s| *s != "primary")
-                .cloned()
-                .collect();
-            NodePortAddresses {
-                primary,
-                cidrs: cidrs("proxyConfig.nodePortAddresses", &listed)?,
-            }
+            let listed: Vec<String> = pc.node_port_addresses.iter().filter(|s| *s != "primary").cloned().collect();
+            NodePortAddresses { primary, cidrs: cidrs("proxyConfig.nodePortAddresses", &listed)? }
         };
         let cluster_cidr: Vec<String> = self.node.cluster_cidr.iter().cloned().collect();
         let mut cluster_cidrs = cidrs("node.clusterCIDR", &cluster_cidr)?;
@@ -457,19 +393,16 @@ impl Case {
                         LocalDetector::NodeCidr
                     }
                     "InterfaceNamePrefix" => LocalDetector::InterfaceNamePrefix(
-                        d.interface_name_prefix
-                            .clone()
-                            .unwrap_or_else(|| "veth".into()),
+                        d.interface_name_prefix.clone().unwrap_or_else(|| "veth".into()),
                     ),
-                    "BridgeInterface" => LocalDetector::BridgeInterface(
-                        d.bridge_interface.clone().unwrap_or_else(|| "cbr0".into()),
-                    ),
+                    "BridgeInterface" => {
+                        LocalDetector::BridgeInterface(d.bridge_interface.clone().unwrap_or_else(|| "cbr0".into()))
+                    }
                     "None" | "" => LocalDetector::None,
                     other => {
-                        return Err(self.err(
-                            "proxyConfig.localTrafficDetector.mode",
-                            format!("unknown mode {other:?}"),
-                        ));
+                        return Err(
+                            self.err("proxyConfig.localTrafficDetector.mode", format!("unknown mode {other:?}"))
+                        );
                     }
                 }
             }
@@ -500,26 +433,18 @@ impl Case {
     /// The case's objects as real Kubernetes objects.
     pub fn cluster_state(&self) -> Result<ClusterState, CaseError> {
         let mut state = ClusterState::default();
-        state
-            .nodes
-            .insert(self.node.name.clone(), case_node(&self.node));
+        state.nodes.insert(self.node.name.clone(), case_node(&self.node));
         for s in &self.services {
             let svc = s.to_service();
-            state
-                .services
-                .insert(ObjectKey::new(&s.namespace, &s.name), svc);
+            state.services.insert(ObjectKey::new(&s.namespace, &s.name), svc);
         }
         for (i, sl) in self.endpoint_slices.iter().enumerate() {
-            let (ns, svc) = sl.service.split_once('/').ok_or_else(|| {
-                self.err(
-                    format!("endpointSlices[{i}].service"),
-                    "expected namespace/name",
-                )
-            })?;
+            let (ns, svc) = sl
+                .service
+                .split_once('/')
+                .ok_or_else(|| self.err(format!("endpointSlices[{i}].service"), "expected namespace/name"))?;
             let slice = sl.to_slice(ns, svc);
-            state
-                .endpoint_slices
-                .insert(ObjectKey::new(ns, &sl.name), slice);
+            state.endpoint_slices.insert(ObjectKey::new(ns, &sl.name), slice);
         }
         Ok(state)
     }
@@ -529,15 +454,8 @@ fn case_node(n: &CaseNode) -> Node {
     let mut labels = n.labels.clone();
     labels.retain(|k, v| k != LABEL_ZONE || !v.is_empty());
     Node {
-        metadata: ObjectMeta {
-            name: Some(n.name.clone()),
-            labels: Some(labels),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            pod_cidr: n.pod_cidr.clone(),
-            ..Default::default()
-        }),
+        metadata: ObjectMeta { name: Some(n.name.clone()), labels: Some(labels), ..Default::default() },
+        spec: Some(NodeSpec { pod_cidr: n.pod_cidr.clone(), ..Default::default() }),
         status: None,
     }
 }
@@ -584,22 +502,15 @@ impl CaseService {
                 external_traffic_policy: self.external_traffic_policy.clone(),
                 internal_traffic_policy: self.internal_traffic_policy.clone(),
                 session_affinity: self.session_affinity.clone(),
-                session_affinity_config: self.session_affinity_timeout_seconds.map(|t| {
-                    SessionAffinityConfig {
-                        client_ip: Some(ClientIPConfig {
-                            timeout_seconds: Some(t),
-                        }),
-                    }
-                }),
-                load_balancer_source_ranges: Some(self.load_balancer_source_ranges.clone())
-                    .filter(|v| !v.is_empty()),
+                session_affinity_config: self
+                    .session_affinity_timeout_seconds
+                    .map(|t| SessionAffinityConfig { client_ip: Some(ClientIPConfig { timeout_seconds: Some(t) }) }),
+                load_balancer_source_ranges: Some(self.load_balancer_source_ranges.clone()).filter(|v| !v.is_empty()),
                 health_check_node_port: self.health_check_node_port.filter(|p| *p != 0),
                 ..Default::default()
             }),
             status: Some(ServiceStatus {
-                load_balancer: Some(LoadBalancerStatus {
-                    ingress: Some(ingress).filter(|v| !v.is_empty()),
-                }),
+                load_balancer: Some(LoadBalancerStatus { ingress: Some(ingress).filter(|v| !v.is_empty()) }),
                 conditions: None,
             }),
         }
@@ -614,26 +525,12 @@ impl CaseSlice {
             .iter()
             .map(|e| Endpoint {
                 addresses: vec![e.ip.clone()],
-                conditions: Some(EndpointConditions {
-                    ready: e.ready,
-                    serving: e.serving,
-                    terminating: e.terminating,
-                }),
+                conditions: Some(EndpointConditions { ready: e.ready, serving: e.serving, terminating: e.terminating }),
                 node_name: e.node_name.clone().filter(|n| !n.is_empty()),
                 zone: e.zone.clone().filter(|z| !z.is_empty()),
                 hints: e.hints.as_ref().map(|h| EndpointHints {
-                    for_zones: Some(
-                        h.for_zones
-                            .iter()
-                            .map(|z| ForZone { name: z.clone() })
-                            .collect(),
-                    ),
-                    for_nodes: Some(
-                        h.for_nodes
-                            .iter()
-                            .map(|n| ForNode { name: n.clone() })
-                            .collect(),
-                    ),
+                    for_zones: Some(h.for_zones.iter().map(|z| ForZone { name: z.clone() }).collect()),
+                    for_nodes: Some(h.for_nodes.iter().map(|n| ForNode { name: n.clone() }).collect()),
                 }),
                 ..Default::default()
             })
@@ -652,10 +549,7 @@ impl CaseSlice {
             metadata: ObjectMeta {
                 namespace: Some(namespace.to_string()),
                 name: Some(self.name.clone()),
-                labels: Some(BTreeMap::from([(
-                    LABEL_SERVICE_NAME.to_string(),
-                    service.to_string(),
-                )])),
+                labels: Some(BTreeMap::from([(LABEL_SERVICE_NAME.to_string(), service.to_string())])),
                 ..Default::default()
             },
             address_type: self.address_type.clone(),

@@ -122,14 +122,8 @@ mod tests {
 
     #[test]
     fn sloppy_ipv4_reads_leading_zeros_as_decimal() {
-        assert_eq!(
-            parse_ip_sloppy("172.30.0.041"),
-            Some("172.30.0.41".parse().unwrap())
-        );
-        assert_eq!(
-            parse_ip_sloppy("010.180.00.001"),
-            Some("10.180.0.1".parse().unwrap())
-        );
+        assert_eq!(parse_ip_sloppy("172.30.0.041"), Some("172.30.0.41".parse().unwrap()));
+        assert_eq!(parse_ip_sloppy("010.180.00.001"), Some("10.180.0.1".parse().unwrap()));
         assert_eq!(parse_ip_sloppy("1.2.3.256"), None);
         assert_eq!(parse_ip_sloppy("1.2.3"), None);
         assert_eq!(parse_ip_sloppy("1.2.3.4.5"), None);
@@ -139,31 +133,16 @@ mod tests {
 
     #[test]
     fn sloppy_cidr_trims_and_masks() {
-        assert_eq!(
-            parse_cidr_sloppy(" 203.0.113.000/025"),
-            Some("203.0.113.0/25".parse().unwrap())
-        );
-        assert_eq!(
-            parse_cidr_sloppy("10.0.0.7/8"),
-            Some("10.0.0.0/8".parse().unwrap())
-        );
+        assert_eq!(parse_cidr_sloppy(" 203.0.113.000/025"), Some("203.0.113.0/25".parse().unwrap()));
+        assert_eq!(parse_cidr_sloppy("10.0.0.7/8"), Some("10.0.0.0/8".parse().unwrap()));
         assert_eq!(parse_cidr_sloppy("10.0.0.0/33"), None);
         assert_eq!(parse_cidr_sloppy("10.0.0.0"), None);
-        assert_eq!(
-            parse_cidr_sloppy("2001:db8::1/64"),
-            Some("2001:db8::/64".parse().unwrap())
-        );
+        assert_eq!(parse_cidr_sloppy("2001:db8::1/64"), Some("2001:db8::/64".parse().unwrap()));
     }
 
     #[test]
     fn addr_port_brackets_ipv6() {
-        assert_eq!(
-            fmt_addr_port(&"fd00::1".parse().unwrap(), 80),
-            "[fd00::1]:80"
-        );
-        assert_eq!(
-            fmt_addr_port(&"10.0.0.1".parse().unwrap(), 80),
-            "10.0.0.1:80"
-        );
+        assert_eq!(fmt_addr_port(&"fd00::1".parse().unwrap(), 80), "[fd00::1]:80");
+        assert_eq!(fmt_addr_port(&"10.0.0.1".parse().unwrap(), 80), "10.0.0.1:80");
     }
 }

@@ -85,10 +85,8 @@ impl Plan {
                 None => d.removed.push(o.clone()),
                 Some(n) if Arc::ptr_eq(o, n) || o == n => {}
                 Some(n) => {
-                    let before: BTreeSet<SocketAddr> =
-                        o.endpoints.iter().map(|e| e.addr()).collect();
-                    let after: BTreeSet<SocketAddr> =
-                        n.endpoints.iter().map(|e| e.addr()).collect();
+                    let before: BTreeSet<SocketAddr> = o.endpoints.iter().map(|e| e.addr()).collect();
+                    let after: BTreeSet<SocketAddr> = n.endpoints.iter().map(|e| e.addr()).collect();
                     d.changed.push(ServicePortChange {
                         old: o.clone(),
                         new: n.clone(),

@@ -84,9 +84,7 @@ fn slice_owner(
     errors: &mut Vec<ObjectError>,
 ) -> Option<(ObjectKey, IpFamily)> {
     let labels = slice.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS))
-        || handled_by_other_proxy(labels, cfg).is_some()
-    {
+    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) || handled_by_other_proxy(labels, cfg).is_some() {
         return None;
     }
     let family = match slice.address_type.as_str() {
@@ -104,10 +102,7 @@ fn slice_owner(
             return None;
         }
     };
-    let Some(service) = labels
-        .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        .filter(|s| !s.is_empty())
-    else {
+    let Some(service) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)).filter(|s| !s.is_empty()) else {
         errors.push(ObjectError::skip(
             ObjectKind::EndpointSlice,
             key,
@@ -116,10 +111,7 @@ fn slice_owner(
         ));
         return None;
     };
-    Some((
-        ObjectKey::new(key.namespace.clone(), service.clone()),
-        family,
-    ))
+    Some((ObjectKey::new(key.namespace.clone(), service.clone()), family))
 }
 
 fn merge_slice(
@@ -183,10 +175,7 @@ fn merge_slice(
                 ObjectKind::EndpointSlice,
                 key,
                 field,
-                format!(
-                    "{ip} is {} but the slice's addressType is {family} (wrong address family)",
-                    IpFamily::of(&ip)
-                ),
+                format!("{ip} is {} but the slice's addressType is {family} (wrong address family)", IpFamily::of(&ip)),
             ));
             continue;
         }
@@ -196,24 +185,15 @@ fn merge_slice(
         let serving = cond.and_then(|c| c.serving).unwrap_or(true);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         let hints = ep.hints.as_ref();
-        let zone_hints = hints
-            .and_then(|h| h.for_zones.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|z| z.name.clone())
-            .collect();
-        let node_hints = hints
-            .and_then(|h| h.for_nodes.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|n| n.name.clone())
-            .collect();
+        let zone_hints =
+            hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
+        let node_hints =
+            hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect();
         let node_name = ep.node_name.clone().filter(|n| !n.is_empty());
         endpoints.push(Endpoint {
             ip,
             port: 0,
-            local: node_name.as_deref() == Some(cfg.node_name.as_str())
-                && !cfg.node_name.is_empty(),
+            local: node_name.as_deref() == Some(cfg.node_name.as_str()) && !cfg.node_name.is_empty(),
             node_name,
             zone: ep.zone.clone().filter(|z| !z.is_empty()),
             ready,

@@ -27,13 +27,7 @@ pub struct Flow {
 
 impl fmt::Display for Flow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} -> {}/{}",
-            self.src,
-            fmt_addr_port(&self.dst, self.port),
-            self.protocol
-        )
+        write!(f, "{} -> {}/{}", self.src, fmt_addr_port(&self.dst, self.port), self.protocol)
     }
 }
 
@@ -67,10 +61,7 @@ impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Verdict::Endpoints(c) => {
-                let list: Vec<String> = c
-                    .iter()
-                    .map(|c| fmt_addr_port(&c.addr.ip(), c.addr.port()))
-                    .collect();
+                let list: Vec<String> = c.iter().map(|c| fmt_addr_port(&c.addr.ip(), c.addr.port())).collect();
                 f.write_str(&list.join(", "))
             }
             Verdict::Drop => f.write_str("DROP"),
@@ -124,26 +115,20 @@ impl Explanation {
 }
 
 /// Which source class `src` belongs to on this node, and why.
-pub fn classify_source(
-    node: &NodeFacts,
-    src: &IpAddr,
-    in_interface: Option<&str>,
-) -> (SourceClass, String) {
+pub fn classify_source(node: &NodeFacts, src: &IpAddr, in_interface: Option<&str>) -> (SourceClass, String) {
     let family = IpFamily::of(src);
     let in_ranges = node.pod_ranges.iter().find(|n| n.contains(src));
     let pod = match (&node.local_detector, in_ranges) {
-        (LocalDetector::ClusterCidr, Some(net)) => Some(format!(
-            "{src} is inside cluster CIDR {net} (local traffic detector ClusterCIDR)"
-        )),
-        (LocalDetector::NodeCidr, Some(net)) => Some(format!(
-            "{src} is inside this node's pod CIDR {net} (local traffic detector NodeCIDR)"
-        )),
+        (LocalDetector::ClusterCidr, Some(net)) => {
+            Some(format!("{src} is inside cluster CIDR {net} (local traffic detector ClusterCIDR)"))
+        }
+        (LocalDetector::NodeCidr, Some(net)) => {
+            Some(format!("{src} is inside this node's pod CIDR {net} (local traffic detector NodeCIDR)"))
+        }
         (LocalDetector::InterfaceNamePrefix(p), _) | (LocalDetector::BridgeInterface(p), _) => {
             let by_prefix = matches!(node.local_detector, LocalDetector::InterfaceNamePrefix(_));
             match (in_interface, in_ranges) {
-                (Some(i), _)
-                    if (by_prefix && i.starts_with(p.as_str())) || (!by_prefix && i == p) =>
-                {
+                (Some(i), _) if (by_prefix && i.starts_with(p.as_str())) || (!by_prefix && i == p) => {
                     Some(format!("it arrives on {i}, a pod interface"))
                 }
                 (Some(_), _) => None,
@@ -159,15 +144,10 @@ pub fn classify_source(
         return (SourceClass::Pod, why);
     }
     if node.local_addresses.contains(src) {
-        return (
-            SourceClass::Host,
-            format!("{src} is an address of this node: the host itself"),
-        );
+        return (SourceClass::Host, format!("{src} is an address of this node: the host itself"));
     }
     let why = if node.detects_pods(family) {
-        format!(
-            "{src} is neither a pod (per the local traffic detector) nor an address of this node"
-        )
+        format!("{src} is neither a pod (per the local traffic detector) nor an address of this node")
     } else {
         format!(
             "{src} is not an address of this node (no local traffic detector for {family}, so no source counts as a pod)"
@@ -180,11 +160,7 @@ fn endpoint_state(e: &crate::endpoints::Endpoint) -> String {
     let mut s = Vec::new();
     s.push(if e.ready { "ready" } else { "not ready" });
     if e.terminating {
-        s.push(if e.serving {
-            "serving, terminating"
-        } else {
-            "terminating, not serving"
-        });
+        s.push(if e.serving { "serving, terminating" } else { "terminating, not serving" });
     } else if !e.serving {
         s.push("not serving");
     }
@@ -196,9 +172,7 @@ fn endpoint_notes(sp: &ServicePort, route: &Route) -> Vec<EndpointNote> {
         Route::Forward { set, .. } => Some(*set),
         _ => None,
     };
-    let chosen: Vec<SocketAddr> = set
-        .map(|s| sp.endpoint_set(s).map(|e| e.addr()).collect())
-        .unwrap_or_default();
+    let chosen: Vec<SocketAddr> = set.map(|s| sp.endpoint_set(s).map(|e| e.addr()).collect()).unwrap_or_default();
     let cat = &sp.categorized;
     sp.endpoints
         .iter()
@@ -207,19 +181,15 @@ fn endpoint_notes(sp: &ServicePort, route: &Route) -> Vec<EndpointNote> {
             let why = if used {
                 match (set, cat.cluster_choice, cat.local_choice) {
                     (Some(EndpointSet::Local), _, EndpointChoice::ServingTerminating) => {
-                        "local; no local endpoint is ready, so serving-terminating ones are used"
-                            .to_string()
+                        "local; no local endpoint is ready, so serving-terminating ones are used".to_string()
                     }
                     (Some(EndpointSet::Local), _, _) => "local and ready".to_string(),
                     (_, EndpointChoice::ServingTerminating, _) => {
-                        "no endpoint is ready anywhere, so serving-terminating ones are used"
-                            .to_string()
+                        "no endpoint is ready anywhere, so serving-terminating ones are used".to_string()
                     }
                     _ => match cat.topology {
                         TopologyMode::None => "ready".to_string(),
-                        TopologyMode::SameZone => {
-                            "ready and hinted for this node's zone".to_string()
-                        }
+                        TopologyMode::SameZone => "ready and hinted for this node's zone".to_string(),
                         TopologyMode::SameNode => "ready and hinted for this node".to_string(),
                     },
                 }
@@ -236,21 +206,14 @@ fn endpoint_notes(sp: &ServicePort, route: &Route) -> Vec<EndpointNote> {
             } else {
                 "not in the endpoint set for this path".to_string()
             };
-            EndpointNote {
-                addr: e.addr(),
-                node: e.node_name.clone(),
-                state: endpoint_state(e),
-                used,
-                why,
-            }
+            EndpointNote { addr: e.addr(), node: e.node_name.clone(), state: endpoint_state(e), used, why }
         })
         .collect()
 }
 
 /// Explains what happens to `flow` on this node.
 pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
-    let (source, source_reason) =
-        classify_source(&plan.node, &flow.src, flow.in_interface.as_deref());
+    let (source, source_reason) = classify_source(&plan.node, &flow.src, flow.in_interface.as_deref());
     let mut out = Explanation {
         flow: flow.clone(),
         source,
@@ -262,8 +225,7 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
         notes: Vec::new(),
     };
     if IpFamily::of(&flow.src) != IpFamily::of(&flow.dst) {
-        out.rule =
-            "source and destination are of different IP families: no service rule applies".into();
+        out.rule = "source and destination are of different IP families: no service rule applies".into();
         return out;
     }
     if !plan.node.families.contains(&IpFamily::of(&flow.dst)) {
@@ -275,15 +237,8 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
         no_frontend(plan, flow, &mut out);
         return out;
     };
-    let sp = plan
-        .services
-        .get(&frontend.service)
-        .expect("every frontend belongs to a planned service port");
-    out.frontend = Some(MatchedFrontend {
-        key: *key,
-        kind: frontend.kind,
-        service: sp.id.clone(),
-    });
+    let sp = plan.services.get(&frontend.service).expect("every frontend belongs to a planned service port");
+    out.frontend = Some(MatchedFrontend { key: *key, kind: frontend.kind, service: sp.id.clone() });
     let route = sp.route(frontend.kind, source);
     out.endpoints = endpoint_notes(sp, &route);
 
@@ -301,10 +256,7 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
         return out;
     }
     if sp.firewall.is_some() && frontend.kind == FrontendKind::LoadBalancer {
-        out.notes.push(format!(
-            "{} is allowed by loadBalancerSourceRanges",
-            flow.src
-        ));
+        out.notes.push(format!("{} is allowed by loadBalancerSourceRanges", flow.src));
     }
     match route {
         Route::Reject { reason } => {
@@ -315,20 +267,12 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
             out.verdict = Verdict::Drop;
             out.rule = reason.to_string();
         }
-        Route::Forward {
-            set,
-            masquerade,
-            reason,
-        } => {
+        Route::Forward { set, masquerade, reason } => {
             let candidates = sp
                 .endpoint_set(set)
                 .map(|e| {
                     let hairpin = !masquerade.masquerades() && e.ip == flow.src;
-                    let reason = if hairpin {
-                        MasqReason::Hairpin
-                    } else {
-                        masquerade
-                    };
+                    let reason = if hairpin { MasqReason::Hairpin } else { masquerade };
                     Candidate {
                         addr: e.addr(),
                         local: e.local,
@@ -360,10 +304,7 @@ fn no_frontend(plan: &Plan, flow: &Flow, out: &mut Explanation) {
     }
     if plan.node.in_service_cidrs(&flow.dst) {
         out.verdict = Verdict::Drop;
-        out.rule = format!(
-            "{} is inside the service CIDR but allocated to no Service: DROP",
-            flow.dst
-        );
+        out.rule = format!("{} is inside the service CIDR but allocated to no Service: DROP", flow.dst);
         return;
     }
     if plan.node.local_addresses.contains(&flow.dst)
@@ -372,9 +313,7 @@ fn no_frontend(plan: &Plan, flow: &Flow, out: &mut Explanation) {
     {
         if plan.node.accept_health_check_node_ports {
             out.verdict = Verdict::Accept;
-            out.rule = format!(
-                "health-check node port of {owner}: explicitly accepted for ferry's health server"
-            );
+            out.rule = format!("health-check node port of {owner}: explicitly accepted for ferry's health server");
         } else {
             out.rule = format!(
                 "health-check node port of {owner}: no datapath rule; ferry's health server answers on the node"
@@ -383,10 +322,7 @@ fn no_frontend(plan: &Plan, flow: &Flow, out: &mut Explanation) {
         return;
     }
     for sp in plan.services.values() {
-        if sp.proxied_load_balancer_ips.contains(&flow.dst)
-            && sp.port == flow.port
-            && sp.id.protocol == flow.protocol
-        {
+        if sp.proxied_load_balancer_ips.contains(&flow.dst) && sp.port == flow.port && sp.id.protocol == flow.protocol {
             out.rule = format!(
                 "{} is a load-balancer address of {} with ipMode Proxy: the load balancer proxies itself, the node does not intercept it",
                 flow.dst, sp.id
@@ -444,22 +380,13 @@ impl fmt::Display for Explanation {
         if let Verdict::Endpoints(c) = &self.verdict {
             let masq: Vec<&Candidate> = c.iter().filter(|c| c.masquerade).collect();
             let line = match (masq.len(), c.len()) {
-                (0, _) => format!(
-                    "no — {}",
-                    c.first()
-                        .map(|c| c.masquerade_reason.to_string())
-                        .unwrap_or_default()
-                ),
+                (0, _) => format!("no — {}", c.first().map(|c| c.masquerade_reason.to_string()).unwrap_or_default()),
                 (m, n) if m == n => {
                     format!("yes, SNAT to the node — {}", masq[0].masquerade_reason)
                 }
                 _ => {
                     let who: Vec<String> = masq.iter().map(|c| c.addr.to_string()).collect();
-                    format!(
-                        "only towards {} — {}",
-                        who.join(", "),
-                        masq[0].masquerade_reason
-                    )
+                    format!("only towards {} — {}", who.join(", "), masq[0].masquerade_reason)
                 }
             };
             writeln!(f, "masquerade {line}")?;

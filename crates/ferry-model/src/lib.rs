@@ -31,8 +31,7 @@ pub use endpoints::Endpoint;
 pub use explain::{Explanation, Flow, Verdict, explain};
 pub use node_config::{LocalDetector, NodeConfig, NodePortAddresses};
 pub use plan::{
-    Frontend, FrontendAddr, FrontendKey, FrontendKind, NodeFacts, Plan, ServicePort, ServicePortId,
-    build_plan,
+    Frontend, FrontendAddr, FrontendKey, FrontendKind, NodeFacts, Plan, ServicePort, ServicePortId, build_plan,
 };
 pub use problem::{Consequence, ObjectError, ObjectKind};
 pub use protocol::Protocol;

@@ -23,20 +23,14 @@ pub struct NodePortAddresses {
 impl Default for NodePortAddresses {
     /// kube-proxy's nftables default (and ferry's): the primary IPs only.
     fn default() -> Self {
-        NodePortAddresses {
-            primary: true,
-            cidrs: Vec::new(),
-        }
+        NodePortAddresses { primary: true, cidrs: Vec::new() }
     }
 }
 
 impl NodePortAddresses {
     /// Every local address of every family (kube-proxy's iptables default).
     pub fn all() -> Self {
-        NodePortAddresses {
-            primary: false,
-            cidrs: Vec::new(),
-        }
+        NodePortAddresses { primary: false, cidrs: Vec::new() }
     }
 }
 
@@ -66,9 +60,7 @@ pub struct FeatureGates {
 
 impl Default for FeatureGates {
     fn default() -> Self {
-        FeatureGates {
-            prefer_same_traffic_distribution: true,
-        }
+        FeatureGates { prefer_same_traffic_distribution: true }
     }
 }
 
@@ -133,11 +125,7 @@ impl Default for NodeConfig {
 impl NodeConfig {
     /// The primary address of `family`: configured, else the first node IP of that family.
     pub fn primary_ip(&self, family: IpFamily) -> Option<IpAddr> {
-        self.primary_ips
-            .iter()
-            .chain(self.node_ips.iter())
-            .copied()
-            .find(|ip| IpFamily::of(ip) == family)
+        self.primary_ips.iter().chain(self.node_ips.iter()).copied().find(|ip| IpFamily::of(ip) == family)
     }
 
     pub fn serves_family(&self, family: IpFamily) -> bool {

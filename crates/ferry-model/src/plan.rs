@@ -146,11 +146,7 @@ impl fmt::Display for FrontendKey {
             FrontendAddr::Ip(ip) => {
                 write!(f, "{}/{}", fmt_addr_port(&ip, self.port), self.protocol)
             }
-            FrontendAddr::NodePort(fam) => write!(
-                f,
-                "<{fam} node-port addresses>:{}/{}",
-                self.port, self.protocol
-            ),
+            FrontendAddr::NodePort(fam) => write!(f, "<{fam} node-port addresses>:{}/{}", self.port, self.protocol),
         }
     }
 }
@@ -186,10 +182,9 @@ impl NodeFacts {
     /// Whether pod traffic of `family` can be recognised.
     pub fn detects_pods(&self, family: IpFamily) -> bool {
         match self.local_detector {
-            LocalDetector::ClusterCidr | LocalDetector::NodeCidr => self
-                .pod_ranges
-                .iter()
-                .any(|n| IpFamily::of_net(n) == family),
+            LocalDetector::ClusterCidr | LocalDetector::NodeCidr => {
+                self.pod_ranges.iter().any(|n| IpFamily::of_net(n) == family)
+            }
             LocalDetector::InterfaceNamePrefix(_) | LocalDetector::BridgeInterface(_) => true,
             LocalDetector::None => false,
         }
@@ -221,26 +216,13 @@ pub struct Plan {
 impl Plan {
     /// The frontend a packet to `dst:port/protocol` hits, if any, with the
     /// NodePort addresses resolved.
-    pub fn frontend_for(
-        &self,
-        dst: IpAddr,
-        port: u16,
-        protocol: Protocol,
-    ) -> Option<(&FrontendKey, &Frontend)> {
-        let exact = FrontendKey {
-            addr: FrontendAddr::Ip(dst),
-            port,
-            protocol,
-        };
+    pub fn frontend_for(&self, dst: IpAddr, port: u16, protocol: Protocol) -> Option<(&FrontendKey, &Frontend)> {
+        let exact = FrontendKey { addr: FrontendAddr::Ip(dst), port, protocol };
         if let Some(found) = self.frontends.get_key_value(&exact) {
             return Some(found);
         }
         if self.node.node_port_addresses.contains(&dst) {
-            let np = FrontendKey {
-                addr: FrontendAddr::NodePort(IpFamily::of(&dst)),
-                port,
-                protocol,
-            };
+            let np = FrontendKey { addr: FrontendAddr::NodePort(IpFamily::of(&dst)), port, protocol };
             return self.frontends.get_key_value(&np);
         }
         None
@@ -252,59 +234,35 @@ fn node_facts(state: &ClusterState, cfg: &NodeConfig) -> NodeFacts {
     let zone = cfg
         .zone
         .clone()
-        .or_else(|| {
-            node.and_then(|n| n.metadata.labels.as_ref())
-                .and_then(|l| l.get(LABEL_ZONE))
-                .cloned()
-        })
+        .or_else(|| node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_ZONE)).cloned())
         .filter(|z| !z.is_empty());
     let mut pod_cidrs = cfg.pod_cidrs.clone();
     if pod_cidrs.is_empty()
         && let Some(spec) = node.and_then(|n| n.spec.as_ref())
     {
         let listed = spec.pod_cidrs.clone().unwrap_or_default();
-        let all = if listed.is_empty() {
-            spec.pod_cidr.clone().into_iter().collect()
-        } else {
-            listed
-        };
-        pod_cidrs = all
-            .iter()
-            .filter_map(|s| crate::addr::parse_cidr_sloppy(s))
-            .collect();
+        let all = if listed.is_empty() { spec.pod_cidr.clone().into_iter().collect() } else { listed };
+        pod_cidrs = all.iter().filter_map(|s| crate::addr::parse_cidr_sloppy(s)).collect();
     }
-    let families: Vec<IpFamily> = IpFamily::ALL
-        .into_iter()
-        .filter(|f| cfg.serves_family(*f))
-        .collect();
+    let families: Vec<IpFamily> = IpFamily::ALL.into_iter().filter(|f| cfg.serves_family(*f)).collect();
     let mut local_addresses: BTreeSet<IpAddr> = cfg.node_ips.iter().copied().collect();
     for f in IpFamily::ALL {
         local_addresses.insert(f.loopback());
     }
-    let primary_ips: BTreeMap<IpFamily, IpAddr> = IpFamily::ALL
-        .into_iter()
-        .filter_map(|f| cfg.primary_ip(f).map(|ip| (f, ip)))
-        .collect();
+    let primary_ips: BTreeMap<IpFamily, IpAddr> =
+        IpFamily::ALL.into_iter().filter_map(|f| cfg.primary_ip(f).map(|ip| (f, ip))).collect();
 
     let mut node_port_addresses = BTreeSet::new();
     let npa = &cfg.node_port_addresses;
     for &family in &families {
-        let cidrs: Vec<&IpNet> = npa
-            .cidrs
-            .iter()
-            .filter(|n| IpFamily::of_net(n) == family)
-            .collect();
+        let cidrs: Vec<&IpNet> = npa.cidrs.iter().filter(|n| IpFamily::of_net(n) == family).collect();
         let match_all = !npa.primary && cidrs.is_empty();
-        for ip in local_addresses
-            .iter()
-            .filter(|ip| IpFamily::of(ip) == family)
-        {
+        for ip in local_addresses.iter().filter(|ip| IpFamily::of(ip) == family) {
             let selected = match_all
                 || (npa.primary && primary_ips.get(&family) == Some(ip))
                 || cidrs.iter().any(|n| n.contains(ip));
             // Loopback NodePorts are an iptables-mode IPv4 special (route_localnet).
-            let loopback_ok =
-                !ip.is_loopback() || (cfg.localhost_node_ports && family == IpFamily::V4);
+            let loopback_ok = !ip.is_loopback() || (cfg.localhost_node_ports && family == IpFamily::V4);
             if selected && loopback_ok {
                 node_port_addresses.insert(*ip);
             }
@@ -349,11 +307,7 @@ pub fn build_plan(state: &ClusterState, cfg: &NodeConfig) -> Plan {
     let (mut endpoints, slice_problems) = read_endpoint_slices(&state.endpoint_slices, cfg);
     problems.extend(slice_problems);
     for (key, slice) in &state.endpoint_slices {
-        let owner = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(crate::endpoints::LABEL_SERVICE_NAME));
+        let owner = slice.metadata.labels.as_ref().and_then(|l| l.get(crate::endpoints::LABEL_SERVICE_NAME));
         if let Some(owner) = owner {
             let svc = ObjectKey::new(key.namespace.clone(), owner.clone());
             let known = state.services.contains_key(&svc);
@@ -418,38 +372,15 @@ fn add_service(
             continue;
         };
         plan.cluster_ips.insert(cluster_ip);
-        let fam = |ips: &[IpAddr]| -> Vec<IpAddr> {
-            ips.iter()
-                .copied()
-                .filter(|i| IpFamily::of(i) == family)
-                .collect()
-        };
+        let fam =
+            |ips: &[IpAddr]| -> Vec<IpAddr> { ips.iter().copied().filter(|i| IpFamily::of(i) == family).collect() };
         let external_ips = fam(&info.external_ips);
-        let lb_all: Vec<_> = info
-            .load_balancer_ingress
-            .iter()
-            .filter(|l| IpFamily::of(&l.ip) == family)
-            .collect();
-        let load_balancer_ips: Vec<IpAddr> = lb_all
-            .iter()
-            .filter(|l| !l.proxy_mode)
-            .map(|l| l.ip)
-            .collect();
-        let proxied_load_balancer_ips: Vec<IpAddr> = lb_all
-            .iter()
-            .filter(|l| l.proxy_mode)
-            .map(|l| l.ip)
-            .collect();
-        let source_ranges: Vec<IpNet> = info
-            .source_ranges
-            .iter()
-            .copied()
-            .filter(|n| IpFamily::of_net(n) == family)
-            .collect();
-        if !info.source_ranges.is_empty()
-            && source_ranges.is_empty()
-            && !load_balancer_ips.is_empty()
-        {
+        let lb_all: Vec<_> = info.load_balancer_ingress.iter().filter(|l| IpFamily::of(&l.ip) == family).collect();
+        let load_balancer_ips: Vec<IpAddr> = lb_all.iter().filter(|l| !l.proxy_mode).map(|l| l.ip).collect();
+        let proxied_load_balancer_ips: Vec<IpAddr> = lb_all.iter().filter(|l| l.proxy_mode).map(|l| l.ip).collect();
+        let source_ranges: Vec<IpNet> =
+            info.source_ranges.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
+        if !info.source_ranges.is_empty() && source_ranges.is_empty() && !load_balancer_ips.is_empty() {
             problems.push(ObjectError::warn(
                 ObjectKind::Service,
                 &info.key,
@@ -466,13 +397,9 @@ fn add_service(
                 protocol: spec.protocol,
                 family,
             };
-            let endpoints = eps
-                .get(&(family, spec.name.clone(), spec.protocol))
-                .cloned()
-                .unwrap_or_default();
-            let externally_accessible = spec.node_port.is_some()
-                || !load_balancer_ips.is_empty()
-                || !external_ips.is_empty();
+            let endpoints = eps.get(&(family, spec.name.clone(), spec.protocol)).cloned().unwrap_or_default();
+            let externally_accessible =
+                spec.node_port.is_some() || !load_balancer_ips.is_empty() || !external_ips.is_empty();
             let sp = decide(
                 plan,
                 id,
@@ -529,14 +456,10 @@ fn decide(
 
     let internal = PerSource::from_fn(|source| {
         if !has_any {
-            return Route::Reject {
-                reason: RouteReason::NoEndpoints,
-            };
+            return Route::Reject { reason: RouteReason::NoEndpoints };
         }
         if itp_local && !has_local {
-            return Route::Drop {
-                reason: RouteReason::InternalLocalNoLocalEndpoints,
-            };
+            return Route::Drop { reason: RouteReason::InternalLocalNoLocalEndpoints };
         }
         let masquerade = if plan.node.masquerade_all {
             MasqReason::MasqueradeAll
@@ -552,18 +475,12 @@ fn decide(
         } else {
             (EndpointSet::Cluster, RouteReason::InternalPolicyCluster)
         };
-        Route::Forward {
-            set,
-            masquerade,
-            reason,
-        }
+        Route::Forward { set, masquerade, reason }
     });
 
     let external = PerSource::from_fn(|source| {
         if !has_any {
-            return Route::Reject {
-                reason: RouteReason::NoEndpoints,
-            };
+            return Route::Reject { reason: RouteReason::NoEndpoints };
         }
         if !etp_local {
             return Route::Forward {
@@ -588,27 +505,21 @@ fn decide(
                 masquerade: MasqReason::ClientIpPreserved,
                 reason: RouteReason::ExternalPolicyLocal,
             },
-            _ => Route::Drop {
-                reason: RouteReason::ExternalLocalNoLocalEndpoints,
-            },
+            _ => Route::Drop { reason: RouteReason::ExternalLocalNoLocalEndpoints },
         }
     });
 
-    let firewall =
-        if has_any && !addrs.load_balancer_ips.is_empty() && !addrs.source_ranges.is_empty() {
-            let mut allowed = addrs.source_ranges.clone();
-            let node_in_range = plan
-                .node
-                .primary_ips
-                .get(&family)
-                .is_some_and(|ip| addrs.source_ranges.iter().any(|n| n.contains(ip)));
-            if node_in_range {
-                allowed.extend(addrs.load_balancer_ips.iter().map(|ip| IpNet::from(*ip)));
-            }
-            Some(allowed)
-        } else {
-            None
-        };
+    let firewall = if has_any && !addrs.load_balancer_ips.is_empty() && !addrs.source_ranges.is_empty() {
+        let mut allowed = addrs.source_ranges.clone();
+        let node_in_range =
+            plan.node.primary_ips.get(&family).is_some_and(|ip| addrs.source_ranges.iter().any(|n| n.contains(ip)));
+        if node_in_range {
+            allowed.extend(addrs.load_balancer_ips.iter().map(|ip| IpNet::from(*ip)));
+        }
+        Some(allowed)
+    } else {
+        None
+    };
 
     ServicePort {
         id,
@@ -634,43 +545,27 @@ fn decide(
 
 fn register_frontends(plan: &mut Plan, sp: &ServicePort, problems: &mut Vec<ObjectError>) {
     let mut claims: Vec<(FrontendKey, FrontendKind, String)> = vec![(
-        FrontendKey {
-            addr: FrontendAddr::Ip(sp.cluster_ip),
-            port: sp.port,
-            protocol: sp.id.protocol,
-        },
+        FrontendKey { addr: FrontendAddr::Ip(sp.cluster_ip), port: sp.port, protocol: sp.id.protocol },
         FrontendKind::ClusterIp,
         "spec.clusterIP".to_string(),
     )];
     for ip in &sp.external_ips {
         claims.push((
-            FrontendKey {
-                addr: FrontendAddr::Ip(*ip),
-                port: sp.port,
-                protocol: sp.id.protocol,
-            },
+            FrontendKey { addr: FrontendAddr::Ip(*ip), port: sp.port, protocol: sp.id.protocol },
             FrontendKind::ExternalIp,
             "spec.externalIPs".to_string(),
         ));
     }
     for ip in &sp.load_balancer_ips {
         claims.push((
-            FrontendKey {
-                addr: FrontendAddr::Ip(*ip),
-                port: sp.port,
-                protocol: sp.id.protocol,
-            },
+            FrontendKey { addr: FrontendAddr::Ip(*ip), port: sp.port, protocol: sp.id.protocol },
             FrontendKind::LoadBalancer,
             "status.loadBalancer.ingress".to_string(),
         ));
     }
     if let Some(np) = sp.node_port {
         claims.push((
-            FrontendKey {
-                addr: FrontendAddr::NodePort(sp.id.family),
-                port: np,
-                protocol: sp.id.protocol,
-            },
+            FrontendKey { addr: FrontendAddr::NodePort(sp.id.family), port: np, protocol: sp.id.protocol },
             FrontendKind::NodePort,
             "spec.ports.nodePort".to_string(),
         ));
@@ -681,20 +576,11 @@ fn register_frontends(plan: &mut Plan, sp: &ServicePort, problems: &mut Vec<Obje
                 ObjectKind::Service,
                 &sp.id.service,
                 field,
-                format!(
-                    "{key} is already served by {}; this frontend is not programmed",
-                    owner.service
-                ),
+                format!("{key} is already served by {}; this frontend is not programmed", owner.service),
             )),
             Some(_) => {}
             None => {
-                plan.frontends.insert(
-                    key,
-                    Frontend {
-                        kind,
-                        service: sp.id.clone(),
-                    },
-                );
+                plan.frontends.insert(key, Frontend { kind, service: sp.id.clone() });
             }
         }
     }

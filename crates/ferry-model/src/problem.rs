@@ -49,12 +49,7 @@ pub struct ObjectError {
 }
 
 impl ObjectError {
-    pub fn skip(
-        kind: ObjectKind,
-        object: &ObjectKey,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn skip(kind: ObjectKind, object: &ObjectKey, field: impl Into<String>, message: impl Into<String>) -> Self {
         ObjectError {
             kind,
             object: object.clone(),
@@ -70,42 +65,24 @@ impl ObjectError {
         field: impl Into<String>,
         message: impl Into<String>,
     ) -> Self {
-        ObjectError {
-            consequence: Consequence::EntrySkipped,
-            ..Self::skip(kind, object, field, message)
-        }
+        ObjectError { consequence: Consequence::EntrySkipped, ..Self::skip(kind, object, field, message) }
     }
 
-    pub fn warn(
-        kind: ObjectKind,
-        object: &ObjectKey,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        ObjectError {
-            consequence: Consequence::Warning,
-            ..Self::skip(kind, object, field, message)
-        }
+    pub fn warn(kind: ObjectKind, object: &ObjectKey, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ObjectError { consequence: Consequence::Warning, ..Self::skip(kind, object, field, message) }
     }
 }
 
 impl fmt::Display for ObjectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match self.consequence {
-            ObjectConsequence::ObjectSkipped => format!(
-                "this {} is skipped until it is fixed; everything else is still served",
-                self.kind
-            ),
-            ObjectConsequence::EntrySkipped => {
-                "this entry is ignored; the rest of the object is served".to_string()
+            ObjectConsequence::ObjectSkipped => {
+                format!("this {} is skipped until it is fixed; everything else is still served", self.kind)
             }
+            ObjectConsequence::EntrySkipped => "this entry is ignored; the rest of the object is served".to_string(),
             ObjectConsequence::Warning => "served anyway".to_string(),
         };
-        write!(
-            f,
-            "{} {}: {}: {} ({what})",
-            self.kind, self.object, self.field, self.message
-        )
+        write!(f, "{} {}: {}: {} ({what})", self.kind, self.object, self.field, self.message)
     }
 }
 

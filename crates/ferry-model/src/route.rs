@@ -42,11 +42,7 @@ pub struct PerSource<T> {
 
 impl<T> PerSource<T> {
     pub fn from_fn(mut f: impl FnMut(SourceClass) -> T) -> Self {
-        PerSource {
-            pod: f(SourceClass::Pod),
-            host: f(SourceClass::Host),
-            external: f(SourceClass::External),
-        }
+        PerSource { pod: f(SourceClass::Pod), host: f(SourceClass::Host), external: f(SourceClass::External) }
     }
 
     pub fn get(&self, class: SourceClass) -> &T {
@@ -151,23 +147,13 @@ impl fmt::Display for MasqReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             MasqReason::MasqueradeAll => "masqueradeAll is on",
-            MasqReason::NotFromPod => {
-                "the source is not a pod, so the reply must return through this node"
-            }
-            MasqReason::ExternalPolicyCluster => {
-                "externalTrafficPolicy=Cluster: the endpoint may be on another node"
-            }
-            MasqReason::HostToExternalLocal => {
-                "the node's own traffic to an external frontend is masqueraded"
-            }
+            MasqReason::NotFromPod => "the source is not a pod, so the reply must return through this node",
+            MasqReason::ExternalPolicyCluster => "externalTrafficPolicy=Cluster: the endpoint may be on another node",
+            MasqReason::HostToExternalLocal => "the node's own traffic to an external frontend is masqueraded",
             MasqReason::Hairpin => "hairpin: the endpoint is the client itself",
             MasqReason::FromPod => "the source is a pod and keeps its address",
-            MasqReason::NoLocalDetector => {
-                "no local traffic detector is configured, so nothing is masqueraded"
-            }
-            MasqReason::ClientIpPreserved => {
-                "externalTrafficPolicy=Local preserves the client address"
-            }
+            MasqReason::NoLocalDetector => "no local traffic detector is configured, so nothing is masqueraded",
+            MasqReason::ClientIpPreserved => "externalTrafficPolicy=Local preserves the client address",
         })
     }
 }
@@ -175,25 +161,15 @@ impl fmt::Display for MasqReason {
 /// What a service port does with a new connection from one source class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum Route {
-    Forward {
-        set: EndpointSet,
-        masquerade: MasqReason,
-        reason: RouteReason,
-    },
-    Drop {
-        reason: RouteReason,
-    },
-    Reject {
-        reason: RouteReason,
-    },
+    Forward { set: EndpointSet, masquerade: MasqReason, reason: RouteReason },
+    Drop { reason: RouteReason },
+    Reject { reason: RouteReason },
 }
 
 impl Route {
     pub fn reason(&self) -> RouteReason {
         match self {
-            Route::Forward { reason, .. } | Route::Drop { reason } | Route::Reject { reason } => {
-                *reason
-            }
+            Route::Forward { reason, .. } | Route::Drop { reason } | Route::Reject { reason } => *reason,
         }
     }
 }

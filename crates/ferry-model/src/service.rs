@@ -64,16 +64,11 @@ pub enum IgnoreReason {
 impl std::fmt::Display for IgnoreReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            IgnoreReason::Headless => {
-                f.write_str("headless (clusterIP: None): DNS only, nothing to proxy")
+            IgnoreReason::Headless => f.write_str("headless (clusterIP: None): DNS only, nothing to proxy"),
+            IgnoreReason::ExternalName => f.write_str("type ExternalName: a DNS alias, nothing to proxy"),
+            IgnoreReason::OtherProxy(p) => {
+                write!(f, "labelled {LABEL_SERVICE_PROXY_NAME}={p}: served by another proxy")
             }
-            IgnoreReason::ExternalName => {
-                f.write_str("type ExternalName: a DNS alias, nothing to proxy")
-            }
-            IgnoreReason::OtherProxy(p) => write!(
-                f,
-                "labelled {LABEL_SERVICE_PROXY_NAME}={p}: served by another proxy"
-            ),
         }
     }
 }
@@ -102,10 +97,7 @@ impl ServiceInfo {
     /// kube-proxy's `ExternallyAccessible` on the Service: reachable from
     /// outside the cluster through a NodePort, a load balancer or an ExternalIP.
     pub fn externally_accessible_type(&self) -> bool {
-        matches!(
-            self.service_type,
-            ServiceType::NodePort | ServiceType::LoadBalancer
-        ) || !self.external_ips.is_empty()
+        matches!(self.service_type, ServiceType::NodePort | ServiceType::LoadBalancer) || !self.external_ips.is_empty()
     }
 }
 
@@ -118,10 +110,7 @@ pub enum ServiceRead {
 }
 
 /// True when the object's `service-proxy-name` label hands it to another proxy.
-pub fn handled_by_other_proxy(
-    labels: Option<&BTreeMap<String, String>>,
-    cfg: &NodeConfig,
-) -> Option<String> {
+pub fn handled_by_other_proxy(labels: Option<&BTreeMap<String, String>>, cfg: &NodeConfig) -> Option<String> {
     let value = labels?.get(LABEL_SERVICE_PROXY_NAME)?;
     match &cfg.service_proxy_name {
         Some(mine) if mine == value => None,
@@ -136,12 +125,7 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn fail(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ObjectError::skip(
-            ObjectKind::Service,
-            self.key,
-            field,
-            message,
-        ));
+        self.errors.push(ObjectError::skip(ObjectKind::Service, self.key, field, message));
     }
 
     fn ip(&mut self, field: String, value: &str) -> Option<IpAddr> {
@@ -160,10 +144,7 @@ fn port_number(value: i32) -> Option<u16> {
 /// Reads and validates one Service.
 pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
     let key = ObjectKey::of_meta(&svc.metadata);
-    let mut c = Checker {
-        key: &key,
-        errors: Vec::new(),
-    };
+    let mut c = Checker { key: &key, errors: Vec::new() };
     if key.name.is_empty() {
         c.fail("metadata.name", "is empty");
         return ServiceRead::Invalid(c.errors);
@@ -181,28 +162,25 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
         Some("LoadBalancer") => ServiceType::LoadBalancer,
         Some("ExternalName") => return ServiceRead::Ignored(IgnoreReason::ExternalName),
         Some(other) => {
-            c.fail("spec.type", format!("{other:?} is not a Service type (ClusterIP, NodePort, LoadBalancer, ExternalName)"));
+            c.fail(
+                "spec.type",
+                format!("{other:?} is not a Service type (ClusterIP, NodePort, LoadBalancer, ExternalName)"),
+            );
             return ServiceRead::Invalid(c.errors);
         }
     };
 
     // ClusterIPs: `clusterIPs` is authoritative when present; `clusterIP` is its first entry.
     let primary = spec.cluster_ip.as_deref().unwrap_or("");
-    if primary == "None"
-        || spec
-            .cluster_ips
-            .as_ref()
-            .is_some_and(|ips| ips.first().map(String::as_str) == Some("None"))
+    if primary == "None" || spec.cluster_ips.as_ref().is_some_and(|ips| ips.first().map(String::as_str) == Some("None"))
     {
         return ServiceRead::Ignored(IgnoreReason::Headless);
     }
     let mut cluster_ips = BTreeMap::new();
     let listed: Vec<(String, &str)> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.as_str()))
-            .collect(),
+        Some(ips) if !ips.is_empty() => {
+            ips.iter().enumerate().map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.as_str())).collect()
+        }
         _ if !primary.is_empty() => vec![("spec.clusterIP".to_string(), primary)],
         _ => Vec::new(),
     };
@@ -218,10 +196,7 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
         {
             c.fail(
                 field,
-                format!(
-                    "a second {} ClusterIP ({ip}); a Service has at most one per family",
-                    IpFamily::of(&ip)
-                ),
+                format!("a second {} ClusterIP ({ip}); a Service has at most one per family", IpFamily::of(&ip)),
             );
         }
     }
@@ -229,23 +204,15 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
         && let (Some(first), Some(p)) = (ips.first(), parse_ip_sloppy(primary))
         && parse_ip_sloppy(first) != Some(p)
     {
-        c.fail(
-            "spec.clusterIP",
-            format!("{primary:?} differs from spec.clusterIPs[0] {first:?}"),
-        );
+        c.fail("spec.clusterIP", format!("{primary:?} differs from spec.clusterIPs[0] {first:?}"));
     }
     if let Some(families) = &spec.ip_families {
         for (i, fam) in families.iter().enumerate() {
             match IpFamily::from_k8s(fam) {
-                None => c.fail(
-                    format!("spec.ipFamilies[{i}]"),
-                    format!("{fam:?} is not IPv4 or IPv6"),
-                ),
+                None => c.fail(format!("spec.ipFamilies[{i}]"), format!("{fam:?} is not IPv4 or IPv6")),
                 Some(f) if !cluster_ips.is_empty() && !cluster_ips.contains_key(&f) => c.fail(
                     format!("spec.ipFamilies[{i}]"),
-                    format!(
-                        "lists {f} but spec.clusterIPs has no {f} address (wrong address family)"
-                    ),
+                    format!("lists {f} but spec.clusterIPs has no {f} address (wrong address family)"),
                 ),
                 Some(_) => {}
             }
@@ -265,19 +232,13 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
             Some(s) => match s.parse::<Protocol>() {
                 Ok(proto) if proto.as_k8s() == s => proto,
                 _ => {
-                    c.fail(
-                        format!("{field}.protocol"),
-                        format!("{s:?} is not TCP, UDP or SCTP"),
-                    );
+                    c.fail(format!("{field}.protocol"), format!("{s:?} is not TCP, UDP or SCTP"));
                     continue;
                 }
             },
         };
         let Some(port) = port_number(p.port) else {
-            c.fail(
-                format!("{field}.port"),
-                format!("{} is out of range 1-65535", p.port),
-            );
+            c.fail(format!("{field}.port"), format!("{} is out of range 1-65535", p.port));
             continue;
         };
         let node_port = match p.node_port {
@@ -285,41 +246,24 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
             Some(n) => match port_number(n) {
                 Some(n) => Some(n),
                 None => {
-                    c.fail(
-                        format!("{field}.nodePort"),
-                        format!("{n} is out of range 1-65535"),
-                    );
+                    c.fail(format!("{field}.nodePort"), format!("{n} is out of range 1-65535"));
                     continue;
                 }
             },
         };
         let name = p.name.clone().unwrap_or_default();
         if !seen_port.insert((port, protocol)) {
-            c.fail(
-                format!("{field}.port"),
-                format!("duplicate port {port}/{protocol}"),
-            );
+            c.fail(format!("{field}.port"), format!("duplicate port {port}/{protocol}"));
         }
         if !seen_name.insert((name.clone(), protocol)) {
-            c.fail(
-                format!("{field}.name"),
-                format!("duplicate port name {name:?} for {protocol}"),
-            );
+            c.fail(format!("{field}.name"), format!("duplicate port name {name:?} for {protocol}"));
         }
         if let Some(np) = node_port
             && !seen_node_port.insert((np, protocol))
         {
-            c.fail(
-                format!("{field}.nodePort"),
-                format!("duplicate nodePort {np}/{protocol}"),
-            );
+            c.fail(format!("{field}.nodePort"), format!("duplicate nodePort {np}/{protocol}"));
         }
-        ports.push(PortSpec {
-            name,
-            port,
-            protocol,
-            node_port,
-        });
+        ports.push(PortSpec { name, port, protocol, node_port });
     }
 
     let mut external_ips = Vec::new();
@@ -333,11 +277,7 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
 
     let mut load_balancer_ingress = Vec::new();
     if service_type == ServiceType::LoadBalancer {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
             let field = format!("status.loadBalancer.ingress[{i}]");
             // Hostname-only ingress (AWS ELB style) has no address to intercept.
@@ -348,17 +288,12 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
                 None | Some("VIP") => false,
                 Some("Proxy") => true,
                 Some(other) => {
-                    c.fail(
-                        format!("{field}.ipMode"),
-                        format!("{other:?} is not VIP or Proxy"),
-                    );
+                    c.fail(format!("{field}.ipMode"), format!("{other:?} is not VIP or Proxy"));
                     continue;
                 }
             };
             if let Some(ip) = c.ip(format!("{field}.ip"), s)
-                && !load_balancer_ingress
-                    .iter()
-                    .any(|l: &LoadBalancerIngress| l.ip == ip)
+                && !load_balancer_ingress.iter().any(|l: &LoadBalancerIngress| l.ip == ip)
             {
                 load_balancer_ingress.push(LoadBalancerIngress { ip, proxy_mode });
             }
@@ -366,19 +301,11 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
     }
 
     let mut source_ranges = Vec::new();
-    for (i, s) in spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .enumerate()
-    {
+    for (i, s) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
         match parse_cidr_sloppy(s) {
             Some(net) => source_ranges.push(net),
             // Failing closed: ignoring a bad range would open the load balancer wider than asked.
-            None => c.fail(
-                format!("spec.loadBalancerSourceRanges[{i}]"),
-                format!("{s:?} is not a CIDR"),
-            ),
+            None => c.fail(format!("spec.loadBalancerSourceRanges[{i}]"), format!("{s:?} is not a CIDR")),
         }
     }
 
@@ -387,24 +314,13 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
             None | Some("Cluster") => false,
             Some("Local") => true,
             Some(other) => {
-                c.fail(
-                    field.to_string(),
-                    format!("{other:?} is not Cluster or Local"),
-                );
+                c.fail(field.to_string(), format!("{other:?} is not Cluster or Local"));
                 false
             }
         }
     };
-    let etp_local = policy(
-        &mut c,
-        "spec.externalTrafficPolicy",
-        spec.external_traffic_policy.as_deref(),
-    );
-    let internal_policy_local = policy(
-        &mut c,
-        "spec.internalTrafficPolicy",
-        spec.internal_traffic_policy.as_deref(),
-    );
+    let etp_local = policy(&mut c, "spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref());
+    let internal_policy_local = policy(&mut c, "spec.internalTrafficPolicy", spec.internal_traffic_policy.as_deref());
 
     let affinity_timeout_seconds = match spec.session_affinity.as_deref() {
         None | Some("None") => None,
@@ -427,10 +343,7 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
             }
         }
         Some(other) => {
-            c.fail(
-                "spec.sessionAffinity",
-                format!("{other:?} is not None or ClientIP"),
-            );
+            c.fail("spec.sessionAffinity", format!("{other:?} is not None or ClientIP"));
             None
         }
     };
@@ -442,10 +355,7 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
         Some(n) => match port_number(n) {
             Some(n) => Some(n),
             None => {
-                c.fail(
-                    "spec.healthCheckNodePort",
-                    format!("{n} is out of range 1-65535"),
-                );
+                c.fail("spec.healthCheckNodePort", format!("{n} is out of range 1-65535"));
                 None
             }
         },
@@ -476,8 +386,5 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
 
 /// Addresses of `family` from a list, in order.
 pub fn of_family(ips: &[IpAddr], family: IpFamily) -> Vec<IpAddr> {
-    ips.iter()
-        .copied()
-        .filter(|ip| IpFamily::of(ip) == family)
-        .collect()
+    ips.iter().copied().filter(|ip| IpFamily::of(ip) == family).collect()
 }

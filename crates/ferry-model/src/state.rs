@@ -19,20 +19,14 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectKey {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        ObjectKey { namespace: namespace.into(), name: name.into() }
     }
 
     /// The key of an object's metadata; a missing namespace means `default`,
     /// as for `kubectl apply` of a manifest without one.
     pub fn of_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
         ObjectKey {
-            namespace: meta
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_string()),
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_string()),
             name: meta.name.clone().unwrap_or_default(),
         }
     }
@@ -67,15 +61,13 @@ impl ClusterState {
     pub fn apply(&mut self, change: StateChange) {
         match change {
             StateChange::ServiceApplied(svc) => {
-                self.services
-                    .insert(ObjectKey::of_meta(&svc.metadata), *svc);
+                self.services.insert(ObjectKey::of_meta(&svc.metadata), *svc);
             }
             StateChange::ServiceDeleted(key) => {
                 self.services.remove(&key);
             }
             StateChange::EndpointSliceApplied(slice) => {
-                self.endpoint_slices
-                    .insert(ObjectKey::of_meta(&slice.metadata), *slice);
+                self.endpoint_slices.insert(ObjectKey::of_meta(&slice.metadata), *slice);
             }
             StateChange::EndpointSliceDeleted(key) => {
                 self.endpoint_slices.remove(&key);

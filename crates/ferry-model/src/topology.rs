@@ -32,20 +32,18 @@ impl std::fmt::Display for TopologyReason {
             TopologyReason::NodeHintsForThisNode => {
                 f.write_str("every ready endpoint has node hints and some are for this node")
             }
-            TopologyReason::ZoneHintsForThisZone(z) => write!(
-                f,
-                "every ready endpoint has zone hints and some are for zone {z}"
-            ),
+            TopologyReason::ZoneHintsForThisZone(z) => {
+                write!(f, "every ready endpoint has zone hints and some are for zone {z}")
+            }
             TopologyReason::SomeEndpointLacksHints => {
                 f.write_str("a ready endpoint has no hints, so hints are ignored")
             }
-            TopologyReason::NodeHasNoZone => f.write_str(
-                "this node has no topology.kubernetes.io/zone label, so zone hints are ignored",
-            ),
-            TopologyReason::NoHintForThisZone(z) => write!(
-                f,
-                "no endpoint is hinted for zone {z}, so hints are ignored"
-            ),
+            TopologyReason::NodeHasNoZone => {
+                f.write_str("this node has no topology.kubernetes.io/zone label, so zone hints are ignored")
+            }
+            TopologyReason::NoHintForThisZone(z) => {
+                write!(f, "no endpoint is hinted for zone {z}, so hints are ignored")
+            }
             TopologyReason::NoReadyEndpoints => f.write_str("no ready endpoints"),
         }
     }
@@ -60,10 +58,7 @@ pub struct TopologyContext<'a> {
 }
 
 /// kube-proxy's `topologyModeFromHints`.
-pub fn topology_mode(
-    endpoints: &[Endpoint],
-    ctx: TopologyContext,
-) -> (TopologyMode, TopologyReason) {
+pub fn topology_mode(endpoints: &[Endpoint], ctx: TopologyContext) -> (TopologyMode, TopologyReason) {
     let mut has_for_node = false;
     let mut all_node_hints = true;
     let mut has_for_zone = false;
@@ -93,18 +88,12 @@ pub fn topology_mode(
         return (TopologyMode::None, TopologyReason::SomeEndpointLacksHints);
     }
     if has_for_zone {
-        return (
-            TopologyMode::SameZone,
-            TopologyReason::ZoneHintsForThisZone(zone.to_string()),
-        );
+        return (TopologyMode::SameZone, TopologyReason::ZoneHintsForThisZone(zone.to_string()));
     }
     if zone.is_empty() {
         (TopologyMode::None, TopologyReason::NodeHasNoZone)
     } else {
-        (
-            TopologyMode::None,
-            TopologyReason::NoHintForThisZone(zone.to_string()),
-        )
+        (TopologyMode::None, TopologyReason::NoHintForThisZone(zone.to_string()))
     }
 }
 
@@ -147,12 +136,7 @@ pub struct Categorized {
 /// `uses_cluster`: some traffic path of this port uses cluster-wide endpoints
 /// (internal policy Cluster, or reachable from outside at all, for the
 /// short-circuit). `uses_local`: some path uses node-local endpoints.
-pub fn categorize(
-    endpoints: &[Endpoint],
-    uses_cluster: bool,
-    uses_local: bool,
-    ctx: TopologyContext,
-) -> Categorized {
+pub fn categorize(endpoints: &[Endpoint], uses_cluster: bool, uses_local: bool, ctx: TopologyContext) -> Categorized {
     let mut out = Categorized {
         cluster: Vec::new(),
         cluster_choice: EndpointChoice::Empty,
@@ -163,12 +147,7 @@ pub fn categorize(
         topology_reason: TopologyReason::NoReadyEndpoints,
     };
     let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<usize> {
-        endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| f(e))
-            .map(|(i, _)| i)
-            .collect()
+        endpoints.iter().enumerate().filter(|(_, e)| f(e)).map(|(i, _)| i).collect()
     };
 
     if uses_cluster {

@@ -15,9 +15,7 @@ fn every_acceptance_flow_passes_in_the_model() {
         let state = case.cluster_state().expect("cluster state");
         let plan = build_plan(&state, &cfg);
         assert!(
-            plan.problems
-                .iter()
-                .all(|p| p.consequence != ferry_model::Consequence::ObjectSkipped),
+            plan.problems.iter().all(|p| p.consequence != ferry_model::Consequence::ObjectSkipped),
             "case {}: unexpected problems {:?}",
             case.name,
             plan.problems
@@ -27,28 +25,14 @@ fn every_acceptance_flow_passes_in_the_model() {
             let flow = f.parse().expect("flow parses");
             let e = explain(
                 &plan,
-                &Flow {
-                    src: flow.src,
-                    dst: flow.dst,
-                    port: flow.port,
-                    protocol: flow.protocol,
-                    in_interface: None,
-                },
+                &Flow { src: flow.src, dst: flow.dst, port: flow.port, protocol: flow.protocol, in_interface: None },
             );
             let got = observed_from_model(&e);
             if !matches(&flow.expected, &got) {
-                failures.push(format!(
-                    "{} / {}: expected {}, got {}\n{}",
-                    case.name, flow.name, flow.expected, got, e
-                ));
+                failures.push(format!("{} / {}: expected {}, got {}\n{}", case.name, flow.name, flow.expected, got, e));
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {total} flows failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {total} flows failed:\n{}", failures.len(), failures.join("\n"));
     assert_eq!(total, 198);
 }
