@@ -183,12 +183,12 @@ fn endpoint_notes(sp: &ServicePort, route: &Route) -> Vec<EndpointNote> {
                     (Some(EndpointSet::Local), _, EndpointChoice::ServingTerminating) => {
                         "local; no local endpoint is ready, so serving-terminating ones are used".to_string()
                     }
-                    (Some(EndpointSet::Local), _, _) => "local and ready".to_string(),
+                    (Some(EndpointSet::Local), _, _) => "on this node and ready".to_string(),
                     (_, EndpointChoice::ServingTerminating, _) => {
                         "no endpoint is ready anywhere, so serving-terminating ones are used".to_string()
                     }
                     _ => match cat.topology {
-                        TopologyMode::None => "ready".to_string(),
+                        TopologyMode::None => "any ready endpoint may be chosen".to_string(),
                         TopologyMode::SameZone => "ready and hinted for this node's zone".to_string(),
                         TopologyMode::SameNode => "ready and hinted for this node".to_string(),
                     },
@@ -247,6 +247,10 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
         && !allowed.iter().any(|n| n.contains(&flow.src))
     {
         out.verdict = Verdict::Drop;
+        for e in &mut out.endpoints {
+            e.used = false;
+            e.why = "not reached: the source range check drops the connection first".into();
+        }
         let ranges: Vec<String> = sp.source_ranges.iter().map(|n| n.to_string()).collect();
         out.rule = format!(
             "loadBalancerSourceRanges [{}] do not include {}: DROP before load balancing",

@@ -51,6 +51,18 @@ pub enum LocalDetector {
     None,
 }
 
+impl std::fmt::Display for LocalDetector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalDetector::ClusterCidr => f.write_str("ClusterCIDR"),
+            LocalDetector::NodeCidr => f.write_str("NodeCIDR"),
+            LocalDetector::InterfaceNamePrefix(p) => write!(f, "InterfaceNamePrefix {p}*"),
+            LocalDetector::BridgeInterface(b) => write!(f, "BridgeInterface {b}"),
+            LocalDetector::None => f.write_str("None"),
+        }
+    }
+}
+
 /// Feature gates that change proxy semantics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FeatureGates {

@@ -80,7 +80,7 @@ impl fmt::Display for ObjectError {
                 format!("this {} is skipped until it is fixed; everything else is still served", self.kind)
             }
             ObjectConsequence::EntrySkipped => "this entry is ignored; the rest of the object is served".to_string(),
-            ObjectConsequence::Warning => "served anyway".to_string(),
+            ObjectConsequence::Warning => "warning only; nothing is skipped".to_string(),
         };
         write!(f, "{} {}: {}: {} ({what})", self.kind, self.object, self.field, self.message)
     }

@@ -1,0 +1,21 @@
+//! One module per `ferry` subcommand, plus the inputs they share.
+
+pub mod conformance;
+pub mod explain;
+
+use anyhow::Context;
+use ferry_k8s::manifests;
+use ferry_model::ClusterState;
+use std::path::Path;
+
+/// Loads a manifest directory, printing skipped documents to stderr (they never
+/// stop the rest from being served).
+pub fn load_manifests(dir: &Path) -> anyhow::Result<ClusterState> {
+    let loaded = manifests::load_dir(dir).with_context(|| format!("loading manifests from {}", dir.display()))?;
+    for p in &loaded.problems {
+        if p.skipped {
+            eprintln!("warning: {p}");
+        }
+    }
+    Ok(loaded.state)
+}

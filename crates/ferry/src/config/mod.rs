@@ -1,0 +1,341 @@
+//! The node config file (YAML) and the command-line flags that override it.
+//!
+//! Reading goes: YAML text -> key check against `keys::ROOT` (unknown and
+//! renamed keys are errors) -> typed `ConfigFile` -> `NodeConfig`, where every
+//! address and range is parsed. Each error names the file and the key.
+
+pub mod keys;
+
+use clap::Args;
+use ferry_model::addr::{IpFamily, parse_cidr_sloppy, parse_ip_sloppy};
+use ferry_model::node_config::{FeatureGates, LocalDetector, NodeConfig, NodePortAddresses};
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Everything wrong with a config file, all at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source: String,
+    pub problems: Vec<keys::KeyProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid node config {}:", self.source)?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {}", p.key, p.message)?;
+        }
+        write!(f, "\nFix these keys and start again; see the README's \"Configuration\" section for every key.")
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The file's typed form. Every field is optional: a flag or a default fills it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConfigFile {
+    pub node_name: Option<String>,
+    #[serde(rename = "nodeIPs")]
+    pub node_ips: Option<Vec<String>>,
+    #[serde(rename = "primaryIPs")]
+    pub primary_ips: Option<Vec<String>>,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Option<Vec<String>>,
+    #[serde(rename = "clusterCIDRs")]
+    pub cluster_cidrs: Option<Vec<String>>,
+    #[serde(rename = "serviceCIDRs")]
+    pub service_cidrs: Option<Vec<String>>,
+    pub ip_families: Option<Vec<String>>,
+    pub node_port_addresses: Option<Vec<String>>,
+    pub localhost_node_ports: Option<bool>,
+    pub masquerade_all: Option<bool>,
+    pub local_traffic_detector: Option<DetectorFile>,
+    pub zone: Option<String>,
+    pub feature_gates: Option<BTreeMap<String, bool>>,
+    pub service_proxy_name: Option<String>,
+    pub accept_health_check_node_ports: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DetectorFile {
+    pub mode: Option<String>,
+    pub interface_name_prefix: Option<String>,
+    pub bridge_interface: Option<String>,
+}
+
+/// Flags that override the config file. Lists replace the file's list.
+#[derive(Debug, Default, Clone, Args)]
+pub struct NodeFlags {
+    /// Node config file (YAML). See the README for every key.
+    #[arg(long, value_name = "FILE")]
+    pub node_config: Option<PathBuf>,
+    /// This node's name (endpoints with this nodeName are local).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// An address of this node; repeat for several.
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ips: Vec<String>,
+    /// Pod range of the whole cluster; repeat for dual-stack.
+    #[arg(long = "cluster-cidr", value_name = "CIDR")]
+    pub cluster_cidrs: Vec<String>,
+    /// Service range; an unallocated address inside it is dropped.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    pub service_cidrs: Vec<String>,
+    /// Addresses that serve NodePorts: CIDRs or `primary`; repeat for several.
+    #[arg(long = "node-port-address", value_name = "CIDR|primary")]
+    pub node_port_addresses: Vec<String>,
+    /// Masquerade every service connection.
+    #[arg(long)]
+    pub masquerade_all: bool,
+}
+
+struct Builder<'a> {
+    source: &'a str,
+    problems: Vec<keys::KeyProblem>,
+}
+
+impl Builder<'_> {
+    fn bad(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(keys::KeyProblem { key: key.into(), message: message.into() });
+    }
+
+    fn ips(&mut self, key: &str, list: &[String]) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for (i, s) in list.iter().enumerate() {
+            match parse_ip_sloppy(s.trim()) {
+                Some(ip) => out.push(ip),
+                None => self.bad(format!("{key}[{i}]"), format!("{s:?} is not an IP address")),
+            }
+        }
+        out
+    }
+
+    fn cidrs(&mut self, key: &str, list: &[String]) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for (i, s) in list.iter().enumerate() {
+            match parse_cidr_sloppy(s) {
+                Some(n) => out.push(n),
+                None => self.bad(format!("{key}[{i}]"), format!("{s:?} is not a CIDR (like 10.244.0.0/16)")),
+            }
+        }
+        out
+    }
+}
+
+/// Parses config text. `source` names the file in messages.
+pub fn parse_file(source: &str, text: &str) -> Result<ConfigFile, ConfigError> {
+    let fail = |key: &str, message: String| ConfigError {
+        source: source.to_string(),
+        problems: vec![keys::KeyProblem { key: key.to_string(), message }],
+    };
+    let doc: Value = if text.trim().is_empty() {
+        Value::Object(Default::default())
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| fail("(document)", format!("not valid YAML: {e}")))?
+    };
+    if !doc.is_object() {
+        return Err(fail("(document)", "must be a mapping of keys to values".into()));
+    }
+    let mut problems = Vec::new();
+    keys::check(&doc, &keys::ROOT, "", &mut problems);
+    if !problems.is_empty() {
+        return Err(ConfigError { source: source.to_string(), problems });
+    }
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let key = e.path().to_string();
+        fail(&key, e.into_inner().to_string())
+    })
+}
+
+/// Reads the config file (if any), applies flags, and builds the `NodeConfig`.
+pub fn node_config(flags: &NodeFlags) -> Result<NodeConfig, anyhow::Error> {
+    let (source, file) = match &flags.node_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read node config {}: {e}", path.display()))?;
+            let source = path.display().to_string();
+            let file = parse_file(&source, &text)?;
+            (source, file)
+        }
+        None => ("(flags)".to_string(), ConfigFile::default()),
+    };
+    Ok(build(&source, file, flags)?)
+}
+
+/// Turns a parsed file plus flags into a `NodeConfig`.
+pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<NodeConfig, ConfigError> {
+    let mut b = Builder { source, problems: Vec::new() };
+    let pick = |flag: &Vec<String>, file: Option<Vec<String>>| {
+        if flag.is_empty() { file.unwrap_or_default() } else { flag.clone() }
+    };
+    let mut cfg = NodeConfig {
+        node_name: flags.node_name.clone().or(file.node_name).unwrap_or_default(),
+        ..NodeConfig::default()
+    };
+    cfg.node_ips = b.ips("nodeIPs", &pick(&flags.node_ips, file.node_ips));
+    cfg.primary_ips = b.ips("primaryIPs", &file.primary_ips.unwrap_or_default());
+    for fam in IpFamily::ALL {
+        if cfg.primary_ips.iter().filter(|ip| IpFamily::of(ip) == fam).count() > 1 {
+            b.bad(
+                "primaryIPs",
+                format!("lists more than one {fam} address; a node has one primary address per family"),
+            );
+        }
+    }
+    cfg.pod_cidrs = b.cidrs("podCIDRs", &file.pod_cidrs.unwrap_or_default());
+    cfg.cluster_cidrs = b.cidrs("clusterCIDRs", &pick(&flags.cluster_cidrs, file.cluster_cidrs));
+    cfg.service_cidrs = b.cidrs("serviceCIDRs", &pick(&flags.service_cidrs, file.service_cidrs));
+    if let Some(fams) = file.ip_families {
+        cfg.ip_families.clear();
+        for (i, f) in fams.iter().enumerate() {
+            match IpFamily::from_k8s(f) {
+                Some(f) if !cfg.ip_families.contains(&f) => cfg.ip_families.push(f),
+                Some(_) => b.bad(format!("ipFamilies[{i}]"), format!("{f} is listed twice")),
+                None => b.bad(format!("ipFamilies[{i}]"), format!("{f:?} is not IPv4 or IPv6")),
+            }
+        }
+        if cfg.ip_families.is_empty() {
+            b.bad("ipFamilies", "is empty; list IPv4, IPv6 or both");
+        }
+    }
+    let npa = pick(&flags.node_port_addresses, file.node_port_addresses);
+    if !npa.is_empty() {
+        let primary = npa.iter().any(|s| s.trim() == "primary");
+        let listed: Vec<String> = npa.iter().filter(|s| s.trim() != "primary").cloned().collect();
+        cfg.node_port_addresses = NodePortAddresses { primary, cidrs: b.cidrs("nodePortAddresses", &listed) };
+    }
+    cfg.localhost_node_ports = file.localhost_node_ports.unwrap_or(false);
+    cfg.masquerade_all = flags.masquerade_all || file.masquerade_all.unwrap_or(false);
+    if let Some(d) = file.local_traffic_detector {
+        cfg.local_detector = match d.mode.as_deref().unwrap_or("ClusterCIDR") {
+            "ClusterCIDR" => LocalDetector::ClusterCidr,
+            "NodeCIDR" => LocalDetector::NodeCidr,
+            "InterfaceNamePrefix" => match d.interface_name_prefix.filter(|p| !p.is_empty()) {
+                Some(p) => LocalDetector::InterfaceNamePrefix(p),
+                None => {
+                    b.bad("localTrafficDetector.interfaceNamePrefix", "is required with mode InterfaceNamePrefix");
+                    LocalDetector::None
+                }
+            },
+            "BridgeInterface" => match d.bridge_interface.filter(|p| !p.is_empty()) {
+                Some(p) => LocalDetector::BridgeInterface(p),
+                None => {
+                    b.bad("localTrafficDetector.bridgeInterface", "is required with mode BridgeInterface");
+                    LocalDetector::None
+                }
+            },
+            "None" => LocalDetector::None,
+            other => {
+                b.bad(
+                    "localTrafficDetector.mode",
+                    format!("{other:?} is not ClusterCIDR, NodeCIDR, InterfaceNamePrefix, BridgeInterface or None"),
+                );
+                LocalDetector::None
+            }
+        };
+    }
+    if cfg.local_detector == LocalDetector::ClusterCidr && cfg.cluster_cidrs.is_empty() && b.problems.is_empty() {
+        // kube-proxy runs without a detector in this case; say so rather than guess.
+        cfg.local_detector = LocalDetector::None;
+    }
+    cfg.zone = file.zone.filter(|z| !z.is_empty());
+    let mut gates = FeatureGates::default();
+    for (name, on) in file.feature_gates.unwrap_or_default() {
+        match name.as_str() {
+            "PreferSameTrafficDistribution" => gates.prefer_same_traffic_distribution = on,
+            other => {
+                b.bad(format!("featureGates.{other}"), "unknown feature gate; known: PreferSameTrafficDistribution")
+            }
+        }
+    }
+    cfg.feature_gates = gates;
+    cfg.service_proxy_name = file.service_proxy_name.filter(|s| !s.is_empty());
+    cfg.accept_health_check_node_ports = file.accept_health_check_node_ports.unwrap_or(false);
+    if b.problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(ConfigError { source: b.source.to_string(), problems: b.problems })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        let file = parse_file("node.yaml", text)?;
+        build("node.yaml", file, &NodeFlags::default())
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let cfg = parse(
+            "nodeName: a\nnodeIPs: [192.168.0.2, 2001:db8::1]\nclusterCIDRs: [10.244.0.0/16]\nserviceCIDRs: [10.96.0.0/12]\nnodePortAddresses: [primary, 192.168.0.0/16]\nlocalTrafficDetector: {mode: ClusterCIDR}\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.node_name, "a");
+        assert_eq!(cfg.node_ips.len(), 2);
+        assert!(cfg.node_port_addresses.primary);
+        assert_eq!(cfg.node_port_addresses.cidrs.len(), 1);
+        assert_eq!(cfg.local_detector, LocalDetector::ClusterCidr);
+    }
+
+    #[test]
+    fn a_misspelled_key_is_refused_with_a_suggestion() {
+        let err = parse("nodeName: a\nmasqueradAll: true\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "masqueradAll");
+        assert!(err.problems[0].message.contains("did you mean masqueradeAll?"), "{err}");
+        assert!(err.to_string().contains("node.yaml"));
+    }
+
+    #[test]
+    fn a_renamed_key_names_its_replacement() {
+        let err = parse("clusterCIDR: 10.0.0.0/8\n").unwrap_err();
+        assert!(err.problems[0].message.contains("use clusterCIDRs"), "{err}");
+    }
+
+    #[test]
+    fn nested_unknown_keys_are_refused() {
+        let err = parse("localTrafficDetector: {mode: ClusterCIDR, cidr: 10.0.0.0/8}\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "localTrafficDetector.cidr");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_index() {
+        let err = parse("nodeIPs: [192.168.0.2, 300.1.1.1]\nserviceCIDRs: [10.96.0.0]\n").unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["nodeIPs[1]", "serviceCIDRs[0]"]);
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let err = parse("masqueradeAll: 'often'\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "masqueradeAll", "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse_file("node.yaml", "nodeName: a\nnodeIPs: [10.0.0.1]\n").unwrap();
+        let flags = NodeFlags { node_name: Some("b".into()), node_ips: vec!["10.0.0.2".into()], ..Default::default() };
+        let cfg = build("node.yaml", file, &flags).unwrap();
+        assert_eq!(cfg.node_name, "b");
+        assert_eq!(cfg.node_ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn every_schema_key_is_read_by_the_typed_file() {
+        // A key listed in the schema but missing from ConfigFile would pass the
+        // key check and then fail deserialisation: catch that here.
+        for (key, sub) in keys::ROOT.keys {
+            let value = if sub.is_some() { "{}" } else { "null" };
+            parse_file("t.yaml", &format!("{key}: {value}\n")).unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
+    }
+}
