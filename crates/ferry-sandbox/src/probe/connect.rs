@@ -1,0 +1,279 @@
+//! The probe client: one attempt (or a series) against an endpoint, reported as [`Observation`]s.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::errno::observe;
+use super::{Endpoint, Observation, ProbeError, Proto, Reply, ServerReply, Stage};
+
+/// Default time one attempt may take before it counts as [`Observation::Timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between exchanges of [`keep_open`].
+pub const KEEP_OPEN_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_REPLY: u64 = 4096;
+
+/// Options of one `connect` attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOpts {
+    /// Where to connect.
+    pub target: Endpoint,
+    /// Source address to bind before connecting (port chosen by the kernel).
+    pub bind: Option<IpAddr>,
+    /// Time allowed for the whole attempt.
+    pub timeout: Duration,
+    /// UDP only: connect() the socket and use send/recv instead of sendto/recvfrom.
+    pub connected_udp: bool,
+    /// The line sent to the server (without newline).
+    pub message: String,
+}
+
+impl ConnectOpts {
+    /// One unbound attempt at `target` with the default timeout.
+    pub fn new(target: Endpoint) -> ConnectOpts {
+        ConnectOpts {
+            target,
+            bind: None,
+            timeout: DEFAULT_TIMEOUT,
+            connected_udp: false,
+            message: "ferry-probe".into(),
+        }
+    }
+
+    fn check(&self) -> Result<(), ProbeError> {
+        if let Some(ip) = self.bind
+            && ip.is_ipv6() != self.target.addr.is_ipv6()
+        {
+            return Err(ProbeError::Usage(format!(
+                "--bind {ip} and target {} are of different address families",
+                self.target
+            )));
+        }
+        if self.message.contains('\n') {
+            return Err(ProbeError::Usage("the message must be a single line".into()));
+        }
+        if self.timeout.is_zero() {
+            return Err(ProbeError::Usage("the timeout must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Makes one attempt. Network failures are observations; only invalid options are errors.
+pub fn connect(opts: &ConnectOpts) -> Result<Observation, ProbeError> {
+    opts.check()?;
+    let attempt = match opts.target.proto {
+        Proto::Tcp => open_tcp(opts).and_then(|mut conn| conn.exchange(&opts.message)),
+        Proto::Udp if opts.connected_udp => udp_connected(opts),
+        Proto::Udp => udp_unconnected(opts),
+    };
+    Ok(attempt.unwrap_or_else(|failure| failure.observation()))
+}
+
+/// Makes `count` sequential attempts, each with a new socket, handing each observation to `report`.
+pub fn connect_many(
+    opts: &ConnectOpts,
+    count: u32,
+    mut report: impl FnMut(&Observation) -> io::Result<()>,
+) -> Result<(), ProbeError> {
+    opts.check()?;
+    for _ in 0..count {
+        report(&connect(opts)?).map_err(ProbeError::Output)?;
+    }
+    Ok(())
+}
+
+/// Opens one TCP connection and exchanges a line on it every [`KEEP_OPEN_INTERVAL`] for `hold` (at
+/// least twice), reporting each exchange; stops at the first exchange that is not a reply. Needs a server started
+/// with `echo_lines`. Used to show that an established connection survives a datapath change.
+pub fn keep_open(
+    opts: &ConnectOpts,
+    hold: Duration,
+    mut report: impl FnMut(&Observation) -> io::Result<()>,
+) -> Result<(), ProbeError> {
+    opts.check()?;
+    if opts.target.proto != Proto::Tcp {
+        return Err(ProbeError::Usage("--keep-open needs a tcp endpoint".into()));
+    }
+    let mut conn = match open_tcp(opts) {
+        Ok(conn) => conn,
+        Err(failure) => return report(&failure.observation()).map_err(ProbeError::Output),
+    };
+    let end = Instant::now() + hold;
+    // At least two exchanges, however short `hold` or slow the machine: one exchange alone would not
+    // show that the connection stayed usable.
+    let max_exchanges = (hold.as_millis() / KEEP_OPEN_INTERVAL.as_millis() + 1).max(2);
+    for i in 0..max_exchanges {
+        if i > 0 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() && i >= 2 {
+                break;
+            }
+            thread::sleep(if left.is_zero() { KEEP_OPEN_INTERVAL } else { KEEP_OPEN_INTERVAL.min(left) });
+        }
+        let observation = conn.exchange(&opts.message).unwrap_or_else(|failure| failure.observation());
+        report(&observation).map_err(ProbeError::Output)?;
+        if observation.reply().is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A step that failed, kept as the error and its context until it becomes an [`Observation`].
+struct Failure {
+    error: io::Error,
+    stage: Stage,
+    doing: String,
+}
+
+impl Failure {
+    fn observation(&self) -> Observation {
+        observe(&self.error, self.stage, &self.doing)
+    }
+}
+
+/// `map_err` adapter: `.map_err(failed(Stage::Reply, "reading the reply"))`.
+fn failed(stage: Stage, doing: impl Into<String>) -> impl FnOnce(io::Error) -> Failure {
+    move |error| Failure { error, stage, doing: doing.into() }
+}
+
+/// An established TCP connection and how long each exchange on it may take.
+struct TcpConn {
+    reader: BufReader<TcpStream>,
+    timeout: Duration,
+}
+
+fn open_tcp(opts: &ConnectOpts) -> Result<TcpConn, Failure> {
+    let socket = new_socket(opts)?;
+    let target = opts.target;
+    socket
+        .connect_timeout(&target.addr.into(), opts.timeout)
+        .map_err(failed(Stage::Connect, format!("connecting to {target}")))?;
+    Ok(TcpConn { reader: BufReader::new(socket.into()), timeout: opts.timeout })
+}
+
+impl TcpConn {
+    /// Sends one line and reads one reply line, within the timeout.
+    fn exchange(&mut self, message: &str) -> Result<Observation, Failure> {
+        let deadline = Instant::now() + self.timeout;
+        let stream = self.reader.get_mut();
+        stream
+            .set_write_timeout(Some(remaining(deadline)))
+            .and_then(|()| stream.write_all(format!("{message}\n").as_bytes()))
+            .map_err(failed(Stage::Reply, "sending the request line"))?;
+        let mut line = String::new();
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(remaining(deadline)))
+            .and_then(|()| (&mut self.reader).take(MAX_REPLY).read_line(&mut line))
+            .map_err(failed(Stage::Reply, "reading the reply line"))?;
+        let stream = self.reader.get_ref();
+        let local = stream.local_addr().map_err(failed(Stage::Reply, "getsockname"))?;
+        let peer = stream.peer_addr().map_err(failed(Stage::Reply, "getpeername"))?;
+        Ok(to_observation(&line, local, peer))
+    }
+}
+
+fn udp_unconnected(opts: &ConnectOpts) -> Result<Observation, Failure> {
+    let deadline = Instant::now() + opts.timeout;
+    let socket = bind_for_udp(new_socket(opts)?, opts)?;
+    let target = opts.target;
+    socket
+        .send_to(format!("{}\n", opts.message).as_bytes(), target.addr)
+        .map_err(failed(Stage::Reply, format!("sending to {target}")))?;
+    let mut buf = [0u8; MAX_REPLY as usize];
+    let (len, from) = socket
+        .set_read_timeout(Some(remaining(deadline)))
+        .and_then(|()| socket.recv_from(&mut buf))
+        .map_err(failed(Stage::Reply, format!("waiting for the reply from {target}")))?;
+    let local = socket.local_addr().map_err(failed(Stage::Reply, "getsockname"))?;
+    Ok(to_observation(&String::from_utf8_lossy(&buf[..len]), local, from))
+}
+
+fn udp_connected(opts: &ConnectOpts) -> Result<Observation, Failure> {
+    let deadline = Instant::now() + opts.timeout;
+    let socket = bind_for_udp(new_socket(opts)?, opts)?;
+    let target = opts.target;
+    socket.connect(target.addr).map_err(failed(Stage::Connect, format!("connecting to {target}")))?;
+    socket
+        .send(format!("{}\n", opts.message).as_bytes())
+        .map_err(failed(Stage::Reply, format!("sending to {target}")))?;
+    let mut buf = [0u8; MAX_REPLY as usize];
+    let len = socket
+        .set_read_timeout(Some(remaining(deadline)))
+        .and_then(|()| socket.recv(&mut buf))
+        .map_err(failed(Stage::Reply, format!("waiting for the reply from {target}")))?;
+    let local = socket.local_addr().map_err(failed(Stage::Reply, "getsockname"))?;
+    let peer = socket.peer_addr().map_err(failed(Stage::Reply, "getpeername"))?;
+    Ok(to_observation(&String::from_utf8_lossy(&buf[..len]), local, peer))
+}
+
+/// Creates the client socket, bound to the requested source address if any.
+fn new_socket(opts: &ConnectOpts) -> Result<Socket, Failure> {
+    let (kind, protocol) = match opts.target.proto {
+        Proto::Tcp => (Type::STREAM, Protocol::TCP),
+        Proto::Udp => (Type::DGRAM, Protocol::UDP),
+    };
+    let socket = Socket::new(Domain::for_address(opts.target.addr), kind, Some(protocol))
+        .map_err(failed(Stage::Connect, "creating the socket"))?;
+    if let Some(ip) = opts.bind {
+        let source = SocketAddr::new(ip, 0);
+        socket.bind(&source.into()).map_err(failed(Stage::Connect, format!("binding to {source}")))?;
+    }
+    Ok(socket)
+}
+
+/// Binds a UDP socket (to the wildcard if no source was asked for) so getsockname shows the port, and
+/// asks for ICMP errors: without IP_RECVERR Linux never reports port-unreachable to an *unconnected* UDP
+/// socket, and a closed port would look like a silent drop.
+fn bind_for_udp(socket: Socket, opts: &ConnectOpts) -> Result<UdpSocket, Failure> {
+    let v6 = opts.target.addr.is_ipv6();
+    if opts.bind.is_none() {
+        let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let source = SocketAddr::new(any, 0);
+        socket.bind(&source.into()).map_err(failed(Stage::Connect, format!("binding to {source}")))?;
+    }
+    let (level, name) = if v6 { (libc::SOL_IPV6, libc::IPV6_RECVERR) } else { (libc::SOL_IP, libc::IP_RECVERR) };
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid fd and a pointer to a live c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(failed(Stage::Connect, "enabling IP_RECVERR")(io::Error::last_os_error()));
+    }
+    Ok(socket.into())
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    // Zero would mean "no timeout" to set_read_timeout (and is rejected by std), so keep a floor.
+    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
+}
+
+fn to_observation(line: &str, client_local: SocketAddr, client_peer: SocketAddr) -> Observation {
+    let line = line.trim();
+    if line.is_empty() {
+        return Observation::Error { errno: None, message: "the server closed the connection without replying".into() };
+    }
+    match serde_json::from_str::<ServerReply>(line) {
+        Ok(reply) => Observation::Reply(Reply {
+            server: reply.server,
+            server_local: reply.local,
+            server_peer: reply.peer,
+            client_local,
+            client_peer,
+        }),
+        Err(e) => Observation::Error { errno: None, message: format!("unexpected reply {line:?}: {e}") },
+    }
+}
