@@ -3,8 +3,7 @@
 //! Each subcommand lives in its own module under `cli/`; this file only
 //! declares the command line and dispatches.
 
-mod cli;
-mod config;
+use ferry::cli;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -33,13 +32,38 @@ enum Command {
     /// every flow on the chosen datapath, prints one line per failing flow and
     /// ends with "N passed, M failed". Exits 0 only if every flow passed.
     Conformance(cli::conformance::ConformanceArgs),
+    /// Run the standalone agent: serve a directory of manifests on this node.
+    ///
+    /// Installs the eBPF datapath (pinned under bpffs, so it keeps serving
+    /// while the agent is down and a restarted agent adopts it), programs the
+    /// manifests, and re-programs within a second of any file change.
+    Run(cli::run::RunArgs),
+    /// Show what the datapath holds: frontends, backends, routes and counters.
+    Status(cli::status::StatusArgs),
+    /// Remove everything ferry attached or pinned (and nothing else).
+    Cleanup(cli::cleanup::CleanupArgs),
+    /// Traffic probe used by the sandbox (serve / connect).
+    #[command(hide = true)]
+    Probe {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Explain(args) => cli::explain::run(args),
         Command::Conformance(args) => cli::conformance::run(args),
+        Command::Run(args) => cli::run::run(args),
+        Command::Status(args) => cli::status::run(args),
+        Command::Cleanup(args) => cli::cleanup::run(args),
+        Command::Probe { args } => cli::probe::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,7 +1,11 @@
 //! One module per `ferry` subcommand, plus the inputs they share.
 
+pub mod cleanup;
 pub mod conformance;
 pub mod explain;
+pub mod probe;
+pub mod run;
+pub mod status;
 
 use anyhow::Context;
 use ferry_k8s::manifests;

@@ -24,6 +24,8 @@ pub struct Renamed {
 pub static DETECTOR: Section =
     Section { keys: &[("mode", None), ("interfaceNamePrefix", None), ("bridgeInterface", None)] };
 
+pub static BPF: Section = Section { keys: &[("pinPath", None), ("cgroupPath", None)] };
+
 pub static ROOT: Section = Section {
     keys: &[
         ("nodeName", None),
@@ -41,6 +43,8 @@ pub static ROOT: Section = Section {
         ("featureGates", None),
         ("serviceProxyName", None),
         ("acceptHealthCheckNodePorts", None),
+        ("datapath", None),
+        ("bpf", Some(&BPF)),
     ],
 };
 
@@ -56,6 +60,9 @@ pub static RENAMED: &[Renamed] = &[
     Renamed { old: "detectLocal", use_instead: "localTrafficDetector (interfaceNamePrefix / bridgeInterface)" },
     Renamed { old: "nodeportAddresses", use_instead: "nodePortAddresses" },
     Renamed { old: "hostnameOverride", use_instead: "nodeName" },
+    Renamed { old: "bpf.pinDir", use_instead: "bpf.pinPath" },
+    Renamed { old: "bpf.cgroup", use_instead: "bpf.cgroupPath" },
+    Renamed { old: "mode", use_instead: "datapath (bpf or nftables)" },
 ];
 
 /// A problem with one key of a document.

@@ -60,6 +60,15 @@ pub struct ConfigFile {
     pub feature_gates: Option<BTreeMap<String, bool>>,
     pub service_proxy_name: Option<String>,
     pub accept_health_check_node_ports: Option<bool>,
+    pub datapath: Option<String>,
+    pub bpf: Option<BpfFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BpfFile {
+    pub pin_path: Option<PathBuf>,
+    pub cgroup_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +77,36 @@ pub struct DetectorFile {
     pub mode: Option<String>,
     pub interface_name_prefix: Option<String>,
     pub bridge_interface: Option<String>,
+}
+
+/// Which datapath programs the Plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatapathChoice {
+    Bpf,
+}
+
+/// Settings of the eBPF datapath.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfSettings {
+    /// Pin directory on bpffs; maps and links live here.
+    pub pin_path: PathBuf,
+    /// cgroup v2 directory whose sockets get socket-level load balancing;
+    /// `None`: the cgroup2 mount root (every process on the node).
+    pub cgroup_path: Option<PathBuf>,
+}
+
+impl Default for BpfSettings {
+    fn default() -> Self {
+        BpfSettings { pin_path: PathBuf::from("/sys/fs/bpf/ferry"), cgroup_path: None }
+    }
+}
+
+/// Everything the config file and flags say.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node: NodeConfig,
+    pub datapath: DatapathChoice,
+    pub bpf: BpfSettings,
 }
 
 /// Flags that override the config file. Lists replace the file's list.
@@ -156,6 +195,11 @@ pub fn parse_file(source: &str, text: &str) -> Result<ConfigFile, ConfigError> {
 
 /// Reads the config file (if any), applies flags, and builds the `NodeConfig`.
 pub fn node_config(flags: &NodeFlags) -> Result<NodeConfig, anyhow::Error> {
+    Ok(settings(flags)?.node)
+}
+
+/// Reads the config file (if any), applies flags, and builds every setting.
+pub fn settings(flags: &NodeFlags) -> Result<Settings, anyhow::Error> {
     let (source, file) = match &flags.node_config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -169,9 +213,46 @@ pub fn node_config(flags: &NodeFlags) -> Result<NodeConfig, anyhow::Error> {
     Ok(build(&source, file, flags)?)
 }
 
-/// Turns a parsed file plus flags into a `NodeConfig`.
-pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<NodeConfig, ConfigError> {
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    #[test]
+    fn bpf_settings_parse_and_are_checked() {
+        let file = parse_file("n.yaml", "bpf: {pinPath: /sys/fs/bpf/ferry-x, cgroupPath: /sys/fs/cgroup/unified/x}\n")
+            .unwrap();
+        let s = build("n.yaml", file, &NodeFlags::default()).unwrap();
+        assert_eq!(s.bpf.pin_path, PathBuf::from("/sys/fs/bpf/ferry-x"));
+        let file = parse_file("n.yaml", "bpf: {pinPath: /tmp/x}\n").unwrap();
+        let e = build("n.yaml", file, &NodeFlags::default()).unwrap_err();
+        assert_eq!(e.problems[0].key, "bpf.pinPath");
+        let e = parse_file("n.yaml", "bpf: {pinDir: /sys/fs/bpf/x}\n").unwrap_err();
+        assert!(e.problems[0].message.contains("use bpf.pinPath"), "{e}");
+        let file = parse_file("n.yaml", "datapath: iptables\n").unwrap();
+        assert_eq!(build("n.yaml", file, &NodeFlags::default()).unwrap_err().problems[0].key, "datapath");
+    }
+}
+
+/// Turns a parsed file plus flags into `Settings`.
+pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settings, ConfigError> {
     let mut b = Builder { source, problems: Vec::new() };
+    let datapath = match file.datapath.as_deref() {
+        None | Some("bpf") => DatapathChoice::Bpf,
+        Some(other) => {
+            b.bad("datapath", format!("{other:?} is not a datapath ferry has; use bpf"));
+            DatapathChoice::Bpf
+        }
+    };
+    let mut bpf = BpfSettings::default();
+    if let Some(f) = file.bpf {
+        if let Some(p) = f.pin_path {
+            if !p.starts_with("/sys/fs/bpf/") {
+                b.bad("bpf.pinPath", format!("{} is not below /sys/fs/bpf (pins must live on bpffs)", p.display()));
+            }
+            bpf.pin_path = p;
+        }
+        bpf.cgroup_path = f.cgroup_path;
+    }
     let pick = |flag: &Vec<String>, file: Option<Vec<String>>| {
         if flag.is_empty() { file.unwrap_or_default() } else { flag.clone() }
     };
@@ -259,7 +340,7 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<NodeCo
     cfg.service_proxy_name = file.service_proxy_name.filter(|s| !s.is_empty());
     cfg.accept_health_check_node_ports = file.accept_health_check_node_ports.unwrap_or(false);
     if b.problems.is_empty() {
-        Ok(cfg)
+        Ok(Settings { node: cfg, datapath, bpf })
     } else {
         Err(ConfigError { source: b.source.to_string(), problems: b.problems })
     }
@@ -271,7 +352,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
         let file = parse_file("node.yaml", text)?;
-        build("node.yaml", file, &NodeFlags::default())
+        build("node.yaml", file, &NodeFlags::default()).map(|s| s.node)
     }
 
     #[test]
@@ -324,7 +405,7 @@ mod tests {
     fn flags_override_the_file() {
         let file = parse_file("node.yaml", "nodeName: a\nnodeIPs: [10.0.0.1]\n").unwrap();
         let flags = NodeFlags { node_name: Some("b".into()), node_ips: vec!["10.0.0.2".into()], ..Default::default() };
-        let cfg = build("node.yaml", file, &flags).unwrap();
+        let cfg = build("node.yaml", file, &flags).unwrap().node;
         assert_eq!(cfg.node_name, "b");
         assert_eq!(cfg.node_ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
     }

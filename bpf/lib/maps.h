@@ -1,0 +1,287 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every map of ferry's datapath, shared by all BPF objects.
+ *
+ * Maps are pinned by name under the agent's pin directory (default
+ * /sys/fs/bpf/ferry), so the socket and tc objects share them and a restarted
+ * agent adopts the live state instead of rebuilding it.
+ *
+ * The Rust loader (crates/ferry-bpf) gets these key/value types generated from
+ * BTF by libbpf-cargo; the layout below is the single definition.
+ *
+ * Service state is split Cilium-style into frontends -> service -> backend
+ * slots -> backends. A service's slots exist in two revisions; the agent
+ * writes the inactive revision completely, then flips `svc_val.rev` with one
+ * atomic update, so the datapath never sees a half-written service.
+ */
+#ifndef FERRY_MAPS_H
+#define FERRY_MAPS_H
+
+#include "common.h"
+
+#define PIN_BY_NAME __uint(pinning, LIBBPF_PIN_BY_NAME)
+
+/* ---- frontends: (address, port, protocol) -> service port ---- */
+
+/* Kinds of frontend (ferry_model::FrontendKind), plus a marker meaning
+ * "this address is a ClusterIP": any other port on it is rejected. */
+#define FE_CLUSTER_IP 0
+#define FE_NODE_PORT 1
+#define FE_LOAD_BALANCER 2
+#define FE_EXTERNAL_IP 3
+#define FE_CLUSTER_IP_ANY_PORT 4
+
+/* fe_val.flags */
+#define FE_FIREWALL 1 /* check ferry_firewall (loadBalancerSourceRanges) first */
+
+struct fe_key {
+	__u32 addr[4]; /* network order; IPv4 in addr[0]; all zero for NodePorts (any NodePort address) */
+	__be16 port;   /* 0 with proto 0 for FE_CLUSTER_IP_ANY_PORT markers */
+	__u8 proto;
+	__u8 family; /* FAM_V4 / FAM_V6 */
+};
+
+struct fe_val {
+	__u32 service;
+	__u8 kind;
+	__u8 flags;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct fe_key);
+	__type(value, struct fe_val);
+	PIN_BY_NAME;
+} ferry_frontends SEC(".maps");
+
+/* ---- services: one per service port and family ---- */
+
+/* Route actions (ferry_model::Route): low bits say what, ACT_MASQ says SNAT. */
+#define ACT_FORWARD_CLUSTER 1
+#define ACT_FORWARD_LOCAL 2
+#define ACT_DROP 3
+#define ACT_REJECT 4
+#define ACT_MASK 0x0f
+#define ACT_MASQ 0x80
+
+/* svc_val.flags */
+#define SVC_AFFINITY 1
+
+#define SET_CLUSTER 0
+#define SET_LOCAL 1
+
+struct svc_val {
+	__u16 count[2];     /* backends in the cluster / local set of revision `rev` */
+	__u8 action[2][3];  /* [PATH_*][CLASS_*] */
+	__u8 flags;
+	__u8 rev;           /* live slot revision, 0 or 1 */
+	__u32 affinity_timeout; /* seconds, with SVC_AFFINITY */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, __u32);
+	__type(value, struct svc_val);
+	PIN_BY_NAME;
+} ferry_services SEC(".maps");
+
+struct slot_key {
+	__u32 service;
+	__u8 rev;
+	__u8 set; /* SET_CLUSTER / SET_LOCAL */
+	__u16 slot;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1048576);
+	__type(key, struct slot_key);
+	__type(value, __u32); /* backend id */
+	PIN_BY_NAME;
+} ferry_slots SEC(".maps");
+
+/* ---- backends: shared by every service that uses the same address:port ---- */
+
+#define BE_LOCAL 1 /* on this node */
+
+struct backend {
+	__u32 addr[4];
+	__be16 port;
+	__u8 family;
+	__u8 flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 524288);
+	__type(key, __u32);
+	__type(value, struct backend);
+	PIN_BY_NAME;
+} ferry_backends SEC(".maps");
+
+/* (service, backend) -> bitmask of sets (1 << SET_*) the backend is in now:
+ * lets session affinity check in O(1) that a remembered backend is still valid. */
+struct member_key {
+	__u32 service;
+	__u32 backend;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1048576);
+	__type(key, struct member_key);
+	__type(value, __u8);
+	PIN_BY_NAME;
+} ferry_members SEC(".maps");
+
+/* ---- socket reverse translation: what a socket really connected to ---- */
+
+struct rev_key {
+	__u64 cookie; /* socket cookie */
+	__u32 addr[4]; /* backend */
+	__be16 port;
+	__u8 family;
+	__u8 pad[5];
+};
+
+struct rev_val {
+	__u32 addr[4]; /* frontend */
+	__be16 port;
+	__u8 family;
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct rev_key);
+	__type(value, struct rev_val);
+	PIN_BY_NAME;
+} ferry_sock_rev SEC(".maps");
+
+/* ---- session affinity (ClientIP) ---- */
+
+/* The socket path keys clients by network-namespace cookie (one per pod, one
+ * for the host): at connect() time the source address is not chosen yet.
+ * The packet path keys them by source address. */
+struct aff_key {
+	__u64 netns;     /* socket path; 0 on the packet path */
+	__u32 client[4]; /* packet path; zero on the socket path */
+	__u32 service;
+	__u32 pad;
+};
+
+struct aff_val {
+	__u32 backend;
+	__u32 pad;
+	__u64 last_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct aff_key);
+	__type(value, struct aff_val);
+	PIN_BY_NAME;
+} ferry_affinity SEC(".maps");
+
+/* ---- loadBalancerSourceRanges: (service, source range) ---- */
+
+struct fw_key {
+	__u32 prefixlen; /* 32 (service) + range length */
+	__u32 service;
+	__u32 addr[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, struct fw_key);
+	__type(value, __u8);
+	PIN_BY_NAME;
+} ferry_firewall SEC(".maps");
+
+/* ---- node addresses ---- */
+
+#define LOCAL_HOST 1     /* an address of this node: a source here is the host */
+#define LOCAL_NODEPORT 2 /* NodePorts are served on it */
+
+struct local_key {
+	__u32 addr[4];
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct local_key);
+	__type(value, __u8);
+	PIN_BY_NAME;
+} ferry_locals SEC(".maps");
+
+/* ---- address ranges: pod ranges (local traffic detector), service CIDRs ---- */
+
+#define RANGE_POD 1
+#define RANGE_SERVICE 2
+
+struct range_key {
+	__u32 prefixlen; /* 32 (kind, family, pad) + range length */
+	__u8 kind;
+	__u8 family;
+	__u16 pad;
+	__u32 addr[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1024);
+	__type(key, struct range_key);
+	__type(value, __u8);
+	PIN_BY_NAME;
+} ferry_ranges SEC(".maps");
+
+/* ---- node-wide settings ---- */
+
+struct config {
+	__u64 host_netns;  /* netns cookie of the host: sockets there are CLASS_HOST */
+	__u8 pod_class[2]; /* class of other sockets, per family (CLASS_POD when pods can be told apart) */
+	__u8 flags;
+	__u8 pad[5];
+	__u32 primary[2][4]; /* primary node address per family (source-range checks of host sockets) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+	PIN_BY_NAME;
+} ferry_config SEC(".maps");
+
+/* ---- service names, for `ferry status` only ---- */
+
+struct svc_name {
+	char name[120];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, __u32);
+	__type(value, struct svc_name);
+	PIN_BY_NAME;
+} ferry_names SEC(".maps");
+
+#endif

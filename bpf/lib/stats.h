@@ -1,0 +1,42 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Datapath counters: one per decision and per drop reason, per CPU.
+ * `ferry status` and /metrics read them by name; crates/ferry-bpf/src/stats.rs
+ * lists the same names in the same order (a unit test keeps them in sync).
+ */
+#ifndef FERRY_STATS_H
+#define FERRY_STATS_H
+
+#include "common.h"
+
+enum ferry_stat {
+	STAT_SOCK_XLATE = 0,      /* socket connected/sent straight to a backend */
+	STAT_SOCK_REJECT,         /* socket refused: no usable endpoint / unknown ClusterIP port */
+	STAT_SOCK_REV,            /* reply source / peer name turned back into the frontend */
+	STAT_SOCK_SKIP_MASQ,      /* left to the packet path: this source must be masqueraded */
+	STAT_SOCK_SKIP_DROP,      /* left to the packet path: the route drops */
+	STAT_SOCK_SKIP_FIREWALL,  /* left to the packet path: source ranges need the real source */
+	STAT_SOCK_SKIP_HAIRPIN,   /* left to the packet path: the backend is the client itself */
+	STAT_SOCK_NO_BACKEND,     /* a backend slot vanished under an update (retried next time) */
+	STAT_AFFINITY_HIT,        /* session affinity kept the previous backend */
+	STAT_COUNT_,
+};
+
+#define STAT_SLOTS 64
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+	PIN_BY_NAME;
+} ferry_stats SEC(".maps");
+
+static __always_inline void stat_inc(__u32 id)
+{
+	__u64 *v = bpf_map_lookup_elem(&ferry_stats, &id);
+	if (v)
+		*v += 1;
+}
+
+#endif

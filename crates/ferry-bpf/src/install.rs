@@ -1,0 +1,190 @@
+//! Installing the datapath into the kernel: load the BPF objects with their
+//! maps pinned by name, attach the socket programs to a cgroup through pinned
+//! links, and remove all of it again (`ferry cleanup`).
+//!
+//! Everything lives under one pin directory. A second install over a live one
+//! (agent restart or upgrade) reuses the pinned maps and swaps the programs
+//! inside the existing links (`bpf_link_update`), so no connection notices.
+
+use crate::maps::{MAP_NAMES, MapError, Maps};
+use crate::skel::sock::{OpenSockSkel, SockSkelBuilder};
+use crate::system::{self, SystemError};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, OpenMapMut, ProgramMut};
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Where the datapath is installed.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// Pin directory on bpffs, e.g. /sys/fs/bpf/ferry.
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory whose sockets are load-balanced (the cgroup2 root on a real node).
+    pub cgroup: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    System(#[from] SystemError),
+    #[error("pin directory {0} is not on bpffs ({bpffs}); choose a path below it", bpffs = system::BPFFS)]
+    PinDirNotBpffs(PathBuf),
+    #[error("creating pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("opening cgroup {path}: {source} (it must be a cgroup v2 directory; see `bpf.cgroupPath`)")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("{step}: {source}")]
+    Libbpf { step: String, source: libbpf_rs::Error },
+    #[error(transparent)]
+    Maps(#[from] MapError),
+}
+
+fn lb(step: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> InstallError {
+    let step = step.into();
+    move |source| InstallError::Libbpf { step, source }
+}
+
+/// What `install` found and did.
+pub struct Installed {
+    pub maps: Maps,
+    /// The maps already existed: a previous agent's state was adopted.
+    pub adopted: bool,
+    /// Links that were swapped to the new programs in place.
+    pub links_updated: usize,
+    /// Links that were newly attached.
+    pub links_attached: usize,
+}
+
+fn pin_maps(open: &mut OpenSockSkel, dir: &Path) -> Result<(), InstallError> {
+    let maps = &mut open.maps;
+    let all: [(&str, &mut OpenMapMut); 13] = [
+        ("ferry_frontends", &mut maps.ferry_frontends),
+        ("ferry_services", &mut maps.ferry_services),
+        ("ferry_slots", &mut maps.ferry_slots),
+        ("ferry_backends", &mut maps.ferry_backends),
+        ("ferry_members", &mut maps.ferry_members),
+        ("ferry_sock_rev", &mut maps.ferry_sock_rev),
+        ("ferry_affinity", &mut maps.ferry_affinity),
+        ("ferry_firewall", &mut maps.ferry_firewall),
+        ("ferry_locals", &mut maps.ferry_locals),
+        ("ferry_ranges", &mut maps.ferry_ranges),
+        ("ferry_config", &mut maps.ferry_config),
+        ("ferry_names", &mut maps.ferry_names),
+        ("ferry_stats", &mut maps.ferry_stats),
+    ];
+    for (name, map) in all {
+        map.set_pin_path(dir.join(name)).map_err(lb(format!("setting pin path of {name}")))?;
+    }
+    Ok(())
+}
+
+/// The inode of a cgroup directory, which is its cgroup id on cgroup v2.
+fn cgroup_id(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Attaches `prog` to the cgroup through a link pinned at `pin`, or swaps the
+/// program inside an existing pinned link on the same cgroup.
+fn attach_cgroup(prog: &ProgramMut, cgroup_fd: i32, cgroup: &Path, pin: &Path) -> Result<bool, InstallError> {
+    if pin.exists() {
+        let mut link = Link::open(pin).map_err(lb(format!("opening pinned link {}", pin.display())))?;
+        let same_cgroup = match link.info().map(|i| i.info) {
+            Ok(libbpf_rs::query::LinkTypeInfo::Cgroup(c)) => Some(c.cgroup_id) == cgroup_id(cgroup),
+            _ => false,
+        };
+        if same_cgroup && link.update_prog(prog).is_ok() {
+            return Ok(true);
+        }
+        // Attached elsewhere (the configured cgroup changed) or not updatable: replace it.
+        let _ = link.detach();
+        let _ = link.unpin();
+    }
+    let mut link = prog.attach_cgroup(cgroup_fd).map_err(lb(format!("attaching to cgroup {}", cgroup.display())))?;
+    link.pin(pin).map_err(lb(format!("pinning link {}", pin.display())))?;
+    Ok(false)
+}
+
+/// Loads, pins and attaches the socket-LB programs. Idempotent.
+pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
+    system::ensure_bpffs()?;
+    if !system::is_under_bpffs(&opts.pin_dir) {
+        return Err(InstallError::PinDirNotBpffs(opts.pin_dir.clone()));
+    }
+    let links_dir = opts.pin_dir.join("links");
+    std::fs::create_dir_all(&links_dir).map_err(|source| InstallError::PinDir { path: links_dir.clone(), source })?;
+    let adopted = opts.pin_dir.join("ferry_frontends").exists();
+
+    let mut storage = MaybeUninit::uninit();
+    let mut open = SockSkelBuilder::default().open(&mut storage).map_err(lb("opening the socket BPF object"))?;
+    pin_maps(&mut open, &opts.pin_dir)?;
+    let skel = open.load().map_err(lb("loading the socket BPF programs (verifier)"))?;
+
+    let cg = std::fs::File::open(&opts.cgroup)
+        .map_err(|source| InstallError::Cgroup { path: opts.cgroup.clone(), source })?;
+    let progs = &skel.progs;
+    let all: [(&str, &ProgramMut); 8] = [
+        ("connect4", &progs.ferry_connect4),
+        ("sendmsg4", &progs.ferry_sendmsg4),
+        ("recvmsg4", &progs.ferry_recvmsg4),
+        ("getpeername4", &progs.ferry_getpeername4),
+        ("connect6", &progs.ferry_connect6),
+        ("sendmsg6", &progs.ferry_sendmsg6),
+        ("recvmsg6", &progs.ferry_recvmsg6),
+        ("getpeername6", &progs.ferry_getpeername6),
+    ];
+    let (mut updated, mut attached) = (0, 0);
+    for (name, prog) in all {
+        if attach_cgroup(prog, cg.as_raw_fd(), &opts.cgroup, &links_dir.join(format!("sock_{name}")))? {
+            updated += 1;
+        } else {
+            attached += 1;
+        }
+    }
+    // The skeleton may go now: pinned links hold the programs, pins hold the maps.
+    drop(skel);
+    let maps = Maps::open(&opts.pin_dir)?;
+    Ok(Installed { maps, adopted, links_updated: updated, links_attached: attached })
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default, Clone)]
+pub struct Removed {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Detaches every link and removes every pin that ferry created under
+/// `pin_dir`, and nothing else.
+pub fn uninstall(pin_dir: &Path) -> Result<Removed, InstallError> {
+    let mut removed = Removed::default();
+    let links_dir = pin_dir.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links_dir) {
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Ok(mut link) = Link::open(&path) {
+                let _ = link.detach();
+                let _ = link.unpin();
+            }
+            let _ = std::fs::remove_file(&path);
+            removed.links.push(name);
+        }
+        let _ = std::fs::remove_dir(&links_dir);
+    }
+    for name in MAP_NAMES {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| InstallError::PinDir { path: path.clone(), source })?;
+            removed.maps.push(name.to_string());
+        }
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(removed)
+}
+
+/// Whether a datapath is installed in `pin_dir`.
+pub fn is_installed(pin_dir: &Path) -> bool {
+    pin_dir.join("ferry_frontends").exists()
+}

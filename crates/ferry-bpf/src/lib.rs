@@ -1,0 +1,22 @@
+//! ferry's eBPF datapath.
+//!
+//! The C programs live in `/bpf` (one file per hook family, shared logic in
+//! `/bpf/lib`). This crate loads them through libbpf-rs skeletons, pins maps
+//! and links under bpffs, and turns Plans into map operations:
+//!
+//! ```text
+//! Plan / PlanDiff --Programmer::sync (pure)--> Vec<MapOp> --Maps::apply--> kernel maps
+//! ```
+
+pub mod entries;
+pub mod install;
+pub mod maps;
+pub mod program;
+pub mod skel;
+pub mod stats;
+pub mod system;
+
+pub use entries::MapOp;
+pub use install::{InstallOptions, Installed, install, uninstall};
+pub use maps::Maps;
+pub use program::{MapDump, NodeRuntime, Programmer, canonical_name};

@@ -1,0 +1,268 @@
+//! `Maps`: the pinned datapath maps, opened by path; applies `MapOp`s and reads state back.
+//!
+//! Works without the programs loaded (for `ferry status` and `ferry cleanup`)
+//! because every map is pinned under the pin directory by its name. Encoding
+//! goes through the skeleton's generated `#[repr(C)]` types, so the byte
+//! layout always matches `bpf/lib/maps.h`.
+
+use crate::entries::*;
+use crate::program::MapDump;
+use crate::skel::sock::types as t;
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use std::path::{Path, PathBuf};
+
+/// Every pinned map, by name.
+pub const MAP_NAMES: &[&str] = &[
+    "ferry_frontends",
+    "ferry_services",
+    "ferry_slots",
+    "ferry_backends",
+    "ferry_members",
+    "ferry_sock_rev",
+    "ferry_affinity",
+    "ferry_firewall",
+    "ferry_locals",
+    "ferry_ranges",
+    "ferry_config",
+    "ferry_names",
+    "ferry_stats",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error(
+        "opening pinned map {path}: {source} (is the datapath loaded? `ferry run` loads it; `ferry status` only reads it)"
+    )]
+    Open { path: PathBuf, source: libbpf_rs::Error },
+    #[error("{op} on map {map} failed: {source}")]
+    Op { op: String, map: &'static str, source: libbpf_rs::Error },
+}
+
+/// Plain-data types (`#[repr(C)]`, no padding holes) as bytes.
+fn bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: every type passed here is a generated #[repr(C)] struct of
+    // integers without implicit padding, so all its bytes are initialised.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
+    let mut v = T::default();
+    let n = b.len().min(std::mem::size_of::<T>());
+    // SAFETY: copying at most size_of::<T>() bytes into a plain-data value.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), n) };
+    v
+}
+
+fn enc_fe_key(k: &FeKey) -> t::fe_key {
+    t::fe_key { addr: k.addr, port: k.port.to_be(), proto: k.proto, family: k.family }
+}
+fn dec_fe_key(k: t::fe_key) -> FeKey {
+    FeKey { addr: k.addr, port: u16::from_be(k.port), proto: k.proto, family: k.family }
+}
+fn enc_fe_val(v: &FeVal) -> t::fe_val {
+    t::fe_val { service: v.service, kind: v.kind, flags: v.flags, pad: 0 }
+}
+fn enc_svc(v: &SvcVal) -> t::svc_val {
+    t::svc_val { count: v.count, action: v.action, flags: v.flags, rev: v.rev, affinity_timeout: v.affinity_timeout }
+}
+fn dec_svc(v: t::svc_val) -> SvcVal {
+    SvcVal { count: v.count, action: v.action, flags: v.flags, rev: v.rev, affinity_timeout: v.affinity_timeout }
+}
+fn enc_slot(k: &SlotKey) -> t::slot_key {
+    t::slot_key { service: k.service, rev: k.rev, set: k.set, slot: k.slot }
+}
+fn enc_backend(b: &Backend) -> t::backend {
+    t::backend { addr: b.addr, port: b.port.to_be(), family: b.family, flags: b.flags }
+}
+fn dec_backend(b: t::backend) -> Backend {
+    Backend { addr: b.addr, port: u16::from_be(b.port), family: b.family, flags: b.flags }
+}
+fn enc_member(k: &MemberKey) -> t::member_key {
+    t::member_key { service: k.service, backend: k.backend }
+}
+fn enc_fw(k: &FwKey) -> t::fw_key {
+    t::fw_key { prefixlen: k.prefixlen, service: k.service, addr: k.addr }
+}
+fn enc_local(k: &LocalKey) -> t::local_key {
+    t::local_key { addr: k.addr, family: k.family, pad: [0; 3] }
+}
+fn enc_range(k: &RangeKey) -> t::range_key {
+    t::range_key { prefixlen: k.prefixlen, kind: k.kind, family: k.family, pad: 0, addr: k.addr }
+}
+fn enc_config(c: &Config) -> t::config {
+    t::config { host_netns: c.host_netns, pod_class: c.pod_class, flags: c.flags, pad: [0; 5], primary: c.primary }
+}
+fn enc_name(s: &str) -> t::svc_name {
+    let mut n = t::svc_name::default();
+    for (dst, src) in n.name.iter_mut().zip(s.bytes().take(NAME_LEN - 1)) {
+        *dst = src as i8;
+    }
+    n
+}
+fn dec_name(n: &t::svc_name) -> String {
+    let raw: Vec<u8> = n.name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// Handles on every pinned map.
+pub struct Maps {
+    pub dir: PathBuf,
+    frontends: MapHandle,
+    services: MapHandle,
+    slots: MapHandle,
+    backends: MapHandle,
+    members: MapHandle,
+    sock_rev: MapHandle,
+    affinity: MapHandle,
+    firewall: MapHandle,
+    locals: MapHandle,
+    ranges: MapHandle,
+    config: MapHandle,
+    names: MapHandle,
+    stats: MapHandle,
+}
+
+impl Maps {
+    /// Opens the maps pinned in `dir` (e.g. /sys/fs/bpf/ferry).
+    pub fn open(dir: &Path) -> Result<Maps, MapError> {
+        let open = |name: &str| {
+            let path = dir.join(name);
+            MapHandle::from_pinned_path(&path).map_err(|source| MapError::Open { path, source })
+        };
+        Ok(Maps {
+            dir: dir.to_path_buf(),
+            frontends: open("ferry_frontends")?,
+            services: open("ferry_services")?,
+            slots: open("ferry_slots")?,
+            backends: open("ferry_backends")?,
+            members: open("ferry_members")?,
+            sock_rev: open("ferry_sock_rev")?,
+            affinity: open("ferry_affinity")?,
+            firewall: open("ferry_firewall")?,
+            locals: open("ferry_locals")?,
+            ranges: open("ferry_ranges")?,
+            config: open("ferry_config")?,
+            names: open("ferry_names")?,
+            stats: open("ferry_stats")?,
+        })
+    }
+
+    /// Applies operations in order; stops at the first failure.
+    pub fn apply(&self, ops: &[MapOp]) -> Result<(), MapError> {
+        for op in ops {
+            self.apply_one(op)?;
+        }
+        Ok(())
+    }
+
+    fn apply_one(&self, op: &MapOp) -> Result<(), MapError> {
+        let put = |m: &MapHandle, name: &'static str, k: &[u8], v: &[u8]| {
+            m.update(k, v, MapFlags::ANY).map_err(|source| MapError::Op { op: format!("{op:?}"), map: name, source })
+        };
+        // A missing key on delete means the state is already what we want.
+        let del = |m: &MapHandle, name: &'static str, k: &[u8]| match m.delete(k) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(MapError::Op { op: format!("{op:?}"), map: name, source }),
+        };
+        let one = [1u8];
+        match op {
+            MapOp::PutBackend(id, b) => {
+                put(&self.backends, "ferry_backends", &id.to_ne_bytes(), bytes(&enc_backend(b)))
+            }
+            MapOp::DelBackend(id) => del(&self.backends, "ferry_backends", &id.to_ne_bytes()),
+            MapOp::PutSlot(k, be) => put(&self.slots, "ferry_slots", bytes(&enc_slot(k)), &be.to_ne_bytes()),
+            MapOp::DelSlot(k) => del(&self.slots, "ferry_slots", bytes(&enc_slot(k))),
+            MapOp::PutMember(k, sets) => put(&self.members, "ferry_members", bytes(&enc_member(k)), &[*sets]),
+            MapOp::DelMember(k) => del(&self.members, "ferry_members", bytes(&enc_member(k))),
+            MapOp::PutFirewall(k) => put(&self.firewall, "ferry_firewall", bytes(&enc_fw(k)), &one),
+            MapOp::DelFirewall(k) => del(&self.firewall, "ferry_firewall", bytes(&enc_fw(k))),
+            MapOp::PutService(id, v) => put(&self.services, "ferry_services", &id.to_ne_bytes(), bytes(&enc_svc(v))),
+            MapOp::DelService(id) => del(&self.services, "ferry_services", &id.to_ne_bytes()),
+            MapOp::PutName(id, n) => put(&self.names, "ferry_names", &id.to_ne_bytes(), bytes(&enc_name(n))),
+            MapOp::DelName(id) => del(&self.names, "ferry_names", &id.to_ne_bytes()),
+            MapOp::PutFrontend(k, v) => {
+                put(&self.frontends, "ferry_frontends", bytes(&enc_fe_key(k)), bytes(&enc_fe_val(v)))
+            }
+            MapOp::DelFrontend(k) => del(&self.frontends, "ferry_frontends", bytes(&enc_fe_key(k))),
+            MapOp::PutLocal(k, v) => put(&self.locals, "ferry_locals", bytes(&enc_local(k)), &[*v]),
+            MapOp::DelLocal(k) => del(&self.locals, "ferry_locals", bytes(&enc_local(k))),
+            MapOp::PutRange(k) => put(&self.ranges, "ferry_ranges", bytes(&enc_range(k)), &one),
+            MapOp::DelRange(k) => del(&self.ranges, "ferry_ranges", bytes(&enc_range(k))),
+            MapOp::PutConfig(c) => put(&self.config, "ferry_config", &0u32.to_ne_bytes(), bytes(&enc_config(c))),
+        }
+    }
+
+    fn entries(m: &MapHandle) -> Vec<(Vec<u8>, Vec<u8>)> {
+        m.keys().filter_map(|k| m.lookup(&k, MapFlags::ANY).ok().flatten().map(|v| (k, v))).collect()
+    }
+
+    /// Reads every entry back (agent restart, `ferry status`).
+    pub fn dump(&self) -> MapDump {
+        let mut d = MapDump::default();
+        for (k, v) in Self::entries(&self.names) {
+            d.names.push((from_bytes::<u32>(&k), dec_name(&from_bytes::<t::svc_name>(&v))));
+        }
+        for (k, v) in Self::entries(&self.services) {
+            d.services.push((from_bytes::<u32>(&k), dec_svc(from_bytes(&v))));
+        }
+        for (k, v) in Self::entries(&self.slots) {
+            let k: t::slot_key = from_bytes(&k);
+            d.slots.push((SlotKey { service: k.service, rev: k.rev, set: k.set, slot: k.slot }, from_bytes(&v)));
+        }
+        for (k, v) in Self::entries(&self.members) {
+            let k: t::member_key = from_bytes(&k);
+            d.members.push((MemberKey { service: k.service, backend: k.backend }, v[0]));
+        }
+        for (k, _) in Self::entries(&self.firewall) {
+            let k: t::fw_key = from_bytes(&k);
+            d.firewall.push(FwKey { prefixlen: k.prefixlen, service: k.service, addr: k.addr });
+        }
+        for (k, v) in Self::entries(&self.frontends) {
+            let v: t::fe_val = from_bytes(&v);
+            d.frontends.push((dec_fe_key(from_bytes(&k)), FeVal { service: v.service, kind: v.kind, flags: v.flags }));
+        }
+        for (k, v) in Self::entries(&self.backends) {
+            d.backends.push((from_bytes::<u32>(&k), dec_backend(from_bytes(&v))));
+        }
+        for (k, v) in Self::entries(&self.locals) {
+            let k: t::local_key = from_bytes(&k);
+            d.locals.push((LocalKey { addr: k.addr, family: k.family }, v[0]));
+        }
+        for (k, _) in Self::entries(&self.ranges) {
+            let k: t::range_key = from_bytes(&k);
+            d.ranges.push(RangeKey { prefixlen: k.prefixlen, kind: k.kind, family: k.family, addr: k.addr });
+        }
+        if let Ok(Some(v)) = self.config.lookup(&0u32.to_ne_bytes(), MapFlags::ANY) {
+            let c: t::config = from_bytes(&v);
+            if c.host_netns != 0 {
+                d.config = Some(Config {
+                    host_netns: c.host_netns,
+                    pod_class: c.pod_class,
+                    flags: c.flags,
+                    primary: c.primary,
+                });
+            }
+        }
+        d
+    }
+
+    /// Per-counter totals over all CPUs, indexed like `stats::NAMES`.
+    pub fn counters(&self) -> Vec<u64> {
+        (0..crate::stats::NAMES.len() as u32)
+            .map(|i| {
+                self.stats
+                    .lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)
+                    .ok()
+                    .flatten()
+                    .map(|per_cpu| per_cpu.iter().map(|v| from_bytes::<u64>(v)).sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Entries currently held by the LRU maps (socket reverse NAT, affinity).
+    pub fn lru_fill(&self) -> (usize, usize) {
+        (self.sock_rev.keys().count(), self.affinity.keys().count())
+    }
+}

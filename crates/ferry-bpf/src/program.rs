@@ -1,0 +1,571 @@
+//! `Programmer`: Plan (or PlanDiff) in, ordered map operations out. Pure.
+//!
+//! It mirrors what is programmed, so one endpoint change produces the few
+//! operations of that one service port. Operations come out in an order that
+//! keeps the datapath consistent at every instant:
+//!
+//! 1. new backends;
+//! 2. the service's *inactive* slot revision, memberships, source ranges;
+//! 3. the service entry, which flips the live revision in one atomic update;
+//! 4. frontends and node entries;
+//! 5. deletions of what nothing references any more, frontends first and
+//!    backends last.
+//!
+//! The previous revision's slots are left in place (and counted as
+//! references) until the next change overwrites them, so a reader holding the
+//! old service entry always finds its slots and backends.
+
+use crate::entries::*;
+use ferry_model::{
+    EndpointSet, FrontendAddr, FrontendKey, FrontendKind, LocalDetector, Plan, PlanDiff, Route, ServicePort,
+    ServicePortId,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// Facts about the running node that are not in the Plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeRuntime {
+    /// Network-namespace cookie of the host: sockets there are the host itself.
+    pub host_netns_cookie: u64,
+}
+
+/// The name under which a service port is programmed (and shown by `ferry status`).
+pub fn canonical_name(id: &ServicePortId) -> String {
+    format!("{}/{}:{}/{}/{}", id.service.namespace, id.service.name, id.port_name, id.protocol, id.family)
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Programmed {
+    id: u32,
+    svc: SvcVal,
+    /// `[rev][set]` -> backend ids in slot order.
+    slots: [[Vec<u32>; 2]; 2],
+    members: BTreeMap<u32, u8>,
+    firewall: BTreeSet<FwKey>,
+    frontends: BTreeMap<FeKey, FeVal>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct IdPool {
+    next: u32,
+    free: Vec<u32>,
+    /// Released during the current sync; reusable only after it, so a delete
+    /// issued late in the batch never hits an id reissued early in it.
+    released: Vec<u32>,
+}
+
+impl IdPool {
+    fn take(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        })
+    }
+    fn release(&mut self, id: u32) {
+        self.released.push(id);
+    }
+    fn settle(&mut self) {
+        self.free.append(&mut self.released);
+    }
+    fn mark_used(&mut self, id: u32) {
+        self.next = self.next.max(id);
+        self.free.retain(|f| *f != id);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct BackendTable {
+    by_addr: HashMap<(Words, u16, u8), u32>,
+    entries: HashMap<u32, (Backend, u32)>,
+    ids: IdPool,
+}
+
+/// Operations grouped by phase; emitted in phase order.
+#[derive(Debug, Default)]
+struct Ops {
+    phases: [Vec<MapOp>; 8],
+}
+
+impl Ops {
+    fn push(&mut self, op: MapOp) {
+        let phase = match &op {
+            MapOp::PutBackend(..) => 0,
+            MapOp::PutSlot(..) | MapOp::PutMember(..) | MapOp::PutFirewall(..) | MapOp::PutName(..) => 1,
+            MapOp::PutService(..) => 2,
+            MapOp::PutFrontend(..) | MapOp::PutLocal(..) | MapOp::PutRange(..) | MapOp::PutConfig(..) => 3,
+            MapOp::DelFrontend(..) | MapOp::DelLocal(..) | MapOp::DelRange(..) => 4,
+            MapOp::DelService(..) | MapOp::DelName(..) => 5,
+            MapOp::DelSlot(..) | MapOp::DelMember(..) | MapOp::DelFirewall(..) => 6,
+            MapOp::DelBackend(..) => 7,
+        };
+        self.phases[phase].push(op);
+    }
+    fn into_vec(self) -> Vec<MapOp> {
+        self.phases.into_iter().flatten().collect()
+    }
+}
+
+impl BackendTable {
+    fn acquire(&mut self, be: Backend, ops: &mut Ops) -> u32 {
+        let key = (be.addr, be.port, be.family);
+        if let Some(&id) = self.by_addr.get(&key) {
+            let entry = self.entries.get_mut(&id).expect("backend table consistent");
+            entry.1 += 1;
+            if entry.0 != be {
+                entry.0 = be;
+                ops.push(MapOp::PutBackend(id, be));
+            }
+            return id;
+        }
+        let id = self.ids.take();
+        self.by_addr.insert(key, id);
+        self.entries.insert(id, (be, 1));
+        ops.push(MapOp::PutBackend(id, be));
+        id
+    }
+
+    fn release(&mut self, id: u32, ops: &mut Ops) {
+        let Some(entry) = self.entries.get_mut(&id) else { return };
+        entry.1 -= 1;
+        if entry.1 == 0 {
+            let be = entry.0;
+            self.entries.remove(&id);
+            self.by_addr.remove(&(be.addr, be.port, be.family));
+            self.ids.release(id);
+            ops.push(MapOp::DelBackend(id));
+        }
+    }
+}
+
+/// Everything read back from the kernel maps, for adopting a live datapath.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MapDump {
+    pub names: Vec<(u32, String)>,
+    pub services: Vec<(u32, SvcVal)>,
+    pub slots: Vec<(SlotKey, u32)>,
+    pub members: Vec<(MemberKey, u8)>,
+    pub firewall: Vec<FwKey>,
+    pub frontends: Vec<(FeKey, FeVal)>,
+    pub backends: Vec<(u32, Backend)>,
+    pub locals: Vec<(LocalKey, u8)>,
+    pub ranges: Vec<RangeKey>,
+    pub config: Option<Config>,
+}
+
+/// Mirror of the programmed datapath; see the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct Programmer {
+    services: HashMap<String, Programmed>,
+    service_ids: IdPool,
+    backends: BackendTable,
+    markers: BTreeSet<FeKey>,
+    locals: BTreeMap<LocalKey, u8>,
+    ranges: BTreeSet<RangeKey>,
+    config: Option<Config>,
+}
+
+fn action(route: &Route) -> u8 {
+    match route {
+        Route::Forward { set, masquerade, .. } => {
+            let base = match set {
+                EndpointSet::Cluster => ACT_FORWARD_CLUSTER,
+                EndpointSet::Local => ACT_FORWARD_LOCAL,
+            };
+            if masquerade.masquerades() { base | ACT_MASQ } else { base }
+        }
+        Route::Drop { .. } => ACT_DROP,
+        Route::Reject { .. } => ACT_REJECT,
+    }
+}
+
+fn kind_code(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIp => FE_CLUSTER_IP,
+        FrontendKind::NodePort => FE_NODE_PORT,
+        FrontendKind::LoadBalancer => FE_LOAD_BALANCER,
+        FrontendKind::ExternalIp => FE_EXTERNAL_IP,
+    }
+}
+
+fn fe_key(key: &FrontendKey) -> FeKey {
+    let (addr, family) = match key.addr {
+        FrontendAddr::Ip(ip) => (words(&ip), family_of(&ip)),
+        FrontendAddr::NodePort(f) => ([0; 4], family_code(f)),
+    };
+    FeKey { addr, port: key.port, proto: key.protocol.number(), family }
+}
+
+/// The frontend keys a service port may own (the Plan decides which it does own).
+fn candidate_frontends(sp: &ServicePort) -> Vec<FrontendKey> {
+    let mut out = vec![FrontendKey { addr: FrontendAddr::Ip(sp.cluster_ip), port: sp.port, protocol: sp.id.protocol }];
+    for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
+        out.push(FrontendKey { addr: FrontendAddr::Ip(*ip), port: sp.port, protocol: sp.id.protocol });
+    }
+    if let Some(np) = sp.node_port {
+        out.push(FrontendKey { addr: FrontendAddr::NodePort(sp.id.family), port: np, protocol: sp.id.protocol });
+    }
+    out
+}
+
+fn fw_key(service: u32, net: &ipnet::IpNet) -> FwKey {
+    FwKey { prefixlen: 32 + u32::from(net.prefix_len()), service, addr: words(&net.network()) }
+}
+
+impl Programmer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of service ports programmed.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Rebuilds the mirror from the kernel's maps (agent restart). The next
+    /// `sync` then changes only what differs from the Plan.
+    pub fn adopt(dump: &MapDump) -> Programmer {
+        let mut p = Programmer::default();
+        let services: HashMap<u32, SvcVal> = dump.services.iter().copied().collect();
+        let mut by_id: HashMap<u32, Programmed> = HashMap::new();
+        for (id, _) in &dump.names {
+            let svc = services.get(id).copied().unwrap_or_default();
+            p.service_ids.mark_used(*id);
+            by_id.insert(*id, Programmed { id: *id, svc, ..Default::default() });
+        }
+        let mut slots: Vec<(SlotKey, u32)> = dump.slots.clone();
+        slots.sort();
+        for (k, be) in slots {
+            if let Some(prog) = by_id.get_mut(&k.service) {
+                let list = &mut prog.slots[usize::from(k.rev & 1)][usize::from(k.set & 1)];
+                if usize::from(k.slot) == list.len() {
+                    list.push(be);
+                }
+            }
+        }
+        for (k, sets) in &dump.members {
+            if let Some(prog) = by_id.get_mut(&k.service) {
+                prog.members.insert(k.backend, *sets);
+            }
+        }
+        for k in &dump.firewall {
+            if let Some(prog) = by_id.get_mut(&k.service) {
+                prog.firewall.insert(*k);
+            }
+        }
+        for (k, v) in &dump.frontends {
+            if v.kind == FE_CLUSTER_IP_ANY_PORT {
+                p.markers.insert(*k);
+            } else if let Some(prog) = by_id.get_mut(&v.service) {
+                prog.frontends.insert(*k, *v);
+            }
+        }
+        let mut refs: HashMap<u32, u32> = HashMap::new();
+        for prog in by_id.values() {
+            for rev in &prog.slots {
+                for set in rev {
+                    for be in set {
+                        *refs.entry(*be).or_default() += 1;
+                    }
+                }
+            }
+        }
+        for (id, be) in &dump.backends {
+            p.backends.ids.mark_used(*id);
+            let n = refs.get(id).copied().unwrap_or(0);
+            p.backends.by_addr.insert((be.addr, be.port, be.family), *id);
+            p.backends.entries.insert(*id, (*be, n));
+        }
+        for (id, name) in &dump.names {
+            if let Some(prog) = by_id.remove(id) {
+                p.services.insert(name.clone(), prog);
+            }
+        }
+        p.locals = dump.locals.iter().copied().collect();
+        p.ranges = dump.ranges.iter().copied().collect();
+        p.config = dump.config;
+        p
+    }
+
+    /// Backends no slot references any more (left behind by a crash between
+    /// two phases). Returned as deletions by the first sync after `adopt`.
+    fn orphan_backends(&mut self, ops: &mut Ops) {
+        let orphans: Vec<u32> = self.backends.entries.iter().filter(|(_, (_, n))| *n == 0).map(|(id, _)| *id).collect();
+        for id in orphans {
+            if let Some((be, _)) = self.backends.entries.remove(&id) {
+                self.backends.by_addr.remove(&(be.addr, be.port, be.family));
+                self.backends.ids.release(id);
+                ops.push(MapOp::DelBackend(id));
+            }
+        }
+    }
+
+    /// The operations that bring the datapath from what was programmed to
+    /// `plan`. With `diff`, only the service ports it names are examined;
+    /// without, everything is.
+    pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>, rt: NodeRuntime) -> Vec<MapOp> {
+        let mut ops = Ops::default();
+        let full = diff.is_none_or(|d| d.node_changed);
+        let touched: HashSet<String> = if full {
+            self.orphan_backends(&mut ops);
+            plan.services.keys().map(canonical_name).chain(self.services.keys().cloned()).collect()
+        } else {
+            let d = diff.expect("not full");
+            let mut t: HashSet<String> = d.touched().into_iter().map(canonical_name).collect();
+            for (_, f) in d.frontends_added.iter().chain(&d.frontends_removed) {
+                t.insert(canonical_name(&f.service));
+            }
+            t
+        };
+        let by_name: HashMap<String, &ServicePortId> = if full {
+            plan.services.keys().map(|id| (canonical_name(id), id)).collect()
+        } else {
+            let d = diff.expect("not full");
+            d.added
+                .iter()
+                .map(|s| &s.id)
+                .chain(d.changed.iter().map(|c| &c.new.id))
+                .chain(d.frontends_added.iter().map(|(_, f)| &f.service))
+                .chain(d.frontends_removed.iter().map(|(_, f)| &f.service))
+                .map(|id| (canonical_name(id), id))
+                .collect()
+        };
+        let mut touched: Vec<String> = touched.into_iter().collect();
+        touched.sort();
+        for name in touched {
+            match by_name.get(&name).and_then(|id| plan.services.get(*id)) {
+                Some(sp) => self.upsert(&name, sp, plan, &mut ops),
+                None => self.remove(&name, &mut ops),
+            }
+        }
+        if full || diff.is_some_and(|d| d.cluster_ips_changed) {
+            self.sync_node(plan, rt, &mut ops);
+        }
+        self.service_ids.settle();
+        self.backends.ids.settle();
+        ops.into_vec()
+    }
+
+    fn upsert(&mut self, name: &str, sp: &ServicePort, plan: &Plan, ops: &mut Ops) {
+        let mut prog = self.services.remove(name).unwrap_or_default();
+        let is_new = prog.id == 0;
+        if is_new {
+            prog.id = self.service_ids.take();
+            prog.svc.rev = 1; // so the first write goes to revision 0
+            ops.push(MapOp::PutName(prog.id, truncate_name(name)));
+        }
+        let id = prog.id;
+
+        // Desired slot lists, as backends.
+        let backend_of = |e: &ferry_model::Endpoint| Backend {
+            addr: words(&e.ip),
+            port: e.port,
+            family: family_of(&e.ip),
+            flags: if e.local { BE_LOCAL } else { 0 },
+        };
+        let want: [Vec<Backend>; 2] = [
+            sp.endpoint_set(EndpointSet::Cluster).map(backend_of).collect(),
+            sp.endpoint_set(EndpointSet::Local).map(backend_of).collect(),
+        ];
+        let live = usize::from(prog.svc.rev & 1);
+        let same = !is_new
+            && (0..2).all(|set| {
+                let have = &prog.slots[live][set];
+                have.len() == want[set].len()
+                    && have
+                        .iter()
+                        .zip(&want[set])
+                        .all(|(id, be)| self.backends.entries.get(id).map(|e| e.0) == Some(*be))
+            });
+        let mut rev = prog.svc.rev & 1;
+        if !same {
+            rev ^= 1;
+            let r = usize::from(rev);
+            for (set, wanted) in want.iter().enumerate() {
+                let old = std::mem::take(&mut prog.slots[r][set]);
+                let mut new = Vec::with_capacity(wanted.len());
+                for (i, be) in wanted.iter().enumerate() {
+                    let bid = self.backends.acquire(*be, ops);
+                    new.push(bid);
+                    if old.get(i) != Some(&bid) {
+                        let key = SlotKey { service: id, rev, set: set as u8, slot: i as u16 };
+                        ops.push(MapOp::PutSlot(key, bid));
+                    }
+                }
+                for (i, bid) in old.iter().enumerate() {
+                    if i >= new.len() {
+                        ops.push(MapOp::DelSlot(SlotKey { service: id, rev, set: set as u8, slot: i as u16 }));
+                    }
+                    self.backends.release(*bid, ops);
+                }
+                prog.slots[r][set] = new;
+            }
+        }
+
+        // Memberships of the live revision (for session affinity).
+        let mut members: BTreeMap<u32, u8> = BTreeMap::new();
+        for set in 0..2 {
+            for bid in &prog.slots[usize::from(rev)][set] {
+                *members.entry(*bid).or_default() |= 1 << set;
+            }
+        }
+        for (bid, sets) in &members {
+            if prog.members.get(bid) != Some(sets) {
+                ops.push(MapOp::PutMember(MemberKey { service: id, backend: *bid }, *sets));
+            }
+        }
+        for bid in prog.members.keys() {
+            if !members.contains_key(bid) {
+                ops.push(MapOp::DelMember(MemberKey { service: id, backend: *bid }));
+            }
+        }
+        prog.members = members;
+
+        let firewall: BTreeSet<FwKey> = sp.firewall.iter().flatten().map(|n| fw_key(id, n)).collect();
+        for k in firewall.difference(&prog.firewall) {
+            ops.push(MapOp::PutFirewall(*k));
+        }
+        for k in prog.firewall.difference(&firewall) {
+            ops.push(MapOp::DelFirewall(*k));
+        }
+        prog.firewall = firewall;
+
+        let r = usize::from(rev);
+        let svc = SvcVal {
+            count: [prog.slots[r][0].len() as u16, prog.slots[r][1].len() as u16],
+            action: [
+                [action(&sp.internal.pod), action(&sp.internal.host), action(&sp.internal.external)],
+                [action(&sp.external.pod), action(&sp.external.host), action(&sp.external.external)],
+            ],
+            flags: if sp.affinity_timeout_seconds.is_some() { SVC_AFFINITY } else { 0 },
+            rev,
+            affinity_timeout: sp.affinity_timeout_seconds.unwrap_or(0),
+        };
+        if is_new || svc != prog.svc {
+            ops.push(MapOp::PutService(id, svc));
+        }
+        prog.svc = svc;
+
+        let mut frontends = BTreeMap::new();
+        for key in candidate_frontends(sp) {
+            let Some(owner) = plan.frontends.get(&key) else { continue };
+            if owner.service != sp.id {
+                continue;
+            }
+            let flags = if owner.kind == FrontendKind::LoadBalancer && sp.firewall.is_some() { FE_FIREWALL } else { 0 };
+            frontends.insert(fe_key(&key), FeVal { service: id, kind: kind_code(owner.kind), flags });
+        }
+        for (k, v) in &frontends {
+            if prog.frontends.get(k) != Some(v) {
+                ops.push(MapOp::PutFrontend(*k, *v));
+            }
+        }
+        for k in prog.frontends.keys() {
+            if !frontends.contains_key(k) {
+                ops.push(MapOp::DelFrontend(*k));
+            }
+        }
+        prog.frontends = frontends;
+        self.services.insert(name.to_string(), prog);
+    }
+
+    fn remove(&mut self, name: &str, ops: &mut Ops) {
+        let Some(prog) = self.services.remove(name) else { return };
+        let id = prog.id;
+        for k in prog.frontends.keys() {
+            ops.push(MapOp::DelFrontend(*k));
+        }
+        ops.push(MapOp::DelService(id));
+        ops.push(MapOp::DelName(id));
+        for (rev, sets) in prog.slots.iter().enumerate() {
+            for (set, list) in sets.iter().enumerate() {
+                for (i, bid) in list.iter().enumerate() {
+                    ops.push(MapOp::DelSlot(SlotKey { service: id, rev: rev as u8, set: set as u8, slot: i as u16 }));
+                    self.backends.release(*bid, ops);
+                }
+            }
+        }
+        for bid in prog.members.keys() {
+            ops.push(MapOp::DelMember(MemberKey { service: id, backend: *bid }));
+        }
+        for k in &prog.firewall {
+            ops.push(MapOp::DelFirewall(*k));
+        }
+        self.service_ids.release(id);
+    }
+
+    fn sync_node(&mut self, plan: &Plan, rt: NodeRuntime, ops: &mut Ops) {
+        let node = &plan.node;
+        let mut locals = BTreeMap::new();
+        for ip in &node.local_addresses {
+            locals.insert(LocalKey { addr: words(ip), family: family_of(ip) }, LOCAL_HOST);
+        }
+        for ip in &node.node_port_addresses {
+            *locals.entry(LocalKey { addr: words(ip), family: family_of(ip) }).or_default() |= LOCAL_NODEPORT;
+        }
+        for (k, v) in &locals {
+            if self.locals.get(k) != Some(v) {
+                ops.push(MapOp::PutLocal(*k, *v));
+            }
+        }
+        for k in self.locals.keys() {
+            if !locals.contains_key(k) {
+                ops.push(MapOp::DelLocal(*k));
+            }
+        }
+        self.locals = locals;
+
+        let range = |kind: u8, net: &ipnet::IpNet| RangeKey {
+            prefixlen: 32 + u32::from(net.prefix_len()),
+            kind,
+            family: family_of(&net.addr()),
+            addr: words(&net.network()),
+        };
+        let mut ranges = BTreeSet::new();
+        if matches!(node.local_detector, LocalDetector::ClusterCidr | LocalDetector::NodeCidr) {
+            ranges.extend(node.pod_ranges.iter().map(|n| range(RANGE_POD, n)));
+        }
+        ranges.extend(node.service_cidrs.iter().map(|n| range(RANGE_SERVICE, n)));
+        for k in ranges.difference(&self.ranges) {
+            ops.push(MapOp::PutRange(*k));
+        }
+        for k in self.ranges.difference(&ranges) {
+            ops.push(MapOp::DelRange(*k));
+        }
+        self.ranges = ranges;
+
+        let class = |f| if node.detects_pods(f) { CLASS_POD } else { CLASS_EXTERNAL };
+        let primary = |f| node.primary_ips.get(&f).map(words).unwrap_or([0; 4]);
+        let config = Config {
+            host_netns: rt.host_netns_cookie,
+            pod_class: [class(ferry_model::IpFamily::V4), class(ferry_model::IpFamily::V6)],
+            flags: 0,
+            primary: [primary(ferry_model::IpFamily::V4), primary(ferry_model::IpFamily::V6)],
+        };
+        if self.config != Some(config) {
+            ops.push(MapOp::PutConfig(config));
+        }
+        self.config = Some(config);
+
+        let markers: BTreeSet<FeKey> = plan
+            .cluster_ips
+            .iter()
+            .map(|ip| FeKey { addr: words(ip), port: 0, proto: 0, family: family_of(ip) })
+            .collect();
+        for k in markers.difference(&self.markers) {
+            ops.push(MapOp::PutFrontend(*k, FeVal { service: 0, kind: FE_CLUSTER_IP_ANY_PORT, flags: 0 }));
+        }
+        for k in self.markers.difference(&markers) {
+            ops.push(MapOp::DelFrontend(*k));
+        }
+        self.markers = markers;
+    }
+}
+
+/// Names longer than the map's field are cut; they are for display only.
+fn truncate_name(name: &str) -> String {
+    let mut s = name.to_string();
+    while s.len() >= NAME_LEN {
+        s.pop();
+    }
+    s
+}

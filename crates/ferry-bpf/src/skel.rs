@@ -1,0 +1,6 @@
+//! The generated libbpf-rs skeletons (see build.rs).
+
+#[allow(clippy::all, non_camel_case_types, non_snake_case, dead_code, unused_imports, missing_docs)]
+pub mod sock {
+    include!(concat!(env!("OUT_DIR"), "/sock.skel.rs"));
+}

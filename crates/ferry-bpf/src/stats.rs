@@ -1,0 +1,29 @@
+//! Names of the datapath counters in `bpf/lib/stats.h`, in enum order.
+
+/// `enum ferry_stat` in bpf/lib/stats.h, as metric-friendly names.
+pub const NAMES: &[&str] = &[
+    "sock_xlate",
+    "sock_reject",
+    "sock_rev",
+    "sock_skip_masq",
+    "sock_skip_drop",
+    "sock_skip_firewall",
+    "sock_skip_hairpin",
+    "sock_no_backend",
+    "affinity_hit",
+];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_follow_the_c_enum() {
+        let header = include_str!("../../../bpf/lib/stats.h");
+        let from_c: Vec<String> = header
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("STAT_") && !l.starts_with("STAT_COUNT_") && !l.starts_with("STAT_SLOTS"))
+            .map(|l| l.split([',', ' ', '=']).next().unwrap().trim_start_matches("STAT_").to_lowercase())
+            .collect();
+        assert_eq!(from_c, super::NAMES);
+    }
+}

@@ -1,0 +1,269 @@
+//! The Programmer against an in-memory model of the kernel maps: the end state
+//! equals the Plan, an endpoint change touches one service, an adopted mirror
+//! needs no operations, and every prefix of every operation batch leaves the
+//! datapath consistent (no frontend without its service, no live slot without
+//! its backend).
+
+use ferry_bpf::entries::*;
+use ferry_bpf::{MapDump, MapOp, NodeRuntime, Programmer};
+use ferry_model::{ClusterState, NodeConfig, Plan, StateChange, build_plan};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Kernel {
+    frontends: BTreeMap<FeKey, FeVal>,
+    services: BTreeMap<u32, SvcVal>,
+    names: BTreeMap<u32, String>,
+    slots: BTreeMap<SlotKey, u32>,
+    members: BTreeMap<MemberKey, u8>,
+    backends: BTreeMap<u32, Backend>,
+    firewall: BTreeSet<FwKey>,
+    locals: BTreeMap<LocalKey, u8>,
+    ranges: BTreeSet<RangeKey>,
+    config: Option<Config>,
+}
+
+impl Kernel {
+    fn apply(&mut self, op: &MapOp) {
+        match op.clone() {
+            MapOp::PutBackend(id, b) => drop(self.backends.insert(id, b)),
+            MapOp::DelBackend(id) => assert!(self.backends.remove(&id).is_some(), "delete of missing backend {id}"),
+            MapOp::PutSlot(k, v) => drop(self.slots.insert(k, v)),
+            MapOp::DelSlot(k) => assert!(self.slots.remove(&k).is_some(), "delete of missing slot {k:?}"),
+            MapOp::PutMember(k, v) => drop(self.members.insert(k, v)),
+            MapOp::DelMember(k) => assert!(self.members.remove(&k).is_some()),
+            MapOp::PutFirewall(k) => drop(self.firewall.insert(k)),
+            MapOp::DelFirewall(k) => assert!(self.firewall.remove(&k)),
+            MapOp::PutService(id, v) => drop(self.services.insert(id, v)),
+            MapOp::DelService(id) => assert!(self.services.remove(&id).is_some()),
+            MapOp::PutName(id, n) => drop(self.names.insert(id, n)),
+            MapOp::DelName(id) => assert!(self.names.remove(&id).is_some()),
+            MapOp::PutFrontend(k, v) => drop(self.frontends.insert(k, v)),
+            MapOp::DelFrontend(k) => assert!(self.frontends.remove(&k).is_some(), "delete of missing frontend"),
+            MapOp::PutLocal(k, v) => drop(self.locals.insert(k, v)),
+            MapOp::DelLocal(k) => assert!(self.locals.remove(&k).is_some()),
+            MapOp::PutRange(k) => drop(self.ranges.insert(k)),
+            MapOp::DelRange(k) => assert!(self.ranges.remove(&k)),
+            MapOp::PutConfig(c) => self.config = Some(c),
+        }
+    }
+
+    /// What the datapath may see at any instant must be whole.
+    fn assert_consistent(&self, context: &str) {
+        for (k, fe) in &self.frontends {
+            if fe.kind == FE_CLUSTER_IP_ANY_PORT {
+                continue;
+            }
+            let svc =
+                self.services.get(&fe.service).unwrap_or_else(|| panic!("{context}: frontend {k:?} without service"));
+            for set in 0..2u8 {
+                for slot in 0..svc.count[set as usize] {
+                    let key = SlotKey { service: fe.service, rev: svc.rev, set, slot };
+                    let be = self.slots.get(&key).unwrap_or_else(|| panic!("{context}: live slot {key:?} missing"));
+                    assert!(self.backends.contains_key(be), "{context}: slot {key:?} -> missing backend {be}");
+                }
+            }
+        }
+        // The previous revision stays readable too, for readers holding the old service entry.
+        for (k, be) in &self.slots {
+            assert!(self.backends.contains_key(be), "{context}: slot {k:?} -> missing backend {be}");
+        }
+    }
+
+    fn dump(&self) -> MapDump {
+        MapDump {
+            names: self.names.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
+            members: self.members.iter().map(|(k, v)| (*k, *v)).collect(),
+            firewall: self.firewall.iter().copied().collect(),
+            frontends: self.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            locals: self.locals.iter().map(|(k, v)| (*k, *v)).collect(),
+            ranges: self.ranges.iter().copied().collect(),
+            config: self.config,
+        }
+    }
+
+    fn apply_all(&mut self, ops: &[MapOp]) {
+        for (i, op) in ops.iter().enumerate() {
+            self.apply(op);
+            self.assert_consistent(&format!("after op {i} {op:?}"));
+        }
+    }
+
+    /// The backends a frontend resolves to right now.
+    fn resolve(&self, fe: &FeKey, set: u8) -> BTreeSet<(std::net::IpAddr, u16)> {
+        let v = &self.frontends[fe];
+        let svc = &self.services[&v.service];
+        (0..svc.count[set as usize])
+            .map(|slot| {
+                let b = &self.backends[&self.slots[&SlotKey { service: v.service, rev: svc.rev, set, slot }]];
+                (ip_of(&b.addr, b.family), b.port)
+            })
+            .collect()
+    }
+}
+
+fn cfg() -> NodeConfig {
+    NodeConfig {
+        node_name: "node-a".into(),
+        node_ips: vec!["192.168.0.2".parse().unwrap()],
+        cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+        service_cidrs: vec!["172.30.0.0/16".parse().unwrap()],
+        ..Default::default()
+    }
+}
+
+fn cluster(services: usize, first: &[&str]) -> ClusterState {
+    let mut s = ClusterState::default();
+    for i in 0..services {
+        let svc = json!({"metadata": {"name": format!("s{i}"), "namespace": "ns"},
+            "spec": {"type": "LoadBalancer", "clusterIP": format!("172.30.{}.{}", i / 250, i % 250 + 1),
+                     "externalTrafficPolicy": if i % 2 == 0 { "Local" } else { "Cluster" },
+                     "loadBalancerSourceRanges": ["203.0.113.0/24"],
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30000 + i}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": format!("5.5.{}.{}", i / 250, i % 250 + 1)}]}}});
+        s.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap())));
+        let eps: Vec<_> = if i == 0 {
+            first.iter().map(|ip| json!({"addresses": [ip], "nodeName": "node-a"})).collect()
+        } else {
+            vec![
+                json!({"addresses": [format!("10.1.{}.{}", i / 250, i % 250 + 1)]}),
+                json!({"addresses": ["10.9.9.9"], "nodeName": "node-a"}),
+            ]
+        };
+        let slice = json!({"metadata": {"name": format!("s{i}-1"), "namespace": "ns", "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+            "addressType": "IPv4", "endpoints": eps, "ports": [{"name": "http", "port": 8080}]});
+        s.apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+    }
+    s
+}
+
+fn fe(ip: &str, port: u16) -> FeKey {
+    let ip = ip.parse().unwrap();
+    FeKey { addr: words(&ip), port, proto: 6, family: family_of(&ip) }
+}
+
+const RT: NodeRuntime = NodeRuntime { host_netns_cookie: 4242 };
+
+#[test]
+fn full_sync_programs_the_plan() {
+    let plan = build_plan(&cluster(5, &["10.2.0.1", "10.2.0.2"]), &cfg());
+    let mut p = Programmer::new();
+    let mut k = Kernel::default();
+    k.apply_all(&p.sync(&plan, None, RT));
+    assert_eq!(k.services.len(), 5);
+    assert_eq!(k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).len(), 2);
+    // NodePort frontend (any address), LB frontend with firewall, ClusterIP marker.
+    let np = FeKey { addr: [0; 4], port: 30000, proto: 6, family: FAM_V4 };
+    assert_eq!(k.frontends[&np].kind, FE_NODE_PORT);
+    assert_eq!(k.frontends[&fe("5.5.0.1", 80)].flags, FE_FIREWALL);
+    let marker = FeKey { addr: words(&"172.30.0.1".parse().unwrap()), port: 0, proto: 0, family: FAM_V4 };
+    assert_eq!(k.frontends[&marker].kind, FE_CLUSTER_IP_ANY_PORT);
+    // The shared backend 10.9.9.9:8080 exists once.
+    assert_eq!(k.backends.values().filter(|b| ip_of(&b.addr, b.family).to_string() == "10.9.9.9").count(), 1);
+    assert_eq!(k.config.unwrap().host_netns, 4242);
+    assert!(!k.firewall.is_empty());
+    // A second sync of the same plan changes nothing.
+    assert!(p.sync(&plan, None, RT).is_empty());
+}
+
+#[test]
+fn one_endpoint_change_touches_only_that_service() {
+    let cfg = cfg();
+    let a = build_plan(&cluster(200, &["10.2.0.1", "10.2.0.2"]), &cfg);
+    let b = build_plan(&cluster(200, &["10.2.0.1", "10.2.0.3"]), &cfg);
+    let mut p = Programmer::new();
+    let mut k = Kernel::default();
+    k.apply_all(&p.sync(&a, None, RT));
+    let diff = Plan::diff(&a, &b);
+    let ops = p.sync(&b, Some(&diff), RT);
+    k.apply_all(&ops);
+    let touched: BTreeSet<u32> = ops
+        .iter()
+        .filter_map(|op| match op {
+            MapOp::PutSlot(k, _) | MapOp::DelSlot(k) => Some(k.service),
+            MapOp::PutService(id, _) => Some(*id),
+            MapOp::PutMember(m, _) | MapOp::DelMember(m) => Some(m.service),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(touched.len(), 1, "{ops:#?}");
+    assert!(ops.len() <= 10, "{} ops for one endpoint: {ops:#?}", ops.len());
+    let got: Vec<String> = k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).iter().map(|(ip, _)| ip.to_string()).collect();
+    assert_eq!(got, ["10.2.0.1", "10.2.0.3"]);
+    // The PutService flip comes after the new slots and before any deletion.
+    let flip = ops.iter().position(|o| matches!(o, MapOp::PutService(..))).unwrap();
+    assert!(ops[..flip].iter().all(|o| !matches!(o, MapOp::DelSlot(..) | MapOp::DelBackend(..))));
+    // Same result as a full sync from scratch.
+    let mut fresh = Kernel::default();
+    fresh.apply_all(&Programmer::new().sync(&b, None, RT));
+    assert_eq!(fresh.resolve(&fe("172.30.0.1", 80), SET_CLUSTER), k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER));
+}
+
+#[test]
+fn changes_in_sequence_stay_consistent_and_clean_up() {
+    let cfg = cfg();
+    let steps: Vec<ClusterState> = vec![
+        cluster(3, &["10.2.0.1"]),
+        cluster(3, &["10.2.0.1", "10.2.0.2", "10.2.0.3"]),
+        cluster(3, &[]),
+        cluster(5, &["10.2.0.4"]),
+        cluster(1, &["10.2.0.4"]),
+        cluster(0, &[]),
+    ];
+    let mut p = Programmer::new();
+    let mut k = Kernel::default();
+    let mut prev: Option<Plan> = None;
+    for (i, st) in steps.iter().enumerate() {
+        let plan = build_plan(st, &cfg);
+        let ops = match &prev {
+            Some(old) => p.sync(&plan, Some(&Plan::diff(old, &plan)), RT),
+            None => p.sync(&plan, None, RT),
+        };
+        k.apply_all(&ops);
+        assert_eq!(k.services.len(), plan.services.len(), "step {i}");
+        prev = Some(plan);
+    }
+    // Nothing left but node entries.
+    assert!(k.services.is_empty() && k.slots.is_empty() && k.backends.is_empty() && k.members.is_empty());
+    assert!(k.firewall.is_empty() && k.names.is_empty());
+    assert!(k.frontends.is_empty());
+}
+
+#[test]
+fn an_adopted_datapath_needs_no_operations() {
+    let plan = build_plan(&cluster(20, &["10.2.0.1", "10.2.0.2"]), &cfg());
+    let mut first = Programmer::new();
+    let mut k = Kernel::default();
+    k.apply_all(&first.sync(&plan, None, RT));
+    // Churn once so both revisions are populated.
+    let plan2 = build_plan(&cluster(20, &["10.2.0.1", "10.2.0.5"]), &cfg());
+    k.apply_all(&first.sync(&plan2, Some(&Plan::diff(&plan, &plan2)), RT));
+
+    let mut adopted = Programmer::adopt(&k.dump());
+    assert_eq!(adopted.service_count(), 20);
+    let ops = adopted.sync(&plan2, None, RT);
+    assert!(ops.is_empty(), "{ops:#?}");
+    // ...and keeps working incrementally afterwards.
+    let plan3 = build_plan(&cluster(20, &["10.2.0.7"]), &cfg());
+    k.apply_all(&adopted.sync(&plan3, Some(&Plan::diff(&plan2, &plan3)), RT));
+    let got: Vec<String> = k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).iter().map(|(ip, _)| ip.to_string()).collect();
+    assert_eq!(got, ["10.2.0.7"]);
+}
+
+#[test]
+fn routes_become_actions() {
+    let plan = build_plan(&cluster(2, &["10.2.0.1"]), &cfg());
+    let mut k = Kernel::default();
+    k.apply_all(&Programmer::new().sync(&plan, None, RT));
+    // s0: eTP Local with a local endpoint; s1: eTP Cluster.
+    let s0 = &k.services[&k.frontends[&fe("172.30.0.1", 80)].service];
+    assert_eq!(s0.action[1][2], ACT_FORWARD_LOCAL, "outside -> local endpoints, client IP kept");
+    assert_eq!(s0.action[1][1], ACT_FORWARD_CLUSTER | ACT_MASQ, "host short-circuit, masqueraded");
+    assert_eq!(s0.action[0][0], ACT_FORWARD_CLUSTER, "pod -> ClusterIP, no SNAT");
+    let s1 = &k.services[&k.frontends[&fe("172.30.0.2", 80)].service];
+    assert_eq!(s1.action[1][0], ACT_FORWARD_CLUSTER | ACT_MASQ, "eTP Cluster masquerades pods too");
+}

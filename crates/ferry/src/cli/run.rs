@@ -1,0 +1,121 @@
+//! `ferry run`: the standalone agent. Watches a manifest directory and keeps
+//! the eBPF datapath in step with it.
+
+use crate::config::{self, NodeFlags};
+use crate::proxier::Proxier;
+use anyhow::Context;
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Directory of Kubernetes manifests to serve; re-read whenever a file changes.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    #[command(flatten)]
+    pub node: NodeFlags,
+    /// Pin directory on bpffs (overrides bpf.pinPath; default /sys/fs/bpf/ferry).
+    #[arg(long, value_name = "PATH")]
+    pub pin_dir: Option<PathBuf>,
+    /// cgroup v2 directory to load-balance sockets of (overrides bpf.cgroupPath; default: the cgroup2 root).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// How often the manifest directory is checked for changes.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub poll_ms: u64,
+    /// Write this file once the first sync is programmed (for scripts and tests).
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
+    /// Sync once and exit, leaving the datapath installed.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// (path, modified, length) of every manifest file: cheap to compare.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(path),
+                Ok(m) => out.push((path, m.modified().ok(), m.len())),
+                Err(_) => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut settings = config::settings(&args.node)?;
+    if settings.node.node_ips.is_empty() {
+        settings.node.node_ips = crate::node_addrs::detect().context("detecting node addresses")?;
+        tracing::info!(addresses = ?settings.node.node_ips, "nodeIPs not configured: using every address of this network namespace");
+    }
+    let pin_dir = args.pin_dir.clone().unwrap_or(settings.bpf.pin_path.clone());
+    let cgroup = match args.cgroup.clone().or(settings.bpf.cgroup_path.clone()) {
+        Some(c) => c,
+        None => ferry_bpf::system::cgroup2_mount()?,
+    };
+    tracing::info!(datapath = ?settings.datapath, "starting");
+    let opts = ferry_bpf::InstallOptions { pin_dir: pin_dir.clone(), cgroup: cgroup.clone() };
+    let (mut proxier, installed) = Proxier::start(settings.node.clone(), &opts)?;
+    tracing::info!(
+        pin_dir = %pin_dir.display(),
+        cgroup = %cgroup.display(),
+        adopted = installed.adopted,
+        links_updated = installed.links_updated,
+        links_attached = installed.links_attached,
+        "datapath installed"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    let mut seen = None;
+    let mut ready = false;
+    while !stop.load(Ordering::Relaxed) {
+        let now = fingerprint(&args.manifests);
+        if seen.as_ref() != Some(&now) {
+            seen = Some(now);
+            let state = super::load_manifests(&args.manifests)?;
+            match proxier.sync(&state) {
+                Ok(r) => {
+                    for p in &r.new_problems {
+                        tracing::warn!("{p}");
+                    }
+                    tracing::info!(
+                        service_ports = r.service_ports,
+                        map_ops = r.map_ops,
+                        plan_ms = r.plan_time.as_secs_f64() * 1e3,
+                        apply_ms = r.apply_time.as_secs_f64() * 1e3,
+                        fixed_problems = r.fixed_problems,
+                        "synced"
+                    );
+                }
+                Err(e) => tracing::error!("sync failed, will retry on the next change: {e:#}"),
+            }
+            if !ready {
+                ready = true;
+                if let Some(f) = &args.ready_file {
+                    std::fs::write(f, b"ready\n").with_context(|| format!("writing {}", f.display()))?;
+                }
+            }
+            if args.once {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(args.poll_ms));
+    }
+    tracing::info!("stopping; the datapath stays installed and keeps serving (`ferry cleanup` removes it)");
+    Ok(ExitCode::SUCCESS)
+}

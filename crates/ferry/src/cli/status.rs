@@ -1,0 +1,149 @@
+//! `ferry status`: what the datapath holds right now, read from the pinned maps.
+
+use clap::Args;
+use ferry_bpf::entries::*;
+use ferry_bpf::{MapDump, Maps};
+use ferry_model::addr::fmt_addr_port;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Pin directory the datapath was installed in.
+    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/ferry")]
+    pub pin_dir: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        6 => "TCP",
+        17 => "UDP",
+        132 => "SCTP",
+        _ => "?",
+    }
+}
+
+fn kind_name(k: u8) -> &'static str {
+    match k {
+        FE_CLUSTER_IP => "ClusterIP",
+        FE_NODE_PORT => "NodePort",
+        FE_LOAD_BALANCER => "LoadBalancer",
+        FE_EXTERNAL_IP => "ExternalIP",
+        _ => "?",
+    }
+}
+
+fn action_name(a: u8) -> String {
+    let base = match a & ACT_MASK {
+        ACT_FORWARD_CLUSTER => "cluster",
+        ACT_FORWARD_LOCAL => "local",
+        ACT_DROP => "DROP",
+        ACT_REJECT => "REJECT",
+        _ => "-",
+    };
+    if a & ACT_MASQ != 0 { format!("{base}+SNAT") } else { base.to_string() }
+}
+
+/// One row per programmed frontend.
+#[derive(Debug, serde::Serialize)]
+pub struct FrontendRow {
+    pub frontend: String,
+    pub kind: &'static str,
+    pub service: String,
+    pub backends: Vec<String>,
+    pub local_backends: Vec<String>,
+    /// Route per source class (pod, host, outside).
+    pub routes: [String; 3],
+}
+
+pub fn rows(d: &MapDump) -> Vec<FrontendRow> {
+    let names: BTreeMap<u32, &String> = d.names.iter().map(|(k, v)| (*k, v)).collect();
+    let services: BTreeMap<u32, SvcVal> = d.services.iter().copied().collect();
+    let slots: BTreeMap<SlotKey, u32> = d.slots.iter().copied().collect();
+    let backends: BTreeMap<u32, Backend> = d.backends.iter().copied().collect();
+    let mut out = Vec::new();
+    let mut fes = d.frontends.clone();
+    fes.sort_by_key(|(k, _)| (k.family, k.addr.map(u32::from_be), k.port, k.proto));
+    for (k, v) in fes {
+        if v.kind == FE_CLUSTER_IP_ANY_PORT {
+            continue;
+        }
+        let frontend = if k.addr == [0; 4] {
+            format!("*:{}/{}", k.port, proto_name(k.proto))
+        } else {
+            format!("{}/{}", fmt_addr_port(&ip_of(&k.addr, k.family), k.port), proto_name(k.proto))
+        };
+        let svc = services.get(&v.service).copied().unwrap_or_default();
+        let list = |set: u8| -> Vec<String> {
+            (0..svc.count[set as usize])
+                .filter_map(|slot| slots.get(&SlotKey { service: v.service, rev: svc.rev, set, slot }))
+                .filter_map(|id| backends.get(id))
+                .map(|b| fmt_addr_port(&ip_of(&b.addr, b.family), b.port))
+                .collect()
+        };
+        let path = if v.kind == FE_CLUSTER_IP { 0 } else { 1 };
+        out.push(FrontendRow {
+            frontend,
+            kind: kind_name(v.kind),
+            service: names.get(&v.service).map(|s| s.to_string()).unwrap_or_else(|| format!("#{}", v.service)),
+            backends: list(SET_CLUSTER),
+            local_backends: list(SET_LOCAL),
+            routes: [0, 1, 2].map(|c| action_name(svc.action[path][c])),
+        });
+    }
+    out
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    if !ferry_bpf::install::is_installed(&args.pin_dir) {
+        println!("no ferry datapath in {} (start one with `ferry run`)", args.pin_dir.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    let maps = Maps::open(&args.pin_dir)?;
+    let dump = maps.dump();
+    let rows = rows(&dump);
+    let counters: BTreeMap<&str, u64> = ferry_bpf::stats::NAMES.iter().copied().zip(maps.counters()).collect();
+    let (rev, aff) = maps.lru_fill();
+    if args.json {
+        let out = serde_json::json!({
+            "pinDir": args.pin_dir,
+            "frontends": rows,
+            "backends": dump.backends.len(),
+            "servicePorts": dump.services.len(),
+            "counters": counters,
+            "socketReverseEntries": rev,
+            "affinityEntries": aff,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "datapath {}: {} service port(s), {} frontend(s), {} backend(s)",
+        args.pin_dir.display(),
+        dump.services.len(),
+        rows.len(),
+        dump.backends.len()
+    );
+    println!("\n{:<28} {:<12} {:<40} {:<22} BACKENDS", "FRONTEND", "KIND", "SERVICE", "POD/HOST/OUTSIDE");
+    for r in &rows {
+        let mut backends = r.backends.join(", ");
+        if !r.local_backends.is_empty() && r.local_backends != r.backends {
+            backends.push_str(&format!(" (local: {})", r.local_backends.join(", ")));
+        }
+        if backends.is_empty() {
+            backends = "none".into();
+        }
+        println!("{:<28} {:<12} {:<40} {:<22} {}", r.frontend, r.kind, r.service, r.routes.join("/"), backends);
+    }
+    println!("\ncounters");
+    for (name, value) in &counters {
+        println!("  {name:<22} {value}");
+    }
+    println!("  {:<22} {rev}", "sock_rev_entries");
+    println!("  {:<22} {aff}", "affinity_entries");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,98 @@
+//! Lab nodes' agents: their config file, their manifests, starting and stopping them.
+
+use super::Lab;
+use anyhow::{Context, bail};
+use std::fs::File;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+impl Lab {
+    /// Writes node `node`'s config: its name, addresses, pin directory and
+    /// cgroup, then `extra` (more YAML keys, e.g. CIDRs and proxy settings).
+    pub fn write_node_config(&self, node: usize, extra: &str) -> anyhow::Result<()> {
+        let n = &self.nodes[node];
+        let ips: Vec<String> = self.node_ips(node).iter().map(|ip| format!("\"{ip}\"")).collect();
+        let mut text = format!(
+            "# written by the ferry lab\nnodeName: {}\nbpf:\n  pinPath: {}\n  cgroupPath: {}\n",
+            n.name,
+            n.pin_dir.display(),
+            n.cgroup.display()
+        );
+        if !extra.contains("nodeIPs:") {
+            text.push_str(&format!("nodeIPs: [{}]\n", ips.join(", ")));
+        }
+        if !extra.contains("primaryIPs:") {
+            text.push_str(&format!("primaryIPs: [\"{}\", \"{}\"]\n", n.fabric_v4, n.fabric_v6));
+        }
+        text.push_str(extra);
+        std::fs::write(&n.config, text).with_context(|| format!("writing {}", n.config.display()))
+    }
+
+    /// Replaces node `node`'s manifest directory with one file holding `yaml`.
+    /// The file is written aside and renamed, so the agent never reads half of it.
+    pub fn write_manifests(&self, node: usize, yaml: &str) -> anyhow::Result<()> {
+        let dir = &self.nodes[node].manifests;
+        let tmp = dir.with_extension("tmp.yaml");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, dir.join("cluster.yaml"))?;
+        Ok(())
+    }
+
+    /// Starts node `node`'s agent (`ferry run`) and waits until its first sync is programmed.
+    pub fn start_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        if self.nodes[node].agent.is_some() {
+            bail!("the agent of {} is already running", self.nodes[node].name);
+        }
+        let n = &self.nodes[node];
+        let ready = self.state.join(format!("agent-{node}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let log_path = self.state.join(format!("agent-{node}.log"));
+        let log = File::options().create(true).append(true).open(&log_path)?;
+        let mut cmd = self.sb.command(&n.host, &self.ferry);
+        cmd.args(["run", "--manifests"])
+            .arg(&n.manifests)
+            .arg("--node-config")
+            .arg(&n.config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--poll-ms")
+            .arg("50")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let host = n.host.clone();
+        let pid = self.sb.spawn_in(&host, None, cmd)?;
+        self.nodes[node].agent = Some(pid);
+        self.sb
+            .wait_for_file(pid, &ready, Duration::from_secs(30))
+            .with_context(|| format!("agent log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default()))?;
+        Ok(())
+    }
+
+    /// Kills node `node`'s agent without warning (SIGKILL): the datapath stays pinned.
+    pub fn kill_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        if let Some(pid) = self.nodes[node].agent.take() {
+            self.sb.kill(pid)?;
+        }
+        Ok(())
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn agent_log(&self, node: usize) -> String {
+        std::fs::read_to_string(self.state.join(format!("agent-{node}.log"))).unwrap_or_default()
+    }
+
+    /// Polls `check` every 50 ms until it returns true, for at most `limit`.
+    pub fn wait_until(&self, limit: Duration, mut check: impl FnMut(&Lab) -> bool) -> bool {
+        let start = Instant::now();
+        loop {
+            if check(self) {
+                return true;
+            }
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! ferry as a library: the CLI's commands, the config file, the agent's sync
+//! loop, and the sandboxed lab used by the demo, conformance runs, tests and
+//! benchmarks. The `ferry` binary (main.rs) only parses the command line.
+
+pub mod cli;
+pub mod config;
+pub mod lab;
+pub mod node_addrs;
+pub mod proxier;

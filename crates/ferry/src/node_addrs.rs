@@ -1,0 +1,42 @@
+//! Finding this node's addresses when the config does not list them.
+
+use std::net::IpAddr;
+
+/// Every address configured in the current network namespace, except
+/// loopback and IPv6 link-local (they never identify the node to a peer).
+pub fn detect() -> std::io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs/freeifaddrs pair; every pointer is checked before use.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(sa as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(sa as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out.retain(|ip| match ip {
+        IpAddr::V4(v4) => !v4.is_loopback(),
+        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+    });
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
