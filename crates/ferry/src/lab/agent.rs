@@ -22,7 +22,7 @@ impl Lab {
             text.push_str(&format!("nodeIPs: [{}]\n", ips.join(", ")));
         }
         if !extra.contains("primaryIPs:") {
-            text.push_str(&format!("primaryIPs: [\"{}\", \"{}\"]\n", n.fabric_v4, n.fabric_v6));
+            text.push_str(&format!("primaryIPs: [\"{}\", \"{}\"]\n", n.primary_v4, n.primary_v6));
         }
         text.push_str(extra);
         std::fs::write(&n.config, text).with_context(|| format!("writing {}", n.config.display()))

@@ -26,6 +26,11 @@ use ferry_sandbox::{Host, Sandbox};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
+/// Pod default gateway on every node's bridge (link-local, as Calico does, so
+/// it can never collide with an address a test case uses).
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
 /// One node of the lab.
 #[derive(Debug)]
 pub struct LabNode {
@@ -36,11 +41,11 @@ pub struct LabNode {
     pub cgroup: PathBuf,
     /// Where this node's agent pins its datapath.
     pub pin_dir: PathBuf,
-    pub fabric_v4: Ipv4Addr,
-    pub fabric_v6: Ipv6Addr,
-    /// Pod gateway addresses on the node's bridge.
-    pub gateway_v4: Ipv4Addr,
-    pub gateway_v6: Ipv6Addr,
+    /// Addresses on the node's uplink (eth0, on the fabric). The first of each
+    /// family is the primary address.
+    pub addresses: Vec<IpAddr>,
+    pub primary_v4: Ipv4Addr,
+    pub primary_v6: Ipv6Addr,
     pub manifests: PathBuf,
     pub config: PathBuf,
     agent: Option<u32>,
@@ -112,28 +117,68 @@ impl Lab {
         })
     }
 
-    /// Adds node `i` (its index): fabric address 192.168.50.(10+i) / fd00:50::(10+i),
-    /// pod gateway 10.244.i.1 / fd00:244:0:i::1 on bridge br0.
+    /// Adds node `i` (its index) with fabric addresses 192.168.50.(10+i) and fd00:50::(10+i).
     pub fn add_node(&mut self, name: &str) -> anyhow::Result<usize> {
         let i = self.nodes.len();
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 168, 50, 10 + i as u8));
+        let v6: IpAddr = format!("fd00:50::{:x}", 10 + i).parse().unwrap();
+        self.add_node_with(name, &[v4, v6])
+    }
+
+    /// Adds a node whose uplink carries `addresses` (each as a host address;
+    /// the first of each family is primary; both families are required).
+    pub fn add_node_with(&mut self, name: &str, addresses: &[IpAddr]) -> anyhow::Result<usize> {
+        let i = self.nodes.len();
+        let primary_v4 = addresses
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v) => Some(*v),
+                _ => None,
+            })
+            .context("a lab node needs an IPv4 address")?;
+        let primary_v6 = addresses
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V6(v) => Some(*v),
+                _ => None,
+            })
+            .context("a lab node needs an IPv6 address")?;
         let host = self.sb.add_host(&format!("n{i}"))?;
         let cgroup = self.sb.cgroup(&format!("n{i}"))?;
         self.sb.set_forwarding(&host, true)?;
         // Replies to pods may leave by another interface than requests came in (SNAT, hairpin).
         self.sb.sysctl(&host, "net.ipv4.conf.all.rp_filter", "0")?;
         self.sb.sysctl(&host, "net.ipv4.conf.default.rp_filter", "0")?;
-        let fabric_v4 = Ipv4Addr::new(192, 168, 50, 10 + i as u8);
-        let fabric_v6: Ipv6Addr = format!("fd00:50::{:x}", 10 + i).parse().unwrap();
-        let gateway_v4 = Ipv4Addr::new(10, 244, i as u8, 1);
-        let gateway_v6: Ipv6Addr = format!("fd00:244:0:{i:x}::1").parse().unwrap();
         let port = format!("p{i}");
         self.sb.link(&host, "eth0", &self.fabric, &port)?;
         self.sb.attach_to_bridge(&self.fabric, &port, "fab0")?;
-        self.sb.add_address(&host, "eth0", &format!("{fabric_v4}/24"))?;
-        self.sb.add_address(&host, "eth0", &format!("{fabric_v6}/64"))?;
+        let mut lines: Vec<String> = addresses
+            .iter()
+            .map(|a| {
+                format!("addr add {a}/{} dev eth0{}", if v4(*a) { 32 } else { 128 }, if v4(*a) { "" } else { " nodad" })
+            })
+            .collect();
+        lines.push(format!("addr add {GATEWAY_V4}/32 dev br0"));
+        lines.push(format!("addr add {GATEWAY_V6}/64 dev br0 nodad"));
         self.sb.add_bridge(&host, "br0")?;
-        self.sb.add_address(&host, "br0", &format!("{gateway_v4}/32"))?;
-        self.sb.add_address(&host, "br0", &format!("{gateway_v6}/128"))?;
+        self.sb.ip_batch(&host, &lines)?;
+        // Existing nodes and external hosts reach this node on the fabric, and it reaches them.
+        let mut here = Vec::new();
+        for other in &self.nodes {
+            let there: Vec<String> = addresses.iter().map(|a| format!("route replace {a} dev eth0")).collect();
+            self.sb.ip_batch(&other.host, &there)?;
+            here.extend(other.addresses.iter().map(|a| format!("route replace {a} dev eth0")));
+            for p in &other.pods {
+                here.extend(p.ips.iter().map(|ip| {
+                    let via = if v4(*ip) { IpAddr::V4(other.primary_v4) } else { IpAddr::V6(other.primary_v6) };
+                    format!("route replace {ip} via {via} dev eth0")
+                }));
+            }
+        }
+        for x in &self.externals {
+            here.extend(x.ips.iter().map(|ip| format!("route replace {ip} dev eth0")));
+        }
+        self.sb.ip_batch(&host, &here)?;
         let dir = self.state.join(format!("node-{i}"));
         std::fs::create_dir_all(dir.join("manifests"))?;
         let pin_dir = PathBuf::from(ferry_bpf::system::BPFFS).join(format!("{}-n{i}", self.sb.id()));
@@ -142,16 +187,14 @@ impl Lab {
             host,
             cgroup,
             pin_dir,
-            fabric_v4,
-            fabric_v6,
-            gateway_v4,
-            gateway_v6,
+            addresses: addresses.to_vec(),
+            primary_v4,
+            primary_v6,
             manifests: dir.join("manifests"),
             config: dir.join("node.yaml"),
             agent: None,
             pods: Vec::new(),
         });
-        // Every node reaches every other node's pods through that node (native routing).
         Ok(i)
     }
 
@@ -166,31 +209,29 @@ impl Lab {
         let mut pod_lines = Vec::new();
         let mut node_lines = Vec::new();
         for ip in ips {
-            let len = if v4(*ip) { 32 } else { 128 };
+            let (len, src) = if v4(*ip) { (32, IpAddr::V4(n.primary_v4)) } else { (128, IpAddr::V6(n.primary_v6)) };
             pod_lines.push(format!("addr add {ip}/{len} dev eth0{}", if v4(*ip) { "" } else { " nodad" }));
-            node_lines.push(format!("route replace {ip}/{len} dev br0"));
+            // The node talks to its pods from its primary address, not the link-local gateway.
+            node_lines.push(format!("route replace {ip}/{len} dev br0 src {src}"));
         }
-        let has_v4 = ips.iter().any(|ip| v4(*ip));
-        let has_v6 = ips.iter().any(|ip| !v4(*ip));
-        if has_v4 {
-            pod_lines.push(format!("route add {}/32 dev eth0", n.gateway_v4));
-            pod_lines.push(format!("route add default via {} dev eth0", n.gateway_v4));
+        if ips.iter().any(|ip| v4(*ip)) {
+            pod_lines.push(format!("route add {GATEWAY_V4}/32 dev eth0"));
+            pod_lines.push(format!("route add default via {GATEWAY_V4} dev eth0"));
         }
-        if has_v6 {
-            pod_lines.push(format!("route add {}/128 dev eth0", n.gateway_v6));
-            pod_lines.push(format!("route add default via {} dev eth0", n.gateway_v6));
+        if ips.iter().any(|ip| !v4(*ip)) {
+            pod_lines.push(format!("route add default via {GATEWAY_V6} dev eth0"));
         }
         self.sb.ip_batch(&host, &pod_lines)?;
         self.sb.ip_batch(&n.host, &node_lines)?;
-        // The other nodes and external hosts reach this pod through its node.
-        let (via4, via6) = (n.fabric_v4.to_string(), n.fabric_v6.to_string());
+        // The other nodes reach this pod through its node (native routing).
+        let (via4, via6) = (IpAddr::V4(n.primary_v4), IpAddr::V6(n.primary_v6));
         for (k, other) in self.nodes.iter().enumerate() {
             if k == node {
                 continue;
             }
             let lines: Vec<String> = ips
                 .iter()
-                .map(|ip| format!("route replace {ip} via {}", if v4(*ip) { &via4 } else { &via6 }))
+                .map(|ip| format!("route replace {ip} via {} dev eth0", if v4(*ip) { via4 } else { via6 }))
                 .collect();
             self.sb.ip_batch(&other.host, &lines)?;
         }
@@ -212,10 +253,12 @@ impl Lab {
             let len = if v4(*ip) { 32 } else { 128 };
             lines.push(format!("addr add {ip}/{len} dev eth0{}", if v4(*ip) { "" } else { " nodad" }));
         }
-        lines.push(format!("route add {} dev eth0", g.fabric_v4));
-        lines.push(format!("route add default via {} dev eth0", g.fabric_v4));
-        lines.push(format!("route add {} dev eth0", g.fabric_v6));
-        lines.push(format!("route add default via {} dev eth0", g.fabric_v6));
+        // Every node address is on the fabric; everything else goes through the gateway node.
+        for n in &self.nodes {
+            lines.extend(n.addresses.iter().map(|a| format!("route replace {a} dev eth0")));
+        }
+        lines.push(format!("route add default via {} dev eth0", g.primary_v4));
+        lines.push(format!("route add default via {} dev eth0", g.primary_v6));
         self.sb.ip_batch(&host, &lines)?;
         // Every node answers it directly on the fabric.
         for n in &self.nodes {
@@ -235,8 +278,15 @@ impl Lab {
 
     /// Every address of a node as its config's `nodeIPs` should list them.
     pub fn node_ips(&self, node: usize) -> Vec<IpAddr> {
-        let n = &self.nodes[node];
-        vec![n.fabric_v4.into(), n.fabric_v6.into(), n.gateway_v4.into(), n.gateway_v6.into()]
+        self.nodes[node].addresses.clone()
+    }
+
+    /// Points a node's default routes at another host's address on the fabric
+    /// (e.g. an external "world" host), so unmatched traffic has somewhere to go.
+    pub fn set_default_route(&self, node: usize, via: &[IpAddr]) -> anyhow::Result<()> {
+        let lines: Vec<String> = via.iter().map(|ip| format!("route replace default via {ip} dev eth0")).collect();
+        self.sb.ip_batch(&self.nodes[node].host, &lines)?;
+        Ok(())
     }
 
     pub fn node_host(&self, node: usize) -> &Host {
