@@ -1,0 +1,175 @@
+//! What the Kubernetes API source sends, and how it changes a `ClusterState` (pure).
+//!
+//! The source speaks in [`SourceEvent`]s: single changes, whole-kind
+//! replacements after a (re)list, one `Synced` once the first lists are in, and
+//! watch errors for logs. [`apply_event`] is the only way they touch a
+//! `ClusterState`, so the agent and the tests apply them identically.
+
+use ferry_model::state::{ClusterState, ObjectKey, StateChange};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::fmt;
+
+/// A kind of object the source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        })
+    }
+}
+
+/// The complete current set of one kind, as a (re)list returned it.
+#[derive(Debug, Clone)]
+pub enum Snapshot {
+    Services(Vec<Service>),
+    EndpointSlices(Vec<EndpointSlice>),
+    Nodes(Vec<Node>),
+}
+
+impl Snapshot {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Snapshot::Services(_) => Kind::Service,
+            Snapshot::EndpointSlices(_) => Kind::EndpointSlice,
+            Snapshot::Nodes(_) => Kind::Node,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Snapshot::Services(v) => v.len(),
+            Snapshot::EndpointSlices(v) => v.len(),
+            Snapshot::Nodes(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One message from the Kubernetes API source.
+///
+/// Order per kind is the API server's order. A consumer applies `Change` and
+/// `Replace` with [`apply_event`] and must not program the datapath before
+/// `Synced`: until then the state may hold Services without their endpoints,
+/// and writing rules from it would briefly blackhole traffic.
+#[derive(Debug, Clone)]
+pub enum SourceEvent {
+    /// One object was added, modified or deleted.
+    Change(StateChange),
+    /// A (re)list of one kind finished: this is the full current set, and
+    /// objects of that kind not in it are gone (e.g. deleted during an outage).
+    Replace(Snapshot),
+    /// Services and EndpointSlices have both completed their first list. Sent
+    /// once per run; the Node watch does not hold it back.
+    Synced,
+    /// A list or watch failed; the source retries with backoff by itself.
+    /// For logs and metrics only: the state is still correct, only late.
+    WatchError { kind: Kind, message: String },
+}
+
+/// Applies a Change or Replace to the state; returns whether the state may have
+/// changed (false for `Synced` and `WatchError`).
+pub fn apply_event(state: &mut ClusterState, event: &SourceEvent) -> bool {
+    match event {
+        SourceEvent::Change(change) => {
+            state.apply(change.clone());
+            true
+        }
+        SourceEvent::Replace(Snapshot::Services(all)) => {
+            state.services = all.iter().map(|o| (ObjectKey::of_meta(&o.metadata), o.clone())).collect();
+            true
+        }
+        SourceEvent::Replace(Snapshot::EndpointSlices(all)) => {
+            state.endpoint_slices = all.iter().map(|o| (ObjectKey::of_meta(&o.metadata), o.clone())).collect();
+            true
+        }
+        SourceEvent::Replace(Snapshot::Nodes(all)) => {
+            state.nodes = all.iter().map(|o| (o.metadata.name.clone().unwrap_or_default(), o.clone())).collect();
+            true
+        }
+        SourceEvent::Synced | SourceEvent::WatchError { .. } => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn meta(ns: Option<&str>, name: &str, rv: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: ns.map(Into::into),
+            name: Some(name.into()),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        }
+    }
+
+    fn svc(name: &str, rv: &str) -> Service {
+        Service { metadata: meta(Some("default"), name, rv), ..Default::default() }
+    }
+
+    fn slice(name: &str, rv: &str) -> EndpointSlice {
+        EndpointSlice { metadata: meta(Some("default"), name, rv), ..Default::default() }
+    }
+
+    fn node(name: &str) -> Node {
+        Node { metadata: meta(None, name, "1"), ..Default::default() }
+    }
+
+    fn keys<V>(m: &std::collections::BTreeMap<ObjectKey, V>) -> Vec<String> {
+        m.keys().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn replace_removes_vanished_objects_and_keeps_the_rest() {
+        let mut state = ClusterState::default();
+        for ev in [
+            SourceEvent::Change(StateChange::ServiceApplied(Box::new(svc("a", "1")))),
+            SourceEvent::Change(StateChange::ServiceApplied(Box::new(svc("b", "2")))),
+            SourceEvent::Change(StateChange::EndpointSliceApplied(Box::new(slice("a-1", "3")))),
+            SourceEvent::Change(StateChange::NodeApplied(Box::new(node("n1")))),
+        ] {
+            assert!(apply_event(&mut state, &ev));
+        }
+
+        // A relist of Services: b vanished, a changed, c is new.
+        apply_event(&mut state, &SourceEvent::Replace(Snapshot::Services(vec![svc("a", "9"), svc("c", "10")])));
+        assert_eq!(keys(&state.services), ["default/a", "default/c"]);
+        assert_eq!(state.services[&ObjectKey::new("default", "a")].metadata.resource_version.as_deref(), Some("9"));
+        // Other kinds are untouched by a Services relist.
+        assert_eq!(keys(&state.endpoint_slices), ["default/a-1"]);
+        assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["n1"]);
+
+        apply_event(&mut state, &SourceEvent::Replace(Snapshot::EndpointSlices(vec![])));
+        assert!(state.endpoint_slices.is_empty());
+        apply_event(&mut state, &SourceEvent::Replace(Snapshot::Nodes(vec![node("n2")])));
+        assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["n2"]);
+        assert_eq!(keys(&state.services), ["default/a", "default/c"]);
+    }
+
+    #[test]
+    fn deletes_and_non_state_events() {
+        let mut state = ClusterState::default();
+        apply_event(&mut state, &SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "2")])));
+        apply_event(&mut state, &SourceEvent::Change(StateChange::ServiceDeleted(ObjectKey::new("default", "a"))));
+        assert_eq!(keys(&state.services), ["default/b"]);
+
+        let before = state.clone();
+        assert!(!apply_event(&mut state, &SourceEvent::Synced));
+        assert!(!apply_event(&mut state, &SourceEvent::WatchError { kind: Kind::Service, message: "x".into() }));
+        assert_eq!(state, before);
+    }
+}
