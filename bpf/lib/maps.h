@@ -253,12 +253,25 @@ struct {
 
 /* ---- node-wide settings ---- */
 
+/* config.flags */
+#define CFG_PODS_BY_RANGE 1  /* a source inside a RANGE_POD range is a pod (ClusterCIDR / NodeCIDR) */
+#define CFG_PODS_BY_DEVICE 2 /* a packet arriving on a DEV_POD device is from a pod (interface detectors) */
+
 struct config {
 	__u64 host_netns;  /* netns cookie of the host: sockets there are CLASS_HOST */
 	__u8 pod_class[2]; /* class of other sockets, per family (CLASS_POD when pods can be told apart) */
 	__u8 flags;
 	__u8 pad[5];
-	__u32 primary[2][4]; /* primary node address per family (source-range checks of host sockets) */
+	__u32 primary[2][4]; /* primary node address per family (source-range checks, SNAT fallback) */
+	/* Connection-tracking lifetimes, seconds. */
+	__u32 tcp_syn_timeout;
+	__u32 tcp_established_timeout;
+	__u32 tcp_close_timeout;
+	__u32 udp_timeout;
+	/* Source ports for SNAT, inclusive; never overlapping the NodePort range. */
+	__u16 nat_port_min;
+	__u16 nat_port_max;
+	__u32 pad2;
 };
 
 struct {
@@ -268,6 +281,70 @@ struct {
 	__type(value, struct config);
 	PIN_BY_NAME;
 } ferry_config SEC(".maps");
+
+/* ---- node devices the tc programs are attached to ---- */
+
+#define DEV_EXTERNAL 1 /* an uplink: traffic from outside the node arrives here */
+#define DEV_POD 2      /* faces pods (a bridge, or pod veths) */
+
+struct device {
+	__u32 snat[2][4]; /* SNAT address per family for traffic leaving here (0: the primary address) */
+	__u8 flags;
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32); /* ifindex */
+	__type(value, struct device);
+	PIN_BY_NAME;
+} ferry_devices SEC(".maps");
+
+/* ---- connection tracking and NAT of the packet path ---- */
+
+/* A flow is tracked by two entries, created and removed together: the
+ * original direction as it arrives (client -> frontend) and the reply
+ * direction as it arrives (backend -> client, or backend -> SNAT address). Each
+ * says how to rewrite the packet, so either direction is one lookup. */
+#define CT_ORIGINAL 0
+#define CT_REPLY 1
+
+struct ct_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 dir;
+	__u8 pad;
+};
+
+/* ct_val.flags */
+#define CT_SNAT 1        /* the source was rewritten too */
+#define CT_REPLIED 2     /* a reply was seen */
+#define CT_CLOSING 4     /* FIN or RST seen */
+
+struct ct_val {
+	__u32 new_src[4];
+	__u32 new_dst[4];
+	__be16 new_sport;
+	__be16 new_dport;
+	__u32 backend;  /* backend id, to find the flows of a removed backend */
+	__u32 service;
+	__u8 flags;
+	__u8 pad[3];
+	__u64 expires_ns; /* bpf_ktime_get_ns() deadline; expired entries are misses */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 524288);
+	__type(key, struct ct_key);
+	__type(value, struct ct_val);
+	PIN_BY_NAME;
+} ferry_ct SEC(".maps");
 
 /* ---- service names, for `ferry status` only ---- */
 

@@ -19,6 +19,17 @@ enum ferry_stat {
 	STAT_SOCK_SKIP_HAIRPIN,   /* left to the packet path: the backend is the client itself */
 	STAT_SOCK_NO_BACKEND,     /* a backend slot vanished under an update (retried next time) */
 	STAT_AFFINITY_HIT,        /* session affinity kept the previous backend */
+	STAT_PKT_NEW_FLOW,        /* packet path: a new flow was load-balanced */
+	STAT_PKT_FORWARD,         /* packet path: a tracked flow was translated (either direction) */
+	STAT_PKT_REJECT,          /* packet path: ICMP unreachable sent back (no usable endpoint) */
+	STAT_DROP_NO_ENDPOINT,    /* dropped: traffic policy Local and no endpoint on this node */
+	STAT_DROP_FIREWALL,       /* dropped: source outside loadBalancerSourceRanges */
+	STAT_DROP_SERVICE_CIDR,   /* dropped: unallocated address inside the service CIDR */
+	STAT_DROP_NAT_EXHAUSTED,  /* dropped: no free SNAT source port after all retries */
+	STAT_DROP_CT_CLASH,       /* dropped: the backend-side tuple is already tracked for another flow */
+	STAT_DROP_NO_ROUTE,       /* dropped: no route (FIB) to the chosen backend */
+	STAT_DROP_UNSUPPORTED,    /* dropped: a translation this datapath cannot do (e.g. SCTP port change) */
+	STAT_NAT_RETRY,           /* SNAT source-port collisions resolved by retrying */
 	STAT_COUNT_,
 };
 

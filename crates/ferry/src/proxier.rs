@@ -82,4 +82,27 @@ impl Proxier {
         self.last = Some(plan);
         Ok(report)
     }
+
+    /// The Plan programmed by the last successful sync.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.last.as_ref()
+    }
+
+    /// Datapath counters (named like `ferry_bpf::stats::NAMES`).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        ferry_bpf::stats::NAMES.iter().copied().zip(self.maps.counters()).collect()
+    }
+
+    /// Verifies the kernel maps against the last Plan: re-reads them, and
+    /// rewrites whatever drifted (something deleted an entry, a partial
+    /// apply). Returns the number of corrections made.
+    pub fn resync(&mut self) -> anyhow::Result<usize> {
+        let Some(plan) = self.last.clone() else { return Ok(0) };
+        let mut fresh = Programmer::adopt(&self.maps.dump());
+        let ops = fresh.sync(&plan, None, self.runtime);
+        self.maps.apply(&ops).context("correcting the datapath maps")?;
+        self.programmer = fresh;
+        self.dirty = false;
+        Ok(ops.len())
+    }
 }
