@@ -147,12 +147,32 @@ pub struct RangeKey {
     pub addr: Words,
 }
 
+pub const CFG_PODS_BY_RANGE: u8 = 1;
+pub const CFG_PODS_BY_DEVICE: u8 = 2;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Config {
     pub host_netns: u64,
     pub pod_class: [u8; 2],
     pub flags: u8,
     pub primary: [Words; 2],
+    pub tcp_syn_timeout: u32,
+    pub tcp_established_timeout: u32,
+    pub tcp_close_timeout: u32,
+    pub udp_timeout: u32,
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+}
+
+pub const DEV_EXTERNAL: u8 = 1;
+pub const DEV_POD: u8 = 2;
+
+/// A node device the tc programs are attached to (`struct device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Device {
+    /// SNAT address per family for traffic leaving through it; zero: the primary address.
+    pub snat: [Words; 2],
+    pub flags: u8,
 }
 
 /// One write to or delete from a datapath map.
@@ -177,6 +197,8 @@ pub enum MapOp {
     PutRange(RangeKey),
     DelRange(RangeKey),
     PutConfig(Config),
+    PutDevice(u32, Device),
+    DelDevice(u32),
 }
 
 #[cfg(test)]

@@ -19,4 +19,4 @@ pub mod system;
 pub use entries::MapOp;
 pub use install::{InstallOptions, Installed, install, uninstall};
 pub use maps::Maps;
-pub use program::{MapDump, NodeRuntime, Programmer, canonical_name};
+pub use program::{CtTimeouts, MapDump, NodeRuntime, Programmer, canonical_name};

@@ -26,6 +26,8 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_config",
     "ferry_names",
     "ferry_stats",
+    "ferry_devices",
+    "ferry_ct",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +92,37 @@ fn enc_range(k: &RangeKey) -> t::range_key {
     t::range_key { prefixlen: k.prefixlen, kind: k.kind, family: k.family, pad: 0, addr: k.addr }
 }
 fn enc_config(c: &Config) -> t::config {
-    t::config { host_netns: c.host_netns, pod_class: c.pod_class, flags: c.flags, pad: [0; 5], primary: c.primary }
+    t::config {
+        host_netns: c.host_netns,
+        pod_class: c.pod_class,
+        flags: c.flags,
+        pad: [0; 5],
+        primary: c.primary,
+        tcp_syn_timeout: c.tcp_syn_timeout,
+        tcp_established_timeout: c.tcp_established_timeout,
+        tcp_close_timeout: c.tcp_close_timeout,
+        udp_timeout: c.udp_timeout,
+        nat_port_min: c.nat_port_min,
+        nat_port_max: c.nat_port_max,
+        pad2: 0,
+    }
+}
+fn dec_config(c: t::config) -> Config {
+    Config {
+        host_netns: c.host_netns,
+        pod_class: c.pod_class,
+        flags: c.flags,
+        primary: c.primary,
+        tcp_syn_timeout: c.tcp_syn_timeout,
+        tcp_established_timeout: c.tcp_established_timeout,
+        tcp_close_timeout: c.tcp_close_timeout,
+        udp_timeout: c.udp_timeout,
+        nat_port_min: c.nat_port_min,
+        nat_port_max: c.nat_port_max,
+    }
+}
+fn enc_device(d: &Device) -> t::device {
+    t::device { snat: d.snat, flags: d.flags, pad: [0; 3] }
 }
 fn enc_name(s: &str) -> t::svc_name {
     let mut n = t::svc_name::default();
@@ -120,6 +152,8 @@ pub struct Maps {
     config: MapHandle,
     names: MapHandle,
     stats: MapHandle,
+    devices: MapHandle,
+    ct: MapHandle,
 }
 
 impl Maps {
@@ -144,6 +178,8 @@ impl Maps {
             config: open("ferry_config")?,
             names: open("ferry_names")?,
             stats: open("ferry_stats")?,
+            devices: open("ferry_devices")?,
+            ct: open("ferry_ct")?,
         })
     }
 
@@ -190,6 +226,8 @@ impl Maps {
             MapOp::PutRange(k) => put(&self.ranges, "ferry_ranges", bytes(&enc_range(k)), &one),
             MapOp::DelRange(k) => del(&self.ranges, "ferry_ranges", bytes(&enc_range(k))),
             MapOp::PutConfig(c) => put(&self.config, "ferry_config", &0u32.to_ne_bytes(), bytes(&enc_config(c))),
+            MapOp::PutDevice(i, d) => put(&self.devices, "ferry_devices", &i.to_ne_bytes(), bytes(&enc_device(d))),
+            MapOp::DelDevice(i) => del(&self.devices, "ferry_devices", &i.to_ne_bytes()),
         }
     }
 
@@ -233,15 +271,14 @@ impl Maps {
             let k: t::range_key = from_bytes(&k);
             d.ranges.push(RangeKey { prefixlen: k.prefixlen, kind: k.kind, family: k.family, addr: k.addr });
         }
+        for (k, v) in Self::entries(&self.devices) {
+            let v: t::device = from_bytes(&v);
+            d.devices.push((from_bytes::<u32>(&k), Device { snat: v.snat, flags: v.flags }));
+        }
         if let Ok(Some(v)) = self.config.lookup(&0u32.to_ne_bytes(), MapFlags::ANY) {
             let c: t::config = from_bytes(&v);
             if c.host_netns != 0 {
-                d.config = Some(Config {
-                    host_netns: c.host_netns,
-                    pod_class: c.pod_class,
-                    flags: c.flags,
-                    primary: c.primary,
-                });
+                d.config = Some(dec_config(c));
             }
         }
         d
@@ -264,5 +301,10 @@ impl Maps {
     /// Entries currently held by the LRU maps (socket reverse NAT, affinity).
     pub fn lru_fill(&self) -> (usize, usize) {
         (self.sock_rev.keys().count(), self.affinity.keys().count())
+    }
+
+    /// The packet path's connection-tracking map.
+    pub fn ct(&self) -> &MapHandle {
+        &self.ct
     }
 }

@@ -22,11 +22,33 @@ use ferry_model::{
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-/// Facts about the running node that are not in the Plan.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Connection-tracking lifetimes of the packet path, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub tcp_syn: u32,
+    pub tcp_established: u32,
+    pub tcp_close: u32,
+    pub udp: u32,
+}
+
+impl Default for CtTimeouts {
+    /// The kernel's own conntrack defaults (what kube-proxy leaves in place),
+    /// except TCP established: kube-proxy's 24 hours.
+    fn default() -> Self {
+        CtTimeouts { tcp_syn: 60, tcp_established: 86400, tcp_close: 10, udp: 30 }
+    }
+}
+
+/// Facts about the running node and datapath settings that are not in the Plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeRuntime {
     /// Network-namespace cookie of the host: sockets there are the host itself.
     pub host_netns_cookie: u64,
+    pub timeouts: CtTimeouts,
+    /// Inclusive SNAT source-port range.
+    pub nat_ports: (u16, u16),
+    /// Devices the tc programs are attached to, by ifindex.
+    pub devices: BTreeMap<u32, Device>,
 }
 
 /// The name under which a service port is programmed (and shown by `ferry status`).
@@ -92,8 +114,12 @@ impl Ops {
             MapOp::PutBackend(..) => 0,
             MapOp::PutSlot(..) | MapOp::PutMember(..) | MapOp::PutFirewall(..) | MapOp::PutName(..) => 1,
             MapOp::PutService(..) => 2,
-            MapOp::PutFrontend(..) | MapOp::PutLocal(..) | MapOp::PutRange(..) | MapOp::PutConfig(..) => 3,
-            MapOp::DelFrontend(..) | MapOp::DelLocal(..) | MapOp::DelRange(..) => 4,
+            MapOp::PutFrontend(..)
+            | MapOp::PutLocal(..)
+            | MapOp::PutRange(..)
+            | MapOp::PutConfig(..)
+            | MapOp::PutDevice(..) => 3,
+            MapOp::DelFrontend(..) | MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelDevice(..) => 4,
             MapOp::DelService(..) | MapOp::DelName(..) => 5,
             MapOp::DelSlot(..) | MapOp::DelMember(..) | MapOp::DelFirewall(..) => 6,
             MapOp::DelBackend(..) => 7,
@@ -150,6 +176,7 @@ pub struct MapDump {
     pub locals: Vec<(LocalKey, u8)>,
     pub ranges: Vec<RangeKey>,
     pub config: Option<Config>,
+    pub devices: Vec<(u32, Device)>,
 }
 
 /// Mirror of the programmed datapath; see the module documentation.
@@ -162,6 +189,7 @@ pub struct Programmer {
     locals: BTreeMap<LocalKey, u8>,
     ranges: BTreeSet<RangeKey>,
     config: Option<Config>,
+    devices: BTreeMap<u32, Device>,
 }
 
 fn action(route: &Route) -> u8 {
@@ -283,6 +311,7 @@ impl Programmer {
         p.locals = dump.locals.iter().copied().collect();
         p.ranges = dump.ranges.iter().copied().collect();
         p.config = dump.config;
+        p.devices = dump.devices.iter().copied().collect();
         p
     }
 
@@ -302,7 +331,7 @@ impl Programmer {
     /// The operations that bring the datapath from what was programmed to
     /// `plan`. With `diff`, only the service ports it names are examined;
     /// without, everything is.
-    pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>, rt: NodeRuntime) -> Vec<MapOp> {
+    pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>, rt: &NodeRuntime) -> Vec<MapOp> {
         let mut ops = Ops::default();
         let full = diff.is_none_or(|d| d.node_changed);
         let touched: HashSet<String> = if full {
@@ -493,7 +522,7 @@ impl Programmer {
         self.service_ids.release(id);
     }
 
-    fn sync_node(&mut self, plan: &Plan, rt: NodeRuntime, ops: &mut Ops) {
+    fn sync_node(&mut self, plan: &Plan, rt: &NodeRuntime, ops: &mut Ops) {
         let node = &plan.node;
         let mut locals = BTreeMap::new();
         for ip in &node.local_addresses {
@@ -535,16 +564,39 @@ impl Programmer {
 
         let class = |f| if node.detects_pods(f) { CLASS_POD } else { CLASS_EXTERNAL };
         let primary = |f| node.primary_ips.get(&f).map(words).unwrap_or([0; 4]);
+        let flags = match node.local_detector {
+            LocalDetector::ClusterCidr | LocalDetector::NodeCidr => CFG_PODS_BY_RANGE,
+            LocalDetector::InterfaceNamePrefix(_) | LocalDetector::BridgeInterface(_) => CFG_PODS_BY_DEVICE,
+            LocalDetector::None => 0,
+        };
         let config = Config {
             host_netns: rt.host_netns_cookie,
             pod_class: [class(ferry_model::IpFamily::V4), class(ferry_model::IpFamily::V6)],
-            flags: 0,
+            flags,
             primary: [primary(ferry_model::IpFamily::V4), primary(ferry_model::IpFamily::V6)],
+            tcp_syn_timeout: rt.timeouts.tcp_syn,
+            tcp_established_timeout: rt.timeouts.tcp_established,
+            tcp_close_timeout: rt.timeouts.tcp_close,
+            udp_timeout: rt.timeouts.udp,
+            nat_port_min: rt.nat_ports.0,
+            nat_port_max: rt.nat_ports.1,
         };
         if self.config != Some(config) {
             ops.push(MapOp::PutConfig(config));
         }
         self.config = Some(config);
+
+        for (ifindex, d) in &rt.devices {
+            if self.devices.get(ifindex) != Some(d) {
+                ops.push(MapOp::PutDevice(*ifindex, *d));
+            }
+        }
+        for ifindex in self.devices.keys() {
+            if !rt.devices.contains_key(ifindex) {
+                ops.push(MapOp::DelDevice(*ifindex));
+            }
+        }
+        self.devices = rt.devices.clone();
 
         let markers: BTreeSet<FeKey> = plan
             .cluster_ips

@@ -11,6 +11,17 @@ pub const NAMES: &[&str] = &[
     "sock_skip_hairpin",
     "sock_no_backend",
     "affinity_hit",
+    "pkt_new_flow",
+    "pkt_forward",
+    "pkt_reject",
+    "drop_no_endpoint",
+    "drop_firewall",
+    "drop_service_cidr",
+    "drop_nat_exhausted",
+    "drop_ct_clash",
+    "drop_no_route",
+    "drop_unsupported",
+    "nat_retry",
 ];
 
 #[cfg(test)]

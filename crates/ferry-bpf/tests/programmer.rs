@@ -22,6 +22,7 @@ struct Kernel {
     locals: BTreeMap<LocalKey, u8>,
     ranges: BTreeSet<RangeKey>,
     config: Option<Config>,
+    devices: BTreeMap<u32, Device>,
 }
 
 impl Kernel {
@@ -46,6 +47,8 @@ impl Kernel {
             MapOp::PutRange(k) => drop(self.ranges.insert(k)),
             MapOp::DelRange(k) => assert!(self.ranges.remove(&k)),
             MapOp::PutConfig(c) => self.config = Some(c),
+            MapOp::PutDevice(i, d) => drop(self.devices.insert(i, d)),
+            MapOp::DelDevice(i) => assert!(self.devices.remove(&i).is_some()),
         }
     }
 
@@ -83,6 +86,7 @@ impl Kernel {
             locals: self.locals.iter().map(|(k, v)| (*k, *v)).collect(),
             ranges: self.ranges.iter().copied().collect(),
             config: self.config,
+            devices: self.devices.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 
@@ -146,14 +150,16 @@ fn fe(ip: &str, port: u16) -> FeKey {
     FeKey { addr: words(&ip), port, proto: 6, family: family_of(&ip) }
 }
 
-const RT: NodeRuntime = NodeRuntime { host_netns_cookie: 4242 };
+fn rt() -> NodeRuntime {
+    NodeRuntime { host_netns_cookie: 4242, nat_ports: (61000, 65535), ..Default::default() }
+}
 
 #[test]
 fn full_sync_programs_the_plan() {
     let plan = build_plan(&cluster(5, &["10.2.0.1", "10.2.0.2"]), &cfg());
     let mut p = Programmer::new();
     let mut k = Kernel::default();
-    k.apply_all(&p.sync(&plan, None, RT));
+    k.apply_all(&p.sync(&plan, None, &rt()));
     assert_eq!(k.services.len(), 5);
     assert_eq!(k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).len(), 2);
     // NodePort frontend (any address), LB frontend with firewall, ClusterIP marker.
@@ -167,7 +173,7 @@ fn full_sync_programs_the_plan() {
     assert_eq!(k.config.unwrap().host_netns, 4242);
     assert!(!k.firewall.is_empty());
     // A second sync of the same plan changes nothing.
-    assert!(p.sync(&plan, None, RT).is_empty());
+    assert!(p.sync(&plan, None, &rt()).is_empty());
 }
 
 #[test]
@@ -177,9 +183,9 @@ fn one_endpoint_change_touches_only_that_service() {
     let b = build_plan(&cluster(200, &["10.2.0.1", "10.2.0.3"]), &cfg);
     let mut p = Programmer::new();
     let mut k = Kernel::default();
-    k.apply_all(&p.sync(&a, None, RT));
+    k.apply_all(&p.sync(&a, None, &rt()));
     let diff = Plan::diff(&a, &b);
-    let ops = p.sync(&b, Some(&diff), RT);
+    let ops = p.sync(&b, Some(&diff), &rt());
     k.apply_all(&ops);
     let touched: BTreeSet<u32> = ops
         .iter()
@@ -199,7 +205,7 @@ fn one_endpoint_change_touches_only_that_service() {
     assert!(ops[..flip].iter().all(|o| !matches!(o, MapOp::DelSlot(..) | MapOp::DelBackend(..))));
     // Same result as a full sync from scratch.
     let mut fresh = Kernel::default();
-    fresh.apply_all(&Programmer::new().sync(&b, None, RT));
+    fresh.apply_all(&Programmer::new().sync(&b, None, &rt()));
     assert_eq!(fresh.resolve(&fe("172.30.0.1", 80), SET_CLUSTER), k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER));
 }
 
@@ -220,8 +226,8 @@ fn changes_in_sequence_stay_consistent_and_clean_up() {
     for (i, st) in steps.iter().enumerate() {
         let plan = build_plan(st, &cfg);
         let ops = match &prev {
-            Some(old) => p.sync(&plan, Some(&Plan::diff(old, &plan)), RT),
-            None => p.sync(&plan, None, RT),
+            Some(old) => p.sync(&plan, Some(&Plan::diff(old, &plan)), &rt()),
+            None => p.sync(&plan, None, &rt()),
         };
         k.apply_all(&ops);
         assert_eq!(k.services.len(), plan.services.len(), "step {i}");
@@ -238,18 +244,18 @@ fn an_adopted_datapath_needs_no_operations() {
     let plan = build_plan(&cluster(20, &["10.2.0.1", "10.2.0.2"]), &cfg());
     let mut first = Programmer::new();
     let mut k = Kernel::default();
-    k.apply_all(&first.sync(&plan, None, RT));
+    k.apply_all(&first.sync(&plan, None, &rt()));
     // Churn once so both revisions are populated.
     let plan2 = build_plan(&cluster(20, &["10.2.0.1", "10.2.0.5"]), &cfg());
-    k.apply_all(&first.sync(&plan2, Some(&Plan::diff(&plan, &plan2)), RT));
+    k.apply_all(&first.sync(&plan2, Some(&Plan::diff(&plan, &plan2)), &rt()));
 
     let mut adopted = Programmer::adopt(&k.dump());
     assert_eq!(adopted.service_count(), 20);
-    let ops = adopted.sync(&plan2, None, RT);
+    let ops = adopted.sync(&plan2, None, &rt());
     assert!(ops.is_empty(), "{ops:#?}");
     // ...and keeps working incrementally afterwards.
     let plan3 = build_plan(&cluster(20, &["10.2.0.7"]), &cfg());
-    k.apply_all(&adopted.sync(&plan3, Some(&Plan::diff(&plan2, &plan3)), RT));
+    k.apply_all(&adopted.sync(&plan3, Some(&Plan::diff(&plan2, &plan3)), &rt()));
     let got: Vec<String> = k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).iter().map(|(ip, _)| ip.to_string()).collect();
     assert_eq!(got, ["10.2.0.7"]);
 }
@@ -258,7 +264,7 @@ fn an_adopted_datapath_needs_no_operations() {
 fn routes_become_actions() {
     let plan = build_plan(&cluster(2, &["10.2.0.1"]), &cfg());
     let mut k = Kernel::default();
-    k.apply_all(&Programmer::new().sync(&plan, None, RT));
+    k.apply_all(&Programmer::new().sync(&plan, None, &rt()));
     // s0: eTP Local with a local endpoint; s1: eTP Cluster.
     let s0 = &k.services[&k.frontends[&fe("172.30.0.1", 80)].service];
     assert_eq!(s0.action[1][2], ACT_FORWARD_LOCAL, "outside -> local endpoints, client IP kept");

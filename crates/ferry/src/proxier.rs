@@ -40,7 +40,11 @@ pub struct Proxier {
 impl Proxier {
     /// Installs (or adopts) the datapath and prepares to program it.
     pub fn start(cfg: NodeConfig, opts: &InstallOptions) -> anyhow::Result<(Proxier, ferry_bpf::Installed)> {
-        let runtime = NodeRuntime { host_netns_cookie: ferry_bpf::system::current_netns_cookie()? };
+        let runtime = NodeRuntime {
+            host_netns_cookie: ferry_bpf::system::current_netns_cookie()?,
+            nat_ports: (61000, 65535),
+            ..Default::default()
+        };
         let installed = ferry_bpf::install(opts).context("installing the eBPF datapath")?;
         let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
         let programmer = if installed.adopted { Programmer::adopt(&maps.dump()) } else { Programmer::new() };
@@ -56,7 +60,7 @@ impl Proxier {
             (Some(last), false) => Some(Plan::diff(last, &plan)),
             _ => None,
         };
-        let ops = self.programmer.sync(&plan, diff.as_ref(), self.runtime);
+        let ops = self.programmer.sync(&plan, diff.as_ref(), &self.runtime);
         let plan_time = t0.elapsed();
         let t1 = Instant::now();
         if let Err(e) = self.maps.apply(&ops) {
@@ -99,7 +103,7 @@ impl Proxier {
     pub fn resync(&mut self) -> anyhow::Result<usize> {
         let Some(plan) = self.last.clone() else { return Ok(0) };
         let mut fresh = Programmer::adopt(&self.maps.dump());
-        let ops = fresh.sync(&plan, None, self.runtime);
+        let ops = fresh.sync(&plan, None, &self.runtime);
         self.maps.apply(&ops).context("correcting the datapath maps")?;
         self.programmer = fresh;
         self.dirty = false;
