@@ -7,13 +7,32 @@
 //! inside the existing links (`bpf_link_update`), so no connection notices.
 
 use crate::maps::{MAP_NAMES, MapError, Maps};
+use crate::skel::netdev::{NetdevSkelBuilder, OpenNetdevSkel};
 use crate::skel::sock::{OpenSockSkel, SockSkelBuilder};
 use crate::system::{self, SystemError};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Link, OpenMapMut, ProgramMut};
+use libbpf_rs::{AsRawLibbpf, Link, OpenMapMut, ProgramMut};
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+/// The role of a node device the tc programs are attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeviceRole {
+    /// An uplink: ingress (from outside) and egress programs.
+    External,
+    /// Faces pods (a bridge, or a pod veth): ingress program only.
+    Pod,
+}
+
+impl DeviceRole {
+    fn tag(&self) -> &'static str {
+        match self {
+            DeviceRole::External => "ext",
+            DeviceRole::Pod => "pod",
+        }
+    }
+}
 
 /// Where the datapath is installed.
 #[derive(Debug, Clone)]
@@ -22,6 +41,16 @@ pub struct InstallOptions {
     pub pin_dir: PathBuf,
     /// cgroup v2 directory whose sockets are load-balanced (the cgroup2 root on a real node).
     pub cgroup: PathBuf,
+    /// Devices (by name) that get the per-packet programs.
+    pub devices: Vec<(String, DeviceRole)>,
+}
+
+/// A device the tc programs are attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedDevice {
+    pub name: String,
+    pub ifindex: u32,
+    pub role: DeviceRole,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +67,8 @@ pub enum InstallError {
     Libbpf { step: String, source: libbpf_rs::Error },
     #[error(transparent)]
     Maps(#[from] MapError),
+    #[error("device {0} does not exist in this network namespace (check bpf.devices / bpf.podDevices)")]
+    NoDevice(String),
 }
 
 fn lb(step: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> InstallError {
@@ -54,29 +85,45 @@ pub struct Installed {
     pub links_updated: usize,
     /// Links that were newly attached.
     pub links_attached: usize,
+    /// Devices carrying the per-packet programs.
+    pub devices: Vec<AttachedDevice>,
 }
 
-fn pin_maps(open: &mut OpenSockSkel, dir: &Path) -> Result<(), InstallError> {
-    let maps = &mut open.maps;
-    let all: [(&str, &mut OpenMapMut); 13] = [
-        ("ferry_frontends", &mut maps.ferry_frontends),
-        ("ferry_services", &mut maps.ferry_services),
-        ("ferry_slots", &mut maps.ferry_slots),
-        ("ferry_backends", &mut maps.ferry_backends),
-        ("ferry_members", &mut maps.ferry_members),
-        ("ferry_sock_rev", &mut maps.ferry_sock_rev),
-        ("ferry_affinity", &mut maps.ferry_affinity),
-        ("ferry_firewall", &mut maps.ferry_firewall),
-        ("ferry_locals", &mut maps.ferry_locals),
-        ("ferry_ranges", &mut maps.ferry_ranges),
-        ("ferry_config", &mut maps.ferry_config),
-        ("ferry_names", &mut maps.ferry_names),
-        ("ferry_stats", &mut maps.ferry_stats),
-    ];
+macro_rules! map_list {
+    ($maps:expr) => {
+        [
+            ("ferry_frontends", &mut $maps.ferry_frontends),
+            ("ferry_services", &mut $maps.ferry_services),
+            ("ferry_slots", &mut $maps.ferry_slots),
+            ("ferry_backends", &mut $maps.ferry_backends),
+            ("ferry_members", &mut $maps.ferry_members),
+            ("ferry_sock_rev", &mut $maps.ferry_sock_rev),
+            ("ferry_affinity", &mut $maps.ferry_affinity),
+            ("ferry_firewall", &mut $maps.ferry_firewall),
+            ("ferry_locals", &mut $maps.ferry_locals),
+            ("ferry_ranges", &mut $maps.ferry_ranges),
+            ("ferry_config", &mut $maps.ferry_config),
+            ("ferry_names", &mut $maps.ferry_names),
+            ("ferry_stats", &mut $maps.ferry_stats),
+            ("ferry_devices", &mut $maps.ferry_devices),
+            ("ferry_ct", &mut $maps.ferry_ct),
+        ]
+    };
+}
+
+fn set_pins(all: Vec<(&str, &mut OpenMapMut)>, dir: &Path) -> Result<(), InstallError> {
     for (name, map) in all {
         map.set_pin_path(dir.join(name)).map_err(lb(format!("setting pin path of {name}")))?;
     }
     Ok(())
+}
+
+fn pin_sock_maps(open: &mut OpenSockSkel, dir: &Path) -> Result<(), InstallError> {
+    set_pins(map_list!(open.maps).into(), dir)
+}
+
+fn pin_netdev_maps(open: &mut OpenNetdevSkel, dir: &Path) -> Result<(), InstallError> {
+    set_pins(map_list!(open.maps).into(), dir)
 }
 
 /// The inode of a cgroup directory, which is its cgroup id on cgroup v2.
@@ -118,7 +165,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
 
     let mut storage = MaybeUninit::uninit();
     let mut open = SockSkelBuilder::default().open(&mut storage).map_err(lb("opening the socket BPF object"))?;
-    pin_maps(&mut open, &opts.pin_dir)?;
+    pin_sock_maps(&mut open, &opts.pin_dir)?;
     let skel = open.load().map_err(lb("loading the socket BPF programs (verifier)"))?;
 
     let cg = std::fs::File::open(&opts.cgroup)
@@ -144,8 +191,100 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     }
     // The skeleton may go now: pinned links hold the programs, pins hold the maps.
     drop(skel);
+
+    let devices = attach_devices(opts, &links_dir, &mut updated, &mut attached)?;
     let maps = Maps::open(&opts.pin_dir)?;
-    Ok(Installed { maps, adopted, links_updated: updated, links_attached: attached })
+    Ok(Installed { maps, adopted, links_updated: updated, links_attached: attached, devices })
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Attaches `prog` at tcx `ingress`/egress of `ifindex` through a link pinned at `pin`.
+fn attach_tcx(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, InstallError> {
+    if pin.exists() {
+        if let Ok(mut link) = Link::open(pin) {
+            let same_device = match link.info().map(|i| i.info) {
+                Ok(libbpf_rs::query::LinkTypeInfo::Tcx(t)) => t.ifindex == ifindex,
+                _ => false,
+            };
+            if same_device && link.update_prog(prog).is_ok() {
+                return Ok(true);
+            }
+            let _ = link.detach();
+            let _ = link.unpin();
+        }
+        let _ = std::fs::remove_file(pin);
+    }
+    let opts =
+        libbpf_sys::bpf_tcx_opts { sz: std::mem::size_of::<libbpf_sys::bpf_tcx_opts>() as _, ..Default::default() };
+    // SAFETY: the program pointer is valid for the skeleton's lifetime; libbpf
+    // returns a new link or NULL (errno set). libbpf-rs has no safe tcx wrapper.
+    let raw = unsafe { libbpf_sys::bpf_program__attach_tcx(prog.as_libbpf_object().as_ptr(), ifindex as i32, &opts) };
+    let Some(ptr) = std::ptr::NonNull::new(raw) else {
+        return Err(InstallError::Libbpf {
+            step: format!("attaching tcx program to ifindex {ifindex}"),
+            source: libbpf_rs::Error::from(std::io::Error::last_os_error()),
+        });
+    };
+    // SAFETY: `ptr` is a valid, owned bpf_link from libbpf.
+    let mut link = unsafe { Link::from_ptr(ptr) };
+    link.pin(pin).map_err(lb(format!("pinning link {}", pin.display())))?;
+    Ok(false)
+}
+
+fn attach_devices(
+    opts: &InstallOptions,
+    links_dir: &Path,
+    updated: &mut usize,
+    attached: &mut usize,
+) -> Result<Vec<AttachedDevice>, InstallError> {
+    let mut wanted = std::collections::BTreeSet::new();
+    let mut devices = Vec::new();
+    if !opts.devices.is_empty() {
+        let mut storage = MaybeUninit::uninit();
+        let mut open = NetdevSkelBuilder::default().open(&mut storage).map_err(lb("opening the tc BPF object"))?;
+        pin_netdev_maps(&mut open, &opts.pin_dir)?;
+        let skel = open.load().map_err(lb("loading the tc BPF programs (verifier)"))?;
+        for (name, role) in &opts.devices {
+            let idx = ifindex(name).ok_or_else(|| InstallError::NoDevice(name.clone()))?;
+            let mut progs: Vec<(&str, &ProgramMut)> = vec![match role {
+                DeviceRole::External => ("in", &skel.progs.ferry_from_netdev),
+                DeviceRole::Pod => ("in", &skel.progs.ferry_from_pods),
+            }];
+            if *role == DeviceRole::External {
+                progs.push(("out", &skel.progs.ferry_to_netdev));
+            }
+            for (dir, prog) in progs {
+                let file = format!("tcx_{}_{}_{dir}", role.tag(), name);
+                wanted.insert(file.clone());
+                if attach_tcx(prog, idx, &links_dir.join(&file))? {
+                    *updated += 1;
+                } else {
+                    *attached += 1;
+                }
+            }
+            devices.push(AttachedDevice { name: name.clone(), ifindex: idx, role: *role });
+        }
+    }
+    // Devices no longer configured lose their programs.
+    if let Ok(entries) = std::fs::read_dir(links_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("tcx_") && !wanted.contains(&name) {
+                if let Ok(mut link) = Link::open(e.path()) {
+                    let _ = link.detach();
+                    let _ = link.unpin();
+                }
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(devices)
 }
 
 /// What `uninstall` removed.

@@ -17,6 +17,6 @@ pub mod stats;
 pub mod system;
 
 pub use entries::MapOp;
-pub use install::{InstallOptions, Installed, install, uninstall};
+pub use install::{AttachedDevice, DeviceRole, InstallOptions, Installed, install, uninstall};
 pub use maps::Maps;
 pub use program::{CtTimeouts, MapDump, NodeRuntime, Programmer, canonical_name};

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod datapath;
 pub mod lab;
 pub mod node_addrs;
 pub mod proxier;

@@ -6,6 +6,7 @@
 //!
 //! `ferry run` (manifests) and `ferry agent` (Kubernetes API) both drive it.
 
+use crate::config::Settings;
 use anyhow::Context;
 use ferry_bpf::{InstallOptions, Maps, NodeRuntime, Programmer};
 use ferry_model::{ClusterState, NodeConfig, ObjectError, Plan, build_plan};
@@ -39,13 +40,10 @@ pub struct Proxier {
 
 impl Proxier {
     /// Installs (or adopts) the datapath and prepares to program it.
-    pub fn start(cfg: NodeConfig, opts: &InstallOptions) -> anyhow::Result<(Proxier, ferry_bpf::Installed)> {
-        let runtime = NodeRuntime {
-            host_netns_cookie: ferry_bpf::system::current_netns_cookie()?,
-            nat_ports: (61000, 65535),
-            ..Default::default()
-        };
+    pub fn start(settings: &Settings, opts: &InstallOptions) -> anyhow::Result<(Proxier, ferry_bpf::Installed)> {
+        let cfg = settings.node.clone();
         let installed = ferry_bpf::install(opts).context("installing the eBPF datapath")?;
+        let runtime = crate::datapath::runtime(settings, &installed)?;
         let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
         let programmer = if installed.adopted { Programmer::adopt(&maps.dump()) } else { Programmer::new() };
         let proxier = Proxier { cfg, runtime, maps, programmer, last: None, problems: BTreeSet::new(), dirty: false };

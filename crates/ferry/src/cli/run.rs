@@ -60,17 +60,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         settings.node.node_ips = crate::node_addrs::detect().context("detecting node addresses")?;
         tracing::info!(addresses = ?settings.node.node_ips, "nodeIPs not configured: using every address of this network namespace");
     }
-    let pin_dir = args.pin_dir.clone().unwrap_or(settings.bpf.pin_path.clone());
-    let cgroup = match args.cgroup.clone().or(settings.bpf.cgroup_path.clone()) {
-        Some(c) => c,
-        None => ferry_bpf::system::cgroup2_mount()?,
-    };
     tracing::info!(datapath = ?settings.datapath, "starting");
-    let opts = ferry_bpf::InstallOptions { pin_dir: pin_dir.clone(), cgroup: cgroup.clone() };
-    let (mut proxier, installed) = Proxier::start(settings.node.clone(), &opts)?;
+    let opts = crate::datapath::install_options(&settings, args.pin_dir.clone(), args.cgroup.clone())?;
+    let (mut proxier, installed) = Proxier::start(&settings, &opts)?;
+    let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
     tracing::info!(
-        pin_dir = %pin_dir.display(),
-        cgroup = %cgroup.display(),
+        pin_dir = %opts.pin_dir.display(),
+        cgroup = %opts.cgroup.display(),
+        devices = %devices.join(","),
         adopted = installed.adopted,
         links_updated = installed.links_updated,
         links_attached = installed.links_attached,

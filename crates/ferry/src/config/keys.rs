@@ -24,7 +24,17 @@ pub struct Renamed {
 pub static DETECTOR: Section =
     Section { keys: &[("mode", None), ("interfaceNamePrefix", None), ("bridgeInterface", None)] };
 
-pub static BPF: Section = Section { keys: &[("pinPath", None), ("cgroupPath", None)] };
+pub static BPF: Section =
+    Section { keys: &[("pinPath", None), ("cgroupPath", None), ("devices", None), ("podDevices", None)] };
+
+pub static CONNTRACK: Section = Section {
+    keys: &[
+        ("tcpSynTimeout", None),
+        ("tcpEstablishedTimeout", None),
+        ("tcpCloseWaitTimeout", None),
+        ("udpTimeout", None),
+    ],
+};
 
 pub static ROOT: Section = Section {
     keys: &[
@@ -45,6 +55,9 @@ pub static ROOT: Section = Section {
         ("acceptHealthCheckNodePorts", None),
         ("datapath", None),
         ("bpf", Some(&BPF)),
+        ("conntrack", Some(&CONNTRACK)),
+        ("natPortRange", None),
+        ("nodePortRange", None),
     ],
 };
 
@@ -63,6 +76,8 @@ pub static RENAMED: &[Renamed] = &[
     Renamed { old: "bpf.pinDir", use_instead: "bpf.pinPath" },
     Renamed { old: "bpf.cgroup", use_instead: "bpf.cgroupPath" },
     Renamed { old: "mode", use_instead: "datapath (bpf or nftables)" },
+    Renamed { old: "bpf.device", use_instead: "bpf.devices (a list)" },
+    Renamed { old: "conntrack.tcpTimeout", use_instead: "conntrack.tcpEstablishedTimeout" },
 ];
 
 /// A problem with one key of a document.

@@ -62,6 +62,18 @@ pub struct ConfigFile {
     pub accept_health_check_node_ports: Option<bool>,
     pub datapath: Option<String>,
     pub bpf: Option<BpfFile>,
+    pub conntrack: Option<ConntrackFile>,
+    pub nat_port_range: Option<String>,
+    pub node_port_range: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConntrackFile {
+    pub tcp_syn_timeout: Option<String>,
+    pub tcp_established_timeout: Option<String>,
+    pub tcp_close_wait_timeout: Option<String>,
+    pub udp_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +81,8 @@ pub struct ConfigFile {
 pub struct BpfFile {
     pub pin_path: Option<PathBuf>,
     pub cgroup_path: Option<PathBuf>,
+    pub devices: Option<Vec<String>>,
+    pub pod_devices: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,12 +107,68 @@ pub struct BpfSettings {
     /// cgroup v2 directory whose sockets get socket-level load balancing;
     /// `None`: the cgroup2 mount root (every process on the node).
     pub cgroup_path: Option<PathBuf>,
+    /// Uplinks carrying the per-packet programs; `None`: every interface holding a node IP.
+    pub devices: Option<Vec<String>>,
+    /// Pod-facing devices; `None`: the bridge of `localTrafficDetector: BridgeInterface`, else none.
+    pub pod_devices: Option<Vec<String>>,
+    pub timeouts: ferry_bpf::CtTimeouts,
+    /// SNAT source ports (inclusive).
+    pub nat_ports: (u16, u16),
+    /// NodePort range of the cluster, only to check `natPortRange` against it.
+    pub node_ports: (u16, u16),
 }
 
 impl Default for BpfSettings {
     fn default() -> Self {
-        BpfSettings { pin_path: PathBuf::from("/sys/fs/bpf/ferry"), cgroup_path: None }
+        BpfSettings {
+            pin_path: PathBuf::from("/sys/fs/bpf/ferry"),
+            cgroup_path: None,
+            devices: None,
+            pod_devices: None,
+            timeouts: ferry_bpf::CtTimeouts::default(),
+            nat_ports: (61000, 65535),
+            node_ports: (30000, 32767),
+        }
     }
+}
+
+/// Parses a Kubernetes/Go duration ("24h", "1h30m", "90s", "24h0m0s") to whole seconds.
+pub fn parse_duration_secs(s: &str) -> Option<u32> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let (mut total, mut num) = (0u64, String::new());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match (c, chars.peek()) {
+            ('m', Some('s')) => {
+                chars.next();
+                0
+            }
+            ('h', _) => 3600,
+            ('m', _) => 60,
+            ('s', _) => 1,
+            _ => return None,
+        };
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        total += n * unit;
+    }
+    if !num.is_empty() {
+        return None;
+    }
+    u32::try_from(total).ok()
+}
+
+fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = s.trim().split_once('-')?;
+    let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a >= 1 && a <= b).then_some((a, b))
 }
 
 /// Everything the config file and flags say.
@@ -218,6 +288,32 @@ mod settings_tests {
     use super::*;
 
     #[test]
+    fn durations_parse_like_kubernetes() {
+        assert_eq!(parse_duration_secs("24h0m0s"), Some(86400));
+        assert_eq!(parse_duration_secs("1h30m"), Some(5400));
+        assert_eq!(parse_duration_secs("30s"), Some(30));
+        assert_eq!(parse_duration_secs("500ms"), Some(0));
+        assert_eq!(parse_duration_secs("30"), None);
+        assert_eq!(parse_duration_secs("3d"), None);
+    }
+
+    #[test]
+    fn conntrack_and_port_ranges_are_checked() {
+        let file =
+            parse_file("n.yaml", "conntrack: {udpTimeout: 5s, tcpEstablishedTimeout: 1h}\nnatPortRange: 40000-50000\n")
+                .unwrap();
+        let s = build("n.yaml", file, &NodeFlags::default()).unwrap();
+        assert_eq!(s.bpf.timeouts.udp, 5);
+        assert_eq!(s.bpf.timeouts.tcp_established, 3600);
+        assert_eq!(s.bpf.nat_ports, (40000, 50000));
+        let file = parse_file("n.yaml", "natPortRange: 30000-40000\n").unwrap();
+        let e = build("n.yaml", file, &NodeFlags::default()).unwrap_err();
+        assert!(e.problems[0].message.contains("overlaps the NodePort range"), "{e}");
+        let file = parse_file("n.yaml", "conntrack: {udpTimeout: soon}\n").unwrap();
+        assert_eq!(build("n.yaml", file, &NodeFlags::default()).unwrap_err().problems[0].key, "conntrack.udpTimeout");
+    }
+
+    #[test]
     fn bpf_settings_parse_and_are_checked() {
         let file = parse_file("n.yaml", "bpf: {pinPath: /sys/fs/bpf/ferry-x, cgroupPath: /sys/fs/cgroup/unified/x}\n")
             .unwrap();
@@ -252,6 +348,46 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
             bpf.pin_path = p;
         }
         bpf.cgroup_path = f.cgroup_path;
+        bpf.devices = f.devices;
+        bpf.pod_devices = f.pod_devices;
+    }
+    if let Some(ct) = file.conntrack {
+        let mut set = |key: &str, v: Option<String>, slot: &mut u32| {
+            if let Some(v) = v {
+                match parse_duration_secs(&v) {
+                    Some(secs) if secs > 0 => *slot = secs,
+                    _ => b.bad(
+                        format!("conntrack.{key}"),
+                        format!("{v:?} is not a positive duration like 30s, 1h or 24h0m0s"),
+                    ),
+                }
+            }
+        };
+        let t = &mut bpf.timeouts;
+        set("tcpSynTimeout", ct.tcp_syn_timeout, &mut t.tcp_syn);
+        set("tcpEstablishedTimeout", ct.tcp_established_timeout, &mut t.tcp_established);
+        set("tcpCloseWaitTimeout", ct.tcp_close_wait_timeout, &mut t.tcp_close);
+        set("udpTimeout", ct.udp_timeout, &mut t.udp);
+    }
+    for (key, value, slot) in [
+        ("natPortRange", file.nat_port_range, &mut bpf.nat_ports),
+        ("nodePortRange", file.node_port_range, &mut bpf.node_ports),
+    ] {
+        if let Some(v) = value {
+            match parse_port_range(&v) {
+                Some(r) => *slot = r,
+                None => b.bad(key, format!("{v:?} is not a port range like 61000-65535")),
+            }
+        }
+    }
+    if bpf.nat_ports.0 <= bpf.node_ports.1 && bpf.node_ports.0 <= bpf.nat_ports.1 {
+        b.bad(
+            "natPortRange",
+            format!(
+                "{}-{} overlaps the NodePort range {}-{}; SNAT ports must never collide with NodePorts",
+                bpf.nat_ports.0, bpf.nat_ports.1, bpf.node_ports.0, bpf.node_ports.1
+            ),
+        );
     }
     let pick = |flag: &Vec<String>, file: Option<Vec<String>>| {
         if flag.is_empty() { file.unwrap_or_default() } else { flag.clone() }

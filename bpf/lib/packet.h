@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Reading a packet into the few fields the load balancer decides on.
+ * Loads go through bpf_skb_load_bytes, so non-linear skbs (GRO, veth) parse
+ * the same as linear ones.
+ */
+#ifndef FERRY_PACKET_H
+#define FERRY_PACKET_H
+
+#include "common.h"
+
+#define ETH_HLEN_ 14
+#define IP6_HLEN 40
+#define PROTO_ICMP 1
+#define PROTO_ICMPV6 58
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+struct pkt {
+	__u32 src[4];
+	__u32 dst[4];
+	__be16 sport; /* ICMP echo: the identifier */
+	__be16 dport; /* ICMP echo: the identifier too */
+	__u8 proto;
+	__u8 family;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+	__u32 l3_off;
+	__u32 l4_off;
+};
+
+/* Byte offset of the L4 checksum, or 0 when the protocol has none we maintain. */
+static __always_inline __u32 l4_csum_off(const struct pkt *p)
+{
+	switch (p->proto) {
+	case IPPROTO_TCP:
+		return 16;
+	case IPPROTO_UDP:
+		return 6;
+	case PROTO_ICMP:
+	case PROTO_ICMPV6:
+		return 2;
+	default:
+		return 0;
+	}
+}
+
+static __always_inline int has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
+/* Parses Ethernet + IPv4/IPv6 + TCP/UDP/SCTP/ICMP. Returns 0 when the packet
+ * is something the load balancer leaves alone (other protocols, IPv4
+ * fragments after the first, IPv6 extension headers). */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	__be16 proto;
+
+	if (bpf_skb_load_bytes(skb, 12, &proto, sizeof(proto)) < 0)
+		return 0;
+	__builtin_memset(p, 0, sizeof(*p));
+	p->l3_off = ETH_HLEN_;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
+			return 0;
+		__u8 vihl = *(__u8 *)&ip;
+		if ((vihl >> 4) != 4 || (vihl & 0x0f) < 5)
+			return 0;
+		/* Only the first fragment carries ports. */
+		if (ip.frag_off & bpf_htons(0x1fff))
+			return 0;
+		p->family = FAM_V4;
+		p->src[0] = ip.saddr;
+		p->dst[0] = ip.daddr;
+		p->proto = ip.protocol;
+		p->l4_off = ETH_HLEN_ + (vihl & 0x0f) * 4;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0)
+			return 0;
+		p->family = FAM_V6;
+		__builtin_memcpy(p->src, &ip6.saddr, 16);
+		__builtin_memcpy(p->dst, &ip6.daddr, 16);
+		p->proto = ip6.nexthdr;
+		p->l4_off = ETH_HLEN_ + IP6_HLEN;
+	} else {
+		return 0;
+	}
+
+	switch (p->proto) {
+	case IPPROTO_TCP: {
+		__u8 hdr[14];
+		if (bpf_skb_load_bytes(skb, p->l4_off, hdr, sizeof(hdr)) < 0)
+			return 0;
+		__builtin_memcpy(&p->sport, hdr, 2);
+		__builtin_memcpy(&p->dport, hdr + 2, 2);
+		p->tcp_flags = hdr[13];
+		return 1;
+	}
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP: {
+		__be16 ports[2];
+		if (bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports)) < 0)
+			return 0;
+		p->sport = ports[0];
+		p->dport = ports[1];
+		return 1;
+	}
+	case PROTO_ICMP:
+	case PROTO_ICMPV6: {
+		__u8 hdr[8];
+		if (bpf_skb_load_bytes(skb, p->l4_off, hdr, sizeof(hdr)) < 0)
+			return 0;
+		p->icmp_type = hdr[0];
+		__builtin_memcpy(&p->sport, hdr + 4, 2);
+		p->dport = p->sport;
+		return 1;
+	}
+	default:
+		return 0;
+	}
+}
+
+#endif

@@ -1,0 +1,221 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Per-packet load balancing on the node's devices (tcx).
+ *
+ *   ferry_from_netdev  ingress of an uplink: NodePort, LoadBalancer, ExternalIP
+ *                      and routed ClusterIP traffic from outside; replies of
+ *                      flows SNATed to this node.
+ *   ferry_from_pods    ingress of a pod-facing device: pod traffic the socket
+ *                      path left alone (masqueraded, hairpin, source-ranged);
+ *                      replies of local endpoints.
+ *   ferry_to_netdev    egress of an uplink: replies of local endpoints the
+ *                      kernel routed out itself; the node's own traffic to a
+ *                      frontend whose route drops.
+ *
+ * A packet's journey: parse -> tracked flow? translate and forward ->
+ * frontend? classify the source, check source ranges, read the route the
+ * model decided, pick a backend, track the flow (SNAT port if masqueraded),
+ * translate, forward -> else pass it on untouched.
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/stats.h"
+#include "lib/lb.h"
+#include "lib/packet.h"
+#include "lib/nat.h"
+#include "lib/ct.h"
+#include "lib/fwd.h"
+#include "lib/icmp.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+enum hook { HOOK_FROM_NETDEV, HOOK_FROM_PODS, HOOK_TO_NETDEV };
+
+static __always_inline struct config *load_config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&ferry_config, &zero);
+}
+
+/* The model's source classes, decided from the packet (ferry_model::explain::classify_source). */
+static __always_inline __u8 classify(const struct pkt *p, const struct config *cfg, enum hook hook)
+{
+	if ((cfg->flags & CFG_PODS_BY_RANGE) && lb_in_range(RANGE_POD, p->family, p->src))
+		return CLASS_POD;
+	if ((cfg->flags & CFG_PODS_BY_DEVICE) && hook == HOOK_FROM_PODS)
+		return CLASS_POD;
+	struct local_key lk = { .family = p->family };
+	__builtin_memcpy(lk.addr, p->src, 16);
+	__u8 *local = bpf_map_lookup_elem(&ferry_locals, &lk);
+	if (local && (*local & LOCAL_HOST))
+		return CLASS_HOST;
+	return CLASS_EXTERNAL;
+}
+
+/* Sends a translated packet on: up the stack when it is for this node, out of
+ * the egress device otherwise; on egress hooks the kernel already routed it. */
+static __always_inline int deliver(struct __sk_buff *skb, const struct pkt *p, enum hook hook)
+{
+	int local;
+	__u32 ifindex;
+
+	if (hook == HOOK_TO_NETDEV)
+		return TC_ACT_OK;
+	ifindex = fwd_egress(skb, p, p->dst, &local);
+	if (!ifindex) {
+		stat_inc(STAT_DROP_NO_ROUTE);
+		return TC_ACT_SHOT;
+	}
+	if (local)
+		return TC_ACT_OK;
+	return fwd_redirect(skb, p, ifindex);
+}
+
+/* A packet of a tracked flow, in either direction. Returns -1 on a miss. */
+static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const struct config *cfg, __u8 dir,
+				 enum hook hook, __u64 now)
+{
+	struct ct_key k;
+	ct_key_of(&k, p, dir);
+	struct ct_val *v = ct_lookup(&k, now);
+	if (!v)
+		return -1;
+	ct_refresh(v, p, dir, cfg, now);
+	__u32 src[4], dst[4];
+	__builtin_memcpy(src, v->new_src, 16);
+	__builtin_memcpy(dst, v->new_dst, 16);
+	if (nat_rewrite(skb, p, src, v->new_sport, dst, v->new_dport) < 0)
+		return TC_ACT_SHOT;
+	stat_inc(STAT_PKT_FORWARD);
+	return deliver(skb, p, hook);
+}
+
+/* The SNAT address for traffic leaving through `ifindex`. */
+static __always_inline void snat_address(const struct config *cfg, __u32 ifindex, __u8 family, __u32 *out)
+{
+	struct device *d = bpf_map_lookup_elem(&ferry_devices, &ifindex);
+	__u8 f = family == FAM_V4 ? FAM_V4 : FAM_V6;
+
+	if (d && !addr_is_zero(d->snat[f]))
+		__builtin_memcpy(out, d->snat[f], 16);
+	else
+		__builtin_memcpy(out, cfg->primary[f], 16);
+}
+
+/* A first packet: load-balance it if it is for a frontend. */
+static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg, enum hook hook,
+				    __u64 now)
+{
+	if (!has_ports(p->proto))
+		return TC_ACT_OK;
+	struct fe_val *fe = lb_lookup_frontend(p->dst, p->family, p->dport, p->proto);
+	if (!fe) {
+		if (lb_in_range(RANGE_SERVICE, p->family, p->dst)) {
+			stat_inc(STAT_DROP_SERVICE_CIDR);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_OK;
+	}
+	if (fe->kind == FE_CLUSTER_IP_ANY_PORT)
+		return hook == HOOK_TO_NETDEV ? TC_ACT_OK : reject(skb, p);
+
+	__u32 service = fe->service;
+	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
+	if (!svc)
+		return TC_ACT_OK;
+	__u8 class = classify(p, cfg, hook);
+	if ((fe->flags & FE_FIREWALL) && !lb_firewall_allows(service, p->family, p->src)) {
+		stat_inc(STAT_DROP_FIREWALL);
+		return TC_ACT_SHOT;
+	}
+	__u8 act = lb_action(svc, fe, class);
+	switch (act & ACT_MASK) {
+	case ACT_REJECT:
+		return hook == HOOK_TO_NETDEV ? TC_ACT_OK : reject(skb, p);
+	case ACT_DROP:
+		stat_inc(STAT_DROP_NO_ENDPOINT);
+		return TC_ACT_SHOT;
+	case ACT_FORWARD_CLUSTER:
+	case ACT_FORWARD_LOCAL:
+		break;
+	default:
+		return TC_ACT_OK;
+	}
+	/* The node's own connections are the socket path's; it only leaves drops to us. */
+	if (hook == HOOK_TO_NETDEV)
+		return TC_ACT_OK;
+
+	struct aff_key aff = {};
+	__builtin_memcpy(aff.client, p->src, 16);
+	__u8 set = (act & ACT_MASK) == ACT_FORWARD_LOCAL ? SET_LOCAL : SET_CLUSTER;
+	__u32 id = lb_pick(service, svc, set, &aff);
+	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
+	if (!be || be->family != p->family) {
+		stat_inc(STAT_DROP_NO_ENDPOINT);
+		return TC_ACT_SHOT;
+	}
+	__u32 bdst[4];
+	__builtin_memcpy(bdst, be->addr, 16);
+	__be16 bport = be->port;
+	if (p->proto == IPPROTO_SCTP && bport != p->dport) {
+		stat_inc(STAT_DROP_UNSUPPORTED);
+		return TC_ACT_SHOT;
+	}
+
+	int local;
+	__u32 ifindex = fwd_egress(skb, p, bdst, &local);
+	if (!ifindex) {
+		stat_inc(STAT_DROP_NO_ROUTE);
+		return TC_ACT_SHOT;
+	}
+	/* Hairpin: the client is the endpoint; without SNAT its reply would skip the un-NAT. */
+	int masq = ((act & ACT_MASQ) || addr_eq(p->src, bdst)) && !local;
+	__u32 nsrc[4];
+	if (masq)
+		snat_address(cfg, ifindex, p->family, nsrc);
+	else
+		__builtin_memcpy(nsrc, p->src, 16);
+	__be16 nsport = ct_create(p, cfg, nsrc, p->sport, bdst, bport, masq, service, id, now);
+	if (!nsport)
+		return TC_ACT_SHOT;
+	if (nat_rewrite(skb, p, nsrc, nsport, bdst, bport) < 0)
+		return TC_ACT_SHOT;
+	stat_inc(STAT_PKT_NEW_FLOW);
+	if (local)
+		return TC_ACT_OK;
+	return fwd_redirect(skb, p, ifindex);
+}
+
+static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
+{
+	struct pkt p;
+	struct config *cfg = load_config();
+	if (!cfg || !parse(skb, &p))
+		return TC_ACT_OK;
+	__u64 now = bpf_ktime_get_ns();
+	int rc = track(skb, &p, cfg, CT_REPLY, hook, now);
+	if (rc >= 0)
+		return rc;
+	rc = track(skb, &p, cfg, CT_ORIGINAL, hook, now);
+	if (rc >= 0)
+		return rc;
+	return new_flow(skb, &p, cfg, hook, now);
+}
+
+SEC("tcx/ingress")
+int ferry_from_netdev(struct __sk_buff *skb)
+{
+	return handle(skb, HOOK_FROM_NETDEV);
+}
+
+SEC("tcx/ingress")
+int ferry_from_pods(struct __sk_buff *skb)
+{
+	return handle(skb, HOOK_FROM_PODS);
+}
+
+SEC("tcx/egress")
+int ferry_to_netdev(struct __sk_buff *skb)
+{
+	return handle(skb, HOOK_TO_NETDEV);
+}
