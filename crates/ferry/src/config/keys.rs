@@ -58,6 +58,12 @@ pub static ROOT: Section = Section {
         ("conntrack", Some(&CONNTRACK)),
         ("natPortRange", None),
         ("nodePortRange", None),
+        ("healthzBindAddress", None),
+        ("metricsBindAddress", None),
+        ("bindAddressHardFail", None),
+        ("minSyncPeriod", None),
+        ("syncPeriod", None),
+        ("kubeconfig", None),
     ],
 };
 

@@ -4,7 +4,9 @@
 //! renamed keys are errors) -> typed `ConfigFile` -> `NodeConfig`, where every
 //! address and range is parsed. Each error names the file and the key.
 
+pub mod agent;
 pub mod keys;
+pub mod kubeproxy;
 
 use clap::Args;
 use ferry_model::addr::{IpFamily, parse_cidr_sloppy, parse_ip_sloppy};
@@ -65,6 +67,12 @@ pub struct ConfigFile {
     pub conntrack: Option<ConntrackFile>,
     pub nat_port_range: Option<String>,
     pub node_port_range: Option<String>,
+    pub healthz_bind_address: Option<String>,
+    pub metrics_bind_address: Option<String>,
+    pub bind_address_hard_fail: Option<bool>,
+    pub min_sync_period: Option<String>,
+    pub sync_period: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,6 +185,8 @@ pub struct Settings {
     pub node: NodeConfig,
     pub datapath: DatapathChoice,
     pub bpf: BpfSettings,
+    /// What only `ferry agent` reads (health, metrics, sync periods, API server).
+    pub agent: agent::AgentSettings,
 }
 
 /// Flags that override the config file. Lists replace the file's list.
@@ -475,8 +485,17 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
     cfg.feature_gates = gates;
     cfg.service_proxy_name = file.service_proxy_name.filter(|s| !s.is_empty());
     cfg.accept_health_check_node_ports = file.accept_health_check_node_ports.unwrap_or(false);
+    let agent = agent::AgentFile {
+        healthz_bind_address: file.healthz_bind_address,
+        metrics_bind_address: file.metrics_bind_address,
+        bind_address_hard_fail: file.bind_address_hard_fail,
+        min_sync_period: file.min_sync_period,
+        sync_period: file.sync_period,
+        kubeconfig: file.kubeconfig,
+    }
+    .build(&mut b.problems);
     if b.problems.is_empty() {
-        Ok(Settings { node: cfg, datapath, bpf })
+        Ok(Settings { node: cfg, datapath, bpf, agent })
     } else {
         Err(ConfigError { source: b.source.to_string(), problems: b.problems })
     }
