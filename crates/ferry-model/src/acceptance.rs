@@ -267,6 +267,8 @@ pub enum Observed {
     Reject,
     Pass,
     Accept,
+    /// Something no verdict describes (unreachable, an error, an unknown answer).
+    Unexpected(String),
 }
 
 impl fmt::Display for Observed {
@@ -280,6 +282,7 @@ impl fmt::Display for Observed {
             Observed::Reject => f.write_str("REJECT"),
             Observed::Pass => f.write_str("PASS"),
             Observed::Accept => f.write_str("ACCEPT"),
+            Observed::Unexpected(what) => write!(f, "{what}"),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod conformance;
 pub mod datapath;
 pub mod lab;
 pub mod node_addrs;

@@ -1,14 +1,10 @@
 //! `ferry conformance`: run acceptance case files against a datapath.
-//!
-//! The model datapath answers each flow with `explain`. Real datapaths build
-//! the case in a sandbox of network namespaces and send real packets. Every
-//! datapath reports, per flow, passed / failed / not covered; "not covered" is
-//! never counted as passed.
 
+use crate::conformance::kernel::KernelRunner;
+use crate::conformance::{FlowOutcome, Tally, model};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use ferry_model::acceptance::{Case, CaseFile, Expected, Observed, ParsedFlow, matches, observed_from_model};
-use ferry_model::{Flow, build_plan, explain};
+use ferry_model::acceptance::{CaseFile, ParsedFlow};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -16,6 +12,9 @@ use std::process::ExitCode;
 pub enum DatapathKind {
     /// The pure model (`ferry explain`): no kernel involved.
     Model,
+    /// The eBPF datapath: each case is built from network namespaces and a real
+    /// `ferry run` agent, and every flow is sent as real connections (needs root).
+    Bpf,
 }
 
 #[derive(Debug, Args)]
@@ -34,73 +33,16 @@ pub struct ConformanceArgs {
     pub verbose: bool,
 }
 
-/// The result of one flow.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FlowOutcome {
-    Passed(Observed),
-    Failed { expected: Expected, got: Observed, detail: String },
-    NotCovered(String),
-}
-
-/// Tally of a run.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Tally {
-    pub passed: usize,
-    pub failed: usize,
-    pub not_covered: usize,
-}
-
-impl Tally {
-    /// Counts an outcome and prints its line (failures and gaps always; passes when verbose).
-    pub fn record(&mut self, label: &str, outcome: &FlowOutcome, verbose: bool) {
-        match outcome {
-            FlowOutcome::Passed(got) => {
-                self.passed += 1;
-                if verbose {
-                    println!("ok      {label}: {got}");
-                }
-            }
-            FlowOutcome::Failed { expected, got, detail } => {
-                self.failed += 1;
-                println!("FAIL    {label}: expected {expected}, got {got} ({detail})");
-            }
-            FlowOutcome::NotCovered(why) => {
-                self.not_covered += 1;
-                println!("not covered  {label}: {why}");
-            }
-        }
-    }
-}
-
-/// Answers every flow of a case with the pure model.
-pub fn model_case(case: &Case, flows: &[ParsedFlow]) -> anyhow::Result<Vec<FlowOutcome>> {
-    let cfg = case.node_config()?;
-    let state = case.cluster_state()?;
-    let plan = build_plan(&state, &cfg);
-    Ok(flows.iter().map(|f| model_outcome(&plan, f)).collect())
-}
-
-fn model_outcome(plan: &ferry_model::Plan, flow: &ParsedFlow) -> FlowOutcome {
-    let e = explain(
-        plan,
-        &Flow { src: flow.src, dst: flow.dst, port: flow.port, protocol: flow.protocol, in_interface: None },
-    );
-    let got = observed_from_model(&e);
-    if matches(&flow.expected, &got) {
-        FlowOutcome::Passed(got)
-    } else {
-        FlowOutcome::Failed { expected: flow.expected.clone(), got, detail: e.rule.clone() }
-    }
-}
-
 pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(&args.cases).with_context(|| format!("reading {}", args.cases.display()))?;
     let file: CaseFile = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a flow case file (see acceptance/README.md)", args.cases.display()))?;
+    let runner = KernelRunner { ferry: std::env::current_exe().context("locating the ferry binary")? };
+    let cases: Vec<_> = file.cases.iter().filter(|c| args.only.as_deref().is_none_or(|o| c.name.contains(o))).collect();
     let mut tally = Tally::default();
-    for case in &file.cases {
-        if args.only.as_deref().is_some_and(|o| !case.name.contains(o)) {
-            continue;
+    for (i, case) in cases.iter().enumerate() {
+        if args.datapath != DatapathKind::Model {
+            eprintln!("[{}/{}] {}", i + 1, cases.len(), case.name);
         }
         let labels: Vec<String> = case
             .flows
@@ -111,17 +53,14 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
         let outcomes = parsed
             .map_err(anyhow::Error::msg)
             .and_then(|flows| match args.datapath {
-                DatapathKind::Model => model_case(case, &flows),
+                DatapathKind::Model => model::run_case(case, &flows),
+                DatapathKind::Bpf => runner.run_case(case, &flows),
             })
             .unwrap_or_else(|e| vec![FlowOutcome::NotCovered(format!("case cannot be run: {e:#}")); labels.len()]);
         for (label, outcome) in labels.iter().zip(outcomes) {
             tally.record(label, &outcome, args.verbose);
         }
     }
-    if tally.not_covered > 0 {
-        println!("{} passed, {} failed, {} not covered", tally.passed, tally.failed, tally.not_covered);
-    } else {
-        println!("{} passed, {} failed", tally.passed, tally.failed);
-    }
+    println!("{}", tally.summary());
     Ok(if tally.failed == 0 && tally.not_covered == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod keys;
 pub mod kubeproxy;
+pub mod write;
 
 use clap::Args;
 use ferry_model::addr::{IpFamily, parse_cidr_sloppy, parse_ip_sloppy};

@@ -38,6 +38,35 @@ impl Lab {
         Ok(())
     }
 
+    /// Replaces node `node`'s manifests with the objects of `state` (one JSON `List`).
+    pub fn write_manifests_json(&self, node: usize, state: &ferry_model::ClusterState) -> anyhow::Result<()> {
+        let mut items = Vec::new();
+        for n in state.nodes.values() {
+            let mut v = serde_json::to_value(n)?;
+            v["apiVersion"] = "v1".into();
+            v["kind"] = "Node".into();
+            items.push(v);
+        }
+        for s in state.services.values() {
+            let mut v = serde_json::to_value(s)?;
+            v["apiVersion"] = "v1".into();
+            v["kind"] = "Service".into();
+            items.push(v);
+        }
+        for s in state.endpoint_slices.values() {
+            let mut v = serde_json::to_value(s)?;
+            v["apiVersion"] = "discovery.k8s.io/v1".into();
+            v["kind"] = "EndpointSlice".into();
+            items.push(v);
+        }
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        let dir = &self.nodes[node].manifests;
+        let tmp = dir.with_extension("tmp.json");
+        std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
+        std::fs::rename(&tmp, dir.join("cluster.json"))?;
+        Ok(())
+    }
+
     /// Starts node `node`'s agent (`ferry run`) and waits until its first sync is programmed.
     pub fn start_agent(&mut self, node: usize) -> anyhow::Result<()> {
         if self.nodes[node].agent.is_some() {

@@ -42,6 +42,21 @@ impl Lab {
         }
     }
 
+    /// Every address configured in a host (all interfaces).
+    pub fn addresses(&self, at: At) -> anyhow::Result<std::collections::BTreeSet<std::net::IpAddr>> {
+        let out = self.sb.ip(self.host(at), &["-j", "addr", "show"])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j addr`")?;
+        let mut set = std::collections::BTreeSet::new();
+        for link in v.as_array().into_iter().flatten() {
+            for a in link["addr_info"].as_array().into_iter().flatten() {
+                if let Some(ip) = a["local"].as_str().and_then(|s| s.parse().ok()) {
+                    set.insert(ip);
+                }
+            }
+        }
+        Ok(set)
+    }
+
     /// Starts a probe server named `name` at `at`, listening on `listen`.
     pub fn serve(&mut self, at: At, name: &str, listen: Vec<Endpoint>) -> anyhow::Result<u32> {
         self.serve_with(at, ServeOpts::new(name, listen))

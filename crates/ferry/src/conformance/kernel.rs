@@ -1,0 +1,338 @@
+//! The kernel datapath: each case built as a lab and its flows sent as real
+//! connections through a real `ferry run` agent.
+//!
+//! ```text
+//!  client host (external sources) ─┐
+//!  world (everything "routed as usual") ─ fabric ─ node under test (agent, case addresses)
+//!                                              └── remote node (endpoints on other nodes)
+//!  node under test: client pods (pod sources), local endpoint pods, a responder for local destinations
+//! ```
+//!
+//! What the endpoint saw decides the verdict: which endpoint answered, and
+//! whether the connection reached it from one of the node's addresses
+//! (masqueraded); a refusal is REJECT, silence is DROP, an answer from the
+//! untouched destination is PASS.
+
+use super::FlowOutcome;
+use crate::lab::{At, Lab};
+use anyhow::Context;
+use ferry_model::acceptance::{Case, Expected, Observed, ParsedFlow, matches};
+use ferry_model::explain::classify_source;
+use ferry_model::{IpFamily, Plan, Protocol, SourceClass, build_plan};
+use ferry_sandbox::probe::{ConnectOpts, Endpoint, Observation, Proto};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Server name of endpoint pods.
+const ENDPOINT: &str = "endpoint";
+/// Server name of the hosts answering untranslated traffic.
+const PASSED: &str = "passed";
+/// How long silence must last to count as a drop.
+const TIMEOUT: Duration = Duration::from_millis(1500);
+/// Enough attempts to see every endpoint of a set by chance (4 endpoints: miss one with p < 1e-4).
+const MAX_ATTEMPTS: usize = 40;
+
+const REMOTE_V4: &str = "198.18.0.2";
+const REMOTE_V6: &str = "fd00:ffff::2";
+const WORLD_V4: &str = "198.18.0.1";
+const WORLD_V6: &str = "fd00:ffff::1";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("constant address")
+}
+
+/// Runs cases on the eBPF datapath with agents started from `ferry` (the binary).
+pub struct KernelRunner {
+    pub ferry: PathBuf,
+}
+
+/// Where a flow starts.
+#[derive(Debug, Clone, Copy)]
+struct Source {
+    at: At,
+    bind: Option<IpAddr>,
+}
+
+struct Built {
+    lab: Lab,
+    sources: BTreeMap<IpAddr, Source>,
+    /// Every address of the node under test: a connection arriving from one of them was masqueraded.
+    node_addresses: BTreeSet<IpAddr>,
+}
+
+fn proto(p: Protocol) -> Option<Proto> {
+    match p {
+        Protocol::Tcp => Some(Proto::Tcp),
+        Protocol::Udp => Some(Proto::Udp),
+        Protocol::Sctp => None,
+    }
+}
+
+/// Service addresses a connection can be sourced from on the node (VIPs configured locally).
+fn frontend_addresses(plan: &Plan) -> BTreeSet<IpAddr> {
+    plan.services
+        .values()
+        .flat_map(|sp| sp.load_balancer_ips.iter().chain(&sp.external_ips).chain(&sp.proxied_load_balancer_ips))
+        .copied()
+        .collect()
+}
+
+impl KernelRunner {
+    /// Builds the case and runs its flows.
+    pub fn run_case(&self, case: &Case, flows: &[ParsedFlow]) -> anyhow::Result<Vec<FlowOutcome>> {
+        let cfg = case.node_config()?;
+        let state = case.cluster_state()?;
+        let plan = build_plan(&state, &cfg);
+        let mut b = self.build(case, &cfg, &state, &plan, flows)?;
+        let mut out = Vec::new();
+        for f in flows {
+            out.push(run_flow(&mut b, &plan, f).unwrap_or_else(|e| FlowOutcome::Failed {
+                expected: f.expected.clone(),
+                got: Observed::Unexpected("the lab could not run the flow".into()),
+                detail: format!("{e:#}"),
+            }));
+        }
+        Ok(out)
+    }
+
+    fn build(
+        &self,
+        case: &Case,
+        cfg: &ferry_model::NodeConfig,
+        state: &ferry_model::ClusterState,
+        plan: &Plan,
+        flows: &[ParsedFlow],
+    ) -> anyhow::Result<Built> {
+        let mut lab = Lab::new("conf", Path::new(&self.ferry))?;
+        let mut addrs = cfg.node_ips.clone();
+        for fam in [IpFamily::V6, IpFamily::V4] {
+            if let Some(p) = cfg.primary_ip(fam) {
+                addrs.retain(|a| *a != p);
+                addrs.insert(0, p);
+            }
+        }
+        let node = lab.add_node_with(&cfg.node_name, &addrs)?;
+        let remote = lab.add_node_with("ferry-remote", &[ip(REMOTE_V4), ip(REMOTE_V6)])?;
+        let world_ips = [ip(WORLD_V4), ip(WORLD_V6)];
+        let world = lab.add_external("world", &world_ips, node)?;
+        lab.set_default_route(node, &world_ips)?;
+        lab.set_default_route(
+            remote,
+            &[IpAddr::V4(lab.nodes[node].primary_v4), IpAddr::V6(lab.nodes[node].primary_v6)],
+        )?;
+
+        // Endpoint pods, where their nodeName puts them, serving every port they are listed with.
+        let mut serving: BTreeMap<IpAddr, (bool, BTreeSet<(u16, Protocol)>)> = BTreeMap::new();
+        for sp in plan.services.values() {
+            for e in &sp.endpoints {
+                let entry = serving.entry(e.ip).or_insert((e.local, BTreeSet::new()));
+                entry.0 |= e.local;
+                entry.1.insert((e.port, sp.id.protocol));
+            }
+        }
+        let local_addresses = &plan.node.local_addresses;
+        let mut endpoint_pods = BTreeMap::new();
+        for (ip, (local, ports)) in &serving {
+            if local_addresses.contains(ip) {
+                continue; // a host-network endpoint: the node's responder is not one; left uncovered
+            }
+            let on = if *local { node } else { remote };
+            let p = lab.add_pod(on, &format!("ep {ip}"), &[*ip])?;
+            let listen: Vec<Endpoint> = ports
+                .iter()
+                .filter_map(|(port, pr)| proto(*pr).map(|pr| Endpoint { addr: SocketAddr::new(*ip, *port), proto: pr }))
+                .collect();
+            if !listen.is_empty() {
+                lab.serve(At::Pod(on, p), ENDPOINT, listen)?;
+            }
+            endpoint_pods.insert(*ip, (on, p));
+        }
+
+        // Sources: the node itself, pods, or a client outside the cluster.
+        let vips = frontend_addresses(plan);
+        let mut sources = BTreeMap::new();
+        let mut external = Vec::new();
+        for f in flows {
+            if sources.contains_key(&f.src) || external.contains(&f.src) {
+                continue;
+            }
+            let (class, _) = classify_source(&plan.node, &f.src, None);
+            let src = if let Some((n, p)) = endpoint_pods.get(&f.src) {
+                Source { at: At::Pod(*n, *p), bind: None }
+            } else if f.src.is_loopback() {
+                // A local client of localhost does not bind: the kernel picks the source,
+                // and a socket bound to loopback may not leave the host at all.
+                Source { at: At::Node(node), bind: None }
+            } else if class == SourceClass::Host || local_addresses.contains(&f.src) {
+                Source { at: At::Node(node), bind: Some(f.src) }
+            } else if vips.contains(&f.src) {
+                // A VIP configured on the node: node-originated traffic loops back with it as source.
+                lab.add_node_address(node, f.src)?;
+                Source { at: At::Node(node), bind: Some(f.src) }
+            } else if class == SourceClass::Pod {
+                let p = lab.add_pod(node, &format!("client {}", f.src), &[f.src])?;
+                Source { at: At::Pod(node, p), bind: None }
+            } else {
+                external.push(f.src);
+                continue;
+            };
+            sources.insert(f.src, src);
+        }
+        if !external.is_empty() {
+            let x = lab.add_external("clients", &external, node)?;
+            // Replies from endpoints on the other node go back through the node under test.
+            let via4 = IpAddr::V4(lab.nodes[node].primary_v4);
+            let via6 = IpAddr::V6(lab.nodes[node].primary_v6);
+            let lines: Vec<String> = external
+                .iter()
+                .map(|a| format!("route replace {a} via {} dev eth0", if a.is_ipv4() { via4 } else { via6 }))
+                .collect();
+            lab.sb.ip_batch(lab.node_host(remote), &lines)?;
+            for a in &external {
+                sources.insert(*a, Source { at: At::External(x), bind: Some(*a) });
+            }
+        }
+
+        // Responders: whoever owns a destination answers if the packet passes untranslated.
+        let mut responders: BTreeMap<String, (At, Vec<Endpoint>)> = BTreeMap::new();
+        let mut world_addrs = BTreeSet::new();
+        for f in flows {
+            let Some(pr) = proto(f.protocol) else { continue };
+            let ep = Endpoint { addr: SocketAddr::new(f.dst, f.port), proto: pr };
+            let at = if local_addresses.contains(&f.dst) || vips.contains(&f.dst) && sources_has_vip(&sources, &f.dst) {
+                At::Node(node)
+            } else if let Some((n, p)) = endpoint_pods.get(&f.dst) {
+                if serving.get(&f.dst).is_some_and(|(_, ports)| ports.contains(&(f.port, f.protocol))) {
+                    continue;
+                }
+                At::Pod(*n, *p)
+            } else if let Some(s) = sources.get(&f.dst).filter(|s| matches!(s.at, At::Pod(..))) {
+                s.at
+            } else {
+                world_addrs.insert(f.dst);
+                At::External(world)
+            };
+            let list = &mut responders.entry(format!("{at:?}")).or_insert((at, Vec::new())).1;
+            if !list.contains(&ep) {
+                list.push(ep);
+            }
+        }
+        let lines: Vec<String> = world_addrs
+            .iter()
+            .filter(|a| !world_ips.contains(a))
+            .map(|a| {
+                format!(
+                    "addr add {a}/{} dev eth0{}",
+                    if a.is_ipv4() { 32 } else { 128 },
+                    if a.is_ipv4() { "" } else { " nodad" }
+                )
+            })
+            .collect();
+        if !lines.is_empty() {
+            lab.sb.ip_batch(lab.host(At::External(world)), &lines)?;
+        }
+
+        // The agent of the node under test, with the case's own configuration.
+        let extra = format!(
+            "{}bpf:\n  pinPath: {}\n  cgroupPath: {}\n  devices: [eth0]\n  podDevices: [br0]\n",
+            crate::config::write::node_config_yaml(cfg),
+            lab.nodes[node].pin_dir.display(),
+            lab.nodes[node].cgroup.display()
+        );
+        std::fs::write(&lab.nodes[node].config, extra)?;
+        lab.write_manifests_json(node, state)?;
+        lab.start_agent(node).with_context(|| format!("starting the agent for case {:?}", case.name))?;
+
+        for (_, (at, eps)) in responders {
+            lab.serve(at, PASSED, eps)?;
+        }
+        let node_addresses = lab.addresses(At::Node(node))?;
+        Ok(Built { lab, sources, node_addresses })
+    }
+}
+
+fn sources_has_vip(sources: &BTreeMap<IpAddr, Source>, ip: &IpAddr) -> bool {
+    sources.get(ip).is_some_and(|s| matches!(s.at, At::Node(_)))
+}
+
+/// The verdict one observation stands for.
+fn observe(o: &Observation, flow: &ParsedFlow, node_addresses: &BTreeSet<IpAddr>) -> Observed {
+    let dst = SocketAddr::new(flow.dst, flow.port);
+    match o {
+        Observation::Reply(r) if r.server == ENDPOINT => {
+            if r.client_peer != dst {
+                return Observed::Unexpected(format!(
+                    "{} answered, but the client saw the reply come from {} instead of {dst}",
+                    r.server_local, r.client_peer
+                ));
+            }
+            Observed::Endpoint { addr: r.server_local, masq: node_addresses.contains(&r.server_peer.ip()) }
+        }
+        Observation::Reply(r) if r.server == PASSED && r.server_local == dst => Observed::Pass,
+        Observation::Reply(r) => Observed::Unexpected(format!(
+            "answered by {} at {} (client seen as {})",
+            r.server, r.server_local, r.server_peer
+        )),
+        Observation::Refused { .. } => Observed::Reject,
+        Observation::Timeout { .. } => Observed::Drop,
+        Observation::Unreachable { errno } => Observed::Unexpected(format!("unreachable ({errno})")),
+        Observation::Error { errno, message } => {
+            Observed::Unexpected(format!("error {}: {message}", errno.as_deref().unwrap_or("")))
+        }
+    }
+}
+
+fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Result<FlowOutcome> {
+    let Some(pr) = proto(f.protocol) else {
+        return Ok(FlowOutcome::NotCovered(
+            "SCTP: this kernel is built without SCTP sockets (CONFIG_IP_SCTP is not set), so no SCTP connection can be made"
+                .into(),
+        ));
+    };
+    let Some(src) = b.sources.get(&f.src).copied() else {
+        return Ok(FlowOutcome::NotCovered(format!("no host for source {}", f.src)));
+    };
+    let mut opts = ConnectOpts::new(Endpoint { addr: SocketAddr::new(f.dst, f.port), proto: pr });
+    opts.bind = src.bind;
+    opts.timeout = TIMEOUT;
+    let fail = |got: Observed, detail: String| FlowOutcome::Failed { expected: f.expected.clone(), got, detail };
+
+    let Expected::Endpoints { set, masq } = &f.expected else {
+        let o = b.lab.connect(src.at, &opts)?;
+        let mut got = observe(&o, f, &b.node_addresses);
+        // An accepted health-check port and a packet that simply reached the node look alike from outside.
+        if f.expected == Expected::Accept && got == Observed::Pass {
+            got = Observed::Accept;
+        }
+        return Ok(if matches(&f.expected, &got) { FlowOutcome::Passed(got) } else { fail(got, format!("{o:?}")) });
+    };
+
+    // Keep connecting until every endpoint of the set was seen (affinity pins one client to one).
+    let affinity = plan
+        .frontend_for(f.dst, f.port, f.protocol)
+        .and_then(|(_, fe)| plan.services.get(&fe.service))
+        .is_some_and(|sp| sp.affinity_timeout_seconds.is_some());
+    let mut seen = BTreeSet::new();
+    for _ in 0..MAX_ATTEMPTS {
+        let o = b.lab.connect(src.at, &opts)?;
+        let got = observe(&o, f, &b.node_addresses);
+        if !matches(&f.expected, &got) {
+            return Ok(fail(got, format!("{o:?}")));
+        }
+        if let Observed::Endpoint { addr, .. } = got {
+            seen.insert(addr);
+        }
+        if affinity || seen == *set {
+            break;
+        }
+    }
+    if !affinity && seen != *set {
+        return Ok(fail(
+            Observed::Endpoints { set: seen.clone(), masq: *masq },
+            format!("only these endpoints answered in {MAX_ATTEMPTS} attempts"),
+        ));
+    }
+    Ok(FlowOutcome::Passed(Observed::Endpoints { set: seen, masq: *masq }))
+}
