@@ -60,6 +60,27 @@ fn tcp_and_udp_over_ipv6() {
     check_family("tv6", SERVER_V6, CLIENT_V6, true);
 }
 
+/// SCTP over raw sockets: the INIT reaches the server, whose INIT-ACK carries its view back.
+#[test]
+fn sctp_over_raw_sockets_both_families() {
+    let p = pair("sctp");
+    let mut sb = p.sb;
+    let v4 = ep(&format!("{SERVER_V4}:53/sctp"));
+    let v6 = ep(&format!("[{SERVER_V6}]:53/sctp"));
+    sb.start_probe_server(&p.server, None, &probe(), &ServeOpts::new("sctp-a", vec![v4, v6])).unwrap();
+    for (target, client) in [(v4, CLIENT_V4), (v6, CLIENT_V6)] {
+        let observed = sb.probe_connect(&p.client, None, &probe(), &ConnectOpts::new(target)).unwrap();
+        let reply = assert_direct(&observed, target, client);
+        assert_eq!(reply.server, "sctp-a");
+    }
+    // Nothing listens on this port: the INIT goes unanswered (no kernel SCTP stack to ABORT it).
+    let closed =
+        ConnectOpts { timeout: Duration::from_millis(300), ..ConnectOpts::new(ep(&format!("{SERVER_V4}:54/sctp"))) };
+    let observed = sb.probe_connect(&p.client, None, &probe(), &closed).unwrap();
+    assert!(matches!(observed, Observation::Timeout { .. } | Observation::Refused { .. }), "{observed:?}");
+    sb.close().unwrap();
+}
+
 #[test]
 fn closed_ports_are_refused() {
     let p = pair("refuse");

@@ -70,6 +70,7 @@ pub fn connect(opts: &ConnectOpts) -> Result<Observation, ProbeError> {
         Proto::Tcp => open_tcp(opts).and_then(|mut conn| conn.exchange(&opts.message)),
         Proto::Udp if opts.connected_udp => udp_connected(opts),
         Proto::Udp => udp_unconnected(opts),
+        Proto::Sctp => return super::sctp::connect(opts.target.addr, opts.bind, opts.timeout),
     };
     Ok(attempt.unwrap_or_else(|failure| failure.observation()))
 }
@@ -217,7 +218,7 @@ fn udp_connected(opts: &ConnectOpts) -> Result<Observation, Failure> {
 fn new_socket(opts: &ConnectOpts) -> Result<Socket, Failure> {
     let (kind, protocol) = match opts.target.proto {
         Proto::Tcp => (Type::STREAM, Protocol::TCP),
-        Proto::Udp => (Type::DGRAM, Protocol::UDP),
+        Proto::Udp | Proto::Sctp => (Type::DGRAM, Protocol::UDP),
     };
     let socket = Socket::new(Domain::for_address(opts.target.addr), kind, Some(protocol))
         .map_err(failed(Stage::Connect, "creating the socket"))?;

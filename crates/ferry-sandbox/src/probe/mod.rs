@@ -11,6 +11,7 @@ mod args;
 mod connect;
 mod errno;
 mod harness;
+mod sctp;
 mod serve;
 
 use std::fmt;
@@ -31,6 +32,8 @@ pub use serve::{ServeOpts, serve};
 pub enum Proto {
     Tcp,
     Udp,
+    /// Spoken over raw sockets (see `sctp`), so it works without kernel SCTP.
+    Sctp,
 }
 
 impl fmt::Display for Proto {
@@ -38,6 +41,7 @@ impl fmt::Display for Proto {
         f.write_str(match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
         })
     }
 }
@@ -76,6 +80,7 @@ impl FromStr for Endpoint {
         let proto = match proto {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
+            "sctp" => Proto::Sctp,
             _ => return Err(bad()),
         };
         Ok(Endpoint { addr: addr.parse().map_err(|_| bad())?, proto })
@@ -193,11 +198,11 @@ mod tests {
 
     #[test]
     fn endpoints_parse_and_print() {
-        for text in ["198.18.0.2:80/tcp", "[fd00::2]:53/udp"] {
+        for text in ["198.18.0.2:80/tcp", "[fd00::2]:53/udp", "1.2.3.4:80/sctp"] {
             let ep: Endpoint = text.parse().unwrap();
             assert_eq!(ep.to_string(), text);
         }
-        for bad in ["198.18.0.2:80", "198.18.0.2/tcp", "fd00::2:53/udp", "1.2.3.4:80/sctp"] {
+        for bad in ["198.18.0.2:80", "198.18.0.2/tcp", "fd00::2:53/udp", "1.2.3.4:80/icmp"] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
     }

@@ -53,24 +53,47 @@ pub fn serve(opts: &ServeOpts) -> Result<(), ProbeError> {
         return Err(ProbeError::Usage("serve needs at least one endpoint to listen on".into()));
     }
     let mut bound = Vec::with_capacity(opts.listen.len());
-    for endpoint in &opts.listen {
+    let (failed, failure) = mpsc::channel();
+    for endpoint in opts.listen.iter().filter(|e| e.proto == Proto::Sctp) {
+        // Raw sockets: bind now so readiness means "listening", then serve in a thread.
+        let (name, failed, endpoint) = (opts.name.clone(), failed.clone(), *endpoint);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        thread::spawn(move || {
+            let result = super::sctp::serve(&name, endpoint, || {
+                let _ = ready_tx.send(Ok(()));
+            });
+            if let Err(source) = result {
+                let _ = ready_tx.send(Err(io::Error::new(source.kind(), source.to_string())));
+                let _ = failed.send(ProbeError::Serving { endpoint, source });
+            }
+        });
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => bound.push((endpoint, None)),
+            Ok(Err(source)) => return Err(ProbeError::Listen { endpoint, source }),
+            Err(_) => {
+                return Err(ProbeError::Listen { endpoint, source: io::Error::other("raw SCTP socket never ready") });
+            }
+        }
+    }
+    for endpoint in opts.listen.iter().filter(|e| e.proto != Proto::Sctp) {
         let socket = bind(endpoint).map_err(|source| ProbeError::Listen { endpoint: *endpoint, source })?;
         let local = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(endpoint.addr);
-        bound.push((Endpoint { addr: local, proto: endpoint.proto }, socket));
+        bound.push((Endpoint { addr: local, proto: endpoint.proto }, Some(socket)));
     }
     if let Some(path) = &opts.ready_file {
         let endpoints: Vec<Endpoint> = bound.iter().map(|(e, _)| *e).collect();
         write_ready_file(path, &endpoints).map_err(|source| ProbeError::ReadyFile { path: path.clone(), source })?;
     }
 
-    let (failed, failure) = mpsc::channel();
     let active = Arc::new(AtomicUsize::new(0));
     for (endpoint, socket) in bound {
+        let Some(socket) = socket else { continue };
         let (name, failed, active, echo) = (opts.name.clone(), failed.clone(), active.clone(), opts.echo_lines);
         thread::spawn(move || {
             let source = match endpoint.proto {
                 Proto::Tcp => serve_tcp(socket.into(), &name, echo, &active),
                 Proto::Udp => serve_udp(socket.into(), &name),
+                Proto::Sctp => unreachable!("SCTP endpoints are served by the sctp module"),
             };
             let _ = failed.send(ProbeError::Serving { endpoint, source });
         });
@@ -84,7 +107,7 @@ pub fn serve(opts: &ServeOpts) -> Result<(), ProbeError> {
 fn bind(endpoint: &Endpoint) -> io::Result<Socket> {
     let (kind, protocol) = match endpoint.proto {
         Proto::Tcp => (Type::STREAM, Protocol::TCP),
-        Proto::Udp => (Type::DGRAM, Protocol::UDP),
+        Proto::Udp | Proto::Sctp => (Type::DGRAM, Protocol::UDP),
     };
     let socket = Socket::new(Domain::for_address(endpoint.addr), kind, Some(protocol))?;
     if endpoint.addr.is_ipv6() {

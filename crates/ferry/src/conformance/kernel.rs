@@ -66,7 +66,7 @@ fn proto(p: Protocol) -> Option<Proto> {
     match p {
         Protocol::Tcp => Some(Proto::Tcp),
         Protocol::Udp => Some(Proto::Udp),
-        Protocol::Sctp => None,
+        Protocol::Sctp => Some(Proto::Sctp),
     }
 }
 
@@ -286,10 +286,7 @@ fn observe(o: &Observation, flow: &ParsedFlow, node_addresses: &BTreeSet<IpAddr>
 
 fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Result<FlowOutcome> {
     let Some(pr) = proto(f.protocol) else {
-        return Ok(FlowOutcome::NotCovered(
-            "SCTP: this kernel is built without SCTP sockets (CONFIG_IP_SCTP is not set), so no SCTP connection can be made"
-                .into(),
-        ));
+        return Ok(FlowOutcome::NotCovered(format!("protocol {} cannot be probed", f.protocol)));
     };
     let Some(src) = b.sources.get(&f.src).copied() else {
         return Ok(FlowOutcome::NotCovered(format!("no host for source {}", f.src)));
