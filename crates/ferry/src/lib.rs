@@ -2,10 +2,12 @@
 //! loop, and the sandboxed lab used by the demo, conformance runs, tests and
 //! benchmarks. The `ferry` binary (main.rs) only parses the command line.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod conformance;
 pub mod datapath;
+pub mod health;
 pub mod lab;
 pub mod node_addrs;
 pub mod proxier;

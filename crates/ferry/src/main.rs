@@ -38,6 +38,18 @@ enum Command {
     /// while the agent is down and a restarted agent adopts it), programs the
     /// manifests, and re-programs within a second of any file change.
     Run(cli::run::RunArgs),
+    /// Run the node agent: serve the cluster's Services from the Kubernetes API (the DaemonSet entrypoint).
+    ///
+    /// Replaces kube-proxy on this node. Watches Services, EndpointSlices and
+    /// this node's Node object, programs the eBPF datapath once both lists are
+    /// in, re-programs at most once per minSyncPeriod after changes and
+    /// verifies the datapath every syncPeriod. Serves /healthz and /livez
+    /// (0.0.0.0:10256), /metrics (127.0.0.1:10249) and the health-check node
+    /// ports of externalTrafficPolicy: Local Services. Reads a ferry node
+    /// config or kube-proxy's own KubeProxyConfiguration (--config). An API
+    /// outage leaves the datapath serving as it was; SIGTERM stops the agent
+    /// and leaves the datapath installed.
+    Agent(cli::agent::AgentArgs),
     /// Show what the datapath holds: frontends, backends, routes and counters.
     Status(cli::status::StatusArgs),
     /// Remove everything ferry attached or pinned (and nothing else).
@@ -61,6 +73,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => cli::explain::run(args),
         Command::Conformance(args) => cli::conformance::run(args),
         Command::Run(args) => cli::run::run(args),
+        Command::Agent(args) => cli::agent::run(args),
         Command::Status(args) => cli::status::run(args),
         Command::Cleanup(args) => cli::cleanup::run(args),
         Command::Probe { args } => cli::probe::run(args),

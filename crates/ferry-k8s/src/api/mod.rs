@@ -11,4 +11,4 @@ mod source;
 
 pub use client::{ApiError, client};
 pub use event::{Kind, Snapshot, SourceEvent, apply_event};
-pub use source::{ApiSource, ENDPOINT_SLICE_LABEL_SELECTOR, Stopped};
+pub use source::{ApiSource, ENDPOINT_SLICE_LABEL_SELECTOR, Stopped, WATCHED_RESOURCES, WatchedResource};

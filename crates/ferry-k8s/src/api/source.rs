@@ -17,6 +17,25 @@ use kube::{Api, Client};
 use std::future::Future;
 use tokio::sync::mpsc;
 
+/// One kind of object the source reads from the API server, in RBAC terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchedResource {
+    /// The API group (`""` for the core group).
+    pub api_group: &'static str,
+    /// The resource's plural name, as a ClusterRole names it.
+    pub resource: &'static str,
+    /// What the source does with it: kube-runtime's watcher lists, then watches.
+    pub verbs: &'static [&'static str],
+}
+
+/// Everything [`ApiSource`] reads, and nothing else: a ClusterRole granting
+/// exactly these rules is all ferry's service account needs.
+pub const WATCHED_RESOURCES: &[WatchedResource] = &[
+    WatchedResource { api_group: "", resource: "services", verbs: &["list", "watch"] },
+    WatchedResource { api_group: "discovery.k8s.io", resource: "endpointslices", verbs: &["list", "watch"] },
+    WatchedResource { api_group: "", resource: "nodes", verbs: &["list", "watch"] },
+];
+
 /// kube-proxy's server-side filter for EndpointSlices: headless Services get no
 /// proxy rules, so their slices need not cross the wire at all.
 pub const ENDPOINT_SLICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
@@ -263,8 +282,8 @@ fn describe(kind: Kind, error: &watcher::Error) -> String {
     match status_code(error) {
         Some(401) => format!("{kind} watch: {error}; the credentials were rejected, check the kubeconfig or token"),
         Some(403) => format!(
-            "{kind} watch: {error}; ferry's service account needs get, list and watch on {resource} \
-             (check its ClusterRole and ClusterRoleBinding)"
+            "{kind} watch: {error}; ferry's service account needs list and watch on {resource} \
+             (check its ClusterRole and ClusterRoleBinding; deploy/rbac.yaml has the rules)"
         ),
         Some(410) => format!("{kind} watch: {error}; the watch fell behind the API server's history, relisting"),
         _ => format!("{kind} watch: {error}; retrying with backoff"),
@@ -363,6 +382,17 @@ mod tests {
             }
             other => panic!("expected a Services replace, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn watched_resources_are_the_kinds_the_watchers_use() {
+        use k8s_openapi::Resource;
+        fn rule<K: Resource>() -> (&'static str, &'static str) {
+            (K::GROUP, K::URL_PATH_SEGMENT)
+        }
+        let listed: Vec<(&str, &str)> = WATCHED_RESOURCES.iter().map(|w| (w.api_group, w.resource)).collect();
+        assert_eq!(listed, [rule::<Service>(), rule::<EndpointSlice>(), rule::<Node>()]);
+        assert!(WATCHED_RESOURCES.iter().all(|w| w.verbs == ["list", "watch"]));
     }
 
     #[test]

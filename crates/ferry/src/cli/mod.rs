@@ -1,5 +1,6 @@
 //! One module per `ferry` subcommand, plus the inputs they share.
 
+pub mod agent;
 pub mod cleanup;
 pub mod conformance;
 pub mod explain;

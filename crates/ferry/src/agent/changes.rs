@@ -1,0 +1,266 @@
+//! Which Services and endpoints changed since the last sync (pure): the
+//! "changes pending/total" metrics and the network programming latency, as
+//! kube-proxy's change trackers define them.
+//!
+//! A change is counted per event, and pending per Service (several events for
+//! one Service are one pending change). An EndpointSlice event carrying the
+//! `endpoints.kubernetes.io/last-change-trigger-time` annotation adds that time
+//! to the pending trigger times; once a sync has programmed the change, the
+//! time since each trigger is the network programming latency. Triggers from
+//! before the agent started are skipped (they measure the agent's start, not
+//! the network), as kube-proxy does. A relist counts only what it changed.
+
+use ferry_k8s::api::{Snapshot, SourceEvent};
+use ferry_model::state::{ClusterState, ObjectKey, StateChange};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+/// The EndpointSlice annotation with the time of the change that caused it.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The label naming an EndpointSlice's Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What one event changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counted {
+    pub services: u64,
+    pub endpoints: u64,
+    /// The node or anything else that changes the Plan.
+    pub other: u64,
+}
+
+impl Counted {
+    pub fn any(&self) -> bool {
+        self.services + self.endpoints + self.other > 0
+    }
+}
+
+/// Changes taken by a sync: handed back if it fails.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub services: BTreeSet<ObjectKey>,
+    pub endpoints: BTreeSet<ObjectKey>,
+    pub triggers: Vec<SystemTime>,
+}
+
+/// Pending changes since the last sync.
+#[derive(Debug, Clone)]
+pub struct ChangeTracker {
+    started: SystemTime,
+    pending: Batch,
+}
+
+fn owner(slice: &EndpointSlice) -> ObjectKey {
+    let key = ObjectKey::of_meta(&slice.metadata);
+    match slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+        Some(service) => ObjectKey::new(key.namespace, service.clone()),
+        None => key,
+    }
+}
+
+fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let text = slice.metadata.annotations.as_ref()?.get(LAST_CHANGE_TRIGGER_TIME)?;
+    let ts: Timestamp = text.parse().ok()?;
+    Some(SystemTime::from(ts))
+}
+
+impl ChangeTracker {
+    /// `started`: when the agent started; earlier triggers are not measured.
+    pub fn new(started: SystemTime) -> ChangeTracker {
+        ChangeTracker { started, pending: Batch::default() }
+    }
+
+    pub fn pending_services(&self) -> usize {
+        self.pending.services.len()
+    }
+
+    pub fn pending_endpoints(&self) -> usize {
+        self.pending.endpoints.len()
+    }
+
+    /// Records `event`; call it with the state *before* the event is applied
+    /// (a deleted slice's Service and a relist's differences are read there).
+    pub fn observe(&mut self, before: &ClusterState, event: &SourceEvent) -> Counted {
+        let mut c = Counted::default();
+        match event {
+            SourceEvent::Change(StateChange::ServiceApplied(svc)) => {
+                self.pending.services.insert(ObjectKey::of_meta(&svc.metadata));
+                c.services += 1;
+            }
+            SourceEvent::Change(StateChange::ServiceDeleted(key)) => {
+                self.pending.services.insert(key.clone());
+                c.services += 1;
+            }
+            SourceEvent::Change(StateChange::EndpointSliceApplied(slice)) => {
+                self.slice_changed(slice);
+                c.endpoints += 1;
+            }
+            SourceEvent::Change(StateChange::EndpointSliceDeleted(key)) => {
+                let service = before.endpoint_slices.get(key).map(owner).unwrap_or_else(|| key.clone());
+                self.pending.endpoints.insert(service);
+                c.endpoints += 1;
+            }
+            SourceEvent::Change(StateChange::NodeApplied(_) | StateChange::NodeDeleted(_)) => c.other += 1,
+            SourceEvent::Replace(Snapshot::Services(all)) => {
+                let mut seen = BTreeSet::new();
+                for svc in all {
+                    let key = ObjectKey::of_meta(&svc.metadata);
+                    let old_rv = before.services.get(&key).map(|o| &o.metadata.resource_version);
+                    if old_rv != Some(&svc.metadata.resource_version) {
+                        self.pending.services.insert(key.clone());
+                        c.services += 1;
+                    }
+                    seen.insert(key);
+                }
+                for key in before.services.keys().filter(|k| !seen.contains(*k)) {
+                    self.pending.services.insert(key.clone());
+                    c.services += 1;
+                }
+            }
+            SourceEvent::Replace(Snapshot::EndpointSlices(all)) => {
+                let mut seen = BTreeSet::new();
+                for slice in all {
+                    let key = ObjectKey::of_meta(&slice.metadata);
+                    let old_rv = before.endpoint_slices.get(&key).map(|o| &o.metadata.resource_version);
+                    if old_rv != Some(&slice.metadata.resource_version) {
+                        self.slice_changed(slice);
+                        c.endpoints += 1;
+                    }
+                    seen.insert(key);
+                }
+                for (_, slice) in before.endpoint_slices.iter().filter(|(k, _)| !seen.contains(*k)) {
+                    self.pending.endpoints.insert(owner(slice));
+                    c.endpoints += 1;
+                }
+            }
+            SourceEvent::Replace(Snapshot::Nodes(_)) => c.other += 1,
+            SourceEvent::Synced | SourceEvent::WatchError { .. } => {}
+        }
+        c
+    }
+
+    fn slice_changed(&mut self, slice: &EndpointSlice) {
+        self.pending.endpoints.insert(owner(slice));
+        if let Some(t) = trigger_time(slice).filter(|t| *t > self.started) {
+            self.pending.triggers.push(t);
+        }
+    }
+
+    /// Hands the pending changes to a sync.
+    pub fn take(&mut self) -> Batch {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Gives back the changes of a sync that failed: they are still pending.
+    pub fn restore(&mut self, batch: Batch) {
+        self.pending.services.extend(batch.services);
+        self.pending.endpoints.extend(batch.endpoints);
+        self.pending.triggers.extend(batch.triggers);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_k8s::api::apply_event;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn svc(name: &str, rv: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some(name.into()),
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn slice(name: &str, service: &str, rv: &str, trigger: Option<&str>) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some(name.into()),
+                resource_version: Some(rv.into()),
+                labels: Some(BTreeMap::from([(SERVICE_NAME_LABEL.to_string(), service.to_string())])),
+                annotations: trigger.map(|t| BTreeMap::from([(LAST_CHANGE_TRIGGER_TIME.to_string(), t.to_string())])),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ..Default::default()
+        }
+    }
+
+    fn feed(t: &mut ChangeTracker, state: &mut ClusterState, ev: SourceEvent) -> Counted {
+        let c = t.observe(state, &ev);
+        apply_event(state, &ev);
+        c
+    }
+
+    fn change(c: StateChange) -> SourceEvent {
+        SourceEvent::Change(c)
+    }
+
+    #[test]
+    fn pending_is_per_service_and_total_per_event() {
+        let started = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut t = ChangeTracker::new(started);
+        let mut state = ClusterState::default();
+        let a1 = slice("a-1", "a", "1", Some("2023-11-14T22:13:00Z")); // before start: not measured
+        let a2 = slice("a-2", "a", "2", Some("2023-11-14T22:13:19.5Z"));
+        let late = slice("a-3", "a", "3", Some("2023-11-14T22:15:00Z"));
+        let mut counted = Counted::default();
+        for ev in [
+            change(StateChange::ServiceApplied(Box::new(svc("a", "1")))),
+            change(StateChange::ServiceApplied(Box::new(svc("a", "2")))),
+            change(StateChange::EndpointSliceApplied(Box::new(a1))),
+            change(StateChange::EndpointSliceApplied(Box::new(a2))),
+            change(StateChange::EndpointSliceApplied(Box::new(late))),
+            change(StateChange::EndpointSliceDeleted(ObjectKey::new("ns", "a-1"))),
+        ] {
+            let c = feed(&mut t, &mut state, ev);
+            counted.services += c.services;
+            counted.endpoints += c.endpoints;
+        }
+        assert_eq!((counted.services, counted.endpoints), (2, 4));
+        assert_eq!((t.pending_services(), t.pending_endpoints()), (1, 1));
+        let batch = t.take();
+        assert_eq!(batch.triggers, [SystemTime::from("2023-11-14T22:15:00Z".parse::<Timestamp>().unwrap())]);
+        assert_eq!(
+            batch.endpoints,
+            BTreeSet::from([ObjectKey::new("ns", "a")]),
+            "a deleted slice counts for its Service"
+        );
+        assert_eq!((t.pending_services(), t.pending_endpoints()), (0, 0));
+        t.restore(batch.clone());
+        assert_eq!(t.take(), batch, "a failed sync gives its changes back");
+    }
+
+    #[test]
+    fn a_relist_counts_only_what_changed() {
+        let mut t = ChangeTracker::new(SystemTime::UNIX_EPOCH);
+        let mut state = ClusterState::default();
+        feed(&mut t, &mut state, SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "1")])));
+        feed(&mut t, &mut state, SourceEvent::Replace(Snapshot::EndpointSlices(vec![slice("a-1", "a", "1", None)])));
+        t.take();
+        // b changed, c is new, a is unchanged; the slice of a is gone.
+        let c = feed(
+            &mut t,
+            &mut state,
+            SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "5"), svc("c", "6")])),
+        );
+        assert_eq!(c.services, 2);
+        let c = feed(&mut t, &mut state, SourceEvent::Replace(Snapshot::EndpointSlices(vec![])));
+        assert_eq!(c.endpoints, 1);
+        let batch = t.take();
+        assert_eq!(batch.services, BTreeSet::from([ObjectKey::new("ns", "b"), ObjectKey::new("ns", "c")]));
+        assert_eq!(batch.endpoints, BTreeSet::from([ObjectKey::new("ns", "a")]));
+        assert!(!feed(&mut t, &mut state, SourceEvent::Synced).any());
+    }
+}

@@ -1,0 +1,329 @@
+//! The agent's Prometheus metrics: kube-proxy's names where ferry measures the
+//! same thing, so existing dashboards and alerts keep working, and ferry's own
+//! (`ferry_*`) for the eBPF datapath.
+//!
+//! kube-proxy's: `kubeproxy_sync_proxy_rules_duration_seconds`,
+//! `kubeproxy_sync_proxy_rules_last_timestamp_seconds`,
+//! `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds`,
+//! `kubeproxy_network_programming_duration_seconds`,
+//! `kubeproxy_sync_proxy_rules_{endpoint,service}_changes_{pending,total}`,
+//! `kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family,traffic_policy}`,
+//! `kubeproxy_proxy_{healthz,livez}_total{code}`.
+//!
+//! ferry's: `ferry_datapath_counter_total{name}` (every datapath counter, drops
+//! by reason among them, read from the kernel at scrape time),
+//! `ferry_service_ports`, `ferry_map_operations_total`,
+//! `ferry_sync_failures_total`, `ferry_resync_corrections_total`,
+//! `ferry_map_entries{map}` and `ferry_map_capacity{map}` (counted at every
+//! periodic resync), `ferry_api_watch_errors_total{kind}`.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NoLocalLabels {
+    pub ip_family: String,
+    /// `internal` (internalTrafficPolicy: Local) or `external` (externalTrafficPolicy: Local).
+    pub traffic_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+/// How full one pinned map is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapFill {
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Where scrapes read the kernel's figures: the datapath's counters (live) and
+/// the last counted map fill levels.
+#[derive(Default)]
+pub struct DatapathView {
+    /// Opened once the datapath is installed.
+    pub maps: Mutex<Option<ferry_bpf::Maps>>,
+    pub fill: Mutex<Vec<MapFill>>,
+}
+
+impl std::fmt::Debug for DatapathView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatapathView")
+    }
+}
+
+impl Collector for DatapathView {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counters: Vec<(&str, u64)> = match &*self.maps.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(maps) => ferry_bpf::stats::NAMES.iter().copied().zip(maps.counters()).collect(),
+            None => Vec::new(),
+        };
+        if !counters.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "ferry_datapath_counter",
+                "Events counted by the eBPF datapath (translations, drops by reason, NAT retries), since it was loaded",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (name, value) in counters {
+                let labels = [("name", name)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let fill = self.fill.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !fill.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "ferry_map_entries",
+                "Entries in each pinned datapath map, counted at the last periodic resync",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for f in &fill {
+                ConstGauge::new(f.entries as i64).encode(family.encode_family(&[("map", f.map.as_str())])?)?;
+            }
+            let mut family = encoder.encode_descriptor(
+                "ferry_map_capacity",
+                "Maximum entries of each pinned datapath map",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for f in &fill {
+                ConstGauge::new(f.capacity as i64).encode(family.encode_family(&[("map", f.map.as_str())])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every metric the agent exports, and the registry that renders them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub last_sync: Gauge<f64, AtomicU64>,
+    pub last_queued: Gauge<f64, AtomicU64>,
+    pub network_programming: Histogram,
+    pub endpoint_changes_pending: Gauge,
+    pub endpoint_changes_total: Counter,
+    pub service_changes_pending: Gauge,
+    pub service_changes_total: Counter,
+    pub no_local_endpoints: Family<NoLocalLabels, Gauge>,
+    pub healthz_total: Family<CodeLabels, Counter>,
+    pub livez_total: Family<CodeLabels, Counter>,
+    pub service_ports: Gauge,
+    pub map_operations: Counter,
+    pub sync_failures: Counter,
+    pub resync_corrections: Counter,
+    pub watch_errors: Family<KindLabels, Counter>,
+    pub datapath: Arc<DatapathView>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        // kube-proxy's buckets, so histograms compare bucket by bucket.
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let network_programming = Histogram::new(
+            linear_buckets(0.25, 0.25, 2)
+                .chain(linear_buckets(1.0, 1.0, 59))
+                .chain(linear_buckets(60.0, 5.0, 12))
+                .chain(linear_buckets(120.0, 30.0, 7)),
+        );
+        let m = Metrics {
+            registry: Registry::default(),
+            sync_duration,
+            last_sync: Gauge::default(),
+            last_queued: Gauge::default(),
+            network_programming,
+            endpoint_changes_pending: Gauge::default(),
+            endpoint_changes_total: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            service_changes_total: Counter::default(),
+            no_local_endpoints: Family::default(),
+            healthz_total: Family::default(),
+            livez_total: Family::default(),
+            service_ports: Gauge::default(),
+            map_operations: Counter::default(),
+            sync_failures: Counter::default(),
+            resync_corrections: Counter::default(),
+            watch_errors: Family::default(),
+            datapath: Arc::new(DatapathView::default()),
+        };
+        let r = &mut registry;
+        r.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            m.sync_duration.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            m.last_sync.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            m.last_queued.clone(),
+        );
+        r.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            m.network_programming.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            m.endpoint_changes_pending.clone(),
+        );
+        // prometheus-client appends `_total` to counter names.
+        r.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            m.endpoint_changes_total.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            m.service_changes_pending.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            m.service_changes_total.clone(),
+        );
+        r.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            m.no_local_endpoints.clone(),
+        );
+        r.register("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", m.healthz_total.clone());
+        r.register("kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status", m.livez_total.clone());
+        r.register(
+            "ferry_service_ports",
+            "Service ports (per IP family) in the programmed Plan",
+            m.service_ports.clone(),
+        );
+        r.register(
+            "ferry_map_operations",
+            "Map updates and deletes written to the datapath by syncs",
+            m.map_operations.clone(),
+        );
+        r.register(
+            "ferry_sync_failures",
+            "Syncs that failed to program the datapath (retried)",
+            m.sync_failures.clone(),
+        );
+        r.register(
+            "ferry_resync_corrections",
+            "Map entries rewritten by periodic resyncs because the kernel had drifted from the Plan",
+            m.resync_corrections.clone(),
+        );
+        r.register(
+            "ferry_api_watch_errors",
+            "Failed lists and watches of the Kubernetes API, by kind (retried with backoff)",
+            m.watch_errors.clone(),
+        );
+        r.register_collector(Box::new(m.datapath.clone()));
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Records the Services whose Local policies find no local endpoint.
+    pub fn set_no_local_endpoints(&self, counts: &[(NoLocalLabels, i64)]) {
+        self.no_local_endpoints.clear();
+        for (labels, n) in counts {
+            self.no_local_endpoints.get_or_create(labels).set(*n);
+        }
+    }
+}
+
+/// Counts, per family and policy, the service ports whose Local traffic policy
+/// finds no local endpoint while other endpoints exist (kube-proxy drops that
+/// traffic; with no endpoints at all it rejects, and does not count).
+pub fn no_local_endpoints(plan: &ferry_model::Plan) -> Vec<(NoLocalLabels, i64)> {
+    use ferry_model::IpFamily;
+    let mut counts = Vec::new();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let (mut internal, mut external) = (0, 0);
+        for sp in plan.services.values().filter(|sp| sp.id.family == family) {
+            let c = &sp.categorized;
+            let has_endpoints = !c.cluster.is_empty() || !c.local.is_empty();
+            if !has_endpoints || !c.local.is_empty() {
+                continue;
+            }
+            if sp.internal_policy_local {
+                internal += 1;
+            }
+            if sp.external_policy_local && sp.externally_accessible {
+                external += 1;
+            }
+        }
+        let fam = match family {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        };
+        for (policy, n) in [("internal", internal), ("external", external)] {
+            counts.push((NoLocalLabels { ip_family: fam.into(), traffic_policy: policy.into() }, n));
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_proxy_names_render() {
+        let m = Metrics::new();
+        m.sync_duration.observe(0.02);
+        m.endpoint_changes_total.inc();
+        m.healthz_total.get_or_create(&CodeLabels { code: "200".into() }).inc();
+        m.set_no_local_endpoints(&[(NoLocalLabels { ip_family: "IPv4".into(), traffic_policy: "external".into() }, 2)]);
+        let text = m.render();
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"}",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"}",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"}",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 1",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
+            "kubeproxy_sync_proxy_rules_service_changes_total 0",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 2",
+            "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
+            "ferry_map_operations_total 0",
+            "ferry_service_ports 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        // No datapath yet: no datapath series rather than zeros that look real.
+        assert!(!text.contains("ferry_datapath_counter_total"), "{text}");
+        m.datapath.fill.lock().unwrap().push(MapFill { map: "ferry_ct".into(), entries: 3, capacity: 10 });
+        let text = m.render();
+        assert!(text.contains("ferry_map_entries{map=\"ferry_ct\"} 3"), "{text}");
+        assert!(text.contains("ferry_map_capacity{map=\"ferry_ct\"} 10"), "{text}");
+    }
+}

@@ -1,0 +1,180 @@
+//! The sync thread: owns the [`Proxier`] and runs syncs and resyncs off the
+//! async runtime, so the API watchers keep draining while a large Plan is
+//! built and written.
+//!
+//! The datapath is installed (or adopted) on the first job, and reinstalled,
+//! adopting what is pinned, if the node's config changes (its primary address
+//! arrived from the Node object). After every job it sends back what the agent
+//! publishes: the sync report, the health checks the Plan asks for, and the
+//! figures for the metrics.
+
+use super::metrics::{DatapathView, MapFill, NoLocalLabels, no_local_endpoints};
+use super::schedule::Due;
+use crate::config::Settings;
+use crate::health::HealthChecks;
+use crate::proxier::{Proxier, SyncReport};
+use ferry_model::{ClusterState, NodeConfig};
+use libbpf_rs::MapCore;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Work for the sync thread.
+pub struct Job {
+    pub due: Due,
+    /// The state to program (for `Due::Sync`).
+    pub state: ClusterState,
+    pub settings: Settings,
+}
+
+/// What a finished job produced.
+pub struct Done {
+    pub due: Due,
+    pub elapsed: Duration,
+    pub result: anyhow::Result<Synced>,
+    /// No datapath has been installed yet and installing failed.
+    pub never_installed: bool,
+}
+
+/// A successful job's results.
+pub struct Synced {
+    /// `Due::Sync`: what the sync did.
+    pub report: Option<SyncReport>,
+    /// `Due::Resync`: map entries rewritten because the kernel had drifted.
+    pub corrections: usize,
+    /// Set when this job installed (or reinstalled) the datapath: how it went.
+    pub installed: Option<String>,
+    pub health_checks: HealthChecks,
+    pub no_local: Vec<(NoLocalLabels, i64)>,
+    pub service_ports: usize,
+}
+
+/// Where the datapath goes, beyond the settings (command-line overrides).
+#[derive(Debug, Clone, Default)]
+pub struct InstallOverrides {
+    pub pin_dir: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+}
+
+/// A handle on the running sync thread.
+pub struct SyncThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SyncThread {
+    /// Starts the thread; finished jobs arrive on `done`.
+    pub fn spawn(
+        overrides: InstallOverrides,
+        view: Arc<DatapathView>,
+        done: mpsc::UnboundedSender<Done>,
+    ) -> std::io::Result<SyncThread> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new().name("ferry-sync".into()).spawn(move || {
+            let mut worker = Worker { overrides, view, proxier: None };
+            while let Ok(job) = rx.recv() {
+                let t0 = Instant::now();
+                let due = job.due;
+                let never_installed = worker.proxier.is_none();
+                let result = worker.run(job);
+                let never_installed = never_installed && worker.proxier.is_none();
+                if done.send(Done { due, elapsed: t0.elapsed(), result, never_installed }).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(SyncThread { jobs, thread })
+    }
+
+    /// Queues a job. Fails only if the thread is gone (it panicked).
+    pub fn send(&self, job: Job) -> anyhow::Result<()> {
+        self.jobs.send(job).map_err(|_| anyhow::anyhow!("the sync thread stopped unexpectedly; see the log above"))
+    }
+
+    /// Stops the thread after its current job.
+    pub fn stop(self) {
+        drop(self.jobs);
+        let _ = self.thread.join();
+    }
+}
+
+struct Worker {
+    overrides: InstallOverrides,
+    view: Arc<DatapathView>,
+    proxier: Option<(Proxier, NodeConfig, PathBuf)>,
+}
+
+impl Worker {
+    fn run(&mut self, job: Job) -> anyhow::Result<Synced> {
+        let mut installed = None;
+        let current = self.proxier.as_ref().map(|(_, cfg, _)| cfg);
+        if current != Some(&job.settings.node) {
+            installed = Some(self.install(&job.settings)?);
+        }
+        let Some((proxier, _, pin_dir)) = self.proxier.as_mut() else {
+            anyhow::bail!("no datapath installed");
+        };
+        let (report, corrections) = match job.due {
+            // A fresh Proxier has no Plan yet: a resync is a full sync for it.
+            Due::Sync => (Some(proxier.sync(&job.state)?), 0),
+            Due::Resync if installed.is_some() => (Some(proxier.sync(&job.state)?), 0),
+            Due::Resync => (None, proxier.resync()?),
+        };
+        if job.due == Due::Resync || installed.is_some() {
+            let fill = map_fill(pin_dir);
+            *self.view.fill.lock().unwrap_or_else(|p| p.into_inner()) = fill;
+        }
+        let plan = proxier.plan();
+        Ok(Synced {
+            report,
+            corrections,
+            installed,
+            health_checks: plan.map(HealthChecks::from_plan).unwrap_or_default(),
+            no_local: plan.map(no_local_endpoints).unwrap_or_default(),
+            service_ports: plan.map_or(0, |p| p.services.len()),
+        })
+    }
+
+    fn install(&mut self, settings: &Settings) -> anyhow::Result<String> {
+        let o = &self.overrides;
+        let opts = crate::datapath::install_options(settings, o.pin_dir.clone(), o.cgroup.clone())?;
+        // Drop the old handles first: the new Proxier adopts what is pinned.
+        let reinstall = self.proxier.take().is_some();
+        *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let (proxier, installed) = Proxier::start(settings, &opts)?;
+        match ferry_bpf::Maps::open(&opts.pin_dir) {
+            Ok(maps) => *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps),
+            Err(e) => tracing::warn!("datapath counters will be missing from /metrics: {e}"),
+        }
+        let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
+        let line = format!(
+            "datapath {}: pin_dir={} cgroup={} devices={} adopted={} links_updated={} links_attached={}",
+            if reinstall { "reinstalled for the node's new addresses" } else { "installed" },
+            opts.pin_dir.display(),
+            opts.cgroup.display(),
+            devices.join(","),
+            installed.adopted,
+            installed.links_updated,
+            installed.links_attached,
+        );
+        self.proxier = Some((proxier, settings.node.clone(), opts.pin_dir));
+        Ok(line)
+    }
+}
+
+/// Entries and capacity of every pinned map. Walks each map's keys, so it runs
+/// with the periodic resync (which reads the maps anyway), not per scrape.
+fn map_fill(pin_dir: &Path) -> Vec<MapFill> {
+    ferry_bpf::maps::MAP_NAMES
+        .iter()
+        .filter_map(|name| {
+            let map = libbpf_rs::MapHandle::from_pinned_path(pin_dir.join(name)).ok()?;
+            Some(MapFill {
+                map: name.to_string(),
+                entries: map.keys().count() as u64,
+                capacity: map.max_entries().into(),
+            })
+        })
+        .collect()
+}
