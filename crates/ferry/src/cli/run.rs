@@ -78,6 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
+    let mut health_checks = crate::health::ServiceHealthServer::standalone().context("starting health checks")?;
     let mut seen = None;
     let mut ready = false;
     while !stop.load(Ordering::Relaxed) {
@@ -100,6 +101,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     );
                 }
                 Err(e) => tracing::error!("sync failed, will retry on the next change: {e:#}"),
+            }
+            if let Some(plan) = proxier.plan() {
+                health_checks.update(&crate::health::HealthChecks::from_plan(plan));
             }
             if !ready {
                 ready = true;
