@@ -148,7 +148,11 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	struct aff_key aff = {};
 	__builtin_memcpy(aff.client, p->src, 16);
 	__u8 set = (act & ACT_MASK) == ACT_FORWARD_LOCAL ? SET_LOCAL : SET_CLUSTER;
-	__u32 id = lb_pick(service, svc, set, &aff);
+	__u32 id = 0;
+	if ((svc->flags & SVC_MAGLEV) && !(svc->flags & SVC_AFFINITY))
+		id = lb_maglev(service, set, flow_hash(p->src, p->dst, p->sport, p->dport, p->proto), cfg->maglev_size);
+	if (!id)
+		id = lb_pick(service, svc, set, &aff);
 	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
 	if (!be || be->family != p->family) {
 		stat_inc(STAT_DROP_NO_ENDPOINT);

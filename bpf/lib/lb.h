@@ -109,4 +109,56 @@ static __always_inline __u32 lb_pick(__u32 service, const struct svc_val *svc, _
 	return id;
 }
 
+static __always_inline __u32 rotl32(__u32 x, int r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+static __always_inline __u32 hash_mix(__u32 h, __u32 k)
+{
+	k *= 0xcc9e2d51;
+	k = rotl32(k, 15);
+	k *= 0x1b873593;
+	h ^= k;
+	h = rotl32(h, 13);
+	return h * 5 + 0xe6546b64;
+}
+
+/* A flow's hash (MurmurHash3 mixing over the 5-tuple): the same on every
+ * node, so with the same Maglev table every node picks the same backend. */
+static __always_inline __u32 flow_hash(const __u32 *src, const __u32 *dst, __be16 sport, __be16 dport, __u8 proto)
+{
+	__u32 h = 0x9e3779b9 ^ proto;
+
+	h = hash_mix(h, src[0]);
+	h = hash_mix(h, src[1]);
+	h = hash_mix(h, src[2]);
+	h = hash_mix(h, src[3]);
+	h = hash_mix(h, dst[0]);
+	h = hash_mix(h, dst[1]);
+	h = hash_mix(h, dst[2]);
+	h = hash_mix(h, dst[3]);
+	h = hash_mix(h, ((__u32)sport << 16) | dport);
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+/* The backend Maglev assigns to a flow hash (0: no table). */
+static __always_inline __u32 lb_maglev(__u32 service, __u8 set, __u32 hash, __u32 size)
+{
+	__u64 key = ((__u64)service << 8) | set;
+	void *table = bpf_map_lookup_elem(&ferry_maglev, &key);
+	__u32 slot, *id;
+
+	if (!table || size == 0)
+		return 0;
+	slot = hash % size;
+	id = bpf_map_lookup_elem(table, &slot);
+	return id ? *id : 0;
+}
+
 #endif

@@ -69,6 +69,7 @@ struct {
 
 /* svc_val.flags */
 #define SVC_AFFINITY 1
+#define SVC_MAGLEV 2 /* the packet path picks backends from ferry_maglev */
 
 #define SET_CLUSTER 0
 #define SET_LOCAL 1
@@ -271,7 +272,7 @@ struct config {
 	/* Source ports for SNAT, inclusive; never overlapping the NodePort range. */
 	__u16 nat_port_min;
 	__u16 nat_port_max;
-	__u32 pad2;
+	__u32 maglev_size; /* slots of every Maglev table */
 };
 
 struct {
@@ -345,6 +346,27 @@ struct {
 	__type(value, struct ct_val);
 	PIN_BY_NAME;
 } ferry_ct SEC(".maps");
+
+/* ---- Maglev lookup tables: (service, set) -> array of backend ids ---- */
+
+/* Inner maps are created by the agent, one per table, and swapped in with
+ * one update of the outer map; BPF_F_INNER_MAP lets their size follow the
+ * configured table size. */
+struct maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 65536);
+	__type(key, __u64); /* service << 8 | set */
+	PIN_BY_NAME;
+	__array(values, struct maglev_table);
+} ferry_maglev SEC(".maps");
 
 /* ---- service names, for `ferry status` only ---- */
 

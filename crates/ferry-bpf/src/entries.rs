@@ -32,6 +32,7 @@ pub const ACT_MASK: u8 = 0x0f;
 pub const ACT_MASQ: u8 = 0x80;
 
 pub const SVC_AFFINITY: u8 = 1;
+pub const SVC_MAGLEV: u8 = 2;
 pub const SET_CLUSTER: u8 = 0;
 pub const SET_LOCAL: u8 = 1;
 pub const BE_LOCAL: u8 = 1;
@@ -162,6 +163,12 @@ pub struct Config {
     pub udp_timeout: u32,
     pub nat_port_min: u16,
     pub nat_port_max: u16,
+    pub maglev_size: u32,
+}
+
+/// Key of a Maglev table in `ferry_maglev`: service << 8 | set.
+pub fn maglev_key(service: u32, set: u8) -> u64 {
+    (u64::from(service) << 8) | u64::from(set)
 }
 
 pub const DEV_EXTERNAL: u8 = 1;
@@ -199,6 +206,9 @@ pub enum MapOp {
     PutConfig(Config),
     PutDevice(u32, Device),
     DelDevice(u32),
+    /// A whole Maglev table (backend ids by slot), swapped in atomically.
+    PutMaglev(u64, Vec<u32>),
+    DelMaglev(u64),
 }
 
 #[cfg(test)]

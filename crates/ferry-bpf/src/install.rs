@@ -107,6 +107,7 @@ macro_rules! map_list {
             ("ferry_stats", &mut $maps.ferry_stats),
             ("ferry_devices", &mut $maps.ferry_devices),
             ("ferry_ct", &mut $maps.ferry_ct),
+            ("ferry_maglev", &mut $maps.ferry_maglev),
         ]
     };
 }

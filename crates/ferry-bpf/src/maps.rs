@@ -28,6 +28,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_stats",
     "ferry_devices",
     "ferry_ct",
+    "ferry_maglev",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +105,7 @@ fn enc_config(c: &Config) -> t::config {
         udp_timeout: c.udp_timeout,
         nat_port_min: c.nat_port_min,
         nat_port_max: c.nat_port_max,
-        pad2: 0,
+        maglev_size: c.maglev_size,
     }
 }
 fn dec_config(c: t::config) -> Config {
@@ -119,6 +120,7 @@ fn dec_config(c: t::config) -> Config {
         udp_timeout: c.udp_timeout,
         nat_port_min: c.nat_port_min,
         nat_port_max: c.nat_port_max,
+        maglev_size: c.maglev_size,
     }
 }
 fn enc_device(d: &Device) -> t::device {
@@ -154,6 +156,7 @@ pub struct Maps {
     stats: MapHandle,
     devices: MapHandle,
     ct: MapHandle,
+    maglev: MapHandle,
 }
 
 impl Maps {
@@ -180,6 +183,7 @@ impl Maps {
             stats: open("ferry_stats")?,
             devices: open("ferry_devices")?,
             ct: open("ferry_ct")?,
+            maglev: open("ferry_maglev")?,
         })
     }
 
@@ -228,7 +232,45 @@ impl Maps {
             MapOp::PutConfig(c) => put(&self.config, "ferry_config", &0u32.to_ne_bytes(), bytes(&enc_config(c))),
             MapOp::PutDevice(i, d) => put(&self.devices, "ferry_devices", &i.to_ne_bytes(), bytes(&enc_device(d))),
             MapOp::DelDevice(i) => del(&self.devices, "ferry_devices", &i.to_ne_bytes()),
+            MapOp::PutMaglev(key, table) => self.put_maglev(*key, table).map_err(|source| MapError::Op {
+                op: format!("PutMaglev({key:#x}, {} slots)", table.len()),
+                map: "ferry_maglev",
+                source,
+            }),
+            MapOp::DelMaglev(key) => del(&self.maglev, "ferry_maglev", &key.to_ne_bytes()),
         }
+    }
+
+    /// Builds a new inner table and swaps it in with one update of the outer map.
+    fn put_maglev(&self, key: u64, table: &[u32]) -> Result<(), libbpf_rs::Error> {
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            map_flags: libbpf_sys::BPF_F_INNER_MAP,
+            ..Default::default()
+        };
+        let inner =
+            MapHandle::create(libbpf_rs::MapType::Array, Some("ferry_maglev_t"), 4, 4, table.len() as u32, &opts)?;
+        let keys: Vec<u8> = (0..table.len() as u32).flat_map(|i| i.to_ne_bytes()).collect();
+        let values: Vec<u8> = table.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        inner.update_batch(&keys, &values, table.len() as u32, MapFlags::ANY, MapFlags::ANY)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&inner)) as u32;
+        self.maglev.update(&key.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+    }
+
+    fn maglev_tables(&self) -> Vec<(u64, Vec<u32>)> {
+        let mut out = Vec::new();
+        for k in self.maglev.keys() {
+            let Ok(Some(id)) = self.maglev.lookup(&k, MapFlags::ANY) else { continue };
+            let Ok(inner) = MapHandle::from_map_id(from_bytes::<u32>(&id)) else { continue };
+            let size = inner.info().map(|i| i.info.max_entries).unwrap_or(0);
+            let table: Vec<u32> = (0..size)
+                .map(|i| {
+                    inner.lookup(&i.to_ne_bytes(), MapFlags::ANY).ok().flatten().map(|v| from_bytes(&v)).unwrap_or(0)
+                })
+                .collect();
+            out.push((from_bytes::<u64>(&k), table));
+        }
+        out
     }
 
     fn entries(m: &MapHandle) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -275,6 +317,7 @@ impl Maps {
             let v: t::device = from_bytes(&v);
             d.devices.push((from_bytes::<u32>(&k), Device { snat: v.snat, flags: v.flags }));
         }
+        d.maglev = self.maglev_tables();
         if let Ok(Some(v)) = self.config.lookup(&0u32.to_ne_bytes(), MapFlags::ANY) {
             let c: t::config = from_bytes(&v);
             if c.host_netns != 0 {
@@ -303,8 +346,50 @@ impl Maps {
         (self.sock_rev.keys().count(), self.affinity.keys().count())
     }
 
-    /// The packet path's connection-tracking map.
-    pub fn ct(&self) -> &MapHandle {
-        &self.ct
+    /// Every entry of the packet path's connection tracking.
+    pub fn ct_entries(&self) -> Vec<crate::stale::CtEntry> {
+        Self::entries(&self.ct)
+            .into_iter()
+            .map(|(k, v)| {
+                let k: t::ct_key = from_bytes(&k);
+                let v: t::ct_val = from_bytes(&v);
+                crate::stale::CtEntry {
+                    src: k.src,
+                    dst: k.dst,
+                    sport: u16::from_be(k.sport),
+                    dport: u16::from_be(k.dport),
+                    proto: k.proto,
+                    family: k.family,
+                    dir: k.dir,
+                    new_src: v.new_src,
+                    new_dst: v.new_dst,
+                    new_sport: u16::from_be(v.new_sport),
+                    new_dport: u16::from_be(v.new_dport),
+                    service: v.service,
+                    backend: v.backend,
+                }
+            })
+            .collect()
+    }
+
+    /// Deletes connection-tracking entries (missing ones are fine: they expired).
+    pub fn delete_ct(&self, entries: &[crate::stale::CtEntry]) -> usize {
+        let mut n = 0;
+        for e in entries {
+            let k = t::ct_key {
+                src: e.src,
+                dst: e.dst,
+                sport: e.sport.to_be(),
+                dport: e.dport.to_be(),
+                proto: e.proto,
+                family: e.family,
+                dir: e.dir,
+                pad: 0,
+            };
+            if self.ct.delete(bytes(&k)).is_ok() {
+                n += 1;
+            }
+        }
+        n
     }
 }

@@ -49,6 +49,10 @@ pub struct NodeRuntime {
     pub nat_ports: (u16, u16),
     /// Devices the tc programs are attached to, by ifindex.
     pub devices: BTreeMap<u32, Device>,
+    /// Maglev for services without a `ferry.io/lb-algorithm` annotation.
+    pub maglev_default: bool,
+    /// Slots of every Maglev table (a prime from `ferry_model::maglev::TABLE_SIZES`).
+    pub maglev_size: u32,
 }
 
 /// The name under which a service port is programmed (and shown by `ferry status`).
@@ -65,6 +69,8 @@ struct Programmed {
     members: BTreeMap<u32, u8>,
     firewall: BTreeSet<FwKey>,
     frontends: BTreeMap<FeKey, FeVal>,
+    /// Maglev tables per set, when the service uses Maglev.
+    maglev: [Option<Vec<u32>>; 2],
 }
 
 #[derive(Debug, Clone, Default)]
@@ -112,7 +118,11 @@ impl Ops {
     fn push(&mut self, op: MapOp) {
         let phase = match &op {
             MapOp::PutBackend(..) => 0,
-            MapOp::PutSlot(..) | MapOp::PutMember(..) | MapOp::PutFirewall(..) | MapOp::PutName(..) => 1,
+            MapOp::PutSlot(..)
+            | MapOp::PutMember(..)
+            | MapOp::PutFirewall(..)
+            | MapOp::PutName(..)
+            | MapOp::PutMaglev(..) => 1,
             MapOp::PutService(..) => 2,
             MapOp::PutFrontend(..)
             | MapOp::PutLocal(..)
@@ -121,7 +131,7 @@ impl Ops {
             | MapOp::PutDevice(..) => 3,
             MapOp::DelFrontend(..) | MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelDevice(..) => 4,
             MapOp::DelService(..) | MapOp::DelName(..) => 5,
-            MapOp::DelSlot(..) | MapOp::DelMember(..) | MapOp::DelFirewall(..) => 6,
+            MapOp::DelSlot(..) | MapOp::DelMember(..) | MapOp::DelFirewall(..) | MapOp::DelMaglev(..) => 6,
             MapOp::DelBackend(..) => 7,
         };
         self.phases[phase].push(op);
@@ -177,6 +187,7 @@ pub struct MapDump {
     pub ranges: Vec<RangeKey>,
     pub config: Option<Config>,
     pub devices: Vec<(u32, Device)>,
+    pub maglev: Vec<(u64, Vec<u32>)>,
 }
 
 /// Mirror of the programmed datapath; see the module documentation.
@@ -244,6 +255,11 @@ impl Programmer {
         Self::default()
     }
 
+    /// The id a service port is programmed under.
+    pub fn service_id(&self, id: &ServicePortId) -> Option<u32> {
+        self.services.get(&canonical_name(id)).map(|p| p.id)
+    }
+
     /// Number of service ports programmed.
     pub fn service_count(&self) -> usize {
         self.services.len()
@@ -278,6 +294,12 @@ impl Programmer {
         for k in &dump.firewall {
             if let Some(prog) = by_id.get_mut(&k.service) {
                 prog.firewall.insert(*k);
+            }
+        }
+        for (key, table) in &dump.maglev {
+            let (service, set) = ((key >> 8) as u32, (key & 1) as usize);
+            if let Some(prog) = by_id.get_mut(&service) {
+                prog.maglev[set] = Some(table.clone());
             }
         }
         for (k, v) in &dump.frontends {
@@ -362,7 +384,7 @@ impl Programmer {
         touched.sort();
         for name in touched {
             match by_name.get(&name).and_then(|id| plan.services.get(*id)) {
-                Some(sp) => self.upsert(&name, sp, plan, &mut ops),
+                Some(sp) => self.upsert(&name, sp, plan, rt, &mut ops),
                 None => self.remove(&name, &mut ops),
             }
         }
@@ -374,7 +396,7 @@ impl Programmer {
         ops.into_vec()
     }
 
-    fn upsert(&mut self, name: &str, sp: &ServicePort, plan: &Plan, ops: &mut Ops) {
+    fn upsert(&mut self, name: &str, sp: &ServicePort, plan: &Plan, rt: &NodeRuntime, ops: &mut Ops) {
         let mut prog = self.services.remove(name).unwrap_or_default();
         let is_new = prog.id == 0;
         if is_new {
@@ -459,13 +481,38 @@ impl Programmer {
         prog.firewall = firewall;
 
         let r = usize::from(rev);
+        let use_maglev = sp.maglev.unwrap_or(rt.maglev_default) && rt.maglev_size > 0;
+        for set in 0..2 {
+            let want = if use_maglev && !prog.slots[r][set].is_empty() {
+                let ids = &prog.slots[r][set];
+                let names: Vec<String> = ids
+                    .iter()
+                    .map(|id| {
+                        let b = self.backends.entries[id].0;
+                        format!("{}:{}", ip_of(&b.addr, b.family), b.port)
+                    })
+                    .collect();
+                let idx = ferry_model::maglev::table(&names, rt.maglev_size);
+                Some(idx.into_iter().map(|i| ids[i as usize]).collect::<Vec<u32>>())
+            } else {
+                None
+            };
+            if want != prog.maglev[set] {
+                match &want {
+                    Some(t) => ops.push(MapOp::PutMaglev(maglev_key(id, set as u8), t.clone())),
+                    None => ops.push(MapOp::DelMaglev(maglev_key(id, set as u8))),
+                }
+                prog.maglev[set] = want;
+            }
+        }
         let svc = SvcVal {
             count: [prog.slots[r][0].len() as u16, prog.slots[r][1].len() as u16],
             action: [
                 [action(&sp.internal.pod), action(&sp.internal.host), action(&sp.internal.external)],
                 [action(&sp.external.pod), action(&sp.external.host), action(&sp.external.external)],
             ],
-            flags: if sp.affinity_timeout_seconds.is_some() { SVC_AFFINITY } else { 0 },
+            flags: if sp.affinity_timeout_seconds.is_some() { SVC_AFFINITY } else { 0 }
+                | if use_maglev { SVC_MAGLEV } else { 0 },
             rev,
             affinity_timeout: sp.affinity_timeout_seconds.unwrap_or(0),
         };
@@ -518,6 +565,11 @@ impl Programmer {
         }
         for k in &prog.firewall {
             ops.push(MapOp::DelFirewall(*k));
+        }
+        for (set, table) in prog.maglev.iter().enumerate() {
+            if table.is_some() {
+                ops.push(MapOp::DelMaglev(maglev_key(id, set as u8)));
+            }
         }
         self.service_ids.release(id);
     }
@@ -580,6 +632,7 @@ impl Programmer {
             udp_timeout: rt.timeouts.udp,
             nat_port_min: rt.nat_ports.0,
             nat_port_max: rt.nat_ports.1,
+            maglev_size: rt.maglev_size,
         };
         if self.config != Some(config) {
             ops.push(MapOp::PutConfig(config));

@@ -23,6 +23,7 @@ struct Kernel {
     ranges: BTreeSet<RangeKey>,
     config: Option<Config>,
     devices: BTreeMap<u32, Device>,
+    maglev: BTreeMap<u64, Vec<u32>>,
 }
 
 impl Kernel {
@@ -49,6 +50,11 @@ impl Kernel {
             MapOp::PutConfig(c) => self.config = Some(c),
             MapOp::PutDevice(i, d) => drop(self.devices.insert(i, d)),
             MapOp::DelDevice(i) => assert!(self.devices.remove(&i).is_some()),
+            MapOp::PutMaglev(k, t) => {
+                assert!(t.iter().all(|id| self.backends.contains_key(id)), "Maglev table names a missing backend");
+                drop(self.maglev.insert(k, t))
+            }
+            MapOp::DelMaglev(k) => assert!(self.maglev.remove(&k).is_some()),
         }
     }
 
@@ -87,6 +93,7 @@ impl Kernel {
             ranges: self.ranges.iter().copied().collect(),
             config: self.config,
             devices: self.devices.iter().map(|(k, v)| (*k, *v)).collect(),
+            maglev: self.maglev.iter().map(|(k, v)| (*k, v.clone())).collect(),
         }
     }
 
@@ -258,6 +265,31 @@ fn an_adopted_datapath_needs_no_operations() {
     k.apply_all(&adopted.sync(&plan3, Some(&Plan::diff(&plan2, &plan3)), &rt()));
     let got: Vec<String> = k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).iter().map(|(ip, _)| ip.to_string()).collect();
     assert_eq!(got, ["10.2.0.7"]);
+}
+
+#[test]
+fn maglev_tables_follow_the_backends() {
+    let plan = build_plan(&cluster(3, &["10.2.0.1", "10.2.0.2", "10.2.0.3"]), &cfg());
+    let rt = NodeRuntime { maglev_default: true, maglev_size: 251, ..rt() };
+    let mut p = Programmer::new();
+    let mut k = Kernel::default();
+    k.apply_all(&p.sync(&plan, None, &rt));
+    let s0 = k.frontends[&fe("172.30.0.1", 80)].service;
+    assert_eq!(k.services[&s0].flags & SVC_MAGLEV, SVC_MAGLEV);
+    let table = &k.maglev[&maglev_key(s0, SET_CLUSTER)];
+    assert_eq!(table.len(), 251);
+    assert_eq!(table.iter().collect::<BTreeSet<_>>().len(), 3, "every backend owns slots");
+    // One backend fewer: a new table with two backends, swapped in.
+    let plan2 = build_plan(&cluster(3, &["10.2.0.1", "10.2.0.3"]), &cfg());
+    k.apply_all(&p.sync(&plan2, Some(&Plan::diff(&plan, &plan2)), &rt));
+    assert_eq!(k.maglev[&maglev_key(s0, SET_CLUSTER)].iter().collect::<BTreeSet<_>>().len(), 2);
+    // Adoption reads the tables back: nothing to do.
+    let mut adopted = Programmer::adopt(&k.dump());
+    assert!(adopted.sync(&plan2, None, &rt).is_empty());
+    // Removing the services removes their tables.
+    let empty = build_plan(&cluster(0, &[]), &cfg());
+    k.apply_all(&p.sync(&empty, Some(&Plan::diff(&plan2, &empty)), &rt));
+    assert!(k.maglev.is_empty());
 }
 
 #[test]

@@ -69,6 +69,7 @@ fn same_shape(a: &ServicePort, b: &ServicePort) -> bool {
         && a.external_policy_local == b.external_policy_local
         && a.affinity_timeout_seconds == b.affinity_timeout_seconds
         && a.health_check_node_port == b.health_check_node_port
+        && a.maglev == b.maglev
 }
 
 impl Plan {

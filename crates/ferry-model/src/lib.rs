@@ -16,6 +16,7 @@ pub mod addr;
 pub mod diff;
 pub mod endpoints;
 pub mod explain;
+pub mod maglev;
 pub mod node_config;
 pub mod plan;
 pub mod problem;

@@ -73,6 +73,8 @@ pub struct ServicePort {
     pub externally_accessible: bool,
     pub affinity_timeout_seconds: Option<u32>,
     pub health_check_node_port: Option<u16>,
+    /// Backend choice on the packet path: Maglev (true), random (false), node default (None).
+    pub maglev: Option<bool>,
     /// Every endpoint of the port (deduplicated), whatever its state.
     pub endpoints: Vec<Endpoint>,
     pub categorized: Categorized,
@@ -536,6 +538,7 @@ fn decide(
         externally_accessible,
         affinity_timeout_seconds: info.affinity_timeout_seconds,
         health_check_node_port: info.health_check_node_port,
+        maglev: info.maglev,
         endpoints,
         categorized,
         internal,

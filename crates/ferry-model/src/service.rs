@@ -20,6 +20,8 @@ use std::net::IpAddr;
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the EndpointSlice controller puts on slices of headless Services.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Annotation choosing how the packet path picks a backend: `maglev` or `random`.
+pub const ANNOTATION_LB_ALGORITHM: &str = "ferry.io/lb-algorithm";
 /// kube-proxy's default session affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
 /// The API's upper bound for `sessionAffinityConfig.clientIP.timeoutSeconds` (one day).
@@ -91,6 +93,9 @@ pub struct ServiceInfo {
     /// Served only for `type: LoadBalancer` with `externalTrafficPolicy: Local`.
     pub health_check_node_port: Option<u16>,
     pub traffic_distribution: Option<String>,
+    /// `ferry.io/lb-algorithm`: Some(true) for Maglev, Some(false) for random,
+    /// None for the node's default.
+    pub maglev: Option<bool>,
 }
 
 impl ServiceInfo {
@@ -361,6 +366,19 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
         },
     };
 
+    let maglev =
+        match svc.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_LB_ALGORITHM)).map(String::as_str) {
+            None => None,
+            Some("maglev") => Some(true),
+            Some("random") => Some(false),
+            Some(other) => {
+                c.fail(
+                    format!("metadata.annotations[{ANNOTATION_LB_ALGORITHM}]"),
+                    format!("{other:?} is not maglev or random"),
+                );
+                None
+            }
+        };
     if !c.errors.is_empty() {
         return ServiceRead::Invalid(c.errors);
     }
@@ -377,6 +395,7 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
         affinity_timeout_seconds,
         health_check_node_port,
         traffic_distribution: spec.traffic_distribution.clone(),
+        maglev,
     };
     // kube-proxy's ExternalPolicyLocal: eTP only means something for Services
     // reachable from outside.

@@ -90,5 +90,7 @@ pub fn runtime(settings: &Settings, installed: &Installed) -> anyhow::Result<Nod
         timeouts: settings.bpf.timeouts,
         nat_ports: settings.bpf.nat_ports,
         devices,
+        maglev_default: settings.bpf.maglev_default,
+        maglev_size: settings.bpf.maglev_size,
     })
 }

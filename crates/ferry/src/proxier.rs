@@ -8,9 +8,11 @@
 
 use crate::config::Settings;
 use anyhow::Context;
+use ferry_bpf::stale::Serving;
 use ferry_bpf::{InstallOptions, Maps, NodeRuntime, Programmer};
-use ferry_model::{ClusterState, NodeConfig, ObjectError, Plan, build_plan};
+use ferry_model::{ClusterState, NodeConfig, ObjectError, Plan, PlanDiff, Protocol, ServicePort, build_plan};
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// What one sync did.
@@ -24,6 +26,8 @@ pub struct SyncReport {
     pub new_problems: Vec<ObjectError>,
     /// Problems that were fixed since the previous sync.
     pub fixed_problems: usize,
+    /// UDP flows of the packet path removed because their backend stopped serving.
+    pub stale_flows_deleted: usize,
 }
 
 /// The eBPF backend of one node.
@@ -58,6 +62,13 @@ impl Proxier {
             (Some(last), false) => Some(Plan::diff(last, &plan)),
             _ => None,
         };
+        // Ids of deleted UDP services must be read before the sync releases them.
+        let deleted_udp: Vec<u32> = diff
+            .iter()
+            .flat_map(|d| d.removed.iter())
+            .filter(|sp| sp.id.protocol == Protocol::Udp)
+            .filter_map(|sp| self.programmer.service_id(&sp.id))
+            .collect();
         let ops = self.programmer.sync(&plan, diff.as_ref(), &self.runtime);
         let plan_time = t0.elapsed();
         let t1 = Instant::now();
@@ -68,6 +79,7 @@ impl Proxier {
             return Err(e).context("programming the datapath maps");
         }
         self.dirty = false;
+        let stale_flows_deleted = self.purge_stale_flows(&plan, diff.as_ref(), &deleted_udp);
         let apply_time = t1.elapsed();
         let now: BTreeSet<ObjectError> = plan.problems.iter().cloned().collect();
         let new_problems = now.difference(&self.problems).cloned().collect();
@@ -80,9 +92,46 @@ impl Proxier {
             apply_time,
             new_problems,
             fixed_problems,
+            stale_flows_deleted,
         };
         self.last = Some(plan);
         Ok(report)
+    }
+
+    /// Deletes packet-path UDP flows whose backend is no longer serving (see
+    /// `ferry_bpf::stale`), for the services this sync changed (all of them
+    /// on a full sync). Returns how many entries were deleted.
+    fn purge_stale_flows(&self, plan: &Plan, diff: Option<&PlanDiff>, deleted: &[u32]) -> usize {
+        let serving = |sp: &ServicePort| {
+            Serving::Endpoints(sp.serving_endpoints().map(|e| (ferry_bpf::entries::words(&e.ip), e.port)).collect())
+        };
+        let mut services: HashMap<u32, Serving> = deleted.iter().map(|id| (*id, Serving::Deleted)).collect();
+        let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
+        match diff {
+            None => {
+                for sp in plan.services.values().filter(|sp| udp(sp)) {
+                    if let Some(id) = self.programmer.service_id(&sp.id) {
+                        services.insert(id, serving(sp));
+                    }
+                }
+            }
+            Some(d) => {
+                for c in d.changed.iter().filter(|c| udp(&c.new)) {
+                    let before: Vec<_> = c.old.serving_endpoints().map(|e| e.addr()).collect();
+                    let after: Vec<_> = c.new.serving_endpoints().map(|e| e.addr()).collect();
+                    if before != after
+                        && let Some(id) = self.programmer.service_id(&c.new.id)
+                    {
+                        services.insert(id, serving(&c.new));
+                    }
+                }
+            }
+        }
+        if services.is_empty() {
+            return 0;
+        }
+        let stale = ferry_bpf::stale::stale_udp_flows(&self.maps.ct_entries(), &services);
+        self.maps.delete_ct(&stale)
     }
 
     /// The Plan programmed by the last successful sync.

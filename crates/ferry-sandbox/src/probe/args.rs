@@ -17,7 +17,7 @@ const MAX_SECONDS: f64 = 86_400.0;
 const USAGE: &str = "\
 usage:
   serve --name NAME [--echo-lines] [--ready-file PATH] [--lifetime SECS] ENDPOINT...
-  connect ENDPOINT [--bind IP] [--timeout SECS] [--connected] [--message TEXT]
+  connect ENDPOINT [--bind IP] [--source-port PORT] [--timeout SECS] [--connected] [--message TEXT]
           [--count N | --keep-open SECS]
 ENDPOINT is IP:PORT/tcp or IP:PORT/udp ([IPv6]:PORT/udp for IPv6).
 connect prints one JSON observation per attempt and exits 0 whenever it observed something.";
@@ -117,6 +117,7 @@ fn parse_serve(args: &[String]) -> Result<ServeOpts, ProbeError> {
 fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeError> {
     let mut target: Option<Endpoint> = None;
     let (mut bind, mut timeout, mut connected, mut message) = (None, DEFAULT_TIMEOUT, false, None);
+    let mut source_port = None;
     let mut mode = ConnectMode::Once;
     let mut words = Words { rest: args.iter() };
     while let Some(word) = words.rest.next() {
@@ -126,6 +127,12 @@ fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeErr
                 let ip: IpAddr =
                     text.parse().map_err(|_| ProbeError::Usage(format!("--bind takes an IP address, not {text:?}")))?;
                 bind = Some(ip);
+            }
+            "--source-port" => {
+                let text = words.value(word)?;
+                let port = text.parse().ok().filter(|p| *p != 0);
+                source_port =
+                    Some(port.ok_or_else(|| ProbeError::Usage(format!("--source-port takes 1-65535, not {text:?}")))?);
             }
             "--timeout" => timeout = parse_seconds(word, words.value(word)?)?,
             "--connected" => connected = true,
@@ -145,6 +152,7 @@ fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeErr
     let target = target.ok_or_else(|| ProbeError::Usage("connect needs an ENDPOINT".into()))?;
     let mut opts = ConnectOpts::new(target);
     opts.bind = bind;
+    opts.source_port = source_port;
     opts.timeout = timeout;
     opts.connected_udp = connected;
     if let Some(message) = message {
@@ -177,6 +185,9 @@ impl ConnectOpts {
         let mut args = vec!["connect".to_owned(), self.target.to_string()];
         if let Some(ip) = self.bind {
             args.extend(["--bind".into(), ip.to_string()]);
+        }
+        if let Some(port) = self.source_port {
+            args.extend(["--source-port".into(), port.to_string()]);
         }
         if self.timeout != DEFAULT_TIMEOUT {
             args.extend(["--timeout".into(), self.timeout.as_secs_f64().to_string()]);

@@ -24,6 +24,8 @@ pub struct ConnectOpts {
     pub target: Endpoint,
     /// Source address to bind before connecting (port chosen by the kernel).
     pub bind: Option<IpAddr>,
+    /// Source port to bind (TCP/UDP), for tests that need the same 5-tuple again.
+    pub source_port: Option<u16>,
     /// Time allowed for the whole attempt.
     pub timeout: Duration,
     /// UDP only: connect() the socket and use send/recv instead of sendto/recvfrom.
@@ -38,6 +40,7 @@ impl ConnectOpts {
         ConnectOpts {
             target,
             bind: None,
+            source_port: None,
             timeout: DEFAULT_TIMEOUT,
             connected_udp: false,
             message: "ferry-probe".into(),
@@ -222,8 +225,12 @@ fn new_socket(opts: &ConnectOpts) -> Result<Socket, Failure> {
     };
     let socket = Socket::new(Domain::for_address(opts.target.addr), kind, Some(protocol))
         .map_err(failed(Stage::Connect, "creating the socket"))?;
-    if let Some(ip) = opts.bind {
-        let source = SocketAddr::new(ip, 0);
+    if opts.bind.is_some() || opts.source_port.is_some() {
+        let v6 = opts.target.addr.is_ipv6();
+        let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let source = SocketAddr::new(opts.bind.unwrap_or(any), opts.source_port.unwrap_or(0));
+        // A test reusing a 5-tuple right after the previous socket closed.
+        socket.set_reuse_address(true).map_err(failed(Stage::Connect, "SO_REUSEADDR"))?;
         socket.bind(&source.into()).map_err(failed(Stage::Connect, format!("binding to {source}")))?;
     }
     Ok(socket)
@@ -234,7 +241,7 @@ fn new_socket(opts: &ConnectOpts) -> Result<Socket, Failure> {
 /// socket, and a closed port would look like a silent drop.
 fn bind_for_udp(socket: Socket, opts: &ConnectOpts) -> Result<UdpSocket, Failure> {
     let v6 = opts.target.addr.is_ipv6();
-    if opts.bind.is_none() {
+    if opts.bind.is_none() && opts.source_port.is_none() {
         let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
         let source = SocketAddr::new(any, 0);
         socket.bind(&source.into()).map_err(failed(Stage::Connect, format!("binding to {source}")))?;

@@ -97,6 +97,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                         plan_ms = r.plan_time.as_secs_f64() * 1e3,
                         apply_ms = r.apply_time.as_secs_f64() * 1e3,
                         fixed_problems = r.fixed_problems,
+                        stale_flows_deleted = r.stale_flows_deleted,
                         "synced"
                     );
                 }

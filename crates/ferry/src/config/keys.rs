@@ -27,6 +27,8 @@ pub static DETECTOR: Section =
 pub static BPF: Section =
     Section { keys: &[("pinPath", None), ("cgroupPath", None), ("devices", None), ("podDevices", None)] };
 
+pub static MAGLEV: Section = Section { keys: &[("default", None), ("tableSize", None)] };
+
 pub static CONNTRACK: Section = Section {
     keys: &[
         ("tcpSynTimeout", None),
@@ -57,6 +59,7 @@ pub static ROOT: Section = Section {
         ("bpf", Some(&BPF)),
         ("conntrack", Some(&CONNTRACK)),
         ("natPortRange", None),
+        ("maglev", Some(&MAGLEV)),
         ("nodePortRange", None),
         ("healthzBindAddress", None),
         ("metricsBindAddress", None),

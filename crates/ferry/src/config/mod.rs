@@ -67,6 +67,7 @@ pub struct ConfigFile {
     pub bpf: Option<BpfFile>,
     pub conntrack: Option<ConntrackFile>,
     pub nat_port_range: Option<String>,
+    pub maglev: Option<MaglevFile>,
     pub node_port_range: Option<String>,
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
@@ -74,6 +75,13 @@ pub struct ConfigFile {
     pub min_sync_period: Option<String>,
     pub sync_period: Option<String>,
     pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MaglevFile {
+    pub default: Option<bool>,
+    pub table_size: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +133,10 @@ pub struct BpfSettings {
     pub nat_ports: (u16, u16),
     /// NodePort range of the cluster, only to check `natPortRange` against it.
     pub node_ports: (u16, u16),
+    /// Maglev for services without a `ferry.io/lb-algorithm` annotation.
+    pub maglev_default: bool,
+    /// Slots per Maglev table (a prime from `ferry_model::maglev::TABLE_SIZES`).
+    pub maglev_size: u32,
 }
 
 impl Default for BpfSettings {
@@ -137,6 +149,8 @@ impl Default for BpfSettings {
             timeouts: ferry_bpf::CtTimeouts::default(),
             nat_ports: (61000, 65535),
             node_ports: (30000, 32767),
+            maglev_default: false,
+            maglev_size: ferry_model::maglev::DEFAULT_TABLE_SIZE,
         }
     }
 }
@@ -317,6 +331,8 @@ mod settings_tests {
         assert_eq!(s.bpf.timeouts.udp, 5);
         assert_eq!(s.bpf.timeouts.tcp_established, 3600);
         assert_eq!(s.bpf.nat_ports, (40000, 50000));
+        let file = parse_file("n.yaml", "maglev: {default: true, tableSize: 1000}\n").unwrap();
+        assert_eq!(build("n.yaml", file, &NodeFlags::default()).unwrap_err().problems[0].key, "maglev.tableSize");
         let file = parse_file("n.yaml", "natPortRange: 30000-40000\n").unwrap();
         let e = build("n.yaml", file, &NodeFlags::default()).unwrap_err();
         assert!(e.problems[0].message.contains("overlaps the NodePort range"), "{e}");
@@ -361,6 +377,17 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
         bpf.cgroup_path = f.cgroup_path;
         bpf.devices = f.devices;
         bpf.pod_devices = f.pod_devices;
+    }
+    if let Some(m) = file.maglev {
+        bpf.maglev_default = m.default.unwrap_or(false);
+        if let Some(size) = m.table_size {
+            if ferry_model::maglev::TABLE_SIZES.contains(&size) {
+                bpf.maglev_size = size;
+            } else {
+                let sizes: Vec<String> = ferry_model::maglev::TABLE_SIZES.iter().map(|s| s.to_string()).collect();
+                b.bad("maglev.tableSize", format!("{size} is not one of the supported primes: {}", sizes.join(", ")));
+            }
+        }
     }
     if let Some(ct) = file.conntrack {
         let mut set = |key: &str, v: Option<String>, slot: &mut u32| {

@@ -7,13 +7,14 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 impl Lab {
-    /// Writes node `node`'s config: its name, addresses, pin directory and
-    /// cgroup, then `extra` (more YAML keys, e.g. CIDRs and proxy settings).
+    /// Writes node `node`'s config: its name, addresses, pin directory,
+    /// cgroup and devices (the uplink eth0, the pod bridge br0), then `extra`
+    /// (more YAML keys, e.g. CIDRs and proxy settings; not `bpf`).
     pub fn write_node_config(&self, node: usize, extra: &str) -> anyhow::Result<()> {
         let n = &self.nodes[node];
         let ips: Vec<String> = self.node_ips(node).iter().map(|ip| format!("\"{ip}\"")).collect();
         let mut text = format!(
-            "# written by the ferry lab\nnodeName: {}\nbpf:\n  pinPath: {}\n  cgroupPath: {}\n",
+            "# written by the ferry lab\nnodeName: {}\nbpf:\n  pinPath: {}\n  cgroupPath: {}\n  devices: [eth0]\n  podDevices: [br0]\n",
             n.name,
             n.pin_dir.display(),
             n.cgroup.display()

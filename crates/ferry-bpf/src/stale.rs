@@ -1,0 +1,129 @@
+//! Stale flows in the packet path's connection tracking: which entries still
+//! send traffic to a backend that is no longer serving.
+//!
+//! The rule is kube-proxy's conntrack reconciler rule (seeds/
+//! kube-proxy-conntrack-cleanup), applied to ferry's own table: a UDP flow of
+//! a service is stale when its backend is not a serving endpoint of that
+//! service any more; services left without any serving endpoint are not
+//! touched; TCP and SCTP flows are never touched (they end by themselves, and
+//! a terminating endpoint keeps its established connections). Flows of a
+//! service that was deleted are stale too: nothing would ever clean them.
+
+use crate::entries::{FAM_V4, Words};
+use std::collections::{BTreeSet, HashMap};
+
+pub const CT_ORIGINAL: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+const UDP: u8 = 17;
+
+/// One entry of `ferry_ct`, in Rust terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    pub src: Words,
+    pub dst: Words,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub new_src: Words,
+    pub new_dst: Words,
+    pub new_sport: u16,
+    pub new_dport: u16,
+    pub service: u32,
+    pub backend: u32,
+}
+
+impl CtEntry {
+    /// The backend this flow goes to: where the original direction is sent,
+    /// where the reply direction comes from.
+    pub fn backend_addr(&self) -> (Words, u16) {
+        if self.dir == CT_ORIGINAL { (self.new_dst, self.new_dport) } else { (self.src, self.sport) }
+    }
+}
+
+/// What the purge knows about one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serving {
+    /// The service is gone: all its UDP flows are stale.
+    Deleted,
+    /// Its serving endpoints now (address words, port).
+    Endpoints(BTreeSet<(Words, u16)>),
+}
+
+/// The entries to delete. Only services named in `services` are examined.
+pub fn stale_udp_flows(entries: &[CtEntry], services: &HashMap<u32, Serving>) -> Vec<CtEntry> {
+    entries
+        .iter()
+        .filter(|e| e.proto == UDP)
+        .filter(|e| match services.get(&e.service) {
+            None => false,
+            Some(Serving::Deleted) => true,
+            Some(Serving::Endpoints(set)) if set.is_empty() => false,
+            Some(Serving::Endpoints(set)) => !set.contains(&e.backend_addr()),
+        })
+        .copied()
+        .collect()
+}
+
+/// Whether an address belongs to the family code (helper for callers building sets).
+pub fn same_family(family: u8, v4: bool) -> bool {
+    (family == FAM_V4) == v4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(last: u32) -> Words {
+        [u32::from_ne_bytes([10, 0, 0, last as u8]), 0, 0, 0]
+    }
+
+    fn entry(proto: u8, dir: u8, backend: u32, service: u32) -> CtEntry {
+        let (src, sport, new_dst, new_dport) =
+            if dir == CT_ORIGINAL { (w(99), 5000, w(backend), 53) } else { (w(backend), 53, w(99), 5000) };
+        CtEntry {
+            src,
+            dst: w(1),
+            sport,
+            dport: 53,
+            proto,
+            family: FAM_V4,
+            dir,
+            new_src: w(1),
+            new_dst,
+            new_sport: 53,
+            new_dport,
+            service,
+            backend: 0,
+        }
+    }
+
+    #[test]
+    fn only_udp_flows_to_non_serving_backends_of_examined_services() {
+        let entries = vec![
+            entry(UDP, CT_ORIGINAL, 4, 1), // serving: keep
+            entry(UDP, CT_REPLY, 4, 1),    // serving: keep
+            entry(UDP, CT_ORIGINAL, 5, 1), // not serving: delete
+            entry(UDP, CT_REPLY, 5, 1),    // not serving: delete
+            entry(6, CT_ORIGINAL, 5, 1),   // TCP: keep
+            entry(UDP, CT_ORIGINAL, 5, 2), // service 2 has no serving endpoints: keep
+            entry(UDP, CT_ORIGINAL, 5, 3), // service 3 not examined: keep
+            entry(UDP, CT_ORIGINAL, 4, 9), // service 9 deleted: delete
+        ];
+        let services = HashMap::from([
+            (1, Serving::Endpoints(BTreeSet::from([(w(4), 53)]))),
+            (2, Serving::Endpoints(BTreeSet::new())),
+            (9, Serving::Deleted),
+        ]);
+        let stale = stale_udp_flows(&entries, &services);
+        assert_eq!(stale, vec![entries[2], entries[3], entries[7]]);
+    }
+
+    #[test]
+    fn a_port_change_makes_a_flow_stale() {
+        let e = entry(UDP, CT_ORIGINAL, 4, 1);
+        let services = HashMap::from([(1, Serving::Endpoints(BTreeSet::from([(w(4), 5353)])))]);
+        assert_eq!(stale_udp_flows(&[e], &services), vec![e]);
+    }
+}
