@@ -200,6 +200,9 @@ impl KernelRunner {
         let mut world_addrs = BTreeSet::new();
         for f in flows {
             let Some(pr) = proto(f.protocol) else { continue };
+            if is_health_check(plan, f) {
+                continue; // the agent's own health server listens there
+            }
             let ep = Endpoint { addr: SocketAddr::new(f.dst, f.port), proto: pr };
             let at = if local_addresses.contains(&f.dst) || vips.contains(&f.dst) && sources_has_vip(&sources, &f.dst) {
                 At::Node(node)
@@ -253,6 +256,13 @@ impl KernelRunner {
     }
 }
 
+/// A flow to a health-check node port on a node address: ferry's health server answers it.
+fn is_health_check(plan: &Plan, f: &ParsedFlow) -> bool {
+    f.protocol == Protocol::Tcp
+        && plan.node.local_addresses.contains(&f.dst)
+        && plan.health_check_node_ports.contains_key(&f.port)
+}
+
 fn sources_has_vip(sources: &BTreeMap<IpAddr, Source>, ip: &IpAddr) -> bool {
     sources.get(ip).is_some_and(|s| matches!(s.at, At::Node(_)))
 }
@@ -278,6 +288,8 @@ fn observe(o: &Observation, flow: &ParsedFlow, node_addresses: &BTreeSet<IpAddr>
         Observation::Refused { .. } => Observed::Reject,
         Observation::Timeout { .. } => Observed::Drop,
         Observation::Unreachable { errno } => Observed::Unexpected(format!("unreachable ({errno})")),
+        // ferry's health-check server answered in HTTP: the packet reached the node's own stack.
+        Observation::Error { message, .. } if message.contains("HTTP/1.") => Observed::Pass,
         Observation::Error { errno, message } => {
             Observed::Unexpected(format!("error {}: {message}", errno.as_deref().unwrap_or("")))
         }
