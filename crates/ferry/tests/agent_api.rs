@@ -147,6 +147,7 @@ fn lab() -> Lab {
 
 /// The running agent: its pid, log and ready file.
 struct Agent {
+    pid: u32,
     log: PathBuf,
     ready: PathBuf,
 }
@@ -201,8 +202,8 @@ fn start_agent(lab: &mut Lab, api: &FakeApi) -> Agent {
         ),
     )
     .unwrap();
-    let agent = Agent { log: dir.join("agent.log"), ready: dir.join("ready") };
-    let log = File::create(&agent.log).unwrap();
+    let log_path = dir.join("agent.log");
+    let log = File::create(&log_path).unwrap();
     let mut cmd = lab.sb.command(&n.host, FERRY);
     cmd.arg("agent")
         .arg("--config")
@@ -212,14 +213,14 @@ fn start_agent(lab: &mut Lab, api: &FakeApi) -> Agent {
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .arg("--ready-file")
-        .arg(&agent.ready)
+        .arg(dir.join("ready"))
         .env("FERRY_LOG", "info,kube=warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     let host = n.host.clone();
-    lab.sb.spawn_in(&host, None, cmd).unwrap();
-    agent
+    let pid = lab.sb.spawn_in(&host, None, cmd).unwrap();
+    Agent { pid, log: log_path, ready: dir.join("ready") }
 }
 
 fn tcp(target: &str) -> ConnectOpts {
@@ -409,4 +410,18 @@ fn dropped_watches_relists_and_outages_keep_the_datapath_serving() {
     api.set_down(false);
     api.apply(&slice("web-1", "web", &["21", "23"]));
     converge(&lab, &agent, &["be21", "be23"], "after the outage");
+
+    // SIGTERM (the kubelet stopping the pod) ends the agent cleanly and leaves the datapath serving.
+    // SAFETY: kill(2) on the agent's pid, which the sandbox has not reaped yet.
+    assert_eq!(unsafe { libc::kill(agent.pid as i32, libc::SIGTERM) }, 0);
+    let start = std::time::Instant::now();
+    let mut status = None;
+    while status.is_none() && start.elapsed() < WAIT {
+        status = lab.sb.try_wait(agent.pid).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = status.unwrap_or_else(|| panic!("the agent did not stop on SIGTERM\n{}", agent.log()));
+    assert!(status.success(), "{status}\n{}", agent.log());
+    assert!(agent.log().contains("the datapath stays installed"), "{}", agent.log());
+    assert_eq!(servers(&lab, 20), set(&["be21", "be23"]), "the datapath must outlive the agent");
 }
