@@ -346,6 +346,8 @@ fn nothing_is_programmed_before_sync_then_changes_follow() {
         "kubeproxy_network_programming_duration_seconds_count",
         "ferry_service_ports",
         "ferry_datapath_counter_total{name=\"sock_xlate\"}",
+        "ferry_map_entries{map=\"ferry_frontends\"}",
+        "ferry_map_capacity{map=\"ferry_ct\"}",
     ] {
         let v = sample(&m, series).unwrap_or_else(|| panic!("{series} missing from /metrics:\n{m}"));
         assert!(v > 0.0, "{series} is {v}:\n{m}");
