@@ -26,6 +26,7 @@
 #include "lib/ct.h"
 #include "lib/fwd.h"
 #include "lib/icmp.h"
+#include "lib/masq.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -197,13 +198,21 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 	if (!cfg || !parse(skb, &p))
 		return TC_ACT_OK;
 	__u64 now = bpf_ktime_get_ns();
+	if (icmp_is_error(&p)) {
+		if (hook != HOOK_TO_NETDEV && icmp_error_rev_nat(skb, &p, now))
+			return deliver(skb, &p, hook);
+		return TC_ACT_OK;
+	}
 	int rc = track(skb, &p, cfg, CT_REPLY, hook, now);
 	if (rc >= 0)
 		return rc;
 	rc = track(skb, &p, cfg, CT_ORIGINAL, hook, now);
 	if (rc >= 0)
 		return rc;
-	return new_flow(skb, &p, cfg, hook, now);
+	rc = new_flow(skb, &p, cfg, hook, now);
+	if (rc == TC_ACT_OK && hook == HOOK_TO_NETDEV)
+		return masquerade(skb, &p, cfg, now);
+	return rc;
 }
 
 SEC("tcx/ingress")

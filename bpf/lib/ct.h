@@ -119,6 +119,10 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 	__builtin_memcpy(rk.src, ndst, 16);
 	__builtin_memcpy(rk.dst, nsrc, 16);
 
+	/* ICMP echo: the identifier is both "ports", and the reply carries the same one. */
+	int icmp = p->proto == PROTO_ICMP || p->proto == PROTO_ICMPV6;
+	if (icmp)
+		rk.sport = rk.dport;
 	__u32 lo = cfg->nat_port_min, hi = cfg->nat_port_max;
 	if (lo == 0 || hi < lo) {
 		lo = 61000;
@@ -131,6 +135,8 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 					     ? bpf_ntohs(p->sport)
 					     : lo + bpf_get_prandom_u32() % (hi - lo + 1);
 			rk.dport = bpf_htons(port);
+			if (icmp)
+				rk.sport = rk.dport;
 		}
 		if (bpf_map_update_elem(&ferry_ct, &rk, &reply, BPF_NOEXIST) == 0)
 			break;
@@ -152,6 +158,8 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 		return 0;
 	}
 	orig.new_sport = rk.dport;
+	if (icmp)
+		orig.new_dport = rk.dport;
 	struct ct_key ok;
 	ct_key_of(&ok, p, CT_ORIGINAL);
 	if (bpf_map_update_elem(&ferry_ct, &ok, &orig, BPF_ANY) != 0) {

@@ -234,6 +234,8 @@ struct {
 
 #define RANGE_POD 1
 #define RANGE_SERVICE 2
+#define RANGE_MASQ_SOURCE 3 /* this node's pods: their egress may be masqueraded */
+#define RANGE_NO_MASQ 4     /* destinations never masqueraded (and other nodes' addresses) */
 
 struct range_key {
 	__u32 prefixlen; /* 32 (kind, family, pad) + range length */
@@ -257,6 +259,7 @@ struct {
 /* config.flags */
 #define CFG_PODS_BY_RANGE 1  /* a source inside a RANGE_POD range is a pod (ClusterCIDR / NodeCIDR) */
 #define CFG_PODS_BY_DEVICE 2 /* a packet arriving on a DEV_POD device is from a pod (interface detectors) */
+#define CFG_MASQ_BPF 4       /* masquerade pod egress (masquerade: bpf) */
 
 struct config {
 	__u64 host_netns;  /* netns cookie of the host: sockets there are CLASS_HOST */

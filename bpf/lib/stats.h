@@ -30,6 +30,8 @@ enum ferry_stat {
 	STAT_DROP_NO_ROUTE,       /* dropped: no route (FIB) to the chosen backend */
 	STAT_DROP_UNSUPPORTED,    /* dropped: a translation this datapath cannot do (e.g. SCTP port change) */
 	STAT_NAT_RETRY,           /* SNAT source-port collisions resolved by retrying */
+	STAT_MASQ_NEW_FLOW,       /* pod egress: a new flow masqueraded to the node */
+	STAT_ICMP_ERROR_REV,      /* an ICMP error about a translated flow was translated back */
 	STAT_COUNT_,
 };
 

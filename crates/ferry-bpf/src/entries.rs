@@ -41,6 +41,8 @@ pub const LOCAL_HOST: u8 = 1;
 pub const LOCAL_NODEPORT: u8 = 2;
 pub const RANGE_POD: u8 = 1;
 pub const RANGE_SERVICE: u8 = 2;
+pub const RANGE_MASQ_SOURCE: u8 = 3;
+pub const RANGE_NO_MASQ: u8 = 4;
 
 /// Length of `struct svc_name.name` including the terminating NUL.
 pub const NAME_LEN: usize = 120;
@@ -150,6 +152,7 @@ pub struct RangeKey {
 
 pub const CFG_PODS_BY_RANGE: u8 = 1;
 pub const CFG_PODS_BY_DEVICE: u8 = 2;
+pub const CFG_MASQ_BPF: u8 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Config {

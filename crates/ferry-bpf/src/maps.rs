@@ -367,6 +367,8 @@ impl Maps {
                     new_dport: u16::from_be(v.new_dport),
                     service: v.service,
                     backend: v.backend,
+                    flags: v.flags,
+                    expires_ns: v.expires_ns,
                 }
             })
             .collect()

@@ -606,6 +606,12 @@ impl Programmer {
             ranges.extend(node.pod_ranges.iter().map(|n| range(RANGE_POD, n)));
         }
         ranges.extend(node.service_cidrs.iter().map(|n| range(RANGE_SERVICE, n)));
+        let masq_bpf = node.masquerade == ferry_model::MasqueradeMode::Bpf;
+        if masq_bpf {
+            ranges.extend(node.masquerade_sources.iter().map(|n| range(RANGE_MASQ_SOURCE, n)));
+            ranges.extend(node.masquerade_exempt.iter().map(|(n, _)| range(RANGE_NO_MASQ, n)));
+            ranges.extend(node.other_node_addresses.iter().map(|ip| range(RANGE_NO_MASQ, &ipnet::IpNet::from(*ip))));
+        }
         for k in ranges.difference(&self.ranges) {
             ops.push(MapOp::PutRange(*k));
         }
@@ -620,7 +626,7 @@ impl Programmer {
             LocalDetector::ClusterCidr | LocalDetector::NodeCidr => CFG_PODS_BY_RANGE,
             LocalDetector::InterfaceNamePrefix(_) | LocalDetector::BridgeInterface(_) => CFG_PODS_BY_DEVICE,
             LocalDetector::None => 0,
-        };
+        } | if masq_bpf { CFG_MASQ_BPF } else { 0 };
         let config = Config {
             host_netns: rt.host_netns_cookie,
             pod_class: [class(ferry_model::IpFamily::V4), class(ferry_model::IpFamily::V6)],

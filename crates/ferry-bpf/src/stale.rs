@@ -32,7 +32,14 @@ pub struct CtEntry {
     pub new_dport: u16,
     pub service: u32,
     pub backend: u32,
+    /// `CT_SNAT` etc. (bpf/lib/maps.h).
+    pub flags: u8,
+    /// CLOCK_MONOTONIC deadline in nanoseconds.
+    pub expires_ns: u64,
 }
+
+/// `ct_val.flags`: the flow's source was rewritten (a NAT port is in use).
+pub const CT_SNAT: u8 = 1;
 
 impl CtEntry {
     /// The backend this flow goes to: where the original direction is sent,
@@ -96,6 +103,8 @@ mod tests {
             new_dport,
             service,
             backend: 0,
+            flags: 0,
+            expires_ns: u64::MAX,
         }
     }
 

@@ -22,6 +22,8 @@ pub const NAMES: &[&str] = &[
     "drop_no_route",
     "drop_unsupported",
     "nat_retry",
+    "masq_new_flow",
+    "icmp_error_rev",
 ];
 
 #[cfg(test)]

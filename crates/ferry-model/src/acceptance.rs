@@ -430,6 +430,7 @@ impl Case {
             feature_gates: gates,
             service_proxy_name: None,
             accept_health_check_node_ports: iptables,
+            ..NodeConfig::default()
         })
     }
 

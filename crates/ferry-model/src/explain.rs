@@ -102,6 +102,8 @@ pub struct Explanation {
     pub rule: String,
     pub endpoints: Vec<EndpointNote>,
     pub notes: Vec<String>,
+    /// For traffic routed out unchanged: whether it leaves masqueraded.
+    pub egress: Option<crate::egress::EgressDecision>,
 }
 
 impl Explanation {
@@ -223,6 +225,7 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
         rule: String::new(),
         endpoints: Vec::new(),
         notes: Vec::new(),
+        egress: None,
     };
     if IpFamily::of(&flow.src) != IpFamily::of(&flow.dst) {
         out.rule = "source and destination are of different IP families: no service rule applies".into();
@@ -235,6 +238,9 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
 
     let Some((key, frontend)) = plan.frontend_for(flow.dst, flow.port, flow.protocol) else {
         no_frontend(plan, flow, &mut out);
+        if out.verdict == Verdict::Pass && !plan.node.local_addresses.contains(&flow.dst) {
+            out.egress = Some(crate::egress::decide(&plan.node, &flow.src, &flow.dst));
+        }
         return out;
     };
     let sp = plan.services.get(&frontend.service).expect("every frontend belongs to a planned service port");
@@ -394,6 +400,9 @@ impl fmt::Display for Explanation {
                 }
             };
             writeln!(f, "masquerade {line}")?;
+        }
+        if let Some(e) = &self.egress {
+            writeln!(f, "egress    {e}")?;
         }
         for n in &self.notes {
             writeln!(f, "note      {n}")?;

@@ -14,6 +14,7 @@
 pub mod acceptance;
 pub mod addr;
 pub mod diff;
+pub mod egress;
 pub mod endpoints;
 pub mod explain;
 pub mod maglev;
@@ -30,7 +31,7 @@ pub use addr::IpFamily;
 pub use diff::{PlanDiff, ServicePortChange};
 pub use endpoints::Endpoint;
 pub use explain::{Explanation, Flow, Verdict, explain};
-pub use node_config::{LocalDetector, NodeConfig, NodePortAddresses};
+pub use node_config::{LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses};
 pub use plan::{
     Frontend, FrontendAddr, FrontendKey, FrontendKind, NodeFacts, Plan, ServicePort, ServicePortId, build_plan,
 };

@@ -63,6 +63,17 @@ impl std::fmt::Display for LocalDetector {
     }
 }
 
+/// Who masquerades pod egress traffic. Never on by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MasqueradeMode {
+    /// Pod egress keeps the pod address.
+    Off,
+    /// tc egress programs SNAT pod egress to the node.
+    Bpf,
+    /// An nftables table owned by ferry does it (for hosts that do not want BPF masquerading).
+    Nftables,
+}
+
 /// Feature gates that change proxy semantics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FeatureGates {
@@ -110,6 +121,12 @@ pub struct NodeConfig {
     /// firewall (what kube-proxy's iptables mode does). Off: such traffic simply
     /// continues to the local stack, where ferry's health server answers.
     pub accept_health_check_node_ports: bool,
+    /// Egress masquerading of pod traffic.
+    pub masquerade: MasqueradeMode,
+    /// Destinations never masqueraded; empty means ip-masq-agent's private defaults.
+    pub non_masquerade_cidrs: Vec<IpNet>,
+    /// Masquerade link-local destinations too.
+    pub masquerade_link_local: bool,
 }
 
 impl Default for NodeConfig {
@@ -130,6 +147,9 @@ impl Default for NodeConfig {
             feature_gates: FeatureGates::default(),
             service_proxy_name: None,
             accept_health_check_node_ports: false,
+            masquerade: MasqueradeMode::Off,
+            non_masquerade_cidrs: Vec::new(),
+            masquerade_link_local: false,
         }
     }
 }

@@ -178,6 +178,14 @@ pub struct NodeFacts {
     pub service_cidrs: Vec<IpNet>,
     pub masquerade_all: bool,
     pub accept_health_check_node_ports: bool,
+    /// Egress masquerading of pod traffic.
+    pub masquerade: crate::node_config::MasqueradeMode,
+    /// Sources whose egress may be masqueraded: this node's pod ranges.
+    pub masquerade_sources: Vec<IpNet>,
+    /// Destinations never masqueraded, in the order they are checked.
+    pub masquerade_exempt: Vec<(IpNet, crate::egress::ExemptReason)>,
+    /// Addresses of the other nodes (from their Node objects).
+    pub other_node_addresses: BTreeSet<IpAddr>,
 }
 
 impl NodeFacts {
@@ -270,10 +278,20 @@ fn node_facts(state: &ClusterState, cfg: &NodeConfig) -> NodeFacts {
             }
         }
     }
+    // Pods of this node: its pod CIDRs, else (not known) the whole cluster's.
+    let masquerade_sources = if pod_cidrs.is_empty() { cfg.cluster_cidrs.clone() } else { pod_cidrs.clone() };
     let pod_ranges = match cfg.local_detector {
         LocalDetector::ClusterCidr => cfg.cluster_cidrs.clone(),
         _ => pod_cidrs,
     };
+    let other_node_addresses: BTreeSet<IpAddr> = state
+        .nodes
+        .iter()
+        .filter(|(name, _)| **name != cfg.node_name)
+        .flat_map(|(_, n)| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| crate::addr::parse_ip_sloppy(&a.address))
+        .collect();
     NodeFacts {
         name: cfg.node_name.clone(),
         zone,
@@ -286,6 +304,14 @@ fn node_facts(state: &ClusterState, cfg: &NodeConfig) -> NodeFacts {
         service_cidrs: cfg.service_cidrs.clone(),
         masquerade_all: cfg.masquerade_all,
         accept_health_check_node_ports: cfg.accept_health_check_node_ports,
+        masquerade: cfg.masquerade,
+        masquerade_sources,
+        masquerade_exempt: crate::egress::exempt_ranges(
+            &cfg.non_masquerade_cidrs,
+            &cfg.cluster_cidrs,
+            cfg.masquerade_link_local,
+        ),
+        other_node_addresses,
     }
 }
 

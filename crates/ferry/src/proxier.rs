@@ -40,6 +40,10 @@ pub struct Proxier {
     problems: BTreeSet<ObjectError>,
     /// A failed apply leaves the mirror ahead of the kernel: re-sync everything next time.
     dirty: bool,
+    /// Uplinks (for the nftables masquerade table).
+    uplinks: Vec<String>,
+    /// The nftables masquerade script last applied (None: the table is not ours now).
+    nft_masquerade: Option<String>,
 }
 
 impl Proxier {
@@ -50,7 +54,24 @@ impl Proxier {
         let runtime = crate::datapath::runtime(settings, &installed)?;
         let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
         let programmer = if installed.adopted { Programmer::adopt(&maps.dump()) } else { Programmer::new() };
-        let proxier = Proxier { cfg, runtime, maps, programmer, last: None, problems: BTreeSet::new(), dirty: false };
+        let uplinks = installed
+            .devices
+            .iter()
+            .filter(|d| d.role == ferry_bpf::DeviceRole::External)
+            .map(|d| d.name.clone())
+            .collect();
+        let proxier = Proxier {
+            cfg,
+            runtime,
+            maps,
+            programmer,
+            last: None,
+            problems: BTreeSet::new(),
+            dirty: false,
+            uplinks,
+            // Unknown after a restart: the first sync re-applies or removes it.
+            nft_masquerade: Some(String::new()),
+        };
         Ok((proxier, installed))
     }
 
@@ -79,6 +100,7 @@ impl Proxier {
             return Err(e).context("programming the datapath maps");
         }
         self.dirty = false;
+        self.sync_nft_masquerade(&plan)?;
         let stale_flows_deleted = self.purge_stale_flows(&plan, diff.as_ref(), &deleted_udp);
         let apply_time = t1.elapsed();
         let now: BTreeSet<ObjectError> = plan.problems.iter().cloned().collect();
@@ -96,6 +118,31 @@ impl Proxier {
         };
         self.last = Some(plan);
         Ok(report)
+    }
+
+    /// Keeps the `masquerade: nftables` table in step: applied (atomically)
+    /// when its rules change, removed when another mode is configured.
+    fn sync_nft_masquerade(&mut self, plan: &Plan) -> anyhow::Result<()> {
+        if plan.node.masquerade == ferry_model::MasqueradeMode::Nftables {
+            let script = ferry_nft::masquerade::render(&plan.node, &self.uplinks);
+            if self.nft_masquerade.as_deref() != Some(script.as_str()) {
+                ferry_nft::nft::apply(ferry_nft::masquerade::TABLE, &script)
+                    .context("applying the nftables masquerade table")?;
+                self.nft_masquerade = Some(script);
+            }
+        } else if self.nft_masquerade.is_some() {
+            if ferry_nft::nft::table_exists(ferry_nft::masquerade::FAMILY, ferry_nft::masquerade::TABLE) {
+                ferry_nft::nft::delete_table(ferry_nft::masquerade::FAMILY, ferry_nft::masquerade::TABLE)
+                    .context("removing the nftables masquerade table")?;
+            }
+            self.nft_masquerade = None;
+        }
+        Ok(())
+    }
+
+    /// NAT entries in use on the packet path (flows with a rewritten source).
+    pub fn nat_entries(&self) -> usize {
+        self.maps.ct_entries().iter().filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0).count()
     }
 
     /// Deletes packet-path UDP flows whose backend is no longer serving (see

@@ -74,6 +74,7 @@ pub fn connect(opts: &ConnectOpts) -> Result<Observation, ProbeError> {
         Proto::Udp if opts.connected_udp => udp_connected(opts),
         Proto::Udp => udp_unconnected(opts),
         Proto::Sctp => return super::sctp::connect(opts.target.addr, opts.bind, opts.timeout),
+        Proto::Icmp => return super::icmp::ping(opts.target.addr.ip(), opts.bind, opts.timeout),
     };
     Ok(attempt.unwrap_or_else(|failure| failure.observation()))
 }
@@ -221,7 +222,7 @@ fn udp_connected(opts: &ConnectOpts) -> Result<Observation, Failure> {
 fn new_socket(opts: &ConnectOpts) -> Result<Socket, Failure> {
     let (kind, protocol) = match opts.target.proto {
         Proto::Tcp => (Type::STREAM, Protocol::TCP),
-        Proto::Udp | Proto::Sctp => (Type::DGRAM, Protocol::UDP),
+        Proto::Udp | Proto::Sctp | Proto::Icmp => (Type::DGRAM, Protocol::UDP),
     };
     let socket = Socket::new(Domain::for_address(opts.target.addr), kind, Some(protocol))
         .map_err(failed(Stage::Connect, "creating the socket"))?;

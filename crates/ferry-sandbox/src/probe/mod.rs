@@ -11,6 +11,7 @@ mod args;
 mod connect;
 mod errno;
 mod harness;
+mod icmp;
 mod sctp;
 mod serve;
 
@@ -34,6 +35,8 @@ pub enum Proto {
     Udp,
     /// Spoken over raw sockets (see `sctp`), so it works without kernel SCTP.
     Sctp,
+    /// ICMP echo (client only; the port is ignored).
+    Icmp,
 }
 
 impl fmt::Display for Proto {
@@ -42,6 +45,7 @@ impl fmt::Display for Proto {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
             Proto::Sctp => "sctp",
+            Proto::Icmp => "icmp",
         })
     }
 }
@@ -81,6 +85,7 @@ impl FromStr for Endpoint {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
             "sctp" => Proto::Sctp,
+            "icmp" => Proto::Icmp,
             _ => return Err(bad()),
         };
         Ok(Endpoint { addr: addr.parse().map_err(|_| bad())?, proto })
@@ -202,7 +207,7 @@ mod tests {
             let ep: Endpoint = text.parse().unwrap();
             assert_eq!(ep.to_string(), text);
         }
-        for bad in ["198.18.0.2:80", "198.18.0.2/tcp", "fd00::2:53/udp", "1.2.3.4:80/icmp"] {
+        for bad in ["198.18.0.2:80", "198.18.0.2/tcp", "fd00::2:53/udp", "1.2.3.4:80/gre"] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
     }

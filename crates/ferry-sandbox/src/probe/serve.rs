@@ -52,6 +52,9 @@ pub fn serve(opts: &ServeOpts) -> Result<(), ProbeError> {
     if opts.listen.is_empty() {
         return Err(ProbeError::Usage("serve needs at least one endpoint to listen on".into()));
     }
+    if opts.listen.iter().any(|e| e.proto == Proto::Icmp) {
+        return Err(ProbeError::Usage("icmp cannot be served: the kernel answers echo requests itself".into()));
+    }
     let mut bound = Vec::with_capacity(opts.listen.len());
     let (failed, failure) = mpsc::channel();
     for endpoint in opts.listen.iter().filter(|e| e.proto == Proto::Sctp) {
@@ -94,6 +97,7 @@ pub fn serve(opts: &ServeOpts) -> Result<(), ProbeError> {
                 Proto::Tcp => serve_tcp(socket.into(), &name, echo, &active),
                 Proto::Udp => serve_udp(socket.into(), &name),
                 Proto::Sctp => unreachable!("SCTP endpoints are served by the sctp module"),
+                Proto::Icmp => unreachable!("ICMP echo is answered by the kernel"),
             };
             let _ = failed.send(ProbeError::Serving { endpoint, source });
         });
@@ -107,7 +111,7 @@ pub fn serve(opts: &ServeOpts) -> Result<(), ProbeError> {
 fn bind(endpoint: &Endpoint) -> io::Result<Socket> {
     let (kind, protocol) = match endpoint.proto {
         Proto::Tcp => (Type::STREAM, Protocol::TCP),
-        Proto::Udp | Proto::Sctp => (Type::DGRAM, Protocol::UDP),
+        Proto::Udp | Proto::Sctp | Proto::Icmp => (Type::DGRAM, Protocol::UDP),
     };
     let socket = Socket::new(Domain::for_address(endpoint.addr), kind, Some(protocol))?;
     if endpoint.addr.is_ipv6() {

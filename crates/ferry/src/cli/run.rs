@@ -74,6 +74,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "datapath installed"
     );
 
+    log_masquerade(&settings.node);
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
@@ -120,4 +121,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("stopping; the datapath stays installed and keeps serving (`ferry cleanup` removes it)");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Masquerading must never be a surprise: say at start exactly what is in force.
+pub fn log_masquerade(node: &ferry_model::NodeConfig) {
+    let exempt = if node.non_masquerade_cidrs.is_empty() {
+        "ip-masq-agent private defaults (nonMasqueradeCIDRs is empty)".to_string()
+    } else {
+        node.non_masquerade_cidrs.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+    };
+    match node.masquerade {
+        ferry_model::MasqueradeMode::Off => tracing::info!("masquerade: off; pod egress keeps pod addresses"),
+        mode => tracing::info!(
+            mode = ?mode,
+            never_to = %exempt,
+            link_local = node.masquerade_link_local,
+            "masquerade: pod egress to destinations outside the exempt ranges and cluster CIDRs leaves with the node address"
+        ),
+    }
 }

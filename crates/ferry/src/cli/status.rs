@@ -98,6 +98,33 @@ pub fn rows(d: &MapDump) -> Vec<FrontendRow> {
     out
 }
 
+/// The masquerade settings in force, as the datapath holds them.
+pub fn masquerade_line(d: &MapDump) -> String {
+    let fmt = |kind: u8| -> Vec<String> {
+        d.ranges
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| format!("{}/{}", ip_of(&r.addr, r.family), r.prefixlen - 32))
+            .collect()
+    };
+    if d.config.is_some_and(|c| c.flags & CFG_MASQ_BPF != 0) {
+        let nat = d.config.map(|c| format!("{}-{}", c.nat_port_min, c.nat_port_max)).unwrap_or_default();
+        format!(
+            "masquerade  bpf: egress of pods in [{}] is SNATed to the node (NAT ports {nat}), except to [{}]",
+            fmt(RANGE_MASQ_SOURCE).join(", "),
+            fmt(RANGE_NO_MASQ).join(", ")
+        )
+    } else if ferry_nft::nft::table_exists(ferry_nft::masquerade::FAMILY, ferry_nft::masquerade::TABLE) {
+        format!(
+            "masquerade  nftables: table {} {} (see `nft list table {0} {1}`)",
+            ferry_nft::masquerade::FAMILY,
+            ferry_nft::masquerade::TABLE
+        )
+    } else {
+        "masquerade  off: pod egress keeps pod addresses".to_string()
+    }
+}
+
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if !ferry_bpf::install::is_installed(&args.pin_dir) {
         println!("no ferry datapath in {} (start one with `ferry run`)", args.pin_dir.display());
@@ -117,6 +144,9 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "counters": counters,
             "socketReverseEntries": rev,
             "affinityEntries": aff,
+            "masquerade": masquerade_line(&dump),
+            "natEntries": maps.ct_entries().iter().filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0).count(),
+            "conntrackEntries": maps.ct_entries().len(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
@@ -139,11 +169,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         println!("{:<28} {:<12} {:<40} {:<22} {}", r.frontend, r.kind, r.service, r.routes.join("/"), backends);
     }
+    println!("\n{}", masquerade_line(&dump));
     println!("\ncounters");
     for (name, value) in &counters {
         println!("  {name:<22} {value}");
     }
     println!("  {:<22} {rev}", "sock_rev_entries");
     println!("  {:<22} {aff}", "affinity_entries");
+    let ct = maps.ct_entries();
+    println!("  {:<22} {}", "conntrack_entries", ct.len());
+    println!("  {:<22} {}", "nat_entries", ct.iter().filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0).count());
     Ok(ExitCode::SUCCESS)
 }

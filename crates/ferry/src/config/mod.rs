@@ -11,7 +11,7 @@ pub mod write;
 
 use clap::Args;
 use ferry_model::addr::{IpFamily, parse_cidr_sloppy, parse_ip_sloppy};
-use ferry_model::node_config::{FeatureGates, LocalDetector, NodeConfig, NodePortAddresses};
+use ferry_model::node_config::{FeatureGates, LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses};
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
@@ -68,6 +68,11 @@ pub struct ConfigFile {
     pub conntrack: Option<ConntrackFile>,
     pub nat_port_range: Option<String>,
     pub maglev: Option<MaglevFile>,
+    /// A string (`bpf`, `nftables`, `off`); kept loose so a boolean gets a precise error.
+    pub masquerade: Option<Value>,
+    #[serde(rename = "nonMasqueradeCIDRs")]
+    pub non_masquerade_cidrs: Option<Vec<String>>,
+    pub masquerade_link_local: Option<bool>,
     pub node_port_range: Option<String>,
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
@@ -313,6 +318,28 @@ mod settings_tests {
     use super::*;
 
     #[test]
+    fn masquerade_is_explicit_and_renamed_keys_name_their_replacement() {
+        let parse = |t: &str| parse_file("m.yaml", t).and_then(|f| build("m.yaml", f, &NodeFlags::default()));
+        assert_eq!(parse("nodeName: a\n").unwrap().node.masquerade, MasqueradeMode::Off);
+        assert_eq!(parse("masquerade: bpf\n").unwrap().node.masquerade, MasqueradeMode::Bpf);
+        assert_eq!(parse("masquerade: nftables\n").unwrap().node.masquerade, MasqueradeMode::Nftables);
+        assert_eq!(parse("masquerade: \"off\"\n").unwrap().node.masquerade, MasqueradeMode::Off);
+        assert_eq!(parse("masquerade: off\n").unwrap().node.masquerade, MasqueradeMode::Off);
+        let e = parse("masquerade: true\n").unwrap_err();
+        assert!(e.problems[0].message.contains("does not say who masquerades"), "{e}");
+        let e = parse("enableIPv4Masquerade: true\n").unwrap_err();
+        assert_eq!(e.problems[0].key, "enableIPv4Masquerade");
+        assert!(e.problems[0].message.contains("use masquerade: bpf | nftables | off"), "{e}");
+        let e = parse("nativeRoutingCIDR: 10.20.30.0/24\n").unwrap_err();
+        assert!(e.problems[0].message.contains("nonMasqueradeCIDRs"), "{e}");
+        let e = parse("masqueradeCidrs: [10.0.0.0/8]\n").unwrap_err();
+        assert!(e.problems[0].message.contains("did you mean nonMasqueradeCIDRs?"), "{e}");
+        let s = parse("masquerade: bpf\nnonMasqueradeCIDRs: [10.20.30.0/24]\nmasqueradeLinkLocal: true\n").unwrap();
+        assert_eq!(s.node.non_masquerade_cidrs.len(), 1);
+        assert!(s.node.masquerade_link_local);
+    }
+
+    #[test]
     fn durations_parse_like_kubernetes() {
         assert_eq!(parse_duration_secs("24h0m0s"), Some(86400));
         assert_eq!(parse_duration_secs("1h30m"), Some(5400));
@@ -513,6 +540,33 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
     cfg.feature_gates = gates;
     cfg.service_proxy_name = file.service_proxy_name.filter(|s| !s.is_empty());
     cfg.accept_health_check_node_ports = file.accept_health_check_node_ports.unwrap_or(false);
+    cfg.masquerade = match &file.masquerade {
+        None => MasqueradeMode::Off,
+        Some(Value::String(s)) => match s.as_str() {
+            "off" => MasqueradeMode::Off,
+            "bpf" => MasqueradeMode::Bpf,
+            "nftables" => MasqueradeMode::Nftables,
+            other => {
+                b.bad("masquerade", format!("{other:?} is not bpf, nftables or off"));
+                MasqueradeMode::Off
+            }
+        },
+        // YAML reads an unquoted `off` / `no` / `false` as false: that is an explicit "off".
+        Some(Value::Bool(false)) => MasqueradeMode::Off,
+        Some(Value::Bool(true)) => {
+            b.bad(
+                "masquerade",
+                "true does not say who masquerades: write `masquerade: bpf` or `masquerade: nftables` (or `off`)",
+            );
+            MasqueradeMode::Off
+        }
+        Some(other) => {
+            b.bad("masquerade", format!("{other} is not bpf, nftables or off"));
+            MasqueradeMode::Off
+        }
+    };
+    cfg.non_masquerade_cidrs = b.cidrs("nonMasqueradeCIDRs", &file.non_masquerade_cidrs.unwrap_or_default());
+    cfg.masquerade_link_local = file.masquerade_link_local.unwrap_or(false);
     let agent = agent::AgentFile {
         healthz_bind_address: file.healthz_bind_address,
         metrics_bind_address: file.metrics_bind_address,

@@ -1,7 +1,7 @@
 //! Writing a `NodeConfig` back as a config file: `ferry conformance` turns an
 //! acceptance case into the file a real agent reads. `parse(write(c)) == c`.
 
-use ferry_model::node_config::{LocalDetector, NodeConfig};
+use ferry_model::node_config::{LocalDetector, MasqueradeMode, NodeConfig};
 use std::fmt::Write as _;
 
 fn list<T: ToString>(items: &[T]) -> String {
@@ -53,6 +53,14 @@ pub fn node_config_yaml(cfg: &NodeConfig) -> String {
         let _ = writeln!(s, "serviceProxyName: \"{n}\"");
     }
     let _ = writeln!(s, "acceptHealthCheckNodePorts: {}", cfg.accept_health_check_node_ports);
+    let mode = match cfg.masquerade {
+        MasqueradeMode::Off => "\"off\"",
+        MasqueradeMode::Bpf => "bpf",
+        MasqueradeMode::Nftables => "nftables",
+    };
+    let _ = writeln!(s, "masquerade: {mode}");
+    let _ = writeln!(s, "nonMasqueradeCIDRs: {}", list(&cfg.non_masquerade_cidrs));
+    let _ = writeln!(s, "masqueradeLinkLocal: {}", cfg.masquerade_link_local);
     s
 }
 
