@@ -3,5 +3,7 @@
 
 pub mod masquerade;
 pub mod nft;
+pub mod ruleset;
+pub mod services;
 
 pub use nft::NftError;

@@ -15,6 +15,8 @@ pub enum DatapathKind {
     /// The eBPF datapath: each case is built from network namespaces and a real
     /// `ferry run` agent, and every flow is sent as real connections (needs root).
     Bpf,
+    /// The nftables datapath, in the same network-namespace lab (needs root).
+    Nftables,
 }
 
 #[derive(Debug, Args)]
@@ -37,7 +39,10 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(&args.cases).with_context(|| format!("reading {}", args.cases.display()))?;
     let file: CaseFile = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a flow case file (see acceptance/README.md)", args.cases.display()))?;
-    let runner = KernelRunner { ferry: std::env::current_exe().context("locating the ferry binary")? };
+    let runner = KernelRunner {
+        ferry: std::env::current_exe().context("locating the ferry binary")?,
+        datapath: if args.datapath == DatapathKind::Nftables { "nftables" } else { "bpf" },
+    };
     let cases: Vec<_> = file.cases.iter().filter(|c| args.only.as_deref().is_none_or(|o| c.name.contains(o))).collect();
     let mut tally = Tally::default();
     for (i, case) in cases.iter().enumerate() {
@@ -54,7 +59,7 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
             .map_err(anyhow::Error::msg)
             .and_then(|flows| match args.datapath {
                 DatapathKind::Model => model::run_case(case, &flows),
-                DatapathKind::Bpf => runner.run_case(case, &flows),
+                DatapathKind::Bpf | DatapathKind::Nftables => runner.run_case(case, &flows),
             })
             .unwrap_or_else(|e| vec![FlowOutcome::NotCovered(format!("case cannot be run: {e:#}")); labels.len()]);
         for (label, outcome) in labels.iter().zip(outcomes) {

@@ -118,7 +118,10 @@ pub struct DetectorFile {
 /// Which datapath programs the Plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatapathChoice {
+    /// The eBPF datapath (socket hooks, tc programs).
     Bpf,
+    /// nftables tables ferry owns, for hosts where BPF is not allowed.
+    Nftables,
 }
 
 /// Settings of the eBPF datapath.
@@ -388,8 +391,9 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
     let mut b = Builder { source, problems: Vec::new() };
     let datapath = match file.datapath.as_deref() {
         None | Some("bpf") => DatapathChoice::Bpf,
+        Some("nftables") => DatapathChoice::Nftables,
         Some(other) => {
-            b.bad("datapath", format!("{other:?} is not a datapath ferry has; use bpf"));
+            b.bad("datapath", format!("{other:?} is not a datapath ferry has; use bpf or nftables"));
             DatapathChoice::Bpf
         }
     };

@@ -43,9 +43,11 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("constant address")
 }
 
-/// Runs cases on the eBPF datapath with agents started from `ferry` (the binary).
+/// Runs cases on a kernel datapath with agents started from `ferry` (the binary).
 pub struct KernelRunner {
     pub ferry: PathBuf,
+    /// The `datapath:` the agent runs: `bpf` or `nftables`.
+    pub datapath: &'static str,
 }
 
 /// Where a flow starts.
@@ -93,6 +95,16 @@ impl KernelRunner {
                 got: Observed::Unexpected("the lab could not run the flow".into()),
                 detail: format!("{e:#}"),
             }));
+        }
+        if std::env::var_os("FERRY_CONFORMANCE_AGENT_LOG").is_some() {
+            // For debugging a datapath: what the agent of the node under test said.
+            eprintln!("--- agent log of case {:?}:\n{}", case.name, b.lab.agent_log(0));
+            let host = b.lab.nodes[0].host.clone();
+            let mut cmd = b.lab.sb.command(&host, "nft");
+            cmd.args(["list", "ruleset"]);
+            if let Ok(o) = b.lab.sb.run_in(&host, None, &mut cmd) {
+                eprintln!("--- nft list ruleset:\n{}", String::from_utf8_lossy(&o.stdout));
+            }
         }
         Ok(out)
     }
@@ -239,8 +251,9 @@ impl KernelRunner {
 
         // The agent of the node under test, with the case's own configuration.
         let extra = format!(
-            "{}bpf:\n  pinPath: {}\n  cgroupPath: {}\n  devices: [eth0]\n  podDevices: [br0]\n",
+            "{}datapath: {}\nbpf:\n  pinPath: {}\n  cgroupPath: {}\n  devices: [eth0]\n  podDevices: [br0]\n",
             crate::config::write::node_config_yaml(cfg),
+            self.datapath,
             lab.nodes[node].pin_dir.display(),
             lab.nodes[node].cgroup.display()
         );

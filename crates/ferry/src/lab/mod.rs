@@ -146,6 +146,12 @@ impl Lab {
         let host = self.sb.add_host(&format!("n{i}"))?;
         let cgroup = self.sb.cgroup(&format!("n{i}"))?;
         self.sb.set_forwarding(&host, true)?;
+        // A node forwarding back out of its uplink (the lab routes everything via
+        // the fabric) would send an ICMP redirect first, which uses up the peer's
+        // ICMP rate-limit token: a REJECT right after it would never be sent.
+        for dev in ["all", "default"] {
+            self.sb.sysctl(&host, &format!("net.ipv4.conf.{dev}.send_redirects"), "0")?;
+        }
         // Replies to pods may leave by another interface than requests came in (SNAT, hairpin).
         self.sb.sysctl(&host, "net.ipv4.conf.all.rp_filter", "0")?;
         self.sb.sysctl(&host, "net.ipv4.conf.default.rp_filter", "0")?;
@@ -206,6 +212,9 @@ impl Lab {
         let peer = format!("v{j}");
         self.sb.link(&host, "eth0", &n.host, &peer)?;
         self.sb.attach_to_bridge(&n.host, &peer, "br0")?;
+        // As the bridge CNI's hairpinMode: a pod reaching itself through a Service
+        // (nftables DNAT on the node) gets its packet back out of the port it came in on.
+        self.sb.ip(&n.host, &["link", "set", "dev", &peer, "type", "bridge_slave", "hairpin", "on"])?;
         let mut pod_lines = Vec::new();
         let mut node_lines = Vec::new();
         for ip in ips {

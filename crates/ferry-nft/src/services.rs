@@ -1,0 +1,448 @@
+//! The nftables service datapath: a Plan rendered as kube-proxy-nftables-like
+//! tables (`ip ferry`, `ip6 ferry`), one per family.
+//!
+//! ```text
+//! prerouting/output (nat):  ip daddr . proto . port vmap @service-ips
+//!                           ip daddr @nodeport-ips proto . port vmap @service-nodeports
+//!   svc-*-int / svc-*-ext   source class (pod / host / outside) -> the route the model decided
+//!   svc-*-cluster|local     session affinity, then numgen random -> an endpoint chain
+//!   ep-*                    hairpin masquerade mark, dnat to the endpoint
+//! prerouting (filter, before DNAT): firewall-ips -> fw-* (loadBalancerSourceRanges)
+//! input/forward/output (filter, after DNAT): whatever still goes to a frontend was not
+//!   DNATed: no-endpoint-services -> drop | reject; other ClusterIP ports -> reject;
+//!   unallocated service-CIDR addresses -> drop
+//! postrouting: masquerade what was marked
+//! ```
+//!
+//! Each service port renders to its own chains and map elements, cached, so a
+//! sync re-renders only the service ports the PlanDiff names.
+
+use crate::ruleset::{Collection, Table};
+use ferry_model::{
+    EndpointSet, FrontendAddr, FrontendKey, FrontendKind, IpFamily, LocalDetector, Plan, PlanDiff, Protocol, Route,
+    ServicePort, SourceClass,
+};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// The table name ferry owns, in each family (`ip ferry`, `ip6 ferry`).
+pub const TABLE: &str = "ferry";
+/// The masquerade mark, as kube-proxy's.
+pub const MASQ_MARK: u32 = 0x4000;
+
+fn fam(family: IpFamily) -> (&'static str, &'static str, &'static str) {
+    match family {
+        IpFamily::V4 => ("ip", "ip", "ipv4_addr"),
+        IpFamily::V6 => ("ip6", "ip6", "ipv6_addr"),
+    }
+}
+
+fn proto(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// A short stable tag of a service port (FNV-1a), so chain names stay unique
+/// and short even for long names.
+fn tag(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{:08x}", h as u32)
+}
+
+fn readable(sp: &ServicePort) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        sp.id.service.namespace,
+        sp.id.service.name,
+        proto(sp.id.protocol),
+        if sp.id.port_name.is_empty() { sp.port.to_string() } else { sp.id.port_name.clone() }
+    )
+}
+
+fn ep_addr(ip: &IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v) => format!("{v}:{port}"),
+        IpAddr::V6(v) => format!("[{v}]:{port}"),
+    }
+}
+
+/// An endpoint as part of a chain or set name: nft identifiers allow
+/// letters, digits and `/-_.`, so `:` becomes `_` and the port follows a `-`.
+fn ep_name(ip: &IpAddr, port: u16) -> String {
+    format!("{}-{port}", ip.to_string().replace(':', "_"))
+}
+
+/// What one service port contributes to its family's table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceParts {
+    pub chains: BTreeMap<String, (String, Vec<String>)>,
+    /// (collection, key, value)
+    pub elements: Vec<(String, String, Option<String>)>,
+    /// Affinity sets (name -> declaration).
+    pub sets: BTreeMap<String, String>,
+}
+
+/// Renders one service port.
+pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
+    let mut out = ServiceParts::default();
+    let (ip, _, addr_type) = fam(sp.id.family);
+    let h = tag(&format!("{}|{}", sp.id, sp.id.family));
+    let name = readable(sp);
+    let p = proto(sp.id.protocol);
+
+    // Endpoint chains, shared by both sets.
+    let mut ep_chain = BTreeMap::new();
+    for e in &sp.endpoints {
+        let chain = format!("ep-{h}-{name}__{}", ep_name(&e.ip, e.port));
+        let aff = format!("aff-{h}-{}", ep_name(&e.ip, e.port));
+        let mut rules = vec![format!("{ip} saddr {} jump mark-for-masquerade", e.ip)];
+        if let Some(t) = sp.affinity_timeout_seconds {
+            out.sets.insert(aff.clone(), format!("type {addr_type}; flags dynamic,timeout; timeout {t}s;"));
+            rules.push(format!("update @{aff} {{ {ip} saddr }}"));
+        }
+        rules.push(format!("meta l4proto {p} dnat to {}", ep_addr(&e.ip, e.port)));
+        out.chains.insert(chain.clone(), (String::new(), rules));
+        ep_chain.insert(e.addr(), (chain, aff));
+    }
+
+    // One chain per endpoint set actually used, and a masquerading variant when needed.
+    let mut chains = std::mem::take(&mut out.chains);
+    let mut set_chain = |set: EndpointSet, masq: bool| -> Option<String> {
+        let eps: Vec<_> = sp.endpoint_set(set).collect();
+        if eps.is_empty() {
+            return None;
+        }
+        let base = format!("svc-{h}-{}-{name}", if set == EndpointSet::Cluster { "cluster" } else { "local" });
+        if !chains.contains_key(&base) {
+            let mut rules = Vec::new();
+            if sp.affinity_timeout_seconds.is_some() {
+                for e in &eps {
+                    let (chain, aff) = &ep_chain[&e.addr()];
+                    rules.push(format!("{ip} saddr @{aff} goto {chain}"));
+                }
+            }
+            let vmap: Vec<String> =
+                eps.iter().enumerate().map(|(i, e)| format!("{i} : goto {}", ep_chain[&e.addr()].0)).collect();
+            rules.push(format!("numgen random mod {} vmap {{ {} }}", eps.len(), vmap.join(", ")));
+            chains.insert(base.clone(), (String::new(), rules));
+        }
+        if !masq {
+            return Some(base);
+        }
+        let masq_chain = format!("{base}-masq");
+        chains.insert(
+            masq_chain.clone(),
+            (String::new(), vec!["jump mark-for-masquerade".into(), format!("goto {base}")]),
+        );
+        Some(masq_chain)
+    };
+    let mut target = |route: &Route| -> String {
+        match route {
+            Route::Forward { set, masquerade, .. } => match set_chain(*set, masquerade.masquerades()) {
+                Some(c) => format!("goto {c}"),
+                None => "return".into(),
+            },
+            // Left un-DNATed: the filter chains drop or reject it.
+            Route::Drop { .. } | Route::Reject { .. } => "return".into(),
+        }
+    };
+    let pod_match = pod_match(plan, sp.id.family);
+    let mut dispatch = |routes: &ferry_model::PerSource<Route>| -> Vec<String> {
+        let (pod, host, ext) = (
+            target(routes.get(SourceClass::Pod)),
+            target(routes.get(SourceClass::Host)),
+            target(routes.get(SourceClass::External)),
+        );
+        let mut rules = Vec::new();
+        if let Some(m) = &pod_match
+            && pod != ext
+        {
+            rules.push(format!("{m} {pod}"));
+        }
+        if host != ext {
+            rules.push(format!("fib saddr type local {host}"));
+        }
+        rules.push(ext);
+        rules
+    };
+    let int_rules = dispatch(&sp.internal);
+    let ext_rules = sp.externally_accessible.then(|| dispatch(&sp.external));
+    out.chains = chains;
+    let int = format!("svc-{h}-int-{name}");
+    out.chains.insert(int.clone(), (String::new(), int_rules));
+    let ext = format!("svc-{h}-ext-{name}");
+    if let Some(rules) = ext_rules {
+        out.chains.insert(ext.clone(), (String::new(), rules));
+    }
+
+    // Frontends this port owns, and what happens to traffic that was not DNATed.
+    let verdict = |routes: &ferry_model::PerSource<Route>| -> Option<String> {
+        SourceClass::ALL.iter().find_map(|c| match routes.get(*c) {
+            Route::Drop { .. } => Some("drop".to_string()),
+            Route::Reject { .. } => Some("goto reject-chain".to_string()),
+            Route::Forward { .. } => None,
+        })
+    };
+    let owned = |key: &FrontendKey| plan.frontends.get(key).is_some_and(|f| f.service == sp.id);
+    let port = sp.port;
+    let cluster_key = FrontendKey { addr: FrontendAddr::Ip(sp.cluster_ip), port, protocol: sp.id.protocol };
+    if owned(&cluster_key) {
+        let k = format!("{} . {p} . {port}", sp.cluster_ip);
+        out.elements.push(("service-ips".into(), k.clone(), Some(format!("goto {int}"))));
+        if let Some(v) = verdict(&sp.internal) {
+            out.elements.push(("no-endpoint-services".into(), k, Some(v)));
+        }
+    }
+    let ext_verdict = verdict(&sp.external);
+    for (ips, kind) in
+        [(&sp.external_ips, FrontendKind::ExternalIp), (&sp.load_balancer_ips, FrontendKind::LoadBalancer)]
+    {
+        for a in ips {
+            let key = FrontendKey { addr: FrontendAddr::Ip(*a), port, protocol: sp.id.protocol };
+            if !owned(&key) {
+                continue;
+            }
+            let k = format!("{a} . {p} . {port}");
+            out.elements.push(("service-ips".into(), k.clone(), Some(format!("goto {ext}"))));
+            if let Some(v) = &ext_verdict {
+                out.elements.push(("no-endpoint-services".into(), k.clone(), Some(v.clone())));
+            }
+            if kind == FrontendKind::LoadBalancer
+                && let Some(allowed) = &sp.firewall
+            {
+                let fw = format!("fw-{h}-{name}");
+                let list: Vec<String> = allowed.iter().map(|n| n.to_string()).collect();
+                out.chains.insert(
+                    fw.clone(),
+                    (String::new(), vec![format!("{ip} saddr {{ {} }} return", list.join(", ")), "drop".into()]),
+                );
+                out.elements.push(("firewall-ips".into(), k, Some(format!("goto {fw}"))));
+            }
+        }
+    }
+    if let Some(np) = sp.node_port {
+        let key = FrontendKey { addr: FrontendAddr::NodePort(sp.id.family), port: np, protocol: sp.id.protocol };
+        if owned(&key) {
+            let k = format!("{p} . {np}");
+            out.elements.push(("service-nodeports".into(), k.clone(), Some(format!("goto {ext}"))));
+            if let Some(v) = &ext_verdict {
+                out.elements.push(("no-endpoint-nodeports".into(), k, Some(v.clone())));
+            }
+        }
+    }
+    out
+}
+
+/// How pod traffic is recognised in a rule, if it can be.
+fn pod_match(plan: &Plan, family: IpFamily) -> Option<String> {
+    let (ip, _, _) = fam(family);
+    match &plan.node.local_detector {
+        LocalDetector::ClusterCidr | LocalDetector::NodeCidr => {
+            let ranges: Vec<String> =
+                plan.node.pod_ranges.iter().filter(|n| IpFamily::of_net(n) == family).map(|n| n.to_string()).collect();
+            (!ranges.is_empty()).then(|| format!("{ip} saddr {{ {} }}", ranges.join(", ")))
+        }
+        LocalDetector::InterfaceNamePrefix(p) => Some(format!("iifname \"{p}*\"")),
+        LocalDetector::BridgeInterface(b) => Some(format!("iifname \"{b}\"")),
+        LocalDetector::None => None,
+    }
+}
+
+/// The node-level part of a family's table: hooks, dispatch and check chains, node sets.
+pub fn render_node(plan: &Plan, family: IpFamily) -> Table {
+    let (ip, _, addr_type) = fam(family);
+    let mut t = Table::new(ip, TABLE);
+    let key = format!("type {addr_type} . inet_proto . inet_service : verdict;");
+    for m in ["service-ips", "no-endpoint-services", "firewall-ips"] {
+        t.collections.insert(m.into(), Collection { declaration: key.clone(), elements: BTreeMap::new() });
+    }
+    for m in ["service-nodeports", "no-endpoint-nodeports"] {
+        t.collections.insert(
+            m.into(),
+            Collection { declaration: "type inet_proto . inet_service : verdict;".into(), elements: BTreeMap::new() },
+        );
+    }
+    let addrs = |list: &mut dyn Iterator<Item = &IpAddr>| -> BTreeMap<String, Option<String>> {
+        list.filter(|a| IpFamily::of(a) == family).map(|a| (a.to_string(), None)).collect()
+    };
+    t.collections.insert(
+        "cluster-ips".into(),
+        Collection { declaration: format!("type {addr_type};"), elements: addrs(&mut plan.cluster_ips.iter()) },
+    );
+    t.collections.insert(
+        "nodeport-ips".into(),
+        Collection {
+            declaration: format!("type {addr_type};"),
+            elements: addrs(&mut plan.node.node_port_addresses.iter()),
+        },
+    );
+    let chain = |decl: &str, rules: Vec<String>| (decl.to_string(), rules);
+    let new = "ct state new";
+    t.chains.insert(
+        "filter-prerouting".into(),
+        chain("type filter hook prerouting priority -110; policy accept;", vec![format!("{new} jump firewall-check")]),
+    );
+    t.chains.insert(
+        "filter-output".into(),
+        chain("type filter hook output priority -110; policy accept;", vec![format!("{new} jump firewall-check")]),
+    );
+    t.chains.insert(
+        "firewall-check".into(),
+        chain("", vec![format!("{ip} daddr . meta l4proto . th dport vmap @firewall-ips")]),
+    );
+    t.chains.insert(
+        "nat-prerouting".into(),
+        chain("type nat hook prerouting priority -100; policy accept;", vec!["jump services".into()]),
+    );
+    t.chains.insert(
+        "nat-output".into(),
+        chain("type nat hook output priority -100; policy accept;", vec!["jump services".into()]),
+    );
+    t.chains.insert(
+        "services".into(),
+        chain(
+            "",
+            vec![
+                format!("{ip} daddr . meta l4proto . th dport vmap @service-ips"),
+                format!("{ip} daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"),
+            ],
+        ),
+    );
+    let mut input = Vec::new();
+    if plan.node.accept_health_check_node_ports && !plan.health_check_node_ports.is_empty() {
+        let ports: Vec<String> = plan.health_check_node_ports.keys().map(|p| p.to_string()).collect();
+        input.push(format!("tcp dport {{ {} }} accept", ports.join(", ")));
+    }
+    input.push(format!("{new} jump endpoints-check"));
+    t.chains.insert("filter-input".into(), chain("type filter hook input priority -10; policy accept;", input));
+    let checks = vec![format!("{new} jump endpoints-check"), format!("{new} jump cluster-ips-check")];
+    t.chains.insert(
+        "filter-forward".into(),
+        chain("type filter hook forward priority -10; policy accept;", checks.clone()),
+    );
+    t.chains.insert(
+        "filter-output-post-dnat".into(),
+        chain("type filter hook output priority -10; policy accept;", checks),
+    );
+    t.chains.insert(
+        "endpoints-check".into(),
+        chain(
+            "",
+            vec![
+                format!("{ip} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
+                format!("{ip} daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"),
+            ],
+        ),
+    );
+    let mut cluster_check = vec![format!("{ip} daddr @cluster-ips reject")];
+    let cidrs: Vec<String> =
+        plan.node.service_cidrs.iter().filter(|n| IpFamily::of_net(n) == family).map(|n| n.to_string()).collect();
+    if !cidrs.is_empty() {
+        cluster_check.push(format!("{ip} daddr {{ {} }} drop", cidrs.join(", ")));
+    }
+    t.chains.insert("cluster-ips-check".into(), chain("", cluster_check));
+    t.chains
+        .insert("mark-for-masquerade".into(), chain("", vec![format!("meta mark set meta mark or {MASQ_MARK:#x}")]));
+    t.chains.insert(
+        "nat-postrouting".into(),
+        chain(
+            "type nat hook postrouting priority 100; policy accept;",
+            vec![
+                format!("meta mark & {MASQ_MARK:#x} == 0 return"),
+                format!("meta mark set meta mark xor {MASQ_MARK:#x}"),
+                "masquerade fully-random".into(),
+            ],
+        ),
+    );
+    t.chains.insert("reject-chain".into(), chain("", vec!["reject".into()]));
+    t
+}
+
+/// Keeps both families' tables in step with Plans, re-rendering only what a diff names.
+#[derive(Debug, Default)]
+pub struct Renderer {
+    parts: BTreeMap<ferry_model::ServicePortId, ServiceParts>,
+    /// What the kernel holds now, per family.
+    pub programmed: BTreeMap<IpFamily, Table>,
+}
+
+impl Renderer {
+    /// The scripts (one per family) that bring the kernel to `plan`. With
+    /// `diff`, only the service ports it names are re-rendered.
+    pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>) -> Vec<(IpFamily, String, Table)> {
+        match diff {
+            Some(d) if !d.node_changed => {
+                for sp in &d.removed {
+                    self.parts.remove(&sp.id);
+                }
+                let mut touched: Vec<&ferry_model::ServicePortId> =
+                    d.added.iter().map(|s| &s.id).chain(d.changed.iter().map(|c| &c.new.id)).collect();
+                touched.extend(d.frontends_added.iter().chain(&d.frontends_removed).map(|(_, f)| &f.service));
+                for id in touched {
+                    if let Some(sp) = plan.services.get(id) {
+                        self.parts.insert(id.clone(), render_service(sp, plan));
+                    }
+                }
+            }
+            _ => {
+                self.parts = plan.services.iter().map(|(id, sp)| (id.clone(), render_service(sp, plan))).collect();
+            }
+        }
+        let mut out = Vec::new();
+        for family in IpFamily::ALL {
+            if !plan.node.families.contains(&family) {
+                continue;
+            }
+            let mut t = render_node(plan, family);
+            for (id, parts) in &self.parts {
+                if id.family != family {
+                    continue;
+                }
+                for (name, decl) in &parts.sets {
+                    t.collections
+                        .insert(name.clone(), Collection { declaration: decl.clone(), elements: BTreeMap::new() });
+                }
+                for (name, chain) in &parts.chains {
+                    t.chains.insert(name.clone(), chain.clone());
+                }
+                for (coll, k, v) in &parts.elements {
+                    if let Some(c) = t.collections.get_mut(coll) {
+                        c.elements.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            let old = self.programmed.get(&family);
+            if old != Some(&t) {
+                out.push((family, t.transition(old), t));
+            }
+        }
+        out
+    }
+
+    /// Records that a family's table was applied.
+    pub fn applied(&mut self, family: IpFamily, table: Table) {
+        self.programmed.insert(family, table);
+    }
+
+    /// Forgets what is programmed (the next sync rebuilds the tables from scratch).
+    pub fn reset(&mut self) {
+        self.programmed.clear();
+    }
+}
+
+/// Removes ferry's service tables from the kernel.
+pub fn remove_all() -> Result<(), crate::NftError> {
+    for family in ["ip", "ip6"] {
+        if crate::nft::table_exists(family, TABLE) {
+            crate::nft::delete_table(family, TABLE)?;
+        }
+    }
+    Ok(())
+}
