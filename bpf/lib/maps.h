@@ -143,30 +143,8 @@ struct {
 	PIN_BY_NAME;
 } ferry_members SEC(".maps");
 
-/* ---- socket reverse translation: what a socket really connected to ---- */
-
-struct rev_key {
-	__u64 cookie; /* socket cookie */
-	__u32 addr[4]; /* backend */
-	__be16 port;
-	__u8 family;
-	__u8 pad[5];
-};
-
-struct rev_val {
-	__u32 addr[4]; /* frontend */
-	__be16 port;
-	__u8 family;
-	__u8 pad;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct rev_key);
-	__type(value, struct rev_val);
-	PIN_BY_NAME;
-} ferry_sock_rev SEC(".maps");
+/* ---- socket reverse translation (its own header: the socket iterator shares it) ---- */
+#include "sockrev.h"
 
 /* ---- session affinity (ClientIP) ---- */
 

@@ -7,7 +7,7 @@ use libbpf_cargo::SkeletonBuilder;
 use std::path::PathBuf;
 use std::{env, ffi::OsString};
 
-const OBJECTS: &[&str] = &["sock", "netdev"];
+const OBJECTS: &[&str] = &["sock", "netdev", "sockdestroy"];
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());

@@ -13,6 +13,7 @@ pub mod install;
 pub mod maps;
 pub mod program;
 pub mod skel;
+pub mod sockdestroy;
 pub mod stale;
 pub mod stats;
 pub mod system;

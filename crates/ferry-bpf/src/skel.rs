@@ -9,3 +9,8 @@ pub mod sock {
 pub mod netdev {
     include!(concat!(env!("OUT_DIR"), "/netdev.skel.rs"));
 }
+
+#[allow(clippy::all, non_camel_case_types, non_snake_case, dead_code, unused_imports, missing_docs)]
+pub mod sockdestroy {
+    include!(concat!(env!("OUT_DIR"), "/sockdestroy.skel.rs"));
+}

@@ -1,7 +1,8 @@
 //! `Proxier`: one node's sync loop body. ClusterState in, datapath updated.
 //!
 //! ```text
-//! ClusterState + NodeConfig --build_plan--> Plan --diff with last--> Programmer::sync --> Maps::apply
+//! ClusterState + NodeConfig --build_plan--> Plan --diff with last--> bpf:      Programmer::sync --> Maps::apply
+//!                                                                    nftables: Renderer::sync --> nft -f
 //! ```
 //!
 //! `ferry run` (manifests) and `ferry agent` (Kubernetes API) both drive it.
@@ -28,14 +29,40 @@ pub struct SyncReport {
     pub fixed_problems: usize,
     /// UDP flows of the packet path removed because their backend stopped serving.
     pub stale_flows_deleted: usize,
+    /// Connected UDP sockets destroyed because socket-LB had pointed them at a removed backend.
+    pub udp_sockets_destroyed: u64,
 }
 
-/// The eBPF backend of one node.
-pub struct Proxier {
-    cfg: NodeConfig,
+/// The eBPF datapath's state.
+struct BpfBackend {
     runtime: NodeRuntime,
     maps: Maps,
     programmer: Programmer,
+    pin_dir: std::path::PathBuf,
+    cgroup: std::path::PathBuf,
+}
+
+/// Which datapath programs the Plan.
+enum Backend {
+    Bpf(Box<BpfBackend>),
+    Nftables(ferry_nft::services::Renderer),
+}
+
+/// What starting the datapath found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Started {
+    pub datapath: &'static str,
+    /// The BPF maps already existed: a previous agent's state was adopted.
+    pub adopted: bool,
+    pub links_updated: usize,
+    pub links_attached: usize,
+    pub devices: Vec<ferry_bpf::AttachedDevice>,
+}
+
+/// One node's proxy: the Plan, and the datapath that carries it out.
+pub struct Proxier {
+    cfg: NodeConfig,
+    backend: Backend,
     last: Option<Plan>,
     problems: BTreeSet<ObjectError>,
     /// A failed apply leaves the mirror ahead of the kernel: re-sync everything next time.
@@ -48,23 +75,52 @@ pub struct Proxier {
 
 impl Proxier {
     /// Installs (or adopts) the datapath and prepares to program it.
-    pub fn start(settings: &Settings, opts: &InstallOptions) -> anyhow::Result<(Proxier, ferry_bpf::Installed)> {
+    pub fn start(settings: &Settings, opts: &InstallOptions) -> anyhow::Result<(Proxier, Started)> {
         let cfg = settings.node.clone();
-        let installed = ferry_bpf::install(opts).context("installing the eBPF datapath")?;
-        let runtime = crate::datapath::runtime(settings, &installed)?;
-        let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
-        let programmer = if installed.adopted { Programmer::adopt(&maps.dump()) } else { Programmer::new() };
-        let uplinks = installed
-            .devices
-            .iter()
-            .filter(|d| d.role == ferry_bpf::DeviceRole::External)
-            .map(|d| d.name.clone())
+        let (backend, started) = match settings.datapath {
+            crate::config::DatapathChoice::Bpf => {
+                let installed = ferry_bpf::install(opts).context("installing the eBPF datapath")?;
+                let runtime = crate::datapath::runtime(settings, &installed)?;
+                let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
+                let programmer = if installed.adopted { Programmer::adopt(&maps.dump()) } else { Programmer::new() };
+                let started = Started {
+                    datapath: "bpf",
+                    adopted: installed.adopted,
+                    links_updated: installed.links_updated,
+                    links_attached: installed.links_attached,
+                    devices: installed.devices,
+                };
+                (
+                    Backend::Bpf(Box::new(BpfBackend {
+                        runtime,
+                        maps,
+                        programmer,
+                        pin_dir: opts.pin_dir.clone(),
+                        cgroup: opts.cgroup.clone(),
+                    })),
+                    started,
+                )
+            }
+            crate::config::DatapathChoice::Nftables => {
+                if cfg.localhost_node_ports {
+                    // NodePorts on 127.0.0.1 are DNATed off the host: the kernel must route loopback sources.
+                    std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1")
+                        .context("enabling net.ipv4.conf.all.route_localnet for localhostNodePorts")?;
+                }
+                (
+                    Backend::Nftables(ferry_nft::services::Renderer::default()),
+                    Started { datapath: "nftables", ..Default::default() },
+                )
+            }
+        };
+        let uplinks = crate::datapath::devices(settings)?
+            .into_iter()
+            .filter(|(_, role)| *role == ferry_bpf::DeviceRole::External)
+            .map(|(name, _)| name)
             .collect();
         let proxier = Proxier {
             cfg,
-            runtime,
-            maps,
-            programmer,
+            backend,
             last: None,
             problems: BTreeSet::new(),
             dirty: false,
@@ -72,7 +128,7 @@ impl Proxier {
             // Unknown after a restart: the first sync re-applies or removes it.
             nft_masquerade: Some(String::new()),
         };
-        Ok((proxier, installed))
+        Ok((proxier, started))
     }
 
     /// Brings the datapath to the Plan of `state`.
@@ -83,25 +139,49 @@ impl Proxier {
             (Some(last), false) => Some(Plan::diff(last, &plan)),
             _ => None,
         };
-        // Ids of deleted UDP services must be read before the sync releases them.
-        let deleted_udp: Vec<u32> = diff
-            .iter()
-            .flat_map(|d| d.removed.iter())
-            .filter(|sp| sp.id.protocol == Protocol::Udp)
-            .filter_map(|sp| self.programmer.service_id(&sp.id))
-            .collect();
-        let ops = self.programmer.sync(&plan, diff.as_ref(), &self.runtime);
-        let plan_time = t0.elapsed();
-        let t1 = Instant::now();
-        if let Err(e) = self.maps.apply(&ops) {
-            // The mirror already believes the ops happened; rebuild it from the kernel.
-            self.programmer = Programmer::adopt(&self.maps.dump());
-            self.dirty = true;
-            return Err(e).context("programming the datapath maps");
-        }
+        let mut sockets_destroyed = 0;
+        let (map_ops, plan_time, t1, stale_flows_deleted) = match &mut self.backend {
+            Backend::Bpf(b) => {
+                // Ids of deleted UDP services must be read before the sync releases them.
+                let deleted_udp: Vec<u32> = diff
+                    .iter()
+                    .flat_map(|d| d.removed.iter())
+                    .filter(|sp| sp.id.protocol == Protocol::Udp)
+                    .filter_map(|sp| b.programmer.service_id(&sp.id))
+                    .collect();
+                let ops = b.programmer.sync(&plan, diff.as_ref(), &b.runtime);
+                let plan_time = t0.elapsed();
+                let t1 = Instant::now();
+                if let Err(e) = b.maps.apply(&ops) {
+                    // The mirror already believes the ops happened; rebuild it from the kernel.
+                    b.programmer = Programmer::adopt(&b.maps.dump());
+                    self.dirty = true;
+                    return Err(e).context("programming the datapath maps");
+                }
+                let stale = b.purge_stale_flows(&plan, diff.as_ref(), &deleted_udp);
+                sockets_destroyed = b.destroy_stale_udp_sockets(&plan, diff.as_ref());
+                (ops.len(), plan_time, t1, stale)
+            }
+            Backend::Nftables(r) => {
+                let scripts = r.sync(&plan, diff.as_ref());
+                let plan_time = t0.elapsed();
+                let t1 = Instant::now();
+                let mut lines = 0;
+                for (family, script, table) in scripts {
+                    lines += script.lines().count();
+                    if let Err(e) = ferry_nft::nft::apply(ferry_nft::services::TABLE, &script) {
+                        // The kernel may hold anything now: replace the whole table next time.
+                        r.reset();
+                        self.dirty = true;
+                        return Err(e).context("programming the nftables datapath");
+                    }
+                    r.applied(family, table);
+                }
+                (lines, plan_time, t1, 0)
+            }
+        };
         self.dirty = false;
         self.sync_nft_masquerade(&plan)?;
-        let stale_flows_deleted = self.purge_stale_flows(&plan, diff.as_ref(), &deleted_udp);
         let apply_time = t1.elapsed();
         let now: BTreeSet<ObjectError> = plan.problems.iter().cloned().collect();
         let new_problems = now.difference(&self.problems).cloned().collect();
@@ -109,12 +189,13 @@ impl Proxier {
         self.problems = now;
         let report = SyncReport {
             service_ports: plan.services.len(),
-            map_ops: ops.len(),
+            map_ops,
             plan_time,
             apply_time,
             new_problems,
             fixed_problems,
             stale_flows_deleted,
+            udp_sockets_destroyed: sockets_destroyed,
         };
         self.last = Some(plan);
         Ok(report)
@@ -142,7 +223,95 @@ impl Proxier {
 
     /// NAT entries in use on the packet path (flows with a rewritten source).
     pub fn nat_entries(&self) -> usize {
-        self.maps.ct_entries().iter().filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0).count()
+        match &self.backend {
+            Backend::Bpf(b) => b.maps.ct_entries().iter().filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0).count(),
+            Backend::Nftables(_) => 0,
+        }
+    }
+
+    /// The Plan programmed by the last successful sync.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.last.as_ref()
+    }
+
+    /// Datapath counters (named like `ferry_bpf::stats::NAMES`; none for nftables).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        match &self.backend {
+            Backend::Bpf(b) => ferry_bpf::stats::NAMES.iter().copied().zip(b.maps.counters()).collect(),
+            Backend::Nftables(_) => Vec::new(),
+        }
+    }
+
+    /// Verifies the datapath against the last Plan and rewrites whatever
+    /// drifted (something deleted an entry, a partial apply). BPF: the maps
+    /// are re-read and compared; nftables: the tables are replaced whole, in
+    /// one transaction. Returns the number of corrections (or lines) applied.
+    pub fn resync(&mut self) -> anyhow::Result<usize> {
+        let Some(plan) = self.last.clone() else { return Ok(0) };
+        match &mut self.backend {
+            Backend::Bpf(b) => {
+                let mut fresh = Programmer::adopt(&b.maps.dump());
+                let ops = fresh.sync(&plan, None, &b.runtime);
+                b.maps.apply(&ops).context("correcting the datapath maps")?;
+                b.programmer = fresh;
+                self.dirty = false;
+                Ok(ops.len())
+            }
+            Backend::Nftables(r) => {
+                r.reset();
+                let mut lines = 0;
+                for (family, script, table) in r.sync(&plan, None) {
+                    lines += script.lines().count();
+                    ferry_nft::nft::apply(ferry_nft::services::TABLE, &script)
+                        .context("replacing the nftables datapath")?;
+                    r.applied(family, table);
+                }
+                Ok(lines)
+            }
+        }
+    }
+}
+
+impl BpfBackend {
+    /// Destroys connected UDP sockets that socket-LB pointed at a backend this
+    /// sync removed (see `ferry_bpf::sockdestroy`). The application gets
+    /// ECONNABORTED and reconnects to a live backend; with none left, its
+    /// reconnect is refused at once instead of sending into the void. A full
+    /// sync (start, resync) has no "before" and destroys nothing.
+    fn destroy_stale_udp_sockets(&self, plan: &Plan, diff: Option<&PlanDiff>) -> u64 {
+        let Some(d) = diff else { return 0 };
+        let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
+        let still_serving: std::collections::HashSet<std::net::SocketAddr> = plan
+            .services
+            .values()
+            .filter(|sp| udp(sp))
+            .flat_map(|sp| sp.serving_endpoints().map(|e| e.addr()))
+            .collect();
+        let mut gone: BTreeSet<std::net::SocketAddr> = BTreeSet::new();
+        for old in d.changed.iter().map(|c| &c.old).chain(d.removed.iter()).filter(|sp| udp(sp)) {
+            gone.extend(old.serving_endpoints().map(|e| e.addr()).filter(|a| !still_serving.contains(a)));
+        }
+        if gone.is_empty() {
+            return 0;
+        }
+        let gone: Vec<_> = gone.into_iter().collect();
+        match ferry_bpf::sockdestroy::destroy_udp_sockets(&self.pin_dir, &self.cgroup, &gone) {
+            Ok(r) => {
+                if r.destroyed > 0 {
+                    tracing::info!(
+                        destroyed = r.destroyed,
+                        namespaces = r.namespaces,
+                        backends = gone.len(),
+                        "destroyed connected UDP sockets of removed backends; their applications reconnect"
+                    );
+                }
+                r.destroyed
+            }
+            Err(e) => {
+                tracing::warn!("could not destroy UDP sockets of removed backends: {e}");
+                0
+            }
+        }
     }
 
     /// Deletes packet-path UDP flows whose backend is no longer serving (see
@@ -179,28 +348,5 @@ impl Proxier {
         }
         let stale = ferry_bpf::stale::stale_udp_flows(&self.maps.ct_entries(), &services);
         self.maps.delete_ct(&stale)
-    }
-
-    /// The Plan programmed by the last successful sync.
-    pub fn plan(&self) -> Option<&Plan> {
-        self.last.as_ref()
-    }
-
-    /// Datapath counters (named like `ferry_bpf::stats::NAMES`).
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        ferry_bpf::stats::NAMES.iter().copied().zip(self.maps.counters()).collect()
-    }
-
-    /// Verifies the kernel maps against the last Plan: re-reads them, and
-    /// rewrites whatever drifted (something deleted an entry, a partial
-    /// apply). Returns the number of corrections made.
-    pub fn resync(&mut self) -> anyhow::Result<usize> {
-        let Some(plan) = self.last.clone() else { return Ok(0) };
-        let mut fresh = Programmer::adopt(&self.maps.dump());
-        let ops = fresh.sync(&plan, None, &self.runtime);
-        self.maps.apply(&ops).context("correcting the datapath maps")?;
-        self.programmer = fresh;
-        self.dirty = false;
-        Ok(ops.len())
     }
 }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::connect::{ConnectOpts, DEFAULT_TIMEOUT, connect, connect_many, keep_open};
+use super::connect::{ConnectOpts, DEFAULT_TIMEOUT, connect, connect_many, keep_open, udp_stream};
 use super::serve::{DEFAULT_LIFETIME, ServeOpts, serve};
 use super::{Endpoint, Observation, ProbeError};
 
@@ -18,7 +18,7 @@ const USAGE: &str = "\
 usage:
   serve --name NAME [--echo-lines] [--ready-file PATH] [--lifetime SECS] ENDPOINT...
   connect ENDPOINT [--bind IP] [--source-port PORT] [--timeout SECS] [--connected] [--message TEXT]
-          [--count N | --keep-open SECS]
+          [--count N | --keep-open SECS | --udp-stream SECS]
 ENDPOINT is IP:PORT/tcp or IP:PORT/udp ([IPv6]:PORT/udp for IPv6).
 connect prints one JSON observation per attempt and exits 0 whenever it observed something.";
 
@@ -31,6 +31,9 @@ pub enum ConnectMode {
     Count(u32),
     /// One TCP connection, one exchange every 100 ms for this long (`--keep-open SECS`).
     KeepOpen(Duration),
+    /// One connected UDP socket (replaced when it fails), one datagram every 100 ms for this long
+    /// (`--udp-stream SECS`).
+    UdpStream(Duration),
 }
 
 /// Runs `serve ...` or `connect ...` (the words after the program name or after `ferry probe`) and
@@ -68,6 +71,7 @@ fn run_connect(opts: &ConnectOpts, mode: ConnectMode) -> Result<(), ProbeError> 
         ConnectMode::Once => print(&connect(opts)?).map_err(ProbeError::Output),
         ConnectMode::Count(n) => connect_many(opts, n, print),
         ConnectMode::KeepOpen(hold) => keep_open(opts, hold, print),
+        ConnectMode::UdpStream(hold) => udp_stream(opts, hold, print),
     }
 }
 
@@ -144,6 +148,7 @@ fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeErr
                 mode = ConnectMode::Count(n);
             }
             "--keep-open" => mode = ConnectMode::KeepOpen(parse_seconds(word, words.value(word)?)?),
+            "--udp-stream" => mode = ConnectMode::UdpStream(parse_seconds(word, words.value(word)?)?),
             flag if flag.starts_with("--") => return Err(ProbeError::Usage(format!("unknown connect flag {flag}"))),
             endpoint if target.is_none() => target = Some(endpoint.parse()?),
             extra => return Err(ProbeError::Usage(format!("connect takes one ENDPOINT; {extra:?} is a second"))),
@@ -200,6 +205,7 @@ impl ConnectOpts {
             ConnectMode::Once => {}
             ConnectMode::Count(n) => args.extend(["--count".into(), n.to_string()]),
             ConnectMode::KeepOpen(hold) => args.extend(["--keep-open".into(), hold.as_secs_f64().to_string()]),
+            ConnectMode::UdpStream(hold) => args.extend(["--udp-stream".into(), hold.as_secs_f64().to_string()]),
         }
         args
     }
@@ -231,7 +237,12 @@ mod tests {
         opts.bind = Some("fd00::1".parse().unwrap());
         opts.timeout = Duration::from_millis(250);
         opts.connected_udp = true;
-        for mode in [ConnectMode::Once, ConnectMode::Count(7), ConnectMode::KeepOpen(Duration::from_secs(2))] {
+        for mode in [
+            ConnectMode::Once,
+            ConnectMode::Count(7),
+            ConnectMode::KeepOpen(Duration::from_secs(2)),
+            ConnectMode::UdpStream(Duration::from_secs(3)),
+        ] {
             let args = opts.to_args(mode);
             assert_eq!(parse_connect(&args[1..]).unwrap(), (opts.clone(), mode));
         }

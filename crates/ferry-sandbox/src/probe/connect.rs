@@ -129,6 +129,66 @@ pub fn keep_open(
     Ok(())
 }
 
+/// A UDP client that keeps one connected socket and sends a line every
+/// [`KEEP_OPEN_INTERVAL`] for `hold`, reporting each exchange (a reply, or a
+/// timeout when none came within the interval). When the socket fails (e.g.
+/// ECONNABORTED because ferry destroyed it), the failure is reported and a new
+/// socket is connected, as a resolver would. Used to measure how long a UDP
+/// client is stuck when its backend is removed.
+pub fn udp_stream(
+    opts: &ConnectOpts,
+    hold: Duration,
+    mut report: impl FnMut(&Observation) -> io::Result<()>,
+) -> Result<(), ProbeError> {
+    opts.check()?;
+    if opts.target.proto != Proto::Udp {
+        return Err(ProbeError::Usage("--udp-stream needs a udp endpoint".into()));
+    }
+    let open = || -> Result<UdpSocket, Failure> {
+        let socket = bind_for_udp(new_socket(opts)?, opts)?;
+        socket.connect(opts.target.addr).map_err(failed(Stage::Connect, format!("connecting to {}", opts.target)))?;
+        socket.set_read_timeout(Some(KEEP_OPEN_INTERVAL)).map_err(failed(Stage::Connect, "SO_RCVTIMEO"))?;
+        Ok(socket)
+    };
+    let ticks = (hold.as_millis() / KEEP_OPEN_INTERVAL.as_millis()).max(1);
+    let start = Instant::now();
+    let mut socket: Option<UdpSocket> = None;
+    for i in 0..ticks {
+        let due = start + KEEP_OPEN_INTERVAL * i as u32;
+        thread::sleep(due.saturating_duration_since(Instant::now()));
+        let s = match socket.take().map(Ok).unwrap_or_else(&open) {
+            Ok(s) => s,
+            Err(failure) => {
+                report(&failure.observation()).map_err(ProbeError::Output)?;
+                continue;
+            }
+        };
+        let exchange = || -> Result<Observation, Failure> {
+            s.send(format!("{}\n", opts.message).as_bytes()).map_err(failed(Stage::Reply, "sending"))?;
+            let mut buf = [0u8; MAX_REPLY as usize];
+            let len = s.recv(&mut buf).map_err(failed(Stage::Reply, "waiting for the reply"))?;
+            let local = s.local_addr().map_err(failed(Stage::Reply, "getsockname"))?;
+            let peer = s.peer_addr().map_err(failed(Stage::Reply, "getpeername"))?;
+            Ok(to_observation(&String::from_utf8_lossy(&buf[..len]), local, peer))
+        };
+        match exchange() {
+            Ok(o) => {
+                report(&o).map_err(ProbeError::Output)?;
+                socket = Some(s);
+            }
+            Err(failure) => {
+                let o = failure.observation();
+                report(&o).map_err(ProbeError::Output)?;
+                // A timeout keeps the socket (the server may just be slow); any other error replaces it.
+                if matches!(o, Observation::Timeout { .. }) {
+                    socket = Some(s);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A step that failed, kept as the error and its context until it becomes an [`Observation`].
 struct Failure {
     error: io::Error,

@@ -115,7 +115,7 @@ impl Sandbox {
         let budget = match mode {
             ConnectMode::Once => opts.timeout,
             ConnectMode::Count(n) => opts.timeout.saturating_mul(n),
-            ConnectMode::KeepOpen(hold) => hold + opts.timeout.saturating_mul(2),
+            ConnectMode::KeepOpen(hold) | ConnectMode::UdpStream(hold) => hold + opts.timeout.saturating_mul(2),
         };
         let out = self.run_in_with_timeout(host, cgroup, &mut cmd, budget + CLIENT_SLACK)?;
         let failed = |detail: String| SandboxError::ProbeOutput {
