@@ -22,3 +22,10 @@ lint: deps
 test: lint build
 	$(CARGO) test --workspace --no-fail-fast
 	$(FERRY) conformance --cases acceptance/kube-proxy-flows.json --datapath model
+
+# The socket-LB benchmark (bench/README.md): latency, programming time and
+# memory at 1k, 10k and 100k services. Needs root; not part of `make test`.
+.PHONY: bench
+bench: deps
+	$(CARGO) build --release -p ferry -p ferry-bench --bins
+	target/release/socket_lb

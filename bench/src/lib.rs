@@ -1,0 +1,23 @@
+//! ferry's benchmarks. The `socket_lb` binary (src/bin/socket_lb.rs) measures
+//! eBPF socket-level load balancing at 1k, 10k and 100k services:
+//!
+//! ```text
+//! cluster     synthetic Services + EndpointSlices (JSON List manifests, ClusterState)
+//! latency     (a) connect+request+reply latency: ClusterIP vs. the pod IP (the floor), in the lab
+//! programming (b) build_plan / Programmer::sync / Maps::apply on a real pinned datapath
+//! agent       (c) a real `ferry run` agent: RSS, first sync, one-change resync, BPF map memory
+//! heap        a counting allocator, for what the model and programmer keep in memory
+//! conn        the client and echo server re-executed inside the lab's pods
+//! ```
+//!
+//! Benchmarks are not tests: nothing here is `#[test]`, and `make test` never runs it.
+
+pub mod agent;
+pub mod cluster;
+pub mod conn;
+pub mod heap;
+pub mod latency;
+pub mod machine;
+pub mod programming;
+pub mod report;
+pub mod stats;
