@@ -54,6 +54,13 @@ enum Command {
     Status(cli::status::StatusArgs),
     /// Remove everything ferry attached or pinned (and nothing else).
     Cleanup(cli::cleanup::CleanupArgs),
+    /// A live tour in a sandbox of network namespaces (what `make demo` runs; needs root).
+    ///
+    /// Builds a node with a client pod and three backend pods, starts a real
+    /// agent, spreads connections to a ClusterIP and a NodePort over the
+    /// backends, removes one backend and shows traffic moving, explains a
+    /// flow, and removes everything it created.
+    Demo(cli::demo::DemoArgs),
     /// Traffic probe used by the sandbox (serve / connect).
     #[command(hide = true)]
     Probe {
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => cli::agent::run(args),
         Command::Status(args) => cli::status::run(args),
         Command::Cleanup(args) => cli::cleanup::run(args),
+        Command::Demo(args) => cli::demo::run(args),
         Command::Probe { args } => cli::probe::run(args),
     };
     match result {

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cleanup;
 pub mod conformance;
+pub mod demo;
 pub mod explain;
 pub mod probe;
 pub mod run;
