@@ -1,4 +1,7 @@
-//! `ferry cleanup`: remove everything ferry attached or pinned, and nothing else.
+//! `ferry cleanup`: remove everything ferry attached or pinned, and nothing
+//! else: the pinned eBPF datapath, and the nftables tables ferry owns (the
+//! nftables datapath's `ip ferry` / `ip6 ferry`, the masquerade fallback's
+//! `inet ferry-masq`) in this network namespace.
 
 use clap::Args;
 use std::path::PathBuf;
@@ -30,6 +33,20 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             removed.maps.len(),
             args.pin_dir.display()
         );
+    }
+    let mut tables = Vec::new();
+    for (family, name) in [
+        ("ip", ferry_nft::services::TABLE),
+        ("ip6", ferry_nft::services::TABLE),
+        ("inet", ferry_nft::masquerade::TABLE),
+    ] {
+        if ferry_nft::nft::table_exists(family, name) {
+            ferry_nft::nft::delete_table(family, name)?;
+            tables.push(format!("{family} {name}"));
+        }
+    }
+    if !tables.is_empty() {
+        println!("deleted nftables table(s) {}", tables.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }

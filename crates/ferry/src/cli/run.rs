@@ -64,15 +64,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let opts = crate::datapath::install_options(&settings, args.pin_dir.clone(), args.cgroup.clone())?;
     let (mut proxier, installed) = Proxier::start(&settings, &opts)?;
     let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
-    tracing::info!(
-        pin_dir = %opts.pin_dir.display(),
-        cgroup = %opts.cgroup.display(),
-        devices = %devices.join(","),
-        adopted = installed.adopted,
-        links_updated = installed.links_updated,
-        links_attached = installed.links_attached,
-        "datapath installed"
-    );
+    if installed.datapath == "nftables" {
+        tracing::info!(
+            "nftables datapath: tables ip/ip6 {} are replaced by the first sync",
+            ferry_nft::services::TABLE
+        );
+    } else {
+        tracing::info!(
+            pin_dir = %opts.pin_dir.display(),
+            cgroup = %opts.cgroup.display(),
+            devices = %devices.join(","),
+            adopted = installed.adopted,
+            links_updated = installed.links_updated,
+            links_attached = installed.links_attached,
+            "datapath installed"
+        );
+    }
 
     log_masquerade(&settings.node);
     let stop = Arc::new(AtomicBool::new(false));
