@@ -353,6 +353,10 @@ fn nothing_is_programmed_before_sync_then_changes_follow() {
         assert!(v > 0.0, "{series} is {v}:\n{m}");
     }
     assert!(sample(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_pending").is_some(), "{m}");
+    // The NAT engine's figures (issue #5): present even when zero.
+    for series in ["ferry_nat_entries", "ferry_nat_allocation_retries_total", "ferry_nat_allocation_failures_total"] {
+        assert!(sample(&m, series).is_some(), "{series} missing from /metrics:\n{m}");
+    }
 
     // The Service goes away: its VIP is no longer load-balanced.
     api.delete::<Service>("demo", "web");

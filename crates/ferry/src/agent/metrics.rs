@@ -59,6 +59,8 @@ pub struct DatapathView {
     /// Opened once the datapath is installed.
     pub maps: Mutex<Option<ferry_bpf::Maps>>,
     pub fill: Mutex<Vec<MapFill>>,
+    /// Flows with a rewritten source (NAT ports in use), counted with `fill`.
+    pub nat_entries: Mutex<Option<u64>>,
 }
 
 impl std::fmt::Debug for DatapathView {
@@ -80,10 +82,33 @@ impl Collector for DatapathView {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for (name, value) in counters {
-                let labels = [("name", name)];
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            for (name, value) in &counters {
+                let labels = [("name", *name)];
+                ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
             }
+            // The NAT engine's figures under their own names, for alerting without label filters.
+            for (metric, counter, help) in [
+                ("ferry_nat_allocation_retries", "nat_retry", "SNAT source-port allocations that collided and retried"),
+                (
+                    "ferry_nat_allocation_failures",
+                    "drop_nat_exhausted",
+                    "SNAT source-port allocations that found no free port (the packet was dropped)",
+                ),
+            ] {
+                let value = counters.iter().find(|(n, _)| *n == counter).map_or(0, |(_, v)| *v);
+                let encoder =
+                    encoder.encode_descriptor(metric, help, None, prometheus_client::metrics::MetricType::Counter)?;
+                ConstCounter::new(value).encode(encoder)?;
+            }
+        }
+        if let Some(n) = *self.nat_entries.lock().unwrap_or_else(|p| p.into_inner()) {
+            let encoder = encoder.encode_descriptor(
+                "ferry_nat_entries",
+                "Connection-tracking entries of flows whose source was rewritten (NAT ports in use), counted at the last periodic resync",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(n as i64).encode(encoder)?;
         }
         let fill = self.fill.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if !fill.is_empty() {

@@ -124,6 +124,7 @@ impl Worker {
         if job.due == Due::Resync || installed.is_some() {
             let fill = map_fill(pin_dir);
             *self.view.fill.lock().unwrap_or_else(|p| p.into_inner()) = fill;
+            *self.view.nat_entries.lock().unwrap_or_else(|p| p.into_inner()) = Some(proxier.nat_entries() as u64);
         }
         let plan = proxier.plan();
         Ok(Synced {
