@@ -221,12 +221,29 @@ impl Proxier {
         Ok(())
     }
 
-    /// NAT entries in use on the packet path (flows with a rewritten source).
+    /// NAT entries in use on the packet path (live flows with a rewritten source).
     pub fn nat_entries(&self) -> usize {
+        let now = monotonic_ns();
         match &self.backend {
-            Backend::Bpf(b) => b.maps.ct_entries().iter().filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0).count(),
+            Backend::Bpf(b) => b
+                .maps
+                .ct_entries()
+                .iter()
+                .filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0 && e.expires_ns >= now)
+                .count(),
             Backend::Nftables(_) => 0,
         }
+    }
+
+    /// Deletes expired entries of the packet path's connection tracking.
+    /// The datapath removes an expired entry when a packet meets it, and the
+    /// map is an LRU, so this is housekeeping: it frees NAT ports and keeps
+    /// fill levels and `ferry_nat_entries` honest. Run with the periodic resync.
+    pub fn collect_expired_flows(&self) -> usize {
+        let Backend::Bpf(b) = &self.backend else { return 0 };
+        let now = monotonic_ns();
+        let expired: Vec<_> = b.maps.ct_entries().into_iter().filter(|e| e.expires_ns < now).collect();
+        b.maps.delete_ct(&expired)
     }
 
     /// The Plan programmed by the last successful sync.
@@ -270,6 +287,15 @@ impl Proxier {
             }
         }
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which
+/// the datapath's conntrack deadlines use.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl BpfBackend {

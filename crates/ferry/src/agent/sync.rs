@@ -119,7 +119,13 @@ impl Worker {
             // A fresh Proxier has no Plan yet: a resync is a full sync for it.
             Due::Sync => (Some(proxier.sync(&job.state)?), 0),
             Due::Resync if installed.is_some() => (Some(proxier.sync(&job.state)?), 0),
-            Due::Resync => (None, proxier.resync()?),
+            Due::Resync => {
+                let expired = proxier.collect_expired_flows();
+                if expired > 0 {
+                    tracing::debug!(expired, "removed expired connection-tracking entries");
+                }
+                (None, proxier.resync()?)
+            }
         };
         if job.due == Due::Resync || installed.is_some() {
             let fill = map_fill(pin_dir);

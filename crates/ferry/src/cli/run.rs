@@ -89,7 +89,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut health_checks = crate::health::ServiceHealthServer::standalone().context("starting health checks")?;
     let mut seen = None;
     let mut ready = false;
+    let mut last_gc = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if last_gc.elapsed() >= GC_PERIOD {
+            last_gc = std::time::Instant::now();
+            proxier.collect_expired_flows();
+        }
         let now = fingerprint(&args.manifests);
         if seen.as_ref() != Some(&now) {
             seen = Some(now);
@@ -129,6 +134,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     tracing::info!("stopping; the datapath stays installed and keeps serving (`ferry cleanup` removes it)");
     Ok(ExitCode::SUCCESS)
 }
+
+/// How often expired connection-tracking entries are collected (the agent does it every syncPeriod).
+const GC_PERIOD: Duration = Duration::from_secs(30);
 
 /// Masquerading must never be a surprise: say at start exactly what is in force.
 pub fn log_masquerade(node: &ferry_model::NodeConfig) {
