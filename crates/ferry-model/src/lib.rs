@@ -24,6 +24,7 @@ pub mod problem;
 pub mod protocol;
 pub mod route;
 pub mod service;
+pub mod stale;
 pub mod state;
 pub mod topology;
 
