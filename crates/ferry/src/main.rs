@@ -31,6 +31,9 @@ enum Command {
     /// Reads a case file in the acceptance format (acceptance/README.md), runs
     /// every flow on the chosen datapath, prints one line per failing flow and
     /// ends with "N passed, M failed". Exits 0 only if every flow passed.
+    /// With --conntrack-cases, runs the kernel conntrack reconciler on the
+    /// conntrack cleanup cases instead, counting one check per entry and one
+    /// per case for its deleted count.
     Conformance(cli::conformance::ConformanceArgs),
     /// Run the standalone agent: serve a directory of manifests on this node.
     ///

@@ -1,9 +1,9 @@
 //! `ferry conformance`: run acceptance case files against a datapath.
 
 use crate::conformance::kernel::KernelRunner;
-use crate::conformance::{FlowOutcome, Tally, model};
+use crate::conformance::{FlowOutcome, Tally, conntrack, model};
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::{ArgGroup, Args, ValueEnum};
 use ferry_model::acceptance::{CaseFile, ParsedFlow};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,10 +20,20 @@ pub enum DatapathKind {
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("case_file").required(true).args(["cases", "conntrack_cases"])))]
 pub struct ConformanceArgs {
     /// Flow case file (format: acceptance/README.md), e.g. acceptance/kube-proxy-flows.json.
     #[arg(long, value_name = "FILE")]
-    pub cases: PathBuf,
+    pub cases: Option<PathBuf>,
+    /// Conntrack cleanup case file (acceptance/conntrack-cleanup-cases.json): each case's
+    /// entries are created in a fresh network namespace and the kernel conntrack
+    /// reconciler runs on them (needs root and conntrack-tools). --datapath does not apply.
+    #[arg(long, value_name = "FILE")]
+    pub conntrack_cases: Option<PathBuf>,
+    /// With --conntrack-cases: entries per group of the scale case's generator
+    /// (1000000 is the full size; 0 leaves the case out, reported as not run).
+    #[arg(long, value_name = "N", default_value_t = conntrack::DEFAULT_SCALE, conflicts_with = "cases")]
+    pub scale: u64,
     /// Which datapath answers the flows.
     #[arg(long, value_enum, default_value_t = DatapathKind::Model)]
     pub datapath: DatapathKind,
@@ -36,9 +46,14 @@ pub struct ConformanceArgs {
 }
 
 pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.cases).with_context(|| format!("reading {}", args.cases.display()))?;
+    if let Some(path) = &args.conntrack_cases {
+        let opts = conntrack::Options { only: args.only.clone(), scale: args.scale, verbose: args.verbose };
+        return conntrack::run_file(path, &opts);
+    }
+    let cases = args.cases.as_ref().context("--cases or --conntrack-cases is required")?;
+    let text = std::fs::read_to_string(cases).with_context(|| format!("reading {}", cases.display()))?;
     let file: CaseFile = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a flow case file (see acceptance/README.md)", args.cases.display()))?;
+        .with_context(|| format!("{} is not a flow case file (see acceptance/README.md)", cases.display()))?;
     let runner = KernelRunner {
         ferry: std::env::current_exe().context("locating the ferry binary")?,
         datapath: if args.datapath == DatapathKind::Nftables { "nftables" } else { "bpf" },

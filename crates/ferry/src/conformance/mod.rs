@@ -3,8 +3,10 @@
 //! Every datapath answers each flow with an `Observed` outcome that is
 //! compared with the case's expectation: the pure model (`model`), or the real
 //! kernel datapath in a lab of network namespaces (`kernel`). "Not covered" is
-//! reported separately and never counted as passed.
+//! reported separately and never counted as passed. The conntrack cleanup
+//! cases run the kernel conntrack reconciler instead (`conntrack`).
 
+pub mod conntrack;
 pub mod kernel;
 pub mod model;
 
