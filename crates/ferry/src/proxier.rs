@@ -31,6 +31,9 @@ pub struct SyncReport {
     pub stale_flows_deleted: usize,
     /// Connected UDP sockets destroyed because socket-LB had pointed them at a removed backend.
     pub udp_sockets_destroyed: u64,
+    /// The kernel conntrack reconciler's run (stale UDP flows deleted per
+    /// family); `None` when this sync touched no UDP service port.
+    pub conntrack: Option<ferry_conntrack::ReconcileReport>,
 }
 
 /// The eBPF datapath's state.
@@ -183,6 +186,7 @@ impl Proxier {
         self.dirty = false;
         self.sync_nft_masquerade(&plan)?;
         let apply_time = t1.elapsed();
+        let conntrack = reconcile_kernel_conntrack(&plan, self.last.as_ref(), diff.as_ref());
         let now: BTreeSet<ObjectError> = plan.problems.iter().cloned().collect();
         let new_problems = now.difference(&self.problems).cloned().collect();
         let fixed_problems = self.problems.difference(&now).count();
@@ -196,6 +200,7 @@ impl Proxier {
             fixed_problems,
             stale_flows_deleted,
             udp_sockets_destroyed: sockets_destroyed,
+            conntrack,
         };
         self.last = Some(plan);
         Ok(report)
@@ -375,4 +380,60 @@ impl BpfBackend {
         let stale = ferry_bpf::stale::stale_udp_flows(&self.maps.ct_entries(), &services);
         self.maps.delete_ct(&stale)
     }
+}
+
+/// Deletes the kernel conntrack entries of UDP flows whose backend no longer
+/// serves (kube-proxy's conntrack reconciler, rule in `ferry_model::stale`),
+/// after a sync that touched a UDP service port, before or after the change (a
+/// full sync: any UDP service port). Both datapaths need it: with bpf, traffic
+/// that takes the normal stack (host network, NodePorts handled by netfilter)
+/// still leaves entries in the kernel's table. Failures are logged, not fatal:
+/// the next UDP change runs it again.
+fn reconcile_kernel_conntrack(
+    plan: &Plan,
+    last: Option<&Plan>,
+    diff: Option<&PlanDiff>,
+) -> Option<ferry_conntrack::ReconcileReport> {
+    let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
+    let touched = match diff {
+        Some(d) => {
+            d.added.iter().chain(&d.removed).any(|sp| udp(sp)) || d.changed.iter().any(|c| udp(&c.old) || udp(&c.new))
+        }
+        None => plan.services.values().chain(last.iter().flat_map(|l| l.services.values())).any(|sp| udp(sp)),
+    };
+    if !touched {
+        return None;
+    }
+    let index = ferry_model::stale::StaleFlowIndex::from_plan(plan);
+    // A family without a UDP service port that has endpoints has nothing stale: its table is not listed.
+    let families: Vec<_> = plan.node.families.iter().copied().filter(|f| index.has_family(*f)).collect();
+    if families.is_empty() {
+        return Some(ferry_conntrack::ReconcileReport::default());
+    }
+    let report = match ferry_conntrack::Conntrack::open() {
+        Ok(mut ct) => ct.reconcile(&index, &families),
+        Err(e) => {
+            tracing::warn!("conntrack reconciler: {e}; stale UDP flows stay until they time out");
+            return None;
+        }
+    };
+    for f in &report.families {
+        let family = f.family.as_k8s();
+        let ms = f.duration.as_secs_f64() * 1e3;
+        if let Some(e) = &f.error {
+            tracing::warn!(family, listed = f.listed, deleted = f.deleted, "conntrack reconciler: {e}");
+        } else if f.deleted > 0 || f.partial {
+            tracing::info!(
+                family,
+                listed = f.listed,
+                deleted = f.deleted,
+                partial = f.partial,
+                ms,
+                "deleted stale UDP conntrack entries"
+            );
+        } else {
+            tracing::debug!(family, listed = f.listed, ms, "no stale UDP conntrack entries");
+        }
+    }
+    Some(report)
 }

@@ -8,7 +8,9 @@
 //! `kubeproxy_network_programming_duration_seconds`,
 //! `kubeproxy_sync_proxy_rules_{endpoint,service}_changes_{pending,total}`,
 //! `kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family,traffic_policy}`,
-//! `kubeproxy_proxy_{healthz,livez}_total{code}`.
+//! `kubeproxy_proxy_{healthz,livez}_total{code}`,
+//! `kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family}`,
+//! `kubeproxy_conntrack_reconciler_sync_duration_seconds{ip_family}`.
 //!
 //! ferry's: `ferry_datapath_counter_total{name}` (every datapath counter, drops
 //! by reason among them, read from the kernel at scrape time),
@@ -32,6 +34,12 @@ pub struct NoLocalLabels {
     pub ip_family: String,
     /// `internal` (internalTrafficPolicy: Local) or `external` (externalTrafficPolicy: Local).
     pub traffic_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    /// `IPv4` or `IPv6`.
+    pub ip_family: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -155,6 +163,8 @@ pub struct Metrics {
     pub sync_failures: Counter,
     pub resync_corrections: Counter,
     pub watch_errors: Family<KindLabels, Counter>,
+    pub conntrack_deleted: Family<FamilyLabels, Counter>,
+    pub conntrack_duration: Family<FamilyLabels, Histogram>,
     pub datapath: Arc<DatapathView>,
 }
 
@@ -187,6 +197,9 @@ impl Metrics {
             sync_failures: Counter::default(),
             resync_corrections: Counter::default(),
             watch_errors: Family::default(),
+            conntrack_deleted: Family::default(),
+            // kube-proxy's buckets (1 ms to 16 s).
+            conntrack_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15))),
             datapath: Arc::new(DatapathView::default()),
         };
         let r = &mut registry;
@@ -263,6 +276,16 @@ impl Metrics {
             "Failed lists and watches of the Kubernetes API, by kind (retried with backoff)",
             m.watch_errors.clone(),
         );
+        r.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            m.conntrack_deleted.clone(),
+        );
+        r.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            m.conntrack_duration.clone(),
+        );
         r.register_collector(Box::new(m.datapath.clone()));
         Arc::new(Metrics { registry, ..m })
     }
@@ -273,6 +296,15 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Records a conntrack reconciler run: entries deleted and time taken, per family it listed.
+    pub fn record_conntrack(&self, report: &ferry_conntrack::ReconcileReport) {
+        for f in &report.families {
+            let labels = FamilyLabels { ip_family: f.family.as_k8s().into() };
+            self.conntrack_deleted.get_or_create(&labels).inc_by(f.deleted as u64);
+            self.conntrack_duration.get_or_create(&labels).observe(f.duration.as_secs_f64());
+        }
     }
 
     /// Records the Services whose Local policies find no local endpoint.
@@ -327,6 +359,19 @@ mod tests {
         m.endpoint_changes_total.inc();
         m.healthz_total.get_or_create(&CodeLabels { code: "200".into() }).inc();
         m.set_no_local_endpoints(&[(NoLocalLabels { ip_family: "IPv4".into(), traffic_policy: "external".into() }, 2)]);
+        m.record_conntrack(&ferry_conntrack::ReconcileReport {
+            families: vec![ferry_conntrack::FamilyReconcile {
+                family: ferry_model::IpFamily::V4,
+                listed: 30,
+                stale: 14,
+                deleted: 14,
+                already_gone: 0,
+                failed: 0,
+                duration: std::time::Duration::from_millis(3),
+                partial: false,
+                error: None,
+            }],
+        });
         let text = m.render();
         for name in [
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"}",
@@ -339,6 +384,9 @@ mod tests {
             "kubeproxy_sync_proxy_rules_service_changes_total 0",
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"} 2",
             "kubeproxy_proxy_healthz_total{code=\"200\"} 1",
+            "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"IPv4\"} 14",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_bucket{le=\"0.004\",ip_family=\"IPv4\"} 1",
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count{ip_family=\"IPv4\"} 1",
             "ferry_map_operations_total 0",
             "ferry_service_ports 0",
         ] {

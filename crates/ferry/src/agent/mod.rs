@@ -341,6 +341,9 @@ impl Loop<'_> {
             }
             self.metrics.sync_duration.observe(finished.elapsed.as_secs_f64());
             self.metrics.map_operations.inc_by(r.map_ops as u64);
+            if let Some(ct) = &r.conntrack {
+                self.metrics.record_conntrack(ct);
+            }
             for trigger in &batch.triggers {
                 if let Ok(latency) = wall.duration_since(*trigger) {
                     self.metrics.network_programming.observe(latency.as_secs_f64());
@@ -352,6 +355,7 @@ impl Loop<'_> {
                 plan_ms = r.plan_time.as_secs_f64() * 1e3,
                 apply_ms = r.apply_time.as_secs_f64() * 1e3,
                 fixed_problems = r.fixed_problems,
+                conntrack_deleted = r.conntrack.as_ref().map_or(0, |c| c.deleted()),
                 "synced"
             );
         }

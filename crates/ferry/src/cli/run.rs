@@ -111,6 +111,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                         apply_ms = r.apply_time.as_secs_f64() * 1e3,
                         fixed_problems = r.fixed_problems,
                         stale_flows_deleted = r.stale_flows_deleted,
+                        conntrack_deleted = r.conntrack.as_ref().map_or(0, |c| c.deleted()),
                         "synced"
                     );
                 }
