@@ -17,11 +17,16 @@
 //! crate does it well: `conntrack` only dumps, `nlink` does it all but is very
 //! large and slow to build, and netlink-packet-netfilter has the message types
 //! but no filter, zone or id support and allocates per attribute when
-//! parsing (see `../../shared/reference/rust-stack.md` §5). Requests are
+//! parsing (see `shared/reference/rust-stack.md` §5). Requests are
 //! built with netlink-packet-netfilter; replies are read zero-copy.
 //!
-//! A socket works on the conntrack table of the network namespace it was
-//! created in ([`Conntrack::open_in_netns`] for another namespace).
+//! Conntrack tables are per network namespace, and a socket works on the
+//! table of the namespace its creating thread was in, for its whole life. So
+//! [`Conntrack::open`] from a thread that has `setns()`d into a namespace gets
+//! that namespace's table, and [`Conntrack::open_in_netns`] does exactly that
+//! in a short-lived helper thread, leaving the caller's threads where they are.
+//! The agent opens its socket in the node's namespace; tests and benchmarks in
+//! namespaces of their own.
 
 mod entry;
 mod error;
