@@ -23,9 +23,16 @@ test: lint build
 	$(CARGO) test --workspace --no-fail-fast
 	$(FERRY) conformance --cases acceptance/kube-proxy-flows.json --datapath model
 
-# The socket-LB benchmark (bench/README.md): latency, programming time and
-# memory at 1k, 10k and 100k services. Needs root; not part of `make test`.
-.PHONY: bench
-bench: deps
+# The benchmarks (bench/README.md). Need root; not part of `make test`.
+# socket_lb: socket-LB latency, programming time and memory at 1k, 10k and 100k
+# services. nodeport: NodePort latency and rates on the BPF and nftables datapaths.
+.PHONY: bench bench-build bench-nodeport
+bench-build: deps
 	$(CARGO) build --release -p ferry -p ferry-bench --bins
+
+bench: bench-build
 	target/release/socket_lb
+	target/release/nodeport
+
+bench-nodeport: bench-build
+	target/release/nodeport

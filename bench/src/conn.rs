@@ -1,16 +1,23 @@
-//! The two ends of the latency benchmark, run inside the lab's pods by
-//! re-executing the bench binary (`socket_lb client ...`, `socket_lb serve ...`).
+//! The two ends of the latency benchmarks, run inside the lab's pods and
+//! hosts by re-executing the bench binary (`socket_lb client ...`,
+//! `nodeport serve ...`).
 //!
 //! The client times, for each connection on a fresh TCP socket: `socket()`,
 //! `connect()`, a one-line request and the one-line reply. It then closes
 //! with `SO_LINGER {on, 0}`, which sends a RST: neither end keeps a
 //! TIME_WAIT socket, so the ephemeral port range never runs out however many
 //! connections are made. The server (one connection at a time) reads the
-//! request, writes `pong <name>\n` and closes.
+//! request, writes `pong <name>\n` (with `tell_peer`: `pong <name> <peer
+//! address>\n`) and closes.
+//!
+//! A *held* connection starts with the request `keep`: the server answers it
+//! and every later line on that connection, in a thread of its own, until the
+//! client closes. The held client ([`run_held`]) times each request/reply on
+//! one such connection per arm.
 //!
 //! Several *arms* (e.g. ClusterIP and direct pod IP) are interleaved
-//! connection by connection, so a slow second of the machine hits every arm
-//! alike.
+//! connection by connection (request by request on held connections), so a
+//! slow second of the machine hits every arm alike.
 
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -58,7 +65,8 @@ pub struct ArmSamples {
     pub cycle_ns_total: u64,
     pub errors: u64,
     pub first_error: Option<String>,
-    /// Replies per answering server (`pong <name>`).
+    /// Replies per answering server (`pong <name>`; with a server that tells
+    /// the peer it saw: `<name> <peer address>`).
     pub servers: BTreeMap<String, u64>,
 }
 
@@ -105,9 +113,12 @@ fn one(target: SocketAddr, buf: &mut [u8]) -> std::io::Result<(u64, u64, String)
     let latency = t0.elapsed();
     drop(s);
     let cycle = t0.elapsed();
-    let line = String::from_utf8_lossy(&buf[..n]);
-    let server = line.trim().strip_prefix("pong ").unwrap_or("?").to_string();
-    Ok((latency.as_nanos() as u64, cycle.as_nanos() as u64, server))
+    Ok((latency.as_nanos() as u64, cycle.as_nanos() as u64, server_of(&buf[..n])))
+}
+
+/// The server named in a reply line (`pong <name>[ <peer>]` -> `<name>[ <peer>]`).
+fn server_of(line: &[u8]) -> String {
+    String::from_utf8_lossy(line).trim().strip_prefix("pong ").unwrap_or("?").to_string()
 }
 
 /// Pins the calling process to one CPU (`None`: leave it where the scheduler puts it).
@@ -175,11 +186,86 @@ pub fn run_client(arms: &[Arm], count: usize, warmup: usize) -> Vec<ArmSamples> 
     out
 }
 
-/// Serves `pong <name>` on `listen` until `lifetime` has passed, one connection at a time.
+/// One held connection per arm (each to its arm's first target), then
+/// `warmup + count` request/reply exchanges per arm, interleaved (arm 0, arm 1,
+/// ..., arm 0, ...), the first `warmup` unrecorded. `latency_ns` holds each
+/// exchange (write `ping` -> reply read), `cycle_ns_total` their sum. A failed
+/// exchange ends that arm's connection: its remaining requests are not made.
+pub fn run_held(arms: &[Arm], count: usize, warmup: usize) -> Vec<ArmSamples> {
+    let mut out: Vec<ArmSamples> = arms
+        .iter()
+        .map(|a| ArmSamples { name: a.name.clone(), latency_ns: Vec::with_capacity(count), ..Default::default() })
+        .collect();
+    let mut buf = [0u8; 256];
+    let mut conns: Vec<Option<Socket>> = Vec::new();
+    for (arm, rec) in arms.iter().zip(out.iter_mut()) {
+        let target = arm.targets[0];
+        let opened = (|| -> std::io::Result<Socket> {
+            let mut s = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_tcp_nodelay(true)?;
+            s.set_linger(Some(Duration::ZERO))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.connect(&target.into())?;
+            s.write_all(b"keep\n")?;
+            read_line(&mut s, &mut buf)?;
+            Ok(s)
+        })();
+        match opened {
+            Ok(s) => conns.push(Some(s)),
+            Err(e) => {
+                rec.errors += 1;
+                rec.first_error = Some(format!("{target}: opening the held connection: {e}"));
+                conns.push(None);
+            }
+        }
+    }
+    for round in 0..warmup + count {
+        for (a, slot) in conns.iter_mut().enumerate() {
+            let Some(s) = slot else { continue };
+            let t0 = Instant::now();
+            let result = s.write_all(b"ping\n").and_then(|()| read_line(s, &mut buf));
+            let rtt = t0.elapsed().as_nanos() as u64;
+            let rec = &mut out[a];
+            match result {
+                Ok(n) if round >= warmup => {
+                    rec.latency_ns.push(rtt);
+                    rec.cycle_ns_total += rtt;
+                    *rec.servers.entry(server_of(&buf[..n])).or_default() += 1;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    rec.errors += 1;
+                    rec.first_error.get_or_insert_with(|| format!("{}: request {round}: {e}", arms[a].targets[0]));
+                    *slot = None;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Answers every line of a held connection until the client closes it.
+fn answer_held(mut conn: Socket, reply: String) {
+    let _ = conn.set_tcp_nodelay(true);
+    // A held connection may sit idle between client runs' phases; it ends when the client closes.
+    let _ = conn.set_read_timeout(None);
+    let mut buf = [0u8; 256];
+    while conn.write_all(reply.as_bytes()).is_ok() {
+        if read_line(&mut conn, &mut buf).is_err() {
+            break;
+        }
+    }
+}
+
+/// Serves `pong <name>` (`tell_peer`: `pong <name> <peer address>`) on
+/// `listen` until `lifetime` has passed, one connection at a time; a held
+/// connection (first line `keep`) is answered in a thread of its own.
 /// Creates `ready` (if given) once listening.
 pub fn serve(
     listen: SocketAddr,
     name: &str,
+    tell_peer: bool,
     lifetime: Duration,
     ready: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
@@ -192,12 +278,12 @@ pub fn serve(
     if let Some(f) = ready {
         std::fs::write(f, b"ready\n")?;
     }
-    let reply = format!("pong {name}\n");
+    let fixed_reply = format!("pong {name}\n");
     let deadline = Instant::now() + lifetime;
     let mut buf = [0u8; 256];
     while Instant::now() < deadline {
-        let mut conn = match sock.accept() {
-            Ok((c, _)) => c,
+        let (mut conn, peer) = match sock.accept() {
+            Ok(c) => c,
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
             Err(e) => {
                 eprintln!("serve {name}: accept: {e}");
@@ -205,9 +291,25 @@ pub fn serve(
                 continue;
             }
         };
+        let told;
+        let reply = match peer.as_socket() {
+            Some(p) if tell_peer => {
+                told = format!("pong {name} {}\n", p.ip());
+                &told
+            }
+            _ => &fixed_reply,
+        };
         let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
-        if read_line(&mut conn, &mut buf).is_ok() {
-            let _ = conn.write_all(reply.as_bytes());
+        match read_line(&mut conn, &mut buf) {
+            Ok(n) if buf[..n].starts_with(b"keep") => {
+                let reply = reply.clone();
+                std::thread::spawn(move || answer_held(conn, reply));
+                continue;
+            }
+            Ok(_) => {
+                let _ = conn.write_all(reply.as_bytes());
+            }
+            Err(_) => {}
         }
         // Closing now sends a FIN; the client's RST then ends the connection
         // in FIN_WAIT, so this end keeps no TIME_WAIT socket either.

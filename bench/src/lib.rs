@@ -1,4 +1,6 @@
-//! ferry's benchmarks. The `socket_lb` binary (src/bin/socket_lb.rs) measures
+//! ferry's benchmarks. The `nodeport` binary (src/bin/nodeport.rs) measures
+//! the per-packet datapaths (BPF and nftables) on NodePorts in a two-node lab
+//! (module `nodeport`). The `socket_lb` binary (src/bin/socket_lb.rs) measures
 //! eBPF socket-level load balancing at 1k, 10k and 100k services:
 //!
 //! ```text
@@ -18,6 +20,7 @@ pub mod conn;
 pub mod heap;
 pub mod latency;
 pub mod machine;
+pub mod nodeport;
 pub mod programming;
 pub mod report;
 pub mod stats;

@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Cmd::Serve { listen, name, ready, lifetime_s, cpu }) => {
             conn::pin_to_cpu(cpu)?;
-            conn::serve(listen, &name, Duration::from_secs(lifetime_s), ready.as_deref())
+            conn::serve(listen, &name, false, Duration::from_secs(lifetime_s), ready.as_deref())
         }
         None => run(cli.run),
     }
