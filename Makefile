@@ -26,13 +26,19 @@ test: lint build
 # The benchmarks (bench/README.md). Need root; not part of `make test`.
 # socket_lb: socket-LB latency, programming time and memory at 1k, 10k and 100k
 # services. nodeport: NodePort latency and rates on the BPF and nftables datapaths.
-.PHONY: bench bench-build bench-nodeport
+# reconcile: the conntrack reconciler at 100k and 1M entries against the conntrack
+# tool (raises the global net.netfilter.nf_conntrack_max for the run, then restores it).
+.PHONY: bench bench-build bench-nodeport bench-reconcile
 bench-build: deps
 	$(CARGO) build --release -p ferry -p ferry-bench --bins
 
 bench: bench-build
 	target/release/socket_lb
 	target/release/nodeport
+	target/release/reconcile
 
 bench-nodeport: bench-build
 	target/release/nodeport
+
+bench-reconcile: bench-build
+	target/release/reconcile

@@ -125,8 +125,8 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 		rk.sport = rk.dport;
 	__u32 lo = cfg->nat_port_min, hi = cfg->nat_port_max;
 	if (lo == 0 || hi < lo) {
-		lo = 61000;
-		hi = 65535;
+		lo = 1024;
+		hi = 29999;
 	}
 	for (i = 0; i < NAT_ATTEMPTS; i++) {
 		if (snat && p->proto != IPPROTO_SCTP) {

@@ -83,6 +83,7 @@ impl Proxier {
         let (backend, started) = match settings.datapath {
             crate::config::DatapathChoice::Bpf => {
                 let installed = ferry_bpf::install(opts).context("installing the eBPF datapath")?;
+                warn_if_nat_ports_are_ephemeral(settings.bpf.nat_ports);
                 let runtime = crate::datapath::runtime(settings, &installed)?;
                 let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
                 let programmer = if installed.adopted { Programmer::adopt(&maps.dump()) } else { Programmer::new() };
@@ -291,6 +292,23 @@ impl Proxier {
                 Ok(lines)
             }
         }
+    }
+}
+
+/// A NAT port that the host may also pick for its own connections could give
+/// a host connection and a NAT flow the same tuple: say so at start.
+fn warn_if_nat_ports_are_ephemeral((lo, hi): (u16, u16)) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else { return };
+    let mut it = text.split_whitespace().filter_map(|w| w.parse::<u16>().ok());
+    if let (Some(elo), Some(ehi)) = (it.next(), it.next())
+        && lo <= ehi
+        && elo <= hi
+    {
+        tracing::warn!(
+            "natPortRange {lo}-{hi} overlaps this host's ephemeral ports {elo}-{ehi} \
+             (net.ipv4.ip_local_port_range): choose a natPortRange outside it, or reserve it \
+             with net.ipv4.ip_local_reserved_ports"
+        );
     }
 }
 

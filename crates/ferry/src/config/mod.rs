@@ -155,7 +155,7 @@ impl Default for BpfSettings {
             devices: None,
             pod_devices: None,
             timeouts: ferry_bpf::CtTimeouts::default(),
-            nat_ports: (61000, 65535),
+            nat_ports: (1024, 29999),
             node_ports: (30000, 32767),
             maglev_default: false,
             maglev_size: ferry_model::maglev::DEFAULT_TABLE_SIZE,
@@ -445,7 +445,7 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
         if let Some(v) = value {
             match parse_port_range(&v) {
                 Some(r) => *slot = r,
-                None => b.bad(key, format!("{v:?} is not a port range like 61000-65535")),
+                None => b.bad(key, format!("{v:?} is not a port range like 1024-29999")),
             }
         }
     }
