@@ -53,7 +53,7 @@ struct RunArgs {
     /// Unrecorded new connections per arm before the rounds.
     #[arg(long, default_value_t = 300)]
     warmup: usize,
-    /// natPortRange (FIRST-LAST) for the BPF lab's agents; default: ferry's own (61000-65535).
+    /// natPortRange (FIRST-LAST) for the BPF lab's agents; default: ferry's own (1024-29999).
     #[arg(long, value_name = "FIRST-LAST")]
     nat_port_range: Option<String>,
     /// The ferry binary the agents run (default: `ferry` next to this binary).

@@ -87,7 +87,7 @@ impl Results {
             p.per_round,
             p.requests_per_round,
             p.warmup,
-            self.nat_port_range.as_deref().unwrap_or("ferry's default (61000-65535)")
+            self.nat_port_range.as_deref().unwrap_or("ferry's default (1024-29999)")
         );
 
         let _ = writeln!(s, "## Summary\n");
