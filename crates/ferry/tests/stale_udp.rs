@@ -22,9 +22,30 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn manifests(backend: Option<&str>) -> String {
+/// Addresses of one IP family in the lab.
+struct Family {
+    pod: fn(&str) -> String,
+    cluster_ip: &'static str,
+    address_type: &'static str,
+    target: &'static str,
+}
+
+const V4: Family = Family {
+    pod: |n| format!("10.244.0.{n}"),
+    cluster_ip: "10.96.0.10",
+    address_type: "IPv4",
+    target: "10.96.0.10:53",
+};
+const V6: Family = Family {
+    pod: |n| format!("fd00:244::{n}"),
+    cluster_ip: "fd00:96::10",
+    address_type: "IPv6",
+    target: "[fd00:96::10]:53",
+};
+
+fn manifests(f: &Family, backend: Option<&str>) -> String {
     let endpoints = match backend {
-        Some(b) => format!("[{{addresses: [10.244.0.{b}], nodeName: node-a}}]"),
+        Some(b) => format!("[{{addresses: [\"{}\"], nodeName: node-a}}]", (f.pod)(b)),
         None => "[]".into(),
     };
     format!(
@@ -33,16 +54,20 @@ apiVersion: v1
 kind: Service
 metadata: {{name: dns, namespace: demo}}
 spec:
-  clusterIP: 10.96.0.10
+  clusterIP: "{ip}"
+  clusterIPs: ["{ip}"]
+  ipFamilies: [{fam}]
   ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 5353}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: dns-1, namespace: demo, labels: {{kubernetes.io/service-name: dns}}}}
-addressType: IPv4
+addressType: {fam}
 endpoints: {endpoints}
 ports: [{{name: dns, port: 5353, protocol: UDP}}]
-"#
+"#,
+        ip = f.cluster_ip,
+        fam = f.address_type,
     )
 }
 
@@ -62,32 +87,35 @@ fn apply(lab: &Lab, yaml: &str) -> Instant {
     Instant::now()
 }
 
-fn backend_replaced_while_a_udp_client_keeps_sending(datapath: &str) {
+fn backend_replaced_while_a_udp_client_keeps_sending(datapath: &str, f: &Family) {
     let mut lab = Lab::new("udp", FERRY.as_ref()).expect("lab");
     let node = lab.add_node("node-a").unwrap();
-    lab.add_pod(node, "client", &[ip("10.244.0.10")]).unwrap();
+    lab.add_pod(node, "client", &[ip(&(V4.pod)("10")), ip(&(V6.pod)("10"))]).unwrap();
     for b in ["21", "22"] {
-        let p = lab.add_pod(node, &format!("be{b}"), &[ip(&format!("10.244.0.{b}"))]).unwrap();
-        let addr: SocketAddr = format!("10.244.0.{b}:5353").parse().unwrap();
+        let p = lab.add_pod(node, &format!("be{b}"), &[ip(&(V4.pod)(b)), ip(&(V6.pod)(b))]).unwrap();
+        let addr = SocketAddr::new(ip(&(f.pod)(b)), 5353);
         lab.serve_with(At::Pod(node, p), ServeOpts::new(&format!("be{b}"), vec![Endpoint::udp(addr)])).unwrap();
     }
     lab.write_node_config(
         node,
-        &format!("datapath: {datapath}\nclusterCIDRs: [10.244.0.0/16]\nserviceCIDRs: [10.96.0.0/16]\n"),
+        &format!(
+            "datapath: {datapath}\nclusterCIDRs: [10.244.0.0/16, \"fd00:244::/48\"]\n\
+             serviceCIDRs: [10.96.0.0/16, \"fd00:96::/112\"]\n"
+        ),
     )
     .unwrap();
-    lab.write_manifests(node, &manifests(Some("21"))).unwrap();
+    lab.write_manifests(node, &manifests(f, Some("21"))).unwrap();
     lab.start_agent(node).unwrap();
 
-    let mut opts = ConnectOpts::new(Endpoint::udp("10.96.0.10:53".parse().unwrap()));
+    let mut opts = ConnectOpts::new(Endpoint::udp(f.target.parse().unwrap()));
     opts.connected_udp = true;
     let started = Instant::now();
     let client = lab.spawn_client(CLIENT, &opts, ConnectMode::UdpStream(Duration::from_secs(6))).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // The pod is deleted (no endpoints for a moment), then its replacement is ready.
-    apply(&lab, &manifests(None));
+    apply(&lab, &manifests(f, None));
     std::thread::sleep(Duration::from_millis(300));
-    let replaced = apply(&lab, &manifests(Some("22")));
+    let replaced = apply(&lab, &manifests(f, Some("22")));
     let ticks = lab.finish_client(client, Duration::from_secs(30)).unwrap();
 
     let server = |o: &Observation| o.reply().map(|r| r.server.clone());
@@ -99,6 +127,7 @@ fn backend_replaced_while_a_udp_client_keeps_sending(datapath: &str) {
         panic!("{datapath}: the client never moved from be21 to be22: {summary:?}\n{}", lab.agent_log(0));
     };
     let gap = TICK * (first_new - last_old) as u32;
+    let datapath = format!("{datapath} {}", f.address_type);
     eprintln!(
         "{datapath}: {} ticks; last answer from the removed backend at tick {last_old}, first from its \
          replacement at tick {first_new}: the client went {} ms without an answer",
@@ -127,10 +156,20 @@ fn backend_replaced_while_a_udp_client_keeps_sending(datapath: &str) {
 
 #[test]
 fn bpf_udp_client_moves_off_a_removed_backend() {
-    backend_replaced_while_a_udp_client_keeps_sending("bpf");
+    backend_replaced_while_a_udp_client_keeps_sending("bpf", &V4);
+}
+
+#[test]
+fn bpf_udp_client_moves_off_a_removed_backend_ipv6() {
+    backend_replaced_while_a_udp_client_keeps_sending("bpf", &V6);
 }
 
 #[test]
 fn nftables_udp_client_moves_off_a_removed_backend() {
-    backend_replaced_while_a_udp_client_keeps_sending("nftables");
+    backend_replaced_while_a_udp_client_keeps_sending("nftables", &V4);
+}
+
+#[test]
+fn nftables_udp_client_moves_off_a_removed_backend_ipv6() {
+    backend_replaced_while_a_udp_client_keeps_sending("nftables", &V6);
 }
