@@ -400,10 +400,27 @@ impl BpfBackend {
     }
 }
 
+/// Whether a change of one UDP service port can leave a conntrack entry
+/// stale under the reconciler's rule: a serving endpoint went away, the port
+/// got its first serving endpoint (flows sent while it had none were never
+/// DNATed), or it gained a frontend. Endpoints only being added make nothing
+/// stale, so a scale-up never lists the conntrack table.
+fn can_leave_stale_flows(old: &ServicePort, new: &ServicePort) -> bool {
+    let before: BTreeSet<std::net::SocketAddr> = old.serving_endpoints().map(|e| e.addr()).collect();
+    let after: BTreeSet<std::net::SocketAddr> = new.serving_endpoints().map(|e| e.addr()).collect();
+    !before.is_subset(&after)
+        || (before.is_empty() && !after.is_empty())
+        || old.cluster_ip != new.cluster_ip
+        || old.node_port != new.node_port
+        || !new.load_balancer_ips.iter().all(|ip| old.load_balancer_ips.contains(ip))
+        || !new.external_ips.iter().all(|ip| old.external_ips.contains(ip))
+}
+
 /// Deletes the kernel conntrack entries of UDP flows whose backend no longer
 /// serves (kube-proxy's conntrack reconciler, rule in `ferry_model::stale`),
-/// after a sync that touched a UDP service port, before or after the change (a
-/// full sync: any UDP service port). Both datapaths need it: with bpf, traffic
+/// after a sync with a UDP change that can leave stale flows (see
+/// `can_leave_stale_flows`; a full sync: any UDP service port). Listing a large
+/// conntrack table takes seconds, so it is skipped when nothing can be stale. Both datapaths need it: with bpf, traffic
 /// that takes the normal stack (host network, NodePorts handled by netfilter)
 /// still leaves entries in the kernel's table. Failures are logged, not fatal:
 /// the next UDP change runs it again.
@@ -415,7 +432,9 @@ fn reconcile_kernel_conntrack(
     let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
     let touched = match diff {
         Some(d) => {
-            d.added.iter().chain(&d.removed).any(|sp| udp(sp)) || d.changed.iter().any(|c| udp(&c.old) || udp(&c.new))
+            d.added.iter().any(|sp| udp(sp) && sp.serving_endpoints().next().is_some())
+                || d.changed.iter().any(|c| udp(&c.new) && can_leave_stale_flows(&c.old, &c.new))
+                || d.frontends_added.iter().any(|(k, _)| k.protocol == Protocol::Udp)
         }
         None => plan.services.values().chain(last.iter().flat_map(|l| l.services.values())).any(|sp| udp(sp)),
     };
