@@ -363,3 +363,39 @@ int ferry_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return reverse6(ctx);
 }
+
+/* ---- socket close: forget the reverse translation of a connected socket ----
+ *
+ * A connected socket (TCP, connected UDP) has exactly one peer, so its
+ * ferry_sock_rev entry is known at close and is removed, instead of waiting
+ * for LRU eviction that would also push out entries live unconnected UDP
+ * sockets still need. An unconnected socket has no peer here; its entries
+ * age out of the LRU. */
+SEC("cgroup/sock_release")
+int ferry_sock_release(struct bpf_sock *sk)
+{
+	struct rev_key rk = { .cookie = bpf_get_socket_cookie(sk), .port = (__be16)sk->dst_port };
+
+	if (!rk.port)
+		return SYS_PROCEED;
+	if (sk->family == AF_INET) {
+		rk.family = FAM_V4;
+		rk.addr[0] = sk->dst_ip4;
+	} else if (sk->family == AF_INET6) {
+		rk.family = FAM_V6;
+		rk.addr[0] = sk->dst_ip6[0];
+		rk.addr[1] = sk->dst_ip6[1];
+		rk.addr[2] = sk->dst_ip6[2];
+		rk.addr[3] = sk->dst_ip6[3];
+		if (!rk.addr[0] && !rk.addr[1] && rk.addr[2] == bpf_htonl(0xffff)) {
+			/* IPv4-mapped peer: socket-LB keyed it as IPv4. */
+			rk.family = FAM_V4;
+			rk.addr[0] = rk.addr[3];
+			rk.addr[2] = rk.addr[3] = 0;
+		}
+	} else {
+		return SYS_PROCEED;
+	}
+	bpf_map_delete_elem(&ferry_sock_rev, &rk);
+	return SYS_PROCEED;
+}

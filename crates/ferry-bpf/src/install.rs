@@ -172,7 +172,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     let cg = std::fs::File::open(&opts.cgroup)
         .map_err(|source| InstallError::Cgroup { path: opts.cgroup.clone(), source })?;
     let progs = &skel.progs;
-    let all: [(&str, &ProgramMut); 8] = [
+    let all: [(&str, &ProgramMut); 9] = [
         ("connect4", &progs.ferry_connect4),
         ("sendmsg4", &progs.ferry_sendmsg4),
         ("recvmsg4", &progs.ferry_recvmsg4),
@@ -181,6 +181,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         ("sendmsg6", &progs.ferry_sendmsg6),
         ("recvmsg6", &progs.ferry_recvmsg6),
         ("getpeername6", &progs.ferry_getpeername6),
+        ("release", &progs.ferry_sock_release),
     ];
     let (mut updated, mut attached) = (0, 0);
     for (name, prog) in all {

@@ -4,6 +4,7 @@
 
 use ferry::lab::{At, Lab};
 use ferry_sandbox::probe::{ConnectMode, ConnectOpts, Endpoint, Observation, ServeOpts};
+use libbpf_rs::MapCore;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -127,6 +128,12 @@ fn cluster_ip_tcp_and_udp_reach_only_listed_backends() {
     for o in lab.connect_many(CLIENT, &connected, 5).unwrap() {
         assert_eq!(o.reply().expect("reply").client_peer, sa("10.96.0.10:53"), "connected UDP: peer is the ClusterIP");
     }
+
+    // Closed sockets leave no reverse translation behind (cgroup/sock_release):
+    // only unconnected UDP sockets' entries stay, to age out of the LRU.
+    let rev = libbpf_rs::MapHandle::from_pinned_path(lab.nodes[0].pin_dir.join("ferry_sock_rev")).unwrap();
+    let left = rev.keys().count();
+    assert!(left <= 20, "{left} reverse entries remain after 35 connected sockets and 20 unconnected ones closed");
 
     // The node itself (host network namespace) uses the same ClusterIP.
     let obs = lab.connect_many(At::Node(0), &tcp("10.96.0.10:80"), 10).unwrap();
