@@ -150,9 +150,11 @@ impl Worker {
         let reinstall = self.proxier.take().is_some();
         *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let (proxier, installed) = Proxier::start(settings, &opts)?;
-        match ferry_bpf::Maps::open(&opts.pin_dir) {
-            Ok(maps) => *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps),
-            Err(e) => tracing::warn!("datapath counters will be missing from /metrics: {e}"),
+        if installed.datapath == "bpf" {
+            match ferry_bpf::Maps::open(&opts.pin_dir) {
+                Ok(maps) => *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps),
+                Err(e) => tracing::warn!("datapath counters will be missing from /metrics: {e}"),
+            }
         }
         let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
         let line = format!(

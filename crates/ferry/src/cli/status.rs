@@ -127,6 +127,19 @@ pub fn masquerade_line(d: &MapDump) -> String {
 
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if !ferry_bpf::install::is_installed(&args.pin_dir) {
+        let nft: Vec<&str> =
+            ["ip", "ip6"].into_iter().filter(|f| ferry_nft::nft::table_exists(f, ferry_nft::services::TABLE)).collect();
+        if !nft.is_empty() {
+            // The nftables datapath keeps its state in the kernel's ruleset, readable as is.
+            for family in nft {
+                println!(
+                    "nftables datapath: table {family} {} (see `nft list table {family} {}`)",
+                    ferry_nft::services::TABLE,
+                    ferry_nft::services::TABLE
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         println!("no ferry datapath in {} (start one with `ferry run`)", args.pin_dir.display());
         return Ok(ExitCode::FAILURE);
     }
