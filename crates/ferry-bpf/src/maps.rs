@@ -189,10 +189,74 @@ impl Maps {
 
     /// Applies operations in order; stops at the first failure.
     pub fn apply(&self, ops: &[MapOp]) -> Result<(), MapError> {
-        for op in ops {
-            self.apply_one(op)?;
+        let mut i = 0;
+        while i < ops.len() {
+            // A run of puts into one hash map goes down in one BPF_MAP_UPDATE_BATCH
+            // syscall (a full sync is a million of them at 100k services). The run
+            // is contiguous, so the order the Programmer chose (slots before the
+            // service flip, ...) is kept.
+            let Some(map) = self.put_map(&ops[i]) else {
+                self.apply_one(&ops[i])?;
+                i += 1;
+                continue;
+            };
+            let mut end = i + 1;
+            while end < ops.len() && end - i < BATCH && self.put_map(&ops[end]).is_some_and(|m| same(m, map)) {
+                end += 1;
+            }
+            if end - i == 1 || !self.put_batch(&ops[i..end]) {
+                for op in &ops[i..end] {
+                    self.apply_one(op)?;
+                }
+            }
+            i = end;
         }
         Ok(())
+    }
+
+    /// The map a put into one of the plain hash maps goes to.
+    fn put_map(&self, op: &MapOp) -> Option<&MapHandle> {
+        match op {
+            MapOp::PutBackend(..) => Some(&self.backends),
+            MapOp::PutSlot(..) => Some(&self.slots),
+            MapOp::PutMember(..) => Some(&self.members),
+            MapOp::PutService(..) => Some(&self.services),
+            MapOp::PutName(..) => Some(&self.names),
+            MapOp::PutFrontend(..) => Some(&self.frontends),
+            _ => None,
+        }
+    }
+
+    /// The map, key and value of a put into one of the plain hash maps.
+    fn put_entry(&self, op: &MapOp) -> Option<(&MapHandle, Vec<u8>, Vec<u8>)> {
+        Some(match op {
+            MapOp::PutBackend(id, b) => (&self.backends, id.to_ne_bytes().to_vec(), bytes(&enc_backend(b)).to_vec()),
+            MapOp::PutSlot(k, be) => (&self.slots, bytes(&enc_slot(k)).to_vec(), be.to_ne_bytes().to_vec()),
+            MapOp::PutMember(k, sets) => (&self.members, bytes(&enc_member(k)).to_vec(), vec![*sets]),
+            MapOp::PutService(id, v) => (&self.services, id.to_ne_bytes().to_vec(), bytes(&enc_svc(v)).to_vec()),
+            MapOp::PutName(id, n) => (&self.names, id.to_ne_bytes().to_vec(), bytes(&enc_name(n)).to_vec()),
+            MapOp::PutFrontend(k, v) => {
+                (&self.frontends, bytes(&enc_fe_key(k)).to_vec(), bytes(&enc_fe_val(v)).to_vec())
+            }
+            _ => return None,
+        })
+    }
+
+    /// Writes a run of puts into one map with one syscall; false if the kernel
+    /// refused the batch (the caller then writes them one by one, which names
+    /// the failing entry).
+    fn put_batch(&self, run: &[MapOp]) -> bool {
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        let mut map = None;
+        for op in run {
+            let (m, k, v) = self.put_entry(op).expect("a run holds only puts");
+            map = Some(m);
+            keys.extend_from_slice(&k);
+            values.extend_from_slice(&v);
+        }
+        let Some(map) = map else { return true };
+        map.update_batch(&keys, &values, run.len() as u32, MapFlags::ANY, MapFlags::ANY).is_ok()
     }
 
     fn apply_one(&self, op: &MapOp) -> Result<(), MapError> {
@@ -394,4 +458,11 @@ impl Maps {
         }
         n
     }
+}
+
+/// Most entries one batch syscall carries (bounds the buffers the kernel copies in).
+const BATCH: usize = 4096;
+
+fn same(a: &MapHandle, b: &MapHandle) -> bool {
+    std::ptr::eq(a, b)
 }

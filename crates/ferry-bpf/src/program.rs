@@ -108,6 +108,25 @@ struct BackendTable {
     ids: IdPool,
 }
 
+/// A rank per kind of operation, to group a phase's operations by kind.
+fn kind_order(op: &MapOp) -> u8 {
+    match op {
+        MapOp::PutBackend(..) => 0,
+        MapOp::PutSlot(..) => 1,
+        MapOp::PutMember(..) => 2,
+        MapOp::PutFirewall(..) => 3,
+        MapOp::PutName(..) => 4,
+        MapOp::PutMaglev(..) => 5,
+        MapOp::PutService(..) => 6,
+        MapOp::PutFrontend(..) => 7,
+        MapOp::PutLocal(..) => 8,
+        MapOp::PutRange(..) => 9,
+        MapOp::PutConfig(..) => 10,
+        MapOp::PutDevice(..) => 11,
+        _ => 12,
+    }
+}
+
 /// Operations grouped by phase; emitted in phase order.
 #[derive(Debug, Default)]
 struct Ops {
@@ -136,7 +155,12 @@ impl Ops {
         };
         self.phases[phase].push(op);
     }
-    fn into_vec(self) -> Vec<MapOp> {
+    fn into_vec(mut self) -> Vec<MapOp> {
+        // Order inside a phase carries no meaning; grouping by kind lets
+        // `Maps::apply` write each run with one batch syscall.
+        for phase in &mut self.phases {
+            phase.sort_by_key(kind_order);
+        }
         self.phases.into_iter().flatten().collect()
     }
 }
