@@ -164,12 +164,23 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
+    // Backends in the live revision of some service; the other revision keeps a
+    // removed backend until the service's next change rewrites it.
+    let live: BTreeMap<u32, u8> = dump.services.iter().map(|(id, v)| (*id, v.rev)).collect();
+    let in_use: std::collections::BTreeSet<u32> =
+        dump.slots.iter().filter(|(k, _)| live.get(&k.service) == Some(&k.rev)).map(|(_, b)| *b).collect();
+    let held = dump.backends.len().saturating_sub(in_use.len());
     println!(
-        "datapath {}: {} service port(s), {} frontend(s), {} backend(s)",
+        "datapath {}: {} service port(s), {} frontend(s), {} backend(s){}",
         args.pin_dir.display(),
         dump.services.len(),
         rows.len(),
-        dump.backends.len()
+        in_use.len(),
+        if held > 0 {
+            format!(" (+{held} kept by the previous revision until the next change)")
+        } else {
+            String::new()
+        }
     );
     println!("\n{:<28} {:<12} {:<40} {:<22} BACKENDS", "FRONTEND", "KIND", "SERVICE", "POD/HOST/OUTSIDE");
     for r in &rows {
