@@ -182,7 +182,17 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             String::new()
         }
     );
-    println!("\n{:<28} {:<12} {:<40} {:<22} BACKENDS", "FRONTEND", "KIND", "SERVICE", "POD/HOST/OUTSIDE");
+    // Columns as wide as their widest cell, so long names and routes stay aligned.
+    let width = |head: &str, cell: &dyn Fn(&FrontendRow) -> String| {
+        rows.iter().map(|r| cell(r).len()).chain([head.len()]).max().unwrap_or(0)
+    };
+    let (wf, wk, ws, wr) = (
+        width("FRONTEND", &|r| r.frontend.clone()),
+        width("KIND", &|r| r.kind.to_string()),
+        width("SERVICE", &|r| r.service.clone()),
+        width("POD/HOST/OUTSIDE", &|r| r.routes.join("/")),
+    );
+    println!("\n{:<wf$} {:<wk$} {:<ws$} {:<wr$} BACKENDS", "FRONTEND", "KIND", "SERVICE", "POD/HOST/OUTSIDE");
     for r in &rows {
         let mut backends = r.backends.join(", ");
         if !r.local_backends.is_empty() && r.local_backends != r.backends {
@@ -191,7 +201,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         if backends.is_empty() {
             backends = "none".into();
         }
-        println!("{:<28} {:<12} {:<40} {:<22} {}", r.frontend, r.kind, r.service, r.routes.join("/"), backends);
+        println!("{:<wf$} {:<wk$} {:<ws$} {:<wr$} {}", r.frontend, r.kind, r.service, r.routes.join("/"), backends);
     }
     println!("\n{}", masquerade_line(&dump));
     println!("\ncounters");
