@@ -1,0 +1,137 @@
+//! The nftables service datapath as text: what a first sync writes, and that
+//! a later change rewrites only what it must (one endpoint change touches
+//! only that service's chains and map elements). The kernel side is
+//! `ferry conformance --datapath nftables` (crates/ferry/tests/conformance_kernel.rs).
+
+use ferry_model::{ClusterState, IpFamily, NodeConfig, Plan, build_plan};
+use ferry_nft::services::Renderer;
+use std::path::Path;
+
+fn state(web_backends: &[&str]) -> ClusterState {
+    let eps: Vec<String> = web_backends.iter().map(|b| format!("- {{addresses: [{b}], nodeName: node-a}}")).collect();
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints:
+{}
+ports: [{{name: http, port: 8080}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: dns, namespace: kube-system}}
+spec:
+  clusterIP: 10.96.0.53
+  ports: [{{name: dns, port: 53, protocol: UDP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: dns-1, namespace: kube-system, labels: {{kubernetes.io/service-name: dns}}}}
+addressType: IPv4
+endpoints: [{{addresses: [10.244.0.53], nodeName: node-a}}]
+ports: [{{name: dns, port: 53, protocol: UDP}}]
+"#,
+        eps.join("\n")
+    );
+    let mut out = ferry_k8s::manifests::LoadedManifests::default();
+    ferry_k8s::manifests::load_text(Path::new("cluster.yaml"), &yaml, &mut out);
+    assert!(out.problems.iter().all(|p| !p.skipped), "{:?}", out.problems);
+    out.state
+}
+
+fn node() -> NodeConfig {
+    NodeConfig {
+        node_name: "node-a".into(),
+        node_ips: vec!["192.168.0.2".parse().unwrap()],
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+        ip_families: vec![IpFamily::V4],
+        local_detector: ferry_model::LocalDetector::ClusterCidr,
+        ..NodeConfig::default()
+    }
+}
+
+fn plan(backends: &[&str]) -> Plan {
+    build_plan(&state(backends), &node())
+}
+
+/// Syncs `renderer` to `new` (a diff against `old` when given) and returns the IPv4 script.
+fn sync(renderer: &mut Renderer, old: Option<&Plan>, new: &Plan) -> String {
+    let diff = old.map(|o| Plan::diff(o, new));
+    let mut scripts = renderer.sync(new, diff.as_ref());
+    let (family, script, table) = scripts.pop().expect("one family changed");
+    assert!(scripts.is_empty());
+    assert_eq!(family, IpFamily::V4);
+    renderer.applied(family, table);
+    script
+}
+
+#[test]
+fn the_first_sync_replaces_the_table_whole_in_one_script() {
+    let mut r = Renderer::default();
+    let script = sync(&mut r, None, &plan(&["10.244.0.21", "10.244.0.22"]));
+    // Whatever was there goes, in the same transaction.
+    assert!(script.starts_with("add table ip ferry\ndelete table ip ferry\nadd table ip ferry\n"), "{script}");
+    for needle in [
+        "type nat hook prerouting",
+        "add element ip ferry service-ips { 10.96.0.10 . tcp . 80 : goto svc-",
+        "10.96.0.53 . udp . 53 : goto svc-",
+        "dnat to 10.244.0.21:8080",
+        "dnat to 10.244.0.22:8080",
+        "numgen random mod 2 vmap",
+        "masquerade fully-random",
+    ] {
+        assert!(script.contains(needle), "missing {needle:?} in\n{script}");
+    }
+}
+
+#[test]
+fn one_endpoint_change_touches_only_that_service() {
+    let mut r = Renderer::default();
+    let before = plan(&["10.244.0.21", "10.244.0.22"]);
+    sync(&mut r, None, &before);
+    let after = plan(&["10.244.0.21", "10.244.0.23"]);
+    let script = sync(&mut r, Some(&before), &after);
+    let changes: Vec<&str> = script.lines().skip(1).collect(); // the first line only ensures the table exists
+    assert!(!changes.is_empty());
+    for line in &changes {
+        assert!(line.contains("demo/web"), "a line outside demo/web's chains: {line:?}\n{script}");
+        assert!(!line.contains("table ip ferry\n") && !line.starts_with("delete table"), "{line:?}");
+    }
+    assert!(script.contains("dnat to 10.244.0.23:8080"), "{script}");
+    assert!(script.contains("delete chain ip ferry ep-") && script.contains("10.244.0.22-8080"), "{script}");
+    // Nothing of kube-system/dns was rewritten.
+    assert!(!script.contains("kube-system"), "{script}");
+}
+
+#[test]
+fn an_unchanged_plan_writes_nothing() {
+    let mut r = Renderer::default();
+    let p = plan(&["10.244.0.21"]);
+    sync(&mut r, None, &p);
+    let again = plan(&["10.244.0.21"]);
+    assert!(r.sync(&again, Some(&Plan::diff(&p, &again))).is_empty());
+}
+
+#[test]
+fn losing_every_endpoint_rejects_instead_of_forwarding() {
+    let mut r = Renderer::default();
+    let before = plan(&["10.244.0.21"]);
+    sync(&mut r, None, &before);
+    let after = plan(&[]);
+    let script = sync(&mut r, Some(&before), &after);
+    assert!(
+        script.contains("add element ip ferry no-endpoint-services { 10.96.0.10 . tcp . 80 : goto reject-chain }"),
+        "{script}"
+    );
+    assert!(!script.contains("dnat to"), "{script}");
+}
