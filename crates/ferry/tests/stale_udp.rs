@@ -142,9 +142,18 @@ fn backend_replaced_while_a_udp_client_keeps_sending(datapath: &str, f: &Family)
         "{datapath}: be21 still answered at tick {last_old}, after the sync at tick ~{synced_tick}: {summary:?}"
     );
     assert!(last_old < first_new, "{datapath}: be21 answered after be22 did: {summary:?}");
+    // After the move the client stays on be22. A tick may time out on a loaded machine (its
+    // answer has 100 ms), so a few misses are tolerated, but every answer is be22's.
     let tail = &ticks[first_new..];
     let answered = tail.iter().filter(|o| server(o).as_deref() == Some("be22")).count();
-    assert!(answered + 1 >= tail.len(), "{datapath}: after moving to be22 the client kept losing answers: {summary:?}");
+    assert!(
+        answered * 10 >= tail.len() * 8,
+        "{datapath}: after moving to be22 the client kept losing answers: {summary:?}"
+    );
+    assert!(
+        tail.iter().filter_map(server).all(|s| s == "be22"),
+        "{datapath}: after be22 someone else answered: {summary:?}"
+    );
     assert!(ticks.len() >= 50, "{datapath}: only {} ticks: {summary:?}", ticks.len());
     let mechanism = if datapath == "bpf" { "destroyed connected UDP sockets" } else { "conntrack" };
     assert!(
