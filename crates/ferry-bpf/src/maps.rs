@@ -195,68 +195,54 @@ impl Maps {
             // syscall (a full sync is a million of them at 100k services). The run
             // is contiguous, so the order the Programmer chose (slots before the
             // service flip, ...) is kept.
-            let Some(map) = self.put_map(&ops[i]) else {
+            let Some(first) = self.put_entry(&ops[i]) else {
                 self.apply_one(&ops[i])?;
                 i += 1;
                 continue;
             };
-            let mut end = i + 1;
-            while end < ops.len() && end - i < BATCH && self.put_map(&ops[end]).is_some_and(|m| same(m, map)) {
-                end += 1;
-            }
-            if end - i == 1 || !self.put_batch(&ops[i..end]) {
-                for op in &ops[i..end] {
-                    self.apply_one(op)?;
+            let mut run = vec![first];
+            while i + run.len() < ops.len() && run.len() < BATCH {
+                match self.put_entry(&ops[i + run.len()]) {
+                    Some(e) if std::ptr::eq(e.map, run[0].map) => run.push(e),
+                    _ => break,
                 }
             }
-            i = end;
+            if run.len() == 1 || !put_batch(&run) {
+                for (e, op) in run.iter().zip(&ops[i..]) {
+                    e.map.update(&e.key, &e.value, MapFlags::ANY).map_err(|source| MapError::Op {
+                        op: format!("{op:?}"),
+                        map: e.name,
+                        source,
+                    })?;
+                }
+            }
+            i += run.len();
         }
         Ok(())
     }
 
-    /// The map a put into one of the plain hash maps goes to.
-    fn put_map(&self, op: &MapOp) -> Option<&MapHandle> {
-        match op {
-            MapOp::PutBackend(..) => Some(&self.backends),
-            MapOp::PutSlot(..) => Some(&self.slots),
-            MapOp::PutMember(..) => Some(&self.members),
-            MapOp::PutService(..) => Some(&self.services),
-            MapOp::PutName(..) => Some(&self.names),
-            MapOp::PutFrontend(..) => Some(&self.frontends),
-            _ => None,
-        }
-    }
-
-    /// The map, key and value of a put into one of the plain hash maps.
-    fn put_entry(&self, op: &MapOp) -> Option<(&MapHandle, Vec<u8>, Vec<u8>)> {
-        Some(match op {
-            MapOp::PutBackend(id, b) => (&self.backends, id.to_ne_bytes().to_vec(), bytes(&enc_backend(b)).to_vec()),
-            MapOp::PutSlot(k, be) => (&self.slots, bytes(&enc_slot(k)).to_vec(), be.to_ne_bytes().to_vec()),
-            MapOp::PutMember(k, sets) => (&self.members, bytes(&enc_member(k)).to_vec(), vec![*sets]),
-            MapOp::PutService(id, v) => (&self.services, id.to_ne_bytes().to_vec(), bytes(&enc_svc(v)).to_vec()),
-            MapOp::PutName(id, n) => (&self.names, id.to_ne_bytes().to_vec(), bytes(&enc_name(n)).to_vec()),
+    /// A put into one of the plain hash maps, encoded; `None` for every other operation.
+    fn put_entry(&self, op: &MapOp) -> Option<Put<'_>> {
+        let (map, name, key, value): (&MapHandle, &'static str, Vec<u8>, Vec<u8>) = match op {
+            MapOp::PutBackend(id, b) => {
+                (&self.backends, "ferry_backends", id.to_ne_bytes().to_vec(), bytes(&enc_backend(b)).to_vec())
+            }
+            MapOp::PutSlot(k, be) => {
+                (&self.slots, "ferry_slots", bytes(&enc_slot(k)).to_vec(), be.to_ne_bytes().to_vec())
+            }
+            MapOp::PutMember(k, sets) => (&self.members, "ferry_members", bytes(&enc_member(k)).to_vec(), vec![*sets]),
+            MapOp::PutService(id, v) => {
+                (&self.services, "ferry_services", id.to_ne_bytes().to_vec(), bytes(&enc_svc(v)).to_vec())
+            }
+            MapOp::PutName(id, n) => {
+                (&self.names, "ferry_names", id.to_ne_bytes().to_vec(), bytes(&enc_name(n)).to_vec())
+            }
             MapOp::PutFrontend(k, v) => {
-                (&self.frontends, bytes(&enc_fe_key(k)).to_vec(), bytes(&enc_fe_val(v)).to_vec())
+                (&self.frontends, "ferry_frontends", bytes(&enc_fe_key(k)).to_vec(), bytes(&enc_fe_val(v)).to_vec())
             }
             _ => return None,
-        })
-    }
-
-    /// Writes a run of puts into one map with one syscall; false if the kernel
-    /// refused the batch (the caller then writes them one by one, which names
-    /// the failing entry).
-    fn put_batch(&self, run: &[MapOp]) -> bool {
-        let mut keys = Vec::new();
-        let mut values = Vec::new();
-        let mut map = None;
-        for op in run {
-            let (m, k, v) = self.put_entry(op).expect("a run holds only puts");
-            map = Some(m);
-            keys.extend_from_slice(&k);
-            values.extend_from_slice(&v);
-        }
-        let Some(map) = map else { return true };
-        map.update_batch(&keys, &values, run.len() as u32, MapFlags::ANY, MapFlags::ANY).is_ok()
+        };
+        Some(Put { map, name, key, value })
     }
 
     fn apply_one(&self, op: &MapOp) -> Result<(), MapError> {
@@ -271,23 +257,19 @@ impl Maps {
         };
         let one = [1u8];
         match op {
-            MapOp::PutBackend(id, b) => {
-                put(&self.backends, "ferry_backends", &id.to_ne_bytes(), bytes(&enc_backend(b)))
-            }
+            MapOp::PutBackend(..)
+            | MapOp::PutSlot(..)
+            | MapOp::PutMember(..)
+            | MapOp::PutService(..)
+            | MapOp::PutName(..)
+            | MapOp::PutFrontend(..) => unreachable!("apply writes puts into the hash maps itself"),
             MapOp::DelBackend(id) => del(&self.backends, "ferry_backends", &id.to_ne_bytes()),
-            MapOp::PutSlot(k, be) => put(&self.slots, "ferry_slots", bytes(&enc_slot(k)), &be.to_ne_bytes()),
             MapOp::DelSlot(k) => del(&self.slots, "ferry_slots", bytes(&enc_slot(k))),
-            MapOp::PutMember(k, sets) => put(&self.members, "ferry_members", bytes(&enc_member(k)), &[*sets]),
             MapOp::DelMember(k) => del(&self.members, "ferry_members", bytes(&enc_member(k))),
             MapOp::PutFirewall(k) => put(&self.firewall, "ferry_firewall", bytes(&enc_fw(k)), &one),
             MapOp::DelFirewall(k) => del(&self.firewall, "ferry_firewall", bytes(&enc_fw(k))),
-            MapOp::PutService(id, v) => put(&self.services, "ferry_services", &id.to_ne_bytes(), bytes(&enc_svc(v))),
             MapOp::DelService(id) => del(&self.services, "ferry_services", &id.to_ne_bytes()),
-            MapOp::PutName(id, n) => put(&self.names, "ferry_names", &id.to_ne_bytes(), bytes(&enc_name(n))),
             MapOp::DelName(id) => del(&self.names, "ferry_names", &id.to_ne_bytes()),
-            MapOp::PutFrontend(k, v) => {
-                put(&self.frontends, "ferry_frontends", bytes(&enc_fe_key(k)), bytes(&enc_fe_val(v)))
-            }
             MapOp::DelFrontend(k) => del(&self.frontends, "ferry_frontends", bytes(&enc_fe_key(k))),
             MapOp::PutLocal(k, v) => put(&self.locals, "ferry_locals", bytes(&enc_local(k)), &[*v]),
             MapOp::DelLocal(k) => del(&self.locals, "ferry_locals", bytes(&enc_local(k))),
@@ -463,6 +445,19 @@ impl Maps {
 /// Most entries one batch syscall carries (bounds the buffers the kernel copies in).
 const BATCH: usize = 4096;
 
-fn same(a: &MapHandle, b: &MapHandle) -> bool {
-    std::ptr::eq(a, b)
+/// One encoded put into a hash map.
+struct Put<'a> {
+    map: &'a MapHandle,
+    name: &'static str,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// Writes a run of puts into one map with one syscall; false if the kernel
+/// refused the batch (the caller then writes them one by one, which names
+/// the failing entry).
+fn put_batch(run: &[Put<'_>]) -> bool {
+    let keys: Vec<u8> = run.iter().flat_map(|e| e.key.iter().copied()).collect();
+    let values: Vec<u8> = run.iter().flat_map(|e| e.value.iter().copied()).collect();
+    run[0].map.update_batch(&keys, &values, run.len() as u32, MapFlags::ANY, MapFlags::ANY).is_ok()
 }
