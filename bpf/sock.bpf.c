@@ -382,17 +382,7 @@ int ferry_sock_release(struct bpf_sock *sk)
 		rk.family = FAM_V4;
 		rk.addr[0] = sk->dst_ip4;
 	} else if (sk->family == AF_INET6) {
-		rk.family = FAM_V6;
-		rk.addr[0] = sk->dst_ip6[0];
-		rk.addr[1] = sk->dst_ip6[1];
-		rk.addr[2] = sk->dst_ip6[2];
-		rk.addr[3] = sk->dst_ip6[3];
-		if (!rk.addr[0] && !rk.addr[1] && rk.addr[2] == bpf_htonl(0xffff)) {
-			/* IPv4-mapped peer: socket-LB keyed it as IPv4. */
-			rk.family = FAM_V4;
-			rk.addr[0] = rk.addr[3];
-			rk.addr[2] = rk.addr[3] = 0;
-		}
+		rk.family = rev_peer6(rk.addr, sk->dst_ip6[0], sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]);
 	} else {
 		return SYS_PROCEED;
 	}

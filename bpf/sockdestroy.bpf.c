@@ -88,18 +88,9 @@ int ferry_destroy_udp(struct bpf_iter__udp *ctx)
 		gone.family = FAM_V4;
 		gone.addr[0] = sk->skc_daddr;
 	} else if (family == AF_INET6) {
-		gone.family = FAM_V6;
-		gone.addr[0] = sk->skc_v6_daddr.in6_u.u6_addr32[0];
-		gone.addr[1] = sk->skc_v6_daddr.in6_u.u6_addr32[1];
-		gone.addr[2] = sk->skc_v6_daddr.in6_u.u6_addr32[2];
-		gone.addr[3] = sk->skc_v6_daddr.in6_u.u6_addr32[3];
-		if (!gone.addr[0] && !gone.addr[1] && gone.addr[2] == bpf_htonl(0xffff)) {
-			/* IPv4-mapped peer of a dual-stack socket: socket-LB keyed it as IPv4. */
-			gone.family = FAM_V4;
-			gone.addr[0] = gone.addr[3];
-			gone.addr[2] = 0;
-			gone.addr[3] = 0;
-		}
+		gone.family = rev_peer6(gone.addr, sk->skc_v6_daddr.in6_u.u6_addr32[0],
+					sk->skc_v6_daddr.in6_u.u6_addr32[1], sk->skc_v6_daddr.in6_u.u6_addr32[2],
+					sk->skc_v6_daddr.in6_u.u6_addr32[3]);
 	} else {
 		return 0;
 	}

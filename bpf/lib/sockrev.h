@@ -38,4 +38,21 @@ struct {
 	PIN_BY_NAME;
 } ferry_sock_rev SEC(".maps");
 
+/* A socket's IPv6 peer as socket-LB keys it: an IPv4-mapped address (a
+ * dual-stack socket talking IPv4) becomes the IPv4 address. Sets addr and
+ * returns the family (FAM_V4 or FAM_V6). */
+static __always_inline __u8 rev_peer6(__u32 addr[4], __u32 a0, __u32 a1, __u32 a2, __u32 a3)
+{
+	if (!a0 && !a1 && a2 == bpf_htonl(0xffff)) {
+		addr[0] = a3;
+		addr[1] = addr[2] = addr[3] = 0;
+		return FAM_V4;
+	}
+	addr[0] = a0;
+	addr[1] = a1;
+	addr[2] = a2;
+	addr[3] = a3;
+	return FAM_V6;
+}
+
 #endif
