@@ -41,7 +41,26 @@ pub struct CtEntry {
 /// `ct_val.flags`: the flow's source was rewritten (a NAT port is in use).
 pub const CT_SNAT: u8 = 1;
 
+/// Now on the clock of the conntrack deadlines (`bpf_ktime_get_ns`: CLOCK_MONOTONIC).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Live flows with a rewritten source among `entries`: the NAT ports in use.
+pub fn nat_entries_in_use(entries: &[CtEntry], now: u64) -> usize {
+    entries.iter().filter(|e| e.flags & CT_SNAT != 0 && e.is_live(now)).count()
+}
+
 impl CtEntry {
+    /// Whether the entry has not expired at `now` (see [`monotonic_ns`]). The
+    /// datapath removes an expired entry only when a packet meets it.
+    pub fn is_live(&self, now: u64) -> bool {
+        self.expires_ns >= now
+    }
+
     /// The backend this flow goes to: where the original direction is sent,
     /// where the reply direction comes from.
     pub fn backend_addr(&self) -> (Words, u16) {

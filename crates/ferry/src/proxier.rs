@@ -229,14 +229,10 @@ impl Proxier {
 
     /// NAT entries in use on the packet path (live flows with a rewritten source).
     pub fn nat_entries(&self) -> usize {
-        let now = monotonic_ns();
         match &self.backend {
-            Backend::Bpf(b) => b
-                .maps
-                .ct_entries()
-                .iter()
-                .filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0 && e.expires_ns >= now)
-                .count(),
+            Backend::Bpf(b) => {
+                ferry_bpf::stale::nat_entries_in_use(&b.maps.ct_entries(), ferry_bpf::stale::monotonic_ns())
+            }
             Backend::Nftables(_) => 0,
         }
     }
@@ -247,8 +243,8 @@ impl Proxier {
     /// fill levels and `ferry_nat_entries` honest. Run with the periodic resync.
     pub fn collect_expired_flows(&self) -> usize {
         let Backend::Bpf(b) = &self.backend else { return 0 };
-        let now = monotonic_ns();
-        let expired: Vec<_> = b.maps.ct_entries().into_iter().filter(|e| e.expires_ns < now).collect();
+        let now = ferry_bpf::stale::monotonic_ns();
+        let expired: Vec<_> = b.maps.ct_entries().into_iter().filter(|e| !e.is_live(now)).collect();
         b.maps.delete_ct(&expired)
     }
 
@@ -310,15 +306,6 @@ fn warn_if_nat_ports_are_ephemeral((lo, hi): (u16, u16)) {
              with net.ipv4.ip_local_reserved_ports"
         );
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which
-/// the datapath's conntrack deadlines use.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl BpfBackend {

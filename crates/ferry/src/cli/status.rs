@@ -158,7 +158,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "socketReverseEntries": rev,
             "affinityEntries": aff,
             "masquerade": masquerade_line(&dump),
-            "natEntries": maps.ct_entries().iter().filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0).count(),
+            "natEntries": ferry_bpf::stale::nat_entries_in_use(&maps.ct_entries(), ferry_bpf::stale::monotonic_ns()),
             "conntrackEntries": maps.ct_entries().len(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -212,6 +212,6 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("  {:<22} {aff}", "affinity_entries");
     let ct = maps.ct_entries();
     println!("  {:<22} {}", "conntrack_entries", ct.len());
-    println!("  {:<22} {}", "nat_entries", ct.iter().filter(|e| e.flags & ferry_bpf::stale::CT_SNAT != 0).count());
+    println!("  {:<22} {}", "nat_entries", ferry_bpf::stale::nat_entries_in_use(&ct, ferry_bpf::stale::monotonic_ns()));
     Ok(ExitCode::SUCCESS)
 }
