@@ -98,6 +98,11 @@ impl ServicePort {
         self.endpoints.iter().filter(|e| e.is_serving())
     }
 
+    /// The `ip:port` of every serving endpoint: what a flow of this port may be steered to.
+    pub fn serving_addrs(&self) -> BTreeSet<std::net::SocketAddr> {
+        self.serving_endpoints().map(|e| e.addr()).collect()
+    }
+
     pub fn route(&self, kind: FrontendKind, source: SourceClass) -> Route {
         match kind {
             FrontendKind::ClusterIp => *self.internal.get(source),

@@ -317,15 +317,11 @@ impl BpfBackend {
     fn destroy_stale_udp_sockets(&self, plan: &Plan, diff: Option<&PlanDiff>) -> u64 {
         let Some(d) = diff else { return 0 };
         let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
-        let still_serving: std::collections::HashSet<std::net::SocketAddr> = plan
-            .services
-            .values()
-            .filter(|sp| udp(sp))
-            .flat_map(|sp| sp.serving_endpoints().map(|e| e.addr()))
-            .collect();
+        let still_serving: std::collections::HashSet<std::net::SocketAddr> =
+            plan.services.values().filter(|sp| udp(sp)).flat_map(|sp| sp.serving_addrs()).collect();
         let mut gone: BTreeSet<std::net::SocketAddr> = BTreeSet::new();
         for old in d.changed.iter().map(|c| &c.old).chain(d.removed.iter()).filter(|sp| udp(sp)) {
-            gone.extend(old.serving_endpoints().map(|e| e.addr()).filter(|a| !still_serving.contains(a)));
+            gone.extend(old.serving_addrs().into_iter().filter(|a| !still_serving.contains(a)));
         }
         if gone.is_empty() {
             return 0;
@@ -369,9 +365,7 @@ impl BpfBackend {
             }
             Some(d) => {
                 for c in d.changed.iter().filter(|c| udp(&c.new)) {
-                    let before: Vec<_> = c.old.serving_endpoints().map(|e| e.addr()).collect();
-                    let after: Vec<_> = c.new.serving_endpoints().map(|e| e.addr()).collect();
-                    if before != after
+                    if c.old.serving_addrs() != c.new.serving_addrs()
                         && let Some(id) = self.programmer.service_id(&c.new.id)
                     {
                         services.insert(id, serving(&c.new));
@@ -393,8 +387,7 @@ impl BpfBackend {
 /// DNATed), or it gained a frontend. Endpoints only being added make nothing
 /// stale, so a scale-up never lists the conntrack table.
 fn can_leave_stale_flows(old: &ServicePort, new: &ServicePort) -> bool {
-    let before: BTreeSet<std::net::SocketAddr> = old.serving_endpoints().map(|e| e.addr()).collect();
-    let after: BTreeSet<std::net::SocketAddr> = new.serving_endpoints().map(|e| e.addr()).collect();
+    let (before, after) = (old.serving_addrs(), new.serving_addrs());
     !before.is_subset(&after)
         || (before.is_empty() && !after.is_empty())
         || old.cluster_ip != new.cluster_ip
