@@ -35,15 +35,9 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mut tables = Vec::new();
-    for (family, name) in [
-        ("ip", ferry_nft::services::TABLE),
-        ("ip6", ferry_nft::services::TABLE),
-        ("inet", ferry_nft::masquerade::TABLE),
-    ] {
-        if ferry_nft::nft::table_exists(family, name) {
-            ferry_nft::nft::delete_table(family, name)?;
-            tables.push(format!("{family} {name}"));
-        }
+    for (family, name) in ferry_nft::owned_tables() {
+        ferry_nft::nft::delete_table(family, name)?;
+        tables.push(format!("{family} {name}"));
     }
     if !tables.is_empty() {
         println!("deleted nftables table(s) {}", tables.join(", "));

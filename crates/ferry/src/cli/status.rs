@@ -127,8 +127,11 @@ pub fn masquerade_line(d: &MapDump) -> String {
 
 pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if !ferry_bpf::install::is_installed(&args.pin_dir) {
-        let nft: Vec<&str> =
-            ["ip", "ip6"].into_iter().filter(|f| ferry_nft::nft::table_exists(f, ferry_nft::services::TABLE)).collect();
+        let nft: Vec<&str> = ferry_nft::owned_tables()
+            .into_iter()
+            .filter(|(_, name)| *name == ferry_nft::services::TABLE)
+            .map(|(family, _)| family)
+            .collect();
         if !nft.is_empty() {
             // The nftables datapath keeps its state in the kernel's ruleset, readable as is.
             for family in nft {
