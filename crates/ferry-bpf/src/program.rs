@@ -14,6 +14,15 @@
 //! The previous revision's slots are left in place (and counted as
 //! references) until the next change overwrites them, so a reader holding the
 //! old service entry always finds its slots and backends.
+//!
+//! Service ports are keyed by identity (`ServicePortId`), never by their
+//! display name: the names map holds a name cut to 119 bytes, for `ferry
+//! status` only. After a restart the mirror is rebuilt from the pinned maps
+//! (`adopt`) and each service port of the next Plan takes back the id that
+//! its frontends point at in the kernel (as Cilium restores its service ids),
+//! so an unchanged Plan rewrites nothing. A frontend is only ever deleted if
+//! no service port writes it in the same sync: when a frontend moves from
+//! one service port to another, the new owner's write is the whole change.
 
 use crate::entries::*;
 use ferry_model::{
@@ -63,6 +72,8 @@ pub fn canonical_name(id: &ServicePortId) -> String {
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Programmed {
     id: u32,
+    /// The display name in the names map (cut to fit).
+    name: String,
     svc: SvcVal,
     /// `[rev][set]` -> backend ids in slot order.
     slots: [[Vec<u32>; 2]; 2],
@@ -131,10 +142,16 @@ fn kind_order(op: &MapOp) -> u8 {
 #[derive(Debug, Default)]
 struct Ops {
     phases: [Vec<MapOp>; 8],
+    /// Frontends written by this sync: a deletion of one of them is dropped
+    /// (the frontend moved to another service port, whose write replaces it).
+    frontends_written: HashSet<FeKey>,
 }
 
 impl Ops {
     fn push(&mut self, op: MapOp) {
+        if let MapOp::PutFrontend(k, _) = &op {
+            self.frontends_written.insert(*k);
+        }
         let phase = match &op {
             MapOp::PutBackend(..) => 0,
             MapOp::PutSlot(..)
@@ -156,6 +173,8 @@ impl Ops {
         self.phases[phase].push(op);
     }
     fn into_vec(mut self) -> Vec<MapOp> {
+        let written = &self.frontends_written;
+        self.phases[4].retain(|op| !matches!(op, MapOp::DelFrontend(k) if written.contains(k)));
         // Order inside a phase carries no meaning; grouping by kind lets
         // `Maps::apply` write each run with one batch syscall.
         for phase in &mut self.phases {
@@ -214,10 +233,32 @@ pub struct MapDump {
     pub maglev: Vec<(u64, Vec<u32>)>,
 }
 
+/// Service ports read back by `adopt` that no Plan has claimed yet.
+#[derive(Debug, Clone, Default)]
+struct Adopted {
+    by_id: HashMap<u32, Programmed>,
+    by_frontend: HashMap<FeKey, u32>,
+    by_name: HashMap<String, Vec<u32>>,
+}
+
+impl Adopted {
+    fn take(&mut self, id: u32) -> Option<Programmed> {
+        let prog = self.by_id.remove(&id)?;
+        for k in prog.frontends.keys() {
+            self.by_frontend.remove(k);
+        }
+        if let Some(ids) = self.by_name.get_mut(&prog.name) {
+            ids.retain(|i| *i != id);
+        }
+        Some(prog)
+    }
+}
+
 /// Mirror of the programmed datapath; see the module documentation.
 #[derive(Debug, Clone, Default)]
 pub struct Programmer {
-    services: HashMap<String, Programmed>,
+    services: HashMap<ServicePortId, Programmed>,
+    adopted: Adopted,
     service_ids: IdPool,
     backends: BackendTable,
     markers: BTreeSet<FeKey>,
@@ -281,16 +322,17 @@ impl Programmer {
 
     /// The id a service port is programmed under.
     pub fn service_id(&self, id: &ServicePortId) -> Option<u32> {
-        self.services.get(&canonical_name(id)).map(|p| p.id)
+        self.services.get(id).map(|p| p.id)
     }
 
-    /// Number of service ports programmed.
+    /// Number of service ports programmed (adopted ones included).
     pub fn service_count(&self) -> usize {
-        self.services.len()
+        self.services.len() + self.adopted.by_id.len()
     }
 
     /// Rebuilds the mirror from the kernel's maps (agent restart). The next
-    /// `sync` then changes only what differs from the Plan.
+    /// `sync` (a full one) gives each service port of its Plan the id its
+    /// frontends have in the kernel, then changes only what differs.
     pub fn adopt(dump: &MapDump) -> Programmer {
         let mut p = Programmer::default();
         let services: HashMap<u32, SvcVal> = dump.services.iter().copied().collect();
@@ -350,8 +392,13 @@ impl Programmer {
             p.backends.entries.insert(*id, (*be, n));
         }
         for (id, name) in &dump.names {
-            if let Some(prog) = by_id.remove(id) {
-                p.services.insert(name.clone(), prog);
+            if let Some(mut prog) = by_id.remove(id) {
+                prog.name = name.clone();
+                for k in prog.frontends.keys() {
+                    p.adopted.by_frontend.insert(*k, *id);
+                }
+                p.adopted.by_name.entry(name.clone()).or_default().push(*id);
+                p.adopted.by_id.insert(*id, prog);
             }
         }
         p.locals = dump.locals.iter().copied().collect();
@@ -376,57 +423,92 @@ impl Programmer {
 
     /// The operations that bring the datapath from what was programmed to
     /// `plan`. With `diff`, only the service ports it names are examined;
-    /// without, everything is.
+    /// without (or right after `adopt`), everything is.
     pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>, rt: &NodeRuntime) -> Vec<MapOp> {
         let mut ops = Ops::default();
-        let full = diff.is_none_or(|d| d.node_changed);
-        let touched: HashSet<String> = if full {
+        let full = diff.is_none() || !self.adopted.by_id.is_empty();
+        let mut touched: Vec<&ServicePortId> = if full {
             self.orphan_backends(&mut ops);
-            plan.services.keys().map(canonical_name).chain(self.services.keys().cloned()).collect()
+            self.claim_adopted(plan);
+            let mut all: Vec<&ServicePortId> = plan.services.keys().collect();
+            all.extend(self.services.keys().filter(|id| !plan.services.contains_key(*id)));
+            all
         } else {
             let d = diff.expect("not full");
-            let mut t: HashSet<String> = d.touched().into_iter().map(canonical_name).collect();
-            for (_, f) in d.frontends_added.iter().chain(&d.frontends_removed) {
-                t.insert(canonical_name(&f.service));
-            }
+            let mut t: Vec<&ServicePortId> = d.touched().into_iter().collect();
+            t.extend(d.frontends_added.iter().chain(&d.frontends_removed).map(|(_, f)| &f.service));
             t
         };
-        let by_name: HashMap<String, &ServicePortId> = if full {
-            plan.services.keys().map(|id| (canonical_name(id), id)).collect()
-        } else {
-            let d = diff.expect("not full");
-            d.added
-                .iter()
-                .map(|s| &s.id)
-                .chain(d.changed.iter().map(|c| &c.new.id))
-                .chain(d.frontends_added.iter().map(|(_, f)| &f.service))
-                .chain(d.frontends_removed.iter().map(|(_, f)| &f.service))
-                .map(|id| (canonical_name(id), id))
-                .collect()
-        };
-        let mut touched: Vec<String> = touched.into_iter().collect();
         touched.sort();
-        for name in touched {
-            match by_name.get(&name).and_then(|id| plan.services.get(*id)) {
-                Some(sp) => self.upsert(&name, sp, plan, rt, &mut ops),
-                None => self.remove(&name, &mut ops),
+        touched.dedup();
+        let touched: Vec<ServicePortId> = touched.into_iter().cloned().collect();
+        for id in &touched {
+            match plan.services.get(id) {
+                Some(sp) => self.upsert(sp, plan, rt, &mut ops),
+                None => self.remove(id, &mut ops),
             }
         }
-        if full || diff.is_some_and(|d| d.cluster_ips_changed) {
-            self.sync_node(plan, rt, &mut ops);
+        // Whatever was pinned and no service port of the Plan took back.
+        let leftover: Vec<u32> = self.adopted.by_id.keys().copied().collect();
+        for id in leftover {
+            if let Some(prog) = self.adopted.take(id) {
+                self.remove_programmed(prog, &mut ops);
+            }
+        }
+        match diff {
+            Some(d) if !full && !d.node_changed => {
+                self.sync_markers(&d.cluster_ips_added, &d.cluster_ips_removed, &mut ops)
+            }
+            _ => self.sync_node(plan, rt, &mut ops),
         }
         self.service_ids.settle();
         self.backends.ids.settle();
         ops.into_vec()
     }
 
-    fn upsert(&mut self, name: &str, sp: &ServicePort, plan: &Plan, rt: &NodeRuntime, ops: &mut Ops) {
-        let mut prog = self.services.remove(name).unwrap_or_default();
+    /// After `adopt`: each service port of `plan` takes back the id one of
+    /// its frontends has in the kernel, else the id registered under its
+    /// display name (when only one has it).
+    fn claim_adopted(&mut self, plan: &Plan) {
+        if self.adopted.by_id.is_empty() {
+            return;
+        }
+        for (key, owner) in plan.frontends.iter() {
+            if self.services.contains_key(&owner.service) {
+                continue;
+            }
+            if let Some(&id) = self.adopted.by_frontend.get(&fe_key(key))
+                && let Some(prog) = self.adopted.take(id)
+            {
+                self.services.insert(owner.service.clone(), prog);
+            }
+        }
+        for id in plan.services.keys() {
+            if self.services.contains_key(id) {
+                continue;
+            }
+            let name = truncate_name(&canonical_name(id));
+            let found = match self.adopted.by_name.get(&name).map(Vec::as_slice) {
+                Some([only]) => Some(*only),
+                _ => None,
+            };
+            if let Some(prog) = found.and_then(|n| self.adopted.take(n)) {
+                self.services.insert(id.clone(), prog);
+            }
+        }
+    }
+
+    fn upsert(&mut self, sp: &ServicePort, plan: &Plan, rt: &NodeRuntime, ops: &mut Ops) {
+        let mut prog = self.services.remove(&sp.id).unwrap_or_default();
         let is_new = prog.id == 0;
         if is_new {
             prog.id = self.service_ids.take();
             prog.svc.rev = 1; // so the first write goes to revision 0
-            ops.push(MapOp::PutName(prog.id, truncate_name(name)));
+        }
+        let name = truncate_name(&canonical_name(&sp.id));
+        if is_new || prog.name != name {
+            ops.push(MapOp::PutName(prog.id, name.clone()));
+            prog.name = name;
         }
         let id = prog.id;
 
@@ -565,11 +647,16 @@ impl Programmer {
             }
         }
         prog.frontends = frontends;
-        self.services.insert(name.to_string(), prog);
+        self.services.insert(sp.id.clone(), prog);
     }
 
-    fn remove(&mut self, name: &str, ops: &mut Ops) {
-        let Some(prog) = self.services.remove(name) else { return };
+    fn remove(&mut self, id: &ServicePortId, ops: &mut Ops) {
+        if let Some(prog) = self.services.remove(id) {
+            self.remove_programmed(prog, ops);
+        }
+    }
+
+    fn remove_programmed(&mut self, prog: Programmed, ops: &mut Ops) {
         let id = prog.id;
         for k in prog.frontends.keys() {
             ops.push(MapOp::DelFrontend(*k));
@@ -681,11 +768,7 @@ impl Programmer {
         }
         self.devices = rt.devices.clone();
 
-        let markers: BTreeSet<FeKey> = plan
-            .cluster_ips
-            .iter()
-            .map(|ip| FeKey { addr: words(ip), port: 0, proto: 0, family: family_of(ip) })
-            .collect();
+        let markers: BTreeSet<FeKey> = plan.cluster_ips.iter().map(marker_key).collect();
         for k in markers.difference(&self.markers) {
             ops.push(MapOp::PutFrontend(*k, FeVal { service: 0, kind: FE_CLUSTER_IP_ANY_PORT, flags: 0 }));
         }
@@ -694,6 +777,27 @@ impl Programmer {
         }
         self.markers = markers;
     }
+
+    /// ClusterIPs that came into or went out of use: their any-port markers.
+    fn sync_markers(&mut self, added: &[std::net::IpAddr], removed: &[std::net::IpAddr], ops: &mut Ops) {
+        for ip in removed {
+            let k = marker_key(ip);
+            if self.markers.remove(&k) {
+                ops.push(MapOp::DelFrontend(k));
+            }
+        }
+        for ip in added {
+            let k = marker_key(ip);
+            if self.markers.insert(k) {
+                ops.push(MapOp::PutFrontend(k, FeVal { service: 0, kind: FE_CLUSTER_IP_ANY_PORT, flags: 0 }));
+            }
+        }
+    }
+}
+
+/// The frontend that marks an address as a ClusterIP (other ports are rejected).
+fn marker_key(ip: &std::net::IpAddr) -> FeKey {
+    FeKey { addr: words(ip), port: 0, proto: 0, family: family_of(ip) }
 }
 
 /// Names longer than the map's field are cut; they are for display only.

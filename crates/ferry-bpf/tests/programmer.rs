@@ -305,3 +305,226 @@ fn routes_become_actions() {
     let s1 = &k.services[&k.frontends[&fe("172.30.0.2", 80)].service];
     assert_eq!(s1.action[1][0], ACT_FORWARD_CLUSTER | ACT_MASQ, "eTP Cluster masquerades pods too");
 }
+
+/// What the datapath does, independent of the ids chosen: each frontend
+/// resolved to its service's name, actions and live backends, plus the node
+/// entries. Two kernels with equal views serve every packet alike.
+fn view(k: &Kernel) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let backend = |id: &u32| {
+        let b = &k.backends[id];
+        format!("{}:{}/{}", ip_of(&b.addr, b.family), b.port, b.flags)
+    };
+    let service = |id: u32| {
+        let s = &k.services[&id];
+        let sets: Vec<Vec<String>> = (0..2u8)
+            .map(|set| {
+                (0..s.count[set as usize])
+                    .map(|slot| backend(&k.slots[&SlotKey { service: id, rev: s.rev, set, slot }]))
+                    .collect()
+            })
+            .collect();
+        let members: BTreeSet<String> = k
+            .members
+            .iter()
+            .filter(|(m, _)| m.service == id)
+            .map(|(m, sets)| format!("{}={sets}", backend(&m.backend)))
+            .collect();
+        let fw: BTreeSet<String> =
+            k.firewall.iter().filter(|f| f.service == id).map(|f| format!("{:?}/{}", f.addr, f.prefixlen)).collect();
+        format!(
+            "{} action={:?} flags={} affinity={} sets={sets:?} members={members:?} fw={fw:?}",
+            k.names[&id], s.action, s.flags, s.affinity_timeout
+        )
+    };
+    for (fk, fv) in &k.frontends {
+        if fv.kind == FE_CLUSTER_IP_ANY_PORT {
+            out.insert(format!("marker {fk:?}"));
+        } else {
+            out.insert(format!("fe {fk:?} kind={} flags={} -> {}", fv.kind, fv.flags, service(fv.service)));
+        }
+    }
+    let mut names: Vec<&String> = k.names.values().collect();
+    names.sort();
+    out.insert(format!("services {names:?}"));
+    out.insert(format!("locals {:?} ranges {:?} config {:?} devices {:?}", k.locals, k.ranges, k.config, k.devices));
+    out
+}
+
+/// Nothing programmed that nothing uses: every backend in a slot, every slot,
+/// member and name of a service that exists.
+fn assert_no_leftovers(k: &Kernel) {
+    let used: BTreeSet<u32> = k.slots.values().copied().collect();
+    assert!(k.backends.keys().all(|b| used.contains(b)), "unreferenced backends");
+    assert!(k.slots.keys().all(|s| k.services.contains_key(&s.service)), "slots of a missing service");
+    assert!(k.members.keys().all(|m| k.services.contains_key(&m.service)), "members of a missing service");
+    assert_eq!(k.names.keys().collect::<Vec<_>>(), k.services.keys().collect::<Vec<_>>(), "names and services differ");
+}
+
+mod properties {
+    use super::*;
+    use ferry_model::Planner;
+    use proptest::prelude::*;
+
+    const LONG_NS: &str = "a-namespace-name-that-is-exactly-sixty-three-characters-long-xx";
+    const LONG_NAME: &str = "a-service-name-that-is-also-exactly-sixty-three-characters-yyyy";
+
+    /// One Service of a small universe where names are long, ClusterIPs and
+    /// external addresses collide and move, and endpoints come and go.
+    /// (extra ports, ClusterIP, external IPs, NodePort?, endpoints); `None`: deleted.
+    type ServiceState = Option<(usize, &'static str, Vec<&'static str>, bool, Vec<&'static str>)>;
+
+    fn service_state() -> impl Strategy<Value = ServiceState> {
+        prop::option::of((
+            0usize..3,
+            prop::sample::select(&["172.30.0.1", "172.30.0.2", "172.30.0.3"][..]),
+            prop::collection::vec(prop::sample::select(&["172.30.0.1", "203.0.113.7"][..]), 0..2),
+            any::<bool>(),
+            prop::collection::vec(prop::sample::select(&["10.1.0.1", "10.1.0.2", "10.1.0.3"][..]), 0..3),
+        ))
+    }
+
+    fn names(i: usize) -> (&'static str, &'static str) {
+        [("ns", "a"), ("ns", "b"), (LONG_NS, LONG_NAME)][i]
+    }
+
+    /// The changes that take the cluster to `states` (one entry per Service slot).
+    fn changes(states: &[ServiceState]) -> Vec<StateChange> {
+        let mut out = Vec::new();
+        for (slot, st) in states.iter().enumerate() {
+            let (ns, name) = names(slot);
+            match st {
+                None => {
+                    out.push(StateChange::ServiceDeleted(ferry_model::ObjectKey::new(ns, name)));
+                    out.push(StateChange::EndpointSliceDeleted(ferry_model::ObjectKey::new(ns, format!("{name}-1"))));
+                }
+                Some((ports, cip, eips, node_port, eps)) => {
+                    let port_list: Vec<_> = (0..=*ports)
+                        .map(|p| {
+                            let pname = if p == 0 { "a-port-name-15c".to_string() } else { format!("p{p}") };
+                            json!({"name": pname, "port": 80 + p as i64, "protocol": if p == 2 { "UDP" } else { "TCP" },
+                                   "nodePort": if *node_port { json!(30080 + p as i64) } else { json!(null) }})
+                        })
+                        .collect();
+                    let svc = json!({"metadata": {"name": name, "namespace": ns},
+                        "spec": {"type": if *node_port { "NodePort" } else { "ClusterIP" }, "clusterIP": cip,
+                                 "externalIPs": eips, "ports": port_list}});
+                    let slice_ports: Vec<_> = (0..=*ports)
+                        .map(|p| {
+                            let pname = if p == 0 { "a-port-name-15c".to_string() } else { format!("p{p}") };
+                            json!({"name": pname, "port": 8080 + p as i64, "protocol": if p == 2 { "UDP" } else { "TCP" }})
+                        })
+                        .collect();
+                    let endpoints: Vec<_> =
+                        eps.iter().map(|ip| json!({"addresses": [ip], "nodeName": "node-a"})).collect();
+                    let slice = json!({"metadata": {"name": format!("{name}-1"), "namespace": ns,
+                                                    "labels": {"kubernetes.io/service-name": name}},
+                        "addressType": "IPv4", "endpoints": endpoints, "ports": slice_ports});
+                    out.push(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap())));
+                    out.push(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// After any sequence of Plans: incremental syncs, one fresh full sync
+        /// and adopt + full sync all leave the same datapath; adopt + sync of
+        /// an unchanged Plan writes nothing; and every prefix of every batch is
+        /// consistent (checked by `apply_all`).
+        #[test]
+        fn incremental_fresh_and_adopted_datapaths_agree(
+            steps in prop::collection::vec(prop::collection::vec(service_state(), 3), 1..8)
+        ) {
+            let mut planner = Planner::new(cfg());
+            let mut p = Programmer::new();
+            let mut k = Kernel::default();
+            let mut first = true;
+            for states in &steps {
+                for c in changes(states) {
+                    planner.apply(c);
+                }
+                let (plan, diff) = planner.sync();
+                let ops = if first { p.sync(&plan, None, &rt()) } else { p.sync(&plan, Some(&diff), &rt()) };
+                first = false;
+                k.apply_all(&ops);
+                assert_no_leftovers(&k);
+
+                let mut fresh = Kernel::default();
+                fresh.apply_all(&Programmer::new().sync(&plan, None, &rt()));
+                prop_assert_eq!(view(&k), view(&fresh), "incremental and fresh datapaths differ");
+
+                let mut adopted = Programmer::adopt(&k.dump());
+                let ops = adopted.sync(&plan, None, &rt());
+                prop_assert!(ops.is_empty(), "adopt + sync of the programmed Plan wrote {:#?}", ops);
+                // The agent carries on with the adopted mirror half the time.
+                if steps.len() % 2 == 0 {
+                    p = adopted;
+                }
+            }
+        }
+    }
+}
+
+/// A frontend handed from a deleted Service to a new one in one sync stays
+/// programmed (the old owner's removal used to delete the new owner's write).
+#[test]
+fn a_cluster_ip_moved_to_another_service_in_one_sync_keeps_its_frontend() {
+    let svc = |name: &str| {
+        json!({"metadata": {"name": name, "namespace": "ns"},
+               "spec": {"clusterIP": "172.30.0.1", "ports": [{"name": "http", "port": 80}]}})
+    };
+    let slice = |name: &str, ip: &str| {
+        json!({"metadata": {"name": format!("{name}-1"), "namespace": "ns", "labels": {"kubernetes.io/service-name": name}},
+               "addressType": "IPv4", "endpoints": [{"addresses": [ip]}], "ports": [{"name": "http", "port": 8080}]})
+    };
+    let mut planner = ferry_model::Planner::new(cfg());
+    planner.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc("old")).unwrap())));
+    planner
+        .apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice("old", "10.1.0.1")).unwrap())));
+    let (plan, _) = planner.sync();
+    let mut p = Programmer::new();
+    let mut k = Kernel::default();
+    k.apply_all(&p.sync(&plan, None, &rt()));
+
+    planner.apply(StateChange::ServiceDeleted(ferry_model::ObjectKey::new("ns", "old")));
+    planner.apply(StateChange::EndpointSliceDeleted(ferry_model::ObjectKey::new("ns", "old-1")));
+    planner.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc("new")).unwrap())));
+    planner
+        .apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice("new", "10.1.0.2")).unwrap())));
+    let (plan, diff) = planner.sync();
+    k.apply_all(&p.sync(&plan, Some(&diff), &rt()));
+    let got: Vec<String> = k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).iter().map(|(ip, _)| ip.to_string()).collect();
+    assert_eq!(got, ["10.1.0.2"]);
+    assert!(k.names.values().any(|n| n.starts_with("ns/new:http")), "{:?}", k.names);
+}
+
+/// A service port whose name does not fit the names map keeps its id and
+/// its frontend across adopt + resync (it used to be re-created, and its
+/// frontend deleted, after every restart).
+#[test]
+fn a_long_named_service_port_survives_adopt_and_resync() {
+    let ns = "a-namespace-name-that-is-exactly-sixty-three-characters-long-xx";
+    let name = "a-service-name-that-is-also-exactly-sixty-three-characters-yyyy";
+    let svc = json!({"metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": "172.30.0.1", "ports": [{"name": "a-port-name-15c", "port": 80}]}});
+    let slice = json!({"metadata": {"name": "s-1", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.1.0.1"]}], "ports": [{"name": "a-port-name-15c", "port": 8080}]});
+    let mut state = ClusterState::default();
+    state.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap())));
+    state.apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+    let plan = build_plan(&state, &cfg());
+    assert!(ferry_bpf::canonical_name(plan.services.keys().next().unwrap()).len() > NAME_LEN);
+    let mut k = Kernel::default();
+    k.apply_all(&Programmer::new().sync(&plan, None, &rt()));
+    for round in 0..3 {
+        let mut adopted = Programmer::adopt(&k.dump());
+        let ops = adopted.sync(&plan, None, &rt());
+        assert!(ops.is_empty(), "round {round}: {ops:#?}");
+        k.apply_all(&ops);
+        assert_eq!(k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).len(), 1, "round {round}");
+    }
+}

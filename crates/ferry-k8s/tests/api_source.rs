@@ -149,6 +149,7 @@ fn describe(event: &SourceEvent) -> String {
         }
         SourceEvent::Synced => "synced".into(),
         SourceEvent::WatchError { kind, .. } => format!("error {kind}"),
+        SourceEvent::Checkpoint(_) => "checkpoint".into(),
     }
 }
 

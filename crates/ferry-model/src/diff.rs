@@ -1,8 +1,11 @@
 //! `Plan::diff`: the minimal set of changes between two Plans.
 //!
 //! Backends apply a diff instead of rebuilding the world: one endpoint change
-//! touches one service port. Unchanged service ports are shared (`Arc`)
-//! between consecutive Plans, so comparing them is a pointer check first.
+//! touches one service port. The incremental planner produces the diff as it
+//! plans; `Plan::diff` computes it from two whole Plans (after a failed
+//! apply, and as the planner's oracle in tests). Unchanged service ports are
+//! shared (`Arc`) between consecutive Plans, so comparing them is a pointer
+//! check first.
 
 use crate::plan::{Frontend, FrontendKey, Plan, ServicePort, ServicePortId};
 use std::collections::BTreeSet;
@@ -30,7 +33,9 @@ pub struct PlanDiff {
     pub frontends_removed: Vec<(FrontendKey, Frontend)>,
     /// Node facts (addresses, detector, CIDRs, masquerade settings) changed.
     pub node_changed: bool,
-    pub cluster_ips_changed: bool,
+    /// ClusterIPs that came into use / went out of use (sorted).
+    pub cluster_ips_added: Vec<std::net::IpAddr>,
+    pub cluster_ips_removed: Vec<std::net::IpAddr>,
     pub health_checks_changed: bool,
 }
 
@@ -42,8 +47,12 @@ impl PlanDiff {
             && self.frontends_added.is_empty()
             && self.frontends_removed.is_empty()
             && !self.node_changed
-            && !self.cluster_ips_changed
+            && !self.cluster_ips_changed()
             && !self.health_checks_changed
+    }
+
+    pub fn cluster_ips_changed(&self) -> bool {
+        !self.cluster_ips_added.is_empty() || !self.cluster_ips_removed.is_empty()
     }
 
     /// Service ports touched in any way.
@@ -54,6 +63,21 @@ impl PlanDiff {
             .chain(self.removed.iter().map(|s| &s.id))
             .chain(self.changed.iter().map(|c| &c.new.id))
             .collect()
+    }
+}
+
+impl ServicePortChange {
+    /// The change from `old` to `new` (the same service port, different values).
+    pub fn between(old: &Arc<ServicePort>, new: &Arc<ServicePort>) -> ServicePortChange {
+        let before: BTreeSet<SocketAddr> = old.endpoints.iter().map(|e| e.addr()).collect();
+        let after: BTreeSet<SocketAddr> = new.endpoints.iter().map(|e| e.addr()).collect();
+        ServicePortChange {
+            old: old.clone(),
+            new: new.clone(),
+            endpoints_added: after.difference(&before).copied().collect(),
+            endpoints_removed: before.difference(&after).copied().collect(),
+            only_endpoints: same_shape(old, new),
+        }
     }
 }
 
@@ -77,7 +101,8 @@ impl Plan {
     pub fn diff(old: &Plan, new: &Plan) -> PlanDiff {
         let mut d = PlanDiff {
             node_changed: old.node != new.node,
-            cluster_ips_changed: old.cluster_ips != new.cluster_ips,
+            cluster_ips_added: new.cluster_ips.iter().filter(|ip| !old.cluster_ips.contains(*ip)).copied().collect(),
+            cluster_ips_removed: old.cluster_ips.iter().filter(|ip| !new.cluster_ips.contains(*ip)).copied().collect(),
             health_checks_changed: old.health_check_node_ports != new.health_check_node_ports,
             ..Default::default()
         };
@@ -85,17 +110,7 @@ impl Plan {
             match new.services.get(id) {
                 None => d.removed.push(o.clone()),
                 Some(n) if Arc::ptr_eq(o, n) || o == n => {}
-                Some(n) => {
-                    let before: BTreeSet<SocketAddr> = o.endpoints.iter().map(|e| e.addr()).collect();
-                    let after: BTreeSet<SocketAddr> = n.endpoints.iter().map(|e| e.addr()).collect();
-                    d.changed.push(ServicePortChange {
-                        old: o.clone(),
-                        new: n.clone(),
-                        endpoints_added: after.difference(&before).copied().collect(),
-                        endpoints_removed: before.difference(&after).copied().collect(),
-                        only_endpoints: same_shape(o, n),
-                    });
-                }
+                Some(n) => d.changed.push(ServicePortChange::between(o, n)),
             }
         }
         for (id, n) in &new.services {

@@ -1,9 +1,11 @@
 //! Reading discovery.k8s.io/v1 EndpointSlices into per-service-port endpoint lists.
 //!
-//! All slices of a Service are merged; the DNAT port of an endpoint is the slice
-//! port whose (name, protocol) equals the Service port's (`targetPort` is never
-//! consulted, exactly as kube-proxy). One bad endpoint is skipped on its own; a
-//! slice that cannot be attributed to a Service is skipped whole.
+//! Each slice is read on its own into a compact [`SliceRead`] (the planner
+//! keeps those, not the API objects); all slices of a Service are then merged.
+//! The DNAT port of an endpoint is the slice port whose (name, protocol)
+//! equals the Service port's (`targetPort` is never consulted, exactly as
+//! kube-proxy). One bad endpoint is skipped on its own; a slice that cannot be
+//! attributed to a Service is skipped whole.
 
 use crate::addr::{IpFamily, parse_ip_sloppy};
 use crate::node_config::NodeConfig;
@@ -13,7 +15,7 @@ use crate::service::{LABEL_HEADLESS, handled_by_other_proxy};
 use crate::state::ObjectKey;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 /// Label linking an EndpointSlice to its Service.
@@ -59,21 +61,66 @@ impl Endpoint {
 /// Endpoints of one Service, per family and per (port name, protocol).
 pub type ServiceEndpoints = BTreeMap<(IpFamily, String, Protocol), Vec<Endpoint>>;
 
-/// Groups every slice by the Service it belongs to and merges their endpoints.
-/// Returns the merged endpoints and the problems found.
-pub fn read_endpoint_slices<'a>(
-    slices: impl IntoIterator<Item = (&'a ObjectKey, &'a EndpointSlice)>,
-    cfg: &NodeConfig,
-) -> (BTreeMap<ObjectKey, ServiceEndpoints>, Vec<ObjectError>) {
-    let mut by_service: BTreeMap<ObjectKey, ServiceEndpoints> = BTreeMap::new();
-    let mut errors = Vec::new();
-    for (key, slice) in slices {
-        if let Some((service, family)) = slice_owner(key, slice, cfg, &mut errors) {
-            let merged = by_service.entry(service).or_default();
-            merge_slice(key, slice, family, cfg, merged, &mut errors);
+/// The Service and family a slice serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceOwner {
+    pub service: ObjectKey,
+    pub family: IpFamily,
+}
+
+/// One EndpointSlice read into the little planning needs: its owner, its
+/// ports and its endpoints (with port 0 until merged), and what was wrong
+/// with it. The API object itself is not kept.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SliceRead {
+    /// `None`: not ours (headless, another proxy's, FQDN) or unattributable.
+    pub owner: Option<SliceOwner>,
+    pub ports: Vec<(String, Protocol, u16)>,
+    pub endpoints: Vec<Endpoint>,
+    pub problems: Vec<ObjectError>,
+}
+
+/// Reads one slice (see [`SliceRead`]).
+pub fn read_slice(key: &ObjectKey, slice: &EndpointSlice, cfg: &NodeConfig) -> SliceRead {
+    let mut problems = Vec::new();
+    let owner = slice_owner(key, slice, cfg, &mut problems);
+    let (ports, endpoints) = match &owner {
+        Some(o) => (read_ports(key, slice, &mut problems), read_endpoints(key, slice, o.family, cfg, &mut problems)),
+        None => (Vec::new(), Vec::new()),
+    };
+    SliceRead { owner, ports, endpoints, problems }
+}
+
+/// Merges the slices of one Service, in the order given (slice key order).
+/// The same address may appear in two slices while pods move; one copy is
+/// kept, the local one if any, as kube-proxy does. Linear in the endpoints.
+pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> ServiceEndpoints {
+    let mut merged = ServiceEndpoints::new();
+    // Per service port, where each address:port sits in its list.
+    type Positions = HashMap<(IpAddr, u16), usize>;
+    let mut seen: HashMap<(IpFamily, String, Protocol), Positions> = HashMap::new();
+    for read in slices {
+        let Some(owner) = &read.owner else { continue };
+        for (name, protocol, port) in &read.ports {
+            let k = (owner.family, name.clone(), *protocol);
+            let list = merged.entry(k.clone()).or_default();
+            let index = seen.entry(k).or_default();
+            for ep in &read.endpoints {
+                match index.get(&(ep.ip, *port)) {
+                    Some(&i) => {
+                        if ep.local && !list[i].local {
+                            list[i] = Endpoint { port: *port, ..ep.clone() };
+                        }
+                    }
+                    None => {
+                        index.insert((ep.ip, *port), list.len());
+                        list.push(Endpoint { port: *port, ..ep.clone() });
+                    }
+                }
+            }
         }
     }
-    (by_service, errors)
+    merged
 }
 
 /// The Service and family a slice serves, or `None` if the slice is not ours.
@@ -82,7 +129,7 @@ fn slice_owner(
     slice: &EndpointSlice,
     cfg: &NodeConfig,
     errors: &mut Vec<ObjectError>,
-) -> Option<(ObjectKey, IpFamily)> {
+) -> Option<SliceOwner> {
     let labels = slice.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) || handled_by_other_proxy(labels, cfg).is_some() {
         return None;
@@ -111,17 +158,10 @@ fn slice_owner(
         ));
         return None;
     };
-    Some((ObjectKey::new(key.namespace.clone(), service.clone()), family))
+    Some(SliceOwner { service: ObjectKey::new(key.namespace.clone(), service.clone()), family })
 }
 
-fn merge_slice(
-    key: &ObjectKey,
-    slice: &EndpointSlice,
-    family: IpFamily,
-    cfg: &NodeConfig,
-    merged: &mut ServiceEndpoints,
-    errors: &mut Vec<ObjectError>,
-) {
+fn read_ports(key: &ObjectKey, slice: &EndpointSlice, errors: &mut Vec<ObjectError>) -> Vec<(String, Protocol, u16)> {
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let field = format!("ports[{i}]");
@@ -153,7 +193,16 @@ fn merge_slice(
         };
         ports.push((p.name.clone().unwrap_or_default(), protocol, port));
     }
+    ports
+}
 
+fn read_endpoints(
+    key: &ObjectKey,
+    slice: &EndpointSlice,
+    family: IpFamily,
+    cfg: &NodeConfig,
+    errors: &mut Vec<ObjectError>,
+) -> Vec<Endpoint> {
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
         let field = format!("endpoints[{i}].addresses[0]");
@@ -203,21 +252,5 @@ fn merge_slice(
             node_hints,
         });
     }
-
-    for (name, protocol, port) in ports {
-        let list = merged.entry((family, name, protocol)).or_default();
-        for ep in &endpoints {
-            let ep = Endpoint { port, ..ep.clone() };
-            // The same address may appear in two slices while pods move; keep
-            // one copy and prefer the local one, as kube-proxy does.
-            match list.iter_mut().find(|e| e.ip == ep.ip && e.port == ep.port) {
-                Some(existing) => {
-                    if ep.local && !existing.local {
-                        *existing = ep;
-                    }
-                }
-                None => list.push(ep),
-            }
-        }
-    }
+    endpoints
 }

@@ -2,7 +2,8 @@
 //! configuration in, a `Plan` out. Pure functions, no I/O.
 //!
 //! ```text
-//! ClusterState + NodeConfig --build_plan--> Plan --Plan::diff--> PlanDiff --> backends
+//! changes --Planner::apply--> dirty Services --Planner::sync--> (Arc<Plan>, PlanDiff) --> backends
+//! ClusterState + NodeConfig --build_plan--> Plan   (the same Plan from scratch: the planner's oracle)
 //!                                             \--explain(flow)--> Explanation
 //! ```
 //!
@@ -19,7 +20,9 @@ pub mod endpoints;
 pub mod explain;
 pub mod maglev;
 pub mod node_config;
+pub mod node_info;
 pub mod plan;
+pub mod planner;
 pub mod problem;
 pub mod protocol;
 pub mod route;
@@ -34,8 +37,9 @@ pub use endpoints::Endpoint;
 pub use explain::{Explanation, Flow, Verdict, explain};
 pub use node_config::{LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses};
 pub use plan::{
-    Frontend, FrontendAddr, FrontendKey, FrontendKind, NodeFacts, Plan, ServicePort, ServicePortId, build_plan,
+    Claim, Frontend, FrontendAddr, FrontendKey, FrontendKind, NodeFacts, Plan, ServicePort, ServicePortId, build_plan,
 };
+pub use planner::Planner;
 pub use problem::{Consequence, ObjectError, ObjectKind};
 pub use protocol::Protocol;
 pub use route::{EndpointSet, MasqReason, PerSource, Route, RouteReason, SourceClass};

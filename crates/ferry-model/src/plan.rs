@@ -4,17 +4,27 @@
 //! skips (and reports) malformed ones, and produces one `ServicePort` per
 //! (service, port, family) with its frontends, endpoint sets and the route
 //! taken by each source class. The frontend table maps every address:port a
-//! packet can be sent to onto the service port that owns it.
+//! packet can be sent to onto the service port that owns it; ownership is
+//! policy, not iteration order (see [`Claim`]).
+//!
+//! `build_plan` plans the whole cluster from scratch. The agent uses the
+//! incremental [`crate::planner::Planner`], which re-plans only what changed
+//! with the same per-service functions (`plan_service`, `frontend_claims`);
+//! `build_plan` stays as the oracle the planner is tested against. The
+//! Plan's large tables are persistent maps, so handing a Plan to the sync
+//! thread (`Arc<Plan>`) and changing one service port are both cheap.
 
 use crate::addr::{IpFamily, fmt_addr_port};
-use crate::endpoints::{Endpoint, ServiceEndpoints, read_endpoint_slices};
+use crate::endpoints::{Endpoint, ServiceEndpoints, merge_slices, read_slice};
 use crate::node_config::{LocalDetector, NodeConfig};
+use crate::node_info::NodeInfo;
 use crate::problem::{ObjectError, ObjectKind};
 use crate::protocol::Protocol;
 use crate::route::{EndpointSet, MasqReason, PerSource, Route, RouteReason, SourceClass};
 use crate::service::{IgnoreReason, ServiceInfo, ServiceRead, read_service};
 use crate::state::{ClusterState, ObjectKey};
 use crate::topology::{Categorized, TopologyContext, categorize};
+use imbl::{OrdMap, OrdSet};
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -214,27 +224,41 @@ impl NodeFacts {
     }
 }
 
-/// Everything a backend applies.
+/// Everything a backend applies. Cloning is cheap: the tables are persistent
+/// maps sharing their nodes with the clone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub node: NodeFacts,
-    pub services: BTreeMap<ServicePortId, Arc<ServicePort>>,
-    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    pub services: OrdMap<ServicePortId, Arc<ServicePort>>,
+    pub frontends: OrdMap<FrontendKey, Frontend>,
     /// Every ClusterIP in use: other ports on them are rejected.
-    pub cluster_ips: BTreeSet<IpAddr>,
+    pub cluster_ips: OrdSet<IpAddr>,
     /// Health-check node ports (TCP) and the Service each belongs to.
-    pub health_check_node_ports: BTreeMap<u16, ObjectKey>,
+    pub health_check_node_ports: OrdMap<u16, ObjectKey>,
+    /// Sorted and without duplicates.
     pub problems: Vec<ObjectError>,
-    pub ignored: BTreeMap<ObjectKey, IgnoreReason>,
+    pub ignored: OrdMap<ObjectKey, IgnoreReason>,
 }
 
 impl Plan {
+    /// The service ports of one Service, in id order (a range of the table,
+    /// not a scan).
+    pub fn ports_of<'a>(&'a self, service: &'a ObjectKey) -> impl Iterator<Item = &'a Arc<ServicePort>> + 'a {
+        let first = ServicePortId {
+            service: service.clone(),
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+            family: IpFamily::V4,
+        };
+        self.services.range(first..).take_while(move |(id, _)| &id.service == service).map(|(_, sp)| sp)
+    }
+
     /// The frontend a packet to `dst:port/protocol` hits, if any, with the
     /// NodePort addresses resolved.
     pub fn frontend_for(&self, dst: IpAddr, port: u16, protocol: Protocol) -> Option<(&FrontendKey, &Frontend)> {
         let exact = FrontendKey { addr: FrontendAddr::Ip(dst), port, protocol };
         if let Some(found) = self.frontends.get_key_value(&exact) {
-            return Some(found);
+            return Some((found.0, found.1));
         }
         if self.node.node_port_addresses.contains(&dst) {
             let np = FrontendKey { addr: FrontendAddr::NodePort(IpFamily::of(&dst)), port, protocol };
@@ -244,20 +268,16 @@ impl Plan {
     }
 }
 
-fn node_facts(state: &ClusterState, cfg: &NodeConfig) -> NodeFacts {
-    let node = state.nodes.get(&cfg.node_name);
-    let zone = cfg
-        .zone
-        .clone()
-        .or_else(|| node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_ZONE)).cloned())
-        .filter(|z| !z.is_empty());
+/// The node's facts from its configuration and the Node objects (this node's
+/// zone and pod CIDRs, the other nodes' addresses).
+pub fn node_facts(nodes: &BTreeMap<String, NodeInfo>, cfg: &NodeConfig) -> NodeFacts {
+    let node = nodes.get(&cfg.node_name);
+    let zone = cfg.zone.clone().or_else(|| node.and_then(|n| n.zone.clone())).filter(|z| !z.is_empty());
     let mut pod_cidrs = cfg.pod_cidrs.clone();
     if pod_cidrs.is_empty()
-        && let Some(spec) = node.and_then(|n| n.spec.as_ref())
+        && let Some(n) = node
     {
-        let listed = spec.pod_cidrs.clone().unwrap_or_default();
-        let all = if listed.is_empty() { spec.pod_cidr.clone().into_iter().collect() } else { listed };
-        pod_cidrs = all.iter().filter_map(|s| crate::addr::parse_cidr_sloppy(s)).collect();
+        pod_cidrs = n.pod_cidrs.iter().filter_map(|s| crate::addr::parse_cidr_sloppy(s)).collect();
     }
     let families: Vec<IpFamily> = IpFamily::ALL.into_iter().filter(|f| cfg.serves_family(*f)).collect();
     let mut local_addresses: BTreeSet<IpAddr> = cfg.node_ips.iter().copied().collect();
@@ -289,13 +309,10 @@ fn node_facts(state: &ClusterState, cfg: &NodeConfig) -> NodeFacts {
         LocalDetector::ClusterCidr => cfg.cluster_cidrs.clone(),
         _ => pod_cidrs,
     };
-    let other_node_addresses: BTreeSet<IpAddr> = state
-        .nodes
+    let other_node_addresses: BTreeSet<IpAddr> = nodes
         .iter()
         .filter(|(name, _)| **name != cfg.node_name)
-        .flat_map(|(_, n)| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| crate::addr::parse_ip_sloppy(&a.address))
+        .flat_map(|(_, n)| n.addresses.iter().copied())
         .collect();
     NodeFacts {
         name: cfg.node_name.clone(),
@@ -320,11 +337,126 @@ fn node_facts(state: &ClusterState, cfg: &NodeConfig) -> NodeFacts {
     }
 }
 
-/// Builds the Plan. Never fails: bad objects end up in `Plan::problems`.
+impl NodeFacts {
+    /// The same facts without those no service port's decisions read (the
+    /// other nodes' addresses feed only the masquerade ranges): when only
+    /// those change, no service port has to be planned again.
+    pub(crate) fn planning_view(&self) -> NodeFacts {
+        NodeFacts { other_node_addresses: BTreeSet::new(), ..self.clone() }
+    }
+
+    pub(crate) fn topology<'a>(&'a self, cfg: &NodeConfig) -> TopologyContext<'a> {
+        TopologyContext {
+            node_name: &self.name,
+            zone: self.zone.as_deref(),
+            prefer_same_node_gate: cfg.feature_gates.prefer_same_traffic_distribution,
+        }
+    }
+}
+
+/// One Service planned on its own: its service ports, its ClusterIPs and
+/// what was wrong. Frontend ownership and health-check node ports are
+/// decided across Services, from the claims (`frontend_claims`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PlannedService {
+    pub ports: Vec<ServicePort>,
+    pub cluster_ips: Vec<IpAddr>,
+    pub problems: Vec<ObjectError>,
+}
+
+/// Claim ranks: a ClusterIP always belongs to its Service, whatever another
+/// Service lists as an external or load-balancer address (CVE-2020-8554).
+fn kind_rank(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIp => 0,
+        FrontendKind::LoadBalancer => 1,
+        FrontendKind::ExternalIp => 2,
+        FrontendKind::NodePort => 3,
+    }
+}
+
+/// A service port's claim on a frontend. The smallest claim owns the
+/// frontend: by kind (ClusterIP first), then by service port id. So the
+/// owner never depends on the order objects arrived in, and removing the
+/// owner hands the frontend to the next claimant.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Claim {
+    rank: u8,
+    pub service: ServicePortId,
+    pub kind: FrontendKind,
+}
+
+impl Claim {
+    pub fn frontend(&self) -> Frontend {
+        Frontend { kind: self.kind, service: self.service.clone() }
+    }
+
+    /// The field of the Service the claim comes from.
+    pub fn field(&self) -> &'static str {
+        match self.kind {
+            FrontendKind::ClusterIp => "spec.clusterIP",
+            FrontendKind::ExternalIp => "spec.externalIPs",
+            FrontendKind::LoadBalancer => "status.loadBalancer.ingress",
+            FrontendKind::NodePort => "spec.ports.nodePort",
+        }
+    }
+
+    /// The warning for a claim that lost to `owner`; `None` when both are the
+    /// same service port (one port listing its ClusterIP as an ExternalIP too).
+    pub fn lost_to(&self, key: &FrontendKey, owner: &Claim) -> Option<ObjectError> {
+        (owner.service != self.service).then(|| {
+            ObjectError::warn(
+                ObjectKind::Service,
+                &self.service.service,
+                self.field(),
+                format!("{key} is already served by {}; this frontend is not programmed", owner.service),
+            )
+        })
+    }
+}
+
+/// Every frontend a service port claims.
+pub fn frontend_claims(sp: &ServicePort) -> Vec<(FrontendKey, Claim)> {
+    let claim = |kind: FrontendKind| Claim { rank: kind_rank(kind), service: sp.id.clone(), kind };
+    let at = |ip: IpAddr| FrontendKey { addr: FrontendAddr::Ip(ip), port: sp.port, protocol: sp.id.protocol };
+    let mut out = vec![(at(sp.cluster_ip), claim(FrontendKind::ClusterIp))];
+    out.extend(sp.external_ips.iter().map(|ip| (at(*ip), claim(FrontendKind::ExternalIp))));
+    out.extend(sp.load_balancer_ips.iter().map(|ip| (at(*ip), claim(FrontendKind::LoadBalancer))));
+    if let Some(np) = sp.node_port {
+        let key = FrontendKey { addr: FrontendAddr::NodePort(sp.id.family), port: np, protocol: sp.id.protocol };
+        out.push((key, claim(FrontendKind::NodePort)));
+    }
+    out
+}
+
+/// The warning for a Service whose health-check node port another Service has.
+pub(crate) fn health_check_clash(service: &ObjectKey, port: u16, owner: &ObjectKey) -> ObjectError {
+    ObjectError::warn(
+        ObjectKind::Service,
+        service,
+        "spec.healthCheckNodePort",
+        format!("{port} is already the health-check node port of {owner}"),
+    )
+}
+
+/// The warning for an EndpointSlice whose Service does not exist.
+pub(crate) fn orphan_slice(slice: &ObjectKey, service: &ObjectKey) -> ObjectError {
+    ObjectError::warn(
+        ObjectKind::EndpointSlice,
+        slice,
+        format!("metadata.labels[{}]", crate::endpoints::LABEL_SERVICE_NAME),
+        format!("names Service {service}, which does not exist; its endpoints are unused"),
+    )
+}
+
+/// Builds the whole Plan from scratch. Never fails: bad objects end up in
+/// `Plan::problems`. The incremental planner's oracle.
 pub fn build_plan(state: &ClusterState, cfg: &NodeConfig) -> Plan {
-    let node = node_facts(state, cfg);
+    let nodes: BTreeMap<String, NodeInfo> =
+        state.nodes.iter().map(|(n, node)| (n.clone(), NodeInfo::read(node))).collect();
+    let node = node_facts(&nodes, cfg);
     let mut problems = Vec::new();
-    let mut ignored = BTreeMap::new();
+    let mut ignored = OrdMap::new();
     let mut infos: BTreeMap<ObjectKey, ServiceInfo> = BTreeMap::new();
     for (key, svc) in &state.services {
         match read_service(svc, cfg) {
@@ -337,74 +469,69 @@ pub fn build_plan(state: &ClusterState, cfg: &NodeConfig) -> Plan {
             ServiceRead::Invalid(errs) => problems.extend(errs),
         }
     }
-    let (mut endpoints, slice_problems) = read_endpoint_slices(&state.endpoint_slices, cfg);
-    problems.extend(slice_problems);
+    let mut slices_of: BTreeMap<ObjectKey, Vec<crate::endpoints::SliceRead>> = BTreeMap::new();
     for (key, slice) in &state.endpoint_slices {
-        let owner = slice.metadata.labels.as_ref().and_then(|l| l.get(crate::endpoints::LABEL_SERVICE_NAME));
-        if let Some(owner) = owner {
-            let svc = ObjectKey::new(key.namespace.clone(), owner.clone());
-            let known = state.services.contains_key(&svc);
-            if !known && endpoints.contains_key(&svc) {
-                problems.push(ObjectError::warn(
-                    ObjectKind::EndpointSlice,
-                    key,
-                    format!("metadata.labels[{}]", crate::endpoints::LABEL_SERVICE_NAME),
-                    format!("names Service {svc}, which does not exist; its endpoints are unused"),
-                ));
+        let read = read_slice(key, slice, cfg);
+        problems.extend(read.problems.iter().cloned());
+        if let Some(owner) = &read.owner {
+            if !state.services.contains_key(&owner.service) {
+                problems.push(orphan_slice(key, &owner.service));
             }
+            slices_of.entry(owner.service.clone()).or_default().push(read);
         }
     }
 
-    let zone = node.zone.clone();
-    let ctx = TopologyContext {
-        node_name: &cfg.node_name,
-        zone: zone.as_deref(),
-        prefer_same_node_gate: cfg.feature_gates.prefer_same_traffic_distribution,
-    };
-    let mut plan = Plan {
-        node,
-        services: BTreeMap::new(),
-        frontends: BTreeMap::new(),
-        cluster_ips: BTreeSet::new(),
-        health_check_node_ports: BTreeMap::new(),
-        problems: Vec::new(),
-        ignored,
-    };
+    let ctx = node.topology(cfg);
+    let mut services = OrdMap::new();
+    let mut cluster_ips = OrdSet::new();
+    let mut claims: BTreeMap<FrontendKey, Vec<(FrontendKey, Claim)>> = BTreeMap::new();
+    let mut hc_claims: BTreeMap<u16, Vec<&ObjectKey>> = BTreeMap::new();
     for (key, info) in &infos {
-        let eps = endpoints.remove(key).unwrap_or_default();
-        add_service(&mut plan, info, &eps, ctx, &mut problems);
+        let eps = merge_slices(slices_of.get(key).into_iter().flatten());
+        let planned = plan_service(&node, info, &eps, ctx);
+        problems.extend(planned.problems);
+        cluster_ips.extend(planned.cluster_ips);
+        for sp in planned.ports {
+            for (k, c) in frontend_claims(&sp) {
+                claims.entry(k).or_default().push((k, c));
+            }
+            services.insert(sp.id.clone(), Arc::new(sp));
+        }
+        if let Some(hc) = info.health_check_node_port {
+            hc_claims.entry(hc).or_default().push(key);
+        }
+    }
+    let mut frontends = OrdMap::new();
+    for (key, mut list) in claims {
+        list.sort_by(|a, b| a.1.cmp(&b.1));
+        let owner = &list[0].1;
+        problems.extend(list[1..].iter().filter_map(|(_, c)| c.lost_to(&key, owner)));
+        frontends.insert(key, owner.frontend());
+    }
+    let mut health_check_node_ports = OrdMap::new();
+    for (port, owners) in hc_claims {
+        // `infos` is in key order: the first claimant owns the port.
+        problems.extend(owners[1..].iter().map(|s| health_check_clash(s, port, owners[0])));
+        health_check_node_ports.insert(port, owners[0].clone());
     }
     problems.sort();
     problems.dedup();
-    plan.problems = problems;
-    plan
+    Plan { node, services, frontends, cluster_ips, health_check_node_ports, problems, ignored }
 }
 
-fn add_service(
-    plan: &mut Plan,
+/// Plans one Service: one service port per (port, served family).
+pub(crate) fn plan_service(
+    node: &NodeFacts,
     info: &ServiceInfo,
     eps: &ServiceEndpoints,
     ctx: TopologyContext,
-    problems: &mut Vec<ObjectError>,
-) {
-    if let Some(hc) = info.health_check_node_port {
-        match plan.health_check_node_ports.get(&hc) {
-            Some(owner) if owner != &info.key => problems.push(ObjectError::warn(
-                ObjectKind::Service,
-                &info.key,
-                "spec.healthCheckNodePort",
-                format!("{hc} is already the health-check node port of {owner}"),
-            )),
-            _ => {
-                plan.health_check_node_ports.insert(hc, info.key.clone());
-            }
-        }
-    }
-    for family in plan.node.families.clone() {
+) -> PlannedService {
+    let mut out = PlannedService::default();
+    for &family in &node.families {
         let Some(&cluster_ip) = info.cluster_ips.get(&family) else {
             continue;
         };
-        plan.cluster_ips.insert(cluster_ip);
+        out.cluster_ips.push(cluster_ip);
         let fam =
             |ips: &[IpAddr]| -> Vec<IpAddr> { ips.iter().copied().filter(|i| IpFamily::of(i) == family).collect() };
         let external_ips = fam(&info.external_ips);
@@ -414,7 +541,7 @@ fn add_service(
         let source_ranges: Vec<IpNet> =
             info.source_ranges.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
         if !info.source_ranges.is_empty() && source_ranges.is_empty() && !load_balancer_ips.is_empty() {
-            problems.push(ObjectError::warn(
+            out.problems.push(ObjectError::warn(
                 ObjectKind::Service,
                 &info.key,
                 "spec.loadBalancerSourceRanges",
@@ -433,8 +560,8 @@ fn add_service(
             let endpoints = eps.get(&(family, spec.name.clone(), spec.protocol)).cloned().unwrap_or_default();
             let externally_accessible =
                 spec.node_port.is_some() || !load_balancer_ips.is_empty() || !external_ips.is_empty();
-            let sp = decide(
-                plan,
+            out.ports.push(decide(
+                node,
                 id,
                 info,
                 cluster_ip,
@@ -449,11 +576,10 @@ fn add_service(
                 },
                 endpoints,
                 ctx,
-            );
-            register_frontends(plan, &sp, problems);
-            plan.services.insert(sp.id.clone(), Arc::new(sp));
+            ));
         }
     }
+    out
 }
 
 struct PortAddresses {
@@ -465,7 +591,7 @@ struct PortAddresses {
 
 #[allow(clippy::too_many_arguments)]
 fn decide(
-    plan: &Plan,
+    node: &NodeFacts,
     id: ServicePortId,
     info: &ServiceInfo,
     cluster_ip: IpAddr,
@@ -485,7 +611,7 @@ fn decide(
     let categorized = categorize(&endpoints, uses_cluster, uses_local, ctx);
     let has_any = categorized.has_any;
     let has_local = !categorized.local.is_empty();
-    let detects = plan.node.detects_pods(family);
+    let detects = node.detects_pods(family);
 
     let internal = PerSource::from_fn(|source| {
         if !has_any {
@@ -494,7 +620,7 @@ fn decide(
         if itp_local && !has_local {
             return Route::Drop { reason: RouteReason::InternalLocalNoLocalEndpoints };
         }
-        let masquerade = if plan.node.masquerade_all {
+        let masquerade = if node.masquerade_all {
             MasqReason::MasqueradeAll
         } else if !detects {
             MasqReason::NoLocalDetector
@@ -545,7 +671,7 @@ fn decide(
     let firewall = if has_any && !addrs.load_balancer_ips.is_empty() && !addrs.source_ranges.is_empty() {
         let mut allowed = addrs.source_ranges.clone();
         let node_in_range =
-            plan.node.primary_ips.get(&family).is_some_and(|ip| addrs.source_ranges.iter().any(|n| n.contains(ip)));
+            node.primary_ips.get(&family).is_some_and(|ip| addrs.source_ranges.iter().any(|n| n.contains(ip)));
         if node_in_range {
             allowed.extend(addrs.load_balancer_ips.iter().map(|ip| IpNet::from(*ip)));
         }
@@ -574,48 +700,5 @@ fn decide(
         categorized,
         internal,
         external,
-    }
-}
-
-fn register_frontends(plan: &mut Plan, sp: &ServicePort, problems: &mut Vec<ObjectError>) {
-    let mut claims: Vec<(FrontendKey, FrontendKind, String)> = vec![(
-        FrontendKey { addr: FrontendAddr::Ip(sp.cluster_ip), port: sp.port, protocol: sp.id.protocol },
-        FrontendKind::ClusterIp,
-        "spec.clusterIP".to_string(),
-    )];
-    for ip in &sp.external_ips {
-        claims.push((
-            FrontendKey { addr: FrontendAddr::Ip(*ip), port: sp.port, protocol: sp.id.protocol },
-            FrontendKind::ExternalIp,
-            "spec.externalIPs".to_string(),
-        ));
-    }
-    for ip in &sp.load_balancer_ips {
-        claims.push((
-            FrontendKey { addr: FrontendAddr::Ip(*ip), port: sp.port, protocol: sp.id.protocol },
-            FrontendKind::LoadBalancer,
-            "status.loadBalancer.ingress".to_string(),
-        ));
-    }
-    if let Some(np) = sp.node_port {
-        claims.push((
-            FrontendKey { addr: FrontendAddr::NodePort(sp.id.family), port: np, protocol: sp.id.protocol },
-            FrontendKind::NodePort,
-            "spec.ports.nodePort".to_string(),
-        ));
-    }
-    for (key, kind, field) in claims {
-        match plan.frontends.get(&key) {
-            Some(owner) if owner.service != sp.id => problems.push(ObjectError::warn(
-                ObjectKind::Service,
-                &sp.id.service,
-                field,
-                format!("{key} is already served by {}; this frontend is not programmed", owner.service),
-            )),
-            Some(_) => {}
-            None => {
-                plan.frontends.insert(key, Frontend { kind, service: sp.id.clone() });
-            }
-        }
     }
 }

@@ -47,7 +47,7 @@ fn one_endpoint_change_touches_only_that_service() {
         assert_eq!(c.endpoints_added[0].ip().to_string(), "10.9.0.3");
         assert_eq!(c.endpoints_removed[0].ip().to_string(), "10.9.0.2");
     }
-    assert!(!d.node_changed && !d.cluster_ips_changed);
+    assert!(!d.node_changed && !d.cluster_ips_changed());
 }
 
 #[test]
@@ -57,7 +57,7 @@ fn adding_and_removing_services_and_node_changes() {
     let d = Plan::diff(&a, &b);
     assert_eq!(d.added.len(), 2);
     assert_eq!(d.frontends_added.len(), 2);
-    assert!(d.cluster_ips_changed);
+    assert!(d.cluster_ips_changed());
     let d = Plan::diff(&b, &a);
     assert_eq!(d.removed.len(), 2);
     assert_eq!(d.frontends_removed.len(), 2);

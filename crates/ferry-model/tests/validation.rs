@@ -215,7 +215,7 @@ fn headless_external_name_and_other_proxies_are_ignored_not_errors() {
     let plan = build_plan(&state(objects), &cfg());
     assert!(plan.problems.is_empty(), "{:?}", plan.problems);
     assert_eq!(plan.ignored.len(), 3);
-    assert!(!plan.cluster_ips.contains(&"172.30.0.7".parse().unwrap()));
+    assert!(!plan.cluster_ips.contains(&"172.30.0.7".parse::<std::net::IpAddr>().unwrap()));
 
     // A node configured with that proxy name serves it.
     let mine = NodeConfig { service_proxy_name: Some("someone-else".into()), ..cfg() };
@@ -224,7 +224,7 @@ fn headless_external_name_and_other_proxies_are_ignored_not_errors() {
     other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "someone-else"});
     objects.push(other);
     let plan = build_plan(&state(objects), &mine);
-    assert!(plan.cluster_ips.contains(&"172.30.0.7".parse().unwrap()));
+    assert!(plan.cluster_ips.contains(&"172.30.0.7".parse::<std::net::IpAddr>().unwrap()));
 }
 
 #[test]

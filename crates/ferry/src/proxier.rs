@@ -1,19 +1,23 @@
-//! `Proxier`: one node's sync loop body. ClusterState in, datapath updated.
+//! `Proxier`: one node's datapath, brought to each Plan the planner makes.
 //!
 //! ```text
-//! ClusterState + NodeConfig --build_plan--> Plan --diff with last--> bpf:      Programmer::sync --> Maps::apply
-//!                                                                    nftables: Renderer::sync --> nft -f
+//! Planner::sync --(Arc<Plan>, PlanDiff)--> bpf:      Programmer::sync --> Maps::apply
+//!                                          nftables: Renderer::sync --> nft -f
 //! ```
 //!
-//! `ferry run` (manifests) and `ferry agent` (Kubernetes API) both drive it.
+//! `ferry run` (manifests) and `ferry agent` (Kubernetes API) both drive it
+//! from the same agent loop. The diff is used as long as the datapath is
+//! known to hold the previous Plan; after a failed apply (or at start) the
+//! next sync compares the whole Plan with what is programmed instead.
 
 use crate::config::Settings;
 use anyhow::Context;
 use ferry_bpf::stale::Serving;
 use ferry_bpf::{InstallOptions, Maps, NodeRuntime, Programmer};
-use ferry_model::{ClusterState, NodeConfig, ObjectError, Plan, PlanDiff, Protocol, ServicePort, build_plan};
+use ferry_model::{NodeConfig, ObjectError, Plan, PlanDiff, Protocol, ServicePort};
 use std::collections::BTreeSet;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What one sync did.
@@ -66,7 +70,7 @@ pub struct Started {
 pub struct Proxier {
     cfg: NodeConfig,
     backend: Backend,
-    last: Option<Plan>,
+    last: Option<Arc<Plan>>,
     problems: BTreeSet<ObjectError>,
     /// A failed apply leaves the mirror ahead of the kernel: re-sync everything next time.
     dirty: bool,
@@ -135,12 +139,18 @@ impl Proxier {
         Ok((proxier, started))
     }
 
-    /// Brings the datapath to the Plan of `state`.
-    pub fn sync(&mut self, state: &ClusterState) -> anyhow::Result<SyncReport> {
-        let t0 = Instant::now();
-        let plan = build_plan(state, &self.cfg);
+    /// The node configuration the datapath was started with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// Brings the datapath to `plan`; `diff` is what changed since the Plan
+    /// of the previous call (the planner's diff). `planned` is how long
+    /// planning took, for the report.
+    pub fn sync(&mut self, plan: Arc<Plan>, diff: &PlanDiff, planned: Duration) -> anyhow::Result<SyncReport> {
+        let t0 = Instant::now() - planned;
         let diff = match (&self.last, self.dirty) {
-            (Some(last), false) => Some(Plan::diff(last, &plan)),
+            (Some(_), false) => Some(diff),
             _ => None,
         };
         let mut sockets_destroyed = 0;
@@ -153,7 +163,7 @@ impl Proxier {
                     .filter(|sp| sp.id.protocol == Protocol::Udp)
                     .filter_map(|sp| b.programmer.service_id(&sp.id))
                     .collect();
-                let ops = b.programmer.sync(&plan, diff.as_ref(), &b.runtime);
+                let ops = b.programmer.sync(&plan, diff, &b.runtime);
                 let plan_time = t0.elapsed();
                 let t1 = Instant::now();
                 if let Err(e) = b.maps.apply(&ops) {
@@ -162,12 +172,12 @@ impl Proxier {
                     self.dirty = true;
                     return Err(e).context("programming the datapath maps");
                 }
-                let stale = b.purge_stale_flows(&plan, diff.as_ref(), &deleted_udp);
-                sockets_destroyed = b.destroy_stale_udp_sockets(&plan, diff.as_ref());
+                let stale = b.purge_stale_flows(&plan, diff, &deleted_udp);
+                sockets_destroyed = b.destroy_stale_udp_sockets(&plan, diff);
                 (ops.len(), plan_time, t1, stale)
             }
             Backend::Nftables(r) => {
-                let scripts = r.sync(&plan, diff.as_ref());
+                let scripts = r.sync(&plan, diff);
                 let plan_time = t0.elapsed();
                 let t1 = Instant::now();
                 let mut lines = 0;
@@ -187,7 +197,7 @@ impl Proxier {
         self.dirty = false;
         self.sync_nft_masquerade(&plan)?;
         let apply_time = t1.elapsed();
-        let conntrack = reconcile_kernel_conntrack(&plan, self.last.as_ref(), diff.as_ref());
+        let conntrack = reconcile_kernel_conntrack(&plan, self.last.as_deref(), diff);
         let now: BTreeSet<ObjectError> = plan.problems.iter().cloned().collect();
         let new_problems = now.difference(&self.problems).cloned().collect();
         let fixed_problems = self.problems.difference(&now).count();
@@ -250,7 +260,7 @@ impl Proxier {
 
     /// The Plan programmed by the last successful sync.
     pub fn plan(&self) -> Option<&Plan> {
-        self.last.as_ref()
+        self.last.as_deref()
     }
 
     /// Datapath counters (named like `ferry_bpf::stats::NAMES`; none for nftables).
@@ -317,12 +327,22 @@ impl BpfBackend {
     fn destroy_stale_udp_sockets(&self, plan: &Plan, diff: Option<&PlanDiff>) -> u64 {
         let Some(d) = diff else { return 0 };
         let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
+        let mut gone: BTreeSet<std::net::SocketAddr> = BTreeSet::new();
+        for c in d.changed.iter().filter(|c| udp(&c.old)) {
+            let now = c.new.serving_addrs();
+            gone.extend(c.old.serving_addrs().into_iter().filter(|a| !now.contains(a)));
+        }
+        for old in d.removed.iter().filter(|sp| udp(sp)) {
+            gone.extend(old.serving_addrs());
+        }
+        if gone.is_empty() {
+            return 0;
+        }
+        // A backend another UDP service port still serves keeps its sockets. A
+        // scan of the Plan, but only when a UDP backend went away.
         let still_serving: std::collections::HashSet<std::net::SocketAddr> =
             plan.services.values().filter(|sp| udp(sp)).flat_map(|sp| sp.serving_addrs()).collect();
-        let mut gone: BTreeSet<std::net::SocketAddr> = BTreeSet::new();
-        for old in d.changed.iter().map(|c| &c.old).chain(d.removed.iter()).filter(|sp| udp(sp)) {
-            gone.extend(old.serving_addrs().into_iter().filter(|a| !still_serving.contains(a)));
-        }
+        gone.retain(|a| !still_serving.contains(a));
         if gone.is_empty() {
             return 0;
         }

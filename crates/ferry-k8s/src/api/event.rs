@@ -77,6 +77,10 @@ pub enum SourceEvent {
     /// A list or watch failed; the source retries with backoff by itself.
     /// For logs and metrics only: the state is still correct, only late.
     WatchError { kind: Kind, message: String },
+    /// Everything the source read up to this instant has been sent (the
+    /// manifest source, after each batch): a sync that includes it reflects
+    /// every file as it was then.
+    Checkpoint(std::time::SystemTime),
 }
 
 /// Applies a Change or Replace to the state; returns whether the state may have
@@ -99,7 +103,7 @@ pub fn apply_event(state: &mut ClusterState, event: &SourceEvent) -> bool {
             state.nodes = all.iter().map(|o| (o.metadata.name.clone().unwrap_or_default(), o.clone())).collect();
             true
         }
-        SourceEvent::Synced | SourceEvent::WatchError { .. } => false,
+        SourceEvent::Synced | SourceEvent::WatchError { .. } | SourceEvent::Checkpoint(_) => false,
     }
 }
 

@@ -324,6 +324,7 @@ mod tests {
                 SourceEvent::Replace(snap) => format!("replace {} x{}", snap.kind(), snap.len()),
                 SourceEvent::Synced => "synced".into(),
                 SourceEvent::WatchError { kind, .. } => format!("error {kind}"),
+                SourceEvent::Checkpoint(_) => "checkpoint".into(),
             })
             .collect()
     }

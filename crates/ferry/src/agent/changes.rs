@@ -9,12 +9,16 @@
 //! time since each trigger is the network programming latency. Triggers from
 //! before the agent started are skipped (they measure the agent's start, not
 //! the network), as kube-proxy does. A relist counts only what it changed.
+//!
+//! The tracker keeps no objects: only a 64-bit digest of each object's key,
+//! resourceVersion and (for slices) Service, which is all counting needs.
 
 use ferry_k8s::api::{Snapshot, SourceEvent};
-use ferry_model::state::{ClusterState, ObjectKey, StateChange};
+use ferry_model::state::{ObjectKey, StateChange};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
-use std::collections::BTreeSet;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::time::SystemTime;
 
 /// The EndpointSlice annotation with the time of the change that caused it.
@@ -37,11 +41,20 @@ impl Counted {
     }
 }
 
-/// Changes taken by a sync: handed back if it fails.
+/// A Service's key, as a digest.
+type Digest = u64;
+
+fn digest(value: impl Hash) -> Digest {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// Changes taken by a sync (Services, as digests of their keys): handed back if it fails.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
-    pub services: BTreeSet<ObjectKey>,
-    pub endpoints: BTreeSet<ObjectKey>,
+    pub services: HashSet<Digest>,
+    pub endpoints: HashSet<Digest>,
     pub triggers: Vec<SystemTime>,
 }
 
@@ -50,13 +63,17 @@ pub struct Batch {
 pub struct ChangeTracker {
     started: SystemTime,
     pending: Batch,
+    /// Service key digest -> resourceVersion digest.
+    services: HashMap<Digest, Digest>,
+    /// Slice key digest -> (resourceVersion digest, owner Service digest).
+    slices: HashMap<Digest, (Digest, Digest)>,
 }
 
-fn owner(slice: &EndpointSlice) -> ObjectKey {
+fn owner(slice: &EndpointSlice) -> Digest {
     let key = ObjectKey::of_meta(&slice.metadata);
     match slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-        Some(service) => ObjectKey::new(key.namespace, service.clone()),
-        None => key,
+        Some(service) => digest(ObjectKey::new(key.namespace, service.clone())),
+        None => digest(key),
     }
 }
 
@@ -69,7 +86,7 @@ fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
 impl ChangeTracker {
     /// `started`: when the agent started; earlier triggers are not measured.
     pub fn new(started: SystemTime) -> ChangeTracker {
-        ChangeTracker { started, pending: Batch::default() }
+        ChangeTracker { started, pending: Batch::default(), services: HashMap::new(), slices: HashMap::new() }
     }
 
     pub fn pending_services(&self) -> usize {
@@ -80,17 +97,20 @@ impl ChangeTracker {
         self.pending.endpoints.len()
     }
 
-    /// Records `event`; call it with the state *before* the event is applied
-    /// (a deleted slice's Service and a relist's differences are read there).
-    pub fn observe(&mut self, before: &ClusterState, event: &SourceEvent) -> Counted {
+    /// Records `event`.
+    pub fn observe(&mut self, event: &SourceEvent) -> Counted {
         let mut c = Counted::default();
         match event {
             SourceEvent::Change(StateChange::ServiceApplied(svc)) => {
-                self.pending.services.insert(ObjectKey::of_meta(&svc.metadata));
+                let key = digest(ObjectKey::of_meta(&svc.metadata));
+                self.services.insert(key, digest(&svc.metadata.resource_version));
+                self.pending.services.insert(key);
                 c.services += 1;
             }
             SourceEvent::Change(StateChange::ServiceDeleted(key)) => {
-                self.pending.services.insert(key.clone());
+                let key = digest(key);
+                self.services.remove(&key);
+                self.pending.services.insert(key);
                 c.services += 1;
             }
             SourceEvent::Change(StateChange::EndpointSliceApplied(slice)) => {
@@ -98,51 +118,60 @@ impl ChangeTracker {
                 c.endpoints += 1;
             }
             SourceEvent::Change(StateChange::EndpointSliceDeleted(key)) => {
-                let service = before.endpoint_slices.get(key).map(owner).unwrap_or_else(|| key.clone());
+                let key = digest(key);
+                let service = self.slices.remove(&key).map_or(key, |(_, owner)| owner);
                 self.pending.endpoints.insert(service);
                 c.endpoints += 1;
             }
             SourceEvent::Change(StateChange::NodeApplied(_) | StateChange::NodeDeleted(_)) => c.other += 1,
             SourceEvent::Replace(Snapshot::Services(all)) => {
-                let mut seen = BTreeSet::new();
+                let mut seen = HashSet::new();
                 for svc in all {
-                    let key = ObjectKey::of_meta(&svc.metadata);
-                    let old_rv = before.services.get(&key).map(|o| &o.metadata.resource_version);
-                    if old_rv != Some(&svc.metadata.resource_version) {
-                        self.pending.services.insert(key.clone());
+                    let key = digest(ObjectKey::of_meta(&svc.metadata));
+                    let rv = digest(&svc.metadata.resource_version);
+                    if self.services.insert(key, rv) != Some(rv) {
+                        self.pending.services.insert(key);
                         c.services += 1;
                     }
                     seen.insert(key);
                 }
-                for key in before.services.keys().filter(|k| !seen.contains(*k)) {
-                    self.pending.services.insert(key.clone());
+                let gone: Vec<Digest> = self.services.keys().filter(|k| !seen.contains(*k)).copied().collect();
+                for key in gone {
+                    self.services.remove(&key);
+                    self.pending.services.insert(key);
                     c.services += 1;
                 }
             }
             SourceEvent::Replace(Snapshot::EndpointSlices(all)) => {
-                let mut seen = BTreeSet::new();
+                let mut seen = HashSet::new();
                 for slice in all {
-                    let key = ObjectKey::of_meta(&slice.metadata);
-                    let old_rv = before.endpoint_slices.get(&key).map(|o| &o.metadata.resource_version);
-                    if old_rv != Some(&slice.metadata.resource_version) {
+                    let key = digest(ObjectKey::of_meta(&slice.metadata));
+                    let rv = digest(&slice.metadata.resource_version);
+                    if self.slices.get(&key).map(|(v, _)| *v) != Some(rv) {
                         self.slice_changed(slice);
                         c.endpoints += 1;
                     }
                     seen.insert(key);
                 }
-                for (_, slice) in before.endpoint_slices.iter().filter(|(k, _)| !seen.contains(*k)) {
-                    self.pending.endpoints.insert(owner(slice));
-                    c.endpoints += 1;
+                let gone: Vec<Digest> = self.slices.keys().filter(|k| !seen.contains(*k)).copied().collect();
+                for key in gone {
+                    if let Some((_, owner)) = self.slices.remove(&key) {
+                        self.pending.endpoints.insert(owner);
+                        c.endpoints += 1;
+                    }
                 }
             }
             SourceEvent::Replace(Snapshot::Nodes(_)) => c.other += 1,
-            SourceEvent::Synced | SourceEvent::WatchError { .. } => {}
+            SourceEvent::Synced | SourceEvent::WatchError { .. } | SourceEvent::Checkpoint(_) => {}
         }
         c
     }
 
     fn slice_changed(&mut self, slice: &EndpointSlice) {
-        self.pending.endpoints.insert(owner(slice));
+        let key = digest(ObjectKey::of_meta(&slice.metadata));
+        let owner = owner(slice);
+        self.slices.insert(key, (digest(&slice.metadata.resource_version), owner));
+        self.pending.endpoints.insert(owner);
         if let Some(t) = trigger_time(slice).filter(|t| *t > self.started) {
             self.pending.triggers.push(t);
         }
@@ -164,7 +193,6 @@ impl ChangeTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_k8s::api::apply_event;
     use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use std::collections::BTreeMap;
@@ -197,10 +225,8 @@ mod tests {
         }
     }
 
-    fn feed(t: &mut ChangeTracker, state: &mut ClusterState, ev: SourceEvent) -> Counted {
-        let c = t.observe(state, &ev);
-        apply_event(state, &ev);
-        c
+    fn feed(t: &mut ChangeTracker, ev: SourceEvent) -> Counted {
+        t.observe(&ev)
     }
 
     fn change(c: StateChange) -> SourceEvent {
@@ -211,7 +237,6 @@ mod tests {
     fn pending_is_per_service_and_total_per_event() {
         let started = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let mut t = ChangeTracker::new(started);
-        let mut state = ClusterState::default();
         let a1 = slice("a-1", "a", "1", Some("2023-11-14T22:13:00Z")); // before start: not measured
         let a2 = slice("a-2", "a", "2", Some("2023-11-14T22:13:19.5Z"));
         let late = slice("a-3", "a", "3", Some("2023-11-14T22:15:00Z"));
@@ -224,7 +249,7 @@ mod tests {
             change(StateChange::EndpointSliceApplied(Box::new(late))),
             change(StateChange::EndpointSliceDeleted(ObjectKey::new("ns", "a-1"))),
         ] {
-            let c = feed(&mut t, &mut state, ev);
+            let c = feed(&mut t, ev);
             counted.services += c.services;
             counted.endpoints += c.endpoints;
         }
@@ -234,7 +259,7 @@ mod tests {
         assert_eq!(batch.triggers, [SystemTime::from("2023-11-14T22:15:00Z".parse::<Timestamp>().unwrap())]);
         assert_eq!(
             batch.endpoints,
-            BTreeSet::from([ObjectKey::new("ns", "a")]),
+            HashSet::from([digest(ObjectKey::new("ns", "a"))]),
             "a deleted slice counts for its Service"
         );
         assert_eq!((t.pending_services(), t.pending_endpoints()), (0, 0));
@@ -245,22 +270,21 @@ mod tests {
     #[test]
     fn a_relist_counts_only_what_changed() {
         let mut t = ChangeTracker::new(SystemTime::UNIX_EPOCH);
-        let mut state = ClusterState::default();
-        feed(&mut t, &mut state, SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "1")])));
-        feed(&mut t, &mut state, SourceEvent::Replace(Snapshot::EndpointSlices(vec![slice("a-1", "a", "1", None)])));
+        feed(&mut t, SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "1")])));
+        feed(&mut t, SourceEvent::Replace(Snapshot::EndpointSlices(vec![slice("a-1", "a", "1", None)])));
         t.take();
         // b changed, c is new, a is unchanged; the slice of a is gone.
-        let c = feed(
-            &mut t,
-            &mut state,
-            SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "5"), svc("c", "6")])),
-        );
+        let c =
+            feed(&mut t, SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "5"), svc("c", "6")])));
         assert_eq!(c.services, 2);
-        let c = feed(&mut t, &mut state, SourceEvent::Replace(Snapshot::EndpointSlices(vec![])));
+        let c = feed(&mut t, SourceEvent::Replace(Snapshot::EndpointSlices(vec![])));
         assert_eq!(c.endpoints, 1);
         let batch = t.take();
-        assert_eq!(batch.services, BTreeSet::from([ObjectKey::new("ns", "b"), ObjectKey::new("ns", "c")]));
-        assert_eq!(batch.endpoints, BTreeSet::from([ObjectKey::new("ns", "a")]));
-        assert!(!feed(&mut t, &mut state, SourceEvent::Synced).any());
+        assert_eq!(
+            batch.services,
+            HashSet::from([digest(ObjectKey::new("ns", "b")), digest(ObjectKey::new("ns", "c"))])
+        );
+        assert_eq!(batch.endpoints, HashSet::from([digest(ObjectKey::new("ns", "a"))]));
+        assert!(!feed(&mut t, SourceEvent::Synced).any());
     }
 }

@@ -318,34 +318,72 @@ impl Metrics {
 
 /// Counts, per family and policy, the service ports whose Local traffic policy
 /// finds no local endpoint while other endpoints exist (kube-proxy drops that
-/// traffic; with no endpoints at all it rejects, and does not count).
-pub fn no_local_endpoints(plan: &ferry_model::Plan) -> Vec<(NoLocalLabels, i64)> {
-    use ferry_model::IpFamily;
-    let mut counts = Vec::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        let (mut internal, mut external) = (0, 0);
-        for sp in plan.services.values().filter(|sp| sp.id.family == family) {
-            let c = &sp.categorized;
-            let has_endpoints = !c.cluster.is_empty() || !c.local.is_empty();
-            if !has_endpoints || !c.local.is_empty() {
-                continue;
-            }
-            if sp.internal_policy_local {
-                internal += 1;
-            }
-            if sp.external_policy_local && sp.externally_accessible {
-                external += 1;
-            }
+/// traffic; with no endpoints at all it rejects, and does not count). Kept up
+/// to date from each PlanDiff, so a sync costs what it changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NoLocalCounts {
+    /// [family][internal, external]
+    counts: [[i64; 2]; 2],
+}
+
+impl NoLocalCounts {
+    fn contribution(sp: &ferry_model::ServicePort) -> (usize, [i64; 2]) {
+        let family = usize::from(sp.id.family == ferry_model::IpFamily::V6);
+        let c = &sp.categorized;
+        let has_endpoints = !c.cluster.is_empty() || !c.local.is_empty();
+        if !has_endpoints || !c.local.is_empty() {
+            return (family, [0, 0]);
         }
-        let fam = match family {
-            IpFamily::V4 => "IPv4",
-            IpFamily::V6 => "IPv6",
-        };
-        for (policy, n) in [("internal", internal), ("external", external)] {
-            counts.push((NoLocalLabels { ip_family: fam.into(), traffic_policy: policy.into() }, n));
+        let internal = i64::from(sp.internal_policy_local);
+        let external = i64::from(sp.external_policy_local && sp.externally_accessible);
+        (family, [internal, external])
+    }
+
+    fn add(&mut self, sp: &ferry_model::ServicePort, sign: i64) {
+        let (family, c) = Self::contribution(sp);
+        for (slot, n) in self.counts[family].iter_mut().zip(c) {
+            *slot += sign * n;
         }
     }
-    counts
+
+    /// Counts of a whole Plan.
+    pub fn of_plan(plan: &ferry_model::Plan) -> NoLocalCounts {
+        let mut counts = NoLocalCounts::default();
+        for sp in plan.services.values() {
+            counts.add(sp, 1);
+        }
+        counts
+    }
+
+    /// Follows one diff of the planner.
+    pub fn update(&mut self, diff: &ferry_model::PlanDiff) {
+        for sp in &diff.added {
+            self.add(sp, 1);
+        }
+        for sp in &diff.removed {
+            self.add(sp, -1);
+        }
+        for c in &diff.changed {
+            self.add(&c.old, -1);
+            self.add(&c.new, 1);
+        }
+    }
+
+    /// The gauge's samples.
+    pub fn samples(&self) -> Vec<(NoLocalLabels, i64)> {
+        let mut out = Vec::new();
+        for (family, name) in [(0, "IPv4"), (1, "IPv6")] {
+            for (policy, n) in [("internal", self.counts[family][0]), ("external", self.counts[family][1])] {
+                out.push((NoLocalLabels { ip_family: name.into(), traffic_policy: policy.into() }, n));
+            }
+        }
+        out
+    }
+}
+
+/// [`NoLocalCounts`] of a whole Plan, as gauge samples.
+pub fn no_local_endpoints(plan: &ferry_model::Plan) -> Vec<(NoLocalLabels, i64)> {
+    NoLocalCounts::of_plan(plan).samples()
 }
 
 #[cfg(test)]

@@ -2,17 +2,21 @@
 //! DaemonSet entrypoint).
 //!
 //! ```text
-//! ApiSource --events--> ClusterState --(Synced, min sync period)--> sync thread: Proxier::sync
-//!                        │                                            │
-//!                        └ ChangeTracker, ProxyHealth                 └ Plan -> health checks, metrics
+//! ApiSource ─┐                      ┌─ every event ──────────────► sync thread: Planner::apply (compact model)
+//! manifests ─┴─ events ─► Loop ─────┤                                           │
+//!                         │         └─ Job (Synced, min sync period) ─► Planner::sync -> (Arc<Plan>, PlanDiff)
+//!                         └ ChangeTracker, ProxyHealth                           -> Proxier::sync -> health checks, metrics
 //! ```
 //!
-//! The loop applies every event to a `ClusterState` and writes nothing until
-//! the source reports Services and EndpointSlices listed. After a change it
-//! syncs once `minSyncPeriod` has passed since the previous sync; with nothing
-//! changing it verifies the datapath against the Plan every `syncPeriod`.
-//! Syncs run on their own thread. API outages change nothing: the state only
-//! moves with events, and a relist replaces it once the API is back.
+//! One loop for both sources (`ferry agent` with the Kubernetes API, `ferry
+//! run` with a manifest directory): same batching, resync and retry. The
+//! loop holds no objects: it counts each event (metrics) and forwards it to
+//! the sync thread, whose planner keeps the compact model. It writes nothing
+//! until the source reports Services and EndpointSlices listed. After a
+//! change it syncs once `minSyncPeriod` has passed since the previous sync;
+//! with nothing changing it verifies the datapath against the Plan every
+//! `syncPeriod`. API outages change nothing: the model only moves with
+//! events, and a relist replaces it once the API is back.
 
 pub mod changes;
 pub mod metrics;
@@ -26,8 +30,9 @@ pub use ferry_k8s::api::{WATCHED_RESOURCES, WatchedResource};
 use crate::config::{self, NodeFlags, Settings};
 use crate::health::{ProxyHealth, ServiceHealthServer};
 use changes::{Batch, ChangeTracker};
-use ferry_k8s::api::{ApiSource, SourceEvent, apply_event};
-use ferry_model::ClusterState;
+use ferry_k8s::api::{ApiSource, Snapshot, SourceEvent};
+use ferry_model::state::StateChange;
+use k8s_openapi::api::core::v1::Node;
 use metrics::{KindLabels, Metrics};
 use schedule::{Due, Schedule};
 use std::future::Future;
@@ -125,14 +130,78 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> anyh
     let source_task = tokio::spawn(source.run(events_tx, async {
         let _ = source_stopped.await;
     }));
+    let options = LoopOptions {
+        settings,
+        install: opts.install.clone(),
+        ready_file: opts.ready_file.clone(),
+        once: false,
+        node_wait: NODE_WAIT,
+    };
+    let result = drive(options, metrics, health, events, shutdown).await;
+    let _ = stop_source.send(());
+    let _ = source_task.await;
+    tracing::info!("stopping; the datapath stays installed and keeps serving (`ferry cleanup` removes it)");
+    result
+}
+
+/// Runs the agent on a manifest directory (`ferry run`) until `shutdown`
+/// completes (or after the first sync, with `once`). The same loop as the
+/// API agent; no metrics or healthz servers.
+pub async fn run_manifests(
+    options: LoopOptions,
+    dir: PathBuf,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let health = ProxyHealth::new(options.settings.agent.sync_period * 2);
+    let (events_tx, events) = mpsc::channel(1024);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let source = std::thread::Builder::new()
+        .name("ferry-manifests".into())
+        .spawn(move || ferry_k8s::ManifestSource::new(dir).run_blocking(events_tx, stopped))?;
+    let result = drive(options, metrics, health, events, shutdown).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let watched = tokio::task::spawn_blocking(move || source.join()).await;
+    tracing::info!("stopping; the datapath stays installed and keeps serving (`ferry cleanup` removes it)");
+    match watched {
+        Ok(Ok(Err(e))) => Err(e.into()),
+        _ => result,
+    }
+}
+
+/// What one agent loop runs with, whichever its source.
+pub struct LoopOptions {
+    pub settings: Settings,
+    pub install: InstallOverrides,
+    /// Rewritten after every successful sync: `synced <generation> <input_unix_nanos>`.
+    pub ready_file: Option<PathBuf>,
+    /// Stop after the first successful sync (`ferry run --once`).
+    pub once: bool,
+    /// How long the first sync waits for this node's Node object once the
+    /// source has listed everything (`NODE_WAIT` for the API; zero for a
+    /// manifest directory, which is read whole before it says so).
+    pub node_wait: Duration,
+}
+
+/// The loop shared by both sources: see the module documentation.
+async fn drive(
+    options: LoopOptions,
+    metrics: Arc<Metrics>,
+    health: Arc<ProxyHealth>,
+    events: mpsc::Receiver<SourceEvent>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let LoopOptions { settings, install, ready_file, once, node_wait } = options;
+    let agent = settings.agent.clone();
     let (done_tx, done) = mpsc::unbounded_channel();
-    let sync_thread = SyncThread::spawn(opts.install.clone(), metrics.datapath.clone(), done_tx)?;
+    let sync_thread = SyncThread::spawn(settings.node.clone(), install, metrics.datapath.clone(), done_tx)?;
     let healthy = health.clone();
     let checks = ServiceHealthServer::new(tokio::runtime::Handle::current(), Arc::new(move || healthy.is_healthy()));
     let mut agent_loop = Loop {
         primary_configured: !settings.node.primary_ips.is_empty(),
         settings,
-        state: ClusterState::default(),
+        this_node: None,
         tracker: ChangeTracker::new(SystemTime::now()),
         schedule: Schedule::new(agent.min_sync_period, agent.sync_period),
         metrics,
@@ -144,14 +213,16 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> anyh
         synced_at: None,
         node_seen: false,
         programmed_once: false,
-        ready_file: opts.ready_file.clone(),
+        ready_file,
+        once,
+        node_wait,
+        finished_once: false,
+        generation: 0,
+        latest_input: None,
     };
     let result = agent_loop.run(events, done, shutdown).await;
     drop(agent_loop);
-    let _ = stop_source.send(());
-    let _ = source_task.await;
     sync_thread.stop();
-    tracing::info!("stopping; the datapath stays installed and keeps serving (`ferry cleanup` removes it)");
     result
 }
 
@@ -159,15 +230,16 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> anyh
 struct Loop<'a> {
     settings: Settings,
     primary_configured: bool,
-    state: ClusterState,
+    /// This node's Node object (health, primary addresses); the planner has the rest.
+    this_node: Option<Node>,
     tracker: ChangeTracker,
     schedule: Schedule,
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
     checks: ServiceHealthServer,
     sync_thread: &'a SyncThread,
-    /// The running job and the changes it carries.
-    in_flight: Option<(Due, Batch)>,
+    /// The running job, the changes it carries and the input time it reflects.
+    in_flight: Option<(Due, Batch, SystemTime)>,
     /// The first change that arrived while a job ran.
     changed_during_sync: Option<Instant>,
     /// When the source reported Services and EndpointSlices listed.
@@ -175,6 +247,14 @@ struct Loop<'a> {
     node_seen: bool,
     programmed_once: bool,
     ready_file: Option<PathBuf>,
+    once: bool,
+    node_wait: Duration,
+    /// With `once`: the first sync is done, stop.
+    finished_once: bool,
+    /// Successful syncs so far (the ready file's generation).
+    generation: u64,
+    /// The latest checkpoint of the source: everything it read up to then has arrived.
+    latest_input: Option<SystemTime>,
 }
 
 impl Loop<'_> {
@@ -185,7 +265,10 @@ impl Loop<'_> {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
-        loop {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| tracing::warn!("cannot install the SIGHUP handler (resync on demand): {e}"))
+            .ok();
+        while !self.finished_once {
             let next = self.schedule.next();
             let node_deadline = self.node_deadline();
             tokio::select! {
@@ -197,7 +280,7 @@ impl Loop<'_> {
                 }
                 event = events.recv() => {
                     let Some(event) = event else { anyhow::bail!("the Kubernetes API source stopped unexpectedly") };
-                    self.event(event);
+                    self.event(event)?;
                 }
                 () = sleep_until(next.map(|(at, _)| at)), if next.is_some() => {
                     if let Some((_, due)) = next {
@@ -205,6 +288,10 @@ impl Loop<'_> {
                     }
                 }
                 () = sleep_until(node_deadline), if node_deadline.is_some() => self.check_ready(),
+                Some(()) = recv_hangup(&mut hangup) => {
+                    tracing::info!("SIGHUP: verifying the datapath against the Plan now");
+                    self.schedule.request_resync();
+                }
             }
         }
         // Let a running sync finish: killing it half-way would leave the mirror ahead of the kernel.
@@ -220,27 +307,36 @@ impl Loop<'_> {
     /// While waiting for the Node object, when to give up on it.
     fn node_deadline(&self) -> Option<Instant> {
         match self.synced_at {
-            Some(at) if !self.schedule.is_ready() => Some(at + NODE_WAIT),
+            Some(at) if !self.schedule.is_ready() => Some(at + self.node_wait),
             _ => None,
         }
     }
 
-    fn event(&mut self, event: SourceEvent) {
+    fn event(&mut self, event: SourceEvent) -> anyhow::Result<()> {
         let now = Instant::now();
         match &event {
             SourceEvent::WatchError { kind, .. } => {
                 self.metrics.watch_errors.get_or_create(&KindLabels { kind: kind.to_string() }).inc();
-                return;
+                return Ok(());
             }
             SourceEvent::Synced => {
                 self.synced_at = Some(now);
                 self.check_ready();
-                return;
+                return Ok(());
+            }
+            SourceEvent::Checkpoint(at) => {
+                self.latest_input = Some(*at);
+                // Nothing new to program: what is programmed already reflects this input.
+                if self.in_flight.is_none() && self.tracker.pending_services() + self.tracker.pending_endpoints() == 0 {
+                    self.write_ready(*at)?;
+                }
+                return Ok(());
             }
             _ => {}
         }
-        let counted = self.tracker.observe(&self.state, &event);
-        apply_event(&mut self.state, &event);
+        let counted = self.tracker.observe(&event);
+        self.keep_this_node(&event);
+        self.sync_thread.event(event)?;
         self.metrics.service_changes_total.inc_by(counted.services);
         self.metrics.endpoint_changes_total.inc_by(counted.endpoints);
         self.publish_pending();
@@ -255,6 +351,22 @@ impl Loop<'_> {
                 self.changed_during_sync.get_or_insert(now);
             }
         }
+        Ok(())
+    }
+
+    /// Keeps this node's Node object out of the events that pass.
+    fn keep_this_node(&mut self, event: &SourceEvent) {
+        let name = &self.settings.node.node_name;
+        match event {
+            SourceEvent::Change(StateChange::NodeApplied(n)) if n.metadata.name.as_ref() == Some(name) => {
+                self.this_node = Some((**n).clone());
+            }
+            SourceEvent::Change(StateChange::NodeDeleted(n)) if n == name => self.this_node = None,
+            SourceEvent::Replace(Snapshot::Nodes(all)) => {
+                self.this_node = all.iter().find(|n| n.metadata.name.as_ref() == Some(name)).cloned();
+            }
+            _ => {}
+        }
     }
 
     fn publish_pending(&self) {
@@ -264,7 +376,7 @@ impl Loop<'_> {
 
     /// This node's Node object arrived or changed: eligibility, primary addresses.
     fn node_changed(&mut self) {
-        let Some(node) = self.state.nodes.get(&self.settings.node.node_name) else { return };
+        let Some(node) = &self.this_node else { return };
         self.health.sync_node(node);
         self.node_seen = true;
         if !self.primary_configured {
@@ -282,9 +394,9 @@ impl Loop<'_> {
         if self.schedule.is_ready() {
             return;
         }
-        let waited = synced_at.elapsed() >= NODE_WAIT;
+        let waited = synced_at.elapsed() >= self.node_wait;
         if self.primary_configured || self.node_seen || waited {
-            if !self.primary_configured && self.settings.node.primary_ips.is_empty() {
+            if !self.primary_configured && self.settings.node.primary_ips.is_empty() && !self.node_wait.is_zero() {
                 let first: Vec<IpAddr> = [true, false]
                     .into_iter()
                     .filter_map(|v4| self.settings.node.node_ips.iter().copied().find(|ip| ip.is_ipv4() == v4))
@@ -306,13 +418,17 @@ impl Loop<'_> {
         self.publish_pending();
         self.schedule.started(due, Instant::now());
         self.changed_during_sync = None;
-        self.in_flight = Some((due, batch));
-        self.sync_thread.send(Job { due, state: self.state.clone(), settings: self.settings.clone() })
+        let input = self.latest_input.unwrap_or_else(SystemTime::now);
+        self.in_flight = Some((due, batch, input));
+        self.sync_thread.send(Job { due, settings: self.settings.clone() })
     }
 
     fn finished(&mut self, finished: Done) -> anyhow::Result<()> {
         let now = Instant::now();
-        let batch = self.in_flight.take().map(|(_, b)| b).unwrap_or_default();
+        let (batch, input) = match self.in_flight.take() {
+            Some((_, b, input)) => (b, input),
+            None => (Batch::default(), SystemTime::now()),
+        };
         let ok = finished.result.is_ok();
         self.schedule.finished(ok, now);
         let synced = match finished.result {
@@ -371,14 +487,38 @@ impl Loop<'_> {
         self.metrics.set_no_local_endpoints(&synced.no_local);
         self.health.updated(wall, self.changed_during_sync.take());
         self.checks.update(&synced.health_checks);
-        if !self.programmed_once && synced.report.is_some() {
+        if synced.report.is_some() || self.programmed_once {
             self.programmed_once = true;
-            if let Some(f) = &self.ready_file {
-                std::fs::write(f, b"ready\n")
-                    .map_err(|e| anyhow::anyhow!("writing the ready file {}: {e}", f.display()))?;
-            }
+            // With nothing pending, everything the source has sent is programmed.
+            let pending = self.tracker.pending_services() + self.tracker.pending_endpoints() > 0;
+            let input = if pending { input } else { self.latest_input.map_or(input, |l| l.max(input)) };
+            self.write_ready(input)?;
+            self.finished_once = self.once;
         }
         Ok(())
+    }
+
+    /// Rewrites the ready file (written aside, then renamed): `synced
+    /// <generation> <input_unix_nanos>`, where every change the source sent
+    /// before that instant is programmed.
+    fn write_ready(&mut self, input: SystemTime) -> anyhow::Result<()> {
+        if !self.programmed_once {
+            return Ok(());
+        }
+        self.generation += 1;
+        let Some(f) = &self.ready_file else { return Ok(()) };
+        let nanos = input.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, format!("synced {} {nanos}\n", self.generation))
+            .and_then(|()| std::fs::rename(&tmp, f))
+            .map_err(|e| anyhow::anyhow!("writing the ready file {}: {e}", f.display()))
+    }
+}
+
+async fn recv_hangup(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
     }
 }
 

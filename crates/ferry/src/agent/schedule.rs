@@ -34,6 +34,8 @@ pub struct Schedule {
     dirty: bool,
     failures: u32,
     retry_at: Option<Instant>,
+    /// A resync was asked for (SIGHUP): due as soon as nothing else is.
+    resync_requested: bool,
 }
 
 impl Schedule {
@@ -48,7 +50,13 @@ impl Schedule {
             dirty: true,
             failures: 0,
             retry_at: None,
+            resync_requested: false,
         }
+    }
+
+    /// Verify the datapath now (after any pending sync) instead of at the next period.
+    pub fn request_resync(&mut self) {
+        self.resync_requested = true;
     }
 
     /// The source has listed everything (and the node's addresses are known):
@@ -84,12 +92,18 @@ impl Schedule {
             // `None` here means "never synced": now.
             return Some((at.unwrap_or_else(Instant::now), Due::Sync));
         }
+        if self.resync_requested {
+            return Some((Instant::now(), Due::Resync));
+        }
         self.last_verified.map(|t| (t + self.sync_period, Due::Resync))
     }
 
     /// `due` starts now.
     pub fn started(&mut self, due: Due, now: Instant) {
         self.in_flight = Some(due);
+        if due == Due::Resync {
+            self.resync_requested = false;
+        }
         if due == Due::Sync {
             self.last_sync_start = Some(now);
             // Changes from here on are not in this sync.

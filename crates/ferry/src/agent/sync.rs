@@ -1,6 +1,11 @@
-//! The sync thread: owns the [`Proxier`] and runs syncs and resyncs off the
-//! async runtime, so the API watchers keep draining while a large Plan is
-//! built and written.
+//! The sync thread: owns the [`Planner`] and the [`Proxier`], and runs
+//! syncs and resyncs off the async runtime, so the sources keep draining
+//! while a large Plan is built and written.
+//!
+//! Source events reach it as they arrive (`Work::Event`) and go straight
+//! into the planner's compact model, so no copy of the cluster's objects is
+//! kept anywhere; a `Work::Job` then plans what changed and hands the
+//! `(Arc<Plan>, PlanDiff)` to the Proxier.
 //!
 //! The datapath is installed (or adopted) on the first job, and reinstalled,
 //! adopting what is pinned, if the node's config changes (its primary address
@@ -8,24 +13,29 @@
 //! publishes: the sync report, the health checks the Plan asks for, and the
 //! figures for the metrics.
 
-use super::metrics::{DatapathView, MapFill, NoLocalLabels, no_local_endpoints};
+use super::metrics::{DatapathView, MapFill, NoLocalCounts, NoLocalLabels};
 use super::schedule::Due;
 use crate::config::Settings;
 use crate::health::HealthChecks;
 use crate::proxier::{Proxier, SyncReport};
-use ferry_model::{ClusterState, NodeConfig};
+use ferry_k8s::api::{Snapshot, SourceEvent};
+use ferry_model::{NodeConfig, Planner};
 use libbpf_rs::MapCore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Work for the sync thread.
+/// A sync or resync for the sync thread.
 pub struct Job {
     pub due: Due,
-    /// The state to program (for `Due::Sync`).
-    pub state: ClusterState,
     pub settings: Settings,
+}
+
+/// What the sync thread is sent, in order: a job sees every event sent before it.
+pub enum Work {
+    Event(SourceEvent),
+    Job(Box<Job>),
 }
 
 /// What a finished job produced.
@@ -59,21 +69,36 @@ pub struct InstallOverrides {
 
 /// A handle on the running sync thread.
 pub struct SyncThread {
-    jobs: std::sync::mpsc::Sender<Job>,
+    jobs: std::sync::mpsc::Sender<Work>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl SyncThread {
-    /// Starts the thread; finished jobs arrive on `done`.
+    /// Starts the thread; finished jobs arrive on `done`. `node` is the
+    /// configuration objects are read with (see `Planner::reconfigure`).
     pub fn spawn(
+        node: NodeConfig,
         overrides: InstallOverrides,
         view: Arc<DatapathView>,
         done: mpsc::UnboundedSender<Done>,
     ) -> std::io::Result<SyncThread> {
-        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let (jobs, rx) = std::sync::mpsc::channel::<Work>();
         let thread = std::thread::Builder::new().name("ferry-sync".into()).spawn(move || {
-            let mut worker = Worker { overrides, view, proxier: None };
-            while let Ok(job) = rx.recv() {
+            let mut worker = Worker {
+                overrides,
+                view,
+                planner: Planner::new(node),
+                no_local: NoLocalCounts::default(),
+                proxier: None,
+            };
+            while let Ok(work) = rx.recv() {
+                let job = match work {
+                    Work::Event(event) => {
+                        worker.apply(event);
+                        continue;
+                    }
+                    Work::Job(job) => *job,
+                };
                 let t0 = Instant::now();
                 let due = job.due;
                 let never_installed = worker.proxier.is_none();
@@ -89,7 +114,16 @@ impl SyncThread {
 
     /// Queues a job. Fails only if the thread is gone (it panicked).
     pub fn send(&self, job: Job) -> anyhow::Result<()> {
-        self.jobs.send(job).map_err(|_| anyhow::anyhow!("the sync thread stopped unexpectedly; see the log above"))
+        self.send_work(Work::Job(Box::new(job)))
+    }
+
+    /// Hands a source event to the planner.
+    pub fn event(&self, event: SourceEvent) -> anyhow::Result<()> {
+        self.send_work(Work::Event(event))
+    }
+
+    fn send_work(&self, work: Work) -> anyhow::Result<()> {
+        self.jobs.send(work).map_err(|_| anyhow::anyhow!("the sync thread stopped unexpectedly; see the log above"))
     }
 
     /// Stops the thread after its current job.
@@ -102,24 +136,45 @@ impl SyncThread {
 struct Worker {
     overrides: InstallOverrides,
     view: Arc<DatapathView>,
+    planner: Planner,
+    /// Follows the planner's Plan (not the datapath's), diff by diff.
+    no_local: NoLocalCounts,
     proxier: Option<(Proxier, NodeConfig, PathBuf)>,
 }
 
 impl Worker {
+    fn apply(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Change(change) => self.planner.apply(change),
+            SourceEvent::Replace(Snapshot::Services(all)) => self.planner.replace_services(&all),
+            SourceEvent::Replace(Snapshot::EndpointSlices(all)) => self.planner.replace_slices(&all),
+            SourceEvent::Replace(Snapshot::Nodes(all)) => self.planner.replace_nodes(&all),
+            SourceEvent::Synced | SourceEvent::WatchError { .. } | SourceEvent::Checkpoint(_) => {}
+        }
+    }
+
+    /// Plans what changed and programs it.
+    fn sync(&mut self) -> anyhow::Result<SyncReport> {
+        let Some((proxier, _, _)) = self.proxier.as_mut() else { anyhow::bail!("no datapath installed") };
+        let t0 = Instant::now();
+        let (plan, diff) = self.planner.sync();
+        self.no_local.update(&diff);
+        proxier.sync(plan, &diff, t0.elapsed())
+    }
+
     fn run(&mut self, job: Job) -> anyhow::Result<Synced> {
+        self.planner.reconfigure(job.settings.node.clone())?;
         let mut installed = None;
         let current = self.proxier.as_ref().map(|(_, cfg, _)| cfg);
         if current != Some(&job.settings.node) {
             installed = Some(self.install(&job.settings)?);
         }
-        let Some((proxier, _, pin_dir)) = self.proxier.as_mut() else {
-            anyhow::bail!("no datapath installed");
-        };
         let (report, corrections) = match job.due {
             // A fresh Proxier has no Plan yet: a resync is a full sync for it.
-            Due::Sync => (Some(proxier.sync(&job.state)?), 0),
-            Due::Resync if installed.is_some() => (Some(proxier.sync(&job.state)?), 0),
+            Due::Sync => (Some(self.sync()?), 0),
+            Due::Resync if installed.is_some() => (Some(self.sync()?), 0),
             Due::Resync => {
+                let Some((proxier, _, _)) = self.proxier.as_mut() else { anyhow::bail!("no datapath installed") };
                 let expired = proxier.collect_expired_flows();
                 if expired > 0 {
                     tracing::debug!(expired, "removed expired connection-tracking entries");
@@ -127,6 +182,7 @@ impl Worker {
                 (None, proxier.resync()?)
             }
         };
+        let Some((proxier, _, pin_dir)) = self.proxier.as_mut() else { anyhow::bail!("no datapath installed") };
         if job.due == Due::Resync || installed.is_some() {
             let fill = map_fill(pin_dir);
             *self.view.fill.lock().unwrap_or_else(|p| p.into_inner()) = fill;
@@ -138,7 +194,7 @@ impl Worker {
             corrections,
             installed,
             health_checks: plan.map(HealthChecks::from_plan).unwrap_or_default(),
-            no_local: plan.map(no_local_endpoints).unwrap_or_default(),
+            no_local: self.no_local.samples(),
             service_ports: plan.map_or(0, |p| p.services.len()),
         })
     }

@@ -67,7 +67,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Completes on SIGTERM (the kubelet stopping the pod) or SIGINT.
-async fn stop_signal() {
+/// Completes on SIGTERM or SIGINT.
+pub(crate) async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");

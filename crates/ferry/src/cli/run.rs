@@ -1,19 +1,20 @@
-//! `ferry run`: the standalone agent. Watches a manifest directory and keeps
-//! the eBPF datapath in step with it.
+//! `ferry run`: the standalone agent. Watches a manifest directory (inotify)
+//! and keeps the datapath in step with it, through the same loop as `ferry
+//! agent` (batching, resync, retry), with the directory as its source.
 
+use crate::agent::sync::InstallOverrides;
+use crate::agent::{self, LoopOptions};
 use crate::config::{self, NodeFlags};
-use crate::proxier::Proxier;
 use anyhow::Context;
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Directory of Kubernetes manifests to serve; re-read whenever a file changes.
+    /// Directory of Kubernetes manifests to serve (*.yaml, *.yml, *.json,
+    /// searched recursively). Watched: a file written, renamed in or removed
+    /// is applied within milliseconds; only that file is read again.
     #[arg(long, value_name = "DIR")]
     pub manifests: PathBuf,
     #[command(flatten)]
@@ -24,34 +25,14 @@ pub struct RunArgs {
     /// cgroup v2 directory to load-balance sockets of (overrides bpf.cgroupPath; default: the cgroup2 root).
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// How often the manifest directory is checked for changes.
-    #[arg(long, value_name = "MS", default_value_t = 200)]
-    pub poll_ms: u64,
-    /// Write this file once the first sync is programmed (for scripts and tests).
+    /// Rewritten after every successful sync with `synced <generation>
+    /// <input_unix_nanos>`: every manifest change made before that instant
+    /// is programmed (for scripts and tests: write, then wait for a later time).
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
     /// Sync once and exit, leaving the datapath installed.
     #[arg(long)]
     pub once: bool,
-}
-
-/// (path, modified, length) of every manifest file: cheap to compare.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let path = e.path();
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(path),
-                Ok(m) => out.push((path, m.modified().ok(), m.len())),
-                Err(_) => {}
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -60,84 +41,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         settings.node.node_ips = crate::node_addrs::detect().context("detecting node addresses")?;
         tracing::info!(addresses = ?settings.node.node_ips, "nodeIPs not configured: using every address of this network namespace");
     }
-    tracing::info!(datapath = ?settings.datapath, "starting");
-    let opts = crate::datapath::install_options(&settings, args.pin_dir.clone(), args.cgroup.clone())?;
-    let (mut proxier, installed) = Proxier::start(&settings, &opts)?;
-    let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
-    if installed.datapath == "nftables" {
-        tracing::info!(
-            "nftables datapath: tables ip/ip6 {} are replaced by the first sync",
-            ferry_nft::services::TABLE
-        );
-    } else {
-        tracing::info!(
-            pin_dir = %opts.pin_dir.display(),
-            cgroup = %opts.cgroup.display(),
-            devices = %devices.join(","),
-            adopted = installed.adopted,
-            links_updated = installed.links_updated,
-            links_attached = installed.links_attached,
-            "datapath installed"
+    if !args.manifests.is_dir() {
+        anyhow::bail!(
+            "--manifests {}: not a directory (create it, or point at the directory holding your manifests)",
+            args.manifests.display()
         );
     }
-
+    tracing::info!(datapath = ?settings.datapath, manifests = %args.manifests.display(), "starting");
     log_masquerade(&settings.node);
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
-    }
-    let mut health_checks = crate::health::ServiceHealthServer::standalone().context("starting health checks")?;
-    let mut seen = None;
-    let mut ready = false;
-    let mut last_gc = std::time::Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        if last_gc.elapsed() >= GC_PERIOD {
-            last_gc = std::time::Instant::now();
-            proxier.collect_expired_flows();
-        }
-        let now = fingerprint(&args.manifests);
-        if seen.as_ref() != Some(&now) {
-            seen = Some(now);
-            let state = super::load_manifests(&args.manifests)?;
-            match proxier.sync(&state) {
-                Ok(r) => {
-                    for p in &r.new_problems {
-                        tracing::warn!("{p}");
-                    }
-                    tracing::info!(
-                        service_ports = r.service_ports,
-                        map_ops = r.map_ops,
-                        plan_ms = r.plan_time.as_secs_f64() * 1e3,
-                        apply_ms = r.apply_time.as_secs_f64() * 1e3,
-                        fixed_problems = r.fixed_problems,
-                        stale_flows_deleted = r.stale_flows_deleted,
-                        conntrack_deleted = r.conntrack.as_ref().map_or(0, |c| c.deleted()),
-                        "synced"
-                    );
-                }
-                Err(e) => tracing::error!("sync failed, will retry on the next change: {e:#}"),
-            }
-            if let Some(plan) = proxier.plan() {
-                health_checks.update(&crate::health::HealthChecks::from_plan(plan));
-            }
-            if !ready {
-                ready = true;
-                if let Some(f) = &args.ready_file {
-                    std::fs::write(f, b"ready\n").with_context(|| format!("writing {}", f.display()))?;
-                }
-            }
-            if args.once {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(args.poll_ms));
-    }
-    tracing::info!("stopping; the datapath stays installed and keeps serving (`ferry cleanup` removes it)");
+    let options = LoopOptions {
+        settings,
+        install: InstallOverrides { pin_dir: args.pin_dir, cgroup: args.cgroup },
+        ready_file: args.ready_file,
+        once: args.once,
+        node_wait: std::time::Duration::ZERO,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ferry-run")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(agent::run_manifests(options, args.manifests, super::agent::stop_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
-
-/// How often expired connection-tracking entries are collected (the agent does it every syncPeriod).
-const GC_PERIOD: Duration = Duration::from_secs(30);
 
 /// Masquerading must never be a surprise: say at start exactly what is in force.
 pub fn log_masquerade(node: &ferry_model::NodeConfig) {

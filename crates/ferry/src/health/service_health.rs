@@ -44,7 +44,7 @@ impl HealthChecks {
         let mut services = BTreeMap::new();
         for (port, key) in &plan.health_check_node_ports {
             let mut per_family: BTreeMap<IpFamily, BTreeSet<IpAddr>> = BTreeMap::new();
-            for sp in plan.services.values().filter(|sp| &sp.id.service == key) {
+            for sp in plan.ports_of(key) {
                 let ips = per_family.entry(sp.id.family).or_default();
                 // Terminating endpoints may still serve, but a node with only those must fail the check.
                 ips.extend(sp.endpoints.iter().filter(|e| e.local && e.is_ready()).map(|e| e.ip));

@@ -1,0 +1,364 @@
+//! The manifest-directory source: a directory of YAML/JSON manifests, watched
+//! with inotify (the `notify` crate), turned into the same [`SourceEvent`]s
+//! as the Kubernetes API source.
+//!
+//! ```text
+//! start:   read every file -> Applied per object -> Synced, Checkpoint(t)
+//! change:  t = now; re-read only the files inotify named -> Applied (new or changed objects),
+//!          Deleted (objects gone from the file, or the file gone) -> Checkpoint(t)
+//! ```
+//!
+//! Files are read one at a time and only object keys and a digest of each
+//! object are remembered, so a large directory is never held in memory
+//! twice. A changed file whose object is byte-for-byte the same (after
+//! parsing) sends nothing for it. Without inotify events for a while (or on
+//! an inotify queue overflow) the directory is rescanned by modification
+//! time, so no change is lost.
+
+use crate::api::{Kind, SourceEvent};
+use crate::manifests::{LoadedManifests, ManifestProblem, collect_files, load_text};
+use ferry_model::state::{ObjectKey, StateChange};
+use notify::Watcher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+
+/// How long a quiet watch waits before checking the directory by modification times anyway.
+const RESCAN: Duration = Duration::from_secs(10);
+/// Changes arriving this close together are read as one batch (a tool writing several files).
+const SETTLE: Duration = Duration::from_millis(2);
+
+/// One object a file defines: its kind and key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct ObjectId {
+    kind: Kind,
+    key: ObjectKey,
+}
+
+/// What one file held when last read.
+#[derive(Debug, Clone, Default)]
+struct FileState {
+    modified: Option<SystemTime>,
+    len: u64,
+    /// Each object and a digest of its content.
+    objects: BTreeMap<ObjectId, u64>,
+}
+
+/// Failure to watch the directory at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestSourceError {
+    #[error("cannot read manifest directory {path}: {source} (check that it exists and is readable)")]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot watch manifest directory {path} for changes: {source} (inotify limits: see fs.inotify.max_user_watches)"
+    )]
+    Watch { path: PathBuf, source: notify::Error },
+}
+
+/// Watches a manifest directory; see the module documentation.
+pub struct ManifestSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Which file each object came from (the first reader wins; a second definition is reported).
+    owners: HashMap<ObjectId, PathBuf>,
+}
+
+fn digest(value: &serde_json::Value) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.to_string().hash(&mut h);
+    h.finish()
+}
+
+impl ManifestSource {
+    pub fn new(dir: impl Into<PathBuf>) -> ManifestSource {
+        ManifestSource { dir: dir.into(), files: BTreeMap::new(), owners: HashMap::new() }
+    }
+
+    /// Runs on the calling thread until `stop` is set or the receiver is
+    /// dropped. Problems with single documents are logged (the rest is
+    /// served); only an unreadable or unwatchable directory is an error.
+    pub fn run_blocking(
+        mut self,
+        events: mpsc::Sender<SourceEvent>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(), ManifestSourceError> {
+        let (tx, rx) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
+        let mut watcher = notify::recommended_watcher(move |e| {
+            let _ = tx.send(e);
+        })
+        .map_err(|source| ManifestSourceError::Watch { path: self.dir.clone(), source })?;
+        watcher
+            .watch(&self.dir, notify::RecursiveMode::Recursive)
+            .map_err(|source| ManifestSourceError::Watch { path: self.dir.clone(), source })?;
+
+        let at = SystemTime::now();
+        let mut out = Vec::new();
+        self.rescan(&mut out)?;
+        out.push(SourceEvent::Synced);
+        out.push(SourceEvent::Checkpoint(at));
+        if !send_all(&events, out) {
+            return Ok(());
+        }
+        let mut last_look = std::time::Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let first = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(e) => Some(e),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let Some(first) = first else {
+                if last_look.elapsed() >= RESCAN {
+                    last_look = std::time::Instant::now();
+                    let at = SystemTime::now();
+                    let mut out = Vec::new();
+                    self.rescan(&mut out)?;
+                    if !out.is_empty() {
+                        out.push(SourceEvent::Checkpoint(at));
+                        if !send_all(&events, out) {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            };
+            last_look = std::time::Instant::now();
+            std::thread::sleep(SETTLE);
+            let at = SystemTime::now();
+            let mut changed: BTreeSet<PathBuf> = BTreeSet::new();
+            let mut rescan = false;
+            for e in std::iter::once(first).chain(rx.try_iter()) {
+                match e {
+                    Ok(e) if e.need_rescan() => rescan = true,
+                    Ok(e) => changed.extend(e.paths),
+                    Err(err) => {
+                        tracing::warn!("manifest watch: {err}; rescanning {}", self.dir.display());
+                        rescan = true;
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            if rescan || changed.iter().any(|p| p.is_dir() || p == &self.dir) {
+                self.rescan(&mut out)?;
+            } else {
+                for path in changed.into_iter().filter(|p| is_manifest(p)) {
+                    self.read_file(&path, &mut out);
+                }
+            }
+            out.push(SourceEvent::Checkpoint(at));
+            if !send_all(&events, out) {
+                break;
+            }
+        }
+        drop(watcher);
+        Ok(())
+    }
+
+    /// Reads what changed in the whole directory (by modification time and
+    /// length), and what vanished.
+    fn rescan(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), ManifestSourceError> {
+        let mut files = Vec::new();
+        collect_files(&self.dir, &mut files)
+            .map_err(|source| ManifestSourceError::Unreadable { path: self.dir.clone(), source })?;
+        files.sort();
+        let present: BTreeSet<PathBuf> = files.iter().cloned().collect();
+        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !present.contains(*p)).cloned().collect();
+        for path in gone {
+            self.read_file(&path, out);
+        }
+        for path in files {
+            let meta = std::fs::metadata(&path).ok();
+            let unchanged = self
+                .files
+                .get(&path)
+                .is_some_and(|f| meta.as_ref().is_some_and(|m| f.modified == m.modified().ok() && f.len == m.len()));
+            if !unchanged {
+                self.read_file(&path, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads one file (gone: its objects are deleted) and emits what changed.
+    fn read_file(&mut self, path: &Path, out: &mut Vec<SourceEvent>) {
+        let old = self.files.remove(path).unwrap_or_default();
+        let mut now = FileState::default();
+        let mut loaded = LoadedManifests::default();
+        if let Ok(meta) = std::fs::metadata(path) {
+            now.modified = meta.modified().ok();
+            now.len = meta.len();
+            match std::fs::read_to_string(path) {
+                Ok(text) => load_text(path, &text, &mut loaded),
+                Err(e) => loaded.problems.push(ManifestProblem {
+                    file: path.to_path_buf(),
+                    document: "-".into(),
+                    message: format!("cannot read file: {e}"),
+                    skipped: true,
+                }),
+            }
+        }
+        for p in loaded.problems.iter().filter(|p| p.skipped) {
+            tracing::warn!("{p}");
+        }
+        let state = loaded.state;
+        let mut applied = Vec::new();
+        for (key, svc) in state.services {
+            let id = ObjectId { kind: Kind::Service, key };
+            let d = digest(&serde_json::to_value(&svc).unwrap_or_default());
+            now.objects.insert(id.clone(), d);
+            applied.push((id, d, StateChange::ServiceApplied(Box::new(svc))));
+        }
+        for (key, slice) in state.endpoint_slices {
+            let id = ObjectId { kind: Kind::EndpointSlice, key };
+            let d = digest(&serde_json::to_value(&slice).unwrap_or_default());
+            now.objects.insert(id.clone(), d);
+            applied.push((id, d, StateChange::EndpointSliceApplied(Box::new(slice))));
+        }
+        for (name, node) in state.nodes {
+            let id = ObjectId { kind: Kind::Node, key: ObjectKey::new("", name) };
+            let d = digest(&serde_json::to_value(&node).unwrap_or_default());
+            now.objects.insert(id.clone(), d);
+            applied.push((id, d, StateChange::NodeApplied(Box::new(node))));
+        }
+        for (id, d, change) in applied {
+            match self.owners.get(&id) {
+                Some(owner) if owner != path => {
+                    tracing::warn!(
+                        "{} {} is defined in {} and in {}; the first is served (delete one of them)",
+                        id.kind,
+                        id.key,
+                        owner.display(),
+                        path.display()
+                    );
+                    now.objects.remove(&id);
+                    continue;
+                }
+                _ => {}
+            }
+            self.owners.insert(id.clone(), path.to_path_buf());
+            if old.objects.get(&id) != Some(&d) {
+                out.push(SourceEvent::Change(change));
+            }
+        }
+        for id in old.objects.keys().filter(|id| !now.objects.contains_key(*id)) {
+            self.owners.remove(id);
+            out.push(SourceEvent::Change(match id.kind {
+                Kind::Service => StateChange::ServiceDeleted(id.key.clone()),
+                Kind::EndpointSlice => StateChange::EndpointSliceDeleted(id.key.clone()),
+                Kind::Node => StateChange::NodeDeleted(id.key.name.clone()),
+            }));
+        }
+        if now.modified.is_some() {
+            self.files.insert(path.to_path_buf(), now);
+        }
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+    !hidden && matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+/// Sends every event; false once the receiver is gone.
+fn send_all(events: &mpsc::Sender<SourceEvent>, out: Vec<SourceEvent>) -> bool {
+    out.into_iter().all(|e| events.blocking_send(e).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn show(events: &[SourceEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                SourceEvent::Change(StateChange::ServiceApplied(s)) => {
+                    format!("+svc {}", ObjectKey::of_meta(&s.metadata))
+                }
+                SourceEvent::Change(StateChange::ServiceDeleted(k)) => format!("-svc {k}"),
+                SourceEvent::Change(StateChange::EndpointSliceApplied(s)) => {
+                    format!("+slice {}", ObjectKey::of_meta(&s.metadata))
+                }
+                SourceEvent::Change(StateChange::EndpointSliceDeleted(k)) => format!("-slice {k}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    const A: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+    const B: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: b, namespace: ns}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn only_what_changed_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), A).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), B).unwrap();
+        let mut src = ManifestSource::new(dir.path());
+        let mut out = Vec::new();
+        src.rescan(&mut out).unwrap();
+        assert_eq!(show(&out), ["+svc ns/a", "+svc ns/b"]);
+
+        // The same content written again: nothing.
+        let mut out = Vec::new();
+        std::fs::write(dir.path().join("a.yaml"), A).unwrap();
+        src.read_file(&dir.path().join("a.yaml"), &mut out);
+        assert!(out.is_empty(), "{:?}", show(&out));
+
+        // One file changed: only its object; a file removed: its objects deleted.
+        let mut out = Vec::new();
+        std::fs::write(dir.path().join("a.yaml"), A.replace("10.96.0.1", "10.96.0.3")).unwrap();
+        src.read_file(&dir.path().join("a.yaml"), &mut out);
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        src.read_file(&dir.path().join("b.yaml"), &mut out);
+        assert_eq!(show(&out), ["+svc ns/a", "-svc ns/b"]);
+    }
+
+    #[test]
+    fn an_object_defined_twice_is_served_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("1.yaml"), A).unwrap();
+        std::fs::write(dir.path().join("2.yaml"), A.replace("10.96.0.1", "10.96.0.9")).unwrap();
+        let mut src = ManifestSource::new(dir.path());
+        let mut out = Vec::new();
+        src.rescan(&mut out).unwrap();
+        assert_eq!(show(&out), ["+svc ns/a"]);
+        // Removing the second definition deletes nothing.
+        let mut out = Vec::new();
+        std::fs::remove_file(dir.path().join("2.yaml")).unwrap();
+        src.rescan(&mut out).unwrap();
+        assert!(out.is_empty(), "{:?}", show(&out));
+    }
+
+    #[test]
+    fn the_watch_sends_a_change_and_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), A).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let src = ManifestSource::new(dir.path());
+        let stopper = stop.clone();
+        let thread = std::thread::spawn(move || src.run_blocking(tx, stopper));
+        let first: Vec<SourceEvent> = (0..3).map(|_| rx.blocking_recv().unwrap()).collect();
+        assert_eq!(show(&first[..2]), ["+svc ns/a", "Synced"]);
+        assert!(matches!(first[2], SourceEvent::Checkpoint(_)));
+        let before = SystemTime::now();
+        std::fs::write(dir.path().join("b.tmp"), B).unwrap();
+        std::fs::rename(dir.path().join("b.tmp"), dir.path().join("b.yaml")).unwrap();
+        let mut got = Vec::new();
+        // Bounded: the watch answers within a few events, or the test fails on a closed channel.
+        for _ in 0..10 {
+            let e = rx.blocking_recv().expect("the source keeps running");
+            let done = matches!(&e, SourceEvent::Checkpoint(t) if *t >= before);
+            got.push(e);
+            if done {
+                break;
+            }
+        }
+        assert!(show(&got).contains(&"+svc ns/b".to_string()), "{:?}", show(&got));
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap().unwrap();
+    }
+}

@@ -1,0 +1,555 @@
+//! The incremental planner: changes in, `(Arc<Plan>, PlanDiff)` out.
+//!
+//! ```text
+//! StateChange --apply--> compact objects (ServiceRead, SliceRead, NodeInfo) + dirty Services
+//!                        sync: re-plan the dirty Services only --> Plan (persistent maps) + PlanDiff
+//! ```
+//!
+//! What kube-proxy's change trackers do, in ferry's terms. An event is read
+//! at once into the compact form planning needs (the API object is dropped)
+//! and marks its Service dirty; an EndpointSlice marks the Service it
+//! belongs to (before and after the change). A sync re-plans only the dirty
+//! Services with the same per-Service function `build_plan` uses
+//! (`plan_service`), re-decides ownership of only the frontends their claims
+//! touch, and returns what changed. A change that leaves a Service's planned
+//! values equal (an annotation, a resourceVersion) changes nothing
+//! downstream: the old `Arc<ServicePort>` stays.
+//!
+//! Node changes re-plan every Service only when they change facts a service
+//! port's decisions read (this node's zone, pod ranges, addresses); another
+//! node's address only changes `NodeFacts`. The result is always the Plan
+//! `build_plan` would make from the same objects; the property tests in
+//! `tests/planner.rs` check exactly that.
+
+use crate::diff::{PlanDiff, ServicePortChange};
+use crate::endpoints::{SliceRead, merge_slices, read_slice};
+use crate::node_config::NodeConfig;
+use crate::node_info::NodeInfo;
+use crate::plan::{
+    Claim, FrontendKey, NodeFacts, Plan, ServicePort, ServicePortId, frontend_claims, health_check_clash, node_facts,
+    orphan_slice, plan_service,
+};
+use crate::problem::ObjectError;
+use crate::service::{IgnoreReason, ServiceInfo, ServiceRead, read_service};
+use crate::state::{ObjectKey, StateChange};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// A Service as the planner keeps it: read and validated, never the API object.
+#[derive(Debug, Clone, PartialEq)]
+enum StoredService {
+    Served(Arc<ServiceInfo>),
+    Ignored(IgnoreReason),
+    Invalid(Vec<ObjectError>),
+}
+
+impl From<ServiceRead> for StoredService {
+    fn from(read: ServiceRead) -> Self {
+        match read {
+            ServiceRead::Served(info) => StoredService::Served(Arc::new(*info)),
+            ServiceRead::Ignored(r) => StoredService::Ignored(r),
+            ServiceRead::Invalid(e) => StoredService::Invalid(e),
+        }
+    }
+}
+
+/// Where a problem comes from, so that re-planning one thing replaces only its own problems.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum ProblemSource {
+    /// Read errors, or warnings from planning the Service.
+    Service(ObjectKey),
+    /// Read errors, and "its Service does not exist".
+    Slice(ObjectKey),
+    /// Claims that lost the frontend to another service port.
+    Frontend(FrontendKey),
+    /// Services that lost a health-check node port to another.
+    HealthCheck(u16),
+}
+
+/// What one Service contributed to the Plan at its last planning.
+#[derive(Debug, Clone, Default)]
+struct Contribution {
+    ports: Vec<ServicePortId>,
+    cluster_ips: Vec<IpAddr>,
+    health_check: Option<u16>,
+}
+
+/// The planner's settings that change how objects are *read* (which node
+/// endpoints are local, which objects belong to another proxy). The compact
+/// objects depend on them, so changing them needs a new `Planner`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("nodeName or serviceProxyName changed ({0}); objects must be read again: restart the agent")]
+pub struct ReadSettingsChanged(String);
+
+/// Inserts into a sorted, duplicate-free Vec (the sets here hold one or two
+/// items; a `BTreeSet` would allocate a whole node for each).
+fn sorted_insert<T: Ord>(v: &mut Vec<T>, item: T) {
+    if let Err(at) = v.binary_search(&item) {
+        v.insert(at, item);
+    }
+}
+
+fn sorted_remove<T: Ord>(v: &mut Vec<T>, item: &T) {
+    if let Ok(at) = v.binary_search(item) {
+        v.remove(at);
+    }
+}
+
+/// The incremental planner; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    cfg: NodeConfig,
+    nodes: BTreeMap<String, NodeInfo>,
+    services: HashMap<ObjectKey, StoredService>,
+    slices: HashMap<ObjectKey, SliceRead>,
+    /// Owner Service -> its slices, in key order (the order they merge in).
+    slices_of: HashMap<ObjectKey, Vec<ObjectKey>>,
+    contributions: HashMap<ObjectKey, Contribution>,
+    cluster_ip_refs: HashMap<IpAddr, u32>,
+    /// Every claim on every frontend, smallest (the owner) first.
+    claims: HashMap<FrontendKey, Vec<Claim>>,
+    health_check_claims: BTreeMap<u16, Vec<ObjectKey>>,
+    problems: BTreeMap<ProblemSource, Vec<ObjectError>>,
+    node: NodeFacts,
+    plan: Plan,
+    dirty: BTreeSet<ObjectKey>,
+    node_dirty: bool,
+    /// Re-plan everything at the next sync.
+    everything: bool,
+}
+
+impl Planner {
+    /// A planner with no objects; its first sync plans the node alone.
+    pub fn new(cfg: NodeConfig) -> Planner {
+        let nodes = BTreeMap::new();
+        let node = node_facts(&nodes, &cfg);
+        let plan = Plan {
+            node: node.clone(),
+            services: Default::default(),
+            frontends: Default::default(),
+            cluster_ips: Default::default(),
+            health_check_node_ports: Default::default(),
+            problems: Vec::new(),
+            ignored: Default::default(),
+        };
+        Planner {
+            cfg,
+            nodes,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slices_of: HashMap::new(),
+            contributions: HashMap::new(),
+            cluster_ip_refs: HashMap::new(),
+            claims: HashMap::new(),
+            health_check_claims: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            node,
+            plan,
+            dirty: BTreeSet::new(),
+            node_dirty: false,
+            everything: true,
+        }
+    }
+
+    /// The Plan of the last sync.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// Services, EndpointSlices and Nodes held.
+    pub fn object_count(&self) -> usize {
+        self.services.len() + self.slices.len() + self.nodes.len()
+    }
+
+    /// Services with changes the next sync will plan.
+    pub fn pending(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Changes the node's configuration; the next sync re-plans what it
+    /// affects. Settings that change how objects are read are refused.
+    pub fn reconfigure(&mut self, cfg: NodeConfig) -> Result<(), ReadSettingsChanged> {
+        if cfg.node_name != self.cfg.node_name {
+            return Err(ReadSettingsChanged(format!("nodeName {} -> {}", self.cfg.node_name, cfg.node_name)));
+        }
+        if cfg.service_proxy_name != self.cfg.service_proxy_name {
+            return Err(ReadSettingsChanged(format!(
+                "serviceProxyName {:?} -> {:?}",
+                self.cfg.service_proxy_name, cfg.service_proxy_name
+            )));
+        }
+        if cfg != self.cfg {
+            self.cfg = cfg;
+            self.node_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Re-plan everything at the next sync (kube-proxy's full sync), e.g.
+    /// after the datapath refused an apply.
+    pub fn replan_everything(&mut self) {
+        self.everything = true;
+    }
+
+    /// Applies one change. Cheap: the object is read into its compact form
+    /// and its Service marked dirty; planning waits for `sync`.
+    pub fn apply(&mut self, change: StateChange) {
+        match change {
+            StateChange::ServiceApplied(svc) => self.apply_service(&svc),
+            StateChange::ServiceDeleted(key) => self.delete_service(&key),
+            StateChange::EndpointSliceApplied(slice) => self.apply_slice(&slice),
+            StateChange::EndpointSliceDeleted(key) => self.delete_slice(&key),
+            StateChange::NodeApplied(node) => self.apply_node(&node),
+            StateChange::NodeDeleted(name) => {
+                if self.nodes.remove(&name).is_some() {
+                    self.node_dirty = true;
+                }
+            }
+        }
+    }
+
+    pub fn apply_service(&mut self, svc: &Service) {
+        let key = ObjectKey::of_meta(&svc.metadata);
+        let stored = StoredService::from(read_service(svc, &self.cfg));
+        match self.services.get(&key) {
+            Some(old) if *old == stored => {}
+            Some(_) => {
+                self.services.insert(key.clone(), stored);
+                self.dirty.insert(key);
+            }
+            None => {
+                self.services.insert(key.clone(), stored);
+                self.refresh_slice_problems_of(&key);
+                self.dirty.insert(key);
+            }
+        }
+    }
+
+    pub fn delete_service(&mut self, key: &ObjectKey) {
+        if self.services.remove(key).is_some() {
+            self.refresh_slice_problems_of(key);
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) {
+        let key = ObjectKey::of_meta(&slice.metadata);
+        let read = read_slice(&key, slice, &self.cfg);
+        if self.slices.get(&key) == Some(&read) {
+            return;
+        }
+        self.unlink_slice(&key);
+        if let Some(owner) = &read.owner {
+            sorted_insert(self.slices_of.entry(owner.service.clone()).or_default(), key.clone());
+            self.dirty.insert(owner.service.clone());
+        }
+        self.slices.insert(key.clone(), read);
+        self.refresh_slice_problems(&key);
+    }
+
+    pub fn delete_slice(&mut self, key: &ObjectKey) {
+        self.unlink_slice(key);
+        self.slices.remove(key);
+        self.problems.remove(&ProblemSource::Slice(key.clone()));
+    }
+
+    pub fn apply_node(&mut self, node: &Node) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let info = NodeInfo::read(node);
+        if self.nodes.get(&name) != Some(&info) {
+            self.nodes.insert(name, info);
+            self.node_dirty = true;
+        }
+    }
+
+    /// Replaces every Service with `services` (a relist): those not in it are deleted.
+    pub fn replace_services<'a>(&mut self, services: impl IntoIterator<Item = &'a Service>) {
+        let mut seen = HashSet::new();
+        for svc in services {
+            seen.insert(ObjectKey::of_meta(&svc.metadata));
+            self.apply_service(svc);
+        }
+        let gone: Vec<ObjectKey> = self.services.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        for key in gone {
+            self.delete_service(&key);
+        }
+    }
+
+    /// Replaces every EndpointSlice with `slices` (a relist).
+    pub fn replace_slices<'a>(&mut self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
+        let mut seen = HashSet::new();
+        for slice in slices {
+            seen.insert(ObjectKey::of_meta(&slice.metadata));
+            self.apply_slice(slice);
+        }
+        let gone: Vec<ObjectKey> = self.slices.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        for key in gone {
+            self.delete_slice(&key);
+        }
+    }
+
+    /// Replaces every Node with `nodes` (a relist).
+    pub fn replace_nodes<'a>(&mut self, nodes: impl IntoIterator<Item = &'a Node>) {
+        let mut seen = HashSet::new();
+        for node in nodes {
+            seen.insert(node.metadata.name.clone().unwrap_or_default());
+            self.apply_node(node);
+        }
+        let before = self.nodes.len();
+        self.nodes.retain(|name, _| seen.contains(name));
+        if self.nodes.len() != before {
+            self.node_dirty = true;
+        }
+    }
+
+    /// Removes a slice from its owner's list and marks the owner dirty.
+    fn unlink_slice(&mut self, key: &ObjectKey) {
+        let Some(owner) = self.slices.get(key).and_then(|r| r.owner.as_ref()) else { return };
+        let service = owner.service.clone();
+        if let Some(list) = self.slices_of.get_mut(&service) {
+            sorted_remove(list, key);
+            if list.is_empty() {
+                self.slices_of.remove(&service);
+            }
+        }
+        self.dirty.insert(service);
+    }
+
+    fn refresh_slice_problems(&mut self, key: &ObjectKey) {
+        let Some(read) = self.slices.get(key) else { return };
+        let mut problems = read.problems.clone();
+        if let Some(owner) = &read.owner
+            && !self.services.contains_key(&owner.service)
+        {
+            problems.push(orphan_slice(key, &owner.service));
+        }
+        set_problems(&mut self.problems, ProblemSource::Slice(key.clone()), problems);
+    }
+
+    /// A Service appeared or went away: its slices' "does not exist" warnings change.
+    fn refresh_slice_problems_of(&mut self, service: &ObjectKey) {
+        let keys = self.slices_of.get(service).cloned().unwrap_or_default();
+        for key in keys {
+            self.refresh_slice_problems(&key);
+        }
+    }
+
+    /// Plans what changed since the last sync. Returns the new Plan (cheap
+    /// to clone and to send to another thread) and what differs from the
+    /// previous one.
+    pub fn sync(&mut self) -> (Arc<Plan>, PlanDiff) {
+        let mut diff = PlanDiff::default();
+        if self.node_dirty || self.everything {
+            let facts = node_facts(&self.nodes, &self.cfg);
+            if facts != self.node {
+                diff.node_changed = true;
+                if facts.planning_view() != self.node.planning_view() {
+                    self.everything = true;
+                }
+                self.node = facts;
+                self.plan.node = self.node.clone();
+            }
+            self.node_dirty = false;
+        }
+        if std::mem::take(&mut self.everything) {
+            self.dirty.extend(self.services.keys().cloned());
+            self.dirty.extend(self.contributions.keys().cloned());
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        let ctx = self.node.topology(&self.cfg);
+        let plan = &mut self.plan;
+
+        let mut before: HashMap<ServicePortId, Arc<ServicePort>> = HashMap::new();
+        let mut after: Vec<ServicePortId> = Vec::new();
+        let mut touched_frontends: HashSet<FrontendKey> = HashSet::new();
+        let mut touched_health_checks: BTreeSet<u16> = BTreeSet::new();
+        let mut released_ips: Vec<IpAddr> = Vec::new();
+        for key in &dirty {
+            // Take back what the Service contributed last time.
+            if let Some(old) = self.contributions.remove(key) {
+                for id in old.ports {
+                    let Some(sp) = plan.services.remove(&id) else { continue };
+                    for (fk, claim) in frontend_claims(&sp) {
+                        if let Some(list) = self.claims.get_mut(&fk) {
+                            sorted_remove(list, &claim);
+                            if list.is_empty() {
+                                self.claims.remove(&fk);
+                            }
+                        }
+                        touched_frontends.insert(fk);
+                    }
+                    before.insert(id, sp);
+                }
+                for ip in old.cluster_ips {
+                    if let Some(n) = self.cluster_ip_refs.get_mut(&ip) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.cluster_ip_refs.remove(&ip);
+                            released_ips.push(ip);
+                        }
+                    }
+                }
+                if let Some(hc) = old.health_check {
+                    if let Some(list) = self.health_check_claims.get_mut(&hc) {
+                        sorted_remove(list, key);
+                        if list.is_empty() {
+                            self.health_check_claims.remove(&hc);
+                        }
+                    }
+                    touched_health_checks.insert(hc);
+                }
+            }
+            plan.ignored.remove(key);
+            self.problems.remove(&ProblemSource::Service(key.clone()));
+
+            match self.services.get(key) {
+                None => {}
+                Some(StoredService::Ignored(reason)) => {
+                    plan.ignored.insert(key.clone(), reason.clone());
+                }
+                Some(StoredService::Invalid(errors)) => {
+                    set_problems(&mut self.problems, ProblemSource::Service(key.clone()), errors.clone());
+                }
+                Some(StoredService::Served(info)) => {
+                    let slices = self.slices_of.get(key).into_iter().flatten().filter_map(|k| self.slices.get(k));
+                    let endpoints = merge_slices(slices);
+                    let planned = plan_service(&self.node, info, &endpoints, ctx);
+                    set_problems(&mut self.problems, ProblemSource::Service(key.clone()), planned.problems);
+                    for ip in &planned.cluster_ips {
+                        *self.cluster_ip_refs.entry(*ip).or_default() += 1;
+                        if plan.cluster_ips.insert(*ip).is_none() {
+                            diff.cluster_ips_added.push(*ip);
+                        }
+                    }
+                    let mut contribution = Contribution {
+                        ports: Vec::with_capacity(planned.ports.len()),
+                        cluster_ips: planned.cluster_ips,
+                        health_check: info.health_check_node_port,
+                    };
+                    for sp in planned.ports {
+                        for (fk, claim) in frontend_claims(&sp) {
+                            sorted_insert(self.claims.entry(fk).or_default(), claim);
+                            touched_frontends.insert(fk);
+                        }
+                        let id = sp.id.clone();
+                        // Equal values keep the old Arc: nothing downstream sees a change.
+                        let sp = match before.get(&id) {
+                            Some(old) if **old == sp => old.clone(),
+                            _ => Arc::new(sp),
+                        };
+                        plan.services.insert(id.clone(), sp);
+                        contribution.ports.push(id.clone());
+                        after.push(id);
+                    }
+                    if let Some(hc) = info.health_check_node_port {
+                        sorted_insert(self.health_check_claims.entry(hc).or_default(), key.clone());
+                        touched_health_checks.insert(hc);
+                    }
+                    self.contributions.insert(key.clone(), contribution);
+                }
+            }
+        }
+
+        for ip in released_ips {
+            if !self.cluster_ip_refs.contains_key(&ip) && plan.cluster_ips.remove(&ip).is_some() {
+                diff.cluster_ips_removed.push(ip);
+            }
+        }
+        diff.cluster_ips_added.sort();
+        diff.cluster_ips_removed.sort();
+        diff.cluster_ips_removed.dedup();
+
+        for (id, old) in &before {
+            match plan.services.get(id) {
+                None => diff.removed.push(old.clone()),
+                Some(new) if Arc::ptr_eq(old, new) => {}
+                Some(new) => diff.changed.push(ServicePortChange::between(old, new)),
+            }
+        }
+        for id in &after {
+            if !before.contains_key(id)
+                && let Some(sp) = plan.services.get(id)
+            {
+                diff.added.push(sp.clone());
+            }
+        }
+
+        for fk in touched_frontends {
+            let claims = self.claims.get(&fk);
+            let owner = claims.and_then(|c| c.first());
+            let now = owner.map(Claim::frontend);
+            let was = plan.frontends.get(&fk).cloned();
+            if now != was {
+                if let Some(f) = was {
+                    diff.frontends_removed.push((fk, f));
+                }
+                match &now {
+                    Some(f) => {
+                        diff.frontends_added.push((fk, f.clone()));
+                        plan.frontends.insert(fk, f.clone());
+                    }
+                    None => {
+                        plan.frontends.remove(&fk);
+                    }
+                }
+            }
+            let lost: Vec<ObjectError> = match (claims, owner) {
+                (Some(c), Some(o)) => c[1..].iter().filter_map(|l| l.lost_to(&fk, o)).collect(),
+                _ => Vec::new(),
+            };
+            set_problems(&mut self.problems, ProblemSource::Frontend(fk), lost);
+        }
+
+        for port in touched_health_checks {
+            let claimants = self.health_check_claims.get(&port);
+            let owner = claimants.and_then(|c| c.first());
+            if plan.health_check_node_ports.get(&port) != owner {
+                diff.health_checks_changed = true;
+                match owner {
+                    Some(o) => {
+                        plan.health_check_node_ports.insert(port, o.clone());
+                    }
+                    None => {
+                        plan.health_check_node_ports.remove(&port);
+                    }
+                }
+            }
+            let clashes = match (claimants, owner) {
+                (Some(c), Some(o)) => c[1..].iter().map(|s| health_check_clash(s, port, o)).collect(),
+                _ => Vec::new(),
+            };
+            set_problems(&mut self.problems, ProblemSource::HealthCheck(port), clashes);
+        }
+
+        let mut problems: Vec<ObjectError> = self.problems.values().flatten().cloned().collect();
+        problems.sort();
+        problems.dedup();
+        plan.problems = problems;
+
+        diff.added.sort_by(|a, b| a.id.cmp(&b.id));
+        diff.removed.sort_by(|a, b| a.id.cmp(&b.id));
+        diff.changed.sort_by(|a, b| a.new.id.cmp(&b.new.id));
+        diff.frontends_added.sort_by_key(|a| a.0);
+        diff.frontends_removed.sort_by_key(|a| a.0);
+        (Arc::new(self.plan.clone()), diff)
+    }
+}
+
+fn set_problems(
+    map: &mut BTreeMap<ProblemSource, Vec<ObjectError>>,
+    source: ProblemSource,
+    problems: Vec<ObjectError>,
+) {
+    if problems.is_empty() {
+        map.remove(&source);
+    } else {
+        map.insert(source, problems);
+    }
+}
