@@ -129,6 +129,54 @@ pub fn keep_open(
     Ok(())
 }
 
+/// Exchanges one [`held`] connection answers at most (one per command line).
+pub const MAX_HELD_EXCHANGES: usize = 100_000;
+
+/// Opens one TCP connection, exchanges a line at once and then one more for every line read from
+/// `commands` (a caller's "ping"), reporting each exchange. Ends when `commands` closes, after
+/// `lifetime`, after [`MAX_HELD_EXCHANGES`], or at the first exchange that is not a reply. Needs a
+/// server started with `echo_lines` (and an idle timeout longer than the pauses between commands).
+/// Used to check that an established connection survives changes applied while it is held.
+pub fn held(
+    opts: &ConnectOpts,
+    lifetime: Duration,
+    commands: impl BufRead + Send + 'static,
+    mut report: impl FnMut(&Observation) -> io::Result<()>,
+) -> Result<(), ProbeError> {
+    opts.check()?;
+    if opts.target.proto != Proto::Tcp {
+        return Err(ProbeError::Usage("--held needs a tcp endpoint".into()));
+    }
+    let end = Instant::now() + lifetime;
+    let mut conn = match open_tcp(opts) {
+        Ok(conn) => conn,
+        Err(failure) => return report(&failure.observation()).map_err(ProbeError::Output),
+    };
+    // Commands are read by a thread so that the lifetime bounds the wait for the next one.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in commands.lines().take(MAX_HELD_EXCHANGES) {
+            if line.is_err() || tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    for i in 0..MAX_HELD_EXCHANGES {
+        if i > 0 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || rx.recv_timeout(left).is_err() {
+                break;
+            }
+        }
+        let observation = conn.exchange(&opts.message).unwrap_or_else(|failure| failure.observation());
+        report(&observation).map_err(ProbeError::Output)?;
+        if observation.reply().is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// A UDP client that keeps one connected socket and sends a line every
 /// [`KEEP_OPEN_INTERVAL`] for `hold`, reporting each exchange (a reply, or a
 /// timeout when none came within the interval). When the socket fails (e.g.

@@ -27,7 +27,11 @@ pub struct RunArgs {
     /// How often the manifest directory is checked for changes.
     #[arg(long, value_name = "MS", default_value_t = 200)]
     pub poll_ms: u64,
-    /// Write this file once the first sync is programmed (for scripts and tests).
+    /// Write this file once the first sync is programmed, and rewrite it (write aside, rename)
+    /// after every later successful sync and every resync, as one line
+    /// `synced <generation> <input_unix_nanos>`: the input time is the wall clock just before
+    /// that sync read its input (for scripts and tests that wait for a change to land).
+    /// SIGHUP makes the agent run a full resync and then rewrite this file.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
     /// Sync once and exit, leaving the datapath installed.
@@ -86,6 +90,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
+    let resync_asked = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, resync_asked.clone())
+        .context("installing the SIGHUP handler")?;
+    let mut generation: u64 = 0;
     let mut health_checks = crate::health::ServiceHealthServer::standalone().context("starting health checks")?;
     let mut seen = None;
     let mut ready = false;
@@ -95,11 +103,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             last_gc = std::time::Instant::now();
             proxier.collect_expired_flows();
         }
+        if resync_asked.swap(false, Ordering::Relaxed) {
+            let input = SystemTime::now();
+            match proxier.resync() {
+                Ok(n) => {
+                    tracing::info!(corrections = n, "resynced (SIGHUP)");
+                    generation += 1;
+                    write_ready_file(args.ready_file.as_deref(), "synced", generation, input)?;
+                }
+                Err(e) => tracing::error!("resync failed: {e:#}"),
+            }
+        }
         let now = fingerprint(&args.manifests);
         if seen.as_ref() != Some(&now) {
             seen = Some(now);
+            let input = SystemTime::now();
             let state = super::load_manifests(&args.manifests)?;
-            match proxier.sync(&state) {
+            let synced = proxier.sync(&state);
+            let ok = synced.is_ok();
+            match synced {
                 Ok(r) => {
                     for p in &r.new_problems {
                         tracing::warn!("{p}");
@@ -120,12 +142,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             if let Some(plan) = proxier.plan() {
                 health_checks.update(&crate::health::HealthChecks::from_plan(plan));
             }
-            if !ready {
-                ready = true;
-                if let Some(f) = &args.ready_file {
-                    std::fs::write(f, b"ready\n").with_context(|| format!("writing {}", f.display()))?;
-                }
+            if ok {
+                generation += 1;
+                write_ready_file(args.ready_file.as_deref(), "synced", generation, input)?;
+            } else if !ready {
+                // The first sync failed: say so, but still tell waiters the agent is up.
+                write_ready_file(args.ready_file.as_deref(), "failed", generation, input)?;
             }
+            ready = true;
             if args.once {
                 break;
             }
@@ -134,6 +158,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("stopping; the datapath stays installed and keeps serving (`ferry cleanup` removes it)");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rewrites the ready file (write aside, rename) with `<word> <generation> <input_unix_nanos>`.
+fn write_ready_file(file: Option<&Path>, word: &str, generation: u64, input: SystemTime) -> anyhow::Result<()> {
+    let Some(f) = file else { return Ok(()) };
+    let nanos = input.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut tmp = f.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, format!("{word} {generation} {nanos}\n"))
+        .with_context(|| format!("writing {}", f.display()))?;
+    std::fs::rename(&tmp, f).with_context(|| format!("renaming the ready file into {}", f.display()))
 }
 
 /// How often expired connection-tracking entries are collected (the agent does it every syncPeriod).

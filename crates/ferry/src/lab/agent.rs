@@ -74,7 +74,7 @@ impl Lab {
             bail!("the agent of {} is already running", self.nodes[node].name);
         }
         let n = &self.nodes[node];
-        let ready = self.state.join(format!("agent-{node}.ready"));
+        let ready = self.ready_file(node);
         let _ = std::fs::remove_file(&ready);
         let log_path = self.state.join(format!("agent-{node}.log"));
         let log = File::options().create(true).append(true).open(&log_path)?;
@@ -103,6 +103,22 @@ impl Lab {
     pub fn kill_agent(&mut self, node: usize) -> anyhow::Result<()> {
         if let Some(pid) = self.nodes[node].agent.take() {
             self.sb.kill(pid)?;
+        }
+        Ok(())
+    }
+
+    /// The agent's `--ready-file`: `synced <generation> <input_unix_nanos>` after every sync.
+    pub fn ready_file(&self, node: usize) -> std::path::PathBuf {
+        self.state.join(format!("agent-{node}.ready"))
+    }
+
+    /// Sends SIGHUP to node `node`'s agent: `ferry run` resyncs its datapath and rewrites its ready file.
+    pub fn hangup_agent(&self, node: usize) -> anyhow::Result<()> {
+        let pid =
+            self.nodes[node].agent.with_context(|| format!("the agent of {} is not running", self.nodes[node].name))?;
+        // SAFETY: kill(2) with a pid this lab started and still owns.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) } != 0 {
+            bail!("SIGHUP to the agent of {} (pid {pid}): {}", self.nodes[node].name, std::io::Error::last_os_error());
         }
         Ok(())
     }
