@@ -41,6 +41,16 @@ impl Lab {
 
     /// Replaces node `node`'s manifests with the objects of `state` (one JSON `List`).
     pub fn write_manifests_json(&self, node: usize, state: &ferry_model::ClusterState) -> anyhow::Result<()> {
+        self.replace_manifests_json(node, state).map(drop)
+    }
+
+    /// Like [`Lab::write_manifests_json`]; returns the wall-clock time taken just before the new
+    /// file was renamed in, so a caller can wait for a sync whose input was read after it.
+    pub fn replace_manifests_json(
+        &self,
+        node: usize,
+        state: &ferry_model::ClusterState,
+    ) -> anyhow::Result<std::time::SystemTime> {
         let mut items = Vec::new();
         for n in state.nodes.values() {
             let mut v = serde_json::to_value(n)?;
@@ -64,8 +74,9 @@ impl Lab {
         let dir = &self.nodes[node].manifests;
         let tmp = dir.with_extension("tmp.json");
         std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
+        let before = std::time::SystemTime::now();
         std::fs::rename(&tmp, dir.join("cluster.json"))?;
-        Ok(())
+        Ok(before)
     }
 
     /// Starts node `node`'s agent (`ferry run`) and waits until its first sync is programmed.

@@ -163,8 +163,7 @@ fn wait_synced(b: &Built, since: SystemTime, what: &str) -> anyhow::Result<()> {
 
 /// Hands the agent the new state as one atomic manifest rewrite and waits for it to land.
 fn apply(b: &mut Built, state: &ferry_model::ClusterState) -> anyhow::Result<()> {
-    let before = SystemTime::now();
-    b.lab.write_manifests_json(0, state).context("rewriting the agent's manifests")?;
+    let before = b.lab.replace_manifests_json(0, state).context("rewriting the agent's manifests")?;
     wait_synced(b, before, "the step's changes")
 }
 
