@@ -134,6 +134,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Whether node `node`'s agent was started and has exited since (e.g. on a fatal error).
+    pub fn agent_exited(&mut self, node: usize) -> bool {
+        match self.nodes[node].agent {
+            Some(pid) => matches!(self.sb.try_wait(pid), Ok(Some(_))),
+            None => false,
+        }
+    }
+
     /// The agent's log so far (for failure messages).
     pub fn agent_log(&self, node: usize) -> String {
         std::fs::read_to_string(self.state.join(format!("agent-{node}.log"))).unwrap_or_default()

@@ -75,7 +75,13 @@ pub fn run(runner: &KernelRunner, sc: &ParsedScenario) -> Vec<Check> {
             for c in batch {
                 current.apply(c);
             }
-            if let Err(e) = apply(&mut b, &current) {
+            if current != step.state {
+                // The runner's own diff is wrong: never let that pass as a datapath result.
+                out.push(Check {
+                    label: sc.label(j, "apply the step's changes"),
+                    outcome: Outcome::NotCovered("the step's changes did not produce the step's state".into()),
+                });
+            } else if let Err(e) = apply(&mut b, &current) {
                 out.push(Check {
                     label: sc.label(j, "apply the step's changes"),
                     outcome: Outcome::Failed(format!("{e:#}")),
@@ -141,21 +147,24 @@ fn nanos(t: SystemTime) -> u128 {
 }
 
 /// Waits until the agent reports a sync whose input was read after `since`.
-fn wait_synced(b: &Built, since: SystemTime, what: &str) -> anyhow::Result<()> {
+fn wait_synced(b: &mut Built, since: SystemTime, what: &str) -> anyhow::Result<()> {
     let since = nanos(since);
     let start = Instant::now();
+    let mut exited = false;
     for _ in 0..SYNC_POLLS {
         if synced_input(b).is_some_and(|t| t > since) {
             return Ok(());
         }
-        if start.elapsed() > SYNC_LIMIT {
+        exited = b.lab.agent_exited(0);
+        if exited || start.elapsed() > SYNC_LIMIT {
             break;
         }
         std::thread::sleep(SYNC_LIMIT / SYNC_POLLS);
     }
+    let why = if exited { "the agent exited".to_string() } else { format!("no report within {SYNC_LIMIT:?}") };
     let tail: Vec<String> = b.lab.agent_log(0).lines().rev().take(15).map(str::to_string).collect();
     anyhow::bail!(
-        "the agent did not report a sync of {what} within {SYNC_LIMIT:?} (ready file: {:?}); last agent log lines:\n{}",
+        "the agent did not report a sync of {what}: {why} (ready file: {:?}); last agent log lines:\n{}",
         std::fs::read_to_string(b.lab.ready_file(0)).unwrap_or_default().trim(),
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     )
