@@ -231,7 +231,7 @@ fn next_reply(replies: &Receiver<String>) -> Result<Observation, String> {
 /// One request on a held connection at step `j`: one check, and whether to keep holding it.
 fn check_held(b: &mut Built, h: &mut Held, plan: &Plan, j: usize, sc: &ParsedScenario) -> (Check, bool) {
     let what = format!("held since step {}: {} (to {})", h.step + 1, h.flow.name, h.endpoint);
-    let label = sc.label(j, &what);
+    let mut label = sc.label(j, &what);
     let still_serving = h
         .service
         .as_ref()
@@ -255,6 +255,7 @@ fn check_held(b: &mut Built, h: &mut Held, plan: &Plan, j: usize, sc: &ParsedSce
         Outcome::Failed(format!("{} still serves this service port, but the connection failed: {got}", h.endpoint))
     } else {
         // Its endpoint stopped serving: the connection may fail, and is dropped from the set.
+        label.push_str(&format!(" [its endpoint stopped serving; it failed as allowed ({got}) and is dropped]"));
         Outcome::Passed
     };
     if !same {
