@@ -5,14 +5,22 @@ use ferry_model::{ClusterState, StateChange};
 
 /// The changes that turn `prev` into `next`: deletions first, then every new
 /// or changed object (one batch; the order inside a batch must not matter).
-/// Nodes are the scenario's and never change between steps.
+/// A scenario's Node never changes between steps; it is in the first batch.
 pub fn between(prev: &ClusterState, next: &ClusterState) -> Vec<StateChange> {
     let mut out = Vec::new();
+    for name in prev.nodes.keys().filter(|k| !next.nodes.contains_key(*k)) {
+        out.push(StateChange::NodeDeleted(name.clone()));
+    }
     for key in prev.services.keys().filter(|k| !next.services.contains_key(*k)) {
         out.push(StateChange::ServiceDeleted(key.clone()));
     }
     for key in prev.endpoint_slices.keys().filter(|k| !next.endpoint_slices.contains_key(*k)) {
         out.push(StateChange::EndpointSliceDeleted(key.clone()));
+    }
+    for (name, node) in &next.nodes {
+        if prev.nodes.get(name) != Some(node) {
+            out.push(StateChange::NodeApplied(Box::new(node.clone())));
+        }
     }
     for (key, svc) in &next.services {
         if prev.services.get(key) != Some(svc) {

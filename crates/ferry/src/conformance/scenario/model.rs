@@ -16,9 +16,9 @@ pub struct ModelDriver {
 }
 
 impl ModelDriver {
-    /// A model that has seen only the Node object(s) of `initial`.
-    pub fn new(cfg: NodeConfig, initial: ClusterState) -> ModelDriver {
-        ModelDriver { cfg, state: initial }
+    /// A model that has seen nothing yet (the first step's batch brings the Node too).
+    pub fn new(cfg: NodeConfig) -> ModelDriver {
+        ModelDriver { cfg, state: ClusterState::default() }
     }
 
     /// The objects received so far.
@@ -39,7 +39,7 @@ pub fn model_step(driver: &mut ModelDriver, changes: Vec<StateChange>) -> Arc<Pl
 
 /// Runs every step of a scenario on the model; one check per flow.
 pub fn run(sc: &ParsedScenario) -> Vec<Check> {
-    let mut driver = ModelDriver::new(sc.cfg.clone(), sc.node_state.clone());
+    let mut driver = ModelDriver::new(sc.cfg.clone());
     let mut out = Vec::new();
     for (j, step) in sc.steps.iter().enumerate() {
         let batch = changes::between(driver.state(), &step.state);
