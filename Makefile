@@ -22,6 +22,8 @@ lint: deps
 test: lint build
 	$(CARGO) test --workspace --no-fail-fast
 	$(FERRY) conformance --cases acceptance/kube-proxy-flows.json --datapath model
+	$(FERRY) conformance --scenarios acceptance/kube-proxy-scenarios.json --datapath model
+	$(FERRY) conformance --scenarios acceptance/ferry-scenarios.json --datapath model
 
 # The benchmarks (bench/README.md). Need root; not part of `make test`.
 # socket_lb: socket-LB latency, programming time and memory at 1k, 10k and 100k

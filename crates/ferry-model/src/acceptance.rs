@@ -102,6 +102,10 @@ pub struct CaseService {
     pub service_type: Option<String>,
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
+    /// Optional (scenarios of dual-stack Services): every ClusterIP, primary first, as
+    /// `spec.clusterIPs`; `clusterIP` stays the primary. Absent: single-stack `clusterIP`.
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
     #[serde(default)]
     pub ports: Vec<CaseServicePort>,
     #[serde(default, rename = "externalIPs")]
@@ -501,6 +505,7 @@ impl CaseService {
             spec: Some(ServiceSpec {
                 type_: self.service_type.clone(),
                 cluster_ip: self.cluster_ip.clone(),
+                cluster_ips: Some(self.cluster_ips.clone()).filter(|v| !v.is_empty()),
                 ports: Some(ports),
                 external_ips: Some(self.external_ips.clone()).filter(|v| !v.is_empty()),
                 external_traffic_policy: self.external_traffic_policy.clone(),

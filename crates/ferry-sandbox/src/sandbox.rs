@@ -264,6 +264,30 @@ impl Sandbox {
         Ok(pid)
     }
 
+    /// Like [`Sandbox::spawn_in`], with the child's stdin and stdout piped to the caller (a client
+    /// driven line by line, e.g. a held connection). The sandbox still kills it on drop.
+    pub fn spawn_piped(
+        &mut self,
+        host: &Host,
+        cgroup: Option<&Path>,
+        mut cmd: Command,
+    ) -> Result<(u32, std::process::ChildStdin, std::process::ChildStdout), SandboxError> {
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        self.prepare(host, cgroup, &mut cmd);
+        let mut child = cmd.spawn().map_err(|source| SandboxError::CommandSpawn {
+            what: format!("starting a process in host {}", host.netns),
+            cmdline: exec::describe(&cmd),
+            source,
+        })?;
+        let pid = child.id();
+        let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
+        self.children.insert(pid, child);
+        match (stdin, stdout) {
+            (Some(i), Some(o)) => Ok((pid, i, o)),
+            _ => unreachable!("both pipes were requested"),
+        }
+    }
+
     /// Runs `cmd` inside `host` (and `cgroup`) to completion with captured output, killing it after the
     /// sandbox's run timeout. A non-zero exit is returned as `Ok`: the caller decides what it means.
     pub fn run_in(&self, host: &Host, cgroup: Option<&Path>, cmd: &mut Command) -> Result<Output, SandboxError> {

@@ -31,6 +31,10 @@ enum Command {
     /// Reads a case file in the acceptance format (acceptance/README.md), runs
     /// every flow on the chosen datapath, prints one line per failing flow and
     /// ends with "N passed, M failed". Exits 0 only if every flow passed.
+    /// With --scenarios, runs Service changes over time instead: one agent
+    /// per scenario, each step's changes handed to it as one batch, the step's
+    /// flows checked and every connection held since an earlier step asked
+    /// once more (acceptance/README.md, "kube-proxy-scenarios.json").
     /// With --conntrack-cases, runs the kernel conntrack reconciler on the
     /// conntrack cleanup cases instead, counting one check per entry and one
     /// per case for its deleted count.

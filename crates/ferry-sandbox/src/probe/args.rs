@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::connect::{ConnectOpts, DEFAULT_TIMEOUT, connect, connect_many, keep_open, udp_stream};
-use super::serve::{DEFAULT_LIFETIME, ServeOpts, serve};
+use super::connect::{ConnectOpts, DEFAULT_TIMEOUT, connect, connect_many, held, keep_open, udp_stream};
+use super::serve::{DEFAULT_IDLE_TIMEOUT, DEFAULT_LIFETIME, ServeOpts, serve};
 use super::{Endpoint, Observation, ProbeError};
 
 /// Upper bounds that keep a mistyped argument from running for days.
@@ -16,9 +16,9 @@ const MAX_SECONDS: f64 = 86_400.0;
 
 const USAGE: &str = "\
 usage:
-  serve --name NAME [--echo-lines] [--ready-file PATH] [--lifetime SECS] ENDPOINT...
+  serve --name NAME [--echo-lines] [--ready-file PATH] [--lifetime SECS] [--idle-timeout SECS] ENDPOINT...
   connect ENDPOINT [--bind IP] [--source-port PORT] [--timeout SECS] [--connected] [--message TEXT]
-          [--count N | --keep-open SECS | --udp-stream SECS]
+          [--count N | --keep-open SECS | --udp-stream SECS | --held SECS]
 ENDPOINT is IP:PORT/tcp or IP:PORT/udp ([IPv6]:PORT/udp for IPv6).
 connect prints one JSON observation per attempt and exits 0 whenever it observed something.";
 
@@ -34,6 +34,9 @@ pub enum ConnectMode {
     /// One connected UDP socket (replaced when it fails), one datagram every 100 ms for this long
     /// (`--udp-stream SECS`).
     UdpStream(Duration),
+    /// One TCP connection, one exchange at once and one more for every line read on stdin, until stdin
+    /// closes or this long has passed (`--held SECS`): a connection held open across changes.
+    Held(Duration),
 }
 
 /// Runs `serve ...` or `connect ...` (the words after the program name or after `ferry probe`) and
@@ -72,6 +75,7 @@ fn run_connect(opts: &ConnectOpts, mode: ConnectMode) -> Result<(), ProbeError> 
         ConnectMode::Count(n) => connect_many(opts, n, print),
         ConnectMode::KeepOpen(hold) => keep_open(opts, hold, print),
         ConnectMode::UdpStream(hold) => udp_stream(opts, hold, print),
+        ConnectMode::Held(lifetime) => held(opts, lifetime, std::io::BufReader::new(std::io::stdin()), print),
     }
 }
 
@@ -104,6 +108,7 @@ fn parse_serve(args: &[String]) -> Result<ServeOpts, ProbeError> {
             "--echo-lines" => opts.echo_lines = true,
             "--ready-file" => opts.ready_file = Some(PathBuf::from(words.value(word)?)),
             "--lifetime" => opts.lifetime = parse_seconds(word, words.value(word)?)?,
+            "--idle-timeout" => opts.idle_timeout = parse_seconds(word, words.value(word)?)?,
             "--listen" => opts.listen.push(words.value(word)?.parse()?),
             flag if flag.starts_with("--") => return Err(ProbeError::Usage(format!("unknown serve flag {flag}"))),
             endpoint => opts.listen.push(endpoint.parse()?),
@@ -149,6 +154,7 @@ fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeErr
             }
             "--keep-open" => mode = ConnectMode::KeepOpen(parse_seconds(word, words.value(word)?)?),
             "--udp-stream" => mode = ConnectMode::UdpStream(parse_seconds(word, words.value(word)?)?),
+            "--held" => mode = ConnectMode::Held(parse_seconds(word, words.value(word)?)?),
             flag if flag.starts_with("--") => return Err(ProbeError::Usage(format!("unknown connect flag {flag}"))),
             endpoint if target.is_none() => target = Some(endpoint.parse()?),
             extra => return Err(ProbeError::Usage(format!("connect takes one ENDPOINT; {extra:?} is a second"))),
@@ -179,6 +185,9 @@ impl ServeOpts {
         if self.lifetime != DEFAULT_LIFETIME {
             args.extend(["--lifetime".into(), self.lifetime.as_secs_f64().to_string()]);
         }
+        if self.idle_timeout != DEFAULT_IDLE_TIMEOUT {
+            args.extend(["--idle-timeout".into(), self.idle_timeout.as_secs_f64().to_string()]);
+        }
         args.extend(self.listen.iter().map(Endpoint::to_string));
         args
     }
@@ -206,6 +215,7 @@ impl ConnectOpts {
             ConnectMode::Count(n) => args.extend(["--count".into(), n.to_string()]),
             ConnectMode::KeepOpen(hold) => args.extend(["--keep-open".into(), hold.as_secs_f64().to_string()]),
             ConnectMode::UdpStream(hold) => args.extend(["--udp-stream".into(), hold.as_secs_f64().to_string()]),
+            ConnectMode::Held(lifetime) => args.extend(["--held".into(), lifetime.as_secs_f64().to_string()]),
         }
         args
     }
@@ -226,6 +236,7 @@ mod tests {
         opts.echo_lines = true;
         opts.ready_file = Some("/tmp/r".into());
         opts.lifetime = Duration::from_millis(1500);
+        opts.idle_timeout = Duration::from_secs(600);
         let args = opts.to_args();
         assert_eq!(args[0], "serve");
         assert_eq!(parse_serve(&args[1..]).unwrap(), opts);
@@ -242,6 +253,7 @@ mod tests {
             ConnectMode::Count(7),
             ConnectMode::KeepOpen(Duration::from_secs(2)),
             ConnectMode::UdpStream(Duration::from_secs(3)),
+            ConnectMode::Held(Duration::from_secs(60)),
         ] {
             let args = opts.to_args(mode);
             assert_eq!(parse_connect(&args[1..]).unwrap(), (opts.clone(), mode));

@@ -129,6 +129,54 @@ pub fn keep_open(
     Ok(())
 }
 
+/// Exchanges one [`held`] connection answers at most (one per command line).
+pub const MAX_HELD_EXCHANGES: usize = 100_000;
+
+/// Opens one TCP connection, exchanges a line at once and then one more for every line read from
+/// `commands` (a caller's "ping"), reporting each exchange. Ends when `commands` closes, after
+/// `lifetime`, after [`MAX_HELD_EXCHANGES`], or at the first exchange that is not a reply. Needs a
+/// server started with `echo_lines` (and an idle timeout longer than the pauses between commands).
+/// Used to check that an established connection survives changes applied while it is held.
+pub fn held(
+    opts: &ConnectOpts,
+    lifetime: Duration,
+    commands: impl BufRead + Send + 'static,
+    mut report: impl FnMut(&Observation) -> io::Result<()>,
+) -> Result<(), ProbeError> {
+    opts.check()?;
+    if opts.target.proto != Proto::Tcp {
+        return Err(ProbeError::Usage("--held needs a tcp endpoint".into()));
+    }
+    let end = Instant::now() + lifetime;
+    let mut conn = match open_tcp(opts) {
+        Ok(conn) => conn,
+        Err(failure) => return report(&failure.observation()).map_err(ProbeError::Output),
+    };
+    // Commands are read by a thread so that the lifetime bounds the wait for the next one.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in commands.lines().take(MAX_HELD_EXCHANGES) {
+            if line.is_err() || tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    for i in 0..MAX_HELD_EXCHANGES {
+        if i > 0 {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || rx.recv_timeout(left).is_err() {
+                break;
+            }
+        }
+        let observation = conn.exchange(&opts.message).unwrap_or_else(|failure| failure.observation());
+        report(&observation).map_err(ProbeError::Output)?;
+        if observation.reply().is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// A UDP client that keeps one connected socket and sends a line every
 /// [`KEEP_OPEN_INTERVAL`] for `hold`, reporting each exchange (a reply, or a
 /// timeout when none came within the interval). When the socket fails (e.g.
@@ -344,5 +392,60 @@ fn to_observation(line: &str, client_local: SocketAddr, client_peer: SocketAddr)
             client_peer,
         }),
         Err(e) => Observation::Error { errno: None, message: format!("unexpected reply {line:?}: {e}") },
+    }
+}
+
+#[cfg(test)]
+mod held_tests {
+    use super::*;
+    use crate::probe::{ServeOpts, serve};
+
+    /// A loopback echo-lines server on a kernel-chosen port; returns its address.
+    fn echo_server(dir: &std::path::Path) -> SocketAddr {
+        let ready = dir.join("ready");
+        let mut opts = ServeOpts::new("held-test", vec![Endpoint::tcp("127.0.0.1:0".parse().unwrap())]);
+        opts.echo_lines = true;
+        opts.ready_file = Some(ready.clone());
+        opts.lifetime = Duration::from_secs(10);
+        thread::spawn(move || serve(&opts));
+        for _ in 0..500 {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                let ep: Endpoint = v["listening"][0].as_str().unwrap().parse().unwrap();
+                return ep.addr;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the test server never became ready");
+    }
+
+    #[test]
+    fn held_answers_once_at_open_and_once_per_command() {
+        let dir = std::env::temp_dir().join(format!("ferry-held-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = echo_server(&dir);
+        let opts = ConnectOpts::new(Endpoint::tcp(addr));
+        let mut seen = Vec::new();
+        let commands = std::io::Cursor::new(b"ping\nping\n".to_vec());
+        held(&opts, Duration::from_secs(5), commands, |o| {
+            seen.push(o.clone());
+            Ok(())
+        })
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        let first = seen[0].reply().expect("a reply").client_local;
+        for o in &seen {
+            let r = o.reply().unwrap_or_else(|| panic!("not a reply: {o:?}"));
+            assert_eq!(r.server, "held-test");
+            assert_eq!(r.client_local, first, "every exchange is on the same connection");
+        }
+    }
+
+    #[test]
+    fn held_needs_tcp() {
+        let opts = ConnectOpts::new(Endpoint::udp("127.0.0.1:9".parse().unwrap()));
+        let r = held(&opts, Duration::from_secs(1), std::io::Cursor::new(Vec::new()), |_| Ok(()));
+        assert!(matches!(r, Err(ProbeError::Usage(_))));
     }
 }

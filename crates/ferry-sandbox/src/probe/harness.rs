@@ -116,6 +116,8 @@ impl Sandbox {
             ConnectMode::Once => opts.timeout,
             ConnectMode::Count(n) => opts.timeout.saturating_mul(n),
             ConnectMode::KeepOpen(hold) | ConnectMode::UdpStream(hold) => hold + opts.timeout.saturating_mul(2),
+            // Run to completion, stdin is empty: one exchange, then the held client exits.
+            ConnectMode::Held(_) => opts.timeout.saturating_mul(2),
         };
         let out = self.run_in_with_timeout(host, cgroup, &mut cmd, budget + CLIENT_SLACK)?;
         let failed = |detail: String| SandboxError::ProbeOutput {

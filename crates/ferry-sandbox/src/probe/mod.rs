@@ -23,7 +23,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use args::{ConnectMode, main_from_args};
-pub use connect::{ConnectOpts, connect, connect_many, keep_open, udp_stream};
+pub use connect::{ConnectOpts, MAX_HELD_EXCHANGES, connect, connect_many, held, keep_open, udp_stream};
 pub use harness::ProbeCommand;
 pub use serve::{ServeOpts, serve};
 

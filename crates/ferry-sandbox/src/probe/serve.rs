@@ -18,8 +18,8 @@ use super::{Endpoint, ProbeError, Proto, ServerReply};
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// A client line longer than this is answered without reading the rest.
 const MAX_LINE: u64 = 4096;
-/// A connection that sends nothing for this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection that sends nothing for this long is closed (unless `ServeOpts::idle_timeout` says otherwise).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines answered on one `--echo-lines` connection (10 per second for 10 hours).
 const MAX_EXCHANGES: usize = 360_000;
 /// Connections served at once; more are closed unanswered rather than exhausting threads.
@@ -38,12 +38,21 @@ pub struct ServeOpts {
     pub ready_file: Option<PathBuf>,
     /// The server exits by itself after this long.
     pub lifetime: Duration,
+    /// A TCP connection that sends nothing for this long is closed (held connections need longer).
+    pub idle_timeout: Duration,
 }
 
 impl ServeOpts {
     /// A one-line-per-connection server named `name` with the default lifetime and no ready file.
     pub fn new(name: &str, listen: Vec<Endpoint>) -> ServeOpts {
-        ServeOpts { name: name.to_owned(), listen, echo_lines: false, ready_file: None, lifetime: DEFAULT_LIFETIME }
+        ServeOpts {
+            name: name.to_owned(),
+            listen,
+            echo_lines: false,
+            ready_file: None,
+            lifetime: DEFAULT_LIFETIME,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
     }
 }
 
@@ -92,9 +101,10 @@ pub fn serve(opts: &ServeOpts) -> Result<(), ProbeError> {
     for (endpoint, socket) in bound {
         let Some(socket) = socket else { continue };
         let (name, failed, active, echo) = (opts.name.clone(), failed.clone(), active.clone(), opts.echo_lines);
+        let idle = opts.idle_timeout;
         thread::spawn(move || {
             let source = match endpoint.proto {
-                Proto::Tcp => serve_tcp(socket.into(), &name, echo, &active),
+                Proto::Tcp => serve_tcp(socket.into(), &name, echo, idle, &active),
                 Proto::Udp => serve_udp(socket.into(), &name),
                 Proto::Sctp => unreachable!("SCTP endpoints are served by the sctp module"),
                 Proto::Icmp => unreachable!("ICMP echo is answered by the kernel"),
@@ -168,7 +178,7 @@ fn transient(err: &io::Error) -> bool {
 }
 
 /// Returns only when the listener fails for good.
-fn serve_tcp(listener: TcpListener, name: &str, echo: bool, active: &Arc<AtomicUsize>) -> io::Error {
+fn serve_tcp(listener: TcpListener, name: &str, echo: bool, idle: Duration, active: &Arc<AtomicUsize>) -> io::Error {
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -184,15 +194,15 @@ fn serve_tcp(listener: TcpListener, name: &str, echo: bool, active: &Arc<AtomicU
         }
         let (name, active) = (name.to_owned(), active.clone());
         thread::spawn(move || {
-            let _ = answer_tcp(stream, &name, echo);
+            let _ = answer_tcp(stream, &name, echo, idle);
             active.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
 
-fn answer_tcp(stream: TcpStream, name: &str, echo: bool) -> io::Result<()> {
-    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
-    stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
+fn answer_tcp(stream: TcpStream, name: &str, echo: bool, idle: Duration) -> io::Result<()> {
+    stream.set_read_timeout(Some(idle))?;
+    stream.set_write_timeout(Some(idle))?;
     let reply = reply_line(name, stream.local_addr()?, stream.peer_addr()?);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;

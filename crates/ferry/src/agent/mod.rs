@@ -61,6 +61,10 @@ pub struct AgentOptions {
     pub ready_file: Option<PathBuf>,
 }
 
+fn unix_nanos(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
 fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -418,7 +422,11 @@ impl Loop<'_> {
         self.publish_pending();
         self.schedule.started(due, Instant::now());
         self.changed_during_sync = None;
-        let input = self.latest_input.unwrap_or_else(SystemTime::now);
+        // A sync reflects what the source had sent; a resync verifies the datapath as of now.
+        let input = match due {
+            Due::Sync => self.latest_input.unwrap_or_else(SystemTime::now),
+            Due::Resync => SystemTime::now(),
+        };
         self.in_flight = Some((due, batch, input));
         self.sync_thread.send(Job { due, settings: self.settings.clone() })
     }
@@ -437,6 +445,12 @@ impl Loop<'_> {
                 self.metrics.sync_failures.inc();
                 self.tracker.restore(batch);
                 self.publish_pending();
+                if !self.programmed_once
+                    && let Some(f) = &self.ready_file
+                {
+                    // Waiters for the first sync learn it failed (the log says why).
+                    let _ = std::fs::write(f, format!("failed 0 {}\n", unix_nanos(input)));
+                }
                 if finished.never_installed {
                     return Err(e.context(
                         "the eBPF datapath cannot be installed on this node; ferry needs root (or CAP_BPF, \
@@ -507,9 +521,8 @@ impl Loop<'_> {
         }
         self.generation += 1;
         let Some(f) = &self.ready_file else { return Ok(()) };
-        let nanos = input.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tmp = f.with_extension("tmp");
-        std::fs::write(&tmp, format!("synced {} {nanos}\n", self.generation))
+        std::fs::write(&tmp, format!("synced {} {}\n", self.generation, unix_nanos(input)))
             .and_then(|()| std::fs::rename(&tmp, f))
             .map_err(|e| anyhow::anyhow!("writing the ready file {}: {e}", f.display()))
     }

@@ -1,6 +1,7 @@
 //! `ferry conformance`: run acceptance case files against a datapath.
 
 use crate::conformance::kernel::KernelRunner;
+use crate::conformance::scenario::{self, ScenarioTally};
 use crate::conformance::{FlowOutcome, Tally, conntrack, model};
 use anyhow::Context;
 use clap::{ArgGroup, Args, ValueEnum};
@@ -20,11 +21,21 @@ pub enum DatapathKind {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("case_file").required(true).args(["cases", "conntrack_cases"])))]
+#[command(group(ArgGroup::new("case_file").required(true).args(["cases", "conntrack_cases", "scenarios"])))]
 pub struct ConformanceArgs {
     /// Flow case file (format: acceptance/README.md), e.g. acceptance/kube-proxy-flows.json.
     #[arg(long, value_name = "FILE")]
     pub cases: Option<PathBuf>,
+    /// Scenario file (format: acceptance/README.md), e.g. acceptance/kube-proxy-scenarios.json:
+    /// Service changes over time. For each scenario ONE agent runs (on --datapath bpf or
+    /// nftables, in a lab of network namespaces; needs root) and each step's changes are
+    /// handed to it as one batch, then the step's flows are sent and every TCP connection
+    /// opened by an earlier step's flow is asked once more (it must still reach the same
+    /// endpoint while that endpoint serves). On --datapath model the steps drive the model
+    /// and flows are answered by `explain`. Prints one line per failing check and ends with
+    /// "N passed, M failed" (checks the lab cannot observe are listed as not covered first).
+    #[arg(long, value_name = "FILE")]
+    pub scenarios: Option<PathBuf>,
     /// Conntrack cleanup case file (acceptance/conntrack-cleanup-cases.json): each case's
     /// entries are created in a fresh network namespace and the kernel conntrack
     /// reconciler runs on them (needs root and conntrack-tools). --datapath does not apply.
@@ -50,14 +61,17 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
         let opts = conntrack::Options { only: args.only.clone(), scale: args.scale, verbose: args.verbose };
         return conntrack::run_file(path, &opts);
     }
-    let cases = args.cases.as_ref().context("--cases or --conntrack-cases is required")?;
-    let text = std::fs::read_to_string(cases).with_context(|| format!("reading {}", cases.display()))?;
-    let file: CaseFile = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a flow case file (see acceptance/README.md)", cases.display()))?;
     let runner = KernelRunner {
         ferry: std::env::current_exe().context("locating the ferry binary")?,
         datapath: if args.datapath == DatapathKind::Nftables { "nftables" } else { "bpf" },
     };
+    if let Some(path) = &args.scenarios {
+        return run_scenarios(path, &args, &runner);
+    }
+    let cases = args.cases.as_ref().context("--cases, --scenarios or --conntrack-cases is required")?;
+    let text = std::fs::read_to_string(cases).with_context(|| format!("reading {}", cases.display()))?;
+    let file: CaseFile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a flow case file (see acceptance/README.md)", cases.display()))?;
     let cases: Vec<_> = file.cases.iter().filter(|c| args.only.as_deref().is_none_or(|o| c.name.contains(o))).collect();
     let mut tally = Tally::default();
     for (i, case) in cases.iter().enumerate() {
@@ -83,4 +97,25 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{}", tally.summary());
     Ok(if tally.failed == 0 && tally.not_covered == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `--scenarios FILE`: every scenario on the chosen datapath.
+fn run_scenarios(path: &std::path::Path, args: &ConformanceArgs, runner: &KernelRunner) -> anyhow::Result<ExitCode> {
+    let all = scenario::format::load(path)?;
+    let chosen: Vec<_> = all.iter().filter(|s| args.only.as_deref().is_none_or(|o| s.name.contains(o))).collect();
+    let mut tally = ScenarioTally::default();
+    for (i, sc) in chosen.iter().enumerate() {
+        let checks = match args.datapath {
+            DatapathKind::Model => scenario::model::run(sc),
+            DatapathKind::Bpf | DatapathKind::Nftables => {
+                eprintln!("[{}/{}] {}", i + 1, chosen.len(), sc.name);
+                scenario::kernel::run(runner, sc)
+            }
+        };
+        for c in &checks {
+            tally.record(c, args.verbose);
+        }
+    }
+    println!("{}", tally.summary());
+    Ok(if tally.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -19,7 +19,7 @@ use anyhow::Context;
 use ferry_model::acceptance::{Case, Expected, Observed, ParsedFlow, matches};
 use ferry_model::explain::classify_source;
 use ferry_model::{IpFamily, Plan, Protocol, SourceClass, build_plan};
-use ferry_sandbox::probe::{ConnectOpts, Endpoint, Observation, Proto};
+use ferry_sandbox::probe::{ConnectOpts, Endpoint, Observation, Proto, ServeOpts};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -57,12 +57,31 @@ struct Source {
     bind: Option<IpAddr>,
 }
 
-struct Built {
-    lab: Lab,
+pub(crate) struct Built {
+    pub(crate) lab: Lab,
     sources: BTreeMap<IpAddr, Source>,
     /// Every address of the node under test: a connection arriving from one of them was masqueraded.
     node_addresses: BTreeSet<IpAddr>,
+    /// UDP flows with at most one allowed endpoint (or a verdict) reuse one source port per
+    /// (source, destination), as a resolver does, so a stale conntrack entry shows.
+    stable_udp_ports: bool,
 }
+
+/// What the lab is built for: the Plans and flows of one case, or of every step of a scenario.
+pub(crate) struct LabSpec<'a> {
+    /// A label for errors.
+    pub name: &'a str,
+    pub cfg: &'a ferry_model::NodeConfig,
+    /// The objects the agent starts with.
+    pub initial: &'a ferry_model::ClusterState,
+    /// Every (Plan, flows) the lab must be able to serve and send.
+    pub steps: Vec<(&'a Plan, &'a [ParsedFlow])>,
+    /// Endpoint servers keep connections open and answer every line (held connections).
+    pub held: bool,
+}
+
+/// Endpoint servers of held connections wait this long for the next line.
+const HELD_IDLE: Duration = Duration::from_secs(900);
 
 fn proto(p: Protocol) -> Option<Proto> {
     match p {
@@ -87,7 +106,8 @@ impl KernelRunner {
         let cfg = case.node_config()?;
         let state = case.cluster_state()?;
         let plan = build_plan(&state, &cfg);
-        let mut b = self.build(case, &cfg, &state, &plan, flows)?;
+        let spec = LabSpec { name: &case.name, cfg: &cfg, initial: &state, steps: vec![(&plan, flows)], held: false };
+        let mut b = self.build(&spec)?;
         let mut out = Vec::new();
         for f in flows {
             out.push(run_flow(&mut b, &plan, f).unwrap_or_else(|e| FlowOutcome::Failed {
@@ -98,25 +118,16 @@ impl KernelRunner {
         }
         if std::env::var_os("FERRY_CONFORMANCE_AGENT_LOG").is_some() {
             // For debugging a datapath: what the agent of the node under test said.
-            eprintln!("--- agent log of case {:?}:\n{}", case.name, b.lab.agent_log(0));
-            let host = b.lab.nodes[0].host.clone();
-            let mut cmd = b.lab.sb.command(&host, "nft");
-            cmd.args(["list", "ruleset"]);
-            if let Ok(o) = b.lab.sb.run_in(&host, None, &mut cmd) {
-                eprintln!("--- nft list ruleset:\n{}", String::from_utf8_lossy(&o.stdout));
-            }
+            debug_dump(&b, &case.name);
         }
         Ok(out)
     }
 
-    fn build(
-        &self,
-        case: &Case,
-        cfg: &ferry_model::NodeConfig,
-        state: &ferry_model::ClusterState,
-        plan: &Plan,
-        flows: &[ParsedFlow],
-    ) -> anyhow::Result<Built> {
+    pub(crate) fn build(&self, spec: &LabSpec) -> anyhow::Result<Built> {
+        let cfg = spec.cfg;
+        let Some(&(first, _)) = spec.steps.first() else { anyhow::bail!("{}: nothing to build a lab for", spec.name) };
+        let plans = || spec.steps.iter().map(|(p, _)| *p);
+        let all_flows = || spec.steps.iter().flat_map(|(_, f)| f.iter());
         let mut lab = Lab::new("conf", Path::new(&self.ferry))?;
         let mut addrs = cfg.node_ips.clone();
         for fam in [IpFamily::V6, IpFamily::V4] {
@@ -135,16 +146,26 @@ impl KernelRunner {
             &[IpAddr::V4(lab.nodes[node].primary_v4), IpAddr::V6(lab.nodes[node].primary_v6)],
         )?;
 
-        // Endpoint pods, where their nodeName puts them, serving every port they are listed with.
+        // Endpoint pods, where their nodeName puts them, serving every port they are listed with
+        // (in any step: a pod is placed once, so it must stay on one node).
         let mut serving: BTreeMap<IpAddr, (bool, BTreeSet<(u16, Protocol)>)> = BTreeMap::new();
-        for sp in plan.services.values() {
-            for e in &sp.endpoints {
-                let entry = serving.entry(e.ip).or_insert((e.local, BTreeSet::new()));
-                entry.0 |= e.local;
-                entry.1.insert((e.port, sp.id.protocol));
+        for plan in plans() {
+            for sp in plan.services.values() {
+                for e in &sp.endpoints {
+                    let entry = serving.entry(e.ip).or_insert((e.local, BTreeSet::new()));
+                    if entry.0 != e.local {
+                        anyhow::bail!(
+                            "{}: endpoint {} is on this node in one step and on another node in another; \
+                             the lab places each pod once (give the moved pod a new address)",
+                            spec.name,
+                            e.ip
+                        );
+                    }
+                    entry.1.insert((e.port, sp.id.protocol));
+                }
             }
         }
-        let local_addresses = &plan.node.local_addresses;
+        let local_addresses = &first.node.local_addresses;
         let mut endpoint_pods = BTreeMap::new();
         for (ip, (local, ports)) in &serving {
             if local_addresses.contains(ip) {
@@ -157,20 +178,25 @@ impl KernelRunner {
                 .filter_map(|(port, pr)| proto(*pr).map(|pr| Endpoint { addr: SocketAddr::new(*ip, *port), proto: pr }))
                 .collect();
             if !listen.is_empty() {
-                lab.serve(At::Pod(on, p), ENDPOINT, listen)?;
+                let mut opts = ServeOpts::new(ENDPOINT, listen);
+                if spec.held {
+                    opts.echo_lines = true;
+                    opts.idle_timeout = HELD_IDLE;
+                }
+                lab.serve_with(At::Pod(on, p), opts)?;
             }
             endpoint_pods.insert(*ip, (on, p));
         }
 
         // Sources: the node itself, pods, or a client outside the cluster.
-        let vips = frontend_addresses(plan);
+        let vips: BTreeSet<IpAddr> = plans().flat_map(frontend_addresses).collect();
         let mut sources = BTreeMap::new();
         let mut external = Vec::new();
-        for f in flows {
+        for f in all_flows() {
             if sources.contains_key(&f.src) || external.contains(&f.src) {
                 continue;
             }
-            let (class, _) = classify_source(&plan.node, &f.src, None);
+            let (class, _) = classify_source(&first.node, &f.src, None);
             let src = if let Some((n, p)) = endpoint_pods.get(&f.src) {
                 Source { at: At::Pod(*n, *p), bind: None }
             } else if f.src.is_loopback() {
@@ -210,9 +236,9 @@ impl KernelRunner {
         // Responders: whoever owns a destination answers if the packet passes untranslated.
         let mut responders: BTreeMap<String, (At, Vec<Endpoint>)> = BTreeMap::new();
         let mut world_addrs = BTreeSet::new();
-        for f in flows {
+        for f in all_flows() {
             let Some(pr) = proto(f.protocol) else { continue };
-            if is_health_check(plan, f) {
+            if plans().any(|plan| is_health_check(plan, f)) {
                 continue; // the agent's own health server listens there
             }
             let ep = Endpoint { addr: SocketAddr::new(f.dst, f.port), proto: pr };
@@ -258,14 +284,14 @@ impl KernelRunner {
             lab.nodes[node].cgroup.display()
         );
         std::fs::write(&lab.nodes[node].config, extra)?;
-        lab.write_manifests_json(node, state)?;
-        lab.start_agent(node).with_context(|| format!("starting the agent for case {:?}", case.name))?;
+        lab.write_manifests_json(node, spec.initial)?;
+        lab.start_agent(node).with_context(|| format!("starting the agent for {:?}", spec.name))?;
 
         for (_, (at, eps)) in responders {
             lab.serve(at, PASSED, eps)?;
         }
         let node_addresses = lab.addresses(At::Node(node))?;
-        Ok(Built { lab, sources, node_addresses })
+        Ok(Built { lab, sources, node_addresses, stable_udp_ports: spec.held })
     }
 }
 
@@ -309,20 +335,57 @@ fn observe(o: &Observation, flow: &ParsedFlow, node_addresses: &BTreeSet<IpAddr>
     }
 }
 
-fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Result<FlowOutcome> {
-    let Some(pr) = proto(f.protocol) else {
-        return Ok(FlowOutcome::NotCovered(format!("protocol {} cannot be probed", f.protocol)));
-    };
-    let Some(src) = b.sources.get(&f.src).copied() else {
-        return Ok(FlowOutcome::NotCovered(format!("no host for source {}", f.src)));
-    };
+/// For debugging a datapath: what the agent of the node under test said, and its nftables.
+pub(crate) fn debug_dump(b: &Built, name: &str) {
+    eprintln!("--- agent log of {name:?}:\n{}", b.lab.agent_log(0));
+    let host = b.lab.nodes[0].host.clone();
+    let mut cmd = b.lab.sb.command(&host, "nft");
+    cmd.args(["list", "ruleset"]);
+    if let Ok(o) = b.lab.sb.run_in(&host, None, &mut cmd) {
+        eprintln!("--- nft list ruleset:\n{}", String::from_utf8_lossy(&o.stdout));
+    }
+}
+
+/// A source port in 20000..29999 chosen from the flow's addresses: the same in every step.
+fn stable_source_port(f: &ParsedFlow) -> u16 {
+    let text = format!("{} {} {}", f.src, f.dst, f.port);
+    let h = text.bytes().fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
+    20000 + (h % 10000) as u16
+}
+
+/// Where flow `f` starts and how the probe connects for it (None: the lab has no host for it).
+pub(crate) fn connect_opts(b: &Built, f: &ParsedFlow) -> Option<(At, ConnectOpts)> {
+    let pr = proto(f.protocol)?;
+    let src = b.sources.get(&f.src).copied()?;
     let mut opts = ConnectOpts::new(Endpoint { addr: SocketAddr::new(f.dst, f.port), proto: pr });
     opts.bind = src.bind;
     opts.timeout = TIMEOUT;
+    let single = match &f.expected {
+        Expected::Endpoints { set, .. } => set.len() <= 1,
+        _ => true,
+    };
+    if b.stable_udp_ports && pr == Proto::Udp && single {
+        opts.source_port = Some(stable_source_port(f));
+    }
+    Some((src.at, opts))
+}
+
+/// What a reply on a held connection stands for (the same reading as a flow's).
+pub(crate) fn observe_held(b: &Built, o: &Observation, f: &ParsedFlow) -> Observed {
+    observe(o, f, &b.node_addresses)
+}
+
+pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Result<FlowOutcome> {
+    if proto(f.protocol).is_none() {
+        return Ok(FlowOutcome::NotCovered(format!("protocol {} cannot be probed", f.protocol)));
+    }
+    let Some((at, opts)) = connect_opts(b, f) else {
+        return Ok(FlowOutcome::NotCovered(format!("no host for source {}", f.src)));
+    };
     let fail = |got: Observed, detail: String| FlowOutcome::Failed { expected: f.expected.clone(), got, detail };
 
     let Expected::Endpoints { set, masq } = &f.expected else {
-        let o = b.lab.connect(src.at, &opts)?;
+        let o = b.lab.connect(at, &opts)?;
         let mut got = observe(&o, f, &b.node_addresses);
         // An accepted health-check port and a packet that simply reached the node look alike from outside.
         if f.expected == Expected::Accept && got == Observed::Pass {
@@ -338,7 +401,7 @@ fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Result<FlowOu
         .is_some_and(|sp| sp.affinity_timeout_seconds.is_some());
     let mut seen = BTreeSet::new();
     for _ in 0..MAX_ATTEMPTS {
-        let o = b.lab.connect(src.at, &opts)?;
+        let o = b.lab.connect(at, &opts)?;
         let got = observe(&o, f, &b.node_addresses);
         if !matches(&f.expected, &got) {
             return Ok(fail(got, format!("{o:?}")));

@@ -9,6 +9,7 @@
 pub mod conntrack;
 pub mod kernel;
 pub mod model;
+pub mod scenario;
 
 use ferry_model::acceptance::{Expected, Observed};
 

@@ -12,7 +12,8 @@ pub fn run_case(case: &Case, flows: &[ParsedFlow]) -> anyhow::Result<Vec<FlowOut
     Ok(flows.iter().map(|f| outcome(&plan, f)).collect())
 }
 
-fn outcome(plan: &Plan, flow: &ParsedFlow) -> FlowOutcome {
+/// One flow answered by `explain` over `plan`.
+pub fn outcome(plan: &Plan, flow: &ParsedFlow) -> FlowOutcome {
     let e = explain(
         plan,
         &Flow { src: flow.src, dst: flow.dst, port: flow.port, protocol: flow.protocol, in_interface: None },

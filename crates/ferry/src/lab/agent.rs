@@ -41,6 +41,16 @@ impl Lab {
 
     /// Replaces node `node`'s manifests with the objects of `state` (one JSON `List`).
     pub fn write_manifests_json(&self, node: usize, state: &ferry_model::ClusterState) -> anyhow::Result<()> {
+        self.replace_manifests_json(node, state).map(drop)
+    }
+
+    /// Like [`Lab::write_manifests_json`]; returns the wall-clock time taken just before the new
+    /// file was renamed in, so a caller can wait for a sync whose input was read after it.
+    pub fn replace_manifests_json(
+        &self,
+        node: usize,
+        state: &ferry_model::ClusterState,
+    ) -> anyhow::Result<std::time::SystemTime> {
         let mut items = Vec::new();
         for n in state.nodes.values() {
             let mut v = serde_json::to_value(n)?;
@@ -64,8 +74,9 @@ impl Lab {
         let dir = &self.nodes[node].manifests;
         let tmp = dir.with_extension("tmp.json");
         std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
+        let before = std::time::SystemTime::now();
         std::fs::rename(&tmp, dir.join("cluster.json"))?;
-        Ok(())
+        Ok(before)
     }
 
     /// Starts node `node`'s agent (`ferry run`) and waits until its first sync is programmed.
@@ -74,7 +85,7 @@ impl Lab {
             bail!("the agent of {} is already running", self.nodes[node].name);
         }
         let n = &self.nodes[node];
-        let ready = self.state.join(format!("agent-{node}.ready"));
+        let ready = self.ready_file(node);
         let _ = std::fs::remove_file(&ready);
         let log_path = self.state.join(format!("agent-{node}.log"));
         let log = File::options().create(true).append(true).open(&log_path)?;
@@ -105,6 +116,30 @@ impl Lab {
             self.sb.kill(pid)?;
         }
         Ok(())
+    }
+
+    /// The agent's `--ready-file`: `synced <generation> <input_unix_nanos>` after every sync.
+    pub fn ready_file(&self, node: usize) -> std::path::PathBuf {
+        self.state.join(format!("agent-{node}.ready"))
+    }
+
+    /// Sends SIGHUP to node `node`'s agent: `ferry run` resyncs its datapath and rewrites its ready file.
+    pub fn hangup_agent(&self, node: usize) -> anyhow::Result<()> {
+        let pid =
+            self.nodes[node].agent.with_context(|| format!("the agent of {} is not running", self.nodes[node].name))?;
+        // SAFETY: kill(2) with a pid this lab started and still owns.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) } != 0 {
+            bail!("SIGHUP to the agent of {} (pid {pid}): {}", self.nodes[node].name, std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether node `node`'s agent was started and has exited since (e.g. on a fatal error).
+    pub fn agent_exited(&mut self, node: usize) -> bool {
+        match self.nodes[node].agent {
+            Some(pid) => matches!(self.sb.try_wait(pid), Ok(Some(_))),
+            None => false,
+        }
     }
 
     /// The agent's log so far (for failure messages).

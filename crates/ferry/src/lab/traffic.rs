@@ -95,6 +95,21 @@ impl Lab {
         Ok(BackgroundClient { pid, output })
     }
 
+    /// Starts a held TCP connection from `at` (`connect --held`): its first exchange is printed at
+    /// once, and one more for every line written to its stdin. The lab kills it on drop.
+    pub fn spawn_held(
+        &mut self,
+        at: At,
+        opts: &ConnectOpts,
+        lifetime: Duration,
+    ) -> anyhow::Result<(u32, std::process::ChildStdin, std::process::ChildStdout)> {
+        let mut cmd = self.sb.command(self.host(at), &self.probe.program);
+        cmd.args(&self.probe.leading_args).args(opts.to_args(ConnectMode::Held(lifetime))).stderr(Stdio::null());
+        let host = self.host(at).clone();
+        let cgroup = self.cgroup(at).map(Path::to_path_buf);
+        Ok(self.sb.spawn_piped(&host, cgroup.as_deref(), cmd)?)
+    }
+
     /// Waits (at most `limit`) for a background client and returns what it observed.
     pub fn finish_client(&mut self, c: BackgroundClient, limit: Duration) -> anyhow::Result<Vec<Observation>> {
         let start = std::time::Instant::now();

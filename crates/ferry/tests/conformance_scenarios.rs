@@ -1,0 +1,62 @@
+//! Every scenario (Service changes over time) on the model and on the real
+//! datapaths: `ferry conformance --scenarios FILE --datapath model|bpf|nftables`
+//! runs one agent per scenario in a lab of network namespaces, hands it each
+//! step's changes, and checks every flow and every held connection. Needs
+//! root; never skipped. The lab names everything `ferry-*` and removes it
+//! when the run ends (or, after a crash, at the start of the next run).
+
+use std::process::Command;
+
+/// The shared scenarios (a copy of `../shared/acceptance`, kept identical).
+const KUBE_PROXY: &str = "kube-proxy-scenarios.json";
+/// ferry's own scenarios, including regressions of known Programmer bugs.
+const FERRY: &str = "ferry-scenarios.json";
+
+/// Runs one scenario file and asserts that every check passed and none was left uncovered.
+fn every_check_passes(file: &str, datapath: &str) {
+    let path = format!("{}/../../acceptance/{file}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["conformance", "--datapath", datapath, "--scenarios", &path])
+        .output()
+        .expect("running ferry conformance --scenarios");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let context = format!("{file} on {datapath}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let last = stdout.lines().last().unwrap_or_default();
+    let passed: usize = last
+        .strip_suffix(" passed, 0 failed")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("expected `N passed, 0 failed`, got {last:?}\n{context}"));
+    assert!(passed > 0, "no check ran\n{context}");
+    assert!(!stdout.contains("not covered"), "some checks were not covered\n{context}");
+    assert!(out.status.success(), "{context}");
+}
+
+#[test]
+fn kube_proxy_scenarios_pass_on_the_model() {
+    every_check_passes(KUBE_PROXY, "model");
+}
+
+#[test]
+fn ferry_scenarios_pass_on_the_model() {
+    every_check_passes(FERRY, "model");
+}
+
+#[test]
+fn kube_proxy_scenarios_pass_on_the_bpf_datapath() {
+    every_check_passes(KUBE_PROXY, "bpf");
+}
+
+#[test]
+fn ferry_scenarios_pass_on_the_bpf_datapath() {
+    every_check_passes(FERRY, "bpf");
+}
+
+#[test]
+fn kube_proxy_scenarios_pass_on_the_nftables_datapath() {
+    every_check_passes(KUBE_PROXY, "nftables");
+}
+
+#[test]
+fn ferry_scenarios_pass_on_the_nftables_datapath() {
+    every_check_passes(FERRY, "nftables");
+}
