@@ -234,3 +234,87 @@ pub fn run_agent(lab: &mut Lab, node: usize, synthetic: &Synthetic, changes: usi
         file_change_to_datapath,
     })
 }
+
+/// Full sync and one change for a cluster shape other than 2 endpoints per
+/// service: `services` × `endpoints` (slices of at most 100 endpoints, as the
+/// EndpointSlice controller cuts them).
+#[derive(Debug, Clone, Serialize)]
+pub struct Shape {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    pub full_sync_ms: f64,
+    pub map_ops: usize,
+    pub one_change: Summary,
+}
+
+fn shape_events(i: usize, endpoints: usize, changes: usize) -> anyhow::Result<Vec<ferry_model::StateChange>> {
+    use serde_json::json;
+    let name = format!("shape-{i:06}");
+    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 96, 0, 10)) + i as u32).to_string();
+    let svc = json!({"metadata": {"name": name, "namespace": cluster::NAMESPACE},
+        "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80}]}});
+    let mut out = vec![ferry_model::StateChange::ServiceApplied(Box::new(serde_json::from_value(svc)?))];
+    for (s, first) in (0..endpoints).step_by(100).enumerate() {
+        let eps: Vec<_> = (first..(first + 100).min(endpoints))
+            .map(|e| {
+                // Endpoint 0 of the service moves with each change.
+                let n = if e == 0 { 16_000_000 + changes } else { i * endpoints + e };
+                let addr = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0)) + n as u32);
+                json!({"addresses": [addr.to_string()], "nodeName": cluster::REMOTE_NODE})
+            })
+            .collect();
+        let slice = json!({"metadata": {"name": format!("{name}-{s}"), "namespace": cluster::NAMESPACE,
+                                        "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "endpoints": eps, "ports": [{"name": "http", "port": 8080}]});
+        out.push(ferry_model::StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice)?)));
+        if changes > 0 {
+            break; // only the first slice holds endpoint 0
+        }
+    }
+    Ok(out)
+}
+
+/// Runs one shape in-process on a pinned datapath.
+pub fn shape(
+    services: usize,
+    endpoints: usize,
+    cfg: &NodeConfig,
+    pin_dir: PathBuf,
+    cgroup: &Path,
+    changes: usize,
+) -> anyhow::Result<Shape> {
+    let dp = PinnedDatapath::install(pin_dir, cgroup)?;
+    let rt = runtime()?;
+    let mut planner = Planner::new(cfg.clone());
+    for i in 0..services {
+        for e in shape_events(i, endpoints, 0)? {
+            planner.apply(e);
+        }
+    }
+    let t = Instant::now();
+    let (plan, _) = planner.sync();
+    let mut programmer = Programmer::new();
+    let ops = programmer.sync(&plan, None, &rt);
+    dp.maps.apply(&ops).context("applying the full state")?;
+    let full_sync_ms = t.elapsed().as_secs_f64() * 1e3;
+    let map_ops = ops.len();
+    drop((ops, plan));
+    let mut samples = Vec::with_capacity(changes);
+    for rep in 1..=changes {
+        let events = shape_events(services / 2, endpoints, rep)?;
+        let t = Instant::now();
+        for e in events.into_iter().skip(1) {
+            planner.apply(e);
+        }
+        let (plan, diff) = planner.sync();
+        let ops = programmer.sync(&plan, Some(&diff), &rt);
+        dp.maps.apply(&ops).context("applying one endpoint change")?;
+        samples.push(t.elapsed().as_nanos() as u64);
+    }
+    let one_change = summarize(&samples);
+    eprintln!(
+        "[{services} x {endpoints}] in-process: full sync {full_sync_ms:.0} ms, one change p50 {:.1} us, p99 {:.1} us",
+        one_change.p50_us, one_change.p99_us
+    );
+    Ok(Shape { services, endpoints_per_service: endpoints, full_sync_ms, map_ops, one_change })
+}

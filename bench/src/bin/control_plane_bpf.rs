@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use ferry::lab::Lab;
 use ferry_bench::cluster::{self, Synthetic};
-use ferry_bench::incremental::{self, InProcess, RunAgent};
+use ferry_bench::incremental::{self, InProcess, RunAgent, Shape};
 use ferry_bench::machine::Machine;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -32,6 +32,9 @@ struct Cli {
     /// One-endpoint changes timed through `ferry run` per size.
     #[arg(long, default_value_t = 100)]
     agent_changes: usize,
+    /// Cluster shapes SERVICESxENDPOINTS timed in-process too (comma-separated; empty: none).
+    #[arg(long, value_delimiter = ',', default_values_t = ["10000x100".to_string(), "1x10000".to_string()])]
+    shapes: Vec<String>,
     /// The ferry binary (default: `ferry` next to this binary).
     #[arg(long)]
     ferry: Option<PathBuf>,
@@ -45,6 +48,7 @@ struct Results {
     machine: Machine,
     in_process: Vec<InProcess>,
     ferry_run: Vec<RunAgent>,
+    shapes: Vec<Shape>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,12 +67,20 @@ fn main() -> anyhow::Result<()> {
     let node = lab.add_node(cluster::NODE)?;
     let cgroup = lab.sb.cgroup("prog")?;
     let cfg = cluster::node_config(&lab.node_ips(node));
-    let mut results = Results { machine, in_process: Vec::new(), ferry_run: Vec::new() };
+    let mut results = Results { machine, in_process: Vec::new(), ferry_run: Vec::new(), shapes: Vec::new() };
     for synthetic in &sizes {
         let n = synthetic.services;
         let pin_dir = PathBuf::from(ferry_bpf::system::BPFFS).join(format!("{}-p{n}", lab.sb.id()));
         results.in_process.push(incremental::in_process(synthetic, &cfg, pin_dir, &cgroup, cli.changes)?);
         results.ferry_run.push(incremental::run_agent(&mut lab, node, synthetic, cli.agent_changes)?);
+    }
+    for shape in cli.shapes.iter().filter(|s| !s.is_empty()) {
+        let (services, endpoints) = shape
+            .split_once('x')
+            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+            .with_context(|| format!("--shapes {shape}: write SERVICESxENDPOINTS, e.g. 10000x100"))?;
+        let pin_dir = PathBuf::from(ferry_bpf::system::BPFFS).join(format!("{}-s{services}x{endpoints}", lab.sb.id()));
+        results.shapes.push(incremental::shape(services, endpoints, &cfg, pin_dir, &cgroup, cli.changes.min(200))?);
     }
     std::fs::create_dir_all(&cli.out_dir)?;
     let json = cli.out_dir.join("incremental.json");
@@ -118,6 +130,13 @@ fn markdown(r: &Results) -> String {
             x.rss_after_changes_kib / 1024,
             x.file_change_to_datapath.p50_us / 1e3,
             x.file_change_to_datapath.p99_us / 1e3
+        ));
+    }
+    s.push_str("\n## Other shapes (in-process)\n\n| services × endpoints | full sync | map ops | one change p50 | p99 |\n|---|---|---|---|---|\n");
+    for x in &r.shapes {
+        s.push_str(&format!(
+            "| {} × {} | {:.0} ms | {} | {:.1} µs | {:.1} µs |\n",
+            x.services, x.endpoints_per_service, x.full_sync_ms, x.map_ops, x.one_change.p50_us, x.one_change.p99_us
         ));
     }
     s

@@ -248,7 +248,7 @@ impl ManifestSource {
             out.push(SourceEvent::Change(match id.kind {
                 Kind::Service => StateChange::ServiceDeleted(id.key.clone()),
                 Kind::EndpointSlice => StateChange::EndpointSliceDeleted(id.key.clone()),
-                Kind::Node => StateChange::NodeDeleted(id.key.name.clone()),
+                Kind::Node => StateChange::NodeDeleted(id.key.name.to_string()),
             }));
         }
         if now.modified.is_some() {

@@ -359,7 +359,7 @@ async fn gone_makes_the_source_relist_and_forget_deleted_objects() {
     h.until("the Services relist", is_replace(Kind::Service)).await;
     h.until_state("the slices relist", |s| s.endpoint_slices.is_empty()).await;
 
-    assert_eq!(h.state.services.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+    assert_eq!(h.state.services.keys().map(|k| &*k.name).collect::<Vec<_>>(), ["b", "c"]);
     let events = &h.events[start..];
     // The deletion is learnt from the relist, not from a (lost) watch event.
     assert!(!show(events).iter().any(|e| e == "-svc a"), "{:#?}", show(events));

@@ -17,6 +17,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Label linking an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -28,8 +29,8 @@ pub struct Endpoint {
     pub port: u16,
     /// On this node (`nodeName` equals the node's name).
     pub local: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -59,7 +60,7 @@ impl Endpoint {
 }
 
 /// Endpoints of one Service, per family and per (port name, protocol).
-pub type ServiceEndpoints = BTreeMap<(IpFamily, String, Protocol), Vec<Endpoint>>;
+pub type ServiceEndpoints = BTreeMap<(IpFamily, Arc<str>, Protocol), Vec<Endpoint>>;
 
 /// The Service and family a slice serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +76,7 @@ pub struct SliceOwner {
 pub struct SliceRead {
     /// `None`: not ours (headless, another proxy's, FQDN) or unattributable.
     pub owner: Option<SliceOwner>,
-    pub ports: Vec<(String, Protocol, u16)>,
+    pub ports: Vec<(Arc<str>, Protocol, u16)>,
     pub endpoints: Vec<Endpoint>,
     pub problems: Vec<ObjectError>,
 }
@@ -98,7 +99,7 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> Serv
     let mut merged = ServiceEndpoints::new();
     // Per service port, where each address:port sits in its list.
     type Positions = HashMap<(IpAddr, u16), usize>;
-    let mut seen: HashMap<(IpFamily, String, Protocol), Positions> = HashMap::new();
+    let mut seen: HashMap<(IpFamily, Arc<str>, Protocol), Positions> = HashMap::new();
     for read in slices {
         let Some(owner) = &read.owner else { continue };
         for (name, protocol, port) in &read.ports {
@@ -161,7 +162,7 @@ fn slice_owner(
     Some(SliceOwner { service: ObjectKey::new(key.namespace.clone(), service.clone()), family })
 }
 
-fn read_ports(key: &ObjectKey, slice: &EndpointSlice, errors: &mut Vec<ObjectError>) -> Vec<(String, Protocol, u16)> {
+fn read_ports(key: &ObjectKey, slice: &EndpointSlice, errors: &mut Vec<ObjectError>) -> Vec<(Arc<str>, Protocol, u16)> {
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let field = format!("ports[{i}]");
@@ -191,7 +192,7 @@ fn read_ports(key: &ObjectKey, slice: &EndpointSlice, errors: &mut Vec<ObjectErr
                 }
             },
         };
-        ports.push((p.name.clone().unwrap_or_default(), protocol, port));
+        ports.push((Arc::from(p.name.as_deref().unwrap_or_default()), protocol, port));
     }
     ports
 }
@@ -238,13 +239,13 @@ fn read_endpoints(
             hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
         let node_hints =
             hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect();
-        let node_name = ep.node_name.clone().filter(|n| !n.is_empty());
+        let node_name: Option<Arc<str>> = ep.node_name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
         endpoints.push(Endpoint {
             ip,
             port: 0,
             local: node_name.as_deref() == Some(cfg.node_name.as_str()) && !cfg.node_name.is_empty(),
             node_name,
-            zone: ep.zone.clone().filter(|z| !z.is_empty()),
+            zone: ep.zone.as_deref().filter(|z| !z.is_empty()).map(Arc::from),
             ready,
             serving,
             terminating,

@@ -39,7 +39,7 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ServicePortId {
     pub service: ObjectKey,
-    pub port_name: String,
+    pub port_name: Arc<str>,
     pub protocol: Protocol,
     pub family: IpFamily,
 }
@@ -228,7 +228,8 @@ impl NodeFacts {
 /// maps sharing their nodes with the clone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    pub node: NodeFacts,
+    /// Shared between consecutive Plans while it does not change.
+    pub node: Arc<NodeFacts>,
     pub services: OrdMap<ServicePortId, Arc<ServicePort>>,
     pub frontends: OrdMap<FrontendKey, Frontend>,
     /// Every ClusterIP in use: other ports on them are rejected.
@@ -246,7 +247,7 @@ impl Plan {
     pub fn ports_of<'a>(&'a self, service: &'a ObjectKey) -> impl Iterator<Item = &'a Arc<ServicePort>> + 'a {
         let first = ServicePortId {
             service: service.clone(),
-            port_name: String::new(),
+            port_name: Arc::from(""),
             protocol: Protocol::Tcp,
             family: IpFamily::V4,
         };
@@ -516,7 +517,7 @@ pub fn build_plan(state: &ClusterState, cfg: &NodeConfig) -> Plan {
     }
     problems.sort();
     problems.dedup();
-    Plan { node, services, frontends, cluster_ips, health_check_node_ports, problems, ignored }
+    Plan { node: Arc::new(node), services, frontends, cluster_ips, health_check_node_ports, problems, ignored }
 }
 
 /// Plans one Service: one service port per (port, served family).

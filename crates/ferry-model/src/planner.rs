@@ -113,7 +113,7 @@ pub struct Planner {
     claims: HashMap<FrontendKey, Vec<Claim>>,
     health_check_claims: BTreeMap<u16, Vec<ObjectKey>>,
     problems: BTreeMap<ProblemSource, Vec<ObjectError>>,
-    node: NodeFacts,
+    node: Arc<NodeFacts>,
     plan: Plan,
     dirty: BTreeSet<ObjectKey>,
     node_dirty: bool,
@@ -125,7 +125,7 @@ impl Planner {
     /// A planner with no objects; its first sync plans the node alone.
     pub fn new(cfg: NodeConfig) -> Planner {
         let nodes = BTreeMap::new();
-        let node = node_facts(&nodes, &cfg);
+        let node = Arc::new(node_facts(&nodes, &cfg));
         let plan = Plan {
             node: node.clone(),
             services: Default::default(),
@@ -348,12 +348,12 @@ impl Planner {
         let mut diff = PlanDiff::default();
         if self.node_dirty || self.everything {
             let facts = node_facts(&self.nodes, &self.cfg);
-            if facts != self.node {
+            if facts != *self.node {
                 diff.node_changed = true;
                 if facts.planning_view() != self.node.planning_view() {
                     self.everything = true;
                 }
-                self.node = facts;
+                self.node = Arc::new(facts);
                 self.plan.node = self.node.clone();
             }
             self.node_dirty = false;

@@ -38,7 +38,7 @@ pub enum ServiceType {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PortSpec {
     /// Port name; `""` for an unnamed single port. Endpoint ports are matched by (name, protocol).
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     pub port: u16,
     pub protocol: Protocol,
     pub node_port: Option<u16>,
@@ -268,7 +268,7 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
         {
             c.fail(format!("{field}.nodePort"), format!("duplicate nodePort {np}/{protocol}"));
         }
-        ports.push(PortSpec { name, port, protocol, node_port });
+        ports.push(PortSpec { name: name.into(), port, protocol, node_port });
     }
 
     let mut external_ips = Vec::new();

@@ -9,26 +9,26 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
-/// `namespace/name` of a namespaced object.
+/// `namespace/name` of a namespaced object. The strings are shared: a key
+/// is copied into many tables (the Plan, the frontends, the programmer's
+/// mirror), and a copy costs a reference count, not an allocation.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectKey { namespace: namespace.into(), name: name.into() }
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
+        ObjectKey { namespace: Arc::from(namespace.as_ref()), name: Arc::from(name.as_ref()) }
     }
 
     /// The key of an object's metadata; a missing namespace means `default`,
     /// as for `kubectl apply` of a manifest without one.
     pub fn of_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
-        ObjectKey {
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_string()),
-            name: meta.name.clone().unwrap_or_default(),
-        }
+        ObjectKey::new(meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or_default())
     }
 }
 

@@ -62,7 +62,7 @@ fn readable(sp: &ServicePort) -> String {
         sp.id.service.namespace,
         sp.id.service.name,
         proto(sp.id.protocol),
-        if sp.id.port_name.is_empty() { sp.port.to_string() } else { sp.id.port_name.clone() }
+        if sp.id.port_name.is_empty() { sp.port.to_string() } else { sp.id.port_name.to_string() }
     )
 }
 

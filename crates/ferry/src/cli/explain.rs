@@ -168,7 +168,7 @@ pub fn summary(plan: &Plan) -> String {
             };
             let node = match (&e.node_name, e.local) {
                 (Some(n), true) => format!("{n} (this node)"),
-                (Some(n), false) => n.clone(),
+                (Some(n), false) => n.to_string(),
                 (None, _) => "-".into(),
             };
             let label = if i == 0 { "endpoints" } else { "" };
