@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let machine = Machine::detect();
     eprintln!("control_plane_bpf: {}", machine.describe());
     let sizes = cli.sizes.iter().map(|n| Synthetic::new(*n)).collect::<anyhow::Result<Vec<_>>>()?;
-    let mut lab = Lab::new("bench-cp", &ferry)?;
+    let mut lab = Lab::new("cp", &ferry)?;
     let node = lab.add_node(cluster::NODE)?;
     let cgroup = lab.sb.cgroup("prog")?;
     let cfg = cluster::node_config(&lab.node_ips(node));

@@ -96,25 +96,37 @@ pub fn read_slice(key: &ObjectKey, slice: &EndpointSlice, cfg: &NodeConfig) -> S
 /// The same address may appear in two slices while pods move; one copy is
 /// kept, the local one if any, as kube-proxy does. Linear in the endpoints.
 pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> ServiceEndpoints {
+    /// Below this many endpoints a scan finds duplicates faster than an index.
+    const SCAN: usize = 32;
     let mut merged = ServiceEndpoints::new();
-    // Per service port, where each address:port sits in its list.
+    // Per service port, where each address:port sits in its list (built once a list is long).
     type Positions = HashMap<(IpAddr, u16), usize>;
-    let mut seen: HashMap<(IpFamily, Arc<str>, Protocol), Positions> = HashMap::new();
+    let mut index: HashMap<(IpFamily, Arc<str>, Protocol), Positions> = HashMap::new();
     for read in slices {
         let Some(owner) = &read.owner else { continue };
         for (name, protocol, port) in &read.ports {
             let k = (owner.family, name.clone(), *protocol);
             let list = merged.entry(k.clone()).or_default();
-            let index = seen.entry(k).or_default();
             for ep in &read.endpoints {
-                match index.get(&(ep.ip, *port)) {
-                    Some(&i) => {
+                let found = if list.len() < SCAN {
+                    list.iter().position(|e| e.ip == ep.ip && e.port == *port)
+                } else {
+                    let positions = index.entry(k.clone()).or_default();
+                    if positions.len() < list.len() {
+                        positions.extend(list.iter().enumerate().map(|(i, e)| ((e.ip, e.port), i)));
+                    }
+                    positions.get(&(ep.ip, *port)).copied()
+                };
+                match found {
+                    Some(i) => {
                         if ep.local && !list[i].local {
                             list[i] = Endpoint { port: *port, ..ep.clone() };
                         }
                     }
                     None => {
-                        index.insert((ep.ip, *port), list.len());
+                        if list.len() >= SCAN {
+                            index.entry(k.clone()).or_default().insert((ep.ip, *port), list.len());
+                        }
                         list.push(Endpoint { port: *port, ..ep.clone() });
                     }
                 }
@@ -254,4 +266,47 @@ fn read_endpoints(
         });
     }
     endpoints
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(n: usize, offset: usize, local: bool) -> SliceRead {
+        let endpoints = (0..n)
+            .map(|i| Endpoint {
+                ip: IpAddr::from([10, 0, ((i + offset) / 250) as u8, ((i + offset) % 250) as u8]),
+                port: 0,
+                local,
+                node_name: None,
+                zone: None,
+                ready: true,
+                serving: true,
+                terminating: false,
+                zone_hints: BTreeSet::new(),
+                node_hints: BTreeSet::new(),
+            })
+            .collect();
+        SliceRead {
+            owner: Some(SliceOwner { service: ObjectKey::new("ns", "s"), family: IpFamily::V4 }),
+            ports: vec![(Arc::from("http"), Protocol::Tcp, 8080)],
+            endpoints,
+            problems: Vec::new(),
+        }
+    }
+
+    /// Large slices that overlap (pods moving between slices): one copy of
+    /// each address, the local one preferred, first-seen order kept.
+    #[test]
+    fn overlapping_slices_merge_to_one_copy_of_each_endpoint() {
+        let a = read(1000, 0, false);
+        let b = read(1000, 500, true);
+        let merged = merge_slices([&a, &b]);
+        let list = &merged[&(IpFamily::V4, Arc::from("http"), Protocol::Tcp)];
+        assert_eq!(list.len(), 1500);
+        assert!(list[..500].iter().all(|e| !e.local));
+        assert!(list[500..].iter().all(|e| e.local), "the local copy replaces the remote one in place");
+        assert_eq!(list[0].ip, a.endpoints[0].ip);
+        assert!(list.iter().all(|e| e.port == 8080));
+    }
 }

@@ -69,10 +69,11 @@ enum ProblemSource {
     HealthCheck(u16),
 }
 
-/// What one Service contributed to the Plan at its last planning.
+/// What a Service without service ports contributed to the Plan at its last
+/// planning. A Service with ports needs no record: its ports in the Plan say
+/// it all (`Plan::ports_of`).
 #[derive(Debug, Clone, Default)]
 struct Contribution {
-    ports: Vec<ServicePortId>,
     cluster_ips: Vec<IpAddr>,
     health_check: Option<u16>,
 }
@@ -107,7 +108,8 @@ pub struct Planner {
     slices: HashMap<ObjectKey, SliceRead>,
     /// Owner Service -> its slices, in key order (the order they merge in).
     slices_of: HashMap<ObjectKey, Vec<ObjectKey>>,
-    contributions: HashMap<ObjectKey, Contribution>,
+    /// Services planned without any service port (rare), see [`Contribution`].
+    portless: HashMap<ObjectKey, Contribution>,
     cluster_ip_refs: HashMap<IpAddr, u32>,
     /// Every claim on every frontend, smallest (the owner) first.
     claims: HashMap<FrontendKey, Vec<Claim>>,
@@ -141,7 +143,7 @@ impl Planner {
             services: HashMap::new(),
             slices: HashMap::new(),
             slices_of: HashMap::new(),
-            contributions: HashMap::new(),
+            portless: HashMap::new(),
             cluster_ip_refs: HashMap::new(),
             claims: HashMap::new(),
             health_check_claims: BTreeMap::new(),
@@ -360,7 +362,8 @@ impl Planner {
         }
         if std::mem::take(&mut self.everything) {
             self.dirty.extend(self.services.keys().cloned());
-            self.dirty.extend(self.contributions.keys().cloned());
+            self.dirty.extend(self.portless.keys().cloned());
+            self.dirty.extend(self.plan.services.keys().map(|id| id.service.clone()));
         }
         let dirty = std::mem::take(&mut self.dirty);
         let ctx = self.node.topology(&self.cfg);
@@ -373,38 +376,40 @@ impl Planner {
         let mut released_ips: Vec<IpAddr> = Vec::new();
         for key in &dirty {
             // Take back what the Service contributed last time.
-            if let Some(old) = self.contributions.remove(key) {
-                for id in old.ports {
-                    let Some(sp) = plan.services.remove(&id) else { continue };
-                    for (fk, claim) in frontend_claims(&sp) {
-                        if let Some(list) = self.claims.get_mut(&fk) {
-                            sorted_remove(list, &claim);
-                            if list.is_empty() {
-                                self.claims.remove(&fk);
-                            }
-                        }
-                        touched_frontends.insert(fk);
-                    }
-                    before.insert(id, sp);
-                }
-                for ip in old.cluster_ips {
-                    if let Some(n) = self.cluster_ip_refs.get_mut(&ip) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.cluster_ip_refs.remove(&ip);
-                            released_ips.push(ip);
-                        }
-                    }
-                }
-                if let Some(hc) = old.health_check {
-                    if let Some(list) = self.health_check_claims.get_mut(&hc) {
-                        sorted_remove(list, key);
+            let old_ports: Vec<Arc<ServicePort>> = plan.ports_of(key).cloned().collect();
+            let mut old = self.portless.remove(key).unwrap_or_default();
+            for sp in old_ports {
+                plan.services.remove(&sp.id);
+                for (fk, claim) in frontend_claims(&sp) {
+                    if let Some(list) = self.claims.get_mut(&fk) {
+                        sorted_remove(list, &claim);
                         if list.is_empty() {
-                            self.health_check_claims.remove(&hc);
+                            self.claims.remove(&fk);
                         }
                     }
-                    touched_health_checks.insert(hc);
+                    touched_frontends.insert(fk);
                 }
+                sorted_insert(&mut old.cluster_ips, sp.cluster_ip);
+                old.health_check = old.health_check.or(sp.health_check_node_port);
+                before.insert(sp.id.clone(), sp);
+            }
+            for ip in old.cluster_ips {
+                if let Some(n) = self.cluster_ip_refs.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.cluster_ip_refs.remove(&ip);
+                        released_ips.push(ip);
+                    }
+                }
+            }
+            if let Some(hc) = old.health_check {
+                if let Some(list) = self.health_check_claims.get_mut(&hc) {
+                    sorted_remove(list, key);
+                    if list.is_empty() {
+                        self.health_check_claims.remove(&hc);
+                    }
+                }
+                touched_health_checks.insert(hc);
             }
             plan.ignored.remove(key);
             self.problems.remove(&ProblemSource::Service(key.clone()));
@@ -428,11 +433,13 @@ impl Planner {
                             diff.cluster_ips_added.push(*ip);
                         }
                     }
-                    let mut contribution = Contribution {
-                        ports: Vec::with_capacity(planned.ports.len()),
-                        cluster_ips: planned.cluster_ips,
-                        health_check: info.health_check_node_port,
-                    };
+                    if planned.ports.is_empty() {
+                        let c = Contribution {
+                            cluster_ips: planned.cluster_ips,
+                            health_check: info.health_check_node_port,
+                        };
+                        self.portless.insert(key.clone(), c);
+                    }
                     for sp in planned.ports {
                         for (fk, claim) in frontend_claims(&sp) {
                             sorted_insert(self.claims.entry(fk).or_default(), claim);
@@ -445,14 +452,12 @@ impl Planner {
                             _ => Arc::new(sp),
                         };
                         plan.services.insert(id.clone(), sp);
-                        contribution.ports.push(id.clone());
                         after.push(id);
                     }
                     if let Some(hc) = info.health_check_node_port {
                         sorted_insert(self.health_check_claims.entry(hc).or_default(), key.clone());
                         touched_health_checks.insert(hc);
                     }
-                    self.contributions.insert(key.clone(), contribution);
                 }
             }
         }

@@ -50,7 +50,7 @@ fn service() -> impl Strategy<Value = Value> {
                 prop::sample::select(&["TCP", "UDP"][..]),
                 prop::option::of(prop::sample::select(&[30001i64, 30002][..])),
             ),
-            1..3,
+            0..3,
         ),
         (external_ips(), external_ips(), prop::collection::vec(prop::sample::select(&["10.0.0.0/8", "fd00::/8"][..]), 0..2)),
         (
