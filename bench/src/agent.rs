@@ -186,7 +186,6 @@ pub fn start(
         .arg(&nd.config)
         .arg("--ready-file")
         .arg(&ready)
-        .args(["--poll-ms", "50"])
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);

@@ -191,7 +191,25 @@ impl Synthetic {
         self.slice_change(self.changed_service(), n)
     }
 
-    fn slice_change(&self, i: usize, changes: usize) -> anyhow::Result<StateChange> {
+    /// The watch event that creates service `i`.
+    pub fn service_change(i: usize) -> anyhow::Result<StateChange> {
+        let svc: Service = serde_json::from_value(Self::service_json(i))?;
+        Ok(StateChange::ServiceApplied(Box::new(svc)))
+    }
+
+    /// Services `range` and their slices as one JSON `kind: List` (a manifest file of a chunked directory).
+    pub fn manifest_chunk(&self, range: std::ops::Range<usize>, changes: usize) -> String {
+        let mut items = Vec::with_capacity(2 * range.len());
+        for i in range {
+            items.push(Self::service_json(i));
+            items.push(Self::slice_json(i, self.endpoints_after(i, changes)));
+        }
+        serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
+            .expect("serialising JSON values cannot fail")
+    }
+
+    /// The watch event that writes service `i`'s slice after `changes` one-endpoint changes.
+    pub fn slice_change(&self, i: usize, changes: usize) -> anyhow::Result<StateChange> {
         let slice: EndpointSlice = serde_json::from_value(Self::slice_json(i, self.endpoints_after(i, changes)))?;
         Ok(StateChange::EndpointSliceApplied(Box::new(slice)))
     }

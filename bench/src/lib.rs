@@ -9,6 +9,13 @@
 //! programming (b) build_plan / Programmer::sync / Maps::apply on a real pinned datapath
 //! agent       (c) a real `ferry run` agent: RSS, first sync, one-change resync, BPF map memory
 //! heap        a counting allocator, for what the model and programmer keep in memory
+//! ```
+//!
+//! The `control_plane_bpf` binary measures the incremental control plane (module
+//! `incremental`): in-process full sync and one-change latency at 1k to 100k
+//! services, and a real `ferry run` on a chunked manifest directory.
+//!
+//! ```text
 //! conn        the client and echo server re-executed inside the lab's pods
 //! ```
 //!
@@ -18,6 +25,7 @@ pub mod agent;
 pub mod cluster;
 pub mod conn;
 pub mod heap;
+pub mod incremental;
 pub mod latency;
 pub mod machine;
 pub mod nodeport;

@@ -96,8 +96,6 @@ impl Lab {
             .arg(&n.config)
             .arg("--ready-file")
             .arg(&ready)
-            .arg("--poll-ms")
-            .arg("50")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -108,6 +106,11 @@ impl Lab {
             .wait_for_file(pid, &ready, Duration::from_secs(30))
             .with_context(|| format!("agent log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default()))?;
         Ok(())
+    }
+
+    /// The process id of node `node`'s running agent.
+    pub fn agent_pid(&self, node: usize) -> Option<u32> {
+        self.nodes[node].agent
     }
 
     /// Kills node `node`'s agent without warning (SIGKILL): the datapath stays pinned.
