@@ -176,6 +176,35 @@ fn deleted_ports_the_plan_still_has_are_ignored() {
 }
 
 #[test]
+fn a_live_port_passed_as_it_was_before_a_change_gives_up_only_the_frontends_it_lost() {
+    // The agent passes the old form of a UDP port whose ExternalIP went away: flows to that
+    // address have no service now; the ClusterIP keeps its live rule.
+    let with_eip = case(&format!(
+        r#"{{"name": "t", "services": {DNS}, "endpointSlices": {}}}"#,
+        dns_slice(r#"[{"ip": "10.244.1.5"}]"#)
+    ));
+    let without_eip = DNS.replace(r#"["192.0.2.10"]"#, "[]");
+    let now = case(&format!(
+        r#"{{"name": "t", "services": {without_eip}, "endpointSlices": {}}}"#,
+        dns_slice(r#"[{"ip": "10.244.1.5"}]"#)
+    ));
+    let nodes = NodeAddresses::default();
+    let old: Vec<_> = with_eip.plan(nodes).unwrap().services.values().cloned().collect();
+    let idx = StaleFlowIndex::new(&now.plan(nodes).unwrap(), &old);
+    use StaleReason::*;
+    check(
+        &idx,
+        &[
+            (Udp, "192.0.2.10", 53, "10.244.1.5", 5353, Some(Frontend)),
+            (Udp, "10.96.0.10", 53, "10.244.1.5", 5353, None),
+            (Udp, "10.96.0.10", 53, "10.244.9.9", 5353, Some(Frontend)),
+            (Udp, "1.1.1.1", 30053, "10.244.1.5", 5353, None),
+            (Tcp, "192.0.2.10", 53, "10.244.1.5", 5353, None),
+        ],
+    );
+}
+
+#[test]
 fn the_case_format_is_strict() {
     let file = |cases: &str| format!(r#"{{"schemaVersion": 2, "cases": [{cases}]}}"#);
     let ok = file(&format!(r#"{{"name": "a", "deletedServices": [{GONE}]}}"#));
