@@ -1,13 +1,15 @@
 //! Stale flows in the packet path's connection tracking: which entries still
 //! send traffic to a backend that is no longer serving.
 //!
-//! The rule is kube-proxy's conntrack reconciler rule (seeds/
-//! kube-proxy-conntrack-cleanup), applied to ferry's own table: a UDP flow of
-//! a service is stale when its backend is not a serving endpoint of that
-//! service any more; services left without any serving endpoint are not
-//! touched; TCP and SCTP flows are never touched (they end by themselves, and
-//! a terminating endpoint keeps its established connections). Flows of a
-//! service that was deleted are stale too: nothing would ever clean them.
+//! The rule is kube-proxy's conntrack reconciler rule (its current form,
+//! `ferry_model::stale`), applied to ferry's own table: a UDP flow of a
+//! service is stale when its backend is not a serving endpoint of that
+//! service any more. A service left without any serving endpoint loses all
+//! its UDP flows (kubernetes/kubernetes#139629: the next packet is rejected
+//! instead of going to a pod that is gone), and so does a deleted service
+//! (kubernetes/kubernetes#141371: nothing else would ever clean them). TCP
+//! and SCTP flows are never touched (they end by themselves, and a
+//! terminating endpoint keeps its established connections).
 
 use crate::entries::{FAM_V4, Words};
 use std::collections::{BTreeSet, HashMap};
@@ -73,7 +75,7 @@ impl CtEntry {
 pub enum Serving {
     /// The service is gone: all its UDP flows are stale.
     Deleted,
-    /// Its serving endpoints now (address words, port).
+    /// Its serving endpoints now (address words, port); none: every UDP flow is stale.
     Endpoints(BTreeSet<(Words, u16)>),
 }
 
@@ -85,7 +87,6 @@ pub fn stale_udp_flows(entries: &[CtEntry], services: &HashMap<u32, Serving>) ->
         .filter(|e| match services.get(&e.service) {
             None => false,
             Some(Serving::Deleted) => true,
-            Some(Serving::Endpoints(set)) if set.is_empty() => false,
             Some(Serving::Endpoints(set)) => !set.contains(&e.backend_addr()),
         })
         .copied()
@@ -135,7 +136,9 @@ mod tests {
             entry(UDP, CT_ORIGINAL, 5, 1), // not serving: delete
             entry(UDP, CT_REPLY, 5, 1),    // not serving: delete
             entry(6, CT_ORIGINAL, 5, 1),   // TCP: keep
-            entry(UDP, CT_ORIGINAL, 5, 2), // service 2 has no serving endpoints: keep
+            entry(UDP, CT_ORIGINAL, 5, 2), // service 2 has no serving endpoints: delete
+            entry(UDP, CT_REPLY, 5, 2),    // both directions
+            entry(6, CT_ORIGINAL, 5, 2),   // TCP of it: keep
             entry(UDP, CT_ORIGINAL, 5, 3), // service 3 not examined: keep
             entry(UDP, CT_ORIGINAL, 4, 9), // service 9 deleted: delete
         ];
@@ -145,7 +148,7 @@ mod tests {
             (9, Serving::Deleted),
         ]);
         let stale = stale_udp_flows(&entries, &services);
-        assert_eq!(stale, vec![entries[2], entries[3], entries[7]]);
+        assert_eq!(stale, vec![entries[2], entries[3], entries[5], entries[6], entries[9]]);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Every case of `acceptance/conntrack-cleanup-cases.json` against the pure
-//! stale-flow rule: each entry's expect (delete/keep) and each case's
-//! `expectedDeletedCount`. The kernel side runs the same cases in
+//! Every case of `acceptance/conntrack-cleanup-cases.json` (schema version 2)
+//! against the pure stale-flow rule, with each case's `deletedServices`: each
+//! entry's `expect` (delete/keep) and each case's `expectedDeletedCount`.
+//! `expectUnderSeedRule` only documents what the seed's rule would do; it is
+//! never the expectation. The kernel side runs the same cases in
 //! `ferry conformance --conntrack-cases`.
 
 use ferry_model::stale::StaleFlowIndex;
@@ -22,7 +24,7 @@ fn every_literal_entry_gets_its_expected_verdict() {
     let nodes = NodeAddresses::default();
     let mut checked = 0;
     for case in file.cases.iter().filter(|c| c.generator.is_none()) {
-        let index = StaleFlowIndex::from_plan(&case.plan(nodes).unwrap());
+        let index = case.index(nodes).unwrap();
         let entries = case.entry_specs(nodes).unwrap();
         assert!(!entries.is_empty(), "{}: no entries", case.name);
         let mut failures = Vec::new();
@@ -36,7 +38,27 @@ fn every_literal_entry_gets_its_expected_verdict() {
         assert_eq!(Some(deleted), case.expected_deleted_count, "{}: deleted count", case.name);
         checked += entries.len();
     }
-    assert!(checked >= 70, "only {checked} entries checked");
+    assert!(checked >= 78, "only {checked} entries checked");
+}
+
+#[test]
+fn the_file_states_the_current_rule() {
+    let file = ConntrackCaseFile::parse(CASES).unwrap();
+    assert_eq!(file.schema_version, 2);
+    let nodes = NodeAddresses::default();
+    // Where the seed's rule differs, the entries say so; ferry follows `expect`.
+    let differing: Vec<_> =
+        file.cases.iter().flat_map(|c| &c.entries).filter(|e| e.expect_under_seed_rule.is_some()).collect();
+    assert!(differing.len() >= 4, "{} entries differ from the seed rule", differing.len());
+    assert!(differing.iter().all(|e| e.expect_under_seed_rule.as_deref() != Some(e.expect.as_str())));
+    // The deleted-service case needs its deletedServices: without them its deletions are not found.
+    let case = file.cases.iter().find(|c| !c.deleted_services.is_empty()).expect("a case with deletedServices");
+    let without = StaleFlowIndex::from_plan(&case.plan(nodes).unwrap());
+    let with = case.index(nodes).unwrap();
+    let entries = case.entry_specs(nodes).unwrap();
+    let count = |idx: &StaleFlowIndex| entries.iter().filter(|e| verdict(idx, e) == Expect::Delete).count() as u64;
+    assert_eq!(Some(count(&with)), case.expected_deleted_count);
+    assert!(count(&without) < count(&with));
 }
 
 #[test]
@@ -45,7 +67,7 @@ fn unset_reply_ports_give_the_same_verdicts_as_their_mapping() {
     let file = ConntrackCaseFile::parse(CASES).unwrap();
     let nodes = NodeAddresses::default();
     for case in &file.cases {
-        let index = StaleFlowIndex::from_plan(&case.plan(nodes).unwrap());
+        let index = case.index(nodes).unwrap();
         for (raw, e) in case.entries.iter().zip(case.entry_specs(nodes).unwrap()) {
             if raw.reply_src_port == 0 {
                 assert_eq!(e.reply_src_port, e.orig_dst_port);
@@ -62,7 +84,7 @@ fn the_scale_case_generator_deletes_exactly_the_port_8000_entries() {
     let nodes = NodeAddresses::default();
     let case = file.cases.iter().find(|c| c.generator.is_some()).expect("the file has a scale case");
     assert_eq!(case.generated_count(), 1_000_002);
-    let index = StaleFlowIndex::from_plan(&case.plan(nodes).unwrap());
+    let index = case.index(nodes).unwrap();
     let (entries, capped) = case.generate(nodes, None).unwrap();
     assert!(!capped);
     assert_eq!(entries.len(), 1_000_002);

@@ -368,13 +368,17 @@ impl BpfBackend {
 
     /// Deletes packet-path UDP flows whose backend is no longer serving (see
     /// `ferry_bpf::stale`), for the services this sync changed (all of them
-    /// on a full sync). Returns how many entries were deleted.
+    /// on a full sync); a service left without serving endpoints loses all
+    /// its UDP flows, and so does a deleted one (`deleted`: its id before the
+    /// sync; on a full sync, whose "before" is unknown, every UDP flow of a
+    /// service id no service port holds now). Returns how many entries were deleted.
     fn purge_stale_flows(&self, plan: &Plan, diff: Option<&PlanDiff>, deleted: &[u32]) -> usize {
         let serving = |sp: &ServicePort| {
             Serving::Endpoints(sp.serving_endpoints().map(|e| (ferry_bpf::entries::words(&e.ip), e.port)).collect())
         };
         let mut services: HashMap<u32, Serving> = deleted.iter().map(|id| (*id, Serving::Deleted)).collect();
         let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
+        let mut entries = None;
         match diff {
             None => {
                 for sp in plan.services.values().filter(|sp| udp(sp)) {
@@ -382,6 +386,15 @@ impl BpfBackend {
                         services.insert(id, serving(sp));
                     }
                 }
+                // Flows of services deleted while the agent was down or behind a failed apply.
+                // Service 0 is pod egress masquerading, not a service.
+                let live: std::collections::HashSet<u32> =
+                    plan.services.keys().filter_map(|id| self.programmer.service_id(id)).collect();
+                let all = self.maps.ct_entries();
+                for e in all.iter().filter(|e| e.service != 0 && !live.contains(&e.service)) {
+                    services.entry(e.service).or_insert(Serving::Deleted);
+                }
+                entries = Some(all);
             }
             Some(d) => {
                 for c in d.changed.iter().filter(|c| udp(&c.new)) {
@@ -396,16 +409,19 @@ impl BpfBackend {
         if services.is_empty() {
             return 0;
         }
-        let stale = ferry_bpf::stale::stale_udp_flows(&self.maps.ct_entries(), &services);
+        let entries = entries.unwrap_or_else(|| self.maps.ct_entries());
+        let stale = ferry_bpf::stale::stale_udp_flows(&entries, &services);
         self.maps.delete_ct(&stale)
     }
 }
 
 /// Whether a change of one UDP service port can leave a conntrack entry
-/// stale under the reconciler's rule: a serving endpoint went away, the port
-/// got its first serving endpoint (flows sent while it had none were never
-/// DNATed), or it gained a frontend. Endpoints only being added make nothing
-/// stale, so a scale-up never lists the conntrack table.
+/// stale under the reconciler's rule: a serving endpoint went away (the last
+/// one included: a port without serving endpoints loses every flow,
+/// kubernetes/kubernetes#139629), the port got its first serving endpoint
+/// (flows sent while it had none were never DNATed), or it gained or lost a
+/// frontend. Endpoints only being added make nothing stale, so a scale-up
+/// never lists the conntrack table.
 fn can_leave_stale_flows(old: &ServicePort, new: &ServicePort) -> bool {
     let (before, after) = (old.serving_addrs(), new.serving_addrs());
     !before.is_subset(&after)
@@ -414,16 +430,57 @@ fn can_leave_stale_flows(old: &ServicePort, new: &ServicePort) -> bool {
         || old.node_port != new.node_port
         || !new.load_balancer_ips.iter().all(|ip| old.load_balancer_ips.contains(ip))
         || !new.external_ips.iter().all(|ip| old.external_ips.contains(ip))
+        || lost_frontend(old, new)
+}
+
+/// Whether `new` no longer has a frontend `old` had.
+fn lost_frontend(old: &ServicePort, new: &ServicePort) -> bool {
+    old.cluster_ip != new.cluster_ip
+        || old.port != new.port
+        || (old.node_port.is_some() && old.node_port != new.node_port)
+        || !old.load_balancer_ips.iter().all(|ip| new.load_balancer_ips.contains(ip))
+        || !old.external_ips.iter().all(|ip| new.external_ips.contains(ip))
+}
+
+/// The UDP service ports whose frontends the reconciler must treat as a
+/// deleted service's (kubernetes/kubernetes#141371): those removed since the
+/// last programmed Plan, and the old form of those that lost a frontend (a
+/// frontend nobody serves now keeps no flow). Without a diff, `last` (the
+/// last Plan programmed) stands for the "before"; with neither, none are known.
+fn departed_udp_ports(plan: &Plan, last: Option<&Plan>, diff: Option<&PlanDiff>) -> Vec<Arc<ServicePort>> {
+    let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
+    match (diff, last) {
+        (Some(d), _) => d
+            .removed
+            .iter()
+            .filter(|sp| udp(sp))
+            .cloned()
+            .chain(d.changed.iter().filter(|c| udp(&c.old) && lost_frontend(&c.old, &c.new)).map(|c| c.old.clone()))
+            .collect(),
+        (None, Some(last)) => last
+            .services
+            .values()
+            .filter(|sp| udp(sp))
+            .filter(|old| plan.services.get(&old.id).is_none_or(|new| lost_frontend(old, new)))
+            .cloned()
+            .collect(),
+        (None, None) => Vec::new(),
+    }
 }
 
 /// Deletes the kernel conntrack entries of UDP flows whose backend no longer
-/// serves (kube-proxy's conntrack reconciler, rule in `ferry_model::stale`),
-/// after a sync with a UDP change that can leave stale flows (see
-/// `can_leave_stale_flows`; a full sync: any UDP service port). Listing a large
-/// conntrack table takes seconds, so it is skipped when nothing can be stale. Both datapaths need it: with bpf, traffic
-/// that takes the normal stack (host network, NodePorts handled by netfilter)
-/// still leaves entries in the kernel's table. Failures are logged, not fatal:
-/// the next UDP change runs it again.
+/// serves (kube-proxy's conntrack reconciler, rule in `ferry_model::stale`:
+/// a UDP service port without serving endpoints loses every flow to its
+/// frontends, kubernetes/kubernetes#139629, and so does one removed since the
+/// last sync where no live service owns the frontend now, #141371), after a
+/// sync with a UDP change that can leave stale flows (a UDP service port
+/// added or removed, or changed as `can_leave_stale_flows` says; a full sync:
+/// any UDP service port). Listing a large conntrack table takes seconds, so it
+/// is skipped when nothing can be stale. Both datapaths need it: with bpf,
+/// traffic that takes the normal stack (host network, NodePorts handled by
+/// netfilter) still leaves entries in the kernel's table. Failures are logged,
+/// not fatal: the next UDP change runs it again (a removed port's flows are
+/// then left to time out).
 fn reconcile_kernel_conntrack(
     plan: &Plan,
     last: Option<&Plan>,
@@ -432,7 +489,8 @@ fn reconcile_kernel_conntrack(
     let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
     let touched = match diff {
         Some(d) => {
-            d.added.iter().any(|sp| udp(sp) && sp.serving_endpoints().next().is_some())
+            d.added.iter().any(|sp| udp(sp))
+                || d.removed.iter().any(|sp| udp(sp))
                 || d.changed.iter().any(|c| udp(&c.new) && can_leave_stale_flows(&c.old, &c.new))
                 || d.frontends_added.iter().any(|(k, _)| k.protocol == Protocol::Udp)
         }
@@ -441,8 +499,8 @@ fn reconcile_kernel_conntrack(
     if !touched {
         return None;
     }
-    let index = ferry_model::stale::StaleFlowIndex::from_plan(plan);
-    // A family without a UDP service port that has endpoints has nothing stale: its table is not listed.
+    let index = ferry_model::stale::StaleFlowIndex::new(plan, &departed_udp_ports(plan, last, diff));
+    // A family without a UDP frontend (live or departed) has nothing stale: its table is not listed.
     let families: Vec<_> = plan.node.families.iter().copied().filter(|f| index.has_family(*f)).collect();
     if families.is_empty() {
         return Some(ferry_conntrack::ReconcileReport::default());

@@ -8,6 +8,17 @@
 //!   (bpf_sock_destroy) and the client's reconnect picks the new backend.
 //! - nftables: the kernel conntrack entry DNATs to the old backend; the
 //!   conntrack reconciler deletes it and the next datagram is DNATed anew.
+//!
+//! The stale-UDP rule past the seed (kubernetes/kubernetes#139629, #141371),
+//! with a pod client to the ClusterIP and an outside client to the NodePort,
+//! each sending from one fixed source port as a resolver or statsd does:
+//!
+//! - a Service that loses **all** its endpoints: after the sync no datagram
+//!   reaches the old pod, the clients are refused (REJECT) instead. Before
+//!   the rule changed, the kernel conntrack entry (nftables) and the BPF flow
+//!   (NodePort on bpf) kept them on the old pod for as long as they sent.
+//! - a Service deleted while a new one takes its ClusterIP and NodePort in the
+//!   same batch: after the sync every answer comes from the new Service's pod.
 
 use ferry::lab::{At, Lab};
 use ferry_sandbox::probe::{ConnectMode, ConnectOpts, Endpoint, Observation, ServeOpts};
@@ -44,24 +55,35 @@ const V6: Family = Family {
 };
 
 fn manifests(f: &Family, backend: Option<&str>) -> String {
+    service(f, "dns", None, backend)
+}
+
+/// A UDP Service `name` on the family's ClusterIP, port 53 (and `node_port`), whose one
+/// EndpointSlice lists pod `backend` on port 5353 (none: no endpoints).
+fn service(f: &Family, name: &str, node_port: Option<u16>, backend: Option<&str>) -> String {
     let endpoints = match backend {
         Some(b) => format!("[{{addresses: [\"{}\"], nodeName: node-a}}]", (f.pod)(b)),
         None => "[]".into(),
+    };
+    let (kind, np) = match node_port {
+        Some(p) => ("NodePort", format!(", nodePort: {p}")),
+        None => ("ClusterIP", String::new()),
     };
     format!(
         r#"
 apiVersion: v1
 kind: Service
-metadata: {{name: dns, namespace: demo}}
+metadata: {{name: {name}, namespace: demo}}
 spec:
+  type: {kind}
   clusterIP: "{ip}"
   clusterIPs: ["{ip}"]
   ipFamilies: [{fam}]
-  ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 5353}}]
+  ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 5353{np}}}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {{name: dns-1, namespace: demo, labels: {{kubernetes.io/service-name: dns}}}}
+metadata: {{name: {name}-1, namespace: demo, labels: {{kubernetes.io/service-name: {name}}}}}
 addressType: {fam}
 endpoints: {endpoints}
 ports: [{{name: dns, port: 5353, protocol: UDP}}]
@@ -155,7 +177,7 @@ fn backend_replaced_while_a_udp_client_keeps_sending(datapath: &str, f: &Family)
         "{datapath}: after be22 someone else answered: {summary:?}"
     );
     assert!(ticks.len() >= 50, "{datapath}: only {} ticks: {summary:?}", ticks.len());
-    let mechanism = if datapath == "bpf" { "destroyed connected UDP sockets" } else { "conntrack" };
+    let mechanism = if datapath.starts_with("bpf") { "destroyed connected UDP sockets" } else { "conntrack" };
     assert!(
         lab.agent_log(0).contains(mechanism),
         "{datapath}: the agent never said {mechanism:?}:\n{}",
@@ -181,4 +203,213 @@ fn nftables_udp_client_moves_off_a_removed_backend() {
 #[test]
 fn nftables_udp_client_moves_off_a_removed_backend_ipv6() {
     backend_replaced_while_a_udp_client_keeps_sending("nftables", &V6);
+}
+
+const NODE_PORT: u16 = 30053;
+/// The source port both clients of the tests below send from, whatever socket they use.
+const SOURCE_PORT: u16 = 40053;
+
+/// The lab of the tests below: node-a running `datapath`, a client pod, pods be21 and be22
+/// serving UDP 5353 (both stay up, whatever the Services say), an outside host (also the node's
+/// default gateway), and the manifests `initial`.
+fn udp_lab(datapath: &str, initial: &str) -> Lab {
+    let mut lab = Lab::new("udp", FERRY.as_ref()).expect("lab");
+    let node = lab.add_node("node-a").unwrap();
+    lab.add_pod(node, "client", &[ip(&(V4.pod)("10")), ip(&(V6.pod)("10"))]).unwrap();
+    for b in ["21", "22"] {
+        let ips = [ip(&(V4.pod)(b)), ip(&(V6.pod)(b))];
+        let p = lab.add_pod(node, &format!("be{b}"), &ips).unwrap();
+        let listen = ips.iter().map(|a| Endpoint::udp(SocketAddr::new(*a, 5353))).collect();
+        lab.serve_with(At::Pod(node, p), ServeOpts::new(&format!("be{b}"), listen)).unwrap();
+    }
+    let outside = [ip("203.0.113.2"), ip("2001:db8::2")];
+    lab.add_external("outside", &outside, node).unwrap();
+    // As on a real node, a default route: without one, a datagram to a ClusterIP without
+    // endpoints fails the node's routing (ICMP net unreachable) before the forward hook's REJECT.
+    lab.set_default_route(node, &outside).unwrap();
+    lab.write_node_config(
+        node,
+        &format!(
+            "datapath: {datapath}\nclusterCIDRs: [10.244.0.0/16, \"fd00:244::/48\"]\n\
+             serviceCIDRs: [10.96.0.0/16, \"fd00:96::/112\"]\n"
+        ),
+    )
+    .unwrap();
+    lab.write_manifests(node, initial).unwrap();
+    lab.start_agent(node).unwrap();
+    lab
+}
+
+/// A pod client to the ClusterIP and an outside client to the NodePort on the node's primary
+/// address: one connected UDP socket each (replaced when it fails, always bound to
+/// `SOURCE_PORT`); run with `ConnectMode::UdpStream`, one datagram every 100 ms.
+fn udp_clients(lab: &Lab, f: &Family) -> Vec<(&'static str, At, ConnectOpts)> {
+    let node_ip = if f.address_type == "IPv4" {
+        IpAddr::V4(lab.nodes[0].primary_v4)
+    } else {
+        IpAddr::V6(lab.nodes[0].primary_v6)
+    };
+    let targets = [
+        ("pod to ClusterIP", CLIENT, SocketAddr::new(ip(f.cluster_ip), 53)),
+        ("outside to NodePort", At::External(0), SocketAddr::new(node_ip, NODE_PORT)),
+    ];
+    targets
+        .into_iter()
+        .map(|(what, at, target)| {
+            let mut opts = ConnectOpts::new(Endpoint::udp(target));
+            opts.connected_udp = true;
+            opts.source_port = Some(SOURCE_PORT);
+            (what, at, opts)
+        })
+        .collect()
+}
+
+fn server(o: &Observation) -> Option<String> {
+    o.reply().map(|r| r.server.clone())
+}
+
+fn summary(ticks: &[Observation]) -> Vec<String> {
+    ticks.iter().map(|o| server(o).unwrap_or_else(|| format!("{o:?}").chars().take(40).collect())).collect()
+}
+
+/// The tick by which a sync that finished at `synced` had happened (the clients started a
+/// little after `started`, so this is generous by their start-up time plus one tick).
+fn tick_of(started: Instant, synced: Instant) -> usize {
+    (synced.duration_since(started).as_millis() / TICK.as_millis()) as usize + 1
+}
+
+/// Every answer came from `SOURCE_PORT`: the clients really kept one source port.
+fn assert_one_source_port(label: &str, ticks: &[Observation]) {
+    for r in ticks.iter().filter_map(Observation::reply) {
+        assert_eq!(r.client_local.port(), SOURCE_PORT, "{label}: an answer to another source port: {r:?}");
+    }
+}
+
+fn last_endpoint_removed_while_udp_clients_keep_sending(datapath: &str, f: &Family) {
+    let mut lab = udp_lab(datapath, &service(f, "dns", Some(NODE_PORT), Some("21")));
+    let started = Instant::now();
+    let clients: Vec<_> = udp_clients(&lab, f)
+        .into_iter()
+        .map(|(what, at, opts)| {
+            (what, lab.spawn_client(at, &opts, ConnectMode::UdpStream(Duration::from_secs(5))).unwrap())
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    // The only pod is deleted; nothing replaces it. The pod itself stays up and keeps answering.
+    let removed = apply(&lab, &service(f, "dns", Some(NODE_PORT), None));
+    let synced_tick = tick_of(started, removed);
+    for (what, client) in clients {
+        let ticks = lab.finish_client(client, Duration::from_secs(30)).unwrap();
+        let label = format!("{datapath} {} {what}", f.address_type);
+        let summary = summary(&ticks);
+        assert!(ticks.len() >= 40, "{label}: only {} ticks: {summary:?}", ticks.len());
+        assert_one_source_port(&label, &ticks);
+        assert!(
+            ticks[..synced_tick.min(ticks.len())].iter().any(|o| server(o).as_deref() == Some("be21")),
+            "{label}: be21 never answered before its removal: {summary:?}\n{}",
+            lab.agent_log(0)
+        );
+        let after = &ticks[synced_tick.min(ticks.len())..];
+        assert!(after.len() >= 20, "{label}: only {} ticks after the sync at ~{synced_tick}: {summary:?}", after.len());
+        // Not one datagram sent after the sync reached the removed pod (or anyone else)...
+        assert!(
+            after.iter().all(|o| o.reply().is_none()),
+            "{label}: answered after the sync at tick ~{synced_tick} left the Service without endpoints \
+             (a stale flow): {summary:?}\n{}",
+            lab.agent_log(0)
+        );
+        // ...and the client is told so: REJECT (ICMP port unreachable, or a refused connect on
+        // socket-LB). The kernel rate-limits its ICMP errors, so some datagrams just go unanswered.
+        let refused = after.iter().filter(|o| matches!(o, Observation::Refused { .. })).count();
+        assert!(refused >= 1, "{label}: never refused after the sync: {summary:?}");
+        eprintln!(
+            "{label}: {} ticks, last be21 answer at tick {:?}, sync by tick {synced_tick}, {refused} of the {} \
+             datagrams after it refused",
+            ticks.len(),
+            ticks.iter().rposition(|o| server(o).as_deref() == Some("be21")),
+            after.len()
+        );
+    }
+}
+
+#[test]
+fn bpf_udp_clients_are_refused_once_the_last_endpoint_is_gone() {
+    last_endpoint_removed_while_udp_clients_keep_sending("bpf", &V4);
+}
+
+#[test]
+fn bpf_udp_clients_are_refused_once_the_last_endpoint_is_gone_ipv6() {
+    last_endpoint_removed_while_udp_clients_keep_sending("bpf", &V6);
+}
+
+#[test]
+fn nftables_udp_clients_are_refused_once_the_last_endpoint_is_gone() {
+    last_endpoint_removed_while_udp_clients_keep_sending("nftables", &V4);
+}
+
+#[test]
+fn nftables_udp_clients_are_refused_once_the_last_endpoint_is_gone_ipv6() {
+    last_endpoint_removed_while_udp_clients_keep_sending("nftables", &V6);
+}
+
+fn deleted_service_hands_its_cluster_ip_to_a_new_one(datapath: &str, f: &Family) {
+    let mut lab = udp_lab(datapath, &service(f, "dns", Some(NODE_PORT), Some("21")));
+    let started = Instant::now();
+    let clients: Vec<_> = udp_clients(&lab, f)
+        .into_iter()
+        .map(|(what, at, opts)| {
+            (what, lab.spawn_client(at, &opts, ConnectMode::UdpStream(Duration::from_secs(5))).unwrap())
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    // One batch: Service dns (and its slice) deleted, Service resolver created on the same
+    // ClusterIP and NodePort, served by be22.
+    let handed_over = apply(&lab, &service(f, "resolver", Some(NODE_PORT), Some("22")));
+    let synced_tick = tick_of(started, handed_over);
+    for (what, client) in clients {
+        let ticks = lab.finish_client(client, Duration::from_secs(30)).unwrap();
+        let label = format!("{datapath} {} {what}", f.address_type);
+        let summary = summary(&ticks);
+        assert!(ticks.len() >= 40, "{label}: only {} ticks: {summary:?}", ticks.len());
+        assert_one_source_port(&label, &ticks);
+        let last_old = ticks.iter().rposition(|o| server(o).as_deref() == Some("be21"));
+        let first_new = ticks.iter().position(|o| server(o).as_deref() == Some("be22"));
+        let (Some(last_old), Some(first_new)) = (last_old, first_new) else {
+            panic!("{label}: the client never moved from be21 to be22: {summary:?}\n{}", lab.agent_log(0));
+        };
+        assert!(
+            last_old < synced_tick,
+            "{label}: the deleted Service's pod be21 still answered at tick {last_old}, after the sync at tick \
+             ~{synced_tick}: {summary:?}\n{}",
+            lab.agent_log(0)
+        );
+        assert!(last_old < first_new, "{label}: be21 answered after be22 did: {summary:?}");
+        // From the move on, every answer is be22's and most datagrams get one (an answer has
+        // 100 ms, so a loaded machine may miss a few).
+        let tail = &ticks[first_new..];
+        assert!(
+            tail.iter().filter_map(server).all(|s| s == "be22"),
+            "{label}: after be22 someone else answered: {summary:?}"
+        );
+        let answered = tail.iter().filter(|o| o.reply().is_some()).count();
+        assert!(
+            answered * 10 >= tail.len() * 8,
+            "{label}: after moving to be22 the client kept losing answers: {summary:?}"
+        );
+        eprintln!(
+            "{label}: {} ticks, last be21 answer at tick {last_old}, sync by tick {synced_tick}, first be22 answer \
+             at tick {first_new}",
+            ticks.len()
+        );
+    }
+}
+
+#[test]
+fn bpf_udp_clients_follow_a_cluster_ip_handed_to_a_new_service() {
+    deleted_service_hands_its_cluster_ip_to_a_new_one("bpf", &V4);
+}
+
+#[test]
+fn nftables_udp_clients_follow_a_cluster_ip_handed_to_a_new_service() {
+    deleted_service_hands_its_cluster_ip_to_a_new_one("nftables", &V4);
 }

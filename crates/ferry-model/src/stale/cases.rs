@@ -5,8 +5,17 @@
 //! ([`CaseService::to_service`], [`CaseSlice::to_slice`]), so a case exercises the
 //! same path from Kubernetes objects to Plan as everything else. The format has
 //! no node or proxy configuration; [`ConntrackCase::plan`] supplies a node with
-//! the addresses the caller used for NodePort entries. Unknown fields are
-//! ignored, so the file may grow notes without breaking the runner.
+//! the addresses the caller used for NodePort entries. `deletedServices` (schema
+//! version 2) are Services deleted since the previous sync:
+//! [`ConntrackCase::deleted_service_ports`] gives their service ports as
+//! `PlanDiff::removed` gives them to the agent, and [`ConntrackCase::index`]
+//! compiles the rule from both.
+//!
+//! Parsing is strict, like the scenario format's: a key the format does not
+//! define is an error naming its place (a misspelt `deletedServices` would
+//! otherwise turn a case into one that checks nothing new), and only schema
+//! version 2 is read (version 1 states the seed's rule, which ferry no longer
+//! follows).
 //!
 //! Two conventions of the file are mapped here, once, for every runner:
 //! - `origDst: null` means "any address" (the NodePort half of the rule matches
@@ -17,14 +26,20 @@
 //!   real reply tuple is the inverse of the original one, so the port becomes
 //!   `origDstPort`.
 
+use super::StaleFlowIndex;
 use crate::acceptance::{CaseError, CaseService, CaseSlice};
 use crate::addr::{IpFamily, parse_ip_sloppy};
 use crate::node_config::{LocalDetector, NodeConfig, NodePortAddresses};
-use crate::plan::{Plan, build_plan};
+use crate::plan::{Plan, ServicePort, build_plan};
 use crate::protocol::Protocol;
 use crate::state::{ClusterState, ObjectKey};
 use serde::Deserialize;
+use serde_json::Value;
 use std::net::IpAddr;
+use std::sync::Arc;
+
+/// The schema version this module reads (`rule.current` of that version is the rule ferry follows).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// A file of conntrack cleanup cases.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,10 +50,34 @@ pub struct ConntrackCaseFile {
     pub cases: Vec<ConntrackCase>,
 }
 
+/// Why a conntrack case file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CaseFileError {
+    /// Not JSON, or a value of the wrong shape (the message names the position).
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// A key the format does not define.
+    #[error("{at}: unknown key {key:?} (known keys: {known})")]
+    UnknownKey { at: String, key: String, known: String },
+    /// Another schema version than [`SCHEMA_VERSION`].
+    #[error(
+        "schemaVersion {0}: ferry reads schema version {SCHEMA_VERSION} (the stale-flow rule of \
+         kubernetes/kubernetes#139629 and #141371); take the file from ../shared/acceptance/"
+    )]
+    SchemaVersion(u32),
+}
+
 impl ConntrackCaseFile {
-    /// Parses a case file; the error names the JSON position.
-    pub fn parse(json: &str) -> Result<ConntrackCaseFile, serde_json::Error> {
-        serde_json::from_str(json)
+    /// Parses a case file: unknown keys and other schema versions are errors,
+    /// and a malformed value's error names its JSON position.
+    pub fn parse(json: &str) -> Result<ConntrackCaseFile, CaseFileError> {
+        let doc: Value = serde_json::from_str(json)?;
+        check_keys(&doc)?;
+        let file: ConntrackCaseFile = serde_json::from_str(json)?;
+        if file.schema_version != SCHEMA_VERSION {
+            return Err(CaseFileError::SchemaVersion(file.schema_version));
+        }
+        Ok(file)
     }
 }
 
@@ -49,6 +88,9 @@ pub struct ConntrackCase {
     pub name: String,
     #[serde(default)]
     pub services: Vec<CaseService>,
+    /// Services deleted since the previous sync (same shape as `services`).
+    #[serde(default)]
+    pub deleted_services: Vec<CaseService>,
     #[serde(default)]
     pub endpoint_slices: Vec<CaseSlice>,
     #[serde(default)]
@@ -73,6 +115,12 @@ pub struct CaseEntry {
     pub expect: String,
     #[serde(default)]
     pub reason: String,
+    /// What the seed's copy of the rule would do where it differs (documentation
+    /// only: ferry follows the current rule, and runners check `expect`).
+    pub expect_under_seed_rule: Option<String>,
+    /// What the rule before the reply-port comparison would do where it differs
+    /// (documentation only, as above).
+    pub expect_under_earlier_rule: Option<String>,
 }
 
 /// The scale case's recipe: groups of entries, each repeated `count` times.
@@ -199,6 +247,33 @@ impl ConntrackCase {
         Ok(build_plan(&self.cluster_state()?, &self.node_config(nodes)))
     }
 
+    /// The service ports of `deletedServices` as they were programmed before
+    /// the deletion (a Plan of those Services alone; their endpoints do not
+    /// matter, a deleted port has none): what `PlanDiff::removed` hands the
+    /// agent's reconciler.
+    pub fn deleted_service_ports(&self, nodes: NodeAddresses) -> Result<Vec<Arc<ServicePort>>, CaseError> {
+        if self.deleted_services.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut before = ClusterState::default();
+        for s in &self.deleted_services {
+            let key = ObjectKey::new(&s.namespace, &s.name);
+            if self.services.iter().any(|l| l.namespace == s.namespace && l.name == s.name) {
+                return Err(self.err(
+                    format!("deletedServices[{}/{}]", s.namespace, s.name),
+                    "also in services: a Service is either live or deleted",
+                ));
+            }
+            before.services.insert(key, s.to_service());
+        }
+        Ok(build_plan(&before, &self.node_config(nodes)).services.values().cloned().collect())
+    }
+
+    /// The stale-flow rule of this case: its Plan, and its deleted Services' ports.
+    pub fn index(&self, nodes: NodeAddresses) -> Result<StaleFlowIndex, CaseError> {
+        Ok(StaleFlowIndex::new(&self.plan(nodes)?, &self.deleted_service_ports(nodes)?))
+    }
+
     /// The literal entries with concrete addresses (see the module doc for the mapping).
     pub fn entry_specs(&self, nodes: NodeAddresses) -> Result<Vec<EntrySpec>, CaseError> {
         let mut out = Vec::with_capacity(self.entries.len());
@@ -215,6 +290,14 @@ impl ConntrackCase {
                 "keep" => Expect::Keep,
                 other => return Err(self.err(field("expect"), format!("{other:?} is not delete or keep"))),
             };
+            for (name, other) in [
+                ("expectUnderSeedRule", &e.expect_under_seed_rule),
+                ("expectUnderEarlierRule", &e.expect_under_earlier_rule),
+            ] {
+                if let Some(v) = other.as_deref().filter(|v| !matches!(*v, "delete" | "keep")) {
+                    return Err(self.err(field(name), format!("{v:?} is not delete or keep")));
+                }
+            }
             out.push(EntrySpec {
                 protocol,
                 orig_dst,
@@ -348,4 +431,113 @@ impl SplitMix64 {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
+}
+
+const TOP: &[&str] = &["schemaVersion", "title", "upstream", "rule", "legacyRules", "cases"];
+const CASE: &[&str] = &[
+    "name",
+    "source_test",
+    "evidence",
+    "note",
+    "metric",
+    "services",
+    "deletedServices",
+    "endpointSlices",
+    "entries",
+    "expectedDeletedCount",
+    "generator",
+    "assertions",
+];
+const ENTRY: &[&str] = &[
+    "protocol",
+    "origDst",
+    "origDstPort",
+    "replySrc",
+    "replySrcPort",
+    "expect",
+    "reason",
+    "expectUnderSeedRule",
+    "expectUnderEarlierRule",
+];
+const GENERATOR: &[&str] = &["entries"];
+const GENERATOR_ENTRY: &[&str] = &["count", "protocol", "origDst", "origDstPort", "replySrc", "replySrcPort", "expect"];
+const SERVICE: &[&str] = &[
+    "namespace",
+    "name",
+    "type",
+    "clusterIP",
+    "clusterIPs",
+    "ports",
+    "externalIPs",
+    "loadBalancerIPs",
+    "externalTrafficPolicy",
+    "internalTrafficPolicy",
+    "sessionAffinity",
+    "sessionAffinityTimeoutSeconds",
+    "loadBalancerSourceRanges",
+    "healthCheckNodePort",
+    "loadBalancerIPMode",
+];
+const SERVICE_PORT: &[&str] = &["name", "port", "protocol", "nodePort", "targetPort"];
+const SLICE: &[&str] = &["name", "service", "addressType", "endpoints", "ports"];
+const ENDPOINT: &[&str] = &["ip", "ready", "serving", "terminating", "nodeName", "zone", "hints"];
+const HINTS: &[&str] = &["forZones", "forNodes"];
+const SLICE_PORT: &[&str] = &["name", "port", "protocol"];
+
+fn keys(v: &Value, at: &str, known: &[&str]) -> Result<(), CaseFileError> {
+    // A value of the wrong shape is left to the typed parse, which names its position.
+    let Some(obj) = v.as_object() else { return Ok(()) };
+    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(CaseFileError::UnknownKey { at: at.to_string(), key: k.clone(), known: known.join(", ") }),
+        None => Ok(()),
+    }
+}
+
+fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v.get(key).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default()
+}
+
+fn name_of(v: &Value) -> String {
+    v.get("name").and_then(Value::as_str).map(|n| format!(" ({n:?})")).unwrap_or_default()
+}
+
+/// Rejects every key the format does not define, naming where it is.
+fn check_keys(doc: &Value) -> Result<(), CaseFileError> {
+    keys(doc, "the file", TOP)?;
+    for (i, case) in list(doc, "cases").iter().enumerate() {
+        let at = format!("cases[{i}]{}", name_of(case));
+        keys(case, &at, CASE)?;
+        for field in ["services", "deletedServices"] {
+            for (k, s) in list(case, field).iter().enumerate() {
+                let at = format!("{at}.{field}[{k}]{}", name_of(s));
+                keys(s, &at, SERVICE)?;
+                for (p, port) in list(s, "ports").iter().enumerate() {
+                    keys(port, &format!("{at}.ports[{p}]"), SERVICE_PORT)?;
+                }
+            }
+        }
+        for (k, s) in list(case, "endpointSlices").iter().enumerate() {
+            let at = format!("{at}.endpointSlices[{k}]{}", name_of(s));
+            keys(s, &at, SLICE)?;
+            for (e, ep) in list(s, "endpoints").iter().enumerate() {
+                keys(ep, &format!("{at}.endpoints[{e}]"), ENDPOINT)?;
+                if let Some(h) = ep.get("hints") {
+                    keys(h, &format!("{at}.endpoints[{e}].hints"), HINTS)?;
+                }
+            }
+            for (p, port) in list(s, "ports").iter().enumerate() {
+                keys(port, &format!("{at}.ports[{p}]"), SLICE_PORT)?;
+            }
+        }
+        for (k, e) in list(case, "entries").iter().enumerate() {
+            keys(e, &format!("{at}.entries[{k}]"), ENTRY)?;
+        }
+        if let Some(g) = case.get("generator") {
+            keys(g, &format!("{at}.generator"), GENERATOR)?;
+            for (k, e) in list(g, "entries").iter().enumerate() {
+                keys(e, &format!("{at}.generator.entries[{k}]"), GENERATOR_ENTRY)?;
+            }
+        }
+    }
+    Ok(())
 }

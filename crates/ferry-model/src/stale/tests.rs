@@ -1,7 +1,7 @@
-//! Table tests of the stale-flow rule on hand-written cases (the acceptance
-//! file's cases run in `tests/stale_cases.rs`).
+//! Table tests of the stale-flow rule on hand-written cases, and of the case
+//! format (the acceptance file's cases run in `tests/stale_cases.rs`).
 
-use super::cases::{ConntrackCase, NodeAddresses};
+use super::cases::{CaseFileError, ConntrackCase, ConntrackCaseFile, NodeAddresses};
 use super::{StaleFlowIndex, StaleReason};
 use crate::protocol::Protocol::{self, Sctp, Tcp, Udp};
 use std::net::IpAddr;
@@ -70,15 +70,168 @@ fn udp_frontends_keep_serving_backends_and_drop_the_rest() {
 }
 
 #[test]
-fn a_service_without_serving_endpoints_is_left_alone() {
-    let idx = index(DNS, &dns_slice(r#"[{"ip": "10.244.2.6", "serving": false}]"#));
-    assert!(idx.is_empty());
+fn a_service_without_serving_endpoints_loses_every_udp_flow_to_its_frontends() {
+    // kubernetes/kubernetes#139629: the allowed set is empty, so nothing to a frontend is kept.
+    use StaleReason::*;
+    for idx in [index(DNS, &dns_slice(r#"[{"ip": "10.244.2.6", "serving": false}]"#)), index(DNS, "[]")] {
+        assert!(!idx.is_empty());
+        assert!(idx.has_family(crate::addr::IpFamily::V4));
+        check(
+            &idx,
+            &[
+                (Udp, "10.96.0.10", 53, "10.244.2.6", 5353, Some(Frontend)),
+                (Udp, "10.96.0.10", 53, "10.244.9.9", 5353, Some(Frontend)),
+                (Udp, "192.0.2.10", 53, "10.244.2.6", 5353, Some(Frontend)),
+                (Udp, "203.0.113.10", 53, "10.244.2.6", 5353, Some(Frontend)),
+                (Udp, "10.96.0.10", 53, "10.96.0.10", 53, Some(Frontend)),
+                (Udp, "1.1.1.1", 30053, "10.244.9.9", 5353, Some(NodePort)),
+                // Still only UDP, and only the service's frontends.
+                (Tcp, "10.96.0.10", 53, "10.244.2.6", 5353, None),
+                (Tcp, "1.1.1.1", 30054, "10.244.2.6", 5353, None),
+                (Udp, "10.96.0.10", 54, "10.244.2.6", 5353, None),
+                (Udp, "10.96.0.11", 53, "10.244.2.6", 5353, None),
+            ],
+        );
+    }
+}
+
+fn case(json: &str) -> ConntrackCase {
+    serde_json::from_str(json).expect("test case parses")
+}
+
+const GONE: &str = r#"{"namespace": "ns", "name": "gone", "type": "LoadBalancer", "clusterIP": "10.96.0.40",
+    "externalIPs": ["192.0.2.40"], "loadBalancerIPs": ["203.0.113.40"],
+    "ports": [{"name": "u", "port": 53, "protocol": "UDP", "nodePort": 30040},
+              {"name": "t", "port": 53, "protocol": "TCP", "nodePort": 30041}]}"#;
+
+#[test]
+fn a_deleted_udp_service_loses_the_flows_to_every_frontend_it_had() {
+    // kubernetes/kubernetes#141371: as a service with no serving endpoint, for the frontends it had.
+    let c = case(&format!(r#"{{"name": "t", "services": [], "deletedServices": [{GONE}]}}"#));
+    let nodes = NodeAddresses::default();
+    let deleted = c.deleted_service_ports(nodes).unwrap();
+    assert_eq!(deleted.len(), 2, "the UDP and the TCP port");
+    let plan = c.plan(nodes).unwrap();
+    assert!(plan.services.is_empty());
+    assert!(StaleFlowIndex::from_plan(&plan).is_empty(), "without the deleted ports nothing is known");
+    let idx = StaleFlowIndex::new(&plan, &deleted);
+    use StaleReason::*;
     check(
         &idx,
-        &[(Udp, "10.96.0.10", 53, "10.244.9.9", 5353, None), (Udp, "1.1.1.1", 30053, "10.244.9.9", 5353, None)],
+        &[
+            (Udp, "10.96.0.40", 53, "10.244.1.5", 53, Some(Frontend)),
+            (Udp, "192.0.2.40", 53, "10.244.1.5", 53, Some(Frontend)),
+            (Udp, "203.0.113.40", 53, "10.244.1.5", 53, Some(Frontend)),
+            (Udp, "198.18.0.1", 30040, "10.244.1.5", 53, Some(NodePort)),
+            (Tcp, "10.96.0.40", 53, "10.244.1.5", 53, None),
+            (Tcp, "198.18.0.1", 30041, "10.244.1.5", 53, None),
+            (Udp, "10.96.0.40", 54, "10.244.1.5", 53, None),
+        ],
     );
-    let none = index(DNS, "[]");
-    assert!(none.is_empty());
+    assert_eq!(idx.stale_reason(Udp, ip("10.96.0.40"), 53, ip("10.244.1.5"), 53), Some(Frontend));
+}
+
+#[test]
+fn a_frontend_of_a_deleted_service_that_a_live_one_owns_now_follows_the_live_rule() {
+    // The ClusterIP and the NodePort went to a new Service in the same batch; the ExternalIP did not.
+    let c = case(&format!(
+        r#"{{"name": "t", "deletedServices": [{GONE}],
+        "services": [{{"namespace": "ns", "name": "new", "type": "NodePort", "clusterIP": "10.96.0.40",
+            "ports": [{{"name": "u", "port": 53, "protocol": "UDP", "nodePort": 30040}}]}}],
+        "endpointSlices": [{{"name": "new-1", "service": "ns/new", "addressType": "IPv4",
+            "endpoints": [{{"ip": "10.244.7.7"}}], "ports": [{{"name": "u", "port": 5353, "protocol": "UDP"}}]}}]}}"#
+    ));
+    let idx = c.index(NodeAddresses::default()).unwrap();
+    use StaleReason::*;
+    check(
+        &idx,
+        &[
+            (Udp, "10.96.0.40", 53, "10.244.7.7", 5353, None),
+            (Udp, "10.96.0.40", 53, "10.244.1.5", 53, Some(Frontend)),
+            (Udp, "1.1.1.1", 30040, "10.244.7.7", 5353, None),
+            (Udp, "1.1.1.1", 30040, "10.244.1.5", 53, Some(NodePort)),
+            (Udp, "192.0.2.40", 53, "10.244.7.7", 5353, Some(Frontend)),
+        ],
+    );
+}
+
+#[test]
+fn deleted_ports_the_plan_still_has_are_ignored() {
+    // A caller passing a port that is live again must not lose its serving flows.
+    let c = case(&format!(
+        r#"{{"name": "t", "services": {DNS}, "endpointSlices": {}}}"#,
+        dns_slice(r#"[{"ip": "10.244.1.5"}]"#)
+    ));
+    let plan = c.plan(NodeAddresses::default()).unwrap();
+    let live: Vec<_> = plan.services.values().cloned().collect();
+    let idx = StaleFlowIndex::new(&plan, &live);
+    check(
+        &idx,
+        &[
+            (Udp, "10.96.0.10", 53, "10.244.1.5", 5353, None),
+            (Udp, "1.1.1.1", 30053, "10.244.1.5", 5353, None),
+            (Udp, "10.96.0.10", 53, "10.244.9.9", 5353, Some(StaleReason::Frontend)),
+        ],
+    );
+}
+
+#[test]
+fn a_live_port_passed_as_it_was_before_a_change_gives_up_only_the_frontends_it_lost() {
+    // The agent passes the old form of a UDP port whose ExternalIP went away: flows to that
+    // address have no service now; the ClusterIP keeps its live rule.
+    let with_eip = case(&format!(
+        r#"{{"name": "t", "services": {DNS}, "endpointSlices": {}}}"#,
+        dns_slice(r#"[{"ip": "10.244.1.5"}]"#)
+    ));
+    let without_eip = DNS.replace(r#"["192.0.2.10"]"#, "[]");
+    let now = case(&format!(
+        r#"{{"name": "t", "services": {without_eip}, "endpointSlices": {}}}"#,
+        dns_slice(r#"[{"ip": "10.244.1.5"}]"#)
+    ));
+    let nodes = NodeAddresses::default();
+    let old: Vec<_> = with_eip.plan(nodes).unwrap().services.values().cloned().collect();
+    let idx = StaleFlowIndex::new(&now.plan(nodes).unwrap(), &old);
+    use StaleReason::*;
+    check(
+        &idx,
+        &[
+            (Udp, "192.0.2.10", 53, "10.244.1.5", 5353, Some(Frontend)),
+            (Udp, "10.96.0.10", 53, "10.244.1.5", 5353, None),
+            (Udp, "10.96.0.10", 53, "10.244.9.9", 5353, Some(Frontend)),
+            (Udp, "1.1.1.1", 30053, "10.244.1.5", 5353, None),
+            (Tcp, "192.0.2.10", 53, "10.244.1.5", 5353, None),
+        ],
+    );
+}
+
+#[test]
+fn the_case_format_is_strict() {
+    let file = |cases: &str| format!(r#"{{"schemaVersion": 2, "cases": [{cases}]}}"#);
+    let ok = file(&format!(r#"{{"name": "a", "deletedServices": [{GONE}]}}"#));
+    assert_eq!(ConntrackCaseFile::parse(&ok).unwrap().cases[0].deleted_services.len(), 1);
+    for (bad, want) in [
+        (file(r#"{"name": "a", "deletedService": []}"#), r#"cases[0] ("a"): unknown key "deletedService""#),
+        (
+            file(r#"{"name": "a", "deletedServices": [{"namespace": "n", "name": "s", "port": 53}]}"#),
+            r#"cases[0] ("a").deletedServices[0] ("s"): unknown key "port""#,
+        ),
+        (
+            file(
+                r#"{"name": "a", "entries": [{"protocol": "UDP", "origDst": null, "origDstPort": 1,
+                "replySrc": "10.0.0.1", "replySrcPort": 1, "expect": "keep", "expectUnderSeedRul": "keep"}]}"#,
+            ),
+            r#"cases[0] ("a").entries[0]: unknown key "expectUnderSeedRul""#,
+        ),
+        (r#"{"schemaVersion": 2, "cases": [], "extra": 1}"#.to_string(), r#"the file: unknown key "extra""#),
+    ] {
+        let err = ConntrackCaseFile::parse(&bad).unwrap_err().to_string();
+        assert!(err.starts_with(want), "{err}");
+    }
+    let v1 = ConntrackCaseFile::parse(r#"{"schemaVersion": 1, "cases": []}"#).unwrap_err();
+    assert!(matches!(v1, CaseFileError::SchemaVersion(1)), "{v1}");
+    // A Service cannot be live and deleted at once.
+    let both = case(&format!(r#"{{"name": "t", "services": [{GONE}], "deletedServices": [{GONE}]}}"#));
+    assert!(both.deleted_service_ports(NodeAddresses::default()).is_err());
 }
 
 #[test]

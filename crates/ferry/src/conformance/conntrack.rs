@@ -3,7 +3,7 @@
 //! namespace of its own.
 //!
 //! ```text
-//! case ── plan(node addresses) ──► StaleFlowIndex
+//! case ── plan(node addresses) + deletedServices' ports ──► StaleFlowIndex
 //!   └── entries ──► netns ferry-ct-<pid>-<seq>-case:  `conntrack -I` per entry
 //!                   (the scale case: batched ctnetlink creates, --scale entries per group)
 //!                   ──► Conntrack::reconcile(index, [IPv4, IPv6]) ──► list again
@@ -23,7 +23,6 @@
 
 use anyhow::Context;
 use ferry_conntrack::{Conntrack, Entry};
-use ferry_model::stale::StaleFlowIndex;
 use ferry_model::stale::cases::{ConntrackCase, ConntrackCaseFile, EntrySpec, Expect, NodeAddresses};
 use ferry_model::{IpFamily, Protocol};
 use ferry_sandbox::{Host, Sandbox};
@@ -123,8 +122,8 @@ enum Seen {
 
 fn run_case(case: &ConntrackCase, opts: &Options, tally: &mut Tally) -> anyhow::Result<()> {
     let nodes = NodeAddresses::default();
-    let plan = case.plan(nodes)?;
-    let index = StaleFlowIndex::from_plan(&plan);
+    // The Plan of `services`, and the ports of `deletedServices` as PlanDiff::removed gives them.
+    let index = case.index(nodes)?;
     let generated = case.generator.is_some();
     let specs = if generated {
         if opts.scale == 0 {
