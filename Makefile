@@ -30,7 +30,7 @@ test: lint build
 # services. nodeport: NodePort latency and rates on the BPF and nftables datapaths.
 # reconcile: the conntrack reconciler at 100k and 1M entries against the conntrack
 # tool (raises the global net.netfilter.nf_conntrack_max for the run, then restores it).
-.PHONY: bench bench-build bench-nodeport bench-reconcile
+.PHONY: bench bench-build bench-nodeport bench-reconcile bench-control-plane-bpf
 bench-build: deps
 	$(CARGO) build --release -p ferry -p ferry-bench --bins
 
@@ -38,6 +38,11 @@ bench: bench-build
 	target/release/socket_lb
 	target/release/nodeport
 	target/release/reconcile
+	target/release/control_plane_bpf
+
+# The incremental control plane on the eBPF datapath (bench/results/incremental.md).
+bench-control-plane-bpf: bench-build
+	target/release/control_plane_bpf
 
 bench-nodeport: bench-build
 	target/release/nodeport

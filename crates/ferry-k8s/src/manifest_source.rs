@@ -63,19 +63,29 @@ pub enum ManifestSourceError {
 pub struct ManifestSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    /// Which file each object came from (the first reader wins; a second definition is reported).
-    owners: HashMap<ObjectId, PathBuf>,
+    /// Which file each object came from (the first reader wins; a second
+    /// definition is reported): file numbers, so an object costs 4 bytes here.
+    owners: HashMap<ObjectId, u32>,
+    file_numbers: HashMap<PathBuf, u32>,
+    file_names: Vec<PathBuf>,
 }
 
-fn digest(value: &serde_json::Value) -> u64 {
+/// A digest of an object's content, to tell a rewritten-but-equal object from a changed one.
+fn digest(object: &impl serde::Serialize) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    value.to_string().hash(&mut h);
+    serde_json::to_vec(object).unwrap_or_default().hash(&mut h);
     h.finish()
 }
 
 impl ManifestSource {
     pub fn new(dir: impl Into<PathBuf>) -> ManifestSource {
-        ManifestSource { dir: dir.into(), files: BTreeMap::new(), owners: HashMap::new() }
+        ManifestSource {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            owners: HashMap::new(),
+            file_numbers: HashMap::new(),
+            file_names: Vec::new(),
+        }
     }
 
     /// Runs on the calling thread until `stop` is set or the receiver is
@@ -207,30 +217,39 @@ impl ManifestSource {
         let mut applied = Vec::new();
         for (key, svc) in state.services {
             let id = ObjectId { kind: Kind::Service, key };
-            let d = digest(&serde_json::to_value(&svc).unwrap_or_default());
+            let d = digest(&svc);
             now.objects.insert(id.clone(), d);
             applied.push((id, d, StateChange::ServiceApplied(Box::new(svc))));
         }
         for (key, slice) in state.endpoint_slices {
             let id = ObjectId { kind: Kind::EndpointSlice, key };
-            let d = digest(&serde_json::to_value(&slice).unwrap_or_default());
+            let d = digest(&slice);
             now.objects.insert(id.clone(), d);
             applied.push((id, d, StateChange::EndpointSliceApplied(Box::new(slice))));
         }
         for (name, node) in state.nodes {
             let id = ObjectId { kind: Kind::Node, key: ObjectKey::new("", name) };
-            let d = digest(&serde_json::to_value(&node).unwrap_or_default());
+            let d = digest(&node);
             now.objects.insert(id.clone(), d);
             applied.push((id, d, StateChange::NodeApplied(Box::new(node))));
         }
+        let number = match self.file_numbers.get(path) {
+            Some(n) => *n,
+            None => {
+                let n = self.file_names.len() as u32;
+                self.file_names.push(path.to_path_buf());
+                self.file_numbers.insert(path.to_path_buf(), n);
+                n
+            }
+        };
         for (id, d, change) in applied {
             match self.owners.get(&id) {
-                Some(owner) if owner != path => {
+                Some(owner) if *owner != number => {
                     tracing::warn!(
                         "{} {} is defined in {} and in {}; the first is served (delete one of them)",
                         id.kind,
                         id.key,
-                        owner.display(),
+                        self.file_names[*owner as usize].display(),
                         path.display()
                     );
                     now.objects.remove(&id);
@@ -238,7 +257,7 @@ impl ManifestSource {
                 }
                 _ => {}
             }
-            self.owners.insert(id.clone(), path.to_path_buf());
+            self.owners.insert(id.clone(), number);
             if old.objects.get(&id) != Some(&d) {
                 out.push(SourceEvent::Change(change));
             }
