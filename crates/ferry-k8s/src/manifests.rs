@@ -86,6 +86,9 @@ pub(crate) fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Resu
 /// Loads the documents of one file's text.
 pub fn load_text(file: &Path, text: &str, out: &mut LoadedManifests) {
     let is_json = file.extension().and_then(|e| e.to_str()) == Some("json");
+    if is_json && load_json(file, "1", text, out).is_ok() {
+        return;
+    }
     let docs: Result<Vec<Value>, String> = if is_json {
         serde_json::from_str::<Value>(text).map(|v| vec![v]).map_err(|e| e.to_string())
     } else {
@@ -105,6 +108,91 @@ pub fn load_text(file: &Path, text: &str, out: &mut LoadedManifests) {
     };
     for (i, doc) in docs.into_iter().enumerate() {
         load_document(file, &format!("{}", i + 1), doc, out);
+    }
+}
+
+/// Adds a Service; a second definition of the same key is refused (the message says so).
+fn add_service(svc: Service, state: &mut ClusterState) -> Option<String> {
+    match state.services.entry(ObjectKey::of_meta(&svc.metadata)) {
+        Entry::Occupied(e) => Some(format!("Service {} is defined twice; the first definition is kept", e.key())),
+        Entry::Vacant(e) => {
+            e.insert(svc);
+            None
+        }
+    }
+}
+
+/// Adds an EndpointSlice; a second definition of the same key is refused.
+fn add_slice(slice: EndpointSlice, state: &mut ClusterState) -> Option<String> {
+    match state.endpoint_slices.entry(ObjectKey::of_meta(&slice.metadata)) {
+        Entry::Occupied(e) => Some(format!("EndpointSlice {} is defined twice; the first definition is kept", e.key())),
+        Entry::Vacant(e) => {
+            e.insert(slice);
+            None
+        }
+    }
+}
+
+fn add_node(node: Node, state: &mut ClusterState) {
+    state.nodes.insert(node.metadata.name.clone().unwrap_or_default(), node);
+}
+
+/// The fields a JSON document is dispatched on, read without building the
+/// whole document (`List` items stay raw text until their kind is known).
+#[derive(serde::Deserialize)]
+struct JsonHead<'a> {
+    #[serde(rename = "apiVersion", default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+/// JSON files: each object is parsed straight from its text into its API
+/// type. A `Value` tree is built only for kinds ferry does not read and for
+/// objects that fail to parse (to say why, as the YAML path does).
+fn load_json(file: &Path, position: &str, text: &str, out: &mut LoadedManifests) -> Result<(), String> {
+    let head: JsonHead = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    match (head.api_version.as_deref(), head.kind.as_deref(), head.items) {
+        (Some("v1"), Some("List"), Some(items)) => {
+            for (j, item) in items.into_iter().enumerate() {
+                let at = format!("{position} item {}", j + 1);
+                if load_json(file, &at, item.get(), out).is_err() {
+                    let doc = serde_json::from_str::<Value>(item.get()).unwrap_or(Value::Null);
+                    load_document(file, &at, doc, out);
+                }
+            }
+            Ok(())
+        }
+        (Some("v1"), Some("Service"), _) => {
+            serde_json::from_str::<Service>(text).map_err(|e| e.to_string()).map(|svc| {
+                if let Some(m) = add_service(svc, &mut out.state) {
+                    out.problems.push(ManifestProblem {
+                        file: file.to_path_buf(),
+                        document: position.into(),
+                        message: m,
+                        skipped: true,
+                    });
+                }
+            })
+        }
+        (Some("discovery.k8s.io/v1"), Some("EndpointSlice"), _) => {
+            serde_json::from_str::<EndpointSlice>(text).map_err(|e| e.to_string()).map(|slice| {
+                if let Some(m) = add_slice(slice, &mut out.state) {
+                    out.problems.push(ManifestProblem {
+                        file: file.to_path_buf(),
+                        document: position.into(),
+                        message: m,
+                        skipped: true,
+                    });
+                }
+            })
+        }
+        (Some("v1"), Some("Node"), _) => {
+            serde_json::from_str::<Node>(text).map_err(|e| e.to_string()).map(|node| add_node(node, &mut out.state))
+        }
+        _ => Err("not one of the kinds read directly".into()),
     }
 }
 
@@ -136,38 +224,22 @@ fn load_document(file: &Path, position: &str, doc: Value, out: &mut LoadedManife
         }
         ("v1", "Service") => match serde_json::from_value::<Service>(doc) {
             Ok(svc) => {
-                let key = ObjectKey::of_meta(&svc.metadata);
-                match out.state.services.entry(key) {
-                    Entry::Occupied(e) => {
-                        problem(format!("Service {} is defined twice; the first definition is kept", e.key()), true)
-                    }
-                    Entry::Vacant(e) => {
-                        e.insert(svc);
-                    }
+                if let Some(m) = add_service(svc, &mut out.state) {
+                    problem(m, true)
                 }
             }
             Err(e) => problem(format!("Service {name}: {e}"), true),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => match serde_json::from_value::<EndpointSlice>(doc) {
             Ok(slice) => {
-                let key = ObjectKey::of_meta(&slice.metadata);
-                match out.state.endpoint_slices.entry(key) {
-                    Entry::Occupied(e) => problem(
-                        format!("EndpointSlice {} is defined twice; the first definition is kept", e.key()),
-                        true,
-                    ),
-                    Entry::Vacant(e) => {
-                        e.insert(slice);
-                    }
+                if let Some(m) = add_slice(slice, &mut out.state) {
+                    problem(m, true)
                 }
             }
             Err(e) => problem(format!("EndpointSlice {name}: {e}"), true),
         },
         ("v1", "Node") => match serde_json::from_value::<Node>(doc) {
-            Ok(node) => {
-                let key = node.metadata.name.clone().unwrap_or_default();
-                out.state.nodes.insert(key, node);
-            }
+            Ok(node) => add_node(node, &mut out.state),
             Err(e) => problem(format!("Node {name}: {e}"), true),
         },
         (v, "EndpointSlice") => {
@@ -225,6 +297,31 @@ metadata: {name: web}
         let p = &out.problems[0];
         assert!(p.skipped);
         assert!(p.to_string().starts_with("svc.yaml document 1: Service a:"), "{p}");
+    }
+
+    /// JSON Lists are read item by item straight into API types; what cannot
+    /// be read is reported exactly as on the YAML path.
+    #[test]
+    fn a_json_list_reports_bad_items_and_loads_the_rest() {
+        let text = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"ports": [{"port": "eighty"}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"}, "spec": {"clusterIP": "10.96.0.2"}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"}, "spec": {"clusterIP": "10.96.0.3"}},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "b-1"}, "addressType": "IPv4", "endpoints": []}
+        ]}"#;
+        let mut out = LoadedManifests::default();
+        load_text(Path::new("all.json"), text, &mut out);
+        assert_eq!(out.state.services.len(), 1);
+        assert_eq!(out.state.endpoint_slices.len(), 1);
+        let shown: Vec<String> = out.problems.iter().map(ToString::to_string).collect();
+        assert!(shown[0].starts_with("all.json document 1 item 1: Service a:"), "{shown:?}");
+        assert!(shown[1].contains("item 3: Service default/b is defined twice"), "{shown:?}");
+        assert!(shown[2].contains("item 4: ConfigMap c (v1) is not a kind ferry reads"), "{shown:?}");
+        assert_eq!(
+            out.state.services[&ObjectKey::new("default", "b")].spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.2")
+        );
     }
 
     #[test]

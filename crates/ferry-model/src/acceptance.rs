@@ -567,3 +567,31 @@ impl CaseSlice {
         }
     }
 }
+
+/// The keys each object of the case formats (flow cases' Services and slices
+/// as the scenario and conntrack-case files write them) may have: the strict
+/// parsers reject any other key by name.
+pub mod keys {
+    pub const SERVICE: &[&str] = &[
+        "namespace",
+        "name",
+        "type",
+        "clusterIP",
+        "clusterIPs",
+        "ports",
+        "externalIPs",
+        "loadBalancerIPs",
+        "externalTrafficPolicy",
+        "internalTrafficPolicy",
+        "sessionAffinity",
+        "sessionAffinityTimeoutSeconds",
+        "loadBalancerSourceRanges",
+        "healthCheckNodePort",
+        "loadBalancerIPMode",
+    ];
+    pub const SERVICE_PORT: &[&str] = &["name", "port", "protocol", "nodePort", "targetPort"];
+    pub const SLICE: &[&str] = &["name", "service", "addressType", "endpoints", "ports"];
+    pub const ENDPOINT: &[&str] = &["ip", "ready", "serving", "terminating", "nodeName", "zone", "hints"];
+    pub const HINTS: &[&str] = &["forZones", "forNodes"];
+    pub const SLICE_PORT: &[&str] = &["name", "port", "protocol"];
+}

@@ -461,28 +461,7 @@ const ENTRY: &[&str] = &[
 ];
 const GENERATOR: &[&str] = &["entries"];
 const GENERATOR_ENTRY: &[&str] = &["count", "protocol", "origDst", "origDstPort", "replySrc", "replySrcPort", "expect"];
-const SERVICE: &[&str] = &[
-    "namespace",
-    "name",
-    "type",
-    "clusterIP",
-    "clusterIPs",
-    "ports",
-    "externalIPs",
-    "loadBalancerIPs",
-    "externalTrafficPolicy",
-    "internalTrafficPolicy",
-    "sessionAffinity",
-    "sessionAffinityTimeoutSeconds",
-    "loadBalancerSourceRanges",
-    "healthCheckNodePort",
-    "loadBalancerIPMode",
-];
-const SERVICE_PORT: &[&str] = &["name", "port", "protocol", "nodePort", "targetPort"];
-const SLICE: &[&str] = &["name", "service", "addressType", "endpoints", "ports"];
-const ENDPOINT: &[&str] = &["ip", "ready", "serving", "terminating", "nodeName", "zone", "hints"];
-const HINTS: &[&str] = &["forZones", "forNodes"];
-const SLICE_PORT: &[&str] = &["name", "port", "protocol"];
+use crate::acceptance::keys::{ENDPOINT, HINTS, SERVICE, SERVICE_PORT, SLICE, SLICE_PORT};
 
 fn keys(v: &Value, at: &str, known: &[&str]) -> Result<(), CaseFileError> {
     // A value of the wrong shape is left to the typed parse, which names its position.

@@ -93,28 +93,7 @@ const PROXY_CONFIG: &[&str] = &[
 const DETECTOR: &[&str] = &["mode", "cidrs", "interfaceNamePrefix", "bridgeInterface"];
 const NODE: &[&str] = &["name", "ips", "primaryIPs", "podCIDR", "clusterCIDR", "labels"];
 const STEP: &[&str] = &["name", "note", "services", "endpointSlices", "flows", "restartAgent", "resync"];
-const SERVICE: &[&str] = &[
-    "namespace",
-    "name",
-    "type",
-    "clusterIP",
-    "clusterIPs",
-    "ports",
-    "externalIPs",
-    "loadBalancerIPs",
-    "externalTrafficPolicy",
-    "internalTrafficPolicy",
-    "sessionAffinity",
-    "sessionAffinityTimeoutSeconds",
-    "loadBalancerSourceRanges",
-    "healthCheckNodePort",
-    "loadBalancerIPMode",
-];
-const SERVICE_PORT: &[&str] = &["name", "port", "protocol", "nodePort", "targetPort"];
-const SLICE: &[&str] = &["name", "service", "addressType", "endpoints", "ports"];
-const ENDPOINT: &[&str] = &["ip", "ready", "serving", "terminating", "nodeName", "zone", "hints"];
-const HINTS: &[&str] = &["forZones", "forNodes"];
-const SLICE_PORT: &[&str] = &["name", "port", "protocol"];
+use ferry_model::acceptance::keys::{ENDPOINT, HINTS, SERVICE, SERVICE_PORT, SLICE, SLICE_PORT};
 const FLOW: &[&str] = &["name", "sourceIP", "destIP", "destPort", "protocol", "expect", "masq"];
 
 fn keys(v: &Value, at: &str, allowed: &[&str]) -> anyhow::Result<()> {
