@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod conn;
+pub mod control_plane;
 pub mod heap;
 pub mod latency;
 pub mod machine;
