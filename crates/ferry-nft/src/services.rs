@@ -4,11 +4,14 @@
 //! ```text
 //! prerouting/output (nat):  ip daddr . proto . port vmap @service-ips
 //!                           ip daddr @nodeport-ips proto . port vmap @service-nodeports
-//!   svc-*-int / svc-*-ext   source class (pod / host / outside) -> the route the model decided
-//!                           (pods: ip saddr @pod-ranges; masquerading routes set the mark and goto)
-//!   svc-*-cluster|local     session affinity, then a random endpoint: up to CASCADE_MAX endpoints
-//!                           `numgen random mod n-k == 0 goto ep-k` rules (as kube-proxy's iptables
-//!                           statistic rules), more: `numgen random mod n vmap @pick-*` (a named map)
+//!   svc-*-int / svc-*-ext   source class (pod: ip saddr @pod-ranges / host / outside) -> the
+//!                           route the model decided. When every class goes to the same endpoints
+//!                           (the common case): mark rules for the classes that masquerade, then
+//!                           the pick below, in this chain (as kube-proxy's service chain);
+//!                           otherwise a goto (setting the mark first) to one of
+//!   svc-*-cluster|local     the pick: session affinity, then a random endpoint: up to CASCADE_MAX
+//!                           endpoints `numgen random mod n-k == 0 goto ep-k` rules (as kube-proxy's
+//!                           iptables statistic rules), more: `numgen random mod n vmap @pick-*`
 //!   ep-*                    hairpin masquerade mark, dnat to the endpoint
 //! prerouting (filter, before DNAT): firewall-ips -> fw-* (loadBalancerSourceRanges)
 //! input/forward/output (filter, after DNAT): whatever still goes to a frontend was not
@@ -30,7 +33,10 @@
 //! is no way out either: the commit-time loop check walks a verdict map once
 //! for every rule that references it. Hence rule cascades for endpoint
 //! selection, one named set for the pod ranges, and named per-service maps
-//! only for services with more than `CASCADE_MAX` endpoints.
+//! only for services with more than `CASCADE_MAX` endpoints. Fewer chains
+//! also make every later transaction cheaper: `nft` lists all the table's
+//! chains from the kernel before it adds a rule (its cache), and that listing
+//! grows faster than linearly with the number of chains.
 
 use crate::ruleset::{Collection, Table};
 use ferry_model::{
@@ -135,71 +141,105 @@ pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
         ep_chain.insert(e.addr(), (chain, aff));
     }
 
-    // One chain per endpoint set actually used, and a masquerading variant when needed.
-    let mut chains = std::mem::take(&mut out.chains);
+    // How an endpoint of a set is picked: affinity first, then at random.
     let mut pick_maps = BTreeMap::new();
     let mut pick_elements = Vec::new();
-    let mut set_chain = |set: EndpointSet| -> Option<String> {
+    let mut pick_rules = |set: EndpointSet| -> Option<Vec<String>> {
         let eps: Vec<_> = sp.endpoint_set(set).collect();
         if eps.is_empty() {
             return None;
         }
-        let base = format!("svc-{h}-{}-{name}", if set == EndpointSet::Cluster { "cluster" } else { "local" });
-        if !chains.contains_key(&base) {
-            let mut rules = Vec::new();
-            if sp.affinity_timeout_seconds.is_some() {
-                for e in &eps {
-                    let (chain, aff) = &ep_chain[&e.addr()];
-                    rules.push(format!("{ip} saddr @{aff} goto {chain}"));
+        let mut rules = Vec::new();
+        if sp.affinity_timeout_seconds.is_some() {
+            for e in &eps {
+                let (chain, aff) = &ep_chain[&e.addr()];
+                rules.push(format!("{ip} saddr @{aff} goto {chain}"));
+            }
+        }
+        let n = eps.len();
+        if n <= CASCADE_MAX {
+            // Endpoint k is taken with probability 1/(n-k) among those left: uniform overall.
+            for (k, e) in eps.iter().enumerate() {
+                let chain = &ep_chain[&e.addr()].0;
+                if k + 1 < n {
+                    rules.push(format!("numgen random mod {} == 0 goto {chain}", n - k));
+                } else {
+                    rules.push(format!("goto {chain}"));
                 }
             }
-            let n = eps.len();
-            if n <= CASCADE_MAX {
-                // Endpoint k is taken with probability 1/(n-k) among those left: uniform overall.
-                for (k, e) in eps.iter().enumerate() {
-                    let chain = &ep_chain[&e.addr()].0;
-                    if k + 1 < n {
-                        rules.push(format!("numgen random mod {} == 0 goto {chain}", n - k));
-                    } else {
-                        rules.push(format!("goto {chain}"));
-                    }
-                }
-            } else {
-                let map = format!("pick-{h}-{}", if set == EndpointSet::Cluster { "cluster" } else { "local" });
-                pick_maps.insert(map.clone(), "typeof numgen random mod 2 : verdict;".to_string());
+        } else {
+            let map = format!("pick-{h}-{}", if set == EndpointSet::Cluster { "cluster" } else { "local" });
+            if pick_maps.insert(map.clone(), "typeof numgen random mod 2 : verdict;".to_string()).is_none() {
                 for (k, e) in eps.iter().enumerate() {
                     pick_elements.push((map.clone(), k.to_string(), Some(format!("goto {}", ep_chain[&e.addr()].0))));
                 }
-                rules.push(format!("numgen random mod {n} vmap @{map}"));
             }
-            chains.insert(base.clone(), (String::new(), rules));
+            rules.push(format!("numgen random mod {n} vmap @{map}"));
         }
-        Some(base)
-    };
-    let mut target = |route: &Route| -> String {
-        match route {
-            Route::Forward { set, masquerade, .. } => match set_chain(*set) {
-                // The mark is what `jump mark-for-masquerade` sets; set here, it needs no chain of its own.
-                Some(c) if masquerade.masquerades() => format!("meta mark set meta mark or {MASQ_MARK:#x} goto {c}"),
-                Some(c) => format!("goto {c}"),
-                None => "return".into(),
-            },
-            // Left un-DNATed: the filter chains drop or reject it.
-            Route::Drop { .. } | Route::Reject { .. } => "return".into(),
-        }
+        Some(rules)
     };
     let pod_match = pod_match(plan, sp.id.family);
+    let mark = format!("meta mark set meta mark or {MASQ_MARK:#x}");
+    let mut chains = std::mem::take(&mut out.chains);
     let mut dispatch = |routes: &ferry_model::PerSource<Route>| -> Vec<String> {
-        let (pod, host, ext) = (
-            target(routes.get(SourceClass::Pod)),
-            target(routes.get(SourceClass::Host)),
-            target(routes.get(SourceClass::External)),
-        );
+        let route = |c: SourceClass| match routes.get(c) {
+            Route::Forward { set, masquerade, .. } => Some((*set, masquerade.masquerades())),
+            Route::Drop { .. } | Route::Reject { .. } => None,
+        };
+        let (pod, host, ext) = (route(SourceClass::Pod), route(SourceClass::Host), route(SourceClass::External));
+        // The common case: every source goes to the same endpoints, some masqueraded. The mark is
+        // set by rules that do not end the chain, then the endpoint is picked here: no chain per set.
+        if let (Some((set, mp)), Some((hs, mh)), Some((es, me))) = (pod, host, ext)
+            && set == hs
+            && set == es
+            && let Some(pick) = pick_rules(set)
+        {
+            let mut rules = Vec::new();
+            let pod_or_none = pod_match.as_ref().filter(|_| !(mp && mh && me));
+            match pod_or_none {
+                None if mh && me => rules.push(mark.clone()),
+                None if mh => rules.push(format!("fib saddr type local {mark}")),
+                None if me => rules.push(format!("fib saddr type != local {mark}")),
+                None => {}
+                Some((sel, val)) => {
+                    if mp {
+                        rules.push(format!("{sel} {val} {mark}"));
+                    }
+                    match (mh, me) {
+                        (true, true) => rules.push(format!("{sel} != {val} {mark}")),
+                        (true, false) => rules.push(format!("{sel} != {val} fib saddr type local {mark}")),
+                        (false, true) => rules.push(format!("{sel} != {val} fib saddr type != local {mark}")),
+                        (false, false) => {}
+                    }
+                }
+            }
+            rules.extend(pick);
+            return rules;
+        }
+        // Otherwise a chain per endpoint set, and each source class goes to its route.
+        let mut target = |r: Option<(EndpointSet, bool)>| -> String {
+            let Some((set, masq)) = r else {
+                // Left un-DNATed: the filter chains drop or reject it.
+                return "return".into();
+            };
+            let base = format!("svc-{h}-{}-{name}", if set == EndpointSet::Cluster { "cluster" } else { "local" });
+            if !chains.contains_key(&base) {
+                match pick_rules(set) {
+                    Some(rules) => {
+                        chains.insert(base.clone(), (String::new(), rules));
+                    }
+                    None => return "return".into(),
+                }
+            }
+            // The mark is what `jump mark-for-masquerade` sets; set here, it needs no chain of its own.
+            if masq { format!("{mark} goto {base}") } else { format!("goto {base}") }
+        };
+        let (pod, host, ext) = (target(pod), target(host), target(ext));
         let mut rules = Vec::new();
-        if let Some(m) = &pod_match
+        if let Some((sel, val)) = &pod_match
             && pod != ext
         {
-            rules.push(format!("{m} {pod}"));
+            rules.push(format!("{sel} {val} {pod}"));
         }
         if host != ext {
             rules.push(format!("fib saddr type local {host}"));
@@ -277,15 +317,16 @@ pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
     out
 }
 
-/// How pod traffic is recognised in a rule, if it can be.
-fn pod_match(plan: &Plan, family: IpFamily) -> Option<String> {
+/// How pod traffic is recognised in a rule, if it can be: (selector, value),
+/// so that `{sel} {val}` matches pods and `{sel} != {val}` everything else.
+fn pod_match(plan: &Plan, family: IpFamily) -> Option<(String, String)> {
     let (ip, _, _) = fam(family);
     match &plan.node.local_detector {
         LocalDetector::ClusterCidr | LocalDetector::NodeCidr => {
-            (!pod_ranges(plan, family).is_empty()).then(|| format!("{ip} saddr @{POD_RANGES}"))
+            (!pod_ranges(plan, family).is_empty()).then(|| (format!("{ip} saddr"), format!("@{POD_RANGES}")))
         }
-        LocalDetector::InterfaceNamePrefix(p) => Some(format!("iifname \"{p}*\"")),
-        LocalDetector::BridgeInterface(b) => Some(format!("iifname \"{b}\"")),
+        LocalDetector::InterfaceNamePrefix(p) => Some(("iifname".into(), format!("\"{p}*\""))),
+        LocalDetector::BridgeInterface(b) => Some(("iifname".into(), format!("\"{b}\""))),
         LocalDetector::None => None,
     }
 }

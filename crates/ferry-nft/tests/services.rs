@@ -189,7 +189,12 @@ fn pod_traffic_is_matched_through_one_named_set() {
     let script = sync(&mut r, None, &plan(&["10.244.0.21"]));
     assert!(script.contains("add set ip ferry pod-ranges { type ipv4_addr; flags interval; }"), "{script}");
     assert!(script.contains("add element ip ferry pod-ranges { 10.244.0.0/16 }"), "{script}");
-    assert!(script.contains("ip saddr @pod-ranges goto svc-"), "{script}");
+    // Pods are not masqueraded, everyone else is: one mark rule, then the endpoint is picked in the same chain.
+    assert!(
+        script
+            .contains("svc-bba7a516-int-demo/web/tcp/http ip saddr != @pod-ranges meta mark set meta mark or 0x4000\n"),
+        "{script}"
+    );
     // No anonymous set in any service chain (each would cost the kernel a walk of the whole transaction).
     for line in
         script.lines().filter(|l| l.starts_with("add rule ip ferry svc-") || l.starts_with("add rule ip ferry ep-"))
