@@ -28,7 +28,9 @@ test: lint build
 # services. nodeport: NodePort latency and rates on the BPF and nftables datapaths.
 # reconcile: the conntrack reconciler at 100k and 1M entries against the conntrack
 # tool (raises the global net.netfilter.nf_conntrack_max for the run, then restores it).
-.PHONY: bench bench-build bench-nodeport bench-reconcile
+# control_plane: full-sync and one-change time of ferry's nftables datapath against
+# kube-proxy's iptables and nftables rule layouts, same services, same run.
+.PHONY: bench bench-build bench-nodeport bench-reconcile bench-control-plane
 bench-build: deps
 	$(CARGO) build --release -p ferry -p ferry-bench --bins
 
@@ -36,6 +38,10 @@ bench: bench-build
 	target/release/socket_lb
 	target/release/nodeport
 	target/release/reconcile
+	target/release/control_plane
+
+bench-control-plane: bench-build
+	target/release/control_plane
 
 bench-nodeport: bench-build
 	target/release/nodeport

@@ -31,6 +31,9 @@ const KUBE_NFT: &str = "kube-proxy nftables";
 /// The iptables binary the kube-proxy iptables layout is loaded with (Debian's default backend).
 const IPTABLES_RESTORE: &str = "iptables-nft-restore";
 const IPTABLES_SAVE: &str = "iptables-nft-save";
+/// Up to this many endpoints in all, the rules in the kernel are listed and
+/// their DNATs counted after the full sync (beyond, listing them takes longer than loading them).
+const VERIFY_MAX: usize = 20_000;
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +62,19 @@ struct Cli {
     /// File name stem of the results (`NAME.json`, `NAME.md`, `NAME-*.svg`).
     #[arg(long, default_value = "control-plane")]
     name: String,
+    /// Also write each series' full-sync script and first one-change script into this directory.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+/// Writes `script` as `DIR/<series>-<shape>-<what>.txt` when `--dump DIR` is given.
+fn dump(cli: &Cli, series: &str, shape: &Shape, what: &str, script: &str) -> anyhow::Result<()> {
+    if let Some(dir) = &cli.dump {
+        std::fs::create_dir_all(dir)?;
+        let file = dir.join(format!("{}-{}-{what}.txt", series.replace(' ', "-"), shape.label()));
+        std::fs::write(&file, script).with_context(|| format!("writing {}", file.display()))?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,8 +86,9 @@ struct FullSync {
     /// ferry only: build_plan and Renderer::sync (the script's rendering).
     plan_ms: Option<f64>,
     render_ms: Option<f64>,
-    /// DNAT rules found in the kernel afterwards (one per endpoint is expected).
-    dnat_rules_in_kernel: usize,
+    /// DNAT rules found in the kernel afterwards (one per endpoint is expected); counted
+    /// up to VERIFY_MAX endpoints (the kernel's rule dump is quadratic in the chains).
+    dnat_rules_in_kernel: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -129,13 +146,25 @@ fn tool_version(cmd: &str, arg: &str) -> String {
         .unwrap_or_else(|| "not found".into())
 }
 
-/// Counts `needle` in a command's output inside the namespace (untimed checks).
-fn count_in_output(sb: &Sandbox, host: &Host, program: &str, args: &[&str], needle: &str) -> anyhow::Result<usize> {
+/// Counts `needle` in a command's output inside the namespace (untimed checks), for
+/// shapes of at most VERIFY_MAX endpoints; checks that it is one per endpoint.
+fn count_in_output(
+    sb: &Sandbox,
+    host: &Host,
+    shape: &Shape,
+    (program, args, needle): (&str, &[&str], &str),
+) -> anyhow::Result<Option<usize>> {
+    let expected = shape.services * shape.endpoints;
+    if expected > VERIFY_MAX {
+        return Ok(None);
+    }
     let out = sb
         .run_in_with_timeout(host, None, sb.command(host, program).args(args), Duration::from_secs(600))
         .with_context(|| format!("running {program} {args:?}"))?;
     anyhow::ensure!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).matches(needle).count())
+    let found = String::from_utf8_lossy(&out.stdout).matches(needle).count();
+    anyhow::ensure!(found == expected, "{program} {args:?}: {found} {needle:?} in the kernel, {expected} endpoints");
+    Ok(Some(found))
 }
 
 /// Times one-endpoint changes: `step(n)` applies the n-th and returns (load, plan, render, lines).
@@ -194,14 +223,18 @@ fn ferry_series(sb: &Sandbox, host: &Host, shape: &Shape, cli: &Cli) -> anyhow::
     let render_ms = ms(t.elapsed());
     let (bytes, nlines) = scripts.iter().fold((0, 0), |(b, l), (_, s, _)| (b + s.len(), l + lines(s)));
     eprintln!("[{label}] {FERRY}: plan {plan_ms:.0} ms, render {render_ms:.0} ms, {nlines} lines; loading");
+    for (family, script, _) in &scripts {
+        dump(cli, FERRY, shape, &format!("full-{}", family.as_k8s()), script)?;
+    }
     let t = Instant::now();
     for (family, script, table) in scripts {
         ferry_nft::nft::apply_with(sb.command(host, "nft"), ferry_nft::services::TABLE, &script)?;
         renderer.applied(family, table);
     }
     let load_ms = ms(t.elapsed());
-    let dnat = count_in_output(sb, host, "nft", &["list", "table", "ip", ferry_nft::services::TABLE], "dnat to")?;
-    eprintln!("[{label}] {FERRY}: full sync loaded in {load_ms:.0} ms ({dnat} dnat rules)");
+    let dnat =
+        count_in_output(sb, host, shape, ("nft", &["list", "table", "ip", ferry_nft::services::TABLE], "dnat to"))?;
+    eprintln!("[{label}] {FERRY}: full sync loaded in {load_ms:.0} ms ({dnat:?} dnat rules)");
     let full = FullSync {
         load_ms,
         script_bytes: bytes,
@@ -221,6 +254,9 @@ fn ferry_series(sb: &Sandbox, host: &Host, shape: &Shape, cli: &Cli) -> anyhow::
         let scripts = renderer.sync(&new, Some(&diff));
         let rendered = t.elapsed();
         let nlines = scripts.iter().map(|(_, s, _)| lines(s)).sum();
+        if n == 1 {
+            scripts.iter().try_for_each(|(f, s, _)| dump(cli, FERRY, shape, &format!("change-{}", f.as_k8s()), s))?;
+        }
         let t = Instant::now();
         for (family, script, table) in scripts {
             ferry_nft::nft::apply_with(sb.command(host, "nft"), ferry_nft::services::TABLE, &script)?;
@@ -261,6 +297,7 @@ fn peer_series(
     let label = shape.label();
     let tool = format!("{program} {}", args.join(" "));
     let (bytes, nlines) = (full_script.len(), lines(&full_script));
+    dump(cli, name, shape, "full", &full_script)?;
     eprintln!("[{label}] {name}: loading {nlines} lines with {tool}");
     let cmd = || {
         let mut c = sb.command(host, program);
@@ -283,8 +320,8 @@ fn peer_series(
             });
         }
     };
-    let dnat = count_in_output(sb, host, verify.0, verify.1, verify.2)?;
-    eprintln!("[{label}] {name}: full sync loaded in {:.0} ms ({dnat} dnat rules)", ms(load));
+    let dnat = count_in_output(sb, host, shape, verify)?;
+    eprintln!("[{label}] {name}: full sync loaded in {:.0} ms ({dnat:?} dnat rules)", ms(load));
     let full = FullSync {
         load_ms: ms(load),
         script_bytes: bytes,
@@ -297,6 +334,9 @@ fn peer_series(
     let changes = time_changes(cli.changes, Duration::from_secs(cli.change_budget_s), |n| {
         let (before, after) = (ServiceSpec::of(shape, i, n - 1), ServiceSpec::of(shape, i, n));
         let script = change(&before, &after);
+        if n == 1 {
+            dump(cli, name, shape, "change", &script)?;
+        }
         match run_with_input(cmd(), &script, Duration::from_secs(cli.timeout_s))? {
             Outcome::Done(d) => Ok((d, None, None, lines(&script))),
             Outcome::TimedOut => anyhow::bail!("{name}: one change not finished after {} s", cli.timeout_s),
