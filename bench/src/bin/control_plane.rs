@@ -19,7 +19,7 @@ use ferry_bench::stats::percentile;
 use ferry_model::{Plan, build_plan};
 use ferry_nft::services::Renderer;
 use ferry_sandbox::{Host, Sandbox};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
@@ -65,6 +65,10 @@ struct Cli {
     /// Also write each series' full-sync script and first one-change script into this directory.
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Measure nothing: read `OUT_DIR/NAME.json` and write the report and charts again
+    /// (after editing the JSON, e.g. to add a series measured elsewhere).
+    #[arg(long)]
+    replot: bool,
 }
 
 /// Writes `script` as `DIR/<series>-<shape>-<what>.txt` when `--dump DIR` is given.
@@ -77,7 +81,7 @@ fn dump(cli: &Cli, series: &str, shape: &Shape, what: &str, script: &str) -> any
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct FullSync {
     /// Spawn of nft / iptables-restore to its exit: loading the rules into the kernel.
     load_ms: f64,
@@ -91,7 +95,7 @@ struct FullSync {
     dnat_rules_in_kernel: Option<usize>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Changes {
     samples: usize,
     load_p50_ms: f64,
@@ -104,7 +108,7 @@ struct Changes {
     load_ms: Vec<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SeriesResult {
     series: String,
     tool: String,
@@ -116,13 +120,13 @@ struct SeriesResult {
     changes: Option<Changes>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct ShapeResult {
     shape: Shape,
     series: Vec<SeriesResult>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Results {
     machine: Machine,
     nft_version: String,
@@ -556,6 +560,14 @@ fn markdown(r: &Results, name: &str) -> String {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.replot {
+        let file = cli.out_dir.join(format!("{}.json", cli.name));
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let results: Results = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        write(&results, &cli)?;
+        print!("{}", markdown(&results, &cli.name));
+        return Ok(());
+    }
     // SAFETY: geteuid has no preconditions.
     anyhow::ensure!(unsafe { libc::geteuid() } == 0, "control_plane needs root (network namespaces, nftables)");
     let shapes = cli.shapes.iter().map(|s| Shape::parse(s)).collect::<anyhow::Result<Vec<_>>>()?;

@@ -141,7 +141,8 @@ pub fn svg(title: &str, y_label: &str, series: &[Series]) -> String {
                     s,
                     r#"<circle cx="{x:.1}" cy="{y:.1}" r="5" fill="white" stroke="{colour}" stroke-width="2"/><text x="{:.1}" y="{:.1}" fill="{colour}">≥ (stopped)</text>"#,
                     x + 7.0,
-                    y - 6.0
+                    // Series stopped at the same time would print over each other.
+                    y - 6.0 - 14.0 * i as f64
                 );
             } else {
                 let _ = writeln!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="{colour}"/>"#);

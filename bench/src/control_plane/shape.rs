@@ -12,7 +12,7 @@
 use ferry_model::{ClusterState, StateChange};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::net::Ipv4Addr;
 
@@ -28,7 +28,7 @@ fn add(base: Ipv4Addr, offset: usize) -> Ipv4Addr {
 }
 
 /// N services with M endpoints each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shape {
     pub services: usize,
     pub endpoints: usize,
