@@ -30,7 +30,11 @@ test: lint build
 # services. nodeport: NodePort latency and rates on the BPF and nftables datapaths.
 # reconcile: the conntrack reconciler at 100k and 1M entries against the conntrack
 # tool (raises the global net.netfilter.nf_conntrack_max for the run, then restores it).
-.PHONY: bench bench-build bench-nodeport bench-reconcile bench-control-plane-bpf
+# control_plane: full-sync and one-change time of ferry's nftables datapath against
+# kube-proxy's iptables and nftables rule layouts, same services, same run.
+# control_plane_bpf: the incremental control plane on the eBPF datapath (in-process
+# and through `ferry run`), time and memory.
+.PHONY: bench bench-build bench-nodeport bench-reconcile bench-control-plane bench-control-plane-bpf
 bench-build: deps
 	$(CARGO) build --release -p ferry -p ferry-bench --bins
 
@@ -39,8 +43,11 @@ bench: bench-build
 	target/release/nodeport
 	target/release/reconcile
 	target/release/control_plane_bpf
+	target/release/control_plane
 
-# The incremental control plane on the eBPF datapath (bench/results/incremental.md).
+bench-control-plane: bench-build
+	target/release/control_plane
+
 bench-control-plane-bpf: bench-build
 	target/release/control_plane_bpf
 

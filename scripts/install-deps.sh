@@ -11,6 +11,7 @@ packages=(
   util-linux              # nsenter
   nftables                # the nftables datapath and masquerade fallback
   conntrack               # conntrack-tools: cross-checks in tests and benchmarks
+  iptables                # iptables-nft-restore: kube-proxy's iptables rule layout, the peer in bench/ control_plane
 )
 
 missing=()

@@ -24,6 +24,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod conn;
+pub mod control_plane;
 pub mod heap;
 pub mod incremental;
 pub mod latency;

@@ -1,9 +1,9 @@
 //! The machine a run happened on, as read from /proc (printed at start and saved with the results).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// CPU, cores, memory, kernel, OS and the ferry commit (of the working directory's repository).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu_model: String,
     pub cpus: usize,

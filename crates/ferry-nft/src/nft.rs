@@ -16,7 +16,13 @@ pub enum NftError {
 
 /// Applies `script` in one transaction. `table` names the table for errors.
 pub fn apply(table: &str, script: &str) -> Result<(), NftError> {
-    let mut child = Command::new("nft")
+    apply_with(Command::new("nft"), table, script)
+}
+
+/// [`apply`] with the `nft` command given by the caller, e.g. one that joins
+/// a network namespace before exec (benchmarks, sandboxes); `-f -` is added.
+pub fn apply_with(mut nft: Command, table: &str, script: &str) -> Result<(), NftError> {
+    let mut child = nft
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -94,7 +94,7 @@ impl Table {
         }
         // Chain bodies.
         for (name, (decl, rules)) in &self.chains {
-            if old.chains.get(name) == Some(&(decl.clone(), rules.clone())) {
+            if old.chains.get(name).is_some_and(|(d, r)| d == decl && r == rules) {
                 continue;
             }
             if old.chains.contains_key(name) {

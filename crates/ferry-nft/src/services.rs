@@ -4,8 +4,14 @@
 //! ```text
 //! prerouting/output (nat):  ip daddr . proto . port vmap @service-ips
 //!                           ip daddr @nodeport-ips proto . port vmap @service-nodeports
-//!   svc-*-int / svc-*-ext   source class (pod / host / outside) -> the route the model decided
-//!   svc-*-cluster|local     session affinity, then numgen random -> an endpoint chain
+//!   svc-*-int / svc-*-ext   source class (pod: ip saddr @pod-ranges / host / outside) -> the
+//!                           route the model decided. When every class goes to the same endpoints
+//!                           (the common case): mark rules for the classes that masquerade, then
+//!                           the pick below, in this chain (as kube-proxy's service chain);
+//!                           otherwise a goto (setting the mark first) to one of
+//!   svc-*-cluster|local     the pick: session affinity, then a random endpoint: up to CASCADE_MAX
+//!                           endpoints `numgen random mod n-k == 0 goto ep-k` rules (as kube-proxy's
+//!                           iptables statistic rules), more: `numgen random mod n vmap @pick-*`
 //!   ep-*                    hairpin masquerade mark, dnat to the endpoint
 //! prerouting (filter, before DNAT): firewall-ips -> fw-* (loadBalancerSourceRanges)
 //! input/forward/output (filter, after DNAT): whatever still goes to a frontend was not
@@ -16,6 +22,21 @@
 //!
 //! Each service port renders to its own chains and map elements, cached, so a
 //! sync re-renders only the service ports the PlanDiff names.
+//!
+//! What keeps a first sync linear in the kernel (measured with `perf` on
+//! Linux 6.18 and nft 1.0.6; bench/README.md, `control_plane`): no anonymous
+//! set or map per service. The kernel walks the whole transaction for every
+//! anonymous set a rule binds (`__nft_set_trans_bind`) and scans the table's
+//! sets to name it, so a per-service `numgen ... vmap { ... }` or
+//! `ip saddr { ... }` makes one big transaction quadratic (kube-proxy's
+//! nftables layout has one per service). A named map shared by every service
+//! is no way out either: the commit-time loop check walks a verdict map once
+//! for every rule that references it. Hence rule cascades for endpoint
+//! selection, one named set for the pod ranges, and named per-service maps
+//! only for services with more than `CASCADE_MAX` endpoints. Fewer chains
+//! also make every later transaction cheaper: `nft` lists all the table's
+//! chains from the kernel before it adds a rule (its cache), and that listing
+//! grows faster than linearly with the number of chains.
 
 use crate::ruleset::{Collection, Table};
 use ferry_model::{
@@ -29,6 +50,14 @@ use std::net::IpAddr;
 pub const TABLE: &str = "ferry";
 /// The masquerade mark, as kube-proxy's.
 pub const MASQ_MARK: u32 = 0x4000;
+/// Up to this many endpoints, a service picks one with a cascade of
+/// `numgen random mod (n - k) == 0 goto ep-k` rules (k = 0..n-1, uniform, no
+/// set); beyond, with a lookup in a named map of its own. A cascade costs a
+/// new connection up to n - 1 rule evaluations; a map costs the first sync
+/// a set object per service (the kernel looks sets up by name in a list).
+pub const CASCADE_MAX: usize = 128;
+/// The named set of the pod ranges (pod traffic is `ip saddr @pod-ranges`).
+const POD_RANGES: &str = "pod-ranges";
 
 fn fam(family: IpFamily) -> (&'static str, &'static str, &'static str) {
     match family {
@@ -112,59 +141,105 @@ pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
         ep_chain.insert(e.addr(), (chain, aff));
     }
 
-    // One chain per endpoint set actually used, and a masquerading variant when needed.
-    let mut chains = std::mem::take(&mut out.chains);
-    let mut set_chain = |set: EndpointSet, masq: bool| -> Option<String> {
+    // How an endpoint of a set is picked: affinity first, then at random.
+    let mut pick_maps = BTreeMap::new();
+    let mut pick_elements = Vec::new();
+    let mut pick_rules = |set: EndpointSet| -> Option<Vec<String>> {
         let eps: Vec<_> = sp.endpoint_set(set).collect();
         if eps.is_empty() {
             return None;
         }
-        let base = format!("svc-{h}-{}-{name}", if set == EndpointSet::Cluster { "cluster" } else { "local" });
-        if !chains.contains_key(&base) {
-            let mut rules = Vec::new();
-            if sp.affinity_timeout_seconds.is_some() {
-                for e in &eps {
-                    let (chain, aff) = &ep_chain[&e.addr()];
-                    rules.push(format!("{ip} saddr @{aff} goto {chain}"));
+        let mut rules = Vec::new();
+        if sp.affinity_timeout_seconds.is_some() {
+            for e in &eps {
+                let (chain, aff) = &ep_chain[&e.addr()];
+                rules.push(format!("{ip} saddr @{aff} goto {chain}"));
+            }
+        }
+        let n = eps.len();
+        if n <= CASCADE_MAX {
+            // Endpoint k is taken with probability 1/(n-k) among those left: uniform overall.
+            for (k, e) in eps.iter().enumerate() {
+                let chain = &ep_chain[&e.addr()].0;
+                if k + 1 < n {
+                    rules.push(format!("numgen random mod {} == 0 goto {chain}", n - k));
+                } else {
+                    rules.push(format!("goto {chain}"));
                 }
             }
-            let vmap: Vec<String> =
-                eps.iter().enumerate().map(|(i, e)| format!("{i} : goto {}", ep_chain[&e.addr()].0)).collect();
-            rules.push(format!("numgen random mod {} vmap {{ {} }}", eps.len(), vmap.join(", ")));
-            chains.insert(base.clone(), (String::new(), rules));
+        } else {
+            let map = format!("pick-{h}-{}", if set == EndpointSet::Cluster { "cluster" } else { "local" });
+            if pick_maps.insert(map.clone(), "typeof numgen random mod 2 : verdict;".to_string()).is_none() {
+                for (k, e) in eps.iter().enumerate() {
+                    pick_elements.push((map.clone(), k.to_string(), Some(format!("goto {}", ep_chain[&e.addr()].0))));
+                }
+            }
+            rules.push(format!("numgen random mod {n} vmap @{map}"));
         }
-        if !masq {
-            return Some(base);
-        }
-        let masq_chain = format!("{base}-masq");
-        chains.insert(
-            masq_chain.clone(),
-            (String::new(), vec!["jump mark-for-masquerade".into(), format!("goto {base}")]),
-        );
-        Some(masq_chain)
-    };
-    let mut target = |route: &Route| -> String {
-        match route {
-            Route::Forward { set, masquerade, .. } => match set_chain(*set, masquerade.masquerades()) {
-                Some(c) => format!("goto {c}"),
-                None => "return".into(),
-            },
-            // Left un-DNATed: the filter chains drop or reject it.
-            Route::Drop { .. } | Route::Reject { .. } => "return".into(),
-        }
+        Some(rules)
     };
     let pod_match = pod_match(plan, sp.id.family);
+    let mark = format!("meta mark set meta mark or {MASQ_MARK:#x}");
+    let mut chains = std::mem::take(&mut out.chains);
     let mut dispatch = |routes: &ferry_model::PerSource<Route>| -> Vec<String> {
-        let (pod, host, ext) = (
-            target(routes.get(SourceClass::Pod)),
-            target(routes.get(SourceClass::Host)),
-            target(routes.get(SourceClass::External)),
-        );
+        let route = |c: SourceClass| match routes.get(c) {
+            Route::Forward { set, masquerade, .. } => Some((*set, masquerade.masquerades())),
+            Route::Drop { .. } | Route::Reject { .. } => None,
+        };
+        let (pod, host, ext) = (route(SourceClass::Pod), route(SourceClass::Host), route(SourceClass::External));
+        // The common case: every source goes to the same endpoints, some masqueraded. The mark is
+        // set by rules that do not end the chain, then the endpoint is picked here: no chain per set.
+        if let (Some((set, mp)), Some((hs, mh)), Some((es, me))) = (pod, host, ext)
+            && set == hs
+            && set == es
+            && let Some(pick) = pick_rules(set)
+        {
+            let mut rules = Vec::new();
+            let pod_or_none = pod_match.as_ref().filter(|_| !(mp && mh && me));
+            match pod_or_none {
+                None if mh && me => rules.push(mark.clone()),
+                None if mh => rules.push(format!("fib saddr type local {mark}")),
+                None if me => rules.push(format!("fib saddr type != local {mark}")),
+                None => {}
+                Some((sel, val)) => {
+                    if mp {
+                        rules.push(format!("{sel} {val} {mark}"));
+                    }
+                    match (mh, me) {
+                        (true, true) => rules.push(format!("{sel} != {val} {mark}")),
+                        (true, false) => rules.push(format!("{sel} != {val} fib saddr type local {mark}")),
+                        (false, true) => rules.push(format!("{sel} != {val} fib saddr type != local {mark}")),
+                        (false, false) => {}
+                    }
+                }
+            }
+            rules.extend(pick);
+            return rules;
+        }
+        // Otherwise a chain per endpoint set, and each source class goes to its route.
+        let mut target = |r: Option<(EndpointSet, bool)>| -> String {
+            let Some((set, masq)) = r else {
+                // Left un-DNATed: the filter chains drop or reject it.
+                return "return".into();
+            };
+            let base = format!("svc-{h}-{}-{name}", if set == EndpointSet::Cluster { "cluster" } else { "local" });
+            if !chains.contains_key(&base) {
+                match pick_rules(set) {
+                    Some(rules) => {
+                        chains.insert(base.clone(), (String::new(), rules));
+                    }
+                    None => return "return".into(),
+                }
+            }
+            // The mark is what `jump mark-for-masquerade` sets; set here, it needs no chain of its own.
+            if masq { format!("{mark} goto {base}") } else { format!("goto {base}") }
+        };
+        let (pod, host, ext) = (target(pod), target(host), target(ext));
         let mut rules = Vec::new();
-        if let Some(m) = &pod_match
+        if let Some((sel, val)) = &pod_match
             && pod != ext
         {
-            rules.push(format!("{m} {pod}"));
+            rules.push(format!("{sel} {val} {pod}"));
         }
         if host != ext {
             rules.push(format!("fib saddr type local {host}"));
@@ -175,6 +250,8 @@ pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
     let int_rules = dispatch(&sp.internal);
     let ext_rules = sp.externally_accessible.then(|| dispatch(&sp.external));
     out.chains = chains;
+    out.sets.extend(pick_maps);
+    out.elements.extend(pick_elements);
     let int = format!("svc-{h}-int-{name}");
     out.chains.insert(int.clone(), (String::new(), int_rules));
     let ext = format!("svc-{h}-ext-{name}");
@@ -240,23 +317,38 @@ pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
     out
 }
 
-/// How pod traffic is recognised in a rule, if it can be.
-fn pod_match(plan: &Plan, family: IpFamily) -> Option<String> {
+/// How pod traffic is recognised in a rule, if it can be: (selector, value),
+/// so that `{sel} {val}` matches pods and `{sel} != {val}` everything else.
+fn pod_match(plan: &Plan, family: IpFamily) -> Option<(String, String)> {
     let (ip, _, _) = fam(family);
     match &plan.node.local_detector {
         LocalDetector::ClusterCidr | LocalDetector::NodeCidr => {
-            let ranges: Vec<String> =
-                plan.node.pod_ranges.iter().filter(|n| IpFamily::of_net(n) == family).map(|n| n.to_string()).collect();
-            (!ranges.is_empty()).then(|| format!("{ip} saddr {{ {} }}", ranges.join(", ")))
+            (!pod_ranges(plan, family).is_empty()).then(|| (format!("{ip} saddr"), format!("@{POD_RANGES}")))
         }
-        LocalDetector::InterfaceNamePrefix(p) => Some(format!("iifname \"{p}*\"")),
-        LocalDetector::BridgeInterface(b) => Some(format!("iifname \"{b}\"")),
+        LocalDetector::InterfaceNamePrefix(p) => Some(("iifname".into(), format!("\"{p}*\""))),
+        LocalDetector::BridgeInterface(b) => Some(("iifname".into(), format!("\"{b}\""))),
         LocalDetector::None => None,
     }
 }
 
+/// The pod ranges of a family as the elements of an interval set: prefixes
+/// with host bits cleared, none inside another (the kernel refuses
+/// overlapping intervals; CIDRs either nest or are disjoint).
+fn pod_ranges(plan: &Plan, family: IpFamily) -> Vec<ipnet::IpNet> {
+    let mut nets: Vec<ipnet::IpNet> =
+        plan.node.pod_ranges.iter().filter(|n| IpFamily::of_net(n) == family).map(|n| n.trunc()).collect();
+    nets.sort();
+    nets.dedup();
+    let all = nets.clone();
+    nets.retain(|n| !all.iter().any(|m| m != n && m.contains(n)));
+    nets
+}
+
 /// The node-level part of a family's table: hooks, dispatch and check chains, node sets.
-pub fn render_node(plan: &Plan, family: IpFamily) -> Table {
+///
+/// `with_cluster_ips`: fill the `cluster-ips` set (a patch that does not
+/// change it leaves it empty rather than listing every ClusterIP).
+pub fn render_node(plan: &Plan, family: IpFamily, with_cluster_ips: bool) -> Table {
     let (ip, _, addr_type) = fam(family);
     let mut t = Table::new(ip, TABLE);
     let key = format!("type {addr_type} . inet_proto . inet_service : verdict;");
@@ -274,8 +366,23 @@ pub fn render_node(plan: &Plan, family: IpFamily) -> Table {
     };
     t.collections.insert(
         "cluster-ips".into(),
-        Collection { declaration: format!("type {addr_type};"), elements: addrs(&mut plan.cluster_ips.iter()) },
+        Collection {
+            declaration: format!("type {addr_type};"),
+            elements: if with_cluster_ips { addrs(&mut plan.cluster_ips.iter()) } else { BTreeMap::new() },
+        },
     );
+    if matches!(plan.node.local_detector, LocalDetector::ClusterCidr | LocalDetector::NodeCidr) {
+        let ranges = pod_ranges(plan, family);
+        if !ranges.is_empty() {
+            t.collections.insert(
+                POD_RANGES.into(),
+                Collection {
+                    declaration: format!("type {addr_type}; flags interval;"),
+                    elements: ranges.iter().map(|n| (n.to_string(), None)).collect(),
+                },
+            );
+        }
+    }
     t.collections.insert(
         "nodeport-ips".into(),
         Collection {
@@ -366,74 +473,158 @@ pub fn render_node(plan: &Plan, family: IpFamily) -> Table {
 }
 
 /// Keeps both families' tables in step with Plans, re-rendering only what a diff names.
+///
+/// A sync with a diff (and the family's table programmed) compares only the
+/// touched service ports' parts and the node-level chains: the script and
+/// the work both follow the change, not the cluster. The `Table` it returns
+/// is then that patch; [`Renderer::applied`] folds it into `programmed`.
 #[derive(Debug, Default)]
 pub struct Renderer {
     parts: BTreeMap<ferry_model::ServicePortId, ServiceParts>,
     /// What the kernel holds now, per family.
     pub programmed: BTreeMap<IpFamily, Table>,
+    /// Per family, the old side of the patch the last sync returned (what `applied` replaces).
+    pending: BTreeMap<IpFamily, Table>,
+}
+
+/// Adds one service port's parts to a table.
+fn add_parts(t: &mut Table, parts: &ServiceParts) {
+    for (name, decl) in &parts.sets {
+        t.collections.insert(name.clone(), Collection { declaration: decl.clone(), elements: BTreeMap::new() });
+    }
+    for (name, chain) in &parts.chains {
+        t.chains.insert(name.clone(), chain.clone());
+    }
+    for (coll, k, v) in &parts.elements {
+        if let Some(c) = t.collections.get_mut(coll) {
+            c.elements.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// `t` with the elements of every collection dropped, except `keep`'s.
+fn declarations_only(t: &Table, keep: Option<&str>) -> BTreeMap<String, Collection> {
+    t.collections
+        .iter()
+        .map(|(name, c)| {
+            let elements = if Some(name.as_str()) == keep { c.elements.clone() } else { BTreeMap::new() };
+            (name.clone(), Collection { declaration: c.declaration.clone(), elements })
+        })
+        .collect()
 }
 
 impl Renderer {
     /// The scripts (one per family) that bring the kernel to `plan`. With
-    /// `diff`, only the service ports it names are re-rendered.
+    /// `diff`, only the service ports it names are re-rendered and compared.
     pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>) -> Vec<(IpFamily, String, Table)> {
-        match diff {
+        self.pending.clear();
+        let mut old_parts: BTreeMap<ferry_model::ServicePortId, Option<ServiceParts>> = BTreeMap::new();
+        let incremental = match diff {
             Some(d) if !d.node_changed => {
-                for sp in &d.removed {
-                    self.parts.remove(&sp.id);
-                }
-                let mut touched: Vec<&ferry_model::ServicePortId> =
-                    d.added.iter().map(|s| &s.id).chain(d.changed.iter().map(|c| &c.new.id)).collect();
+                let mut touched: Vec<&ferry_model::ServicePortId> = d.removed.iter().map(|s| &s.id).collect();
+                touched.extend(d.added.iter().map(|s| &s.id).chain(d.changed.iter().map(|c| &c.new.id)));
                 touched.extend(d.frontends_added.iter().chain(&d.frontends_removed).map(|(_, f)| &f.service));
                 for id in touched {
-                    if let Some(sp) = plan.services.get(id) {
-                        self.parts.insert(id.clone(), render_service(sp, plan));
-                    }
+                    let old = match plan.services.get(id) {
+                        Some(sp) => self.parts.insert(id.clone(), render_service(sp, plan)),
+                        None => self.parts.remove(id),
+                    };
+                    old_parts.entry(id.clone()).or_insert(old);
                 }
+                Some(d.cluster_ips_changed())
             }
             _ => {
                 self.parts = plan.services.iter().map(|(id, sp)| (id.clone(), render_service(sp, plan))).collect();
+                None
             }
-        }
+        };
         let mut out = Vec::new();
         for family in IpFamily::ALL {
             if !plan.node.families.contains(&family) {
                 continue;
             }
-            let mut t = render_node(plan, family);
-            for (id, parts) in &self.parts {
-                if id.family != family {
-                    continue;
-                }
-                for (name, decl) in &parts.sets {
-                    t.collections
-                        .insert(name.clone(), Collection { declaration: decl.clone(), elements: BTreeMap::new() });
-                }
-                for (name, chain) in &parts.chains {
-                    t.chains.insert(name.clone(), chain.clone());
-                }
-                for (coll, k, v) in &parts.elements {
-                    if let Some(c) = t.collections.get_mut(coll) {
-                        c.elements.insert(k.clone(), v.clone());
+            match (incremental, self.programmed.get(&family)) {
+                (Some(cluster_ips_changed), Some(programmed)) => {
+                    // The patch: node-level chains and declarations, and the touched ports' parts, old and new.
+                    let keep = cluster_ips_changed.then_some("cluster-ips");
+                    let mut new = render_node(plan, family, cluster_ips_changed);
+                    new.collections = declarations_only(&new, keep);
+                    let mut old = Table::new(&programmed.family, &programmed.name);
+                    old.collections = declarations_only(programmed, keep);
+                    old.chains = new
+                        .chains
+                        .keys()
+                        .filter_map(|n| Some((n.clone(), programmed.chains.get(n)?.clone())))
+                        .collect();
+                    for (id, before) in &old_parts {
+                        if id.family != family {
+                            continue;
+                        }
+                        if let Some(p) = before {
+                            add_parts(&mut old, p);
+                        }
+                        if let Some(p) = self.parts.get(id) {
+                            add_parts(&mut new, p);
+                        }
+                    }
+                    if old != new {
+                        out.push((family, new.transition(Some(&old)), new));
+                        self.pending.insert(family, old);
                     }
                 }
-            }
-            let old = self.programmed.get(&family);
-            if old != Some(&t) {
-                out.push((family, t.transition(old), t));
+                _ => {
+                    let mut t = render_node(plan, family, true);
+                    for (id, parts) in &self.parts {
+                        if id.family == family {
+                            add_parts(&mut t, parts);
+                        }
+                    }
+                    let old = self.programmed.get(&family);
+                    if old != Some(&t) {
+                        out.push((family, t.transition(old), t));
+                    }
+                }
             }
         }
         out
     }
 
-    /// Records that a family's table was applied.
+    /// Records that a family's script was applied: the table (or the patch) it described is now the kernel's.
     pub fn applied(&mut self, family: IpFamily, table: Table) {
-        self.programmed.insert(family, table);
+        let Some(old) = self.pending.remove(&family) else {
+            self.programmed.insert(family, table);
+            return;
+        };
+        let Some(programmed) = self.programmed.get_mut(&family) else {
+            // Not reachable: a patch is only made against a programmed table.
+            return;
+        };
+        for name in old.chains.keys() {
+            programmed.chains.remove(name);
+        }
+        for (name, c) in &old.collections {
+            match (table.collections.contains_key(name), programmed.collections.get_mut(name)) {
+                (true, Some(p)) => c.elements.keys().for_each(|k| {
+                    p.elements.remove(k);
+                }),
+                _ => {
+                    programmed.collections.remove(name);
+                }
+            }
+        }
+        let Table { chains, collections, .. } = table;
+        programmed.chains.extend(chains);
+        for (name, c) in collections {
+            let p = programmed.collections.entry(name).or_default();
+            p.declaration = c.declaration;
+            p.elements.extend(c.elements);
+        }
     }
 
     /// Forgets what is programmed (the next sync rebuilds the tables from scratch).
     pub fn reset(&mut self) {
         self.programmed.clear();
+        self.pending.clear();
     }
 }
 

@@ -87,7 +87,8 @@ fn the_first_sync_replaces_the_table_whole_in_one_script() {
         "10.96.0.53 . udp . 53 : goto svc-",
         "dnat to 10.244.0.21:8080",
         "dnat to 10.244.0.22:8080",
-        "numgen random mod 2 vmap",
+        // Two endpoints: a cascade, as kube-proxy's iptables statistic rules (no per-service set).
+        "numgen random mod 2 == 0 goto ep-",
         "masquerade fully-random",
     ] {
         assert!(script.contains(needle), "missing {needle:?} in\n{script}");
@@ -134,4 +135,70 @@ fn losing_every_endpoint_rejects_instead_of_forwarding() {
         "{script}"
     );
     assert!(!script.contains("dnat to"), "{script}");
+}
+
+/// The table a fresh renderer programs for `p` (a full sync).
+fn fresh_table(p: &Plan) -> ferry_nft::ruleset::Table {
+    let mut r = Renderer::default();
+    sync(&mut r, None, p);
+    r.programmed[&IpFamily::V4].clone()
+}
+
+#[test]
+fn after_incremental_syncs_the_programmed_table_is_what_a_full_sync_programs() {
+    let steps: [&[&str]; 5] = [
+        &["10.244.0.21", "10.244.0.22"],
+        &["10.244.0.21", "10.244.0.23"],
+        &["10.244.0.21", "10.244.0.23", "10.244.0.24"],
+        &[],
+        &["10.244.0.25"],
+    ];
+    let mut r = Renderer::default();
+    let mut old = plan(steps[0]);
+    sync(&mut r, None, &old);
+    for step in &steps[1..] {
+        let new = plan(step);
+        sync(&mut r, Some(&old), &new);
+        assert_eq!(r.programmed[&IpFamily::V4], fresh_table(&new), "after the step to {step:?}");
+        old = new;
+    }
+}
+
+#[test]
+fn many_endpoints_are_picked_through_a_named_map_not_a_cascade() {
+    let many: Vec<String> = (0..=ferry_nft::services::CASCADE_MAX).map(|i| format!("10.244.1.{}", i + 1)).collect();
+    let refs: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+    let mut r = Renderer::default();
+    let p = plan(&refs);
+    let script = sync(&mut r, None, &p);
+    let n = many.len();
+    assert!(script.contains(&format!("numgen random mod {n} vmap @pick-")), "{script}");
+    assert!(script.contains("typeof numgen random mod 2 : verdict;"), "{script}");
+    assert!(!script.contains(&format!("numgen random mod {n} == 0")), "{script}");
+    // Back to two endpoints: the map goes, the cascade comes back, in one transition.
+    let two = plan(&["10.244.0.21", "10.244.0.22"]);
+    let script = sync(&mut r, Some(&p), &two);
+    assert!(script.contains("delete map ip ferry pick-"), "{script}");
+    assert!(script.contains("numgen random mod 2 == 0 goto ep-"), "{script}");
+    assert_eq!(r.programmed[&IpFamily::V4], fresh_table(&two));
+}
+
+#[test]
+fn pod_traffic_is_matched_through_one_named_set() {
+    let mut r = Renderer::default();
+    let script = sync(&mut r, None, &plan(&["10.244.0.21"]));
+    assert!(script.contains("add set ip ferry pod-ranges { type ipv4_addr; flags interval; }"), "{script}");
+    assert!(script.contains("add element ip ferry pod-ranges { 10.244.0.0/16 }"), "{script}");
+    // Pods are not masqueraded, everyone else is: one mark rule, then the endpoint is picked in the same chain.
+    assert!(
+        script
+            .contains("svc-bba7a516-int-demo/web/tcp/http ip saddr != @pod-ranges meta mark set meta mark or 0x4000\n"),
+        "{script}"
+    );
+    // No anonymous set in any service chain (each would cost the kernel a walk of the whole transaction).
+    for line in
+        script.lines().filter(|l| l.starts_with("add rule ip ferry svc-") || l.starts_with("add rule ip ferry ep-"))
+    {
+        assert!(!line.contains('{'), "an anonymous set or map in a service rule: {line}");
+    }
 }
