@@ -597,15 +597,36 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// ferry's eBPF datapath from `control_plane_bpf`'s last results (the
+/// in-process full sync: plan + program + map writes; one change: event to
+/// map writes, p50), when they are there.
+fn bpf_series(file: &std::path::Path) -> Option<(Series, Series)> {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+    let rows = json.get("in_process")?.as_array()?;
+    let point = |r: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> Option<f64>| {
+        Some(Point::at(r.get("services")?.as_f64()?, f(r)?))
+    };
+    let full: Vec<Point> = rows.iter().filter_map(|r| point(r, &|r| r.get("full_sync_ms")?.as_f64())).collect();
+    let change: Vec<Point> =
+        rows.iter().filter_map(|r| point(r, &|r| Some(r.get("one_change")?.get("p50_us")?.as_f64()? / 1e3))).collect();
+    (!full.is_empty()).then(|| {
+        (Series::new("ferry bpf", full), Series::new("ferry bpf", change))
+    })
+}
+
 /// Writes the JSON, the report and the charts (after every shape, so a long run keeps what it measured).
 fn write(results: &Results, cli: &Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out_dir)?;
     let base = cli.out_dir.join(&cli.name);
     std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(results)? + "\n")?;
     std::fs::write(base.with_extension("md"), markdown(results, &cli.name))?;
-    let full = chart_series(results, full_point);
-    let change = chart_series(results, change_point);
+    let mut full = chart_series(results, full_point);
+    let mut change = chart_series(results, change_point);
     let dir = &cli.out_dir;
+    if let Some((bpf_full, bpf_change)) = bpf_series(&dir.join("incremental.json")) {
+        full.push(bpf_full);
+        change.push(bpf_change);
+    }
     std::fs::write(
         dir.join(format!("{}-full-sync.svg", cli.name)),
         chart::svg("Full sync from empty: time to load the rules", "load time", &full),
