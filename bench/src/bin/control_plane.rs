@@ -609,9 +609,7 @@ fn bpf_series(file: &std::path::Path) -> Option<(Series, Series)> {
     let full: Vec<Point> = rows.iter().filter_map(|r| point(r, &|r| r.get("full_sync_ms")?.as_f64())).collect();
     let change: Vec<Point> =
         rows.iter().filter_map(|r| point(r, &|r| Some(r.get("one_change")?.get("p50_us")?.as_f64()? / 1e3))).collect();
-    (!full.is_empty()).then(|| {
-        (Series::new("ferry bpf", full), Series::new("ferry bpf", change))
-    })
+    (!full.is_empty()).then(|| (Series::new("ferry bpf", full), Series::new("ferry bpf", change)))
 }
 
 /// Writes the JSON, the report and the charts (after every shape, so a long run keeps what it measured).

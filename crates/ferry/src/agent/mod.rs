@@ -57,7 +57,7 @@ pub struct AgentOptions {
     pub healthz_bind_address: Option<String>,
     pub metrics_bind_address: Option<String>,
     pub install: InstallOverrides,
-    /// Written once the first sync is programmed.
+    /// Written after the first sync and rewritten after every successful one.
     pub ready_file: Option<PathBuf>,
 }
 

@@ -37,7 +37,8 @@ pub struct AgentArgs {
     /// cgroup v2 directory to load-balance sockets of (overrides bpf.cgroupPath; default: the cgroup2 root).
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// Write this file once the first sync is programmed (for scripts and tests).
+    /// Written once the first sync is programmed, then rewritten after every successful sync as
+    /// `synced <generation> <input_unix_nanos>` (for scripts and tests).
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
 }
