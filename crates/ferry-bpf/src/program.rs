@@ -77,9 +77,11 @@ struct Programmed {
     svc: SvcVal,
     /// `[rev][set]` -> backend ids in slot order.
     slots: [[Vec<u32>; 2]; 2],
-    members: BTreeMap<u32, u8>,
+    /// Sorted by key (a service has a few: a `BTreeMap` would allocate a whole node for each).
+    members: Vec<(u32, u8)>,
     firewall: BTreeSet<FwKey>,
-    frontends: BTreeMap<FeKey, FeVal>,
+    /// Sorted by key.
+    frontends: Vec<(FeKey, FeVal)>,
     /// Maglev tables per set, when the service uses Maglev.
     maglev: [Option<Vec<u32>>; 2],
 }
@@ -244,7 +246,7 @@ struct Adopted {
 impl Adopted {
     fn take(&mut self, id: u32) -> Option<Programmed> {
         let prog = self.by_id.remove(&id)?;
-        for k in prog.frontends.keys() {
+        for (k, _) in &prog.frontends {
             self.by_frontend.remove(k);
         }
         if let Some(ids) = self.by_name.get_mut(&prog.name) {
@@ -354,7 +356,7 @@ impl Programmer {
         }
         for (k, sets) in &dump.members {
             if let Some(prog) = by_id.get_mut(&k.service) {
-                prog.members.insert(k.backend, *sets);
+                prog.members.push((k.backend, *sets));
             }
         }
         for k in &dump.firewall {
@@ -372,8 +374,14 @@ impl Programmer {
             if v.kind == FE_CLUSTER_IP_ANY_PORT {
                 p.markers.insert(*k);
             } else if let Some(prog) = by_id.get_mut(&v.service) {
-                prog.frontends.insert(*k, *v);
+                prog.frontends.push((*k, *v));
             }
+        }
+        for prog in by_id.values_mut() {
+            prog.members.sort_unstable();
+            prog.members.dedup_by_key(|m| m.0);
+            prog.frontends.sort_unstable_by_key(|f| f.0);
+            prog.frontends.dedup_by_key(|f| f.0);
         }
         let mut refs: HashMap<u32, u32> = HashMap::new();
         for prog in by_id.values() {
@@ -394,7 +402,7 @@ impl Programmer {
         for (id, name) in &dump.names {
             if let Some(mut prog) = by_id.remove(id) {
                 prog.name = name.clone();
-                for k in prog.frontends.keys() {
+                for (k, _) in &prog.frontends {
                     p.adopted.by_frontend.insert(*k, *id);
                 }
                 p.adopted.by_name.entry(name.clone()).or_default().push(*id);
@@ -566,16 +574,16 @@ impl Programmer {
             }
         }
         for (bid, sets) in &members {
-            if prog.members.get(bid) != Some(sets) {
+            if lookup(&prog.members, bid) != Some(sets) {
                 ops.push(MapOp::PutMember(MemberKey { service: id, backend: *bid }, *sets));
             }
         }
-        for bid in prog.members.keys() {
+        for (bid, _) in &prog.members {
             if !members.contains_key(bid) {
                 ops.push(MapOp::DelMember(MemberKey { service: id, backend: *bid }));
             }
         }
-        prog.members = members;
+        prog.members = members.into_iter().collect();
 
         let firewall: BTreeSet<FwKey> = sp.firewall.iter().flatten().map(|n| fw_key(id, n)).collect();
         for k in firewall.difference(&prog.firewall) {
@@ -637,16 +645,16 @@ impl Programmer {
             frontends.insert(fe_key(&key), FeVal { service: id, kind: kind_code(owner.kind), flags });
         }
         for (k, v) in &frontends {
-            if prog.frontends.get(k) != Some(v) {
+            if lookup(&prog.frontends, k) != Some(v) {
                 ops.push(MapOp::PutFrontend(*k, *v));
             }
         }
-        for k in prog.frontends.keys() {
+        for (k, _) in &prog.frontends {
             if !frontends.contains_key(k) {
                 ops.push(MapOp::DelFrontend(*k));
             }
         }
-        prog.frontends = frontends;
+        prog.frontends = frontends.into_iter().collect();
         self.services.insert(sp.id.clone(), prog);
     }
 
@@ -658,7 +666,7 @@ impl Programmer {
 
     fn remove_programmed(&mut self, prog: Programmed, ops: &mut Ops) {
         let id = prog.id;
-        for k in prog.frontends.keys() {
+        for (k, _) in &prog.frontends {
             ops.push(MapOp::DelFrontend(*k));
         }
         ops.push(MapOp::DelService(id));
@@ -671,7 +679,7 @@ impl Programmer {
                 }
             }
         }
-        for bid in prog.members.keys() {
+        for (bid, _) in &prog.members {
             ops.push(MapOp::DelMember(MemberKey { service: id, backend: *bid }));
         }
         for k in &prog.firewall {
@@ -798,6 +806,11 @@ impl Programmer {
 /// The frontend that marks an address as a ClusterIP (other ports are rejected).
 fn marker_key(ip: &std::net::IpAddr) -> FeKey {
     FeKey { addr: words(ip), port: 0, proto: 0, family: family_of(ip) }
+}
+
+/// The value of `key` in a list sorted by key.
+fn lookup<'a, K: Ord, V>(list: &'a [(K, V)], key: &K) -> Option<&'a V> {
+    list.binary_search_by(|(k, _)| k.cmp(key)).ok().map(|i| &list[i].1)
 }
 
 /// Names longer than the map's field are cut; they are for display only.

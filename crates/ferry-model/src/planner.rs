@@ -34,6 +34,7 @@ use crate::service::{IgnoreReason, ServiceInfo, ServiceRead, read_service};
 use crate::state::{ObjectKey, StateChange};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -74,7 +75,7 @@ enum ProblemSource {
 /// it all (`Plan::ports_of`).
 #[derive(Debug, Clone, Default)]
 struct Contribution {
-    cluster_ips: Vec<IpAddr>,
+    cluster_ips: Few<IpAddr>,
     health_check: Option<u16>,
 }
 
@@ -85,15 +86,19 @@ struct Contribution {
 #[error("nodeName or serviceProxyName changed ({0}); objects must be read again: restart the agent")]
 pub struct ReadSettingsChanged(String);
 
-/// Inserts into a sorted, duplicate-free Vec (the sets here hold one or two
+/// A small sorted set: one item lives inline (no allocation), as nearly
+/// every frontend has one claimant and every Service one slice.
+type Few<T> = SmallVec<[T; 1]>;
+
+/// Inserts into a sorted, duplicate-free list (the sets here hold one or two
 /// items; a `BTreeSet` would allocate a whole node for each).
-fn sorted_insert<T: Ord>(v: &mut Vec<T>, item: T) {
+fn sorted_insert<T: Ord, A: smallvec::Array<Item = T>>(v: &mut SmallVec<A>, item: T) {
     if let Err(at) = v.binary_search(&item) {
         v.insert(at, item);
     }
 }
 
-fn sorted_remove<T: Ord>(v: &mut Vec<T>, item: &T) {
+fn sorted_remove<T: Ord, A: smallvec::Array<Item = T>>(v: &mut SmallVec<A>, item: &T) {
     if let Ok(at) = v.binary_search(item) {
         v.remove(at);
     }
@@ -107,13 +112,13 @@ pub struct Planner {
     services: HashMap<ObjectKey, StoredService>,
     slices: HashMap<ObjectKey, SliceRead>,
     /// Owner Service -> its slices, in key order (the order they merge in).
-    slices_of: HashMap<ObjectKey, Vec<ObjectKey>>,
+    slices_of: HashMap<ObjectKey, Few<ObjectKey>>,
     /// Services planned without any service port (rare), see [`Contribution`].
     portless: HashMap<ObjectKey, Contribution>,
     cluster_ip_refs: HashMap<IpAddr, u32>,
     /// Every claim on every frontend, smallest (the owner) first.
-    claims: HashMap<FrontendKey, Vec<Claim>>,
-    health_check_claims: BTreeMap<u16, Vec<ObjectKey>>,
+    claims: HashMap<FrontendKey, Few<Claim>>,
+    health_check_claims: BTreeMap<u16, Few<ObjectKey>>,
     problems: BTreeMap<ProblemSource, Vec<ObjectError>>,
     node: Arc<NodeFacts>,
     plan: Plan,
@@ -435,7 +440,7 @@ impl Planner {
                     }
                     if planned.ports.is_empty() {
                         let c = Contribution {
-                            cluster_ips: planned.cluster_ips,
+                            cluster_ips: planned.cluster_ips.into(),
                             health_check: info.health_check_node_port,
                         };
                         self.portless.insert(key.clone(), c);

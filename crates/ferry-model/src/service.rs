@@ -75,13 +75,49 @@ impl std::fmt::Display for IgnoreReason {
     }
 }
 
+/// At most one address per IP family (a Service's ClusterIPs): two slots, no allocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FamilyIps {
+    v4: Option<IpAddr>,
+    v6: Option<IpAddr>,
+}
+
+impl FamilyIps {
+    fn slot(&mut self, family: IpFamily) -> &mut Option<IpAddr> {
+        match family {
+            IpFamily::V4 => &mut self.v4,
+            IpFamily::V6 => &mut self.v6,
+        }
+    }
+
+    /// Sets the family's address; returns the one it replaced.
+    pub fn insert(&mut self, family: IpFamily, ip: IpAddr) -> Option<IpAddr> {
+        self.slot(family).replace(ip)
+    }
+
+    pub fn get(&self, family: &IpFamily) -> Option<&IpAddr> {
+        match family {
+            IpFamily::V4 => self.v4.as_ref(),
+            IpFamily::V6 => self.v6.as_ref(),
+        }
+    }
+
+    pub fn contains_key(&self, family: &IpFamily) -> bool {
+        self.get(family).is_some()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+}
+
 /// The validated facts of one Service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceInfo {
     pub key: ObjectKey,
     pub service_type: ServiceType,
     /// At most one ClusterIP per family.
-    pub cluster_ips: BTreeMap<IpFamily, IpAddr>,
+    pub cluster_ips: FamilyIps,
     pub ports: Vec<PortSpec>,
     pub external_ips: Vec<IpAddr>,
     pub load_balancer_ingress: Vec<LoadBalancerIngress>,
@@ -181,7 +217,7 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
     {
         return ServiceRead::Ignored(IgnoreReason::Headless);
     }
-    let mut cluster_ips = BTreeMap::new();
+    let mut cluster_ips = FamilyIps::default();
     let listed: Vec<(String, &str)> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => {
             ips.iter().enumerate().map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.as_str())).collect()
