@@ -165,35 +165,35 @@ fn load_json(file: &Path, position: &str, text: &str, out: &mut LoadedManifests)
             }
             Ok(())
         }
-        (Some("v1"), Some("Service"), _) => {
-            serde_json::from_str::<Service>(text).map_err(|e| e.to_string()).map(|svc| {
-                if let Some(m) = add_service(svc, &mut out.state) {
-                    out.problems.push(ManifestProblem {
-                        file: file.to_path_buf(),
-                        document: position.into(),
-                        message: m,
-                        skipped: true,
-                    });
-                }
-            })
-        }
-        (Some("discovery.k8s.io/v1"), Some("EndpointSlice"), _) => {
-            serde_json::from_str::<EndpointSlice>(text).map_err(|e| e.to_string()).map(|slice| {
-                if let Some(m) = add_slice(slice, &mut out.state) {
-                    out.problems.push(ManifestProblem {
-                        file: file.to_path_buf(),
-                        document: position.into(),
-                        message: m,
-                        skipped: true,
-                    });
-                }
-            })
-        }
-        (Some("v1"), Some("Node"), _) => {
-            serde_json::from_str::<Node>(text).map_err(|e| e.to_string()).map(|node| add_node(node, &mut out.state))
-        }
+        (Some("v1"), Some("Service"), _) => read_typed(file, position, text, out, add_service),
+        (Some("discovery.k8s.io/v1"), Some("EndpointSlice"), _) => read_typed(file, position, text, out, add_slice),
+        (Some("v1"), Some("Node"), _) => read_typed(file, position, text, out, |node, state| {
+            add_node(node, state);
+            None
+        }),
         _ => Err("not one of the kinds read directly".into()),
     }
+}
+
+/// Parses one object of a known kind from its JSON text and adds it; a
+/// refusal (a second definition) becomes a problem. Err: it did not parse.
+fn read_typed<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    position: &str,
+    text: &str,
+    out: &mut LoadedManifests,
+    add: impl FnOnce(T, &mut ClusterState) -> Option<String>,
+) -> Result<(), String> {
+    let object = serde_json::from_str::<T>(text).map_err(|e| e.to_string())?;
+    if let Some(message) = add(object, &mut out.state) {
+        out.problems.push(ManifestProblem {
+            file: file.to_path_buf(),
+            document: position.into(),
+            message,
+            skipped: true,
+        });
+    }
+    Ok(())
 }
 
 fn load_document(file: &Path, position: &str, doc: Value, out: &mut LoadedManifests) {
