@@ -208,6 +208,24 @@ impl Synthetic {
             .expect("serialising JSON values cannot fail")
     }
 
+    /// Service `i` as the API server serves it.
+    pub fn service_object(i: usize) -> anyhow::Result<Service> {
+        Ok(serde_json::from_value(Self::service_json(i))?)
+    }
+
+    /// Service `i`'s EndpointSlice after `changes` one-endpoint changes, as the API server serves it.
+    pub fn slice_object(&self, i: usize, changes: usize) -> anyhow::Result<EndpointSlice> {
+        Ok(serde_json::from_value(Self::slice_json(i, self.endpoints_after(i, changes)))?)
+    }
+
+    /// Service `i`'s EndpointSlice with its second endpoint moved to the `n`-th
+    /// changed address (churn: any service, any number of times).
+    pub fn churned_slice(&self, i: usize, n: usize) -> anyhow::Result<EndpointSlice> {
+        let mut eps = self.endpoints(i);
+        eps[1].0 = Self::changed_endpoint(n);
+        Ok(serde_json::from_value(Self::slice_json(i, eps))?)
+    }
+
     /// The watch event that writes service `i`'s slice after `changes` one-endpoint changes.
     pub fn slice_change(&self, i: usize, changes: usize) -> anyhow::Result<StateChange> {
         let slice: EndpointSlice = serde_json::from_value(Self::slice_json(i, self.endpoints_after(i, changes)))?;

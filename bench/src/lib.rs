@@ -13,7 +13,8 @@
 //!
 //! The `control_plane_bpf` binary measures the incremental control plane (module
 //! `incremental`): in-process full sync and one-change latency at 1k to 100k
-//! services, and a real `ferry run` on a chunked manifest directory.
+//! services, a real `ferry run` on a chunked manifest directory, and a real
+//! `ferry agent` against the fake API server (module `api_agent`), with churn.
 //!
 //! ```text
 //! conn        the client and echo server re-executed inside the lab's pods
@@ -22,6 +23,7 @@
 //! Benchmarks are not tests: nothing here is `#[test]`, and `make test` never runs it.
 
 pub mod agent;
+pub mod api_agent;
 pub mod cluster;
 pub mod conn;
 pub mod control_plane;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use ferry::lab::Lab;
 use ferry_bench::cluster::{self, Synthetic};
+use ferry_bench::api_agent::{self, ApiAgent};
 use ferry_bench::incremental::{self, InProcess, RunAgent, Shape};
 use ferry_bench::machine::Machine;
 use serde::Serialize;
@@ -35,6 +36,16 @@ struct Cli {
     /// Cluster shapes SERVICESxENDPOINTS timed in-process too (comma-separated; empty: none).
     #[arg(long, value_delimiter = ',', default_values_t = ["10000x100".to_string(), "1x10000".to_string()])]
     shapes: Vec<String>,
+    /// One-endpoint changes timed through `ferry agent` (fake API server) per size.
+    #[arg(long, default_value_t = 100)]
+    api_changes: usize,
+    /// Churn through `ferry agent` at the largest size: RATExSECONDS (changes per
+    /// second, each to another service, for that long); empty: none.
+    #[arg(long, default_value = "1000x60")]
+    churn: String,
+    /// Which measurements to run (comma-separated): in-process, run, agent, shapes.
+    #[arg(long, value_delimiter = ',', default_values_t = ["in-process".to_string(), "run".to_string(), "agent".to_string(), "shapes".to_string()])]
+    parts: Vec<String>,
     /// The ferry binary (default: `ferry` next to this binary).
     #[arg(long)]
     ferry: Option<PathBuf>,
@@ -48,6 +59,7 @@ struct Results {
     machine: Machine,
     in_process: Vec<InProcess>,
     ferry_run: Vec<RunAgent>,
+    ferry_agent: Vec<ApiAgent>,
     shapes: Vec<Shape>,
 }
 
@@ -67,14 +79,38 @@ fn main() -> anyhow::Result<()> {
     let node = lab.add_node(cluster::NODE)?;
     let cgroup = lab.sb.cgroup("prog")?;
     let cfg = cluster::node_config(&lab.node_ips(node));
-    let mut results = Results { machine, in_process: Vec::new(), ferry_run: Vec::new(), shapes: Vec::new() };
+    let mut results = Results { machine, in_process: Vec::new(), ferry_run: Vec::new(), ferry_agent: Vec::new(), shapes: Vec::new() };
+    let part = |name: &str| cli.parts.iter().any(|p| p == name);
+    for p in &cli.parts {
+        anyhow::ensure!(
+            ["in-process", "run", "agent", "shapes"].contains(&p.as_str()),
+            "--parts {p}: the parts are in-process, run, agent and shapes"
+        );
+    }
+    let churn = match cli.churn.as_str() {
+        "" => None,
+        c => Some(
+            c.split_once('x')
+                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+                .with_context(|| format!("--churn {c}: write RATExSECONDS, e.g. 1000x60"))?,
+        ),
+    };
+    let largest = sizes.iter().map(|s| s.services).max().unwrap_or(0);
     for synthetic in &sizes {
         let n = synthetic.services;
-        let pin_dir = PathBuf::from(ferry_bpf::system::BPFFS).join(format!("{}-p{n}", lab.sb.id()));
-        results.in_process.push(incremental::in_process(synthetic, &cfg, pin_dir, &cgroup, cli.changes)?);
-        results.ferry_run.push(incremental::run_agent(&mut lab, node, synthetic, cli.agent_changes)?);
+        if part("in-process") {
+            let pin_dir = PathBuf::from(ferry_bpf::system::BPFFS).join(format!("{}-p{n}", lab.sb.id()));
+            results.in_process.push(incremental::in_process(synthetic, &cfg, pin_dir, &cgroup, cli.changes)?);
+        }
+        if part("run") {
+            results.ferry_run.push(incremental::run_agent(&mut lab, node, synthetic, cli.agent_changes)?);
+        }
+        if part("agent") {
+            let churn = churn.filter(|_| n == largest);
+            results.ferry_agent.push(api_agent::run(&mut lab, node, synthetic, cli.api_changes, churn)?);
+        }
     }
-    for shape in cli.shapes.iter().filter(|s| !s.is_empty()) {
+    for shape in cli.shapes.iter().filter(|s| !s.is_empty() && part("shapes")) {
         let (services, endpoints) = shape
             .split_once('x')
             .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
@@ -131,6 +167,41 @@ fn markdown(r: &Results) -> String {
             x.file_change_to_datapath.p50_us / 1e3,
             x.file_change_to_datapath.p99_us / 1e3
         ));
+    }
+    s.push_str("\n## `ferry agent` against the fake API server (real list/watch over HTTP)\n\n");
+    s.push_str("| services | start to ready | RSS after ready | peak RSS | RSS after changes | event to datapath p50 | p99 |\n|---|---|---|---|---|---|---|\n");
+    for x in &r.ferry_agent {
+        s.push_str(&format!(
+            "| {} | {:.2} s | {} MiB | {} MiB | {} MiB | {:.1} ms | {:.1} ms |\n",
+            x.services,
+            x.start_to_ready_s,
+            x.rss_after_ready_kib / 1024,
+            x.peak_rss_kib / 1024,
+            x.rss_after_changes_kib / 1024,
+            x.event_to_datapath.p50_us / 1e3,
+            x.event_to_datapath.p99_us / 1e3
+        ));
+    }
+    let churns: Vec<_> = r.ferry_agent.iter().filter_map(|x| Some((x.services, x.churn.as_ref()?))).collect();
+    if !churns.is_empty() {
+        s.push_str("\nChurn (each change to another service; latency is an upper bound: a change is credited to the second sync that starts after it was sent):\n\n");
+        s.push_str("| services | asked | sent | syncs | event to datapath p50 | p99 | max | RSS first / max / last second |\n|---|---|---|---|---|---|---|---|\n");
+        for (n, c) in churns {
+            s.push_str(&format!(
+                "| {} | {}/s × {} s | {:.0}/s | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} / {} / {} MiB |\n",
+                n,
+                c.rate_per_s,
+                c.seconds,
+                c.sent_per_s,
+                c.syncs,
+                c.event_to_datapath.p50_us / 1e3,
+                c.event_to_datapath.p99_us / 1e3,
+                c.event_to_datapath.max_us / 1e3,
+                c.rss_kib.first().copied().unwrap_or(0) / 1024,
+                c.rss_kib.iter().max().copied().unwrap_or(0) / 1024,
+                c.rss_kib.last().copied().unwrap_or(0) / 1024,
+            ));
+        }
     }
     s.push_str("\n## Other shapes (in-process)\n\n| services × endpoints | full sync | map ops | one change p50 | p99 |\n|---|---|---|---|---|\n");
     for x in &r.shapes {

@@ -29,7 +29,8 @@ use ferry_model::{
     EndpointSet, FrontendAddr, FrontendKey, FrontendKind, LocalDetector, Plan, PlanDiff, Route, ServicePort,
     ServicePortId,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Connection-tracking lifetimes of the packet path, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,7 +15,8 @@ use crate::service::{LABEL_HEADLESS, handled_by_other_proxy};
 use crate::state::ObjectKey;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 

@@ -28,10 +28,12 @@
 //! streaming lists (`sendInitialEvents`), protobuf, and kinds other than the three.
 
 mod http;
+mod netns;
 mod resource;
 mod selector;
 mod store;
 
+pub use netns::NetnsApi;
 pub use resource::ResourceType;
 
 use serde::Serialize;

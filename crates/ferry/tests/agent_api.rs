@@ -12,7 +12,7 @@
 
 use ferry::lab::{At, Lab};
 use ferry_sandbox::probe::{ConnectOpts, Endpoint};
-use ferry_testapi::{FakeApi, ResourceType};
+use ferry_testapi::{FakeApi, NetnsApi, ResourceType};
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -38,47 +38,6 @@ fn enter_netns(path: &Path) {
     // SAFETY: setns on a valid fd; it changes only the calling thread's namespace.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(rc, 0, "setns into {}: {}", path.display(), std::io::Error::last_os_error());
-}
-
-/// A fake API server listening on 127.0.0.1 inside a lab node's namespace.
-struct NodeApi {
-    api: Option<FakeApi>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NodeApi {
-    fn start(netns: PathBuf) -> NodeApi {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            // The listening socket is created after this, so it lives in the node's namespace.
-            enter_netns(&netns);
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                tx.send(FakeApi::start().await).unwrap();
-                let _ = stopped.await;
-            });
-        });
-        let api = rx.recv_timeout(WAIT).expect("the fake API server did not start");
-        NodeApi { api: Some(api), stop: Some(stop), thread: Some(thread) }
-    }
-
-    fn api(&self) -> &FakeApi {
-        self.api.as_ref().unwrap()
-    }
-}
-
-impl Drop for NodeApi {
-    fn drop(&mut self) {
-        drop(self.api.take());
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
@@ -286,7 +245,7 @@ fn lists_of(api: &FakeApi, resource: ResourceType) -> usize {
 #[test]
 fn nothing_is_programmed_before_sync_then_changes_follow() {
     let mut lab = lab();
-    let node_api = NodeApi::start(lab.sb.netns_path(&lab.nodes[0].host));
+    let node_api = NetnsApi::start(lab.sb.netns_path(&lab.nodes[0].host), Default::default()).expect("starting the fake API server in the node");
     let api = node_api.api();
     api.apply(&node_object(&lab, false));
     api.apply(&web_service());
@@ -376,7 +335,7 @@ fn nothing_is_programmed_before_sync_then_changes_follow() {
 #[test]
 fn dropped_watches_relists_and_outages_keep_the_datapath_serving() {
     let mut lab = lab();
-    let node_api = NodeApi::start(lab.sb.netns_path(&lab.nodes[0].host));
+    let node_api = NetnsApi::start(lab.sb.netns_path(&lab.nodes[0].host), Default::default()).expect("starting the fake API server in the node");
     let api = node_api.api();
     api.apply(&node_object(&lab, false));
     api.apply(&web_service());

@@ -2,7 +2,9 @@
 
 use super::Lab;
 use anyhow::{Context, bail};
+use std::ffi::OsStr;
 use std::fs::File;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -81,6 +83,19 @@ impl Lab {
 
     /// Starts node `node`'s agent (`ferry run`) and waits until its first sync is programmed.
     pub fn start_agent(&mut self, node: usize) -> anyhow::Result<()> {
+        let manifests = self.nodes[node].manifests.clone();
+        let args = [OsStr::new("run"), OsStr::new("--manifests"), manifests.as_os_str()];
+        self.spawn_agent(node, &args, Duration::from_secs(30))
+    }
+
+    /// Starts node `node`'s agent as `ferry agent`, reading the cluster from the API
+    /// server `kubeconfig` points at, and waits (at most `limit`) for its first sync.
+    pub fn start_api_agent(&mut self, node: usize, kubeconfig: &Path, limit: Duration) -> anyhow::Result<()> {
+        let args = [OsStr::new("agent"), OsStr::new("--kubeconfig"), kubeconfig.as_os_str()];
+        self.spawn_agent(node, &args, limit)
+    }
+
+    fn spawn_agent(&mut self, node: usize, source_args: &[&OsStr], limit: Duration) -> anyhow::Result<()> {
         if self.nodes[node].agent.is_some() {
             bail!("the agent of {} is already running", self.nodes[node].name);
         }
@@ -90,8 +105,7 @@ impl Lab {
         let log_path = self.state.join(format!("agent-{node}.log"));
         let log = File::options().create(true).append(true).open(&log_path)?;
         let mut cmd = self.sb.command(&n.host, &self.ferry);
-        cmd.args(["run", "--manifests"])
-            .arg(&n.manifests)
+        cmd.args(source_args)
             .arg("--node-config")
             .arg(&n.config)
             .arg("--ready-file")
@@ -103,7 +117,7 @@ impl Lab {
         let pid = self.sb.spawn_in(&host, None, cmd)?;
         self.nodes[node].agent = Some(pid);
         self.sb
-            .wait_for_file(pid, &ready, Duration::from_secs(30))
+            .wait_for_file(pid, &ready, limit)
             .with_context(|| format!("agent log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default()))?;
         Ok(())
     }
