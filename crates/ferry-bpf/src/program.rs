@@ -183,7 +183,13 @@ impl Ops {
         for phase in &mut self.phases {
             phase.sort_by_key(kind_order);
         }
-        self.phases.into_iter().flatten().collect()
+        // Sized up front: a full sync is a million operations, and growing by
+        // doubling would briefly hold twice that.
+        let mut out = Vec::with_capacity(self.phases.iter().map(Vec::len).sum());
+        for phase in self.phases {
+            out.extend(phase);
+        }
+        out
     }
 }
 

@@ -77,6 +77,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // One malloc arena for the whole process. glibc gives each thread that
+    // allocates its own arena; the agent reads objects on one thread and frees
+    // them on another, and the freed chunks stay spread over the arenas: at
+    // 100k services that was ~220 MiB of RSS (860 -> 640 MiB measured). The
+    // threads that allocate (source, loop, sync) rarely do so at once.
+    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
