@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// A sync touching more service ports than this is followed by `malloc_trim`.
+/// A sync touching more service ports than this is followed by `mi_collect`.
 const LARGE_SYNC: usize = 10_000;
 
 /// A sync or resync for the sync thread.
@@ -167,10 +167,10 @@ impl Worker {
         drop(diff);
         if large {
             // A start-up or a relist leaves the reading and planning garbage
-            // in malloc's free lists (several arenas, one per thread): give it
-            // back, or the agent's RSS stays at its peak.
-            // SAFETY: malloc_trim only releases free memory; no pointer is invalidated.
-            unsafe { libc::malloc_trim(0) };
+            // in the allocator's free lists: give it back to the kernel now,
+            // not at mimalloc's own pace.
+            // SAFETY: mi_collect only releases free memory; no pointer is invalidated.
+            unsafe { libmimalloc_sys::mi_collect(true) };
         }
         report
     }
