@@ -204,9 +204,8 @@ fn run_churn(
     let total = (rate * seconds) as usize;
     eprintln!("[{n}] ferry agent: churn, {rate} changes/s for {seconds} s");
     // Built up front so the sender's pace is the API server's, not serde's.
-    let slices: Vec<_> = (0..total)
-        .map(|k| synthetic.churned_slice((k * 7919) % n, 100_000 + k))
-        .collect::<anyhow::Result<_>>()?;
+    let slices: Vec<_> =
+        (0..total).map(|k| synthetic.churned_slice((k * 7919) % n, 100_000 + k)).collect::<anyhow::Result<_>>()?;
     let ready = lab.ready_file(node);
     let (first_gen, _) = synced(&ready).context("no ready file before the churn")?;
     let mut sent = Vec::with_capacity(total);

@@ -8,8 +8,8 @@
 use anyhow::Context;
 use clap::Parser;
 use ferry::lab::Lab;
-use ferry_bench::cluster::{self, Synthetic};
 use ferry_bench::api_agent::{self, ApiAgent};
+use ferry_bench::cluster::{self, Synthetic};
 use ferry_bench::incremental::{self, InProcess, RunAgent, Shape};
 use ferry_bench::machine::Machine;
 use serde::Serialize;
@@ -79,7 +79,8 @@ fn main() -> anyhow::Result<()> {
     let node = lab.add_node(cluster::NODE)?;
     let cgroup = lab.sb.cgroup("prog")?;
     let cfg = cluster::node_config(&lab.node_ips(node));
-    let mut results = Results { machine, in_process: Vec::new(), ferry_run: Vec::new(), ferry_agent: Vec::new(), shapes: Vec::new() };
+    let mut results =
+        Results { machine, in_process: Vec::new(), ferry_run: Vec::new(), ferry_agent: Vec::new(), shapes: Vec::new() };
     let part = |name: &str| cli.parts.iter().any(|p| p == name);
     for p in &cli.parts {
         anyhow::ensure!(

@@ -32,10 +32,10 @@ use crate::plan::{
 use crate::problem::ObjectError;
 use crate::service::{IgnoreReason, ServiceInfo, ServiceRead, read_service};
 use crate::state::{ObjectKey, StateChange};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use smallvec::SmallVec;
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -245,7 +245,8 @@ fn lists_of(api: &FakeApi, resource: ResourceType) -> usize {
 #[test]
 fn nothing_is_programmed_before_sync_then_changes_follow() {
     let mut lab = lab();
-    let node_api = NetnsApi::start(lab.sb.netns_path(&lab.nodes[0].host), Default::default()).expect("starting the fake API server in the node");
+    let node_api = NetnsApi::start(lab.sb.netns_path(&lab.nodes[0].host), Default::default())
+        .expect("starting the fake API server in the node");
     let api = node_api.api();
     api.apply(&node_object(&lab, false));
     api.apply(&web_service());
@@ -335,7 +336,8 @@ fn nothing_is_programmed_before_sync_then_changes_follow() {
 #[test]
 fn dropped_watches_relists_and_outages_keep_the_datapath_serving() {
     let mut lab = lab();
-    let node_api = NetnsApi::start(lab.sb.netns_path(&lab.nodes[0].host), Default::default()).expect("starting the fake API server in the node");
+    let node_api = NetnsApi::start(lab.sb.netns_path(&lab.nodes[0].host), Default::default())
+        .expect("starting the fake API server in the node");
     let api = node_api.api();
     api.apply(&node_object(&lab, false));
     api.apply(&web_service());
