@@ -16,7 +16,7 @@ use ferry_bench::control_plane::shape::{ServiceSpec, Shape};
 use ferry_bench::control_plane::{kube_iptables, kube_nft};
 use ferry_bench::machine::Machine;
 use ferry_bench::stats::percentile;
-use ferry_model::{Plan, build_plan};
+use ferry_model::Planner;
 use ferry_nft::services::Renderer;
 use ferry_sandbox::{Host, Sandbox};
 use serde::{Deserialize, Serialize};
@@ -87,7 +87,7 @@ struct FullSync {
     load_ms: f64,
     script_bytes: usize,
     script_lines: usize,
-    /// ferry only: build_plan and Renderer::sync (the script's rendering).
+    /// ferry only: Planner::sync and Renderer::sync (the script's rendering).
     plan_ms: Option<f64>,
     render_ms: Option<f64>,
     /// DNAT rules found in the kernel afterwards (one per endpoint is expected); counted
@@ -101,7 +101,7 @@ struct Changes {
     load_p50_ms: f64,
     load_p99_ms: f64,
     load_max_ms: f64,
-    /// ferry only: build_plan + Plan::diff, and Renderer::sync, medians.
+    /// ferry only: Planner::apply + sync (plan and diff), and Renderer::sync, medians.
     plan_p50_ms: Option<f64>,
     render_p50_ms: Option<f64>,
     script_lines_p50: usize,
@@ -216,9 +216,14 @@ fn ferry_series(sb: &Sandbox, host: &Host, shape: &Shape, cli: &Cli) -> anyhow::
     let label = shape.label();
     eprintln!("[{label}] {FERRY}: building the ClusterState");
     let cfg = cluster::node_config(&["192.168.50.10".parse().expect("valid address")]);
-    let mut state = shape.cluster_state()?;
+    // The agent's own path: the incremental Planner, fed the objects as its source would.
+    let state = shape.cluster_state()?;
+    let mut planner = Planner::new(cfg.clone());
+    planner.replace_services(state.services.values());
+    planner.replace_slices(state.endpoint_slices.values());
+    drop(state);
     let t = Instant::now();
-    let mut plan = build_plan(&state, &cfg);
+    let (plan, _) = planner.sync();
     let plan_ms = ms(t.elapsed());
     anyhow::ensure!(plan.problems.is_empty(), "the synthetic cluster has problems: {:?}", &plan.problems[..1]);
     let mut renderer = Renderer::default();
@@ -248,10 +253,10 @@ fn ferry_series(sb: &Sandbox, host: &Host, shape: &Shape, cli: &Cli) -> anyhow::
         dnat_rules_in_kernel: dnat,
     };
     let changes = time_changes(cli.changes, Duration::from_secs(cli.change_budget_s), |n| {
-        state.apply(shape.endpoint_change(n)?);
+        let change = shape.endpoint_change(n)?;
         let t = Instant::now();
-        let new = build_plan(&state, &cfg);
-        let diff = Plan::diff(&plan, &new);
+        planner.apply(change);
+        let (new, diff) = planner.sync();
         let planned = t.elapsed();
         anyhow::ensure!(diff.changed.len() == 1, "one endpoint change changed {} service ports", diff.changed.len());
         let t = Instant::now();
@@ -267,7 +272,6 @@ fn ferry_series(sb: &Sandbox, host: &Host, shape: &Shape, cli: &Cli) -> anyhow::
             renderer.applied(family, table);
         }
         let loaded = t.elapsed();
-        plan = new;
         Ok((loaded, Some(planned), Some(rendered), nlines))
     })?;
     eprintln!(

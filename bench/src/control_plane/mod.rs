@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! shape           N services x M endpoints (ClusterIP, TCP 80 -> 8080)
-//!  ├ ferry nftables        build_plan -> Renderer::sync -> nft::apply_with  (crates/ferry-nft)
+//!  ├ ferry nftables        Planner -> Renderer::sync -> nft::apply_with  (crates/ferry-nft)
 //!  ├ kube-proxy iptables   KUBE-SERVICES / KUBE-SVC-* / KUBE-SEP-* -> iptables-nft-restore  (kube_iptables)
 //!  └ kube-proxy nftables   table ip kube-proxy: service-ips vmap, service-*/endpoint-* chains -> nft -f  (kube_nft)
 //! each series in its own empty network namespace of a ferry-bench sandbox:
