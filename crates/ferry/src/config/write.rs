@@ -61,6 +61,15 @@ pub fn node_config_yaml(cfg: &NodeConfig) -> String {
     let _ = writeln!(s, "masquerade: {mode}");
     let _ = writeln!(s, "nonMasqueradeCIDRs: {}", list(&cfg.non_masquerade_cidrs));
     let _ = writeln!(s, "masqueradeLinkLocal: {}", cfg.masquerade_link_local);
+    if let Some(allowed) = &cfg.external_ips_allowed {
+        let _ = writeln!(s, "externalIPs: {{allowedCIDRs: {}}}", list(allowed));
+    }
+    let l = cfg.service_limits;
+    let _ = writeln!(
+        s,
+        "limits: {{maxFrontendsPerService: {}, maxEndpointsPerService: {}}}",
+        l.max_frontends, l.max_endpoints
+    );
     s
 }
 
