@@ -86,9 +86,15 @@ mod tests {
 
     #[test]
     fn every_acceptance_case_config_round_trips() {
-        let file: ferry_model::acceptance::CaseFile =
-            serde_json::from_str(include_str!("../../../../acceptance/kube-proxy-flows.json")).unwrap();
-        for case in &file.cases {
+        let mut cases = Vec::new();
+        for text in [
+            include_str!("../../../../acceptance/kube-proxy-flows.json"),
+            include_str!("../../../../acceptance/ferry-isolation-flows.json"),
+        ] {
+            let file: ferry_model::acceptance::CaseFile = serde_json::from_str(text).unwrap();
+            cases.extend(file.cases);
+        }
+        for case in &cases {
             let cfg = case.node_config().unwrap();
             let back = round_trip(&cfg);
             // "Every address" is written as catch-all ranges; same meaning.
