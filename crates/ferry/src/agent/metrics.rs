@@ -443,8 +443,11 @@ mod tests {
                 error: None,
             }],
         });
+        m.set_object_problems(&[((ferry_model::ObjectKind::Service, ferry_model::Consequence::ObjectSkipped), 3)]);
         let text = m.render();
         for name in [
+            "ferry_object_problems{kind=\"Service\",consequence=\"skipped\"} 3",
+            "ferry_object_problems{kind=\"EndpointSlice\",consequence=\"warning\"} 0",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"}",
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",

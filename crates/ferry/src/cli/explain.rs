@@ -64,6 +64,16 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&e)?);
         } else {
             print!("{e}");
+            // Claims on this destination that were refused (a hijack attempt, an ignored ExternalIP).
+            let key = ferry_model::FrontendKey { addr: ferry_model::FrontendAddr::Ip(dst), port, protocol };
+            let (as_frontend, as_address) = (key.to_string(), format!("{dst} is "));
+            for p in plan
+                .problems
+                .iter()
+                .filter(|p| p.message.starts_with(&as_frontend) || p.message.starts_with(&as_address))
+            {
+                println!("refused   {p}");
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }
