@@ -62,7 +62,7 @@ bench-reconcile: bench-build
 # mutated input (fuzz/README.md); `make test` runs them with proptest's default.
 .PHONY: fuzz
 fuzz: deps
-	PROPTEST_CASES=20000 $(CARGO) test -p ferry-k8s --test fuzz_manifests
-	PROPTEST_CASES=20000 $(CARGO) test -p ferry --test fuzz_config
-	PROPTEST_CASES=20000 $(CARGO) test -p ferry-conntrack --test fuzz_wire
-	PROPTEST_CASES=20000 $(CARGO) test -p ferry-model --test never_panics
+	PROPTEST_CASES=200000 $(CARGO) test -p ferry-k8s --test fuzz_manifests
+	PROPTEST_CASES=200000 $(CARGO) test -p ferry --test fuzz_config
+	PROPTEST_CASES=200000 $(CARGO) test -p ferry-conntrack --test fuzz_wire
+	PROPTEST_CASES=200000 $(CARGO) test -p ferry-model --test never_panics
