@@ -24,6 +24,7 @@ test: lint build
 	$(FERRY) conformance --cases acceptance/kube-proxy-flows.json --datapath model
 	$(FERRY) conformance --scenarios acceptance/kube-proxy-scenarios.json --datapath model
 	$(FERRY) conformance --scenarios acceptance/ferry-scenarios.json --datapath model
+	$(FERRY) conformance --cases acceptance/ferry-isolation-flows.json --datapath model
 
 # The benchmarks (bench/README.md). Need root; not part of `make test`.
 # socket_lb: socket-LB latency, programming time and memory at 1k, 10k and 100k
@@ -56,3 +57,12 @@ bench-nodeport: bench-build
 
 bench-reconcile: bench-build
 	target/release/reconcile
+
+# Longer fuzzing runs of the property tests that feed ferry arbitrary and
+# mutated input (fuzz/README.md); `make test` runs them with proptest's default.
+.PHONY: fuzz
+fuzz: deps
+	PROPTEST_CASES=200000 $(CARGO) test -p ferry-k8s --test fuzz_manifests
+	PROPTEST_CASES=200000 $(CARGO) test -p ferry --test fuzz_config
+	PROPTEST_CASES=200000 $(CARGO) test -p ferry-conntrack --test fuzz_wire
+	PROPTEST_CASES=200000 $(CARGO) test -p ferry-model --test never_panics

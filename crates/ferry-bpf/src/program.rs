@@ -263,6 +263,14 @@ impl Adopted {
     }
 }
 
+/// Most backends in one set: slot numbers and counts are 16 bits.
+const MAX_SET: usize = ferry_model::ServiceLimits::SLOT_CEILING as usize;
+
+/// A slot number or count as the map stores it; never wraps (sets are capped at [`MAX_SET`]).
+fn slot_no(i: usize) -> u16 {
+    u16::try_from(i).unwrap_or(u16::MAX)
+}
+
 /// Mirror of the programmed datapath; see the module documentation.
 #[derive(Debug, Clone, Default)]
 pub struct Programmer {
@@ -534,9 +542,11 @@ impl Programmer {
             family: family_of(&e.ip),
             flags: if e.local { BE_LOCAL } else { 0 },
         };
+        // The planner refuses a Service with a larger set (ServiceLimits); the
+        // cap only makes the 16-bit slot numbers below impossible to wrap.
         let want: [Vec<Backend>; 2] = [
-            sp.endpoint_set(EndpointSet::Cluster).map(backend_of).collect(),
-            sp.endpoint_set(EndpointSet::Local).map(backend_of).collect(),
+            sp.endpoint_set(EndpointSet::Cluster).map(backend_of).take(MAX_SET).collect(),
+            sp.endpoint_set(EndpointSet::Local).map(backend_of).take(MAX_SET).collect(),
         ];
         let live = usize::from(prog.svc.rev & 1);
         let same = !is_new
@@ -559,13 +569,13 @@ impl Programmer {
                     let bid = self.backends.acquire(*be, ops);
                     new.push(bid);
                     if old.get(i) != Some(&bid) {
-                        let key = SlotKey { service: id, rev, set: set as u8, slot: i as u16 };
+                        let key = SlotKey { service: id, rev, set: set as u8, slot: slot_no(i) };
                         ops.push(MapOp::PutSlot(key, bid));
                     }
                 }
                 for (i, bid) in old.iter().enumerate() {
                     if i >= new.len() {
-                        ops.push(MapOp::DelSlot(SlotKey { service: id, rev, set: set as u8, slot: i as u16 }));
+                        ops.push(MapOp::DelSlot(SlotKey { service: id, rev, set: set as u8, slot: slot_no(i) }));
                     }
                     self.backends.release(*bid, ops);
                 }
@@ -627,7 +637,7 @@ impl Programmer {
             }
         }
         let svc = SvcVal {
-            count: [prog.slots[r][0].len() as u16, prog.slots[r][1].len() as u16],
+            count: [slot_no(prog.slots[r][0].len()), slot_no(prog.slots[r][1].len())],
             action: [
                 [action(&sp.internal.pod), action(&sp.internal.host), action(&sp.internal.external)],
                 [action(&sp.external.pod), action(&sp.external.host), action(&sp.external.external)],
@@ -681,7 +691,7 @@ impl Programmer {
         for (rev, sets) in prog.slots.iter().enumerate() {
             for (set, list) in sets.iter().enumerate() {
                 for (i, bid) in list.iter().enumerate() {
-                    ops.push(MapOp::DelSlot(SlotKey { service: id, rev: rev as u8, set: set as u8, slot: i as u16 }));
+                    ops.push(MapOp::DelSlot(SlotKey { service: id, rev: rev as u8, set: set as u8, slot: slot_no(i) }));
                     self.backends.release(*bid, ops);
                 }
             }

@@ -528,3 +528,57 @@ fn a_long_named_service_port_survives_adopt_and_resync() {
         assert_eq!(k.resolve(&fe("172.30.0.1", 80), SET_CLUSTER).len(), 1, "round {round}");
     }
 }
+
+/// No silent 16-bit wrap (issue 12): a backend set larger than a slot number
+/// can count is refused by the planner by name, and even a Plan built by hand
+/// with one is programmed with distinct slot numbers and a saturated count,
+/// never slot 0 written twice.
+#[test]
+fn backend_sets_past_16_bits_never_wrap() {
+    let n = 70_000usize;
+    let ip = |i: usize| format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+    // The planner: refused by name, whatever maxEndpointsPerService says.
+    let mut state = cluster(1, &["10.2.0.1"]);
+    for chunk in 0..n / 1000 {
+        let eps: Vec<_> = (chunk * 1000..(chunk + 1) * 1000).map(|i| json!({"addresses": [ip(i)]})).collect();
+        let slice = json!({"metadata": {"name": format!("big-{chunk}"), "namespace": "ns", "labels": {"kubernetes.io/service-name": "s0"}},
+            "addressType": "IPv4", "endpoints": eps, "ports": [{"name": "http", "port": 8080}]});
+        state.apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+    }
+    let mut config = cfg();
+    config.service_limits.max_endpoints = 1_000_000;
+    let plan = build_plan(&state, &config);
+    assert!(plan.services.is_empty(), "a 70,000-endpoint service port was planned");
+    assert!(
+        plan.problems
+            .iter()
+            .any(|p| p.object.name.as_ref() == "s0" && p.message.contains("at most 65535 per service port")),
+        "{:?}",
+        plan.problems
+    );
+
+    // The Programmer, handed such a Plan anyway.
+    let small = build_plan(&cluster(1, &["10.2.0.1"]), &cfg());
+    let mut plan = small.clone();
+    let (id, sp) = small.services.iter().next().unwrap();
+    let mut sp = (**sp).clone();
+    let template = sp.endpoints[0].clone();
+    sp.endpoints = (0..n).map(|i| ferry_model::Endpoint { ip: ip(i).parse().unwrap(), ..template.clone() }).collect();
+    sp.categorized.cluster = (0..n).collect();
+    sp.categorized.local.clear();
+    plan.services.insert(id.clone(), std::sync::Arc::new(sp));
+    let ops = Programmer::new().sync(&plan, None, &rt());
+    let slots: Vec<u16> = ops
+        .iter()
+        .filter_map(|op| match op {
+            MapOp::PutSlot(k, _) if k.set == SET_CLUSTER => Some(k.slot),
+            _ => None,
+        })
+        .collect();
+    let distinct: BTreeSet<u16> = slots.iter().copied().collect();
+    assert_eq!(slots.len(), distinct.len(), "a slot number was written twice (wrapped)");
+    assert_eq!(distinct.len(), 65_535);
+    let counts: Vec<[u16; 2]> =
+        ops.iter().filter_map(|op| if let MapOp::PutService(_, v) = op { Some(v.count) } else { None }).collect();
+    assert_eq!(counts, vec![[65_535, 0]]);
+}

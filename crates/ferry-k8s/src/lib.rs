@@ -10,6 +10,7 @@
 pub mod api;
 pub mod manifest_source;
 pub mod manifests;
+pub mod names;
 
 pub use manifest_source::{ManifestSource, ManifestSourceError};
 pub use manifests::{LoadedManifests, ManifestProblem, load_dir};

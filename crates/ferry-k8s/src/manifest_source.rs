@@ -16,7 +16,7 @@
 //! time, so no change is lost.
 
 use crate::api::{Kind, SourceEvent};
-use crate::manifests::{LoadedManifests, ManifestProblem, collect_files, load_text};
+use crate::manifests::{LoadLimits, LoadedManifests, ManifestProblem, collect_files, load_text_with};
 use ferry_model::state::{ObjectKey, StateChange};
 use notify::Watcher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -68,6 +68,9 @@ pub struct ManifestSource {
     owners: HashMap<ObjectId, u32>,
     file_numbers: HashMap<PathBuf, u32>,
     file_names: Vec<PathBuf>,
+    limits: LoadLimits,
+    /// Walk problems already logged, so a rescan does not repeat them.
+    walk_problems: BTreeSet<String>,
 }
 
 /// A digest of an object's content, to tell a rewritten-but-equal object from a changed one.
@@ -85,7 +88,15 @@ impl ManifestSource {
             owners: HashMap::new(),
             file_numbers: HashMap::new(),
             file_names: Vec::new(),
+            limits: LoadLimits::default(),
+            walk_problems: BTreeSet::new(),
         }
+    }
+
+    /// Reads files within `limits` (size cap, documents per file).
+    pub fn with_limits(mut self, limits: LoadLimits) -> ManifestSource {
+        self.limits = limits;
+        self
     }
 
     /// Runs on the calling thread until `stop` is set or the receiver is
@@ -171,8 +182,14 @@ impl ManifestSource {
     /// length), and what vanished.
     fn rescan(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), ManifestSourceError> {
         let mut files = Vec::new();
-        collect_files(&self.dir, &mut files)
+        let mut problems = Vec::new();
+        collect_files(&self.dir, &mut files, &mut problems)
             .map_err(|source| ManifestSourceError::Unreadable { path: self.dir.clone(), source })?;
+        let shown: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+        for p in shown.difference(&self.walk_problems) {
+            tracing::warn!("{p}");
+        }
+        self.walk_problems = shown;
         files.sort();
         let present: BTreeSet<PathBuf> = files.iter().cloned().collect();
         let gone: Vec<PathBuf> = self.files.keys().filter(|p| !present.contains(*p)).cloned().collect();
@@ -200,14 +217,9 @@ impl ManifestSource {
         if let Ok(meta) = std::fs::metadata(path) {
             now.modified = meta.modified().ok();
             now.len = meta.len();
-            match std::fs::read_to_string(path) {
-                Ok(text) => load_text(path, &text, &mut loaded),
-                Err(e) => loaded.problems.push(ManifestProblem {
-                    file: path.to_path_buf(),
-                    document: "-".into(),
-                    message: format!("cannot read file: {e}"),
-                    skipped: true,
-                }),
+            match crate::manifests::read_file(path, self.limits.max_file_bytes) {
+                Ok(text) => load_text_with(path, &text, self.limits, &mut loaded),
+                Err(message) => loaded.problems.push(ManifestProblem::entry(path, message)),
             }
         }
         for p in loaded.problems.iter().filter(|p| p.skipped) {
@@ -277,8 +289,7 @@ impl ManifestSource {
 }
 
 fn is_manifest(path: &Path) -> bool {
-    let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
-    !hidden && matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+    crate::manifests::is_manifest_name(path)
 }
 
 /// Sends every event; false once the receiver is gone.

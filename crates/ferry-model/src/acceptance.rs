@@ -65,6 +65,21 @@ pub struct ProxyConfig {
     pub service_cidrs: Vec<String>,
     #[serde(default)]
     pub feature_gates: BTreeMap<String, bool>,
+    /// ferry's own cases (`evidence: ferry-policy`): the node config's
+    /// `externalIPs.allowedCIDRs`. Absent: every unicast address.
+    #[serde(default, rename = "externalIPsAllowedCIDRs")]
+    pub external_ips_allowed_cidrs: Option<Vec<String>>,
+    /// ferry's own cases: the node config's `limits`.
+    #[serde(default)]
+    pub limits: Option<CaseLimits>,
+}
+
+/// Per-Service limits of a ferry policy case (the node config's `limits`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaseLimits {
+    pub max_frontends_per_service: Option<u32>,
+    pub max_endpoints_per_service: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -418,7 +433,18 @@ impl Case {
         if let Some(v) = pc.feature_gates.get("PreferSameTrafficDistribution") {
             gates.prefer_same_traffic_distribution = *v;
         }
+        let external_ips_allowed = match &pc.external_ips_allowed_cidrs {
+            None => None,
+            Some(list) => Some(cidrs("proxyConfig.externalIPsAllowedCIDRs", list)?),
+        };
+        let mut service_limits = crate::node_config::ServiceLimits::default();
+        if let Some(l) = &pc.limits {
+            service_limits.max_frontends = l.max_frontends_per_service.unwrap_or(service_limits.max_frontends);
+            service_limits.max_endpoints = l.max_endpoints_per_service.unwrap_or(service_limits.max_endpoints);
+        }
         Ok(NodeConfig {
+            external_ips_allowed,
+            service_limits,
             node_name: self.node.name.clone(),
             node_ips,
             primary_ips,

@@ -23,6 +23,7 @@ pub mod node_config;
 pub mod node_info;
 pub mod plan;
 pub mod planner;
+pub mod policy;
 pub mod problem;
 pub mod protocol;
 pub mod route;
@@ -35,7 +36,7 @@ pub use addr::IpFamily;
 pub use diff::{PlanDiff, ServicePortChange};
 pub use endpoints::Endpoint;
 pub use explain::{Explanation, Flow, Verdict, explain};
-pub use node_config::{LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses};
+pub use node_config::{LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses, ServiceLimits};
 pub use plan::{
     Claim, Frontend, FrontendAddr, FrontendKey, FrontendKind, NodeFacts, Plan, ServicePort, ServicePortId, build_plan,
 };

@@ -127,6 +127,36 @@ pub struct NodeConfig {
     pub non_masquerade_cidrs: Vec<IpNet>,
     /// Masquerade link-local destinations too.
     pub masquerade_link_local: bool,
+    /// `externalIPs.allowedCIDRs`: the only ranges a Service's `spec.externalIPs`
+    /// may come from (the DenyServiceExternalIPs idea, enforced at the node).
+    /// `None`: every unicast address is allowed, as with kube-proxy.
+    pub external_ips_allowed: Option<Vec<IpNet>>,
+    /// Per-Service limits; a Service over them is refused by name.
+    pub service_limits: ServiceLimits,
+}
+
+/// How much of the datapath one Service may take (`limits` in the node config).
+/// A Service over a limit is refused as a whole, by name, and every other
+/// Service keeps being programmed: one tenant cannot fill a map for everyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ServiceLimits {
+    /// Frontends of one Service over all its ports and families (ClusterIP,
+    /// each ExternalIP, each load-balancer address, the NodePort).
+    pub max_frontends: u32,
+    /// Endpoints of one Service summed over its service ports; also the
+    /// hard ceiling of one backend set (slot numbers are 16 bits).
+    pub max_endpoints: u32,
+}
+
+impl ServiceLimits {
+    /// One backend set never holds more than this many slots (a `u16` slot index).
+    pub const SLOT_CEILING: u32 = u16::MAX as u32;
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        ServiceLimits { max_frontends: 4096, max_endpoints: Self::SLOT_CEILING }
+    }
 }
 
 impl Default for NodeConfig {
@@ -150,6 +180,8 @@ impl Default for NodeConfig {
             masquerade: MasqueradeMode::Off,
             non_masquerade_cidrs: Vec::new(),
             masquerade_link_local: false,
+            external_ips_allowed: None,
+            service_limits: ServiceLimits::default(),
         }
     }
 }

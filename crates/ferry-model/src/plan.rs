@@ -201,6 +201,9 @@ pub struct NodeFacts {
     pub masquerade_exempt: Vec<(IpNet, crate::egress::ExemptReason)>,
     /// Addresses of the other nodes (from their Node objects).
     pub other_node_addresses: BTreeSet<IpAddr>,
+    /// `externalIPs.allowedCIDRs`; `None`: every unicast address.
+    pub external_ips_allowed: Option<Vec<IpNet>>,
+    pub service_limits: crate::node_config::ServiceLimits,
 }
 
 impl NodeFacts {
@@ -335,6 +338,8 @@ pub fn node_facts(nodes: &BTreeMap<String, NodeInfo>, cfg: &NodeConfig) -> NodeF
             cfg.masquerade_link_local,
         ),
         other_node_addresses,
+        external_ips_allowed: cfg.external_ips_allowed.clone(),
+        service_limits: cfg.service_limits,
     }
 }
 
@@ -528,6 +533,8 @@ pub(crate) fn plan_service(
     ctx: TopologyContext,
 ) -> PlannedService {
     let mut out = PlannedService::default();
+    let (admitted_external_ips, refused) = crate::policy::admit_external_ips(node, info);
+    out.problems.extend(refused);
     for &family in &node.families {
         let Some(&cluster_ip) = info.cluster_ips.get(&family) else {
             continue;
@@ -535,7 +542,7 @@ pub(crate) fn plan_service(
         out.cluster_ips.push(cluster_ip);
         let fam =
             |ips: &[IpAddr]| -> Vec<IpAddr> { ips.iter().copied().filter(|i| IpFamily::of(i) == family).collect() };
-        let external_ips = fam(&info.external_ips);
+        let external_ips = fam(&admitted_external_ips);
         let lb_all: Vec<_> = info.load_balancer_ingress.iter().filter(|l| IpFamily::of(&l.ip) == family).collect();
         let load_balancer_ips: Vec<IpAddr> = lb_all.iter().filter(|l| !l.proxy_mode).map(|l| l.ip).collect();
         let proxied_load_balancer_ips: Vec<IpAddr> = lb_all.iter().filter(|l| l.proxy_mode).map(|l| l.ip).collect();
@@ -579,6 +586,12 @@ pub(crate) fn plan_service(
                 ctx,
             ));
         }
+    }
+    if let Err(refusal) = crate::policy::within_limits(node, info, &out.ports) {
+        // Refused whole, by name: its ClusterIPs stay allocated (nothing else
+        // may take them), none of its frontends is programmed.
+        out.ports.clear();
+        out.problems.push(refusal);
     }
     out
 }

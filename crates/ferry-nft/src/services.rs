@@ -85,14 +85,30 @@ fn tag(text: &str) -> String {
     format!("{:08x}", h as u32)
 }
 
+/// The readable part of a service port's chain names: `namespace/name/proto/port`,
+/// made only of nft identifier characters and cut to [`READABLE_MAX`] bytes.
+/// Never the whole name: uniqueness comes from the hash in front (`tag`),
+/// so no user text reaches the ruleset unescaped, whatever a manifest held.
 fn readable(sp: &ServicePort) -> String {
-    format!(
+    let raw = format!(
         "{}/{}/{}/{}",
         sp.id.service.namespace,
         sp.id.service.name,
         proto(sp.id.protocol),
         if sp.id.port_name.is_empty() { sp.port.to_string() } else { sp.id.port_name.to_string() }
-    )
+    );
+    sanitize_name(&raw)
+}
+
+/// Longest readable part of a chain name (nft allows 256 bytes in all).
+pub const READABLE_MAX: usize = 96;
+
+/// Keeps `[A-Za-z0-9/_.-]`, turns everything else into `_`, cuts to [`READABLE_MAX`].
+pub fn sanitize_name(raw: &str) -> String {
+    raw.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '.' | '-') { c } else { '_' })
+        .take(READABLE_MAX)
+        .collect()
 }
 
 fn ep_addr(ip: &IpAddr, port: u16) -> String {
@@ -344,6 +360,9 @@ fn pod_ranges(plan: &Plan, family: IpFamily) -> Vec<ipnet::IpNet> {
     nets
 }
 
+/// The rule that makes route_localnet safe (kube-proxy's KUBE-FIREWALL martian rule).
+pub const LOCALNET_GUARD: &str = "iifname != \"lo\" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop";
+
 /// The node-level part of a family's table: hooks, dispatch and check chains, node sets.
 ///
 /// `with_cluster_ips`: fill the `cluster-ips` set (a patch that does not
@@ -423,6 +442,12 @@ pub fn render_node(plan: &Plan, family: IpFamily, with_cluster_ips: bool) -> Tab
         ),
     );
     let mut input = Vec::new();
+    if family == IpFamily::V4 && plan.node.node_port_addresses.iter().any(|a| a.is_loopback()) {
+        // NodePorts on 127.0.0.1 need route_localnet, which also lets packets to
+        // 127.0.0.0/8 in from any interface (CVE-2020-8558): drop those that did
+        // not come from lo and were not DNATed, before anything local sees them.
+        input.push(LOCALNET_GUARD.into());
+    }
     if plan.node.accept_health_check_node_ports && !plan.health_check_node_ports.is_empty() {
         let ports: Vec<String> = plan.health_check_node_ports.keys().map(|p| p.to_string()).collect();
         input.push(format!("tcp dport {{ {} }} accept", ports.join(", ")));

@@ -202,3 +202,37 @@ fn pod_traffic_is_matched_through_one_named_set() {
         assert!(!line.contains('{'), "an anonymous set or map in a service rule: {line}");
     }
 }
+
+/// Names that never passed an API server (the model does not check them):
+/// chain names carry a hash and a sanitized, capped readable part, never the
+/// user's text, so one such Service cannot break the `nft -f` transaction.
+#[test]
+fn hostile_names_never_reach_the_ruleset() {
+    let mut state = state(&["10.244.0.5"]);
+    let web = state.services.values().next().unwrap().clone();
+    let slice = state.endpoint_slices.values().next().unwrap().clone();
+    for (i, name) in ["a b; flush ruleset", "caf\u{e9}\u{1F600}", &"x".repeat(5000), "q\"uote}{"].iter().enumerate() {
+        let mut svc = web.clone();
+        svc.metadata.name = Some(name.to_string());
+        svc.spec.as_mut().unwrap().cluster_ip = Some(format!("10.96.1.{}", i + 1));
+        svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].name = Some(format!("{name}-port"));
+        state.services.insert(ferry_model::ObjectKey::of_meta(&svc.metadata), svc.clone());
+        let mut sl = slice.clone();
+        sl.metadata.name = Some(format!("hostile-{i}"));
+        sl.metadata.labels.as_mut().unwrap().insert("kubernetes.io/service-name".into(), name.to_string());
+        sl.ports.as_mut().unwrap()[0].name = Some(format!("{name}-port"));
+        state.endpoint_slices.insert(ferry_model::ObjectKey::of_meta(&sl.metadata), sl);
+    }
+    let plan = build_plan(&state, &node());
+    assert_eq!(plan.services.len(), 6, "{:?}", plan.problems);
+    for sp in plan.services.values() {
+        let parts = ferry_nft::services::render_service(sp, &plan);
+        for chain in parts.chains.keys() {
+            assert!(chain.len() <= 256, "{} bytes: {chain}", chain.len());
+            assert!(
+                chain.chars().all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c)),
+                "chain name with user text: {chain:?}"
+            );
+        }
+    }
+}

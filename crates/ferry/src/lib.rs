@@ -9,5 +9,7 @@ pub mod conformance;
 pub mod datapath;
 pub mod health;
 pub mod lab;
+pub mod localnet;
 pub mod node_addrs;
+pub mod pin_lock;
 pub mod proxier;

@@ -31,6 +31,8 @@ pub struct SyncReport {
     pub new_problems: Vec<ObjectError>,
     /// Problems that were fixed since the previous sync.
     pub fixed_problems: usize,
+    /// Every current problem, counted by object kind and consequence (`/metrics`).
+    pub problem_counts: Vec<((ferry_model::ObjectKind, ferry_model::Consequence), usize)>,
     /// UDP flows of the packet path removed because their backend stopped serving.
     pub stale_flows_deleted: usize,
     /// Connected UDP sockets destroyed because socket-LB had pointed them at a removed backend.
@@ -110,11 +112,8 @@ impl Proxier {
                 )
             }
             crate::config::DatapathChoice::Nftables => {
-                if cfg.localhost_node_ports {
-                    // NodePorts on 127.0.0.1 are DNATed off the host: the kernel must route loopback sources.
-                    std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1")
-                        .context("enabling net.ipv4.conf.all.route_localnet for localhostNodePorts")?;
-                }
+                // NodePorts on 127.0.0.1 need route_localnet: turned on after the
+                // first apply, once the table's guard rule is in (crate::localnet).
                 (
                     Backend::Nftables(ferry_nft::services::Renderer::default()),
                     Started { datapath: "nftables", ..Default::default() },
@@ -191,6 +190,9 @@ impl Proxier {
                     }
                     r.applied(family, table);
                 }
+                if crate::localnet::needed(&self.cfg) {
+                    crate::localnet::enable()?;
+                }
                 (lines, plan_time, t1, 0)
             }
         };
@@ -201,6 +203,11 @@ impl Proxier {
         let now: BTreeSet<ObjectError> = plan.problems.iter().cloned().collect();
         let new_problems = now.difference(&self.problems).cloned().collect();
         let fixed_problems = self.problems.difference(&now).count();
+        let mut counts = std::collections::BTreeMap::new();
+        for p in &now {
+            *counts.entry((p.kind, p.consequence)).or_insert(0usize) += 1;
+        }
+        let problem_counts = counts.into_iter().collect();
         self.problems = now;
         let report = SyncReport {
             service_ports: plan.services.len(),
@@ -209,6 +216,7 @@ impl Proxier {
             apply_time,
             new_problems,
             fixed_problems,
+            problem_counts,
             stale_flows_deleted,
             udp_sockets_destroyed: sockets_destroyed,
             conntrack,

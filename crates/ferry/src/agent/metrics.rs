@@ -47,6 +47,15 @@ pub struct CodeLabels {
     pub code: String,
 }
 
+/// A problem's object kind and what ferry did about it (`ferry_object_problems`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProblemLabels {
+    /// `Service`, `EndpointSlice` or `Node`.
+    pub kind: String,
+    /// `skipped` (the whole object), `entry_skipped` (one address or endpoint) or `warning`.
+    pub consequence: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
@@ -163,6 +172,7 @@ pub struct Metrics {
     pub sync_failures: Counter,
     pub resync_corrections: Counter,
     pub watch_errors: Family<KindLabels, Counter>,
+    pub object_problems: Family<ProblemLabels, Gauge>,
     pub conntrack_deleted: Family<FamilyLabels, Counter>,
     pub conntrack_duration: Family<FamilyLabels, Histogram>,
     pub datapath: Arc<DatapathView>,
@@ -197,6 +207,7 @@ impl Metrics {
             sync_failures: Counter::default(),
             resync_corrections: Counter::default(),
             watch_errors: Family::default(),
+            object_problems: Family::default(),
             conntrack_deleted: Family::default(),
             // kube-proxy's buckets (1 ms to 16 s).
             conntrack_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15))),
@@ -277,6 +288,11 @@ impl Metrics {
             m.watch_errors.clone(),
         );
         r.register(
+            "ferry_object_problems",
+            "Problems with objects in the current Plan (refused Services, ignored ExternalIPs, lost frontends), by kind and consequence; `ferry explain` names each",
+            m.object_problems.clone(),
+        );
+        r.register(
             "kubeproxy_conntrack_reconciler_deleted_entries",
             "Cumulative conntrack flows deleted by conntrack reconciler",
             m.conntrack_deleted.clone(),
@@ -299,6 +315,23 @@ impl Metrics {
     }
 
     /// Records a conntrack reconciler run: entries deleted and time taken, per family it listed.
+    /// Sets `ferry_object_problems` to the current counts (kinds absent from `counts` go to 0).
+    pub fn set_object_problems(&self, counts: &[((ferry_model::ObjectKind, ferry_model::Consequence), usize)]) {
+        use ferry_model::{Consequence, ObjectKind};
+        for kind in [ObjectKind::Service, ObjectKind::EndpointSlice, ObjectKind::Node] {
+            for c in [Consequence::ObjectSkipped, Consequence::EntrySkipped, Consequence::Warning] {
+                let n = counts.iter().find(|(k, _)| *k == (kind, c)).map_or(0, |(_, n)| *n);
+                let consequence = match c {
+                    Consequence::ObjectSkipped => "skipped",
+                    Consequence::EntrySkipped => "entry_skipped",
+                    Consequence::Warning => "warning",
+                };
+                let labels = ProblemLabels { kind: kind.to_string(), consequence: consequence.into() };
+                self.object_problems.get_or_create(&labels).set(n as i64);
+            }
+        }
+    }
+
     pub fn record_conntrack(&self, report: &ferry_conntrack::ReconcileReport) {
         for f in &report.families {
             let labels = FamilyLabels { ip_family: f.family.as_k8s().into() };
@@ -410,8 +443,11 @@ mod tests {
                 error: None,
             }],
         });
+        m.set_object_problems(&[((ferry_model::ObjectKind::Service, ferry_model::Consequence::ObjectSkipped), 3)]);
         let text = m.render();
         for name in [
+            "ferry_object_problems{kind=\"Service\",consequence=\"skipped\"} 3",
+            "ferry_object_problems{kind=\"EndpointSlice\",consequence=\"warning\"} 0",
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"}",
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",

@@ -161,9 +161,10 @@ pub async fn run_manifests(
     let (events_tx, events) = mpsc::channel(1024);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();
+    let limits = options.settings.manifests;
     let source = std::thread::Builder::new()
         .name("ferry-manifests".into())
-        .spawn(move || ferry_k8s::ManifestSource::new(dir).run_blocking(events_tx, stopped))?;
+        .spawn(move || ferry_k8s::ManifestSource::new(dir).with_limits(limits).run_blocking(events_tx, stopped))?;
     let result = drive(options, metrics, health, events, shutdown).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let watched = tokio::task::spawn_blocking(move || source.join()).await;
@@ -198,6 +199,21 @@ async fn drive(
 ) -> anyhow::Result<()> {
     let LoopOptions { settings, install, ready_file, once, node_wait } = options;
     let agent = settings.agent.clone();
+    if settings.node.external_ips_allowed.is_none() {
+        tracing::warn!(
+            "externalIPs.allowedCIDRs is not set: a Service in any namespace may expose itself on any unicast \
+             address as an ExternalIP on this node (CVE-2020-8554; ClusterIPs stay protected). Set it in the \
+             node config to the ranges your ExternalIPs come from (see the README's \"Security model\")"
+        );
+    }
+    // One writer per pin directory, for as long as this loop runs.
+    let pin_dir = install.pin_dir.clone().unwrap_or_else(|| settings.bpf.pin_path.clone());
+    let _pin_lock = match settings.datapath {
+        crate::config::DatapathChoice::Bpf if ferry_bpf::system::is_under_bpffs(&pin_dir) => {
+            Some(crate::pin_lock::lock(&pin_dir)?)
+        }
+        _ => None,
+    };
     let (done_tx, done) = mpsc::unbounded_channel();
     let sync_thread = SyncThread::spawn(settings.node.clone(), install, metrics.datapath.clone(), done_tx)?;
     let healthy = health.clone();
@@ -469,6 +485,7 @@ impl Loop<'_> {
             for p in &r.new_problems {
                 tracing::warn!("{p}");
             }
+            self.metrics.set_object_problems(&r.problem_counts);
             self.metrics.sync_duration.observe(finished.elapsed.as_secs_f64());
             self.metrics.map_operations.inc_by(r.map_ops as u64);
             if let Some(ct) = &r.conntrack {

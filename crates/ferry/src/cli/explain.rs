@@ -49,8 +49,9 @@ pub fn parse_destination(s: &str) -> anyhow::Result<(IpAddr, u16, Protocol)> {
 }
 
 pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
-    let cfg = config::node_config(&args.node)?;
-    let state = super::load_manifests(&args.manifests)?;
+    let settings = config::settings(&args.node)?;
+    let cfg = settings.node;
+    let state = super::load_manifests_with(&args.manifests, settings.manifests)?;
     let plan = build_plan(&state, &cfg);
     if let (Some(from), Some(to)) = (&args.from, &args.to) {
         let src = parse_ip_sloppy(from).with_context(|| format!("--from {from:?} is not an IP address"))?;
@@ -63,6 +64,16 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&e)?);
         } else {
             print!("{e}");
+            // Claims on this destination that were refused (a hijack attempt, an ignored ExternalIP).
+            let key = ferry_model::FrontendKey { addr: ferry_model::FrontendAddr::Ip(dst), port, protocol };
+            let (as_frontend, as_address) = (key.to_string(), format!("{dst} is "));
+            for p in plan
+                .problems
+                .iter()
+                .filter(|p| p.message.starts_with(&as_frontend) || p.message.starts_with(&as_address))
+            {
+                println!("refused   {p}");
+            }
         }
         return Ok(ExitCode::SUCCESS);
     }

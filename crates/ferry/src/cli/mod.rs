@@ -17,7 +17,13 @@ use std::path::Path;
 /// Loads a manifest directory, printing skipped documents to stderr (they never
 /// stop the rest from being served).
 pub fn load_manifests(dir: &Path) -> anyhow::Result<ClusterState> {
-    let loaded = manifests::load_dir(dir).with_context(|| format!("loading manifests from {}", dir.display()))?;
+    load_manifests_with(dir, manifests::LoadLimits::default())
+}
+
+/// [`load_manifests`] within the node config's `manifests` limits.
+pub fn load_manifests_with(dir: &Path, limits: manifests::LoadLimits) -> anyhow::Result<ClusterState> {
+    let loaded =
+        manifests::load_dir_with(dir, limits).with_context(|| format!("loading manifests from {}", dir.display()))?;
     for p in &loaded.problems {
         if p.skipped {
             eprintln!("warning: {p}");

@@ -38,6 +38,12 @@ pub static CONNTRACK: Section = Section {
     ],
 };
 
+pub static EXTERNAL_IPS: Section = Section { keys: &[("allowedCIDRs", None)] };
+
+pub static LIMITS: Section = Section { keys: &[("maxFrontendsPerService", None), ("maxEndpointsPerService", None)] };
+
+pub static MANIFESTS: Section = Section { keys: &[("maxFileBytes", None), ("maxDocumentsPerFile", None)] };
+
 pub static ROOT: Section = Section {
     keys: &[
         ("nodeName", None),
@@ -70,6 +76,9 @@ pub static ROOT: Section = Section {
         ("minSyncPeriod", None),
         ("syncPeriod", None),
         ("kubeconfig", None),
+        ("externalIPs", Some(&EXTERNAL_IPS)),
+        ("limits", Some(&LIMITS)),
+        ("manifests", Some(&MANIFESTS)),
     ],
 };
 
@@ -104,6 +113,8 @@ pub static RENAMED: &[Renamed] = &[
     Renamed { old: "nonMasqueradeCIDR", use_instead: "nonMasqueradeCIDRs (a list)" },
     Renamed { old: "masqLinkLocal", use_instead: "masqueradeLinkLocal" },
     Renamed { old: "conntrack.tcpTimeout", use_instead: "conntrack.tcpEstablishedTimeout" },
+    Renamed { old: "externalIPs.allowedCidrs", use_instead: "externalIPs.allowedCIDRs" },
+    Renamed { old: "allowedExternalIPs", use_instead: "externalIPs.allowedCIDRs" },
 ];
 
 /// A problem with one key of a document.

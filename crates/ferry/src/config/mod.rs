@@ -11,7 +11,9 @@ pub mod write;
 
 use clap::Args;
 use ferry_model::addr::{IpFamily, parse_cidr_sloppy, parse_ip_sloppy};
-use ferry_model::node_config::{FeatureGates, LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses};
+use ferry_model::node_config::{
+    FeatureGates, LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses, ServiceLimits,
+};
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
@@ -80,6 +82,31 @@ pub struct ConfigFile {
     pub min_sync_period: Option<String>,
     pub sync_period: Option<String>,
     pub kubeconfig: Option<PathBuf>,
+    #[serde(rename = "externalIPs")]
+    pub external_ips: Option<ExternalIpsFile>,
+    pub limits: Option<LimitsFile>,
+    pub manifests: Option<ManifestsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ManifestsFile {
+    pub max_file_bytes: Option<u64>,
+    pub max_documents_per_file: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExternalIpsFile {
+    #[serde(rename = "allowedCIDRs")]
+    pub allowed_cidrs: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsFile {
+    pub max_frontends_per_service: Option<u32>,
+    pub max_endpoints_per_service: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +237,8 @@ pub struct Settings {
     pub bpf: BpfSettings,
     /// What only `ferry agent` reads (health, metrics, sync periods, API server).
     pub agent: agent::AgentSettings,
+    /// Bounds on each manifest file (`ferry run`, `ferry explain`).
+    pub manifests: ferry_k8s::manifests::LoadLimits,
 }
 
 /// Flags that override the config file. Lists replace the file's list.
@@ -571,6 +600,44 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
     };
     cfg.non_masquerade_cidrs = b.cidrs("nonMasqueradeCIDRs", &file.non_masquerade_cidrs.unwrap_or_default());
     cfg.masquerade_link_local = file.masquerade_link_local.unwrap_or(false);
+    if let Some(e) = file.external_ips
+        && let Some(list) = e.allowed_cidrs
+    {
+        cfg.external_ips_allowed = Some(b.cidrs("externalIPs.allowedCIDRs", &list));
+    }
+    if let Some(l) = file.limits {
+        let ceiling = ServiceLimits::SLOT_CEILING;
+        if let Some(n) = l.max_frontends_per_service {
+            if n == 0 {
+                b.bad("limits.maxFrontendsPerService", "is 0; a Service has at least its ClusterIP");
+            }
+            cfg.service_limits.max_frontends = n;
+        }
+        if let Some(n) = l.max_endpoints_per_service {
+            if n > ceiling {
+                b.bad(
+                    "limits.maxEndpointsPerService",
+                    format!("{n} is over {ceiling}, the most one backend set can hold (16-bit slot numbers)"),
+                );
+            }
+            cfg.service_limits.max_endpoints = n;
+        }
+    }
+    let mut manifests = ferry_k8s::manifests::LoadLimits::default();
+    if let Some(m) = file.manifests {
+        if let Some(n) = m.max_file_bytes {
+            if n == 0 {
+                b.bad("manifests.maxFileBytes", "is 0; no manifest could be read");
+            }
+            manifests.max_file_bytes = n;
+        }
+        if let Some(n) = m.max_documents_per_file {
+            if n == 0 {
+                b.bad("manifests.maxDocumentsPerFile", "is 0; no manifest could be read");
+            }
+            manifests.max_documents = n;
+        }
+    }
     let agent = agent::AgentFile {
         healthz_bind_address: file.healthz_bind_address,
         metrics_bind_address: file.metrics_bind_address,
@@ -581,7 +648,7 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
     }
     .build(&mut b.problems);
     if b.problems.is_empty() {
-        Ok(Settings { node: cfg, datapath, bpf, agent })
+        Ok(Settings { node: cfg, datapath, bpf, agent, manifests })
     } else {
         Err(ConfigError { source: b.source.to_string(), problems: b.problems })
     }

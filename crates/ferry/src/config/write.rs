@@ -61,6 +61,15 @@ pub fn node_config_yaml(cfg: &NodeConfig) -> String {
     let _ = writeln!(s, "masquerade: {mode}");
     let _ = writeln!(s, "nonMasqueradeCIDRs: {}", list(&cfg.non_masquerade_cidrs));
     let _ = writeln!(s, "masqueradeLinkLocal: {}", cfg.masquerade_link_local);
+    if let Some(allowed) = &cfg.external_ips_allowed {
+        let _ = writeln!(s, "externalIPs: {{allowedCIDRs: {}}}", list(allowed));
+    }
+    let l = cfg.service_limits;
+    let _ = writeln!(
+        s,
+        "limits: {{maxFrontendsPerService: {}, maxEndpointsPerService: {}}}",
+        l.max_frontends, l.max_endpoints
+    );
     s
 }
 
@@ -77,9 +86,15 @@ mod tests {
 
     #[test]
     fn every_acceptance_case_config_round_trips() {
-        let file: ferry_model::acceptance::CaseFile =
-            serde_json::from_str(include_str!("../../../../acceptance/kube-proxy-flows.json")).unwrap();
-        for case in &file.cases {
+        let mut cases = Vec::new();
+        for text in [
+            include_str!("../../../../acceptance/kube-proxy-flows.json"),
+            include_str!("../../../../acceptance/ferry-isolation-flows.json"),
+        ] {
+            let file: ferry_model::acceptance::CaseFile = serde_json::from_str(text).unwrap();
+            cases.extend(file.cases);
+        }
+        for case in &cases {
             let cfg = case.node_config().unwrap();
             let back = round_trip(&cfg);
             // "Every address" is written as catch-all ranges; same meaning.
