@@ -32,6 +32,11 @@ enum ferry_stat {
 	STAT_NAT_RETRY,           /* SNAT source-port collisions resolved by retrying */
 	STAT_MASQ_NEW_FLOW,       /* pod egress: a new flow masqueraded to the node */
 	STAT_ICMP_ERROR_REV,      /* an ICMP error about a translated flow was translated back */
+	/* Drops that had no counter before (issue 15); kept together for merges. */
+	STAT_DROP_REWRITE,        /* dropped: a helper failed while rewriting addresses, ports or checksums */
+	STAT_DROP_TTL_EXCEEDED,   /* dropped: TTL / hop limit ran out while forwarding */
+	STAT_DROP_CT_INSERT,      /* dropped: the original-direction conntrack entry could not be written */
+	STAT_DROP_REJECT_FAILED,  /* dropped: the ICMP error of a REJECT could not be built (IP options, helper error) */
 	STAT_COUNT_,
 };
 
@@ -50,6 +55,14 @@ static __always_inline void stat_inc(__u32 id)
 	__u64 *v = bpf_map_lookup_elem(&ferry_stats, &id);
 	if (v)
 		*v += 1;
+}
+
+/* Counts why and drops: the only way a tc program drops a packet (a test in
+ * crates/ferry-bpf/tests/drops.rs greps bpf/ for any other TC_ACT_SHOT). */
+static __always_inline int drop_packet(__u32 reason)
+{
+	stat_inc(reason);
+	return TC_ACT_SHOT;
 }
 
 #endif

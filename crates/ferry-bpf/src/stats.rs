@@ -24,6 +24,10 @@ pub const NAMES: &[&str] = &[
     "nat_retry",
     "masq_new_flow",
     "icmp_error_rev",
+    "drop_rewrite",
+    "drop_ttl_exceeded",
+    "drop_ct_insert",
+    "drop_reject_failed",
 ];
 
 #[cfg(test)]
