@@ -39,7 +39,37 @@ pub enum MapError {
     Open { path: PathBuf, source: libbpf_rs::Error },
     #[error("{op} on map {map} failed: {source}")]
     Op { op: String, map: &'static str, source: libbpf_rs::Error },
+    #[error(
+        "pinned map {map} has {what} size {found}, this ferry expects {expected}: it was created by another \
+         version of the datapath; remove it with `ferry cleanup` (the next start re-creates it, dropping tracked flows)"
+    )]
+    Layout { map: &'static str, what: &'static str, expected: usize, found: usize },
 }
+
+/// Every pinned map with the sizes of its key and value: the skeleton's
+/// types generated from `bpf/lib/maps.h`, the one definition of the layout.
+/// `Maps::open` refuses a pinned map whose sizes differ.
+pub const MAP_LAYOUTS: &[(&str, usize, usize)] = {
+    use std::mem::size_of;
+    &[
+        ("ferry_frontends", size_of::<t::fe_key>(), size_of::<t::fe_val>()),
+        ("ferry_services", size_of::<u32>(), size_of::<t::svc_val>()),
+        ("ferry_slots", size_of::<t::slot_key>(), size_of::<u32>()),
+        ("ferry_backends", size_of::<u32>(), size_of::<t::backend>()),
+        ("ferry_members", size_of::<t::member_key>(), size_of::<u8>()),
+        ("ferry_sock_rev", size_of::<t::rev_key>(), size_of::<t::rev_val>()),
+        ("ferry_affinity", size_of::<t::aff_key>(), size_of::<t::aff_val>()),
+        ("ferry_firewall", size_of::<t::fw_key>(), size_of::<u8>()),
+        ("ferry_locals", size_of::<t::local_key>(), size_of::<u8>()),
+        ("ferry_ranges", size_of::<t::range_key>(), size_of::<u8>()),
+        ("ferry_config", size_of::<u32>(), size_of::<t::config>()),
+        ("ferry_names", size_of::<u32>(), size_of::<t::svc_name>()),
+        ("ferry_stats", size_of::<u32>(), size_of::<u64>()),
+        ("ferry_devices", size_of::<u32>(), size_of::<t::device>()),
+        ("ferry_ct", size_of::<t::ct_key>(), size_of::<t::ct_val>()),
+        ("ferry_maglev", size_of::<u64>(), size_of::<u32>()),
+    ]
+};
 
 /// Plain-data types (`#[repr(C)]`, no padding holes) as bytes.
 fn bytes<T: Copy>(v: &T) -> &[u8] {
@@ -48,11 +78,21 @@ fn bytes<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
+/// A plain-data value from exactly its bytes. `Maps::open` checked every
+/// map's key and value sizes, so a short or long buffer means the kernel
+/// returned something else entirely: it panics rather than pad or cut.
 fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
+    assert_eq!(
+        b.len(),
+        std::mem::size_of::<T>(),
+        "map entry of {} bytes read as {} ({} bytes)",
+        b.len(),
+        std::any::type_name::<T>(),
+        std::mem::size_of::<T>()
+    );
     let mut v = T::default();
-    let n = b.len().min(std::mem::size_of::<T>());
-    // SAFETY: copying at most size_of::<T>() bytes into a plain-data value.
-    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), n) };
+    // SAFETY: copying exactly size_of::<T>() bytes into a plain-data value.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), b.len()) };
     v
 }
 
@@ -166,7 +206,7 @@ impl Maps {
             let path = dir.join(name);
             MapHandle::from_pinned_path(&path).map_err(|source| MapError::Open { path, source })
         };
-        Ok(Maps {
+        let maps = Maps {
             dir: dir.to_path_buf(),
             frontends: open("ferry_frontends")?,
             services: open("ferry_services")?,
@@ -184,7 +224,44 @@ impl Maps {
             devices: open("ferry_devices")?,
             ct: open("ferry_ct")?,
             maglev: open("ferry_maglev")?,
-        })
+        };
+        maps.check_layouts()?;
+        Ok(maps)
+    }
+
+    fn by_name(&self, name: &str) -> &MapHandle {
+        match name {
+            "ferry_frontends" => &self.frontends,
+            "ferry_services" => &self.services,
+            "ferry_slots" => &self.slots,
+            "ferry_backends" => &self.backends,
+            "ferry_members" => &self.members,
+            "ferry_sock_rev" => &self.sock_rev,
+            "ferry_affinity" => &self.affinity,
+            "ferry_firewall" => &self.firewall,
+            "ferry_locals" => &self.locals,
+            "ferry_ranges" => &self.ranges,
+            "ferry_config" => &self.config,
+            "ferry_names" => &self.names,
+            "ferry_stats" => &self.stats,
+            "ferry_devices" => &self.devices,
+            "ferry_ct" => &self.ct,
+            "ferry_maglev" => &self.maglev,
+            other => unreachable!("no map {other}"),
+        }
+    }
+
+    /// Every pinned map's key and value sizes against `MAP_LAYOUTS`.
+    fn check_layouts(&self) -> Result<(), MapError> {
+        for &(map, key, value) in MAP_LAYOUTS {
+            let m = self.by_name(map);
+            for (what, expected, found) in [("key", key, m.key_size()), ("value", value, m.value_size())] {
+                if found as usize != expected {
+                    return Err(MapError::Layout { map, what, expected, found: found as usize });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Applies operations in order; stops at the first failure.
@@ -460,4 +537,13 @@ fn put_batch(run: &[Put<'_>]) -> bool {
     let keys: Vec<u8> = run.iter().flat_map(|e| e.key.iter().copied()).collect();
     let values: Vec<u8> = run.iter().flat_map(|e| e.value.iter().copied()).collect();
     run[0].map.update_batch(&keys, &values, run.len() as u32, MapFlags::ANY, MapFlags::ANY).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_map_has_a_layout() {
+        let names: Vec<&str> = super::MAP_LAYOUTS.iter().map(|(n, _, _)| *n).collect();
+        assert_eq!(names, super::MAP_NAMES);
+    }
 }
