@@ -106,8 +106,10 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 
 	__u32 service = fe->service;
 	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
-	if (!svc)
+	if (!svc) {
+		stat_inc(STAT_GIVEUP_NO_SERVICE);
 		return TC_ACT_OK;
+	}
 	__u8 class = classify(p, cfg, hook);
 	if ((fe->flags & FE_FIREWALL) && !lb_firewall_allows(service, p->family, p->src))
 		return drop_packet(STAT_DROP_FIREWALL);

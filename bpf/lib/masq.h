@@ -42,8 +42,10 @@ static __always_inline int masquerade(struct __sk_buff *skb, struct pkt *p, cons
 
 	__u32 nsrc[4], dst[4];
 	fwd_snat_address(cfg, skb->ifindex, p->family, nsrc);
-	if (addr_is_zero(nsrc))
+	if (addr_is_zero(nsrc)) {
+		stat_inc(STAT_GIVEUP_MASQ_NO_ADDR);
 		return TC_ACT_OK;
+	}
 	__builtin_memcpy(dst, p->dst, 16);
 	__u32 why = STAT_DROP_CT_INSERT;
 	__be16 nsport = ct_create(p, cfg, nsrc, p->sport, dst, p->dport, 1, 0, 0, now, &why);

@@ -32,11 +32,14 @@ enum ferry_stat {
 	STAT_NAT_RETRY,           /* SNAT source-port collisions resolved by retrying */
 	STAT_MASQ_NEW_FLOW,       /* pod egress: a new flow masqueraded to the node */
 	STAT_ICMP_ERROR_REV,      /* an ICMP error about a translated flow was translated back */
-	/* Drops that had no counter before (issue 15); kept together for merges. */
+	/* Drops and give-ups that had no counter before (issue 15); kept together for merges. */
 	STAT_DROP_REWRITE,        /* dropped: a helper failed while rewriting addresses, ports or checksums */
 	STAT_DROP_TTL_EXCEEDED,   /* dropped: TTL / hop limit ran out while forwarding */
 	STAT_DROP_CT_INSERT,      /* dropped: the original-direction conntrack entry could not be written */
 	STAT_DROP_REJECT_FAILED,  /* dropped: the ICMP error of a REJECT could not be built (IP options, helper error) */
+	STAT_GIVEUP_NO_SERVICE,   /* passed on untranslated: a frontend without its service entry (mid-update) */
+	STAT_GIVEUP_FAMILY,       /* passed on untranslated: the picked backend is of the other family (socket path) */
+	STAT_GIVEUP_MASQ_NO_ADDR, /* pod egress left unmasqueraded: no SNAT address for the device and family */
 	STAT_COUNT_,
 };
 

@@ -28,6 +28,9 @@ pub const NAMES: &[&str] = &[
     "drop_ttl_exceeded",
     "drop_ct_insert",
     "drop_reject_failed",
+    "giveup_no_service",
+    "giveup_family",
+    "giveup_masq_no_addr",
 ];
 
 #[cfg(test)]

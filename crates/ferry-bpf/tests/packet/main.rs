@@ -721,3 +721,76 @@ fn other_traffic_passes_untouched() {
         }
     });
 }
+
+/// `masquerade: bpf`: a pod's new connection to the outside leaves with the
+/// node's address (tcx egress of the uplink); the reply and an ICMP error
+/// about the flow come back to the pod. No SNAT address for a family: the
+/// packet leaves unmasqueraded and the give-up is counted.
+#[test]
+fn pod_egress_is_masqueraded() {
+    let rig = Rig::new();
+    let mut setup = node_setup();
+    if let MapOp::PutConfig(c) = &mut setup[0] {
+        c.flags |= CFG_MASQ_BPF;
+        c.primary[1] = [0; 4]; // no IPv6 SNAT address
+    }
+    for (kind, cidr) in
+        [(RANGE_MASQ_SOURCE, "10.244.1.0/24"), (RANGE_MASQ_SOURCE, "fd00:244:1::/64"), (RANGE_NO_MASQ, "10.0.0.0/8")]
+    {
+        setup.push(MapOp::PutRange(prefix(kind, cidr)));
+    }
+    rig.run(&setup, |dp| {
+        let out = "203.0.113.99";
+        let ran =
+            dp.run(Hook::ToNetdev, dp.eth0, &frame(ip(POD4), ip(out), &tcp(20000, 443, 0x02, b""), IpOpts::default()));
+        assert_eq!(ran.verdict, TC_ACT_OK, "egress: the kernel sends it on");
+        check(&ran.out);
+        assert_eq!(ran.out, frame(ip(NODE4), ip(out), &tcp(20000, 443, 0x02, b""), IpOpts::default()));
+        assert_eq!(ran.moved, moved(&[("masq_new_flow", 1)]));
+
+        let ran = dp.run(
+            Hook::FromNetdev,
+            dp.eth0,
+            &frame(ip(out), ip(NODE4), &tcp(443, 20000, 0x12, b""), IpOpts::default()),
+        );
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT);
+        assert_eq!(ran.out, frame(ip(out), ip(POD4), &tcp(443, 20000, 0x12, b""), ttl(63)));
+        assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]));
+
+        let sent = ip_packet(ip(NODE4), ip(out), &tcp(20000, 443, 0x02, b""), IpOpts::default());
+        let err = frame(ip("192.0.2.254"), ip(NODE4), &icmp(PROTO_ICMP, 11, 0, [0; 4], &sent[..28]), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &err);
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT);
+        let pod_sent = ip_packet(ip(POD4), ip(out), &tcp(20000, 443, 0x02, b""), IpOpts::default());
+        let want = frame(ip("192.0.2.254"), ip(POD4), &icmp(PROTO_ICMP, 11, 0, [0; 4], &pod_sent[..28]), ttl(63));
+        check(&ran.out);
+        assert_eq!(ran.out, want, "time exceeded, back to the pod");
+        assert_eq!(ran.moved, moved(&[("icmp_error_rev", 1)]));
+
+        // Inside the exempt ranges: untouched.
+        let inside = frame(ip(POD4), ip(REMOTE4), &tcp(20001, 8080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::ToNetdev, dp.eth0, &inside);
+        assert_eq!((ran.verdict, &ran.out, ran.moved.len()), (TC_ACT_OK, &inside, 0));
+
+        // IPv6 without an SNAT address: left as it is, counted.
+        let v6 = frame(ip(POD6), ip("2001:db8:ff::1"), &udp(20002, 53, b"q"), IpOpts::default());
+        let ran = dp.run(Hook::ToNetdev, dp.eth0, &v6);
+        assert_eq!((ran.verdict, &ran.out), (TC_ACT_OK, &v6));
+        assert_eq!(ran.moved, moved(&[("giveup_masq_no_addr", 1)]));
+    });
+}
+
+/// A frontend whose service entry is missing (between two updates) is passed
+/// on untranslated, and counted.
+#[test]
+fn a_frontend_without_its_service_is_passed_on_and_counted() {
+    let rig = Rig::new();
+    let mut setup = node_setup();
+    setup.push(nodeport(30080, PROTO_TCP, FAM_V4, 9));
+    rig.run(&setup, |dp| {
+        let pkt = frame(ip(CLIENT4), ip(NODE4), &tcp(40000, 30080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &pkt);
+        assert_eq!((ran.verdict, &ran.out), (TC_ACT_OK, &pkt));
+        assert_eq!(ran.moved, moved(&[("giveup_no_service", 1)]));
+    });
+}
