@@ -186,10 +186,12 @@ impl Dp<'_> {
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
         let before = self.counters();
-        let mut input = ProgramInput::default();
-        input.data_in = Some(frame);
-        input.context_in = Some(&mut ctx);
-        input.data_out = Some(&mut out);
+        let input = ProgramInput {
+            data_in: Some(frame),
+            context_in: Some(&mut ctx),
+            data_out: Some(&mut out),
+            ..ProgramInput::default()
+        };
         let output = prog.test_run(input).expect("BPF_PROG_TEST_RUN");
         let verdict = output.return_value as i32;
         let len = output.data.map(|d| d.len()).unwrap_or(0);
@@ -792,5 +794,31 @@ fn a_frontend_without_its_service_is_passed_on_and_counted() {
         let ran = dp.run(Hook::FromNetdev, dp.eth0, &pkt);
         assert_eq!((ran.verdict, &ran.out), (TC_ACT_OK, &pkt));
         assert_eq!(ran.moved, moved(&[("giveup_no_service", 1)]));
+    });
+}
+
+/// A pinned map of another layout (a datapath pinned by another ferry
+/// version) is refused when the maps are opened, naming the map and both
+/// sizes, instead of being read with padding.
+#[test]
+fn a_pinned_map_of_another_layout_is_refused() {
+    let rig = Rig::new();
+    let pin = rig.pin.clone();
+    rig.run(&node_setup(), |_dp| {
+        let path = pin.join("ferry_devices");
+        std::fs::remove_file(&path).expect("unpinning ferry_devices");
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            ..Default::default()
+        };
+        let mut other = libbpf_rs::MapHandle::create(libbpf_rs::MapType::Hash, Some("ferry_devices"), 4, 8, 16, &opts)
+            .expect("creating a map of another layout");
+        other.pin(&path).expect("pinning it in place of ferry_devices");
+        let err = Maps::open(&pin).err().expect("opening must fail");
+        let text = err.to_string();
+        assert!(
+            text.contains("ferry_devices") && text.contains("value size 8") && text.contains("ferry cleanup"),
+            "{text}"
+        );
     });
 }
