@@ -197,12 +197,12 @@ fn main() -> anyhow::Result<()> {
             let other = Ipv4Addr::new(10, 244, 2, 9);
             // The tracked flow: its first packet creates it (SNAT keeps port 20000).
             once(&p.ferry_from_netdev, &frame(client, node, 20000, 30000, 0x02))?;
-            let mut r = Vec::new();
-            r.push(("pass/ingress".into(), run(&p.ferry_from_netdev, &frame(other, pod, 8080, 40000, 0x10), runs)?));
-            r.push(("pass/egress".into(), run(&p.ferry_to_netdev, &frame(pod, other, 40000, 8080, 0x10), runs)?));
-            r.push(("tracked".into(), run(&p.ferry_from_netdev, &frame(client, node, 20000, 30000, 0x10), runs)?));
-            r.push(("nodeport-miss".into(), run(&p.ferry_from_netdev, &frame(client, node, 20001, 22, 0x02), runs)?));
-            Ok(r)
+            Ok(vec![
+                ("pass/ingress".into(), run(&p.ferry_from_netdev, &frame(other, pod, 8080, 40000, 0x10), runs)?),
+                ("pass/egress".into(), run(&p.ferry_to_netdev, &frame(pod, other, 40000, 8080, 0x10), runs)?),
+                ("tracked".into(), run(&p.ferry_from_netdev, &frame(client, node, 20000, 30000, 0x10), runs)?),
+                ("nodeport-miss".into(), run(&p.ferry_from_netdev, &frame(client, node, 20001, 22, 0x02), runs)?),
+            ])
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the measuring thread panicked"));
