@@ -75,9 +75,13 @@ static __always_inline int icmp_is_error(const struct pkt *p)
 }
 
 /* An ICMP error quoting a packet of a translated flow, addressed to the
- * translated source: rewrite the outer destination and the quoted source back
- * to the flow's real endpoint. Returns 1 when the packet was translated (the
- * caller then delivers it), 0 when it is not about a tracked flow. */
+ * translated source: rewrite the outer destination back to the flow's real
+ * endpoint, and the quoted packet back to what that endpoint sent (its own
+ * address and port as source, the frontend it dialled as destination), so
+ * its stack matches the error to its socket (port unreachable, and path MTU:
+ * "fragmentation needed" / "packet too big"). The quoted L4 checksum is left
+ * alone, as no receiver checks it. Returns 1 when the packet was translated
+ * (the caller then delivers it), 0 when it is not about a tracked flow. */
 static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pkt *p, __u64 now)
 {
 	__u32 inner_off = p->l4_off + 8;
@@ -114,9 +118,10 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pkt 
 	struct ct_val *v = ct_lookup(&k, now);
 	if (!v || !addr_eq(p->dst, isrc))
 		return 0;
-	__u32 real[4];
+	__u32 real[4], fe[4];
 	__builtin_memcpy(real, v->new_dst, 16);
-	__be16 real_port = v->new_dport;
+	__builtin_memcpy(fe, v->new_src, 16);
+	__be16 real_port = v->new_dport, fe_port = v->new_sport;
 	__u32 icmp_csum = p->l4_off + 2;
 
 	/* Outer destination (and, for ICMPv6, its pseudo-header share of the checksum). */
@@ -124,16 +129,18 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pkt 
 		if (bpf_l3_csum_replace(skb, p->l3_off + IP4_CSUM_OFF, p->dst[0], real[0], 4) < 0 ||
 		    bpf_skb_store_bytes(skb, p->l3_off + IP4_DADDR_OFF, &real[0], 4, 0) < 0)
 			return 0;
-		/* Quoted source address and header checksum change together: the
+		/* Quoted addresses and header checksum change together: the
 		 * quoted header still sums to the same value, so the ICMP checksum
-		 * only needs the port change below. */
+		 * only needs the port changes below. */
 		__u16 old_check, new_check;
 		if (bpf_skb_load_bytes(skb, inner_off + 10, &old_check, 2) < 0)
 			return 0;
 		__s64 d = bpf_csum_diff(&isrc[0], 4, &real[0], 4, ~((__u32)old_check) & 0xffff);
+		d = bpf_csum_diff(&idst[0], 4, &fe[0], 4, d);
 		new_check = csum_fold(d);
 		if (bpf_skb_store_bytes(skb, inner_off + 10, &new_check, 2, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, inner_off + 12, &real[0], 4, 0) < 0)
+		    bpf_skb_store_bytes(skb, inner_off + 12, &real[0], 4, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, inner_off + 16, &fe[0], 4, 0) < 0)
 			return 0;
 	} else {
 		__s64 d = bpf_csum_diff(p->dst, 16, real, 16, 0);
@@ -141,13 +148,20 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pkt 
 		    bpf_skb_store_bytes(skb, p->l3_off + IP6_DADDR_OFF, real, 16, 0) < 0)
 			return 0;
 		d = bpf_csum_diff(isrc, 16, real, 16, 0);
+		d = bpf_csum_diff(idst, 16, fe, 16, d);
 		if (bpf_l4_csum_replace(skb, icmp_csum, 0, d, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, inner_off + 8, real, 16, 0) < 0)
+		    bpf_skb_store_bytes(skb, inner_off + 8, real, 16, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, inner_off + 24, fe, 16, 0) < 0)
 			return 0;
 	}
 	if (iports[0] != real_port) {
 		if (bpf_l4_csum_replace(skb, icmp_csum, iports[0], real_port, 2) < 0 ||
 		    bpf_skb_store_bytes(skb, inner_l4, &real_port, 2, 0) < 0)
+			return 0;
+	}
+	if (iports[1] != fe_port) {
+		if (bpf_l4_csum_replace(skb, icmp_csum, iports[1], fe_port, 2) < 0 ||
+		    bpf_skb_store_bytes(skb, inner_l4 + 2, &fe_port, 2, 0) < 0)
 			return 0;
 	}
 	__builtin_memcpy(p->dst, real, 16);

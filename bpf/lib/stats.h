@@ -32,6 +32,12 @@ enum ferry_stat {
 	STAT_NAT_RETRY,           /* SNAT source-port collisions resolved by retrying */
 	STAT_MASQ_NEW_FLOW,       /* pod egress: a new flow masqueraded to the node */
 	STAT_ICMP_ERROR_REV,      /* an ICMP error about a translated flow was translated back */
+	STAT_FRAG_FIRST,          /* packet path: a first fragment, its verdict kept for the rest of the datagram */
+	STAT_FRAG_FORWARD,        /* packet path: a later fragment translated as its first fragment was */
+	STAT_FRAG_MISS,           /* a later fragment whose first fragment is not tracked (lost entry, out of order): passed untranslated */
+	STAT_DROP_FRAG,           /* dropped: a later fragment of a datagram whose first fragment was dropped */
+	STAT_IPV6_EXT_LIMIT,      /* IPv6 with more extension headers than the parser walks: passed to the stack untranslated */
+	STAT_SCTP_CSUM_FIX,       /* SCTP port translated with its CRC32c corrected */
 	STAT_COUNT_,
 };
 

@@ -29,6 +29,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_devices",
     "ferry_ct",
     "ferry_maglev",
+    "ferry_frags",
 ];
 
 #[derive(Debug, thiserror::Error)]

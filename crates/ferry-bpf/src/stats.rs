@@ -24,6 +24,12 @@ pub const NAMES: &[&str] = &[
     "nat_retry",
     "masq_new_flow",
     "icmp_error_rev",
+    "frag_first",
+    "frag_forward",
+    "frag_miss",
+    "drop_frag",
+    "ipv6_ext_limit",
+    "sctp_csum_fix",
 ];
 
 #[cfg(test)]
