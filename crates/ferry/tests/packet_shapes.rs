@@ -289,7 +289,7 @@ fn bulk_tcp_over_a_smaller_path_mtu(datapath: &str) {
             o.bind = Some(client_ip(fam));
             o.pad = BULK;
             // The probe's own bound on the attempt: a stalled transfer is observed as a timeout.
-            o.timeout = Duration::from_secs(60);
+            o.timeout = Duration::from_secs(20);
             expect_answer(&lab, datapath, &o, NODE_B, "a 2 MiB TCP upload over a 1280-byte link");
         }
     }
