@@ -27,7 +27,8 @@ static __always_inline void frag_key_of(struct frag_key *k, const __u32 *src, co
 	__builtin_memcpy(k->src, src, 16);
 	__builtin_memcpy(k->dst, dst, 16);
 	k->id = p->frag_id;
-	k->proto = p->proto;
+	/* Not p->proto: a later IPv6 fragment's walk stops at its fragment header. */
+	k->proto = p->frag_next;
 	k->family = p->family;
 	k->pad = 0;
 }

@@ -45,8 +45,9 @@ struct pkt {
 	__u32 l3_off;
 	__u32 l4_off; /* FRAG_LATER: where the fragment's data starts */
 	__u32 frag_id; /* IPv4 identification (network order, low half) or IPv6 fragment identification */
-	__u8 frag;     /* FRAG_* */
-	__u8 pad[3];
+	__u8 frag;      /* FRAG_* */
+	__u8 frag_next; /* the protocol fragments are keyed by: IPv4's, or the IPv6 fragment header's next header */
+	__u8 pad[2];
 };
 
 /* Byte offset of the L4 checksum, or 0 when the protocol has none we maintain. */
@@ -90,6 +91,7 @@ static __always_inline int parse_ip6_ext(struct __sk_buff *skb, struct pkt *p, _
 		if (nexthdr == NH_FRAGMENT) {
 			__u16 off_m = ((__u16)h[2] << 8) | h[3];
 			__builtin_memcpy(&p->frag_id, h + 4, 4);
+			p->frag_next = h[0];
 			if (off_m & 0xfff8)
 				p->frag = FRAG_LATER;
 			else if (off_m & 1)
@@ -137,6 +139,7 @@ static __attribute__((noinline)) int parse(struct __sk_buff *skb, struct pkt *p)
 		p->proto = ip.protocol;
 		p->l4_off = ETH_HLEN_ + (vihl & 0x0f) * 4;
 		p->frag_id = ip.id;
+		p->frag_next = ip.protocol;
 		/* Only the first fragment carries ports. */
 		if (ip.frag_off & bpf_htons(0x1fff))
 			p->frag = FRAG_LATER;

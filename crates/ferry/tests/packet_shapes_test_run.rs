@@ -9,8 +9,10 @@
 //! Both go away afterwards, also on failure. Nothing is sent: test-run hands back the packet.
 //!
 //! ```text
-//!  node netns:  eth0 (veth) 192.0.2.1/24, 10.244.2.0/24 via 192.0.2.2 (another node's pods)
-//!  NodePort 30053/udp -> 10.244.2.5:5353, 30077/sctp -> 10.244.2.5:7000 (masqueraded to 192.0.2.1)
+//!  node netns:  eth0 (veth) 192.0.2.1/24, 2001:db8:1::1/64
+//!               10.244.2.0/24 via 192.0.2.2, fd00:244:2::/64 via 2001:db8:1::2 (another node's pods)
+//!  NodePort 30053/udp -> 10.244.2.5:5353 and [fd00:244:2::5]:5353, 30077/sctp -> 10.244.2.5:7000
+//!  (masqueraded to the node's address)
 //! ```
 //!
 //! Needs root (BPF, netns); never skipped.
@@ -25,7 +27,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,9 @@ const TC_ACT_REDIRECT: i32 = 7;
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 5);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 7);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 5);
 const UDP_NODE_PORT: u16 = 30053;
 const UDP_TARGET: u16 = 5353;
 const SCTP_NODE_PORT: u16 = 30077;
@@ -59,8 +64,11 @@ impl Rig {
             "link set eth0 up",
             "link set eth0-peer up",
             "addr add 192.0.2.1/24 dev eth0",
+            "addr add 2001:db8:1::1/64 dev eth0 nodad",
             "route add 10.244.2.0/24 via 192.0.2.2 dev eth0",
             "route add default via 192.0.2.254 dev eth0",
+            "route add fd00:244:2::/64 via 2001:db8:1::2 dev eth0",
+            "route add default via 2001:db8:1::fe dev eth0",
         ] {
             let args: Vec<&str> = cmd.split(' ').collect();
             rig.sandbox.ip(&rig.node, &args).unwrap_or_else(|e| panic!("ip {cmd}: {e}"));
@@ -126,13 +134,17 @@ fn w(ip: Ipv4Addr) -> Words {
     words(&IpAddr::V4(ip))
 }
 
-/// Service 1: NodePort 30053/udp and 30077/sctp on any node address, external traffic forwarded
-/// to backend 7 (10.244.2.5, on another node) and masqueraded.
+fn w6(ip: Ipv6Addr) -> Words {
+    words(&IpAddr::V6(ip))
+}
+
+/// Services 1-3: NodePort 30053/udp (IPv4 and IPv6) and 30077/sctp on any node address, external
+/// traffic forwarded to a backend on another node and masqueraded.
 fn service_maps(eth0: u32) -> Vec<MapOp> {
     let fwd = ACT_FORWARD_CLUSTER | ACT_MASQ;
     let mut ops = vec![
         MapOp::PutConfig(Config {
-            primary: [w(NODE), [0; 4]],
+            primary: [w(NODE), w6(NODE6)],
             udp_timeout: 30,
             tcp_syn_timeout: 30,
             tcp_established_timeout: 300,
@@ -141,18 +153,19 @@ fn service_maps(eth0: u32) -> Vec<MapOp> {
             nat_port_max: 29999,
             ..Config::default()
         }),
-        MapOp::PutDevice(eth0, Device { snat: [w(NODE), [0; 4]], flags: DEV_EXTERNAL }),
+        MapOp::PutDevice(eth0, Device { snat: [w(NODE), w6(NODE6)], flags: DEV_EXTERNAL }),
         MapOp::PutLocal(LocalKey { addr: w(NODE), family: FAM_V4 }, LOCAL_HOST | LOCAL_NODEPORT),
-        MapOp::PutBackend(7, Backend { addr: w(BACKEND), port: 0, family: FAM_V4, flags: 0 }),
-        MapOp::PutSlot(SlotKey { service: 1, rev: 0, set: SET_CLUSTER, slot: 0 }, 7),
-        MapOp::PutMember(MemberKey { service: 1, backend: 7 }, 1 << SET_CLUSTER),
+        MapOp::PutLocal(LocalKey { addr: w6(NODE6), family: FAM_V6 }, LOCAL_HOST | LOCAL_NODEPORT),
     ];
-    // One service per protocol: a backend has one port.
-    for (service, proto, node_port, target) in
-        [(1, IPPROTO_UDP, UDP_NODE_PORT, UDP_TARGET), (2, IPPROTO_SCTP, SCTP_NODE_PORT, SCTP_TARGET)]
-    {
+    // One service per protocol and family: a backend has one port.
+    for (service, family, proto, node_port, target) in [
+        (1, FAM_V4, IPPROTO_UDP, UDP_NODE_PORT, UDP_TARGET),
+        (2, FAM_V4, IPPROTO_SCTP, SCTP_NODE_PORT, SCTP_TARGET),
+        (3, FAM_V6, IPPROTO_UDP, UDP_NODE_PORT, UDP_TARGET),
+    ] {
         let backend = 6 + service;
-        ops.push(MapOp::PutBackend(backend, Backend { addr: w(BACKEND), port: target, family: FAM_V4, flags: 0 }));
+        let addr = if family == FAM_V4 { w(BACKEND) } else { w6(BACKEND6) };
+        ops.push(MapOp::PutBackend(backend, Backend { addr, port: target, family, flags: 0 }));
         ops.push(MapOp::PutSlot(SlotKey { service, rev: 0, set: SET_CLUSTER, slot: 0 }, backend));
         ops.push(MapOp::PutMember(MemberKey { service, backend }, 1 << SET_CLUSTER));
         ops.push(MapOp::PutService(
@@ -160,7 +173,7 @@ fn service_maps(eth0: u32) -> Vec<MapOp> {
             SvcVal { count: [1, 0], action: [[fwd; 3]; 2], flags: 0, rev: 0, affinity_timeout: 0 },
         ));
         ops.push(MapOp::PutFrontend(
-            FeKey { addr: [0; 4], port: node_port, proto, family: FAM_V4 },
+            FeKey { addr: [0; 4], port: node_port, proto, family },
             FeVal { service, kind: FE_NODE_PORT, flags: 0 },
         ));
     }
@@ -311,6 +324,48 @@ fn sctp_init(sport: u16, dport: u16, extra: usize) -> Vec<u8> {
     p
 }
 
+/// Ethernet + IPv6 header around `rest` (extension headers and transport), first header `next`.
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, rest: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd];
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(rest.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[next, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(rest);
+    f
+}
+
+/// An 8-byte extension header (hop-by-hop, routing or destination options) whose next header is `next`.
+fn ext8(next: u8) -> [u8; 8] {
+    [next, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A fragment header: next header `next`, offset in 8-byte units, more-fragments flag, identification.
+fn frag6(next: u8, offset: u16, more: bool, id: u32) -> Vec<u8> {
+    let mut h = vec![next, 0];
+    h.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h
+}
+
+fn udp6_csum(src: Ipv6Addr, dst: Ipv6Addr, datagram_with_zero_csum: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(datagram_with_zero_csum.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_UDP]);
+    pseudo.extend_from_slice(datagram_with_zero_csum);
+    match inet_csum(&pseudo) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+fn addr6(b: &[u8], at: usize) -> Ipv6Addr {
+    Ipv6Addr::from(<[u8; 16]>::try_from(&b[at..at + 16]).unwrap())
+}
+
 fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
@@ -403,5 +458,66 @@ fn sctp_port_translation_keeps_the_crc32c_right() {
             sctp[8..12].fill(0);
             assert_eq!(stored, crc32c(&sctp), "{what}: CRC32c after the reverse translation");
         }
+    });
+}
+
+const NH_HOPOPTS: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_FRAGMENT: u8 = 44;
+const NH_DSTOPTS: u8 = 60;
+
+#[test]
+fn ipv6_extension_headers_are_walked_and_fragments_tracked() {
+    let rig = Rig::new();
+    rig.run(|dp| {
+        // The datagram: destination options (8) + UDP header (8) + 48 bytes, fragmented after 32
+        // bytes of the fragmentable part: [frag | dstopts | udp hdr | 16 bytes], [frag | 32 bytes].
+        let payload: Vec<u8> = (100..148u8).collect();
+        let mut dgram = vec![0u8; 8];
+        dgram[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        dgram[2..4].copy_from_slice(&UDP_NODE_PORT.to_be_bytes());
+        dgram[4..6].copy_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+        dgram.extend_from_slice(&payload);
+        let c = udp6_csum(CLIENT6, NODE6, &dgram);
+        dgram[6..8].copy_from_slice(&c.to_be_bytes());
+        let fragmentable: Vec<u8> = ext8(IPPROTO_UDP).iter().copied().chain(dgram.iter().copied()).collect();
+        let (head, tail) = fragmentable.split_at(32);
+        let first =
+            ipv6(CLIENT6, NODE6, NH_FRAGMENT, &[frag6(NH_DSTOPTS, 0, true, 0xabcd_ef01), head.to_vec()].concat());
+        let later =
+            ipv6(CLIENT6, NODE6, NH_FRAGMENT, &[frag6(NH_DSTOPTS, 4, false, 0xabcd_ef01), tail.to_vec()].concat());
+
+        let r = dp.from_netdev(&first);
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "first fragment through fragment + destination options: {:?}", r.moved);
+        assert_eq!((addr6(&r.out, ETH + 8), addr6(&r.out, ETH + 24)), (NODE6, BACKEND6), "first fragment: NAT");
+        let udp_at = ETH + 40 + 8 + 8;
+        assert_eq!(be16(&r.out, udp_at + 2), UDP_TARGET, "first fragment: the backend's port");
+        let mut whole = r.out[udp_at..].to_vec();
+        let stored = be16(&whole, 6);
+        whole[6..8].copy_from_slice(&[0, 0]);
+        whole.extend_from_slice(tail);
+        assert_eq!(stored, udp6_csum(NODE6, BACKEND6, &whole), "the UDP checksum after translation");
+        assert_eq!(r.moved.get("frag_first"), Some(&1), "{:?}", r.moved);
+
+        let r = dp.from_netdev(&later);
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "the later fragment follows the first");
+        assert_eq!((addr6(&r.out, ETH + 8), addr6(&r.out, ETH + 24)), (NODE6, BACKEND6), "later fragment");
+        assert_eq!(&r.out[ETH + 48..], tail, "the later fragment's data is untouched");
+        assert_eq!(r.moved, BTreeMap::from([("frag_forward", 1)]));
+
+        // Unfragmented, with a destination-options header: translated.
+        let small = ipv6(CLIENT6, NODE6, NH_DSTOPTS, &[ext8(IPPROTO_UDP).to_vec(), dgram.clone()].concat());
+        let r = dp.from_netdev(&small);
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "destination options, unfragmented: {:?}", r.moved);
+        assert_eq!(be16(&r.out, ETH + 48 + 2), UDP_TARGET);
+
+        // Five extension headers, one more than the walk's bound: passed untouched, counted.
+        let chain =
+            [ext8(NH_DSTOPTS), ext8(NH_ROUTING), ext8(NH_DSTOPTS), ext8(NH_DSTOPTS), ext8(IPPROTO_UDP)].concat();
+        let long = ipv6(CLIENT6, NODE6, NH_HOPOPTS, &[chain, dgram].concat());
+        let r = dp.from_netdev(&long);
+        assert_eq!(r.verdict, TC_ACT_OK, "left to the kernel");
+        assert_eq!(r.out, long, "untouched");
+        assert_eq!(r.moved, BTreeMap::from([("ipv6_ext_limit", 1)]));
     });
 }
