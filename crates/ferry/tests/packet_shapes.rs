@@ -4,6 +4,7 @@
 //!
 //! - a 4,000-byte UDP datagram (fragmented on the 1500-byte links) to a local and to a remote
 //!   endpoint arrives whole, and its reply (as long, so fragmented too) comes back from the frontend;
+//!   also from a pod through its own node's NodePort (hairpin when the endpoint is the pod itself);
 //! - IPv6 datagrams with a destination-options header, small and fragmented;
 //! - SCTP whose endpoint port (7000) differs from the service port: the INIT and the INIT-ACK are
 //!   translated with a corrected CRC32c, which both raw-socket ends check (the kernel has no SCTP
@@ -194,10 +195,14 @@ fn diag(lab: &Lab, datapath: &str) -> String {
     out
 }
 
-/// Sends one attempt from the client and checks that `pod` answered it through `fe`.
+/// Sends one attempt from the client and checks that pod 21 of `node` answered it through `fe`.
 fn expect_answer(lab: &Lab, datapath: &str, o: &ConnectOpts, node: usize, what: &str) {
+    expect_answer_from(lab, CLIENT, datapath, o, node, what);
+}
+
+fn expect_answer_from(lab: &Lab, from: At, datapath: &str, o: &ConnectOpts, node: usize, what: &str) {
     let fe = o.target.addr;
-    let got = lab.connect(CLIENT, o).unwrap();
+    let got = lab.connect(from, o).unwrap();
     let Observation::Reply(r) = &got else {
         panic!("{datapath}: {what} to {fe}/{}: expected a reply, got {got:?}\n{}", o.target.proto, diag(lab, datapath))
     };
@@ -236,6 +241,11 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
                     expect_answer(&lab, datapath, &o, node, "a UDP datagram with destination options");
                 }
             }
+            // Hairpin: pod a21 through node-a's NodePort, to itself and to b21.
+            let np = frontends(&lab, n, fam, Proto::Udp)[0];
+            let mut o = ConnectOpts::new(Endpoint::udp(np));
+            o.pad = PAD;
+            expect_answer_from(&lab, At::Pod(NODE_A, 0), datapath, &o, node, "a 4000-byte UDP datagram from pod a21");
             for fe in frontends(&lab, n, fam, Proto::Sctp) {
                 let mut o = ConnectOpts::new(Endpoint { addr: fe, proto: Proto::Sctp });
                 o.bind = Some(client_ip(fam));
@@ -245,12 +255,12 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
     }
     if datapath == "bpf" {
         let after = counters(&lab, NODE_A);
-        // 12 fragmented requests (2 families x 2 services x 3 frontends) + 6 IPv6 ones with
-        // destination options, each answered by a fragmented reply: every one has a first fragment
-        // and at least two later ones in each direction.
+        // 12 fragmented requests from the client (2 families x 2 services x 3 frontends) + 6 IPv6
+        // ones with destination options + 4 from pod a21, each answered by a fragmented reply:
+        // every one has a first fragment and at least two later ones in each direction.
         let (first, later) = (grew(&before, &after, "frag_first"), grew(&before, &after, "frag_forward"));
-        assert!(first >= 2 * 18, "frag_first grew by {first}\n{}", diag(&lab, datapath));
-        assert!(later >= 4 * 18, "frag_forward grew by {later}\n{}", diag(&lab, datapath));
+        assert!(first >= 2 * 22, "frag_first grew by {first}\n{}", diag(&lab, datapath));
+        assert!(later >= 4 * 22, "frag_forward grew by {later}\n{}", diag(&lab, datapath));
         assert_eq!(grew(&before, &after, "frag_miss"), 0, "no fragment lost its tracking\n{}", diag(&lab, datapath));
         // 12 INITs in, 12 INIT-ACKs out, each with its port changed.
         let fixed = grew(&before, &after, "sctp_csum_fix");
