@@ -197,16 +197,18 @@ struct Ran {
 
 impl Dp<'_> {
     /// Runs the uplink's ingress program on `frame`, as if it arrived on eth0.
-    fn from_netdev(&self, frame: &[u8]) -> Ran {
+    fn run_from_netdev(&self, frame: &[u8]) -> Ran {
         // struct __sk_buff: ifindex at 40; the rest zero.
         let mut ctx = [0u8; 192];
         ctx[40..44].copy_from_slice(&self.eth0.to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
         let before = self.maps.counters();
-        let mut input = ProgramInput::default();
-        input.data_in = Some(frame);
-        input.context_in = Some(&mut ctx);
-        input.data_out = Some(&mut out);
+        let input = ProgramInput {
+            data_in: Some(frame),
+            context_in: Some(&mut ctx),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
         let output = self.skel.progs.ferry_from_netdev.test_run(input).expect("BPF_PROG_TEST_RUN");
         let verdict = output.return_value as i32;
         let len = output.data.map(|d| d.len()).unwrap_or(0);
@@ -390,7 +392,7 @@ fn later_fragments_are_translated_as_their_first_fragment_was() {
         let first = ipv4(CLIENT, NODE, IPPROTO_UDP, 0x1234, 0, true, head);
         let later = ipv4(CLIENT, NODE, IPPROTO_UDP, 0x1234, 3, false, tail);
 
-        let r = dp.from_netdev(&first);
+        let r = dp.run_from_netdev(&first);
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "the first fragment goes out to the backend's node");
         assert_ip_csum(&r.out, "first fragment");
         let (src, dst) = (addr(&r.out, ETH + 12), addr(&r.out, ETH + 16));
@@ -404,13 +406,13 @@ fn later_fragments_are_translated_as_their_first_fragment_was() {
         let mut whole = r.out[l4..].to_vec();
         let stored = be16(&whole, 6);
         whole[6..8].copy_from_slice(&[0, 0]);
-        whole.extend_from_slice(&tail);
+        whole.extend_from_slice(tail);
         assert_eq!(stored, udp_csum(NODE, BACKEND, &whole), "the UDP checksum after translation");
         assert_eq!(r.moved.get("frag_first"), Some(&1), "{:?}", r.moved);
         assert_eq!(r.moved.get("pkt_new_flow"), Some(&1), "{:?}", r.moved);
         assert!(sport >= 1024, "a NAT port: {sport}");
 
-        let r = dp.from_netdev(&later);
+        let r = dp.run_from_netdev(&later);
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "the later fragment follows the first");
         assert_ip_csum(&r.out, "later fragment");
         assert_eq!((addr(&r.out, ETH + 12), addr(&r.out, ETH + 16)), (NODE, BACKEND), "later fragment");
@@ -420,7 +422,7 @@ fn later_fragments_are_translated_as_their_first_fragment_was() {
 
         // A later fragment whose first fragment was never seen: passed on untouched, counted.
         let stray = ipv4(CLIENT, NODE, IPPROTO_UDP, 0x9999, 3, false, tail);
-        let r = dp.from_netdev(&stray);
+        let r = dp.run_from_netdev(&stray);
         assert_eq!(r.verdict, TC_ACT_OK);
         assert_eq!(r.out, stray, "untouched");
         assert_eq!(r.moved, BTreeMap::from([("frag_miss", 1)]));
@@ -436,7 +438,7 @@ fn sctp_port_translation_keeps_the_crc32c_right() {
             let what = format!("INIT with {extra} filler bytes");
             let sport = 50000 + k as u16;
             let init = sctp_init(sport, SCTP_NODE_PORT, extra);
-            let r = dp.from_netdev(&ipv4(CLIENT, NODE, IPPROTO_SCTP, 1, 0, false, &init));
+            let r = dp.run_from_netdev(&ipv4(CLIENT, NODE, IPPROTO_SCTP, 1, 0, false, &init));
             assert_eq!(r.verdict, TC_ACT_REDIRECT, "{what}: forwarded, {:?}", r.moved);
             let l4 = ETH + 20;
             assert_eq!((addr(&r.out, ETH + 12), addr(&r.out, ETH + 16)), (NODE, BACKEND), "{what}");
@@ -450,7 +452,7 @@ fn sctp_port_translation_keeps_the_crc32c_right() {
             // The backend's answer comes back to the node (SCTP SNAT keeps the source port) and
             // leaves with the NodePort as its source port.
             let answer = sctp_init(SCTP_TARGET, sport, extra);
-            let r = dp.from_netdev(&ipv4(BACKEND, NODE, IPPROTO_SCTP, 2, 0, false, &answer));
+            let r = dp.run_from_netdev(&ipv4(BACKEND, NODE, IPPROTO_SCTP, 2, 0, false, &answer));
             assert_eq!((addr(&r.out, ETH + 12), addr(&r.out, ETH + 16)), (NODE, CLIENT), "{what}: reply");
             assert_eq!((be16(&r.out, l4), be16(&r.out, l4 + 2)), (SCTP_NODE_PORT, sport), "{what}: reply ports");
             let mut sctp = r.out[l4..].to_vec();
@@ -487,7 +489,7 @@ fn ipv6_extension_headers_are_walked_and_fragments_tracked() {
         let later =
             ipv6(CLIENT6, NODE6, NH_FRAGMENT, &[frag6(NH_DSTOPTS, 4, false, 0xabcd_ef01), tail.to_vec()].concat());
 
-        let r = dp.from_netdev(&first);
+        let r = dp.run_from_netdev(&first);
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "first fragment through fragment + destination options: {:?}", r.moved);
         assert_eq!((addr6(&r.out, ETH + 8), addr6(&r.out, ETH + 24)), (NODE6, BACKEND6), "first fragment: NAT");
         let udp_at = ETH + 40 + 8 + 8;
@@ -499,7 +501,7 @@ fn ipv6_extension_headers_are_walked_and_fragments_tracked() {
         assert_eq!(stored, udp6_csum(NODE6, BACKEND6, &whole), "the UDP checksum after translation");
         assert_eq!(r.moved.get("frag_first"), Some(&1), "{:?}", r.moved);
 
-        let r = dp.from_netdev(&later);
+        let r = dp.run_from_netdev(&later);
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "the later fragment follows the first");
         assert_eq!((addr6(&r.out, ETH + 8), addr6(&r.out, ETH + 24)), (NODE6, BACKEND6), "later fragment");
         assert_eq!(&r.out[ETH + 48..], tail, "the later fragment's data is untouched");
@@ -507,7 +509,7 @@ fn ipv6_extension_headers_are_walked_and_fragments_tracked() {
 
         // Unfragmented, with a destination-options header: translated.
         let small = ipv6(CLIENT6, NODE6, NH_DSTOPTS, &[ext8(IPPROTO_UDP).to_vec(), dgram.clone()].concat());
-        let r = dp.from_netdev(&small);
+        let r = dp.run_from_netdev(&small);
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "destination options, unfragmented: {:?}", r.moved);
         assert_eq!(be16(&r.out, ETH + 48 + 2), UDP_TARGET);
 
@@ -515,7 +517,7 @@ fn ipv6_extension_headers_are_walked_and_fragments_tracked() {
         let chain =
             [ext8(NH_DSTOPTS), ext8(NH_ROUTING), ext8(NH_DSTOPTS), ext8(NH_DSTOPTS), ext8(IPPROTO_UDP)].concat();
         let long = ipv6(CLIENT6, NODE6, NH_HOPOPTS, &[chain, dgram].concat());
-        let r = dp.from_netdev(&long);
+        let r = dp.run_from_netdev(&long);
         assert_eq!(r.verdict, TC_ACT_OK, "left to the kernel");
         assert_eq!(r.out, long, "untouched");
         assert_eq!(r.moved, BTreeMap::from([("ipv6_ext_limit", 1)]));
