@@ -28,7 +28,7 @@ enum ferry_stat {
 	STAT_DROP_NAT_EXHAUSTED,  /* dropped: no free SNAT source port after all retries */
 	STAT_DROP_CT_CLASH,       /* dropped: the backend-side tuple is already tracked for another flow */
 	STAT_DROP_NO_ROUTE,       /* dropped: no route (FIB) to the chosen backend */
-	STAT_DROP_UNSUPPORTED,    /* dropped: a translation this datapath cannot do (e.g. SCTP port change) */
+	STAT_DROP_UNSUPPORTED,    /* dropped: a translation this datapath cannot do (an SCTP port change on a fragment) */
 	STAT_NAT_RETRY,           /* SNAT source-port collisions resolved by retrying */
 	STAT_MASQ_NEW_FLOW,       /* pod egress: a new flow masqueraded to the node */
 	STAT_ICMP_ERROR_REV,      /* an ICMP error about a translated flow was translated back */
