@@ -27,6 +27,7 @@
 #include "lib/fwd.h"
 #include "lib/icmp.h"
 #include "lib/masq.h"
+#include "lib/frag.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -143,7 +144,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	__u32 bdst[4];
 	__builtin_memcpy(bdst, be->addr, 16);
 	__be16 bport = be->port;
-	if (p->proto == IPPROTO_SCTP && bport != p->dport)
+	/* A port change rewrites SCTP's CRC32c from the packet's length, which a fragment does not tell. */
+	if (p->proto == IPPROTO_SCTP && bport != p->dport && p->frag != FRAG_NONE)
 		return drop_packet(STAT_DROP_UNSUPPORTED);
 
 	int local;
@@ -169,31 +171,65 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	return fwd_redirect(skb, p, ifindex);
 }
 
+/* A packet with a transport header, step one: an ICMP error about a
+ * translated flow, or a packet of a tracked flow. Returns -1 when it is
+ * neither. Functions of their own (BPF-to-BPF calls) from here on: the
+ * verifier's 512-byte stack budget is per call chain, and the steps'
+ * frames are not live at the same time. */
+static __attribute__((noinline)) int handle_tracked(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+						    enum hook hook)
+{
+	__u64 now = bpf_ktime_get_ns();
+	if (icmp_is_error(p)) {
+		if (hook == HOOK_TO_NETDEV)
+			return TC_ACT_OK;
+		int rc = icmp_error_rev_nat(skb, p, now);
+		if (rc < 0)
+			return drop_packet(STAT_DROP_REWRITE);
+		return rc ? deliver(skb, p, hook) : TC_ACT_OK;
+	}
+	int rc = track(skb, p, cfg, CT_REPLY, hook, now);
+	if (rc >= 0)
+		return rc;
+	return track(skb, p, cfg, CT_ORIGINAL, hook, now);
+}
+
+/* Step two: a new flow to a frontend, or pod egress to masquerade. */
+static __attribute__((noinline)) int handle_new(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+						enum hook hook)
+{
+	__u64 now = bpf_ktime_get_ns();
+	int rc = new_flow(skb, p, cfg, hook, now);
+	if (rc == TC_ACT_OK && hook == HOOK_TO_NETDEV)
+		return masquerade(skb, p, cfg, now);
+	return rc;
+}
+
+/* A fragment after the first: translated and sent on as its first fragment
+ * was (frag.h). A function of its own, as the steps above. */
+static __attribute__((noinline)) int handle_later_fragment(struct __sk_buff *skb, struct pkt *p, enum hook hook)
+{
+	int translated;
+	int rc = frag_follow(skb, p, &translated);
+
+	return translated ? deliver(skb, p, hook) : rc;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 {
 	struct pkt p;
 	struct config *cfg = load_config();
 	if (!cfg || !parse(skb, &p))
 		return TC_ACT_OK;
-	__u64 now = bpf_ktime_get_ns();
-	int rc;
-	if (icmp_is_error(&p)) {
-		if (hook == HOOK_TO_NETDEV)
-			return TC_ACT_OK;
-		rc = icmp_error_rev_nat(skb, &p, now);
-		if (rc < 0)
-			return drop_packet(STAT_DROP_REWRITE);
-		return rc ? deliver(skb, &p, hook) : TC_ACT_OK;
-	}
-	rc = track(skb, &p, cfg, CT_REPLY, hook, now);
-	if (rc >= 0)
-		return rc;
-	rc = track(skb, &p, cfg, CT_ORIGINAL, hook, now);
-	if (rc >= 0)
-		return rc;
-	rc = new_flow(skb, &p, cfg, hook, now);
-	if (rc == TC_ACT_OK && hook == HOOK_TO_NETDEV)
-		return masquerade(skb, &p, cfg, now);
+	if (p.frag == FRAG_LATER)
+		return handle_later_fragment(skb, &p, hook);
+	if (p.frag == FRAG_FIRST)
+		frag_arrived(&p);
+	int rc = handle_tracked(skb, &p, cfg, hook);
+	if (rc < 0)
+		rc = handle_new(skb, &p, cfg, hook);
+	if (p.frag == FRAG_FIRST)
+		frag_remember(&p, rc);
 	return rc;
 }
 

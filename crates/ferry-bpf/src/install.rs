@@ -108,6 +108,7 @@ macro_rules! map_list {
             ("ferry_devices", &mut $maps.ferry_devices),
             ("ferry_ct", &mut $maps.ferry_ct),
             ("ferry_maglev", &mut $maps.ferry_maglev),
+            ("ferry_frags", &mut $maps.ferry_frags),
         ]
     };
 }

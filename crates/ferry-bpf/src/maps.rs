@@ -32,6 +32,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_devices",
     "ferry_ct",
     "ferry_maglev",
+    "ferry_frags",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +227,7 @@ pub struct Maps {
     devices: Typed<u32, t::device>,
     ct: Typed<t::ct_key, t::ct_val>,
     maglev: Typed<u64, u32>,
+    frags: Typed<t::frag_key, t::frag_val>,
 }
 
 impl Maps {
@@ -251,6 +253,7 @@ impl Maps {
             devices: Typed::open(dir, "ferry_devices")?,
             ct: Typed::open(dir, "ferry_ct")?,
             maglev: Typed::open(dir, "ferry_maglev")?,
+            frags: Typed::open(dir, "ferry_frags")?,
         })
     }
 
@@ -446,6 +449,11 @@ impl Maps {
     /// Entries currently held by the LRU maps (socket reverse NAT, affinity).
     pub fn lru_fill(&self) -> (usize, usize) {
         (self.sock_rev.keys().count(), self.affinity.keys().count())
+    }
+
+    /// Datagrams whose first fragment's verdict is held for their later fragments (`ferry_frags`, LRU).
+    pub fn frag_fill(&self) -> usize {
+        self.frags.keys().count()
     }
 
     /// Every entry of the packet path's connection tracking.

@@ -31,6 +31,12 @@ pub const NAMES: &[&str] = &[
     "giveup_no_service",
     "giveup_family",
     "giveup_masq_no_addr",
+    "frag_first",
+    "frag_forward",
+    "frag_miss",
+    "drop_frag",
+    "ipv6_ext_limit",
+    "sctp_csum_fix",
 ];
 
 #[cfg(test)]
