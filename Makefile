@@ -33,6 +33,7 @@ test: lint build
 # tool (raises the global net.netfilter.nf_conntrack_max for the run, then restores it).
 # control_plane: full-sync and one-change time of ferry's nftables datapath against
 # kube-proxy's iptables and nftables rule layouts, same services, same run.
+# tcx_cost: per-packet cost of the tcx programs by packet kind (BPF_PROG_TEST_RUN).
 # control_plane_bpf: the incremental control plane on the eBPF datapath (in-process
 # and through `ferry run`), time and memory.
 .PHONY: bench bench-build bench-nodeport bench-reconcile bench-control-plane bench-control-plane-bpf
@@ -45,6 +46,7 @@ bench: bench-build
 	target/release/reconcile
 	target/release/control_plane_bpf
 	target/release/control_plane
+	target/release/tcx_cost
 
 bench-control-plane: bench-build
 	target/release/control_plane

@@ -27,6 +27,7 @@
 #include "lib/fwd.h"
 #include "lib/icmp.h"
 #include "lib/masq.h"
+#include "lib/frag.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -63,10 +64,8 @@ static __always_inline int deliver(struct __sk_buff *skb, const struct pkt *p, e
 	if (hook == HOOK_TO_NETDEV)
 		return TC_ACT_OK;
 	ifindex = fwd_egress(skb, p, p->dst, &local);
-	if (!ifindex) {
-		stat_inc(STAT_DROP_NO_ROUTE);
-		return TC_ACT_SHOT;
-	}
+	if (!ifindex)
+		return drop_packet(STAT_DROP_NO_ROUTE);
 	if (local)
 		return TC_ACT_OK;
 	return fwd_redirect(skb, p, ifindex);
@@ -86,21 +85,9 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 	__builtin_memcpy(src, v->new_src, 16);
 	__builtin_memcpy(dst, v->new_dst, 16);
 	if (nat_rewrite(skb, p, src, v->new_sport, dst, v->new_dport) < 0)
-		return TC_ACT_SHOT;
+		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_PKT_FORWARD);
 	return deliver(skb, p, hook);
-}
-
-/* The SNAT address for traffic leaving through `ifindex`. */
-static __always_inline void snat_address(const struct config *cfg, __u32 ifindex, __u8 family, __u32 *out)
-{
-	struct device *d = bpf_map_lookup_elem(&ferry_devices, &ifindex);
-	__u8 f = family == FAM_V4 ? FAM_V4 : FAM_V6;
-
-	if (d && !addr_is_zero(d->snat[f]))
-		__builtin_memcpy(out, d->snat[f], 16);
-	else
-		__builtin_memcpy(out, cfg->primary[f], 16);
 }
 
 /* A first packet: load-balance it if it is for a frontend. */
@@ -111,10 +98,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 		return TC_ACT_OK;
 	struct fe_val *fe = lb_lookup_frontend(p->dst, p->family, p->dport, p->proto);
 	if (!fe) {
-		if (lb_in_range(RANGE_SERVICE, p->family, p->dst)) {
-			stat_inc(STAT_DROP_SERVICE_CIDR);
-			return TC_ACT_SHOT;
-		}
+		if (lb_in_range(RANGE_SERVICE, p->family, p->dst))
+			return drop_packet(STAT_DROP_SERVICE_CIDR);
 		return TC_ACT_OK;
 	}
 	if (fe->kind == FE_CLUSTER_IP_ANY_PORT)
@@ -122,20 +107,19 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 
 	__u32 service = fe->service;
 	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
-	if (!svc)
+	if (!svc) {
+		stat_inc(STAT_GIVEUP_NO_SERVICE);
 		return TC_ACT_OK;
-	__u8 class = classify(p, cfg, hook);
-	if ((fe->flags & FE_FIREWALL) && !lb_firewall_allows(service, p->family, p->src)) {
-		stat_inc(STAT_DROP_FIREWALL);
-		return TC_ACT_SHOT;
 	}
+	__u8 class = classify(p, cfg, hook);
+	if ((fe->flags & FE_FIREWALL) && !lb_firewall_allows(service, p->family, p->src))
+		return drop_packet(STAT_DROP_FIREWALL);
 	__u8 act = lb_action(svc, fe, class);
 	switch (act & ACT_MASK) {
 	case ACT_REJECT:
 		return hook == HOOK_TO_NETDEV ? TC_ACT_OK : reject(skb, p);
 	case ACT_DROP:
-		stat_inc(STAT_DROP_NO_ENDPOINT);
-		return TC_ACT_SHOT;
+		return drop_packet(STAT_DROP_NO_ENDPOINT);
 	case ACT_FORWARD_CLUSTER:
 	case ACT_FORWARD_LOCAL:
 		break;
@@ -155,40 +139,80 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	if (!id)
 		id = lb_pick(service, svc, set, &aff);
 	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
-	if (!be || be->family != p->family) {
-		stat_inc(STAT_DROP_NO_ENDPOINT);
-		return TC_ACT_SHOT;
-	}
+	if (!be || be->family != p->family)
+		return drop_packet(STAT_DROP_NO_ENDPOINT);
 	__u32 bdst[4];
 	__builtin_memcpy(bdst, be->addr, 16);
 	__be16 bport = be->port;
-	if (p->proto == IPPROTO_SCTP && bport != p->dport) {
-		stat_inc(STAT_DROP_UNSUPPORTED);
-		return TC_ACT_SHOT;
-	}
+	/* A port change rewrites SCTP's CRC32c from the packet's length, which a fragment does not tell. */
+	if (p->proto == IPPROTO_SCTP && bport != p->dport && p->frag != FRAG_NONE)
+		return drop_packet(STAT_DROP_UNSUPPORTED);
 
 	int local;
 	__u32 ifindex = fwd_egress(skb, p, bdst, &local);
-	if (!ifindex) {
-		stat_inc(STAT_DROP_NO_ROUTE);
-		return TC_ACT_SHOT;
-	}
+	if (!ifindex)
+		return drop_packet(STAT_DROP_NO_ROUTE);
 	/* Hairpin: the client is the endpoint; without SNAT its reply would skip the un-NAT. */
 	int masq = ((act & ACT_MASQ) || addr_eq(p->src, bdst)) && !local;
 	__u32 nsrc[4];
 	if (masq)
-		snat_address(cfg, ifindex, p->family, nsrc);
+		fwd_snat_address(cfg, ifindex, p->family, nsrc);
 	else
 		__builtin_memcpy(nsrc, p->src, 16);
-	__be16 nsport = ct_create(p, cfg, nsrc, p->sport, bdst, bport, masq, service, id, now);
+	__u32 why = STAT_DROP_CT_INSERT;
+	__be16 nsport = ct_create(p, cfg, nsrc, p->sport, bdst, bport, masq, service, id, now, &why);
 	if (!nsport)
-		return TC_ACT_SHOT;
+		return drop_packet(why);
 	if (nat_rewrite(skb, p, nsrc, nsport, bdst, bport) < 0)
-		return TC_ACT_SHOT;
+		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_PKT_NEW_FLOW);
 	if (local)
 		return TC_ACT_OK;
 	return fwd_redirect(skb, p, ifindex);
+}
+
+/* A packet with a transport header, step one: an ICMP error about a
+ * translated flow, or a packet of a tracked flow. Returns -1 when it is
+ * neither. Functions of their own (BPF-to-BPF calls) from here on: the
+ * verifier's 512-byte stack budget is per call chain, and the steps'
+ * frames are not live at the same time. */
+static __attribute__((noinline)) int handle_tracked(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+						    enum hook hook)
+{
+	__u64 now = bpf_ktime_get_ns();
+	if (icmp_is_error(p)) {
+		if (hook == HOOK_TO_NETDEV)
+			return TC_ACT_OK;
+		int rc = icmp_error_rev_nat(skb, p, now);
+		if (rc < 0)
+			return drop_packet(STAT_DROP_REWRITE);
+		return rc ? deliver(skb, p, hook) : TC_ACT_OK;
+	}
+	int rc = track(skb, p, cfg, CT_REPLY, hook, now);
+	if (rc >= 0)
+		return rc;
+	return track(skb, p, cfg, CT_ORIGINAL, hook, now);
+}
+
+/* Step two: a new flow to a frontend, or pod egress to masquerade. */
+static __attribute__((noinline)) int handle_new(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+						enum hook hook)
+{
+	__u64 now = bpf_ktime_get_ns();
+	int rc = new_flow(skb, p, cfg, hook, now);
+	if (rc == TC_ACT_OK && hook == HOOK_TO_NETDEV)
+		return masquerade(skb, p, cfg, now);
+	return rc;
+}
+
+/* A fragment after the first: translated and sent on as its first fragment
+ * was (frag.h). A function of its own, as the steps above. */
+static __attribute__((noinline)) int handle_later_fragment(struct __sk_buff *skb, struct pkt *p, enum hook hook)
+{
+	int translated;
+	int rc = frag_follow(skb, p, &translated);
+
+	return translated ? deliver(skb, p, hook) : rc;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
@@ -197,21 +221,15 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 	struct config *cfg = load_config();
 	if (!cfg || !parse(skb, &p))
 		return TC_ACT_OK;
-	__u64 now = bpf_ktime_get_ns();
-	if (icmp_is_error(&p)) {
-		if (hook != HOOK_TO_NETDEV && icmp_error_rev_nat(skb, &p, now))
-			return deliver(skb, &p, hook);
-		return TC_ACT_OK;
-	}
-	int rc = track(skb, &p, cfg, CT_REPLY, hook, now);
-	if (rc >= 0)
-		return rc;
-	rc = track(skb, &p, cfg, CT_ORIGINAL, hook, now);
-	if (rc >= 0)
-		return rc;
-	rc = new_flow(skb, &p, cfg, hook, now);
-	if (rc == TC_ACT_OK && hook == HOOK_TO_NETDEV)
-		return masquerade(skb, &p, cfg, now);
+	if (p.frag == FRAG_LATER)
+		return handle_later_fragment(skb, &p, hook);
+	if (p.frag == FRAG_FIRST)
+		frag_arrived(&p);
+	int rc = handle_tracked(skb, &p, cfg, hook);
+	if (rc < 0)
+		rc = handle_new(skb, &p, cfg, hook);
+	if (p.frag == FRAG_FIRST)
+		frag_remember(&p, rc);
 	return rc;
 }
 

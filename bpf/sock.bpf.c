@@ -118,8 +118,10 @@ static __always_inline enum xlate sock_xlate(struct bpf_sock_addr *ctx, struct s
 	}
 	__u32 service = fe->service;
 	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
-	if (!svc)
+	if (!svc) {
+		stat_inc(STAT_GIVEUP_NO_SERVICE);
 		return XLATE_PASS;
+	}
 
 	__u8 class = sock_class(ctx, target->family);
 	__u8 act = lb_action(svc, fe, class);
@@ -161,8 +163,10 @@ static __always_inline enum xlate sock_xlate(struct bpf_sock_addr *ctx, struct s
 		stat_inc(STAT_SOCK_NO_BACKEND);
 		return XLATE_PASS;
 	}
-	if (be->family != target->family)
+	if (be->family != target->family) {
+		stat_inc(STAT_GIVEUP_FAMILY);
 		return XLATE_PASS;
+	}
 	if (class != CLASS_HOST && backend_is_self(ctx, be, target->proto)) {
 		stat_inc(STAT_SOCK_SKIP_HAIRPIN);
 		return XLATE_PASS;

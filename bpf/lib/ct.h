@@ -99,10 +99,11 @@ static __always_inline void ct_refresh(struct ct_val *v, const struct pkt *p, __
 /* Creates both entries of a new flow: original (as it arrived: p) -> rewrite to
  * (nsrc:nsport -> ndst:ndport); reply (ndst:ndport -> nsrc:nsport) -> rewrite
  * back. With `snat`, the source port is chosen from the NAT range until the
- * reply tuple is free. Returns the source port used, or 0 on failure. */
+ * reply tuple is free. Returns the source port used, or 0 on failure with the
+ * drop reason in *why (the caller drops with it). */
 static __always_inline __be16 ct_create(const struct pkt *p, const struct config *cfg, const __u32 *nsrc,
 					__be16 nsport, const __u32 *ndst, __be16 ndport, int snat, __u32 service,
-					__u32 backend, __u64 now)
+					__u32 backend, __u64 now, __u32 *why)
 {
 	struct ct_val orig = { .new_sport = nsport, .new_dport = ndport, .backend = backend, .service = service };
 	struct ct_val reply = { .new_sport = p->dport, .new_dport = p->sport, .backend = backend, .service = service };
@@ -148,13 +149,13 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 				break;
 		}
 		if (!snat || p->proto == IPPROTO_SCTP) {
-			stat_inc(STAT_DROP_CT_CLASH);
+			*why = STAT_DROP_CT_CLASH;
 			return 0;
 		}
 		stat_inc(STAT_NAT_RETRY);
 	}
 	if (i == NAT_ATTEMPTS) {
-		stat_inc(STAT_DROP_NAT_EXHAUSTED);
+		*why = STAT_DROP_NAT_EXHAUSTED;
 		return 0;
 	}
 	orig.new_sport = rk.dport;
@@ -164,6 +165,7 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 	ct_key_of(&ok, p, CT_ORIGINAL);
 	if (bpf_map_update_elem(&ferry_ct, &ok, &orig, BPF_ANY) != 0) {
 		bpf_map_delete_elem(&ferry_ct, &rk);
+		*why = STAT_DROP_CT_INSERT;
 		return 0;
 	}
 	return rk.dport;

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "packet.h"
+#include "maps.h"
 #include "stats.h"
 
 #ifndef AF_INET
@@ -45,7 +46,21 @@ static __always_inline __u32 fwd_egress(struct __sk_buff *skb, const struct pkt 
 	return 0;
 }
 
-/* Decrements TTL / hop limit, as a router must. Returns -1 when it runs out. */
+/* The SNAT address for traffic leaving through `ifindex`: the device's own,
+ * else the node's primary address of the family. */
+static __always_inline void fwd_snat_address(const struct config *cfg, __u32 ifindex, __u8 family, __u32 *out)
+{
+	struct device *d = bpf_map_lookup_elem(&ferry_devices, &ifindex);
+	__u8 f = family == FAM_V4 ? FAM_V4 : FAM_V6;
+
+	if (d && !addr_is_zero(d->snat[f]))
+		__builtin_memcpy(out, d->snat[f], 16);
+	else
+		__builtin_memcpy(out, cfg->primary[f], 16);
+}
+
+/* Decrements TTL / hop limit, as a router must. Returns 1 when it runs out,
+ * -1 when a helper failed. */
 static __always_inline int fwd_ttl(struct __sk_buff *skb, const struct pkt *p)
 {
 	__u8 ttl;
@@ -56,15 +71,17 @@ static __always_inline int fwd_ttl(struct __sk_buff *skb, const struct pkt *p)
 			return -1;
 		ttl = ((__u8 *)&old_word)[0];
 		if (ttl <= 1)
-			return -1;
+			return 1;
 		new_word = old_word;
 		((__u8 *)&new_word)[0] = ttl - 1;
 		if (bpf_l3_csum_replace(skb, p->l3_off + 10, old_word, new_word, 2) < 0)
 			return -1;
 		return bpf_skb_store_bytes(skb, p->l3_off + 8, &new_word, 2, 0);
 	}
-	if (bpf_skb_load_bytes(skb, p->l3_off + 7, &ttl, 1) < 0 || ttl <= 1)
+	if (bpf_skb_load_bytes(skb, p->l3_off + 7, &ttl, 1) < 0)
 		return -1;
+	if (ttl <= 1)
+		return 1;
 	ttl--;
 	return bpf_skb_store_bytes(skb, p->l3_off + 7, &ttl, 1, 0);
 }
@@ -72,8 +89,12 @@ static __always_inline int fwd_ttl(struct __sk_buff *skb, const struct pkt *p)
 /* Sends the (already rewritten) packet out of `ifindex`. */
 static __always_inline int fwd_redirect(struct __sk_buff *skb, const struct pkt *p, __u32 ifindex)
 {
-	if (fwd_ttl(skb, p) < 0)
-		return TC_ACT_SHOT;
+	int rc = fwd_ttl(skb, p);
+
+	if (rc > 0)
+		return drop_packet(STAT_DROP_TTL_EXCEEDED);
+	if (rc < 0)
+		return drop_packet(STAT_DROP_REWRITE);
 	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
 }
 

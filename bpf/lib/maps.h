@@ -364,4 +364,35 @@ struct {
 	PIN_BY_NAME;
 } ferry_names SEC(".maps");
 
+/* ---- fragments: a datagram's first fragment -> what its later fragments get ---- */
+
+/* frag_val.verdict */
+#define FRAG_PASS 0  /* untouched: later fragments pass too */
+#define FRAG_XLATE 1 /* translated: later fragments get the same addresses */
+#define FRAG_DROP 2  /* dropped (or answered with a reject): later fragments are dropped */
+
+struct frag_key {
+	__u32 src[4]; /* as the fragment arrived at this hook */
+	__u32 dst[4];
+	__u32 id; /* IPv4 identification (low half) or IPv6 fragment identification */
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+struct frag_val {
+	__u32 new_src[4];
+	__u32 new_dst[4];
+	__u8 verdict;
+	__u8 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct frag_key);
+	__type(value, struct frag_val);
+	PIN_BY_NAME;
+} ferry_frags SEC(".maps");
+
 #endif

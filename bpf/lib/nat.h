@@ -6,14 +6,14 @@
  * addresses. IPv6: no header checksum; the L4 checksum covers the addresses
  * through the pseudo-header. UDP over IPv4 may carry a zero checksum, which
  * must stay zero. SCTP's CRC32c covers ports but not addresses, so an address
- * change needs nothing and a port change cannot be done here (the caller
- * refuses it).
+ * change needs nothing and a port change corrects the CRC (sctp.h).
  */
 #ifndef FERRY_NAT_H
 #define FERRY_NAT_H
 
 #include "common.h"
 #include "packet.h"
+#include "sctp.h"
 
 #define IP4_CSUM_OFF 10
 #define IP4_SADDR_OFF 12
@@ -69,7 +69,7 @@ static __always_inline int nat_port(struct __sk_buff *skb, const struct pkt *p, 
 	if (from == to)
 		return 0;
 	if (p->proto == IPPROTO_SCTP)
-		return -1;
+		return sctp_nat_port(skb, p, which ? 2 : 0, from, to);
 	if (p->proto == PROTO_ICMP || p->proto == PROTO_ICMPV6)
 		off = p->l4_off + 4;
 	else

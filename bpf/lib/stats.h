@@ -28,10 +28,25 @@ enum ferry_stat {
 	STAT_DROP_NAT_EXHAUSTED,  /* dropped: no free SNAT source port after all retries */
 	STAT_DROP_CT_CLASH,       /* dropped: the backend-side tuple is already tracked for another flow */
 	STAT_DROP_NO_ROUTE,       /* dropped: no route (FIB) to the chosen backend */
-	STAT_DROP_UNSUPPORTED,    /* dropped: a translation this datapath cannot do (e.g. SCTP port change) */
+	STAT_DROP_UNSUPPORTED,    /* dropped: a translation this datapath cannot do (an SCTP port change on a fragment) */
 	STAT_NAT_RETRY,           /* SNAT source-port collisions resolved by retrying */
 	STAT_MASQ_NEW_FLOW,       /* pod egress: a new flow masqueraded to the node */
 	STAT_ICMP_ERROR_REV,      /* an ICMP error about a translated flow was translated back */
+	/* Drops and give-ups that had no counter before (issue 15); kept together for merges. */
+	STAT_DROP_REWRITE,        /* dropped: a helper failed while rewriting addresses, ports or checksums */
+	STAT_DROP_TTL_EXCEEDED,   /* dropped: TTL / hop limit ran out while forwarding */
+	STAT_DROP_CT_INSERT,      /* dropped: the original-direction conntrack entry could not be written */
+	STAT_DROP_REJECT_FAILED,  /* dropped: the ICMP error of a REJECT could not be built (IP options, helper error) */
+	STAT_GIVEUP_NO_SERVICE,   /* passed on untranslated: a frontend without its service entry (mid-update) */
+	STAT_GIVEUP_FAMILY,       /* passed on untranslated: the picked backend is of the other family (socket path) */
+	STAT_GIVEUP_MASQ_NO_ADDR, /* pod egress left unmasqueraded: no SNAT address for the device and family */
+	/* Fragments, IPv6 extension headers, SCTP CRC (issue 16). */
+	STAT_FRAG_FIRST,          /* packet path: a first fragment, its verdict kept for the rest of the datagram */
+	STAT_FRAG_FORWARD,        /* packet path: a later fragment translated as its first fragment was */
+	STAT_FRAG_MISS,           /* a later fragment whose first fragment is not tracked (lost entry, out of order): passed untranslated */
+	STAT_DROP_FRAG,           /* dropped: a later fragment of a datagram whose first fragment was dropped */
+	STAT_IPV6_EXT_LIMIT,      /* IPv6 with more extension headers than the parser walks: passed to the stack untranslated */
+	STAT_SCTP_CSUM_FIX,       /* SCTP port translated with its CRC32c corrected */
 	STAT_COUNT_,
 };
 
@@ -50,6 +65,14 @@ static __always_inline void stat_inc(__u32 id)
 	__u64 *v = bpf_map_lookup_elem(&ferry_stats, &id);
 	if (v)
 		*v += 1;
+}
+
+/* Counts why and drops: the only way a tc program drops a packet (a test in
+ * crates/ferry-bpf/tests/drops.rs greps bpf/ for any other TC_ACT_SHOT). */
+static __always_inline int drop_packet(__u32 reason)
+{
+	stat_inc(reason);
+	return TC_ACT_SHOT;
 }
 
 #endif

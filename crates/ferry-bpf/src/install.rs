@@ -108,6 +108,7 @@ macro_rules! map_list {
             ("ferry_devices", &mut $maps.ferry_devices),
             ("ferry_ct", &mut $maps.ferry_ct),
             ("ferry_maglev", &mut $maps.ferry_maglev),
+            ("ferry_frags", &mut $maps.ferry_frags),
         ]
     };
 }
@@ -197,6 +198,31 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     let devices = attach_devices(opts, &links_dir, &mut updated, &mut attached)?;
     let maps = Maps::open(&opts.pin_dir)?;
     Ok(Installed { maps, adopted, links_updated: updated, links_attached: attached, devices })
+}
+
+/// Loads the tcx programs with their maps pinned in `pin_dir` (created if
+/// missing), attached nowhere: for driving them with `BPF_PROG_TEST_RUN`
+/// (`crates/ferry-bpf/tests/packet.rs`). Needs root; Linux 6.6+ (tcx).
+///
+/// ```no_run
+/// let mut storage = std::mem::MaybeUninit::uninit();
+/// let skel = ferry_bpf::install::load_packet_programs(&mut storage, "/sys/fs/bpf/ferry-test".as_ref())?;
+/// let maps = ferry_bpf::Maps::open("/sys/fs/bpf/ferry-test".as_ref())?;
+/// # let _ = (skel, maps);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn load_packet_programs<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    pin_dir: &Path,
+) -> Result<crate::skel::netdev::NetdevSkel<'obj>, InstallError> {
+    system::ensure_bpffs()?;
+    if !system::is_under_bpffs(pin_dir) {
+        return Err(InstallError::PinDirNotBpffs(pin_dir.to_path_buf()));
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|source| InstallError::PinDir { path: pin_dir.to_path_buf(), source })?;
+    let mut open = NetdevSkelBuilder::default().open(storage).map_err(lb("opening the tc BPF object"))?;
+    pin_netdev_maps(&mut open, pin_dir)?;
+    open.load().map_err(lb("loading the tc BPF programs (verifier)"))
 }
 
 fn ifindex(name: &str) -> Option<u32> {

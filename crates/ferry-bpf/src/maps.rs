@@ -1,14 +1,17 @@
 //! `Maps`: the pinned datapath maps, opened by path; applies `MapOp`s and reads state back.
 //!
 //! Works without the programs loaded (for `ferry status` and `ferry cleanup`)
-//! because every map is pinned under the pin directory by its name. Encoding
-//! goes through the skeleton's generated `#[repr(C)]` types, so the byte
-//! layout always matches `bpf/lib/maps.h`.
+//! because every map is pinned under the pin directory by its name. Each map
+//! is declared once, as a [`Typed`] field of [`Maps`] with the skeleton's
+//! generated `#[repr(C)]` key and value types, so the byte layout always
+//! matches `bpf/lib/maps.h`; a pinned map of another size is refused when it
+//! is opened, and a buffer of the wrong size is never padded or cut.
 
 use crate::entries::*;
 use crate::program::MapDump;
 use crate::skel::sock::types as t;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 /// Every pinned map, by name.
@@ -29,6 +32,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_devices",
     "ferry_ct",
     "ferry_maglev",
+    "ferry_frags",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,11 @@ pub enum MapError {
     Open { path: PathBuf, source: libbpf_rs::Error },
     #[error("{op} on map {map} failed: {source}")]
     Op { op: String, map: &'static str, source: libbpf_rs::Error },
+    #[error(
+        "pinned map {map} has {what} size {found}, this ferry expects {expected}: it was created by another \
+         version of the datapath; remove it with `ferry cleanup` (the next start re-creates it, dropping tracked flows)"
+    )]
+    Layout { map: &'static str, what: &'static str, expected: usize, found: usize },
 }
 
 /// Plain-data types (`#[repr(C)]`, no padding holes) as bytes.
@@ -48,12 +57,73 @@ fn bytes<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
 
+/// A plain-data value from exactly its bytes. `Maps::open` checked every
+/// map's key and value sizes, so a short or long buffer means the kernel
+/// returned something else entirely: it panics rather than pad or cut.
 fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
+    assert_eq!(
+        b.len(),
+        std::mem::size_of::<T>(),
+        "map entry of {} bytes read as {} ({} bytes)",
+        b.len(),
+        std::any::type_name::<T>(),
+        std::mem::size_of::<T>()
+    );
     let mut v = T::default();
-    let n = b.len().min(std::mem::size_of::<T>());
-    // SAFETY: copying at most size_of::<T>() bytes into a plain-data value.
-    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), n) };
+    // SAFETY: copying exactly size_of::<T>() bytes into a plain-data value.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), b.len()) };
     v
+}
+
+/// One pinned map with the key and value types of its C declaration (the
+/// skeleton's generated `#[repr(C)]` types from `bpf/lib/maps.h`, or a plain
+/// integer). Each map is declared once, as a field of [`Maps`]; opening it
+/// checks the pinned map's key and value sizes against those types and
+/// refuses another layout ([`MapError::Layout`]). Derefs to the raw handle.
+pub struct Typed<K, V> {
+    name: &'static str,
+    handle: MapHandle,
+    _kv: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K: Copy + Default, V: Copy + Default> Typed<K, V> {
+    fn open(dir: &Path, name: &'static str) -> Result<Self, MapError> {
+        let path = dir.join(name);
+        let handle = MapHandle::from_pinned_path(&path).map_err(|source| MapError::Open { path, source })?;
+        let sizes = [
+            ("key", std::mem::size_of::<K>(), handle.key_size()),
+            ("value", std::mem::size_of::<V>(), handle.value_size()),
+        ];
+        for (what, expected, found) in sizes {
+            if found as usize != expected {
+                return Err(MapError::Layout { map: name, what, expected, found: found as usize });
+            }
+        }
+        Ok(Typed { name, handle, _kv: PhantomData })
+    }
+
+    /// The map's name (its pin file).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Every entry, decoded (entries deleted while listing are skipped).
+    fn entries(&self) -> Vec<(K, V)> {
+        self.handle
+            .keys()
+            .filter_map(|k| {
+                let v = self.handle.lookup(&k, MapFlags::ANY).ok().flatten()?;
+                Some((from_bytes::<K>(&k), from_bytes::<V>(&v)))
+            })
+            .collect()
+    }
+}
+
+impl<K, V> std::ops::Deref for Typed<K, V> {
+    type Target = MapHandle;
+    fn deref(&self) -> &MapHandle {
+        &self.handle
+    }
 }
 
 fn enc_fe_key(k: &FeKey) -> t::fe_key {
@@ -138,52 +208,52 @@ fn dec_name(n: &t::svc_name) -> String {
     String::from_utf8_lossy(&raw).into_owned()
 }
 
-/// Handles on every pinned map.
+/// Every pinned map, each declared once with its key and value types.
 pub struct Maps {
     pub dir: PathBuf,
-    frontends: MapHandle,
-    services: MapHandle,
-    slots: MapHandle,
-    backends: MapHandle,
-    members: MapHandle,
-    sock_rev: MapHandle,
-    affinity: MapHandle,
-    firewall: MapHandle,
-    locals: MapHandle,
-    ranges: MapHandle,
-    config: MapHandle,
-    names: MapHandle,
-    stats: MapHandle,
-    devices: MapHandle,
-    ct: MapHandle,
-    maglev: MapHandle,
+    frontends: Typed<t::fe_key, t::fe_val>,
+    services: Typed<u32, t::svc_val>,
+    slots: Typed<t::slot_key, u32>,
+    backends: Typed<u32, t::backend>,
+    members: Typed<t::member_key, u8>,
+    sock_rev: Typed<t::rev_key, t::rev_val>,
+    affinity: Typed<t::aff_key, t::aff_val>,
+    firewall: Typed<t::fw_key, u8>,
+    locals: Typed<t::local_key, u8>,
+    ranges: Typed<t::range_key, u8>,
+    config: Typed<u32, t::config>,
+    names: Typed<u32, t::svc_name>,
+    stats: Typed<u32, u64>,
+    devices: Typed<u32, t::device>,
+    ct: Typed<t::ct_key, t::ct_val>,
+    maglev: Typed<u64, u32>,
+    frags: Typed<t::frag_key, t::frag_val>,
 }
 
 impl Maps {
     /// Opens the maps pinned in `dir` (e.g. /sys/fs/bpf/ferry).
+    /// A pinned map whose key or value size differs from the types below is
+    /// refused with [`MapError::Layout`].
     pub fn open(dir: &Path) -> Result<Maps, MapError> {
-        let open = |name: &str| {
-            let path = dir.join(name);
-            MapHandle::from_pinned_path(&path).map_err(|source| MapError::Open { path, source })
-        };
         Ok(Maps {
             dir: dir.to_path_buf(),
-            frontends: open("ferry_frontends")?,
-            services: open("ferry_services")?,
-            slots: open("ferry_slots")?,
-            backends: open("ferry_backends")?,
-            members: open("ferry_members")?,
-            sock_rev: open("ferry_sock_rev")?,
-            affinity: open("ferry_affinity")?,
-            firewall: open("ferry_firewall")?,
-            locals: open("ferry_locals")?,
-            ranges: open("ferry_ranges")?,
-            config: open("ferry_config")?,
-            names: open("ferry_names")?,
-            stats: open("ferry_stats")?,
-            devices: open("ferry_devices")?,
-            ct: open("ferry_ct")?,
-            maglev: open("ferry_maglev")?,
+            frontends: Typed::open(dir, "ferry_frontends")?,
+            services: Typed::open(dir, "ferry_services")?,
+            slots: Typed::open(dir, "ferry_slots")?,
+            backends: Typed::open(dir, "ferry_backends")?,
+            members: Typed::open(dir, "ferry_members")?,
+            sock_rev: Typed::open(dir, "ferry_sock_rev")?,
+            affinity: Typed::open(dir, "ferry_affinity")?,
+            firewall: Typed::open(dir, "ferry_firewall")?,
+            locals: Typed::open(dir, "ferry_locals")?,
+            ranges: Typed::open(dir, "ferry_ranges")?,
+            config: Typed::open(dir, "ferry_config")?,
+            names: Typed::open(dir, "ferry_names")?,
+            stats: Typed::open(dir, "ferry_stats")?,
+            devices: Typed::open(dir, "ferry_devices")?,
+            ct: Typed::open(dir, "ferry_ct")?,
+            maglev: Typed::open(dir, "ferry_maglev")?,
+            frags: Typed::open(dir, "ferry_frags")?,
         })
     }
 
@@ -319,49 +389,38 @@ impl Maps {
         out
     }
 
-    fn entries(m: &MapHandle) -> Vec<(Vec<u8>, Vec<u8>)> {
-        m.keys().filter_map(|k| m.lookup(&k, MapFlags::ANY).ok().flatten().map(|v| (k, v))).collect()
-    }
-
     /// Reads every entry back (agent restart, `ferry status`).
     pub fn dump(&self) -> MapDump {
         let mut d = MapDump::default();
-        for (k, v) in Self::entries(&self.names) {
-            d.names.push((from_bytes::<u32>(&k), dec_name(&from_bytes::<t::svc_name>(&v))));
+        for (k, v) in self.names.entries() {
+            d.names.push((k, dec_name(&v)));
         }
-        for (k, v) in Self::entries(&self.services) {
-            d.services.push((from_bytes::<u32>(&k), dec_svc(from_bytes(&v))));
+        for (k, v) in self.services.entries() {
+            d.services.push((k, dec_svc(v)));
         }
-        for (k, v) in Self::entries(&self.slots) {
-            let k: t::slot_key = from_bytes(&k);
-            d.slots.push((SlotKey { service: k.service, rev: k.rev, set: k.set, slot: k.slot }, from_bytes(&v)));
+        for (k, v) in self.slots.entries() {
+            d.slots.push((SlotKey { service: k.service, rev: k.rev, set: k.set, slot: k.slot }, v));
         }
-        for (k, v) in Self::entries(&self.members) {
-            let k: t::member_key = from_bytes(&k);
-            d.members.push((MemberKey { service: k.service, backend: k.backend }, v[0]));
+        for (k, v) in self.members.entries() {
+            d.members.push((MemberKey { service: k.service, backend: k.backend }, v));
         }
-        for (k, _) in Self::entries(&self.firewall) {
-            let k: t::fw_key = from_bytes(&k);
+        for (k, _) in self.firewall.entries() {
             d.firewall.push(FwKey { prefixlen: k.prefixlen, service: k.service, addr: k.addr });
         }
-        for (k, v) in Self::entries(&self.frontends) {
-            let v: t::fe_val = from_bytes(&v);
-            d.frontends.push((dec_fe_key(from_bytes(&k)), FeVal { service: v.service, kind: v.kind, flags: v.flags }));
+        for (k, v) in self.frontends.entries() {
+            d.frontends.push((dec_fe_key(k), FeVal { service: v.service, kind: v.kind, flags: v.flags }));
         }
-        for (k, v) in Self::entries(&self.backends) {
-            d.backends.push((from_bytes::<u32>(&k), dec_backend(from_bytes(&v))));
+        for (k, v) in self.backends.entries() {
+            d.backends.push((k, dec_backend(v)));
         }
-        for (k, v) in Self::entries(&self.locals) {
-            let k: t::local_key = from_bytes(&k);
-            d.locals.push((LocalKey { addr: k.addr, family: k.family }, v[0]));
+        for (k, v) in self.locals.entries() {
+            d.locals.push((LocalKey { addr: k.addr, family: k.family }, v));
         }
-        for (k, _) in Self::entries(&self.ranges) {
-            let k: t::range_key = from_bytes(&k);
+        for (k, _) in self.ranges.entries() {
             d.ranges.push(RangeKey { prefixlen: k.prefixlen, kind: k.kind, family: k.family, addr: k.addr });
         }
-        for (k, v) in Self::entries(&self.devices) {
-            let v: t::device = from_bytes(&v);
-            d.devices.push((from_bytes::<u32>(&k), Device { snat: v.snat, flags: v.flags }));
+        for (k, v) in self.devices.entries() {
+            d.devices.push((k, Device { snat: v.snat, flags: v.flags }));
         }
         d.maglev = self.maglev_tables();
         if let Ok(Some(v)) = self.config.lookup(&0u32.to_ne_bytes(), MapFlags::ANY) {
@@ -392,30 +451,32 @@ impl Maps {
         (self.sock_rev.keys().count(), self.affinity.keys().count())
     }
 
+    /// Datagrams whose first fragment's verdict is held for their later fragments (`ferry_frags`, LRU).
+    pub fn frag_fill(&self) -> usize {
+        self.frags.keys().count()
+    }
+
     /// Every entry of the packet path's connection tracking.
     pub fn ct_entries(&self) -> Vec<crate::stale::CtEntry> {
-        Self::entries(&self.ct)
+        self.ct
+            .entries()
             .into_iter()
-            .map(|(k, v)| {
-                let k: t::ct_key = from_bytes(&k);
-                let v: t::ct_val = from_bytes(&v);
-                crate::stale::CtEntry {
-                    src: k.src,
-                    dst: k.dst,
-                    sport: u16::from_be(k.sport),
-                    dport: u16::from_be(k.dport),
-                    proto: k.proto,
-                    family: k.family,
-                    dir: k.dir,
-                    new_src: v.new_src,
-                    new_dst: v.new_dst,
-                    new_sport: u16::from_be(v.new_sport),
-                    new_dport: u16::from_be(v.new_dport),
-                    service: v.service,
-                    backend: v.backend,
-                    flags: v.flags,
-                    expires_ns: v.expires_ns,
-                }
+            .map(|(k, v)| crate::stale::CtEntry {
+                src: k.src,
+                dst: k.dst,
+                sport: u16::from_be(k.sport),
+                dport: u16::from_be(k.dport),
+                proto: k.proto,
+                family: k.family,
+                dir: k.dir,
+                new_src: v.new_src,
+                new_dst: v.new_dst,
+                new_sport: u16::from_be(v.new_sport),
+                new_dport: u16::from_be(v.new_dport),
+                service: v.service,
+                backend: v.backend,
+                flags: v.flags,
+                expires_ns: v.expires_ns,
             })
             .collect()
     }

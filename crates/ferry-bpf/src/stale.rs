@@ -14,8 +14,7 @@
 use crate::entries::{FAM_V4, Words};
 use std::collections::{BTreeSet, HashMap};
 
-pub const CT_ORIGINAL: u8 = 0;
-pub const CT_REPLY: u8 = 1;
+pub use crate::entries::{CT_ORIGINAL, CT_REPLY, CT_SNAT};
 const UDP: u8 = 17;
 
 /// One entry of `ferry_ct`, in Rust terms.
@@ -39,9 +38,6 @@ pub struct CtEntry {
     /// CLOCK_MONOTONIC deadline in nanoseconds.
     pub expires_ns: u64,
 }
-
-/// `ct_val.flags`: the flow's source was rewritten (a NAT port is in use).
-pub const CT_SNAT: u8 = 1;
 
 /// Now on the clock of the conntrack deadlines (`bpf_ktime_get_ns`: CLOCK_MONOTONIC).
 pub fn monotonic_ns() -> u64 {

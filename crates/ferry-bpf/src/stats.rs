@@ -24,6 +24,19 @@ pub const NAMES: &[&str] = &[
     "nat_retry",
     "masq_new_flow",
     "icmp_error_rev",
+    "drop_rewrite",
+    "drop_ttl_exceeded",
+    "drop_ct_insert",
+    "drop_reject_failed",
+    "giveup_no_service",
+    "giveup_family",
+    "giveup_masq_no_addr",
+    "frag_first",
+    "frag_forward",
+    "frag_miss",
+    "drop_frag",
+    "ipv6_ext_limit",
+    "sctp_csum_fix",
 ];
 
 #[cfg(test)]

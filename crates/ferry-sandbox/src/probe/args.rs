@@ -18,7 +18,7 @@ const USAGE: &str = "\
 usage:
   serve --name NAME [--echo-lines] [--ready-file PATH] [--lifetime SECS] [--idle-timeout SECS] ENDPOINT...
   connect ENDPOINT [--bind IP] [--source-port PORT] [--timeout SECS] [--connected] [--message TEXT]
-          [--count N | --keep-open SECS | --udp-stream SECS | --held SECS]
+          [--pad BYTES] [--ipv6-dstopts] [--count N | --keep-open SECS | --udp-stream SECS | --held SECS]
 ENDPOINT is IP:PORT/tcp or IP:PORT/udp ([IPv6]:PORT/udp for IPv6).
 connect prints one JSON observation per attempt and exits 0 whenever it observed something.";
 
@@ -126,6 +126,7 @@ fn parse_serve(args: &[String]) -> Result<ServeOpts, ProbeError> {
 fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeError> {
     let mut target: Option<Endpoint> = None;
     let (mut bind, mut timeout, mut connected, mut message) = (None, DEFAULT_TIMEOUT, false, None);
+    let (mut pad, mut dstopts) = (0, false);
     let mut source_port = None;
     let mut mode = ConnectMode::Once;
     let mut words = Words { rest: args.iter() };
@@ -146,6 +147,11 @@ fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeErr
             "--timeout" => timeout = parse_seconds(word, words.value(word)?)?,
             "--connected" => connected = true,
             "--message" => message = Some(words.value(word)?.to_owned()),
+            "--ipv6-dstopts" => dstopts = true,
+            "--pad" => {
+                let text = words.value(word)?;
+                pad = text.parse().map_err(|_| ProbeError::Usage(format!("--pad takes a byte count, not {text:?}")))?;
+            }
             "--count" => {
                 let text = words.value(word)?;
                 let n = text.parse().ok().filter(|n| (1..=MAX_COUNT).contains(n));
@@ -166,6 +172,8 @@ fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeErr
     opts.source_port = source_port;
     opts.timeout = timeout;
     opts.connected_udp = connected;
+    opts.pad = pad;
+    opts.ipv6_dstopts = dstopts;
     if let Some(message) = message {
         opts.message = message;
     }
@@ -210,6 +218,12 @@ impl ConnectOpts {
             args.push("--connected".into());
         }
         args.extend(["--message".into(), self.message.clone()]);
+        if self.pad > 0 {
+            args.extend(["--pad".into(), self.pad.to_string()]);
+        }
+        if self.ipv6_dstopts {
+            args.push("--ipv6-dstopts".into());
+        }
         match mode {
             ConnectMode::Once => {}
             ConnectMode::Count(n) => args.extend(["--count".into(), n.to_string()]),
@@ -248,6 +262,8 @@ mod tests {
         opts.bind = Some("fd00::1".parse().unwrap());
         opts.timeout = Duration::from_millis(250);
         opts.connected_udp = true;
+        opts.pad = 3988;
+        opts.ipv6_dstopts = true;
         for mode in [
             ConnectMode::Once,
             ConnectMode::Count(7),

@@ -15,7 +15,10 @@ use super::{Endpoint, Observation, ProbeError, Proto, Reply, ServerReply, Stage}
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between exchanges of [`keep_open`].
 pub const KEEP_OPEN_INTERVAL: Duration = Duration::from_millis(100);
-const MAX_REPLY: u64 = 4096;
+/// The longest reply read: a UDP server pads its reply to the request's length (see [`ConnectOpts::pad`]).
+const MAX_REPLY: u64 = 65536;
+/// The most filler [`ConnectOpts::pad`] may add.
+pub const MAX_PAD: usize = 64 << 20;
 
 /// Options of one `connect` attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +35,13 @@ pub struct ConnectOpts {
     pub connected_udp: bool,
     /// The line sent to the server (without newline).
     pub message: String,
+    /// Filler bytes (`.`) appended to the line: a UDP request this much longer is fragmented (the
+    /// server pads its reply to the same length, so the reply is too); a TCP request is a bulk
+    /// transfer that the reply shows arrived whole (the server answers once it read the newline).
+    pub pad: usize,
+    /// IPv6 only: every packet carries a destination-options header (one PadN option), so the
+    /// datapath must walk an extension header to find the transport header.
+    pub ipv6_dstopts: bool,
 }
 
 impl ConnectOpts {
@@ -44,6 +54,8 @@ impl ConnectOpts {
             timeout: DEFAULT_TIMEOUT,
             connected_udp: false,
             message: "ferry-probe".into(),
+            pad: 0,
+            ipv6_dstopts: false,
         }
     }
 
@@ -62,7 +74,22 @@ impl ConnectOpts {
         if self.timeout.is_zero() {
             return Err(ProbeError::Usage("the timeout must be positive".into()));
         }
+        if self.ipv6_dstopts && !self.target.addr.is_ipv6() {
+            return Err(ProbeError::Usage("--ipv6-dstopts needs an IPv6 target".into()));
+        }
+        if self.pad > MAX_PAD {
+            return Err(ProbeError::Usage(format!("--pad takes at most {MAX_PAD} bytes")));
+        }
         Ok(())
+    }
+
+    /// The request as sent: the message, the filler, a newline.
+    fn request(&self) -> Vec<u8> {
+        let mut r = Vec::with_capacity(self.message.len() + self.pad + 1);
+        r.extend_from_slice(self.message.as_bytes());
+        r.resize(self.message.len() + self.pad, b'.');
+        r.push(b'\n');
+        r
     }
 }
 
@@ -70,7 +97,7 @@ impl ConnectOpts {
 pub fn connect(opts: &ConnectOpts) -> Result<Observation, ProbeError> {
     opts.check()?;
     let attempt = match opts.target.proto {
-        Proto::Tcp => open_tcp(opts).and_then(|mut conn| conn.exchange(&opts.message)),
+        Proto::Tcp => open_tcp(opts).and_then(|mut conn| conn.exchange(&opts.request())),
         Proto::Udp if opts.connected_udp => udp_connected(opts),
         Proto::Udp => udp_unconnected(opts),
         Proto::Sctp => return super::sctp::connect(opts.target.addr, opts.bind, opts.timeout),
@@ -120,7 +147,7 @@ pub fn keep_open(
             }
             thread::sleep(if left.is_zero() { KEEP_OPEN_INTERVAL } else { KEEP_OPEN_INTERVAL.min(left) });
         }
-        let observation = conn.exchange(&opts.message).unwrap_or_else(|failure| failure.observation());
+        let observation = conn.exchange(&opts.request()).unwrap_or_else(|failure| failure.observation());
         report(&observation).map_err(ProbeError::Output)?;
         if observation.reply().is_none() {
             break;
@@ -168,7 +195,7 @@ pub fn held(
                 break;
             }
         }
-        let observation = conn.exchange(&opts.message).unwrap_or_else(|failure| failure.observation());
+        let observation = conn.exchange(&opts.request()).unwrap_or_else(|failure| failure.observation());
         report(&observation).map_err(ProbeError::Output)?;
         if observation.reply().is_none() {
             break;
@@ -212,8 +239,8 @@ pub fn udp_stream(
             }
         };
         let exchange = || -> Result<Observation, Failure> {
-            s.send(format!("{}\n", opts.message).as_bytes()).map_err(failed(Stage::Reply, "sending"))?;
-            let mut buf = [0u8; MAX_REPLY as usize];
+            s.send(&opts.request()).map_err(failed(Stage::Reply, "sending"))?;
+            let mut buf = vec![0u8; MAX_REPLY as usize];
             let len = s.recv(&mut buf).map_err(failed(Stage::Reply, "waiting for the reply"))?;
             let local = s.local_addr().map_err(failed(Stage::Reply, "getsockname"))?;
             let peer = s.peer_addr().map_err(failed(Stage::Reply, "getpeername"))?;
@@ -272,12 +299,12 @@ fn open_tcp(opts: &ConnectOpts) -> Result<TcpConn, Failure> {
 
 impl TcpConn {
     /// Sends one line and reads one reply line, within the timeout.
-    fn exchange(&mut self, message: &str) -> Result<Observation, Failure> {
+    fn exchange(&mut self, request: &[u8]) -> Result<Observation, Failure> {
         let deadline = Instant::now() + self.timeout;
         let stream = self.reader.get_mut();
         stream
             .set_write_timeout(Some(remaining(deadline)))
-            .and_then(|()| stream.write_all(format!("{message}\n").as_bytes()))
+            .and_then(|()| stream.write_all(request))
             .map_err(failed(Stage::Reply, "sending the request line"))?;
         let mut line = String::new();
         self.reader
@@ -296,10 +323,8 @@ fn udp_unconnected(opts: &ConnectOpts) -> Result<Observation, Failure> {
     let deadline = Instant::now() + opts.timeout;
     let socket = bind_for_udp(new_socket(opts)?, opts)?;
     let target = opts.target;
-    socket
-        .send_to(format!("{}\n", opts.message).as_bytes(), target.addr)
-        .map_err(failed(Stage::Reply, format!("sending to {target}")))?;
-    let mut buf = [0u8; MAX_REPLY as usize];
+    socket.send_to(&opts.request(), target.addr).map_err(failed(Stage::Reply, format!("sending to {target}")))?;
+    let mut buf = vec![0u8; MAX_REPLY as usize];
     let (len, from) = socket
         .set_read_timeout(Some(remaining(deadline)))
         .and_then(|()| socket.recv_from(&mut buf))
@@ -313,10 +338,8 @@ fn udp_connected(opts: &ConnectOpts) -> Result<Observation, Failure> {
     let socket = bind_for_udp(new_socket(opts)?, opts)?;
     let target = opts.target;
     socket.connect(target.addr).map_err(failed(Stage::Connect, format!("connecting to {target}")))?;
-    socket
-        .send(format!("{}\n", opts.message).as_bytes())
-        .map_err(failed(Stage::Reply, format!("sending to {target}")))?;
-    let mut buf = [0u8; MAX_REPLY as usize];
+    socket.send(&opts.request()).map_err(failed(Stage::Reply, format!("sending to {target}")))?;
+    let mut buf = vec![0u8; MAX_REPLY as usize];
     let len = socket
         .set_read_timeout(Some(remaining(deadline)))
         .and_then(|()| socket.recv(&mut buf))
@@ -342,7 +365,30 @@ fn new_socket(opts: &ConnectOpts) -> Result<Socket, Failure> {
         socket.set_reuse_address(true).map_err(failed(Stage::Connect, "SO_REUSEADDR"))?;
         socket.bind(&source.into()).map_err(failed(Stage::Connect, format!("binding to {source}")))?;
     }
+    if opts.ipv6_dstopts {
+        set_ipv6_dstopts(&socket).map_err(failed(Stage::Connect, "IPV6_DSTOPTS"))?;
+    }
     Ok(socket)
+}
+
+/// Adds a destination-options header to every packet of the socket: 8 bytes, one PadN option
+/// (RFC 8200 4.6). Needs CAP_NET_RAW.
+fn set_ipv6_dstopts(socket: &Socket) -> io::Result<()> {
+    /// linux/in6.h: the sticky destination options after any routing header.
+    const IPV6_DSTOPTS: libc::c_int = 59;
+    // next header (filled in by the kernel), length 0 (8 bytes), PadN of 4 bytes.
+    let hdr: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: setsockopt reads `hdr.len()` bytes from a live buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            IPV6_DSTOPTS,
+            hdr.as_ptr().cast(),
+            hdr.len() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Binds a UDP socket (to the wildcard if no source was asked for) so getsockname shows the port, and

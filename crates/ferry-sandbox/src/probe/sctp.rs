@@ -81,8 +81,18 @@ struct Parsed {
     cookie: Option<Vec<u8>>,
 }
 
+/// Whether the packet's CRC32c is right, as an SCTP stack checks before anything else: a NAT that
+/// changes a port without correcting it gets its packets ignored here, as a real receiver would.
+fn checksum_ok(p: &[u8]) -> bool {
+    let Some(stored) = p.get(8..12) else { return false };
+    let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&p[..8]), &[0; 4]);
+    crc32c::crc32c_append(crc, &p[12..]) == stored
+}
+
+/// The packet's fields, or None when it is too short or its checksum is wrong.
 fn parse(p: &[u8]) -> Option<Parsed> {
-    if p.len() < 12 + 20 {
+    if p.len() < 12 + 20 || !checksum_ok(p) {
         return None;
     }
     let be16 = |o: usize| u16::from_be_bytes([p[o], p[o + 1]]);
@@ -279,6 +289,16 @@ mod tests {
         let parsed = parse(&ack).unwrap();
         assert_eq!(parsed.vtag, 0xdead_beef);
         assert_eq!(&parsed.cookie.unwrap()[..json.len()], json);
+    }
+
+    #[test]
+    fn a_wrong_checksum_is_ignored() {
+        let mut p = common_header(40000, 53, 0);
+        p.extend(init_chunk(CHUNK_INIT, 0xdead_beef, &[]));
+        seal(&mut p);
+        assert!(parse(&p).is_some());
+        p[3] ^= 1; // the destination port changed, the checksum did not
+        assert!(parse(&p).is_none());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The probe server: listens on exact addresses and tells every client how it saw the connection.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,8 +16,10 @@ use super::{Endpoint, ProbeError, Proto, ServerReply};
 /// How long a server lives unless told otherwise: long enough for any demo, short enough that a
 /// forgotten server goes away by itself.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
-/// A client line longer than this is answered without reading the rest.
-const MAX_LINE: u64 = 4096;
+/// A client line is read whole, however long (a bulk transfer), up to this many bytes.
+const MAX_LINE: u64 = 64 << 20;
+/// The largest UDP datagram.
+const MAX_DATAGRAM: usize = 65536;
 /// A connection that sends nothing for this long is closed (unless `ServeOpts::idle_timeout` says otherwise).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines answered on one `--echo-lines` connection (10 per second for 10 hours).
@@ -156,6 +158,38 @@ fn reply_line(name: &str, local: SocketAddr, peer: SocketAddr) -> String {
     line
 }
 
+/// A UDP reply as long as the request (spaces before the newline), so a large request gets a large
+/// (fragmented) reply and both directions of the datapath carry fragments.
+fn padded_reply(name: &str, local: SocketAddr, peer: SocketAddr, request_len: usize) -> Vec<u8> {
+    let mut out = reply_line(name, local, peer).into_bytes();
+    if out.len() < request_len {
+        out.pop();
+        out.resize(request_len - 1, b' ');
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Reads one line without keeping it (a bulk transfer may be megabytes): its length, 0 at the end.
+fn skip_line(reader: &mut impl BufRead) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(total);
+        }
+        let (used, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        reader.consume(used);
+        total += used as u64;
+        if done || total >= MAX_LINE {
+            return Ok(total);
+        }
+    }
+}
+
 /// Errors that concern one connection or a momentary shortage, not the listening socket.
 fn transient(err: &io::Error) -> bool {
     matches!(
@@ -206,10 +240,8 @@ fn answer_tcp(stream: TcpStream, name: &str, echo: bool, idle: Duration) -> io::
     let reply = reply_line(name, stream.local_addr()?, stream.peer_addr()?);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
-    let mut line = Vec::new();
     for _ in 0..MAX_EXCHANGES {
-        line.clear();
-        if (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line)? == 0 {
+        if skip_line(&mut reader)? == 0 {
             return Ok(());
         }
         writer.write_all(reply.as_bytes())?;
@@ -227,12 +259,12 @@ fn serve_udp(socket: UdpSocket, name: &str) -> io::Error {
         Ok(local) => local,
         Err(e) => return e,
     };
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         match socket.recv_from(&mut buf) {
-            Ok((_, peer)) => {
+            Ok((len, peer)) => {
                 // A client that went away makes this fail; that is the client's business.
-                let _ = socket.send_to(reply_line(name, local, peer).as_bytes(), peer);
+                let _ = socket.send_to(&padded_reply(name, local, peer, len), peer);
             }
             Err(e) if transient(&e) => thread::sleep(Duration::from_millis(1)),
             Err(e) => return e,

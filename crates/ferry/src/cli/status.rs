@@ -151,6 +151,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let rows = rows(&dump);
     let counters: BTreeMap<&str, u64> = ferry_bpf::stats::NAMES.iter().copied().zip(maps.counters()).collect();
     let (rev, aff) = maps.lru_fill();
+    let frags = maps.frag_fill();
     if args.json {
         let out = serde_json::json!({
             "pinDir": args.pin_dir,
@@ -160,6 +161,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "counters": counters,
             "socketReverseEntries": rev,
             "affinityEntries": aff,
+            "fragmentEntries": frags,
             "masquerade": masquerade_line(&dump),
             "natEntries": ferry_bpf::stale::nat_entries_in_use(&maps.ct_entries(), ferry_bpf::stale::monotonic_ns()),
             "conntrackEntries": maps.ct_entries().len(),
@@ -213,6 +215,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     println!("  {:<22} {rev}", "sock_rev_entries");
     println!("  {:<22} {aff}", "affinity_entries");
+    println!("  {:<22} {frags}", "fragment_entries");
     let ct = maps.ct_entries();
     println!("  {:<22} {}", "conntrack_entries", ct.len());
     println!("  {:<22} {}", "nat_entries", ferry_bpf::stale::nat_entries_in_use(&ct, ferry_bpf::stale::monotonic_ns()));

@@ -9,9 +9,15 @@
 //! ```
 //!
 //! What the endpoint saw decides the verdict: which endpoint answered, and
-//! whether the connection reached it from one of the node's addresses
-//! (masqueraded); a refusal is REJECT, silence is DROP, an answer from the
-//! untouched destination is PASS.
+//! whether the source was translated on the way (masqueraded: the endpoint
+//! saw another address or port than the client sent); a refusal is REJECT,
+//! silence is DROP, an answer from the untouched destination is PASS. Every
+//! node address a flow targets has a listener (a responder, or the agent's
+//! health server where it really listens), so a refusal there is ferry's
+//! REJECT, never the node's stack answering a closed port. A host client that
+//! already holds the address SNAT would give it, and keeps its port, looks the
+//! same masqueraded or not: such a flow is reported not covered, with the
+//! reason, never guessed.
 
 use super::FlowOutcome;
 use crate::lab::{At, Lab};
@@ -60,8 +66,8 @@ struct Source {
 pub(crate) struct Built {
     pub(crate) lab: Lab,
     sources: BTreeMap<IpAddr, Source>,
-    /// Every address of the node under test: a connection arriving from one of them was masqueraded.
-    node_addresses: BTreeSet<IpAddr>,
+    /// What SNAT to the node under test turns a source into: its primary address of each family.
+    snat_addresses: BTreeSet<IpAddr>,
     /// UDP flows with at most one allowed endpoint (or a verdict) reuse one source port per
     /// (source, destination), as a resolver does, so a stale conntrack entry shows.
     stable_udp_ports: bool,
@@ -238,7 +244,7 @@ impl KernelRunner {
         let mut world_addrs = BTreeSet::new();
         for f in all_flows() {
             let Some(pr) = proto(f.protocol) else { continue };
-            if plans().any(|plan| is_health_check(plan, f)) {
+            if plans().any(|plan| health_server_listens(plan, f)) {
                 continue; // the agent's own health server listens there
             }
             let ep = Endpoint { addr: SocketAddr::new(f.dst, f.port), proto: pr };
@@ -290,34 +296,75 @@ impl KernelRunner {
         for (_, (at, eps)) in responders {
             lab.serve(at, PASSED, eps)?;
         }
-        let node_addresses = lab.addresses(At::Node(node))?;
-        Ok(Built { lab, sources, node_addresses, stable_udp_ports: spec.held })
+        let snat_addresses =
+            [IpAddr::V4(lab.nodes[node].primary_v4), IpAddr::V6(lab.nodes[node].primary_v6)].into_iter().collect();
+        Ok(Built { lab, sources, snat_addresses, stable_udp_ports: spec.held })
     }
 }
 
-/// A flow to a health-check node port on a node address: ferry's health server answers it.
-fn is_health_check(plan: &Plan, f: &ParsedFlow) -> bool {
+/// A flow to a health-check node port on an address where ferry's health
+/// server listens (`nodePortAddresses`, or every address when empty): the
+/// server answers it. Elsewhere the lab puts a responder, so a packet let
+/// through is answered and only ferry's REJECT refuses.
+fn health_server_listens(plan: &Plan, f: &ParsedFlow) -> bool {
     f.protocol == Protocol::Tcp
         && plan.node.local_addresses.contains(&f.dst)
         && plan.health_check_node_ports.contains_key(&f.port)
+        && (plan.node.node_port_addresses.is_empty() || plan.node.node_port_addresses.contains(&f.dst))
 }
 
 fn sources_has_vip(sources: &BTreeMap<IpAddr, Source>, ip: &IpAddr) -> bool {
     sources.get(ip).is_some_and(|s| matches!(s.at, At::Node(_)))
 }
 
+/// What the lab saw of a flow: a verdict, or why the verdict cannot be seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Judged {
+    Seen(Observed),
+    Unobservable(String),
+}
+
+/// Whether the endpoint saw a translated source: another address than the
+/// flow's source, or another port than the client's socket had. `None` when
+/// it cannot tell: nothing changed, and the source already is an address SNAT
+/// to this node produces (`snat`), so masqueraded and not look the same.
+pub(crate) fn masquerade_seen(
+    flow_src: IpAddr,
+    client_local: SocketAddr,
+    server_peer: SocketAddr,
+    snat: &BTreeSet<IpAddr>,
+) -> Option<bool> {
+    let translated = server_peer.ip() != flow_src || server_peer.port() != client_local.port();
+    if translated {
+        Some(true)
+    } else if snat.contains(&flow_src) {
+        None
+    } else {
+        Some(false)
+    }
+}
+
 /// The verdict one observation stands for.
-fn observe(o: &Observation, flow: &ParsedFlow, node_addresses: &BTreeSet<IpAddr>) -> Observed {
+pub(crate) fn observe(o: &Observation, flow: &ParsedFlow, snat: &BTreeSet<IpAddr>) -> Judged {
     let dst = SocketAddr::new(flow.dst, flow.port);
-    match o {
+    let seen = match o {
         Observation::Reply(r) if r.server == ENDPOINT => {
             if r.client_peer != dst {
-                return Observed::Unexpected(format!(
+                return Judged::Seen(Observed::Unexpected(format!(
                     "{} answered, but the client saw the reply come from {} instead of {dst}",
                     r.server_local, r.client_peer
-                ));
+                )));
             }
-            Observed::Endpoint { addr: r.server_local, masq: node_addresses.contains(&r.server_peer.ip()) }
+            match masquerade_seen(flow.src, r.client_local, r.server_peer, snat) {
+                Some(masq) => Observed::Endpoint { addr: r.server_local, masq },
+                None => {
+                    return Judged::Unobservable(format!(
+                        "{} answered, but masquerading is not observable: the source {} kept its address and \
+                         port, and {} is what SNAT to this node would give it",
+                        r.server_local, r.server_peer, flow.src
+                    ));
+                }
+            }
         }
         Observation::Reply(r) if r.server == PASSED && r.server_local == dst => Observed::Pass,
         Observation::Reply(r) => Observed::Unexpected(format!(
@@ -332,7 +379,8 @@ fn observe(o: &Observation, flow: &ParsedFlow, node_addresses: &BTreeSet<IpAddr>
         Observation::Error { errno, message } => {
             Observed::Unexpected(format!("error {}: {message}", errno.as_deref().unwrap_or("")))
         }
-    }
+    };
+    Judged::Seen(seen)
 }
 
 /// For debugging a datapath: what the agent of the node under test said, and its nftables.
@@ -370,9 +418,13 @@ pub(crate) fn connect_opts(b: &Built, f: &ParsedFlow) -> Option<(At, ConnectOpts
     Some((src.at, opts))
 }
 
-/// What a reply on a held connection stands for (the same reading as a flow's).
+/// What a reply on a held connection stands for (the same reading as a flow's;
+/// a masquerade the lab cannot see makes it unexpected, with the reason).
 pub(crate) fn observe_held(b: &Built, o: &Observation, f: &ParsedFlow) -> Observed {
-    observe(o, f, &b.node_addresses)
+    match observe(o, f, &b.snat_addresses) {
+        Judged::Seen(got) => got,
+        Judged::Unobservable(why) => Observed::Unexpected(why),
+    }
 }
 
 pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Result<FlowOutcome> {
@@ -386,7 +438,10 @@ pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Re
 
     let Expected::Endpoints { set, masq } = &f.expected else {
         let o = b.lab.connect(at, &opts)?;
-        let mut got = observe(&o, f, &b.node_addresses);
+        let mut got = match observe(&o, f, &b.snat_addresses) {
+            Judged::Seen(got) => got,
+            Judged::Unobservable(why) => return Ok(FlowOutcome::NotCovered(why)),
+        };
         // An accepted health-check port and a packet that simply reached the node look alike from outside.
         if f.expected == Expected::Accept && got == Observed::Pass {
             got = Observed::Accept;
@@ -402,7 +457,10 @@ pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Re
     let mut seen = BTreeSet::new();
     for _ in 0..MAX_ATTEMPTS {
         let o = b.lab.connect(at, &opts)?;
-        let got = observe(&o, f, &b.node_addresses);
+        let got = match observe(&o, f, &b.snat_addresses) {
+            Judged::Seen(got) => got,
+            Judged::Unobservable(why) => return Ok(FlowOutcome::NotCovered(why)),
+        };
         if !matches(&f.expected, &got) {
             return Ok(fail(got, format!("{o:?}")));
         }
@@ -420,4 +478,48 @@ pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Re
         ));
     }
     Ok(FlowOutcome::Passed(Observed::Endpoints { set: seen, masq: *masq }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn snat() -> BTreeSet<IpAddr> {
+        [ip("192.168.0.2"), ip("2001:db8::1")].into_iter().collect()
+    }
+
+    #[test]
+    fn masquerade_is_what_changed_on_the_way() {
+        let snat = snat();
+        // A pod whose connection arrives from the node: masqueraded.
+        assert_eq!(masquerade_seen(ip("10.0.0.2"), sa("10.0.0.2:40000"), sa("192.168.0.2:40000"), &snat), Some(true));
+        // A pod that kept its address and port: not masqueraded.
+        assert_eq!(masquerade_seen(ip("10.0.0.2"), sa("10.0.0.2:40000"), sa("10.0.0.2:40000"), &snat), Some(false));
+        // Same address, another port: the source was translated.
+        assert_eq!(
+            masquerade_seen(ip("192.168.0.2"), sa("192.168.0.2:40000"), sa("192.168.0.2:1234"), &snat),
+            Some(true)
+        );
+        // localhost to a NodePort, seen from the node's address: masqueraded.
+        assert_eq!(masquerade_seen(ip("127.0.0.1"), sa("127.0.0.1:40000"), sa("192.168.0.2:40000"), &snat), Some(true));
+        // The host from a secondary address, kept: not masqueraded (SNAT would give the primary).
+        assert_eq!(
+            masquerade_seen(ip("192.168.1.2"), sa("192.168.1.2:40000"), sa("192.168.1.2:40000"), &snat),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn a_host_source_that_already_is_the_snat_address_is_not_observable() {
+        let snat = snat();
+        assert_eq!(masquerade_seen(ip("192.168.0.2"), sa("192.168.0.2:40000"), sa("192.168.0.2:40000"), &snat), None);
+        assert_eq!(
+            masquerade_seen(ip("2001:db8::1"), sa("[2001:db8::1]:40000"), sa("[2001:db8::1]:40000"), &snat),
+            None
+        );
+    }
 }
