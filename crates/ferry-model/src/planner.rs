@@ -123,7 +123,9 @@ pub struct Planner {
     problems: BTreeMap<ProblemSource, Vec<ObjectError>>,
     node: Arc<NodeFacts>,
     plan: Plan,
-    dirty: BTreeSet<ObjectKey>,
+    /// Unordered: a sync's outputs are sorted at its end (a B-tree here cost
+    /// ~4% of a 100k-service start-up in key comparisons).
+    dirty: HashSet<ObjectKey>,
     node_dirty: bool,
     /// Re-plan everything at the next sync.
     everything: bool,
@@ -156,7 +158,7 @@ impl Planner {
             problems: BTreeMap::new(),
             node,
             plan,
-            dirty: BTreeSet::new(),
+            dirty: HashSet::new(),
             node_dirty: false,
             everything: true,
         }
