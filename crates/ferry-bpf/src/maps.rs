@@ -33,6 +33,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_ct",
     "ferry_maglev",
     "ferry_frags",
+    "ferry_meta",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,10 @@ pub struct Started {
     pub datapath: &'static str,
     /// The BPF maps already existed: a previous agent's state was adopted.
     pub adopted: bool,
+    /// The pinned datapath had this older map layout and was migrated.
+    pub migrated_from: Option<u32>,
+    /// Its maps that were re-created (refilled by the first full sync).
+    pub retired: Vec<String>,
     pub links_updated: usize,
     pub links_attached: usize,
     pub devices: Vec<ferry_bpf::AttachedDevice>,
@@ -96,6 +100,8 @@ impl Proxier {
                 let started = Started {
                     datapath: "bpf",
                     adopted: installed.adopted,
+                    migrated_from: installed.migrated_from,
+                    retired: installed.retired.clone(),
                     links_updated: installed.links_updated,
                     links_attached: installed.links_attached,
                     devices: installed.devices,
