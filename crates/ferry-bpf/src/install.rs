@@ -292,8 +292,10 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
             pin_netdev_maps(&mut open_tc, &opts.pin_dir)?;
             Some(open_tc.load().map_err(lb("loading the tc BPF programs (verifier)"))?)
         };
+        let attached = attach_all(opts, &links_dir, &skel, tc.as_ref())?;
+        // Recorded last: a failure above leaves the old version in place.
         write_layout(&opts.pin_dir, LAYOUT)?;
-        attach_all(opts, &links_dir, &skel, tc.as_ref())
+        Ok(attached)
     })();
     let (updated, attached, devices) = match loaded {
         Ok(r) => r,
