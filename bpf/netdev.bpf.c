@@ -129,6 +129,10 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	/* The node's own connections are the socket path's; it only leaves drops to us. */
 	if (hook == HOOK_TO_NETDEV)
 		return TC_ACT_OK;
+	/* Mid-flow TCP without conntrack: its entry was evicted (LRU), expired
+	 * or purged, and the flow is re-balanced (it may be reset). */
+	if (p->proto == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
+		stat_inc(STAT_CT_LOST);
 
 	struct aff_key aff = {};
 	__builtin_memcpy(aff.client, p->src, 16);

@@ -21,6 +21,27 @@
 
 #define PIN_BY_NAME __uint(pinning, LIBBPF_PIN_BY_NAME)
 
+/* ---- the layout version of the pinned datapath ---- */
+
+/* Bump on every change of any map below, including a change of meaning at
+ * the same size, and record in crates/ferry-bpf/src/layout.rs which maps
+ * changed. A pinned datapath without ferry_meta is layout 0 (before
+ * versioning). The agent compares before adopting (README: Upgrades). */
+#define FERRY_LAYOUT 1
+
+struct meta {
+	__u32 layout; /* FERRY_LAYOUT of the agent that programmed these maps */
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct meta);
+	PIN_BY_NAME;
+} ferry_meta SEC(".maps");
+
 /* ---- frontends: (address, port, protocol) -> service port ---- */
 
 /* Kinds of frontend (ferry_model::FrontendKind), plus a marker meaning

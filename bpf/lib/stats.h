@@ -47,6 +47,8 @@ enum ferry_stat {
 	STAT_DROP_FRAG,           /* dropped: a later fragment of a datagram whose first fragment was dropped */
 	STAT_IPV6_EXT_LIMIT,      /* IPv6 with more extension headers than the parser walks: passed to the stack untranslated */
 	STAT_SCTP_CSUM_FIX,       /* SCTP port translated with its CRC32c corrected */
+	/* Table pressure (issue 13). */
+	STAT_CT_LOST,             /* packet path: a TCP packet without SYN to a frontend found no conntrack entry (evicted, expired or purged) and was load-balanced anew */
 	STAT_COUNT_,
 };
 

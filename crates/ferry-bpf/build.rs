@@ -19,6 +19,7 @@ const HEADERS: &[&str] = &["lib/common.h", "lib/maps.h"];
 
 /// The constants Rust uses, with their Rust type (the value comes from C).
 const SHARED: &[(&str, &str)] = &[
+    ("FERRY_LAYOUT", "u32"),
     ("FAM_V4", "u8"),
     ("FAM_V6", "u8"),
     ("CLASS_POD", "u8"),

@@ -6,12 +6,13 @@
 //! (agent restart or upgrade) reuses the pinned maps and swaps the programs
 //! inside the existing links (`bpf_link_update`), so no connection notices.
 
+use crate::layout::{CHANGED_IN, LAYOUT, MapShape, Upgrade, plan_upgrade};
 use crate::maps::{MAP_NAMES, MapError, Maps};
 use crate::skel::netdev::{NetdevSkelBuilder, OpenNetdevSkel};
 use crate::skel::sock::{OpenSockSkel, SockSkelBuilder};
 use crate::system::{self, SystemError};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{AsRawLibbpf, Link, OpenMapMut, ProgramMut};
+use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, MapHandle, OpenMapMut, ProgramMut};
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -67,6 +68,13 @@ pub enum InstallError {
     Libbpf { step: String, source: libbpf_rs::Error },
     #[error(transparent)]
     Maps(#[from] MapError),
+    #[error(
+        "the datapath pinned in {pin_dir} has map layout {found}, newer than this ferry's layout {ours} \
+         (a downgrade across a layout change); ferry left it untouched and still serving. Run the newer \
+         ferry again, or remove the datapath with `ferry cleanup --pin-dir {pin_dir}` (drops tracked \
+         NodePort flows; socket-LB connections stay) and start this version"
+    )]
+    NewerLayout { pin_dir: PathBuf, found: u32, ours: u32 },
     #[error("device {0} does not exist in this network namespace (check bpf.devices / bpf.podDevices)")]
     NoDevice(String),
 }
@@ -81,6 +89,10 @@ pub struct Installed {
     pub maps: Maps,
     /// The maps already existed: a previous agent's state was adopted.
     pub adopted: bool,
+    /// The pinned datapath had this older layout and was migrated ([`crate::layout`]).
+    pub migrated_from: Option<u32>,
+    /// Maps of the older layout that were re-created empty (the first full sync refills them).
+    pub retired: Vec<String>,
     /// Links that were swapped to the new programs in place.
     pub links_updated: usize,
     /// Links that were newly attached.
@@ -109,6 +121,7 @@ macro_rules! map_list {
             ("ferry_ct", &mut $maps.ferry_ct),
             ("ferry_maglev", &mut $maps.ferry_maglev),
             ("ferry_frags", &mut $maps.ferry_frags),
+            ("ferry_meta", &mut $maps.ferry_meta),
         ]
     };
 }
@@ -155,7 +168,92 @@ fn attach_cgroup(prog: &ProgramMut, cgroup_fd: i32, cgroup: &Path, pin: &Path) -
     Ok(false)
 }
 
-/// Loads, pins and attaches the socket-LB programs. Idempotent.
+/// The layout version recorded in the datapath pinned in `pin_dir`: None when
+/// nothing is pinned, 0 when it predates `ferry_meta`.
+pub fn pinned_layout(pin_dir: &Path) -> Option<u32> {
+    if !is_installed(pin_dir) {
+        return None;
+    }
+    let Ok(meta) = MapHandle::from_pinned_path(pin_dir.join("ferry_meta")) else { return Some(0) };
+    let value = meta.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).ok().flatten();
+    Some(value.and_then(|v| v.get(..4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))).unwrap_or(0))
+}
+
+/// Records `layout` as the pinned datapath's layout version.
+fn write_layout(pin_dir: &Path, layout: u32) -> Result<(), InstallError> {
+    let meta = MapHandle::from_pinned_path(pin_dir.join("ferry_meta")).map_err(lb("opening ferry_meta"))?;
+    let mut value = [0u8; 8];
+    value[..4].copy_from_slice(&layout.to_ne_bytes());
+    meta.update(&0u32.to_ne_bytes(), &value, MapFlags::ANY).map_err(lb("writing the layout version to ferry_meta"))
+}
+
+fn shape_of(m: &impl MapCore) -> MapShape {
+    MapShape {
+        map_type: u32::from(m.map_type()),
+        key_size: m.key_size(),
+        value_size: m.value_size(),
+        max_entries: m.max_entries(),
+    }
+}
+
+/// The shape of every map pinned directly in `pin_dir` (`ferry_*` pins).
+fn pinned_shapes(pin_dir: &Path) -> Vec<(String, MapShape)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(pin_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("ferry_")
+                && let Ok(h) = MapHandle::from_pinned_path(e.path())
+            {
+                out.push((name, shape_of(&h)));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The shape of every map the socket object declares (the tc object shares them).
+fn wanted_shapes(open: &OpenSockSkel) -> Vec<(String, MapShape)> {
+    let mut out = Vec::new();
+    for m in open.open_object().maps() {
+        let name = m.name().to_string_lossy().into_owned();
+        if MAP_NAMES.contains(&name.as_str()) {
+            out.push((
+                name,
+                MapShape {
+                    map_type: u32::from(m.map_type()),
+                    key_size: m.key_size(),
+                    value_size: m.value_size(),
+                    max_entries: m.max_entries(),
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// Moves the pins of `names` into `retired` (and back, with `back`).
+fn move_pins(from: &Path, to: &Path, names: &[String]) -> Result<(), InstallError> {
+    std::fs::create_dir_all(to).map_err(|source| InstallError::PinDir { path: to.to_path_buf(), source })?;
+    for name in names {
+        let src = from.join(name);
+        if src.exists() {
+            std::fs::rename(&src, to.join(name)).map_err(|source| InstallError::PinDir { path: src, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads, pins and attaches the socket-LB and tc programs. Idempotent.
+///
+/// A datapath already pinned in `pin_dir` is compared with this build's
+/// layout first ([`crate::layout`]): the same layout is adopted; an older one
+/// is migrated (maps that changed move to `pin_dir/retired`, new ones are
+/// created in their place, the links switch to the new programs, the retired
+/// maps are removed); a newer one is refused with
+/// [`InstallError::NewerLayout`] before anything is loaded. Both objects pass
+/// the verifier before any link is switched.
 pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     system::ensure_bpffs()?;
     if !system::is_under_bpffs(&opts.pin_dir) {
@@ -163,13 +261,71 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     }
     let links_dir = opts.pin_dir.join("links");
     std::fs::create_dir_all(&links_dir).map_err(|source| InstallError::PinDir { path: links_dir.clone(), source })?;
-    let adopted = opts.pin_dir.join("ferry_frontends").exists();
+    let found = pinned_layout(&opts.pin_dir);
+    let adopted = found.is_some();
 
     let mut storage = MaybeUninit::uninit();
     let mut open = SockSkelBuilder::default().open(&mut storage).map_err(lb("opening the socket BPF object"))?;
-    pin_sock_maps(&mut open, &opts.pin_dir)?;
-    let skel = open.load().map_err(lb("loading the socket BPF programs (verifier)"))?;
+    let upgrade = plan_upgrade(found, LAYOUT, CHANGED_IN, &pinned_shapes(&opts.pin_dir), &wanted_shapes(&open));
+    let retired_dir = opts.pin_dir.join("retired");
+    let (migrated_from, retired) = match upgrade {
+        Upgrade::Refuse { found } => {
+            return Err(InstallError::NewerLayout { pin_dir: opts.pin_dir.clone(), found, ours: LAYOUT });
+        }
+        Upgrade::Migrate { from, retire } => {
+            move_pins(&opts.pin_dir, &retired_dir, &retire)?;
+            (Some(from), retire)
+        }
+        Upgrade::Fresh | Upgrade::Adopt => (None, Vec::new()),
+    };
+    // Load both objects (the verifier) before any link is switched; a
+    // failure puts the retired pins back, so the old datapath stays whole.
+    let loaded = (|| {
+        pin_sock_maps(&mut open, &opts.pin_dir)?;
+        let skel = open.load().map_err(lb("loading the socket BPF programs (verifier)"))?;
+        let mut tc_storage = MaybeUninit::uninit();
+        let tc = if opts.devices.is_empty() {
+            None
+        } else {
+            let mut open_tc =
+                NetdevSkelBuilder::default().open(&mut tc_storage).map_err(lb("opening the tc BPF object"))?;
+            pin_netdev_maps(&mut open_tc, &opts.pin_dir)?;
+            Some(open_tc.load().map_err(lb("loading the tc BPF programs (verifier)"))?)
+        };
+        let attached = attach_all(opts, &links_dir, &skel, tc.as_ref())?;
+        // Recorded last: a failure above leaves the old version in place.
+        write_layout(&opts.pin_dir, LAYOUT)?;
+        Ok(attached)
+    })();
+    let (updated, attached, devices) = match loaded {
+        Ok(r) => r,
+        Err(e) => {
+            if !retired.is_empty() {
+                for name in &retired {
+                    let _ = std::fs::remove_file(opts.pin_dir.join(name));
+                }
+                let _ = move_pins(&retired_dir, &opts.pin_dir, &retired);
+                let _ = std::fs::remove_dir(&retired_dir);
+            }
+            return Err(e);
+        }
+    };
+    // The links hold the new programs now: the retired maps go with the old ones.
+    for name in &retired {
+        let _ = std::fs::remove_file(retired_dir.join(name));
+    }
+    let _ = std::fs::remove_dir(&retired_dir);
+    let maps = Maps::open(&opts.pin_dir)?;
+    Ok(Installed { maps, adopted, migrated_from, retired, links_updated: updated, links_attached: attached, devices })
+}
 
+/// Attaches (or swaps in place) every link, socket programs first.
+fn attach_all(
+    opts: &InstallOptions,
+    links_dir: &Path,
+    skel: &crate::skel::sock::SockSkel,
+    tc: Option<&crate::skel::netdev::NetdevSkel>,
+) -> Result<(usize, usize, Vec<AttachedDevice>), InstallError> {
     let cg = std::fs::File::open(&opts.cgroup)
         .map_err(|source| InstallError::Cgroup { path: opts.cgroup.clone(), source })?;
     let progs = &skel.progs;
@@ -192,12 +348,8 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
             attached += 1;
         }
     }
-    // The skeleton may go now: pinned links hold the programs, pins hold the maps.
-    drop(skel);
-
-    let devices = attach_devices(opts, &links_dir, &mut updated, &mut attached)?;
-    let maps = Maps::open(&opts.pin_dir)?;
-    Ok(Installed { maps, adopted, links_updated: updated, links_attached: attached, devices })
+    let devices = attach_devices(opts, links_dir, tc, &mut updated, &mut attached)?;
+    Ok((updated, attached, devices))
 }
 
 /// Loads the tcx programs with their maps pinned in `pin_dir` (created if
@@ -268,16 +420,13 @@ fn attach_tcx(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, Insta
 fn attach_devices(
     opts: &InstallOptions,
     links_dir: &Path,
+    tc: Option<&crate::skel::netdev::NetdevSkel>,
     updated: &mut usize,
     attached: &mut usize,
 ) -> Result<Vec<AttachedDevice>, InstallError> {
     let mut wanted = std::collections::BTreeSet::new();
     let mut devices = Vec::new();
-    if !opts.devices.is_empty() {
-        let mut storage = MaybeUninit::uninit();
-        let mut open = NetdevSkelBuilder::default().open(&mut storage).map_err(lb("opening the tc BPF object"))?;
-        pin_netdev_maps(&mut open, &opts.pin_dir)?;
-        let skel = open.load().map_err(lb("loading the tc BPF programs (verifier)"))?;
+    if let Some(skel) = tc {
         for (name, role) in &opts.devices {
             let idx = ifindex(name).ok_or_else(|| InstallError::NoDevice(name.clone()))?;
             let mut progs: Vec<(&str, &ProgramMut)> = vec![match role {
@@ -339,6 +488,15 @@ pub fn uninstall(pin_dir: &Path) -> Result<Removed, InstallError> {
             removed.links.push(name);
         }
         let _ = std::fs::remove_dir(&links_dir);
+    }
+    // Maps of an older layout left by an interrupted migration.
+    let retired = pin_dir.join("retired");
+    if let Ok(entries) = std::fs::read_dir(&retired) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+            removed.maps.push(format!("retired/{}", e.file_name().to_string_lossy()));
+        }
+        let _ = std::fs::remove_dir(&retired);
     }
     for name in MAP_NAMES {
         let path = pin_dir.join(name);

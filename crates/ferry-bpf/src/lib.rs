@@ -10,6 +10,7 @@
 
 pub mod entries;
 pub mod install;
+pub mod layout;
 pub mod maps;
 pub mod program;
 pub mod skel;

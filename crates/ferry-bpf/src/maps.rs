@@ -33,6 +33,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_ct",
     "ferry_maglev",
     "ferry_frags",
+    "ferry_meta",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ pub enum MapError {
          version of the datapath; remove it with `ferry cleanup` (the next start re-creates it, dropping tracked flows)"
     )]
     Layout { map: &'static str, what: &'static str, expected: usize, found: usize },
+    #[error("{op}: failure injected by a test")]
+    Injected { op: String },
 }
 
 /// Plain-data types (`#[repr(C)]`, no padding holes) as bytes.
@@ -289,6 +292,19 @@ impl Maps {
             i += run.len();
         }
         Ok(())
+    }
+
+    /// Test seam (fault injection): what [`Maps::apply`] leaves when the
+    /// operation at index `fail_at` fails: the operations before it are
+    /// applied, it and the rest are not, and an error is returned
+    /// (`crates/ferry-bpf/tests/faults.rs` runs it for every index).
+    #[doc(hidden)]
+    pub fn apply_failing_at(&self, ops: &[MapOp], fail_at: usize) -> Result<(), MapError> {
+        if fail_at >= ops.len() {
+            return self.apply(ops);
+        }
+        self.apply(&ops[..fail_at])?;
+        Err(MapError::Injected { op: format!("{:?}", ops[fail_at]) })
     }
 
     /// A put into one of the plain hash maps, encoded; `None` for every other operation.

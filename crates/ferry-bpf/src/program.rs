@@ -283,6 +283,10 @@ pub struct Programmer {
     ranges: BTreeSet<RangeKey>,
     config: Option<Config>,
     devices: BTreeMap<u32, Device>,
+    /// Entries of services left half-written by a failed apply or a crash
+    /// (no name, or no service entry), found by `adopt`: deleted by the first
+    /// sync after it, their ids reused only after that sync.
+    half_written: (Vec<MapOp>, Vec<u32>),
 }
 
 fn action(route: &Route) -> u8 {
@@ -353,8 +357,16 @@ impl Programmer {
     pub fn adopt(dump: &MapDump) -> Programmer {
         let mut p = Programmer::default();
         let services: HashMap<u32, SvcVal> = dump.services.iter().copied().collect();
+        // A service is whole once both its name and its service entry are in;
+        // anything else of an id that is not whole was left by an interrupted
+        // write of a new service: it is deleted, not adopted.
+        let whole: HashSet<u32> = dump.names.iter().map(|(id, _)| *id).filter(|id| services.contains_key(id)).collect();
+        p.half_written = half_written(dump, &whole);
+        for id in &p.half_written.1 {
+            p.service_ids.mark_used(*id);
+        }
         let mut by_id: HashMap<u32, Programmed> = HashMap::new();
-        for (id, _) in &dump.names {
+        for (id, _) in dump.names.iter().filter(|(id, _)| whole.contains(id)) {
             let svc = services.get(id).copied().unwrap_or_default();
             p.service_ids.mark_used(*id);
             by_id.insert(*id, Programmed { id: *id, svc, ..Default::default() });
@@ -449,8 +461,15 @@ impl Programmer {
     /// without (or right after `adopt`), everything is.
     pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>, rt: &NodeRuntime) -> Vec<MapOp> {
         let mut ops = Ops::default();
-        let full = diff.is_none() || !self.adopted.by_id.is_empty();
+        let full = diff.is_none() || !self.adopted.by_id.is_empty() || !self.half_written.0.is_empty();
         let mut touched: Vec<&ServicePortId> = if full {
+            let (dels, ids) = std::mem::take(&mut self.half_written);
+            for op in dels {
+                ops.push(op);
+            }
+            for id in ids {
+                self.service_ids.release(id);
+            }
             self.orphan_backends(&mut ops);
             self.claim_adopted(plan);
             let mut all: Vec<&ServicePortId> = plan.services.keys().collect();
@@ -837,4 +856,41 @@ fn truncate_name(name: &str) -> String {
         s.pop();
     }
     s
+}
+
+/// Deletions of every entry of a service id that is not whole (see
+/// `Programmer::adopt`), and those ids.
+fn half_written(dump: &MapDump, whole: &HashSet<u32>) -> (Vec<MapOp>, Vec<u32>) {
+    let mut ops = Vec::new();
+    let mut ids = BTreeSet::new();
+    let mut orphan = |id: u32, op: MapOp| {
+        if !whole.contains(&id) {
+            ids.insert(id);
+            ops.push(op);
+        }
+    };
+    for (id, _) in &dump.names {
+        orphan(*id, MapOp::DelName(*id));
+    }
+    for (id, _) in &dump.services {
+        orphan(*id, MapOp::DelService(*id));
+    }
+    for (k, _) in &dump.slots {
+        orphan(k.service, MapOp::DelSlot(*k));
+    }
+    for (k, _) in &dump.members {
+        orphan(k.service, MapOp::DelMember(*k));
+    }
+    for k in &dump.firewall {
+        orphan(k.service, MapOp::DelFirewall(*k));
+    }
+    for (key, _) in &dump.maglev {
+        orphan((key >> 8) as u32, MapOp::DelMaglev(*key));
+    }
+    for (k, v) in &dump.frontends {
+        if v.kind != FE_CLUSTER_IP_ANY_PORT {
+            orphan(v.service, MapOp::DelFrontend(*k));
+        }
+    }
+    (ops, ids.into_iter().collect())
 }

@@ -37,6 +37,7 @@ pub const NAMES: &[&str] = &[
     "drop_frag",
     "ipv6_ext_limit",
     "sctp_csum_fix",
+    "ct_lost",
 ];
 
 #[cfg(test)]

@@ -49,6 +49,10 @@ struct BpfBackend {
     programmer: Programmer,
     pin_dir: std::path::PathBuf,
     cgroup: std::path::PathBuf,
+    /// Backends found in the adopted maps at start, until the first full sync
+    /// compares them with the Plan: connected UDP sockets aimed at one that is
+    /// no longer serving (removed while no agent ran) are destroyed then.
+    adopted_backends: Vec<std::net::SocketAddr>,
 }
 
 /// Which datapath programs the Plan.
@@ -63,6 +67,10 @@ pub struct Started {
     pub datapath: &'static str,
     /// The BPF maps already existed: a previous agent's state was adopted.
     pub adopted: bool,
+    /// The pinned datapath had this older map layout and was migrated.
+    pub migrated_from: Option<u32>,
+    /// Its maps that were re-created (refilled by the first full sync).
+    pub retired: Vec<String>,
     pub links_updated: usize,
     pub links_attached: usize,
     pub devices: Vec<ferry_bpf::AttachedDevice>,
@@ -92,10 +100,22 @@ impl Proxier {
                 warn_if_nat_ports_are_ephemeral(settings.bpf.nat_ports);
                 let runtime = crate::datapath::runtime(settings, &installed)?;
                 let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
-                let programmer = if installed.adopted { Programmer::adopt(&maps.dump()) } else { Programmer::new() };
+                let (programmer, adopted_backends) = if installed.adopted {
+                    let dump = maps.dump();
+                    let backends = dump
+                        .backends
+                        .iter()
+                        .map(|(_, b)| std::net::SocketAddr::new(ferry_bpf::entries::ip_of(&b.addr, b.family), b.port))
+                        .collect();
+                    (Programmer::adopt(&dump), backends)
+                } else {
+                    (Programmer::new(), Vec::new())
+                };
                 let started = Started {
                     datapath: "bpf",
                     adopted: installed.adopted,
+                    migrated_from: installed.migrated_from,
+                    retired: installed.retired.clone(),
                     links_updated: installed.links_updated,
                     links_attached: installed.links_attached,
                     devices: installed.devices,
@@ -107,6 +127,7 @@ impl Proxier {
                         programmer,
                         pin_dir: opts.pin_dir.clone(),
                         cgroup: opts.cgroup.clone(),
+                        adopted_backends,
                     })),
                     started,
                 )
@@ -172,7 +193,8 @@ impl Proxier {
                     return Err(e).context("programming the datapath maps");
                 }
                 let stale = b.purge_stale_flows(&plan, diff, &deleted_udp);
-                sockets_destroyed = b.destroy_stale_udp_sockets(&plan, diff);
+                let away = if diff.is_none() { std::mem::take(&mut b.adopted_backends) } else { Vec::new() };
+                sockets_destroyed = b.destroy_stale_udp_sockets(&plan, diff, away);
                 (ops.len(), plan_time, t1, stale)
             }
             Backend::Nftables(r) => {
@@ -331,17 +353,20 @@ impl BpfBackend {
     /// sync removed (see `ferry_bpf::sockdestroy`). The application gets
     /// ECONNABORTED and reconnects to a live backend; with none left, its
     /// reconnect is refused at once instead of sending into the void. A full
-    /// sync (start, resync) has no "before" and destroys nothing.
-    fn destroy_stale_udp_sockets(&self, plan: &Plan, diff: Option<&PlanDiff>) -> u64 {
-        let Some(d) = diff else { return 0 };
+    /// sync has no "before" diff: the first one after start compares the
+    /// backends of the adopted maps (`away`) with the Plan instead, so a
+    /// backend removed while no agent ran loses its sockets too.
+    fn destroy_stale_udp_sockets(&self, plan: &Plan, diff: Option<&PlanDiff>, away: Vec<std::net::SocketAddr>) -> u64 {
         let udp = |sp: &ServicePort| sp.id.protocol == Protocol::Udp;
-        let mut gone: BTreeSet<std::net::SocketAddr> = BTreeSet::new();
-        for c in d.changed.iter().filter(|c| udp(&c.old)) {
-            let now = c.new.serving_addrs();
-            gone.extend(c.old.serving_addrs().into_iter().filter(|a| !now.contains(a)));
-        }
-        for old in d.removed.iter().filter(|sp| udp(sp)) {
-            gone.extend(old.serving_addrs());
+        let mut gone: BTreeSet<std::net::SocketAddr> = away.into_iter().collect();
+        if let Some(d) = diff {
+            for c in d.changed.iter().filter(|c| udp(&c.old)) {
+                let now = c.new.serving_addrs();
+                gone.extend(c.old.serving_addrs().into_iter().filter(|a| !now.contains(a)));
+            }
+            for old in d.removed.iter().filter(|sp| udp(sp)) {
+                gone.extend(old.serving_addrs());
+            }
         }
         if gone.is_empty() {
             return 0;

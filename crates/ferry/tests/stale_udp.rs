@@ -413,3 +413,52 @@ fn bpf_udp_clients_follow_a_cluster_ip_handed_to_a_new_service() {
 fn nftables_udp_clients_follow_a_cluster_ip_handed_to_a_new_service() {
     deleted_service_hands_its_cluster_ip_to_a_new_one("nftables", &V4);
 }
+
+/// A backend removed while no agent ran: the client's connected UDP socket
+/// still points at it (the removed pod keeps answering), and the restarted
+/// agent's first full sync compares the adopted maps' backends with the Plan
+/// and destroys the socket, so the client's reconnect reaches the new backend.
+#[test]
+fn bpf_udp_client_moves_off_a_backend_removed_while_the_agent_was_down() {
+    let f = &V4;
+    let mut lab = Lab::new("udpout", FERRY.as_ref()).expect("lab");
+    let node = lab.add_node("node-a").unwrap();
+    lab.add_pod(node, "client", &[ip(&(f.pod)("10"))]).unwrap();
+    for b in ["21", "22"] {
+        let p = lab.add_pod(node, &format!("be{b}"), &[ip(&(f.pod)(b))]).unwrap();
+        let addr = SocketAddr::new(ip(&(f.pod)(b)), 5353);
+        lab.serve_with(At::Pod(node, p), ServeOpts::new(&format!("be{b}"), vec![Endpoint::udp(addr)])).unwrap();
+    }
+    lab.write_node_config(node, "datapath: bpf\nclusterCIDRs: [10.244.0.0/16]\nserviceCIDRs: [10.96.0.0/16]\n")
+        .unwrap();
+    lab.write_manifests(node, &manifests(f, Some("21"))).unwrap();
+    lab.start_agent(node).unwrap();
+
+    let mut opts = ConnectOpts::new(Endpoint::udp(f.target.parse().unwrap()));
+    opts.connected_udp = true;
+    let client = lab.spawn_client(CLIENT, &opts, ConnectMode::UdpStream(Duration::from_secs(5))).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    lab.kill_agent(node).unwrap();
+    lab.write_manifests(node, &manifests(f, Some("22"))).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent(node).unwrap();
+    let ticks = lab.finish_client(client, Duration::from_secs(30)).unwrap();
+
+    let server = |o: &Observation| o.reply().map(|r| r.server.clone());
+    let summary: Vec<String> =
+        ticks.iter().map(|o| server(o).unwrap_or_else(|| format!("{o:?}").chars().take(40).collect())).collect();
+    let last_old = ticks.iter().rposition(|o| server(o).as_deref() == Some("be21"));
+    let first_new = ticks.iter().position(|o| server(o).as_deref() == Some("be22"));
+    let (Some(last_old), Some(first_new)) = (last_old, first_new) else {
+        panic!("the client never moved from be21 to be22: {summary:?}\n{}", lab.agent_log(0));
+    };
+    assert!(last_old < first_new, "be21 answered after be22 did: {summary:?}");
+    assert!(
+        ticks[first_new..].iter().filter_map(server).all(|s| s == "be22"),
+        "after be22 someone else answered: {summary:?}"
+    );
+    let log = lab.agent_log(0);
+    assert!(log.contains("adopted=true"), "the restarted agent did not adopt the datapath:\n{log}");
+    assert!(log.contains("destroyed connected UDP sockets"), "no socket was destroyed:\n{log}");
+    eprintln!("agent down and restarted: last answer from be21 at tick {last_old}, first from be22 at {first_new}");
+}

@@ -822,3 +822,28 @@ fn a_pinned_map_of_another_layout_is_refused() {
         );
     });
 }
+
+/// A tracked NodePort flow whose conntrack entries are gone (evicted by LRU
+/// pressure, expired or purged): its next mid-flow TCP segment (no SYN) is
+/// load-balanced anew, and counted as `ct_lost`; a SYN is not.
+#[test]
+fn a_mid_flow_tcp_segment_without_conntrack_is_counted_as_ct_lost() {
+    let rig = Rig::new();
+    let mut setup = node_setup();
+    setup.extend(service(1, every_class(ACT_FORWARD_LOCAL), 0, &[Be(10, POD4, 8080, true)]));
+    setup.push(nodeport(30080, PROTO_TCP, FAM_V4, 1));
+    rig.run(&setup, |dp| {
+        let syn = frame(ip(CLIENT4), ip(NODE4), &tcp(40001, 30080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &syn);
+        assert_eq!((ran.verdict, ran.moved), (TC_ACT_REDIRECT, moved(&[("pkt_new_flow", 1)])));
+        let ack = frame(ip(CLIENT4), ip(NODE4), &tcp(40001, 30080, 0x10, b"more"), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &ack);
+        assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]), "tracked");
+
+        let entries = dp.maps.ct_entries();
+        assert_eq!(dp.maps.delete_ct(&entries), 2, "the flow's two entries");
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &ack);
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT);
+        assert_eq!(ran.moved, moved(&[("ct_lost", 1), ("pkt_new_flow", 1)]), "lost, re-balanced");
+    });
+}

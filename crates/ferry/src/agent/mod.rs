@@ -468,6 +468,13 @@ impl Loop<'_> {
                     let _ = std::fs::write(f, format!("failed 0 {}\n", unix_nanos(input)));
                 }
                 if finished.never_installed {
+                    let refused = e.chain().any(|c| {
+                        matches!(c.downcast_ref(), Some(ferry_bpf::install::InstallError::NewerLayout { .. }))
+                    });
+                    if refused {
+                        // Not a permission problem: the error says what to do.
+                        return Err(e.context("the pinned eBPF datapath was left untouched"));
+                    }
                     return Err(e.context(
                         "the eBPF datapath cannot be installed on this node; ferry needs root (or CAP_BPF, \
                          CAP_NET_ADMIN, CAP_SYS_ADMIN), bpffs at /sys/fs/bpf and cgroup v2",

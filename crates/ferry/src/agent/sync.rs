@@ -227,12 +227,20 @@ impl Worker {
         }
         let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
         let line = format!(
-            "datapath {}: pin_dir={} cgroup={} devices={} adopted={} links_updated={} links_attached={}",
+            "datapath {}: pin_dir={} cgroup={} devices={} adopted={}{} links_updated={} links_attached={}",
             if reinstall { "reinstalled for the node's new addresses" } else { "installed" },
             opts.pin_dir.display(),
             opts.cgroup.display(),
             devices.join(","),
             installed.adopted,
+            match installed.migrated_from {
+                Some(from) => format!(
+                    " migrated_from_layout={from} to_layout={} retired=[{}]",
+                    ferry_bpf::layout::LAYOUT,
+                    installed.retired.join(",")
+                ),
+                None => String::new(),
+            },
             installed.links_updated,
             installed.links_attached,
         );

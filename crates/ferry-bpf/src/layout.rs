@@ -1,0 +1,143 @@
+//! The layout version of a pinned datapath, and which pinned maps an agent of
+//! this build may adopt from an older one (pure decisions; `install` acts on them).
+//!
+//! Every pinned datapath carries its layout version in `ferry_meta`
+//! (`FERRY_LAYOUT` in `bpf/lib/maps.h`; a datapath pinned before versioning has
+//! no `ferry_meta` and is layout 0). [`CHANGED_IN`] records, for each map, the
+//! last layout version that changed its key, value or meaning. An agent that
+//! finds an older layout keeps the pinned maps that did not change since then
+//! (and whose shape is still the same), and *retires* the others: their pins
+//! move aside, the new objects create fresh maps in their place, the agent's
+//! first full sync re-programs them from the Plan, the links switch to the new
+//! programs, and the retired pins are removed. A newer layout than this build
+//! knows (a downgrade) is refused before anything is loaded.
+
+use crate::entries::FERRY_LAYOUT;
+
+/// This build's layout version.
+pub const LAYOUT: u32 = FERRY_LAYOUT;
+
+/// For each pinned map: the last layout version that changed it. A map not
+/// listed here is retired on any upgrade (the safe default).
+pub const CHANGED_IN: &[(&str, u32)] = &[
+    ("ferry_frontends", 0),
+    ("ferry_services", 0),
+    ("ferry_slots", 0),
+    ("ferry_backends", 0),
+    ("ferry_members", 0),
+    ("ferry_sock_rev", 0),
+    ("ferry_affinity", 0),
+    ("ferry_firewall", 0),
+    ("ferry_locals", 0),
+    ("ferry_ranges", 0),
+    ("ferry_config", 0),
+    ("ferry_names", 0),
+    ("ferry_stats", 0),
+    ("ferry_devices", 0),
+    ("ferry_ct", 0),
+    ("ferry_maglev", 0),
+    ("ferry_frags", 0),
+    ("ferry_meta", 1),
+];
+
+/// What the kernel says about a map (pinned) or what a BPF object declares (new).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// What to do with the datapath pinned in a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upgrade {
+    /// Nothing pinned: install fresh.
+    Fresh,
+    /// Same layout: adopt every pinned map.
+    Adopt,
+    /// An older layout: these pinned maps are retired and re-created; the rest are adopted.
+    Migrate { from: u32, retire: Vec<String> },
+    /// A newer layout than this build knows: refuse (nothing is touched).
+    Refuse { found: u32 },
+}
+
+/// Decides what to do with a pinned datapath of layout `found` (None: nothing
+/// pinned) whose maps have the shapes `pinned`, for a build whose objects
+/// declare `wanted` (by map name) at layout `ours`.
+pub fn plan_upgrade(
+    found: Option<u32>,
+    ours: u32,
+    changed_in: &[(&str, u32)],
+    pinned: &[(String, MapShape)],
+    wanted: &[(String, MapShape)],
+) -> Upgrade {
+    let Some(found) = found else { return Upgrade::Fresh };
+    if found > ours {
+        return Upgrade::Refuse { found };
+    }
+    let mut retire = Vec::new();
+    for (name, shape) in pinned {
+        let unchanged = changed_in.iter().any(|(n, v)| n == name && *v <= found);
+        let same_shape = wanted.iter().any(|(n, s)| n == name && s == shape);
+        // Same version: the shape must match too, or libbpf would refuse the
+        // pinned map; retire it rather than fail (a changed capacity, say).
+        if !(same_shape && (found == ours || unchanged)) {
+            retire.push(name.clone());
+        }
+    }
+    if found == ours && retire.is_empty() { Upgrade::Adopt } else { Upgrade::Migrate { from: found, retire } }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(value_size: u32) -> MapShape {
+        MapShape { map_type: 1, key_size: 4, value_size, max_entries: 16 }
+    }
+    fn named(v: &[(&str, MapShape)]) -> Vec<(String, MapShape)> {
+        v.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    }
+
+    #[test]
+    fn every_map_has_a_layout_version_and_the_table_ends_at_this_build() {
+        for name in crate::maps::MAP_NAMES {
+            assert!(CHANGED_IN.iter().any(|(n, _)| n == name), "{name} has no entry in CHANGED_IN");
+        }
+        assert!(CHANGED_IN.iter().all(|(_, v)| *v <= LAYOUT));
+    }
+
+    #[test]
+    fn nothing_pinned_is_fresh_and_the_same_layout_is_adopted() {
+        let w = named(&[("a", s(8)), ("b", s(8))]);
+        assert_eq!(plan_upgrade(None, 2, &[("a", 0), ("b", 0)], &[], &w), Upgrade::Fresh);
+        assert_eq!(plan_upgrade(Some(2), 2, &[("a", 2), ("b", 0)], &w, &w), Upgrade::Adopt);
+    }
+
+    #[test]
+    fn a_same_size_change_of_meaning_is_not_adopted() {
+        // "b" changed meaning in layout 2 without changing size.
+        let w = named(&[("a", s(8)), ("b", s(8))]);
+        let up = plan_upgrade(Some(1), 2, &[("a", 0), ("b", 2)], &w, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()] });
+    }
+
+    #[test]
+    fn a_changed_size_is_retired_even_when_the_table_forgot_it() {
+        let w = named(&[("a", s(8)), ("b", s(8))]);
+        let p = named(&[("a", s(8)), ("b", s(12))]);
+        let up = plan_upgrade(Some(0), 1, &[("a", 0), ("b", 0)], &p, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()] });
+        // A map this build does not know any more is retired (removed) too.
+        let p = named(&[("a", s(8)), ("gone", s(8))]);
+        let up = plan_upgrade(Some(1), 1, &[("a", 0)], &p, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["gone".into()] });
+    }
+
+    #[test]
+    fn a_newer_layout_is_refused() {
+        let w = named(&[("a", s(8))]);
+        assert_eq!(plan_upgrade(Some(3), 2, &[("a", 0)], &w, &w), Upgrade::Refuse { found: 3 });
+    }
+}
