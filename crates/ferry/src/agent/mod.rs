@@ -216,6 +216,11 @@ async fn drive(
     };
     let (done_tx, done) = mpsc::unbounded_channel();
     let sync_thread = SyncThread::spawn(settings.node.clone(), install, metrics.datapath.clone(), done_tx)?;
+    // With primary addresses in the config nothing the source reads can change
+    // how the datapath is installed, so install it while the source reads.
+    if !settings.node.primary_ips.is_empty() {
+        sync_thread.prepare(settings.clone())?;
+    }
     let healthy = health.clone();
     let checks = ServiceHealthServer::new(tokio::runtime::Handle::current(), Arc::new(move || healthy.is_healthy()));
     let mut agent_loop = Loop {

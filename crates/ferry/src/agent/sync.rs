@@ -39,6 +39,10 @@ pub struct Job {
 pub enum Work {
     Event(SourceEvent),
     Job(Box<Job>),
+    /// Install the datapath now, ahead of the first job, while the source is
+    /// still reading: loading the programs (the verifier) then overlaps the
+    /// reading of the cluster instead of following it. The first job reports it.
+    Prepare(Box<crate::config::Settings>),
 }
 
 /// What a finished job produced.
@@ -93,6 +97,7 @@ impl SyncThread {
                 planner: Planner::new(node),
                 no_local: NoLocalCounts::default(),
                 proxier: None,
+                prepared: None,
             };
             while let Ok(work) = rx.recv() {
                 let job = match work {
@@ -101,6 +106,19 @@ impl SyncThread {
                         continue;
                     }
                     Work::Job(job) => *job,
+                    Work::Prepare(settings) => {
+                        if worker.proxier.is_none() {
+                            match worker.install(&settings) {
+                                Ok(line) => {
+                                    tracing::debug!("datapath installed ahead of the first sync");
+                                    worker.prepared = Some(line);
+                                }
+                                // The first job installs again and reports the error properly.
+                                Err(e) => tracing::debug!("installing ahead of the first sync failed: {e:#}"),
+                            }
+                        }
+                        continue;
+                    }
                 };
                 let t0 = Instant::now();
                 let due = job.due;
@@ -118,6 +136,11 @@ impl SyncThread {
     /// Queues a job. Fails only if the thread is gone (it panicked).
     pub fn send(&self, job: Job) -> anyhow::Result<()> {
         self.send_work(Work::Job(Box::new(job)))
+    }
+
+    /// Installs the datapath ahead of the first job (see [`Work::Prepare`]).
+    pub fn prepare(&self, settings: crate::config::Settings) -> anyhow::Result<()> {
+        self.send_work(Work::Prepare(Box::new(settings)))
     }
 
     /// Hands a source event to the planner.
@@ -143,6 +166,8 @@ struct Worker {
     /// Follows the planner's Plan (not the datapath's), diff by diff.
     no_local: NoLocalCounts,
     proxier: Option<(Proxier, NodeConfig, PathBuf)>,
+    /// The install line of a `Work::Prepare`, for the first job to report.
+    prepared: Option<String>,
 }
 
 impl Worker {
@@ -181,6 +206,10 @@ impl Worker {
         let current = self.proxier.as_ref().map(|(_, cfg, _)| cfg);
         if current != Some(&job.settings.node) {
             installed = Some(self.install(&job.settings)?);
+        }
+        let prepared = self.prepared.take();
+        if installed.is_none() {
+            installed = prepared;
         }
         let (report, corrections) = match job.due {
             // A fresh Proxier has no Plan yet: a resync is a full sync for it.
