@@ -236,26 +236,53 @@ impl Held {
     }
 }
 
+/// Where a kill landed, by the maps left behind: 0 still equal to the previous
+/// Plan, 1 equal to neither (half way), 2 equal to the new Plan.
+fn landing(lab: &Lab, previous: &std::path::Path, next: &std::path::Path) -> usize {
+    match (verify_against(lab, previous).0, verify_against(lab, next).0) {
+        (0, _) => 0,
+        (_, 0) => 2,
+        _ => 1,
+    }
+}
+
+const KILLED: [&str; 3] = ["before any write", "half way through a sync", "after the sync"];
+
+/// Starts the node's agent as `Lab::start_agent` does, without waiting for its first sync.
+fn spawn_unwaited(lab: &mut Lab, log: &std::path::Path) -> u32 {
+    let n = &lab.nodes[NODE];
+    let host = n.host.clone();
+    let log = File::create(log).unwrap();
+    let mut cmd = lab.sb.command(&host, FERRY);
+    cmd.args(["run", "--manifests"])
+        .arg(&n.manifests)
+        .arg("--node-config")
+        .arg(&n.config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    lab.sb.spawn_in(&host, None, cmd).unwrap()
+}
+
 /// `ferry status --verify` on the node, as an operator runs it: (exit code, output).
 fn verify(lab: &Lab) -> (i32, String) {
+    verify_against(lab, &lab.nodes[NODE].manifests)
+}
+
+/// `ferry status --verify` against the manifests in `dir`.
+fn verify_against(lab: &Lab, dir: &std::path::Path) -> (i32, String) {
     let n = &lab.nodes[NODE];
     let out = lab
         .sb
         .command(&n.host, FERRY)
         .args(["status", "--verify", "--manifests"])
-        .arg(&n.manifests)
+        .arg(dir)
         .arg("--node-config")
         .arg(&n.config)
         .output()
         .expect("running ferry status --verify");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
-}
-
-/// The generation in the agent's ready file (`synced <generation> <nanos>`), if any.
-fn synced_generation(lab: &Lab) -> Option<u64> {
-    let text = std::fs::read_to_string(lab.ready_file(NODE)).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn servers(obs: &[Observation]) -> Result<BTreeSet<String>, String> {
@@ -288,8 +315,10 @@ fn sigkill_at_random_points_of_changing_syncs_leaves_the_plan_in_the_maps_and_no
         serve.idle_timeout = Duration::from_secs(3600);
         lab.serve_with(At::Pod(node, p), serve).unwrap();
     }
-    lab.write_node_config(node, "datapath: bpf\nclusterCIDRs: [10.244.0.0/16]\nserviceCIDRs: [10.96.0.0/16]\n")
-        .unwrap();
+    // minSyncPeriod 1ms: a change is synced as soon as it is seen, so the kill
+    // delays below span the sync instead of the agent's batching wait.
+    let config = "datapath: bpf\nclusterCIDRs: [10.244.0.0/16]\nserviceCIDRs: [10.96.0.0/16]\nminSyncPeriod: 1ms\n";
+    lab.write_node_config(node, config).unwrap();
     let mut model = Model::first();
     lab.write_manifests(node, &model.yaml()).unwrap();
     lab.start_agent(node).unwrap();
@@ -305,21 +334,47 @@ fn sigkill_at_random_points_of_changing_syncs_leaves_the_plan_in_the_maps_and_no
         ("outside -> NodePort (tc)", stream(&mut lab, OUTSIDE, steady_np, "stream-np.out")),
     ];
     let mut checked = [0usize; 2];
-    let (mut mid_sync, mut after_sync) = (0, 0);
+    // Where the kills landed: maps still equal to the previous round's Plan, half
+    // way between the two Plans, or already equal to the new one.
+    let mut landed = [0usize; 3];
+    let (previous, next) = (lab.state.join("previous"), lab.state.join("next"));
+    std::fs::create_dir_all(&previous).unwrap();
+    std::fs::create_dir_all(&next).unwrap();
 
     for round in 1..=rounds {
+        std::fs::write(previous.join("cluster.yaml"), model.yaml()).unwrap();
         model = model.next(&mut rng);
-        let before = synced_generation(&lab);
+        std::fs::write(next.join("cluster.yaml"), model.yaml()).unwrap();
         lab.write_manifests(node, &model.yaml()).unwrap();
-        // The kill lands anywhere from before the agent read the change to after it applied it.
-        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
-        let synced_before_kill = synced_generation(&lab) != before;
+        // The kill lands anywhere from before the agent read the change to after it
+        // applied it: a delay from one of three bands (< 10 ms, < 100 ms, < 500 ms; the
+        // agent reads and parses the changed file for a good part of that).
+        let band = [10_000, 100_000, 500_000][rng.below(3) as usize];
+        std::thread::sleep(Duration::from_micros(rng.below(band)));
         lab.kill_agent(node).unwrap();
-        if synced_before_kill {
-            after_sync += 1
-        } else {
-            mid_sync += 1
+        let at = landing(&lab, &previous, &next);
+        landed[at] += 1;
+        // A second kill, during the restarted agent's first sync (a full one: adopt, then
+        // every difference from the new Plan written): started by hand, killed at a
+        // pseudo-random point after it installed (adopted) the datapath.
+        let restart_log = lab.state.join(format!("restart-{round}.log"));
+        let pid = spawn_unwaited(&mut lab, &restart_log);
+        // Polled every 200 µs (bounded: 30 s), so the kill can land inside a sync of a few ms.
+        let installed = std::time::Instant::now();
+        let mut listed = false;
+        while !listed && installed.elapsed() < Duration::from_secs(30) {
+            listed = std::fs::read_to_string(&restart_log).unwrap_or_default().contains("adopted=");
+            std::thread::sleep(Duration::from_micros(200));
         }
+        assert!(
+            listed,
+            "round {round}: the restarted agent never installed its datapath:\n{}",
+            std::fs::read_to_string(&restart_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_micros(rng.below(10_000)));
+        let _ = lab.sb.kill(pid);
+        let at2 = landing(&lab, &previous, &next);
+        landed[at2] += 1;
         lab.start_agent(node).unwrap_or_else(|e| panic!("round {round}: restarting the agent: {e:#}"));
 
         let (code, text) = verify(&lab);
@@ -362,11 +417,12 @@ fn sigkill_at_random_points_of_changing_syncs_leaves_the_plan_in_the_maps_and_no
             None => assert!(o.reply().is_none(), "round {round}: the deleted churn service answered: {o:?}"),
         }
         eprintln!(
-            "round {round}: steady {:?}, churn {:?}, {} fillers; killed {} the sync; verify clean; {} + {} new connections so far, 0 failed",
+            "round {round}: steady {:?}, churn {:?}, {} fillers; killed {}, then {}; verify clean; {} + {} new connections so far, 0 failed",
             model.steady,
             model.churn,
             model.fillers.len(),
-            if synced_before_kill { "after" } else { "before the end of" },
+            KILLED[at],
+            KILLED[at2],
             checked[0],
             checked[1]
         );
@@ -374,7 +430,13 @@ fn sigkill_at_random_points_of_changing_syncs_leaves_the_plan_in_the_maps_and_no
     for (_, s) in streams {
         let _ = lab.sb.kill(s.pid);
     }
-    eprintln!("disruption: {rounds} rounds, killed before the sync ended {mid_sync}, after {after_sync}");
+    eprintln!(
+        "disruption: {} kills in {rounds} rounds: before any write {}, half way through a sync {}, after the sync {}",
+        2 * rounds,
+        landed[0],
+        landed[1],
+        landed[2]
+    );
 
     // --verify sees drift: with the agent down, a frontend is removed, an extra one
     // added and a backend no slot uses written behind its back.
