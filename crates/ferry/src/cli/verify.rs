@@ -201,3 +201,85 @@ impl<'a> Present<'a> {
         Difference { kind, map, entry }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_model::{ClusterState, NodeConfig, StateChange, build_plan};
+    use serde_json::json;
+
+    fn plan() -> Plan {
+        let mut s = ClusterState::default();
+        let svc = json!({"metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.20",
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}});
+        s.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap())));
+        let slice = json!({"metadata": {"name": "web-1", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.244.1.21"], "nodeName": "node-a"}, {"addresses": ["10.244.1.22"]}]});
+        s.apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+        let cfg = NodeConfig {
+            node_name: "node-a".into(),
+            node_ips: vec!["192.168.0.2".parse().unwrap()],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+            ..Default::default()
+        };
+        build_plan(&s, &cfg)
+    }
+
+    fn rt() -> NodeRuntime {
+        NodeRuntime { host_netns_cookie: 4242, nat_ports: (61000, 65535), ..Default::default() }
+    }
+
+    /// The maps a fresh agent writes for `plan` (a fresh sync only puts).
+    fn programmed(plan: &Plan) -> MapDump {
+        let mut d = MapDump::default();
+        for op in Programmer::new().sync(plan, None, &rt()) {
+            match op {
+                MapOp::PutBackend(id, b) => d.backends.push((id, b)),
+                MapOp::PutSlot(k, v) => d.slots.push((k, v)),
+                MapOp::PutMember(k, v) => d.members.push((k, v)),
+                MapOp::PutFirewall(k) => d.firewall.push(k),
+                MapOp::PutService(id, v) => d.services.push((id, v)),
+                MapOp::PutName(id, n) => d.names.push((id, n)),
+                MapOp::PutFrontend(k, v) => d.frontends.push((k, v)),
+                MapOp::PutLocal(k, v) => d.locals.push((k, v)),
+                MapOp::PutRange(k) => d.ranges.push(k),
+                MapOp::PutConfig(c) => d.config = Some(c),
+                MapOp::PutDevice(i, v) => d.devices.push((i, v)),
+                MapOp::PutMaglev(k, t) => d.maglev.push((k, t)),
+                other => panic!("a fresh sync deleted something: {other:?}"),
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn the_maps_a_fresh_agent_writes_have_no_difference() {
+        let plan = plan();
+        assert_eq!(differences(&programmed(&plan), &plan, &rt()), vec![]);
+    }
+
+    #[test]
+    fn every_kind_of_drift_is_named() {
+        let plan = plan();
+        let mut d = programmed(&plan);
+        // A frontend lost, a service entry changed, a stray backend, a service left half-written.
+        let cip = d.frontends.iter().position(|(k, _)| k.port == 80).unwrap();
+        d.frontends.remove(cip);
+        d.services[0].1.count[0] += 1;
+        let stray: std::net::IpAddr = "10.244.1.99".parse().unwrap();
+        d.backends.push((77, Backend { addr: words(&stray), port: 8080, family: family_of(&stray), flags: 0 }));
+        d.slots.push((SlotKey { service: 55, rev: 0, set: 0, slot: 0 }, 77));
+        let diffs = differences(&d, &plan, &rt());
+        let has = |kind: &str, map: &str, entry: &str| {
+            diffs.iter().any(|x| x.kind == kind && x.map == map && x.entry.contains(entry))
+        };
+        assert!(has("missing", "ferry_frontends", "10.96.0.20:80/TCP -> demo/web:http"), "{diffs:#?}");
+        assert!(has("wrong", "ferry_services", "demo/web:http"), "{diffs:#?}");
+        assert!(has("orphaned", "ferry_slots", "#55 rev 0 set 0 slot 0"), "{diffs:#?}");
+        assert!(has("orphaned", "ferry_backends", "10.244.1.99:8080"), "{diffs:#?}");
+        assert!(diffs.iter().all(|x| x.map != "ferry_frontends" || x.kind == "missing"), "{diffs:#?}");
+    }
+}
