@@ -354,24 +354,21 @@ fn sigkill_at_random_points_of_changing_syncs_leaves_the_plan_in_the_maps_and_no
         lab.kill_agent(node).unwrap();
         let at = landing(&lab, &previous, &next);
         landed[at] += 1;
-        // A second kill, during the restarted agent's first sync (a full one: adopt, then
-        // every difference from the new Plan written): started by hand, killed at a
-        // pseudo-random point after it installed (adopted) the datapath.
+        // A second kill, aimed at the restarted agent's first sync (a full one: adopt,
+        // then every difference from the new Plan written): started by hand, killed at
+        // a pseudo-random point 0.6 to 1.4 s after it listed the manifests (installing
+        // the datapath takes most of a second; the sync follows).
         let restart_log = lab.state.join(format!("restart-{round}.log"));
         let pid = spawn_unwaited(&mut lab, &restart_log);
-        // Polled every 200 µs (bounded: 30 s), so the kill can land inside a sync of a few ms.
-        let installed = std::time::Instant::now();
-        let mut listed = false;
-        while !listed && installed.elapsed() < Duration::from_secs(30) {
-            listed = std::fs::read_to_string(&restart_log).unwrap_or_default().contains("adopted=");
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        let listed = lab.wait_until(Duration::from_secs(30), |_| {
+            std::fs::read_to_string(&restart_log).unwrap_or_default().contains("Services and EndpointSlices synced")
+        });
         assert!(
             listed,
-            "round {round}: the restarted agent never installed its datapath:\n{}",
+            "round {round}: the restarted agent never listed its manifests:\n{}",
             std::fs::read_to_string(&restart_log).unwrap_or_default()
         );
-        std::thread::sleep(Duration::from_micros(rng.below(10_000)));
+        std::thread::sleep(Duration::from_micros(600_000 + rng.below(800_000)));
         let _ = lab.sb.kill(pid);
         let at2 = landing(&lab, &previous, &next);
         landed[at2] += 1;
