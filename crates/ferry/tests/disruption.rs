@@ -166,7 +166,9 @@ struct Stream {
     output: PathBuf,
 }
 
-fn stream(lab: &mut Lab, at: At, target: SocketAddr, name: &str) -> Stream {
+fn stream(lab: &mut Lab, at: At, target: SocketAddr, bind: Option<IpAddr>, name: &str) -> Stream {
+    let mut opts = ConnectOpts::new(Endpoint::tcp(target));
+    opts.bind = bind;
     let output = lab.state.join(name);
     let host = lab.host(at).clone();
     let cgroup = match at {
@@ -175,7 +177,7 @@ fn stream(lab: &mut Lab, at: At, target: SocketAddr, name: &str) -> Stream {
     };
     let mut cmd = lab.sb.command(&host, &lab.probe.program);
     cmd.args(&lab.probe.leading_args)
-        .args(ConnectOpts::new(Endpoint::tcp(target)).to_args(ConnectMode::Count(1_000_000)))
+        .args(opts.to_args(ConnectMode::Count(1_000_000)))
         .stdin(Stdio::null())
         .stdout(File::create(&output).unwrap())
         .stderr(Stdio::null());
@@ -305,7 +307,8 @@ fn sigkill_at_random_points_of_changing_syncs_leaves_the_plan_in_the_maps_and_no
 
     let mut lab = Lab::new("dsr", FERRY.as_ref()).expect("lab");
     let node = lab.add_node("node-a").unwrap();
-    lab.add_external("outside", &[ip("203.0.113.10")], node).unwrap();
+    // The outside host's stream uses .10, its per-round checks .11 (see below).
+    lab.add_external("outside", &[ip("203.0.113.10"), ip("203.0.113.11")], node).unwrap();
     lab.add_pod(node, "client", &[ip("10.244.1.10")]).unwrap();
     for n in BACKENDS {
         let name = format!("be{n}");
@@ -325,13 +328,23 @@ fn sigkill_at_random_points_of_changing_syncs_leaves_the_plan_in_the_maps_and_no
     let (code, text) = verify(&lab);
     assert_eq!(code, 0, "--verify after the first sync:\n{text}");
 
+    // The clients open thousands of connections a second from one address to one
+    // destination: without TIME_WAIT reuse and the full port range they run out of
+    // local ports (EADDRNOTAVAIL before any packet is sent), which is the client's
+    // limit, not the datapath's.
+    for at in [POD_CLIENT, OUTSIDE] {
+        for (key, value) in [("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "1024 65000")] {
+            let out = lab.sb.command(lab.host(at), "sysctl").args(["-qw", &format!("{key}={value}")]).output().unwrap();
+            assert!(out.status.success(), "sysctl {key} in {at:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
     let node_ip = IpAddr::V4(lab.nodes[node].primary_v4);
     let mut held_pod = hold(&mut lab, POD_CLIENT, HELD.parse().unwrap());
     let mut held_outside = hold(&mut lab, OUTSIDE, SocketAddr::new(node_ip, HELD_NODE_PORT));
     let steady_np = SocketAddr::new(node_ip, STEADY_NODE_PORT);
     let streams = [
-        ("pod -> ClusterIP (socket-LB)", stream(&mut lab, POD_CLIENT, STEADY.parse().unwrap(), "stream-cip.out")),
-        ("outside -> NodePort (tc)", stream(&mut lab, OUTSIDE, steady_np, "stream-np.out")),
+        ("pod -> ClusterIP (socket-LB)", stream(&mut lab, POD_CLIENT, STEADY.parse().unwrap(), None, "stream-cip.out")),
+        ("outside -> NodePort (tc)", stream(&mut lab, OUTSIDE, steady_np, Some(ip("203.0.113.10")), "stream-np.out")),
     ];
     let mut checked = [0usize; 2];
     // Where the kills landed: maps still equal to the previous round's Plan, half
@@ -395,8 +408,14 @@ fn sigkill_at_random_points_of_changing_syncs_leaves_the_plan_in_the_maps_and_no
         }
         // New connections reach only the current endpoints.
         let want = names(&model.steady);
-        for (at, target) in [(POD_CLIENT, STEADY.parse().unwrap()), (OUTSIDE, steady_np)] {
-            let got = servers(&lab.connect_many(at, &ConnectOpts::new(Endpoint::tcp(target)), 8).unwrap());
+        // From the outside, from an address the stream does not use: the stream reuses its
+        // TIME_WAIT 4-tuples (tcp_tw_reuse), and a reused tuple whose conntrack entry is
+        // still there goes to that entry's backend (see the README).
+        let checks = [(POD_CLIENT, STEADY.parse().unwrap(), None), (OUTSIDE, steady_np, Some(ip("203.0.113.11")))];
+        for (at, target, bind) in checks {
+            let mut opts = ConnectOpts::new(Endpoint::tcp(target));
+            opts.bind = bind;
+            let got = servers(&lab.connect_many(at, &opts, 8).unwrap());
             let got = got.unwrap_or_else(|e| panic!("round {round}: a new connection to {target} failed: {e}"));
             assert!(got.is_subset(&want), "round {round}: {target} answered from {got:?}, endpoints are {want:?}");
         }
