@@ -4,7 +4,7 @@
 CARGO ?= cargo
 FERRY := target/debug/ferry
 
-.PHONY: demo test deps build lint clean-sandbox
+.PHONY: demo test deps build lint clean-sandbox disruption
 
 deps:
 	@scripts/install-deps.sh
@@ -25,6 +25,13 @@ test: lint build
 	$(FERRY) conformance --scenarios acceptance/kube-proxy-scenarios.json --datapath model
 	$(FERRY) conformance --scenarios acceptance/ferry-scenarios.json --datapath model
 	$(FERRY) conformance --cases acceptance/ferry-isolation-flows.json --datapath model
+
+# The disruption suite, long form (needs root; `make test` runs 4 rounds of it):
+# the agent SIGKILLed during changing syncs under load, 40 rounds; the seed is
+# printed, FERRY_DISRUPTION_SEED=<seed> replays one run.
+DISRUPTION_ROUNDS ?= 40
+disruption: build
+	FERRY_DISRUPTION_ROUNDS=$(DISRUPTION_ROUNDS) $(CARGO) test -p ferry --test disruption -- --nocapture
 
 # The benchmarks (bench/README.md). Need root; not part of `make test`.
 # socket_lb: socket-LB latency, programming time and memory at 1k, 10k and 100k

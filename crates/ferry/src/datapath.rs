@@ -6,7 +6,7 @@ use crate::config::{BpfSettings, Settings};
 use crate::node_addrs;
 use anyhow::Context;
 use ferry_bpf::entries::{DEV_EXTERNAL, DEV_POD, Device, words};
-use ferry_bpf::{DeviceRole, InstallOptions, Installed, NodeRuntime};
+use ferry_bpf::{AttachedDevice, DeviceRole, InstallOptions, Installed, NodeRuntime};
 use ferry_model::{IpFamily, LocalDetector};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -76,9 +76,37 @@ fn snat_addresses(name: &str, settings: &Settings, addrs: &[(String, IpAddr)]) -
 
 /// Runtime facts the datapath reads, for what `install` attached.
 pub fn runtime(settings: &Settings, installed: &Installed) -> anyhow::Result<NodeRuntime> {
+    runtime_for(settings, &installed.devices)
+}
+
+/// The devices `install` would attach to, resolved to their ifindex without
+/// attaching anything (`ferry status --verify`).
+pub fn resolved_devices(settings: &Settings) -> anyhow::Result<Vec<AttachedDevice>> {
+    devices(settings)?
+        .into_iter()
+        .map(|(name, role)| {
+            let ifindex = ifindex(&name).with_context(|| {
+                format!(
+                    "device {name:?} of the node config is not in this network namespace (run where the agent runs)"
+                )
+            })?;
+            Ok(AttachedDevice { name, ifindex, role })
+        })
+        .collect()
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Runtime facts the datapath reads, for programs attached to `attached`.
+pub fn runtime_for(settings: &Settings, attached: &[AttachedDevice]) -> anyhow::Result<NodeRuntime> {
     let addrs = node_addrs::by_device().context("listing interface addresses")?;
     let mut devices = BTreeMap::new();
-    for d in &installed.devices {
+    for d in attached {
         let flags = match d.role {
             DeviceRole::External => DEV_EXTERNAL,
             DeviceRole::Pod => DEV_POD,

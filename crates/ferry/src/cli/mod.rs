@@ -8,6 +8,7 @@ pub mod explain;
 pub mod probe;
 pub mod run;
 pub mod status;
+pub mod verify;
 
 use anyhow::Context;
 use ferry_k8s::manifests;

@@ -1,5 +1,8 @@
-//! `ferry status`: what the datapath holds right now, read from the pinned maps.
+//! `ferry status`: what the datapath holds right now, read from the pinned maps
+//! (with `--verify`, compared with the Plan: `super::verify`).
 
+use crate::config::{self, NodeFlags};
+use anyhow::Context;
 use clap::Args;
 use ferry_bpf::entries::*;
 use ferry_bpf::{MapDump, Maps};
@@ -10,13 +13,29 @@ use std::process::ExitCode;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Pin directory the datapath was installed in.
-    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/ferry")]
-    pub pin_dir: PathBuf,
+    /// Pin directory the datapath was installed in (default /sys/fs/bpf/ferry;
+    /// with --verify, bpf.pinPath of the node config).
+    #[arg(long, value_name = "PATH")]
+    pub pin_dir: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Compare the pinned maps with the Plan the agent would program from
+    /// --manifests and the node config, and list every difference (missing,
+    /// extra, wrong or orphaned entries). Exit code 0: equal; 1: they differ;
+    /// 2: could not compare. Run it on the node (its network namespace), with
+    /// the agent's own flags; while the agent runs, a change it has not synced
+    /// yet shows as a difference.
+    #[arg(long, requires = "manifests")]
+    pub verify: bool,
+    /// Directory of manifests the agent serves (`ferry run --manifests`), for --verify.
+    #[arg(long, value_name = "DIR", requires = "verify")]
+    pub manifests: Option<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeFlags,
 }
+
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ferry";
 
 fn proto_name(p: u8) -> &'static str {
     match p {
@@ -125,7 +144,65 @@ pub fn masquerade_line(d: &MapDump) -> String {
     }
 }
 
-pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+/// `ferry status --verify`: prints every difference; exit code 1 if there is one.
+fn verify(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let mut settings = config::settings(&args.node)?;
+    if settings.datapath != config::DatapathChoice::Bpf {
+        anyhow::bail!(
+            "--verify compares the eBPF datapath's maps; this node config selects nftables (see `nft list table ...`)"
+        );
+    }
+    if settings.node.node_ips.is_empty() {
+        settings.node.node_ips = crate::node_addrs::detect().context("detecting node addresses")?;
+    }
+    let pin_dir = args.pin_dir.clone().unwrap_or_else(|| settings.bpf.pin_path.clone());
+    if !ferry_bpf::install::is_installed(&pin_dir) {
+        anyhow::bail!("no ferry datapath in {} (start one with `ferry run`)", pin_dir.display());
+    }
+    let manifests = args.manifests.as_ref().context("--verify needs --manifests")?;
+    let state = super::load_manifests_with(manifests, settings.manifests)?;
+    let plan = ferry_model::build_plan(&state, &settings.node);
+    let devices = crate::datapath::resolved_devices(&settings)?;
+    let runtime = crate::datapath::runtime_for(&settings, &devices)?;
+    let maps = Maps::open(&pin_dir).with_context(|| format!("opening the maps pinned in {}", pin_dir.display()))?;
+    let diffs = super::verify::differences(&maps.dump(), &plan, &runtime);
+    if args.json {
+        let out = serde_json::json!({
+            "pinDir": pin_dir,
+            "servicePorts": plan.services.len(),
+            "matches": diffs.is_empty(),
+            "differences": diffs,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if diffs.is_empty() {
+        println!(
+            "datapath {} matches the Plan: {} service port(s) from {}",
+            pin_dir.display(),
+            plan.services.len(),
+            manifests.display()
+        );
+    } else {
+        println!(
+            "datapath {} differs from the Plan of {} in {} entr{}:",
+            pin_dir.display(),
+            manifests.display(),
+            diffs.len(),
+            if diffs.len() == 1 { "y" } else { "ies" }
+        );
+        for d in &diffs {
+            println!("  {d}");
+        }
+        println!("a running agent fixes these on its next full sync (restart it, or send it SIGHUP)");
+    }
+    Ok(if diffs.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
+    if args.verify {
+        return verify(&args);
+    }
+    let args_pin_dir = args.pin_dir.take().unwrap_or_else(|| DEFAULT_PIN_DIR.into());
+    let args = Plain { pin_dir: args_pin_dir, json: args.json };
     if !ferry_bpf::install::is_installed(&args.pin_dir) {
         let nft: Vec<&str> = ferry_nft::owned_tables()
             .into_iter()
@@ -220,4 +297,10 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("  {:<22} {}", "conntrack_entries", ct.len());
     println!("  {:<22} {}", "nat_entries", ferry_bpf::stale::nat_entries_in_use(&ct, ferry_bpf::stale::monotonic_ns()));
     Ok(ExitCode::SUCCESS)
+}
+
+/// What plain `ferry status` reads.
+struct Plain {
+    pin_dir: PathBuf,
+    json: bool,
 }
