@@ -21,4 +21,4 @@ pub mod system;
 pub use entries::MapOp;
 pub use install::{AttachedDevice, DeviceRole, InstallOptions, Installed, install, uninstall};
 pub use maps::Maps;
-pub use program::{CtTimeouts, MapDump, NodeRuntime, Programmer, canonical_name};
+pub use program::{Batch, CtTimeouts, MapDump, NodeRuntime, Programmer, Refused, canonical_name};
