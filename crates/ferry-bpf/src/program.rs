@@ -94,6 +94,9 @@ struct Programmed {
     frontends: Vec<(FeKey, FeVal)>,
     /// Maglev tables per set, when the service uses Maglev.
     maglev: [Option<Vec<u32>>; 2],
+    /// Its service entry is in the kernel (a refused new service port may
+    /// have its name and slots there, and no service entry yet).
+    has_service: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -132,13 +135,15 @@ struct BackendTable {
 }
 
 /// A rank per kind of operation, to group a phase's operations by kind.
+/// A new service port's name goes first: whatever else of it reaches the
+/// kernel before a failure can then be found by `adopt` (it keys on names).
 fn kind_order(op: &MapOp) -> u8 {
     match op {
         MapOp::PutBackend(..) => 0,
-        MapOp::PutSlot(..) => 1,
-        MapOp::PutMember(..) => 2,
-        MapOp::PutFirewall(..) => 3,
-        MapOp::PutName(..) => 4,
+        MapOp::PutName(..) => 1,
+        MapOp::PutSlot(..) => 2,
+        MapOp::PutMember(..) => 3,
+        MapOp::PutFirewall(..) => 4,
         MapOp::PutMaglev(..) => 5,
         MapOp::PutService(..) => 6,
         MapOp::PutFrontend(..) => 7,
@@ -414,6 +419,10 @@ impl ApplyState {
     fn may_run(&mut self, b: &Batch, i: usize) -> bool {
         let owner = b.owner_of[i];
         if self.failed[owner as usize] {
+            // Another service port may share this backend: it is missing for them too.
+            if let MapOp::PutBackend(id, _) = &b.ops[i] {
+                self.failed_backends.insert(*id);
+            }
             return false;
         }
         let needs_refused = match &b.ops[i] {
@@ -610,9 +619,10 @@ impl Programmer {
         let services: HashMap<u32, SvcVal> = dump.services.iter().copied().collect();
         let mut by_id: HashMap<u32, Programmed> = HashMap::new();
         for (id, _) in &dump.names {
-            let svc = services.get(id).copied().unwrap_or_default();
+            let svc = services.get(id).copied();
             p.service_ids.mark_used(*id);
-            by_id.insert(*id, Programmed { id: *id, svc, ..Default::default() });
+            let (svc, has_service) = (svc.unwrap_or_default(), svc.is_some());
+            by_id.insert(*id, Programmed { id: *id, svc, has_service, ..Default::default() });
         }
         let mut slots: Vec<(SlotKey, u32)> = dump.slots.clone();
         slots.sort();
@@ -916,8 +926,9 @@ impl Programmer {
             rev,
             affinity_timeout: sp.affinity_timeout_seconds.unwrap_or(0),
         };
-        if is_new || svc != prog.svc {
+        if is_new || !prog.has_service || svc != prog.svc {
             ops.push(MapOp::PutService(id, svc));
+            prog.has_service = true;
         }
         prog.svc = svc;
 
@@ -955,7 +966,9 @@ impl Programmer {
         for (k, _) in &prog.frontends {
             ops.push(MapOp::DelFrontend(*k));
         }
-        ops.push(MapOp::DelService(id));
+        if prog.has_service {
+            ops.push(MapOp::DelService(id));
+        }
         ops.push(MapOp::DelName(id));
         for (rev, sets) in prog.slots.iter().enumerate() {
             for (set, list) in sets.iter().enumerate() {
