@@ -11,7 +11,7 @@ use crate::skel::netdev::{NetdevSkelBuilder, OpenNetdevSkel};
 use crate::skel::sock::{OpenSockSkel, SockSkelBuilder};
 use crate::system::{self, SystemError};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{AsRawLibbpf, Link, OpenMapMut, ProgramMut};
+use libbpf_rs::{AsRawLibbpf, Link, MapCore, OpenMapMut, ProgramMut};
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,10 @@ pub struct InstallOptions {
     pub cgroup: PathBuf,
     /// Devices (by name) that get the per-packet programs.
     pub devices: Vec<(String, DeviceRole)>,
+    /// Capacity (max_entries) per map name, for maps created by this
+    /// install; maps not named keep the size compiled into `bpf/lib/maps.h`.
+    /// A map that is already pinned keeps its own capacity (see [`install`]).
+    pub capacities: Vec<(String, u32)>,
 }
 
 /// A device the tc programs are attached to.
@@ -87,6 +91,10 @@ pub struct Installed {
     pub links_attached: usize,
     /// Devices carrying the per-packet programs.
     pub devices: Vec<AttachedDevice>,
+    /// Adopted maps whose capacity differs from `InstallOptions::capacities`:
+    /// they keep their pinned capacity (resizing means recreating them,
+    /// which drops tracked flows: `ferry cleanup`, then start again).
+    pub capacity_kept: Vec<CapacityKept>,
 }
 
 macro_rules! map_list {
@@ -113,19 +121,53 @@ macro_rules! map_list {
     };
 }
 
-fn set_pins(all: Vec<(&str, &mut OpenMapMut)>, dir: &Path) -> Result<(), InstallError> {
+/// A map whose pinned capacity differs from the one asked for: the pinned
+/// one is kept (see [`install`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityKept {
+    pub map: String,
+    pub pinned: u32,
+    pub asked: u32,
+}
+
+fn set_pins(
+    all: Vec<(&str, &mut OpenMapMut)>,
+    dir: &Path,
+    capacities: &[(String, u32)],
+    kept: &mut Vec<CapacityKept>,
+) -> Result<(), InstallError> {
     for (name, map) in all {
-        map.set_pin_path(dir.join(name)).map_err(lb(format!("setting pin path of {name}")))?;
+        let path = dir.join(name);
+        let asked = capacities.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+        // libbpf reuses a pinned map only if its definition matches: give it the pinned size.
+        let pinned = libbpf_rs::MapHandle::from_pinned_path(&path).ok().map(|m| m.max_entries());
+        match (pinned, asked) {
+            (Some(p), _) => {
+                if let Some(a) = asked.filter(|a| *a != p) {
+                    kept.push(CapacityKept { map: name.to_string(), pinned: p, asked: a });
+                }
+                map.set_max_entries(p).map_err(lb(format!("setting capacity of {name}")))?;
+            }
+            (None, Some(a)) => map.set_max_entries(a).map_err(lb(format!("setting capacity of {name} to {a}")))?,
+            (None, None) => {}
+        }
+        map.set_pin_path(path).map_err(lb(format!("setting pin path of {name}")))?;
     }
     Ok(())
 }
 
-fn pin_sock_maps(open: &mut OpenSockSkel, dir: &Path) -> Result<(), InstallError> {
-    set_pins(map_list!(open.maps).into(), dir)
+fn pin_sock_maps(
+    open: &mut OpenSockSkel,
+    dir: &Path,
+    capacities: &[(String, u32)],
+    kept: &mut Vec<CapacityKept>,
+) -> Result<(), InstallError> {
+    set_pins(map_list!(open.maps).into(), dir, capacities, kept)
 }
 
 fn pin_netdev_maps(open: &mut OpenNetdevSkel, dir: &Path) -> Result<(), InstallError> {
-    set_pins(map_list!(open.maps).into(), dir)
+    // The socket object created the maps (or they were adopted): reuse them as pinned.
+    set_pins(map_list!(open.maps).into(), dir, &[], &mut Vec::new())
 }
 
 /// The inode of a cgroup directory, which is its cgroup id on cgroup v2.
@@ -156,6 +198,13 @@ fn attach_cgroup(prog: &ProgramMut, cgroup_fd: i32, cgroup: &Path, pin: &Path) -
 }
 
 /// Loads, pins and attaches the socket-LB programs. Idempotent.
+///
+/// Maps are created with `opts.capacities` (libbpf `set_max_entries`
+/// before load). An already pinned map is reused with its own capacity
+/// even if another is asked for, and reported in
+/// [`Installed::capacity_kept`]: adopting keeps every programmed service and
+/// tracked flow across a restart, and a resize would have to recreate the
+/// map (dropping them), which is the operator's call, not a restart's.
 pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     system::ensure_bpffs()?;
     if !system::is_under_bpffs(&opts.pin_dir) {
@@ -167,7 +216,8 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
 
     let mut storage = MaybeUninit::uninit();
     let mut open = SockSkelBuilder::default().open(&mut storage).map_err(lb("opening the socket BPF object"))?;
-    pin_sock_maps(&mut open, &opts.pin_dir)?;
+    let mut capacity_kept = Vec::new();
+    pin_sock_maps(&mut open, &opts.pin_dir, &opts.capacities, &mut capacity_kept)?;
     let skel = open.load().map_err(lb("loading the socket BPF programs (verifier)"))?;
 
     let cg = std::fs::File::open(&opts.cgroup)
@@ -197,7 +247,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
 
     let devices = attach_devices(opts, &links_dir, &mut updated, &mut attached)?;
     let maps = Maps::open(&opts.pin_dir)?;
-    Ok(Installed { maps, adopted, links_updated: updated, links_attached: attached, devices })
+    Ok(Installed { maps, adopted, links_updated: updated, links_attached: attached, devices, capacity_kept })
 }
 
 /// Loads the tcx programs with their maps pinned in `pin_dir` (created if

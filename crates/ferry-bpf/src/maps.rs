@@ -55,6 +55,17 @@ pub enum MapError {
     Full { map: &'static str, capacity: u32 },
 }
 
+impl crate::program::Cause for MapError {
+    fn cause(&self) -> String {
+        match self {
+            MapError::Full { map, .. } => format!("{map} full"),
+            MapError::Op { map, source, .. } => format!("{map} {:?}", source.kind()),
+            MapError::Open { .. } => "map not open".into(),
+            MapError::Layout { map, .. } => format!("{map} layout"),
+        }
+    }
+}
+
 /// Plain-data types (`#[repr(C)]`, no padding holes) as bytes.
 fn bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: every type passed here is a generated #[repr(C)] struct of

@@ -343,8 +343,21 @@ pub struct Refused {
     pub owner: String,
     /// The operation that failed (or that was not attempted because of it).
     pub op: String,
+    /// Why, short and stable (a metric label): `ferry_frontends full`, `shared backend refused`, ...
+    pub cause: String,
     /// Why, in the operator's words.
     pub reason: String,
+}
+
+/// A failed map operation's short cause, for [`Refused::cause`].
+pub trait Cause: std::fmt::Display {
+    fn cause(&self) -> String;
+}
+
+impl Cause for &str {
+    fn cause(&self) -> String {
+        self.to_string()
+    }
 }
 
 /// Most operations one run carries (bounds the buffers a batch syscall copies in).
@@ -367,7 +380,7 @@ impl Batch {
     /// refuses every service port that puts it into a slot; deletions of
     /// backends are skipped once anything failed (the retry's adopt finds
     /// them orphaned and removes them). Returns the refused owners.
-    pub fn apply<E: std::fmt::Display>(
+    pub fn apply<E: Cause>(
         &self,
         mut run: impl FnMut(&[MapOp]) -> bool,
         mut one: impl FnMut(&MapOp) -> Result<(), E>,
@@ -397,7 +410,7 @@ impl Batch {
                     if let MapOp::PutBackend(id, _) = &ops[k] {
                         st.failed_backends.insert(*id);
                     }
-                    st.fail(self, self.owner_of[k], k, format!("{:?}", ops[k]), e.to_string());
+                    st.fail(self, self.owner_of[k], k, format!("{:?}", ops[k]), e.cause(), e.to_string());
                 }
             }
             i = j;
@@ -435,23 +448,25 @@ impl ApplyState {
         };
         match needs_refused {
             Some(be) => {
-                self.fail(b, owner, i, format!("{:?}", b.ops[i]), format!("its backend {be} could not be written"));
+                let reason = format!("its backend {be} could not be written (another service port's write of it failed)");
+                self.fail(b, owner, i, format!("{:?}", b.ops[i]), "shared backend refused".into(), reason);
                 false
             }
             None => true,
         }
     }
 
-    fn fail(&mut self, b: &Batch, owner: u32, at: usize, op: String, reason: String) {
+    fn fail(&mut self, b: &Batch, owner: u32, at: usize, op: String, cause: String, reason: String) {
         self.any_failed = true;
         if std::mem::replace(&mut self.failed[owner as usize], true) {
             return;
         }
-        self.refused.push(Refused { owner: b.owners[owner as usize].clone(), op, reason });
+        self.refused.push(Refused { owner: b.owners[owner as usize].clone(), op, cause, reason });
         for d in &b.depends {
             if d.taker == owner && at <= d.at && !self.failed[d.removed as usize] {
                 let taker = &b.owners[owner as usize];
-                self.fail(b, d.removed, at, "(removal)".into(), format!("its frontend moves to {taker}, which was refused"));
+                let reason = format!("its frontend moves to {taker}, which was refused: the removal waits for it");
+                self.fail(b, d.removed, at, "(removal)".into(), "frontend taker refused".into(), reason);
             }
         }
     }

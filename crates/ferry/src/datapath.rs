@@ -52,7 +52,7 @@ pub fn install_options(
         Some(c) => c,
         None => ferry_bpf::system::cgroup2_mount()?,
     };
-    Ok(InstallOptions { pin_dir, cgroup, devices: devices(settings)? })
+    Ok(InstallOptions { pin_dir, cgroup, devices: devices(settings)?, capacities: Vec::new() })
 }
 
 /// The SNAT address of a device, per family: the node's primary address when

@@ -40,6 +40,9 @@ pub struct SyncReport {
     /// The kernel conntrack reconciler's run (stale UDP flows deleted per
     /// family); `None` when this sync touched no UDP service port.
     pub conntrack: Option<ferry_conntrack::ReconcileReport>,
+    /// Service ports the datapath refused this sync (a full map, say): the
+    /// rest of the Plan is programmed; these are retried with backoff.
+    pub refused: Vec<ferry_bpf::Refused>,
 }
 
 /// The eBPF datapath's state.
@@ -76,6 +79,8 @@ pub struct Proxier {
     problems: BTreeSet<ObjectError>,
     /// A failed apply leaves the mirror ahead of the kernel: re-sync everything next time.
     dirty: bool,
+    /// Service ports the last sync could not program (see `SyncReport::refused`).
+    refused: Vec<ferry_bpf::Refused>,
     /// Uplinks (for the nftables masquerade table).
     uplinks: Vec<String>,
     /// The nftables masquerade script last applied (None: the table is not ours now).
@@ -131,6 +136,7 @@ impl Proxier {
             last: None,
             problems: BTreeSet::new(),
             dirty: false,
+            refused: Vec::new(),
             uplinks,
             // Unknown after a restart: the first sync re-applies or removes it.
             nft_masquerade: Some(String::new()),
@@ -162,14 +168,17 @@ impl Proxier {
                     .filter(|sp| sp.id.protocol == Protocol::Udp)
                     .filter_map(|sp| b.programmer.service_id(&sp.id))
                     .collect();
-                let ops = b.programmer.sync(&plan, diff, &b.runtime);
+                let batch = b.programmer.sync_batch(&plan, diff, &b.runtime);
                 let plan_time = t0.elapsed();
                 let t1 = Instant::now();
-                if let Err(e) = b.maps.apply(&ops) {
-                    // The mirror already believes the ops happened; rebuild it from the kernel.
+                // Each service port on its own: one that fails (its map is
+                // full) is skipped and named, the others are programmed.
+                self.refused = b.maps.apply_batch(&batch);
+                let ops = batch.ops;
+                if !self.refused.is_empty() {
+                    // The mirror believes every op happened; rebuild it from the
+                    // kernel, and compare the whole Plan next time (the retry).
                     b.programmer = Programmer::adopt(&b.maps.dump());
-                    self.dirty = true;
-                    return Err(e).context("programming the datapath maps");
                 }
                 let stale = b.purge_stale_flows(&plan, diff, &deleted_udp);
                 sockets_destroyed = b.destroy_stale_udp_sockets(&plan, diff);
@@ -196,7 +205,7 @@ impl Proxier {
                 (lines, plan_time, t1, 0)
             }
         };
-        self.dirty = false;
+        self.dirty = !self.refused.is_empty();
         self.sync_nft_masquerade(&plan)?;
         let apply_time = t1.elapsed();
         let conntrack = reconcile_kernel_conntrack(&plan, self.last.as_deref(), diff);
@@ -220,6 +229,7 @@ impl Proxier {
             stale_flows_deleted,
             udp_sockets_destroyed: sockets_destroyed,
             conntrack,
+            refused: self.refused.clone(),
         };
         self.last = Some(plan);
         Ok(report)
@@ -266,6 +276,11 @@ impl Proxier {
         b.maps.delete_ct(&expired)
     }
 
+    /// Service ports the datapath refused at the last sync or resync, by name, with the reason.
+    pub fn refused(&self) -> &[ferry_bpf::Refused] {
+        &self.refused
+    }
+
     /// The Plan programmed by the last successful sync.
     pub fn plan(&self) -> Option<&Plan> {
         self.last.as_deref()
@@ -288,11 +303,16 @@ impl Proxier {
         match &mut self.backend {
             Backend::Bpf(b) => {
                 let mut fresh = Programmer::adopt(&b.maps.dump());
-                let ops = fresh.sync(&plan, None, &b.runtime);
-                b.maps.apply(&ops).context("correcting the datapath maps")?;
-                b.programmer = fresh;
-                self.dirty = false;
-                Ok(ops.len())
+                let batch = fresh.sync_batch(&plan, None, &b.runtime);
+                self.refused = b.maps.apply_batch(&batch);
+                if self.refused.is_empty() {
+                    b.programmer = fresh;
+                    self.dirty = false;
+                } else {
+                    b.programmer = Programmer::adopt(&b.maps.dump());
+                    self.dirty = true;
+                }
+                Ok(batch.len())
             }
             Backend::Nftables(r) => {
                 r.reset();
