@@ -154,3 +154,24 @@ fn remove_one_add_one_at_capacity_works_in_one_sync() {
     want.sort();
     assert_eq!(served(dp.maps()), want);
 }
+
+#[test]
+fn an_adopted_map_keeps_its_pinned_capacity_and_says_so() {
+    let dp = Datapath::install("adopt");
+    let again = ferry_bpf::install(&InstallOptions {
+        pin_dir: dp.pin_dir.clone(),
+        cgroup: dp.cgroup.clone(),
+        devices: Vec::new(),
+        capacities: vec![("ferry_services".into(), 64), ("ferry_names".into(), 1024)],
+    })
+    .expect("re-installing over the pinned maps");
+    assert!(again.adopted);
+    assert_eq!(
+        again.capacity_kept,
+        vec![
+            ferry_bpf::CapacityKept { map: "ferry_services".into(), pinned: CAPACITY, asked: 64 },
+            ferry_bpf::CapacityKept { map: "ferry_names".into(), pinned: 262_144, asked: 1024 },
+        ]
+    );
+    assert_eq!(again.maps.capacity("ferry_services"), Some(CAPACITY));
+}

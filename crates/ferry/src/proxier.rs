@@ -95,6 +95,16 @@ impl Proxier {
             crate::config::DatapathChoice::Bpf => {
                 let installed = ferry_bpf::install(opts).context("installing the eBPF datapath")?;
                 warn_if_nat_ports_are_ephemeral(settings.bpf.nat_ports);
+                for k in &installed.capacity_kept {
+                    tracing::warn!(
+                        "map {} keeps its pinned capacity {} (the config asks {}): resizing recreates it and drops \
+                         tracked flows; to resize, stop ferry, run `ferry cleanup --pin-dir {}` and start it again",
+                        k.map,
+                        k.pinned,
+                        k.asked,
+                        opts.pin_dir.display()
+                    );
+                }
                 let runtime = crate::datapath::runtime(settings, &installed)?;
                 let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
                 let programmer = if installed.adopted { Programmer::adopt(&maps.dump()) } else { Programmer::new() };
