@@ -259,10 +259,9 @@ impl Ops {
             _ => true,
         });
         if !late.is_empty() {
-            for (from, to) in [
-                (phase::REMOVE_SERVICE, phase::LATE_REMOVE_SERVICE),
-                (phase::REMOVE_REST, phase::DEL_REST),
-            ] {
+            for (from, to) in
+                [(phase::REMOVE_SERVICE, phase::LATE_REMOVE_SERVICE), (phase::REMOVE_REST, phase::DEL_REST)]
+            {
                 let (stay, go): (Vec<_>, Vec<_>) =
                     std::mem::take(&mut self.phases[from]).into_iter().partition(|(_, o)| !late.contains_key(o));
                 self.phases[from] = stay;
@@ -448,7 +447,8 @@ impl ApplyState {
         };
         match needs_refused {
             Some(be) => {
-                let reason = format!("its backend {be} could not be written (another service port's write of it failed)");
+                let reason =
+                    format!("its backend {be} could not be written (another service port's write of it failed)");
                 self.fail(b, owner, i, format!("{:?}", b.ops[i]), "shared backend refused".into(), reason);
                 false
             }

@@ -497,5 +497,18 @@ mod tests {
         let text = m.render();
         assert!(text.contains("ferry_map_entries{map=\"ferry_ct\"} 3"), "{text}");
         assert!(text.contains("ferry_map_capacity{map=\"ferry_ct\"} 10"), "{text}");
+
+        let refused = |object: &str| super::super::sync::RefusedObject {
+            kind: "ServicePort".into(),
+            object: object.into(),
+            cause: "ferry_services full".into(),
+            reason: "map ferry_services is full".into(),
+        };
+        m.set_refused(&[refused("ns/a:http/TCP/IPv4"), refused("ns/b:http/TCP/IPv4")]);
+        m.set_refused(&[refused("ns/b:http/TCP/IPv4")]);
+        let text = m.render();
+        let line = "ferry_refused{kind=\"ServicePort\",object=\"ns/b:http/TCP/IPv4\",cause=\"ferry_services full\"} 1";
+        assert!(text.contains(line), "{text}");
+        assert!(!text.contains("ns/a:http"), "a service port no longer refused is gone: {text}");
     }
 }

@@ -86,7 +86,8 @@ impl RefusedObject {
 
 /// Where the agent leaves its refused objects for `ferry status` (bpffs holds no regular files).
 pub fn refused_path(pin_dir: &Path) -> PathBuf {
-    let tag: String = pin_dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let tag: String =
+        pin_dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     PathBuf::from("/run/ferry").join(format!("refused{tag}.json"))
 }
 
@@ -270,7 +271,9 @@ impl Worker {
             });
             match written {
                 Ok(()) => self.refused_written = refused.clone(),
-                Err(e) => tracing::warn!("`ferry status` will not show refused objects: writing {}: {e}", path.display()),
+                Err(e) => {
+                    tracing::warn!("`ferry status` will not show refused objects: writing {}: {e}", path.display())
+                }
             }
         }
         Ok(Synced {

@@ -738,7 +738,9 @@ mod tests {
 
     #[test]
     fn map_capacities_are_read_checked_and_unknown_ones_refused() {
-        let file = parse_file("node.yaml", "nodeName: a\nnodeIPs: [10.0.0.1]\nmaps: {services: 1000, conntrack: 65536}\n").unwrap();
+        let file =
+            parse_file("node.yaml", "nodeName: a\nnodeIPs: [10.0.0.1]\nmaps: {services: 1000, conntrack: 65536}\n")
+                .unwrap();
         let bpf = build("node.yaml", file, &NodeFlags::default()).unwrap().bpf;
         assert_eq!(bpf.map_capacities, vec![("ferry_services".into(), 1000), ("ferry_ct".into(), 65536)]);
         let err = parse("maps: {servics: 1000}\n").unwrap_err();
