@@ -98,7 +98,7 @@ pub fn runtime(settings: &Settings, installed: &Installed) -> anyhow::Result<Nod
 
 /// Maps whose default capacity follows node memory, with the size compiled
 /// into `bpf/lib/maps.h` (sized for an 8 GiB node).
-const SCALED_MAPS: &[(&str, u32)] = &[
+pub const SCALED_MAPS: &[(&str, u32)] = &[
     ("ferry_frontends", 262_144),
     ("ferry_services", 262_144),
     ("ferry_slots", 1_048_576),

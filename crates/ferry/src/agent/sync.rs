@@ -150,7 +150,7 @@ impl SyncThread {
                 planner: Planner::new(node),
                 no_local: NoLocalCounts::default(),
                 proxier: None,
-                refused_written: Vec::new(),
+                refused_written: None,
             };
             while let Ok(work) = rx.recv() {
                 let job = match work {
@@ -201,8 +201,9 @@ struct Worker {
     /// Follows the planner's Plan (not the datapath's), diff by diff.
     no_local: NoLocalCounts,
     proxier: Option<(Proxier, NodeConfig, PathBuf)>,
-    /// The refused objects last written for `ferry status`.
-    refused_written: Vec<RefusedObject>,
+    /// The refused objects last written for `ferry status` (`None`: nothing
+    /// written yet, so a previous agent's file is replaced at the first sync).
+    refused_written: Option<Vec<RefusedObject>>,
 }
 
 impl Worker {
@@ -263,14 +264,14 @@ impl Worker {
         }
         let plan = proxier.plan();
         let refused = refused_now(proxier, plan);
-        if refused != self.refused_written {
+        if self.refused_written.as_ref() != Some(&refused) {
             let path = refused_path(pin_dir);
             let written = std::fs::create_dir_all("/run/ferry").and_then(|()| {
                 let text = serde_json::to_string_pretty(&refused).unwrap_or_default();
                 std::fs::write(&path, text)
             });
             match written {
-                Ok(()) => self.refused_written = refused.clone(),
+                Ok(()) => self.refused_written = Some(refused.clone()),
                 Err(e) => {
                     tracing::warn!("`ferry status` will not show refused objects: writing {}: {e}", path.display())
                 }

@@ -220,7 +220,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("\nmaps (entries / capacity)");
     for f in &fill {
         let pct = if f.capacity > 0 { f.entries as f64 * 100.0 / f.capacity as f64 } else { 0.0 };
-        let warn = if pct >= 90.0 { "  near full: raise maps.* in the node config" } else { "" };
+        let tunable = crate::datapath::SCALED_MAPS.iter().any(|(m, _)| *m == f.map);
+        let warn = if pct >= 90.0 && tunable { "  near full: raise maps.* in the node config" } else { "" };
         println!("  {:<16} {:>9} / {:<9} {pct:5.1}%{warn}", f.map, f.entries, f.capacity);
     }
     if refused.is_empty() {
