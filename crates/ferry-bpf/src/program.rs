@@ -401,15 +401,15 @@ impl Batch {
                 i = j;
                 continue;
             }
-            for k in i..j {
+            for (k, op) in ops.iter().enumerate().take(j).skip(i) {
                 if !st.may_run(self, k) {
                     continue;
                 }
-                if let Err(e) = one(&ops[k]) {
-                    if let MapOp::PutBackend(id, _) = &ops[k] {
+                if let Err(e) = one(op) {
+                    if let MapOp::PutBackend(id, _) = op {
                         st.failed_backends.insert(*id);
                     }
-                    st.fail(self, self.owner_of[k], k, format!("{:?}", ops[k]), e.cause(), e.to_string());
+                    st.fail(self, self.owner_of[k], k, format!("{op:?}"), e.cause(), e.to_string());
                 }
             }
             i = j;

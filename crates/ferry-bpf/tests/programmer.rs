@@ -487,7 +487,7 @@ mod properties {
                 let is_put = format!("{op:?}").starts_with("Put");
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 (seed, format!("{op:?}")).hash(&mut h);
-                is_put && h.finish() % one_in == 0
+                is_put && h.finish().is_multiple_of(one_in)
             };
             for states in &steps {
                 for c in changes(states) {
