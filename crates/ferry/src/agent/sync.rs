@@ -265,11 +265,19 @@ impl Worker {
         let plan = proxier.plan();
         let refused = refused_now(proxier, plan);
         if self.refused_written.as_ref() != Some(&refused) {
+            // Only while something is refused: nothing refused, no file (none left behind).
             let path = refused_path(pin_dir);
-            let written = std::fs::create_dir_all("/run/ferry").and_then(|()| {
-                let text = serde_json::to_string_pretty(&refused).unwrap_or_default();
-                std::fs::write(&path, text)
-            });
+            let written = if refused.is_empty() {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            } else {
+                std::fs::create_dir_all("/run/ferry").and_then(|()| {
+                    let text = serde_json::to_string_pretty(&refused).unwrap_or_default();
+                    std::fs::write(&path, text)
+                })
+            };
             match written {
                 Ok(()) => self.refused_written = Some(refused.clone()),
                 Err(e) => {
