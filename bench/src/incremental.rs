@@ -100,10 +100,12 @@ pub fn in_process(
     anyhow::ensure!(plan.problems.is_empty(), "the synthetic cluster has problems: {:?}", &plan.problems[..1]);
     let t = Instant::now();
     let mut programmer = Programmer::new();
-    let ops = programmer.sync(&plan, None, &rt);
+    let ops = programmer.sync_batch(&plan, None, &rt);
     let program_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    dp.maps.apply(&ops).context("applying the full state")?;
+    // As the agent does: each service port on its own.
+    let refused = dp.maps.apply_batch(&ops);
+    anyhow::ensure!(refused.is_empty(), "applying the full state refused {:?}", &refused[..1]);
     let maps_ms = t.elapsed().as_secs_f64() * 1e3;
     let map_ops = ops.len();
     drop((ops, diff, plan));
@@ -121,8 +123,9 @@ pub fn in_process(
         let t = Instant::now();
         planner.apply(change);
         let (plan, diff) = planner.sync();
-        let ops = programmer.sync(&plan, Some(&diff), &rt);
-        dp.maps.apply(&ops).context("applying one endpoint change")?;
+        let ops = programmer.sync_batch(&plan, Some(&diff), &rt);
+        let refused = dp.maps.apply_batch(&ops);
+        anyhow::ensure!(refused.is_empty(), "applying one endpoint change refused {:?}", &refused[..1]);
         samples.push(t.elapsed().as_nanos() as u64);
         anyhow::ensure!(diff.changed.len() == 1, "one endpoint change changed {} service ports", diff.changed.len());
         one_change_map_ops = ops.len();
@@ -335,8 +338,9 @@ pub fn shape(
             planner.apply(e);
         }
         let (plan, diff) = planner.sync();
-        let ops = programmer.sync(&plan, Some(&diff), &rt);
-        dp.maps.apply(&ops).context("applying one endpoint change")?;
+        let ops = programmer.sync_batch(&plan, Some(&diff), &rt);
+        let refused = dp.maps.apply_batch(&ops);
+        anyhow::ensure!(refused.is_empty(), "applying one endpoint change refused {:?}", &refused[..1]);
         samples.push(t.elapsed().as_nanos() as u64);
     }
     let one_change = summarize(&samples);

@@ -34,6 +34,7 @@ impl PinnedDatapath {
             pin_dir: pin_dir.clone(),
             cgroup: cgroup.to_path_buf(),
             devices: Vec::new(),
+            capacities: Vec::new(),
         })
         .with_context(|| format!("installing the datapath into {}", pin_dir.display()))?;
         Ok(PinnedDatapath { pin_dir, maps: installed.maps })

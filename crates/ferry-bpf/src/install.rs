@@ -44,6 +44,10 @@ pub struct InstallOptions {
     pub cgroup: PathBuf,
     /// Devices (by name) that get the per-packet programs.
     pub devices: Vec<(String, DeviceRole)>,
+    /// Capacity (max_entries) per map name, for maps created by this
+    /// install; maps not named keep the size compiled into `bpf/lib/maps.h`.
+    /// A map that is already pinned keeps its own capacity (see [`install`]).
+    pub capacities: Vec<(String, u32)>,
 }
 
 /// A device the tc programs are attached to.
@@ -99,6 +103,10 @@ pub struct Installed {
     pub links_attached: usize,
     /// Devices carrying the per-packet programs.
     pub devices: Vec<AttachedDevice>,
+    /// Adopted maps whose capacity differs from `InstallOptions::capacities`:
+    /// they keep their pinned capacity (resizing means recreating them,
+    /// which drops tracked flows: `ferry cleanup`, then start again).
+    pub capacity_kept: Vec<CapacityKept>,
 }
 
 macro_rules! map_list {
@@ -126,19 +134,76 @@ macro_rules! map_list {
     };
 }
 
-fn set_pins(all: Vec<(&str, &mut OpenMapMut)>, dir: &Path) -> Result<(), InstallError> {
+/// A map whose pinned capacity differs from the one asked for: the pinned
+/// one is kept (see [`install`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityKept {
+    pub map: String,
+    pub pinned: u32,
+    pub asked: u32,
+}
+
+/// Gives each map its capacity before load: a map already pinned in `dir`
+/// keeps its pinned capacity (libbpf reuses a pinned map only if its
+/// definition matches; a different asked one is reported in `kept`), any
+/// other gets its entry in `capacities` or keeps its compiled size.
+/// Returns the compiled sizes (for [`resize_retired`]).
+fn size_maps(
+    all: Vec<(&str, &mut OpenMapMut)>,
+    dir: &Path,
+    capacities: &[(String, u32)],
+    kept: &mut Vec<CapacityKept>,
+) -> Result<Vec<(String, u32)>, InstallError> {
+    let mut compiled = Vec::new();
+    for (name, map) in all {
+        compiled.push((name.to_string(), map.max_entries()));
+        let asked = capacities.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+        let pinned = libbpf_rs::MapHandle::from_pinned_path(dir.join(name)).ok().map(|m| m.max_entries());
+        match (pinned, asked) {
+            (Some(p), _) => {
+                if let Some(a) = asked.filter(|a| *a != p) {
+                    kept.push(CapacityKept { map: name.to_string(), pinned: p, asked: a });
+                }
+                map.set_max_entries(p).map_err(lb(format!("setting capacity of {name}")))?;
+            }
+            (None, Some(a)) => map.set_max_entries(a).map_err(lb(format!("setting capacity of {name} to {a}")))?,
+            (None, None) => {}
+        }
+    }
+    Ok(compiled)
+}
+
+/// The maps in `retire` are created anew: with the asked capacity (or the
+/// compiled one), not the capacity of the pinned map they replace.
+fn resize_retired(
+    all: Vec<(&str, &mut OpenMapMut)>,
+    retire: &[String],
+    capacities: &[(String, u32)],
+    compiled: &[(String, u32)],
+) -> Result<(), InstallError> {
+    for (name, map) in all {
+        if !retire.iter().any(|r| r == name) {
+            continue;
+        }
+        let size = capacities.iter().chain(compiled).find(|(n, _)| n == name).map(|(_, c)| *c);
+        if let Some(c) = size {
+            map.set_max_entries(c).map_err(lb(format!("setting capacity of {name} to {c}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn set_pin_paths(all: Vec<(&str, &mut OpenMapMut)>, dir: &Path) -> Result<(), InstallError> {
     for (name, map) in all {
         map.set_pin_path(dir.join(name)).map_err(lb(format!("setting pin path of {name}")))?;
     }
     Ok(())
 }
 
-fn pin_sock_maps(open: &mut OpenSockSkel, dir: &Path) -> Result<(), InstallError> {
-    set_pins(map_list!(open.maps).into(), dir)
-}
-
 fn pin_netdev_maps(open: &mut OpenNetdevSkel, dir: &Path) -> Result<(), InstallError> {
-    set_pins(map_list!(open.maps).into(), dir)
+    // The socket object created the maps (or they were adopted): reuse them as pinned.
+    size_maps(map_list!(open.maps).into(), dir, &[], &mut Vec::new())?;
+    set_pin_paths(map_list!(open.maps).into(), dir)
 }
 
 /// The inode of a cgroup directory, which is its cgroup id on cgroup v2.
@@ -254,6 +319,15 @@ fn move_pins(from: &Path, to: &Path, names: &[String]) -> Result<(), InstallErro
 /// maps are removed); a newer one is refused with
 /// [`InstallError::NewerLayout`] before anything is loaded. Both objects pass
 /// the verifier before any link is switched.
+///
+/// Maps are created with `opts.capacities` (libbpf `set_max_entries`
+/// before load). An already pinned map is reused with its own capacity
+/// even if another is asked for, and reported in
+/// [`Installed::capacity_kept`]: adopting keeps every programmed service and
+/// tracked flow across a restart, and a resize would have to recreate the
+/// map (dropping them), which is the operator's call, not a restart's. A
+/// capacity difference alone therefore never retires a map in an upgrade;
+/// a map retired for its layout is re-created with the asked capacity.
 pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     system::ensure_bpffs()?;
     if !system::is_under_bpffs(&opts.pin_dir) {
@@ -266,6 +340,10 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
 
     let mut storage = MaybeUninit::uninit();
     let mut open = SockSkelBuilder::default().open(&mut storage).map_err(lb("opening the socket BPF object"))?;
+    // Capacities first, so the wanted shapes are what this install creates; a
+    // pinned map keeps its own (a capacity alone never retires a map).
+    let mut capacity_kept = Vec::new();
+    let compiled = size_maps(map_list!(open.maps).into(), &opts.pin_dir, &opts.capacities, &mut capacity_kept)?;
     let upgrade = plan_upgrade(found, LAYOUT, CHANGED_IN, &pinned_shapes(&opts.pin_dir), &wanted_shapes(&open));
     let retired_dir = opts.pin_dir.join("retired");
     let (migrated_from, retired) = match upgrade {
@@ -273,6 +351,9 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
             return Err(InstallError::NewerLayout { pin_dir: opts.pin_dir.clone(), found, ours: LAYOUT });
         }
         Upgrade::Migrate { from, retire } => {
+            // A retired map is created anew: with the asked capacity, not the pinned one.
+            resize_retired(map_list!(open.maps).into(), &retire, &opts.capacities, &compiled)?;
+            capacity_kept.retain(|k| !retire.contains(&k.map));
             move_pins(&opts.pin_dir, &retired_dir, &retire)?;
             (Some(from), retire)
         }
@@ -281,7 +362,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     // Load both objects (the verifier) before any link is switched; a
     // failure puts the retired pins back, so the old datapath stays whole.
     let loaded = (|| {
-        pin_sock_maps(&mut open, &opts.pin_dir)?;
+        set_pin_paths(map_list!(open.maps).into(), &opts.pin_dir)?;
         let skel = open.load().map_err(lb("loading the socket BPF programs (verifier)"))?;
         let mut tc_storage = MaybeUninit::uninit();
         let tc = if opts.devices.is_empty() {
@@ -316,7 +397,16 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     }
     let _ = std::fs::remove_dir(&retired_dir);
     let maps = Maps::open(&opts.pin_dir)?;
-    Ok(Installed { maps, adopted, migrated_from, retired, links_updated: updated, links_attached: attached, devices })
+    Ok(Installed {
+        maps,
+        adopted,
+        migrated_from,
+        retired,
+        links_updated: updated,
+        links_attached: attached,
+        devices,
+        capacity_kept,
+    })
 }
 
 /// Attaches (or swaps in place) every link, socket programs first.

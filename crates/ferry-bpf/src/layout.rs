@@ -49,6 +49,14 @@ pub struct MapShape {
     pub max_entries: u32,
 }
 
+impl MapShape {
+    /// The same type, key and value sizes: the entries of one fit the other.
+    /// `max_entries` is not compared (a pinned map keeps its capacity).
+    pub fn same_entries(&self, other: &MapShape) -> bool {
+        (self.map_type, self.key_size, self.value_size) == (other.map_type, other.key_size, other.value_size)
+    }
+}
+
 /// What to do with the datapath pinned in a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upgrade {
@@ -79,9 +87,10 @@ pub fn plan_upgrade(
     let mut retire = Vec::new();
     for (name, shape) in pinned {
         let unchanged = changed_in.iter().any(|(n, v)| n == name && *v <= found);
-        let same_shape = wanted.iter().any(|(n, s)| n == name && s == shape);
-        // Same version: the shape must match too, or libbpf would refuse the
-        // pinned map; retire it rather than fail (a changed capacity, say).
+        let same_shape = wanted.iter().any(|(n, s)| n == name && s.same_entries(shape));
+        // The entries must keep their shape too, or libbpf would refuse the
+        // pinned map; retire it rather than fail. A capacity difference alone
+        // is not a reason: `install` keeps a pinned map's own capacity.
         if !(same_shape && (found == ours || unchanged)) {
             retire.push(name.clone());
         }
@@ -133,6 +142,21 @@ mod tests {
         let p = named(&[("a", s(8)), ("gone", s(8))]);
         let up = plan_upgrade(Some(1), 1, &[("a", 0)], &p, &w);
         assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["gone".into()] });
+    }
+
+    #[test]
+    fn a_capacity_difference_alone_retires_nothing() {
+        let w = named(&[("a", s(8)), ("b", s(8))]);
+        let p = named(&[("a", s(8)), ("b", MapShape { max_entries: 4096, ..s(8) })]);
+        // Same layout: adopted as pinned (install keeps the pinned capacity).
+        assert_eq!(plan_upgrade(Some(1), 1, &[("a", 0), ("b", 0)], &p, &w), Upgrade::Adopt);
+        // Older layout: only what changed since is retired, not the resized map.
+        let up = plan_upgrade(Some(0), 1, &[("a", 1), ("b", 0)], &p, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["a".into()] });
+        // A capacity difference next to a value-size change still retires.
+        let p = named(&[("a", s(8)), ("b", MapShape { max_entries: 4096, ..s(12) })]);
+        let up = plan_upgrade(Some(1), 1, &[("a", 0), ("b", 0)], &p, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()] });
     }
 
     #[test]

@@ -20,6 +20,6 @@ pub mod stats;
 pub mod system;
 
 pub use entries::MapOp;
-pub use install::{AttachedDevice, DeviceRole, InstallOptions, Installed, install, uninstall};
+pub use install::{AttachedDevice, CapacityKept, DeviceRole, InstallOptions, Installed, install, uninstall};
 pub use maps::Maps;
-pub use program::{CtTimeouts, MapDump, NodeRuntime, Programmer, canonical_name};
+pub use program::{Batch, Cause, CtTimeouts, MapDump, NodeRuntime, Programmer, Refused, canonical_name};

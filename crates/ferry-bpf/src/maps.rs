@@ -8,7 +8,7 @@
 //! is opened, and a buffer of the wrong size is never padded or cut.
 
 use crate::entries::*;
-use crate::program::MapDump;
+use crate::program::{Batch, MapDump, Refused};
 use crate::skel::sock::types as t;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use std::marker::PhantomData;
@@ -51,6 +51,23 @@ pub enum MapError {
     Layout { map: &'static str, what: &'static str, expected: usize, found: usize },
     #[error("{op}: failure injected by a test")]
     Injected { op: String },
+    #[error(
+        "map {map} is full ({capacity} entries); raise its capacity in the node config (maps.*) or remove \
+         objects (see `ferry status` for the fill of every map)"
+    )]
+    Full { map: &'static str, capacity: u32 },
+}
+
+impl crate::program::Cause for MapError {
+    fn cause(&self) -> String {
+        match self {
+            MapError::Full { map, .. } => format!("{map} full"),
+            MapError::Op { map, source, .. } => format!("{map} {:?}", source.kind()),
+            MapError::Open { .. } => "map not open".into(),
+            MapError::Layout { map, .. } => format!("{map} layout"),
+            MapError::Injected { .. } => "injected".into(),
+        }
+    }
 }
 
 /// Plain-data types (`#[repr(C)]`, no padding holes) as bytes.
@@ -305,6 +322,91 @@ impl Maps {
         }
         self.apply(&ops[..fail_at])?;
         Err(MapError::Injected { op: format!("{:?}", ops[fail_at]) })
+    }
+
+    /// Applies a sync's operations each service port on its own
+    /// ([`Batch::apply`]): runs of puts into one hash map still go down in
+    /// one `BPF_MAP_UPDATE_BATCH`; one failing service port (its map is
+    /// full, say) is skipped from there on and the others are written.
+    /// Returns the refused service ports by name, with the reason.
+    pub fn apply_batch(&self, batch: &Batch) -> Vec<Refused> {
+        batch.apply(|run| self.put_run(run), |op| self.apply_op(op))
+    }
+
+    /// Test seam (fault injection) for the agent's path: [`Maps::apply_batch`]
+    /// where the `fail_at`-th operation written to the kernel (counting
+    /// from 0, in order; operations skipped for a refused service port are
+    /// not written, so not counted) fails with [`MapError::Injected`]. A run
+    /// holding that operation is written one by one.
+    #[doc(hidden)]
+    pub fn apply_batch_failing_at(&self, batch: &Batch, fail_at: usize) -> Vec<Refused> {
+        let written = std::cell::Cell::new(0usize);
+        batch.apply(
+            |run| {
+                let at = written.get();
+                if (at..at + run.len()).contains(&fail_at) {
+                    return false;
+                }
+                let ok = self.put_run(run);
+                if ok {
+                    written.set(at + run.len());
+                }
+                ok
+            },
+            |op| {
+                let at = written.get();
+                written.set(at + 1);
+                if at == fail_at {
+                    return Err(MapError::Injected { op: format!("{op:?}") });
+                }
+                self.apply_op(op)
+            },
+        )
+    }
+
+    /// A run of puts of one kind in one syscall; false if they are not puts
+    /// into a hash map or the kernel refused the batch.
+    fn put_run(&self, ops: &[MapOp]) -> bool {
+        let run: Option<Vec<Put<'_>>> = ops.iter().map(|op| self.put_entry(op)).collect();
+        run.is_some_and(|run| put_batch(&run))
+    }
+
+    /// One operation; a full map is reported as [`MapError::Full`].
+    fn apply_op(&self, op: &MapOp) -> Result<(), MapError> {
+        let result = match self.put_entry(op) {
+            Some(e) => e.map.update(&e.key, &e.value, MapFlags::ANY).map_err(|source| MapError::Op {
+                op: format!("{op:?}"),
+                map: e.name,
+                source,
+            }),
+            None => self.apply_one(op),
+        };
+        result.map_err(|e| match e {
+            MapError::Op { map, source, .. } if source.kind() == libbpf_rs::ErrorKind::TooBig => {
+                let capacity = self.capacity(map).unwrap_or(0);
+                MapError::Full { map, capacity }
+            }
+            e => e,
+        })
+    }
+
+    /// The capacity (max_entries) of a pinned map, by name.
+    pub fn capacity(&self, map: &str) -> Option<u32> {
+        let handle: &MapHandle = match map {
+            "ferry_frontends" => &self.frontends,
+            "ferry_services" => &self.services,
+            "ferry_slots" => &self.slots,
+            "ferry_backends" => &self.backends,
+            "ferry_members" => &self.members,
+            "ferry_firewall" => &self.firewall,
+            "ferry_names" => &self.names,
+            "ferry_maglev" => &self.maglev,
+            "ferry_locals" => &self.locals,
+            "ferry_ranges" => &self.ranges,
+            "ferry_devices" => &self.devices,
+            _ => return None,
+        };
+        Some(handle.max_entries())
     }
 
     /// A put into one of the plain hash maps, encoded; `None` for every other operation.

@@ -4,12 +4,21 @@
 //! operations of that one service port. Operations come out in an order that
 //! keeps the datapath consistent at every instant:
 //!
-//! 1. new backends;
-//! 2. the service's *inactive* slot revision, memberships, source ranges;
-//! 3. the service entry, which flips the live revision in one atomic update;
-//! 4. frontends and node entries;
-//! 5. deletions of what nothing references any more, frontends first and
-//!    backends last.
+//! 1. deletions of frontends no service port writes any more, and of whole
+//!    removed service ports (frontends, then service entry and name, then
+//!    slots, memberships, source ranges): first, so that removing one and
+//!    adding one at a full map frees room before it is needed;
+//! 2. new backends;
+//! 3. the service's *inactive* slot revision, memberships, source ranges;
+//! 4. the service entry, which flips the live revision in one atomic update;
+//! 5. frontends and node entries;
+//! 6. the remaining deletions (the inactive revision's surplus, node entries,
+//!    a removed service port whose frontend another one takes over), backends
+//!    last.
+//!
+//! Every operation is tagged with the service port it belongs to
+//! ([`Batch`]), so each service port has its own commit point (its service
+//! entry) and [`Batch::apply`] can write the others when one fails.
 //!
 //! The previous revision's slots are left in place (and counted as
 //! references) until the next change overwrites them, so a reader holding the
@@ -85,6 +94,9 @@ struct Programmed {
     frontends: Vec<(FeKey, FeVal)>,
     /// Maglev tables per set, when the service uses Maglev.
     maglev: [Option<Vec<u32>>; 2],
+    /// Its service entry is in the kernel (a refused new service port may
+    /// have its name and slots there, and no service entry yet).
+    has_service: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -123,13 +135,15 @@ struct BackendTable {
 }
 
 /// A rank per kind of operation, to group a phase's operations by kind.
+/// A new service port's name goes first: whatever else of it reaches the
+/// kernel before a failure can then be found by `adopt` (it keys on names).
 fn kind_order(op: &MapOp) -> u8 {
     match op {
         MapOp::PutBackend(..) => 0,
-        MapOp::PutSlot(..) => 1,
-        MapOp::PutMember(..) => 2,
-        MapOp::PutFirewall(..) => 3,
-        MapOp::PutName(..) => 4,
+        MapOp::PutName(..) => 1,
+        MapOp::PutSlot(..) => 2,
+        MapOp::PutMember(..) => 3,
+        MapOp::PutFirewall(..) => 4,
         MapOp::PutMaglev(..) => 5,
         MapOp::PutService(..) => 6,
         MapOp::PutFrontend(..) => 7,
@@ -141,55 +155,324 @@ fn kind_order(op: &MapOp) -> u8 {
     }
 }
 
-/// Operations grouped by phase; emitted in phase order.
+/// Phases of a sync's operations, in the order they are emitted.
+mod phase {
+    /// Frontends no service port writes any more (moved ones are dropped).
+    pub const DEL_FRONTEND: usize = 0;
+    /// Removed service ports: their service entry and name, then the rest.
+    /// Early, so remove-one-add-one at a full map frees room before it is needed.
+    pub const REMOVE_SERVICE: usize = 1;
+    pub const REMOVE_REST: usize = 2;
+    pub const PUT_BACKEND: usize = 3;
+    pub const PUT_INACTIVE: usize = 4;
+    pub const PUT_SERVICE: usize = 5;
+    pub const PUT_FRONTEND: usize = 6;
+    pub const DEL_NODE: usize = 7;
+    /// Removed service ports one of whose frontends another service port
+    /// takes over in the same sync: after that write, never before.
+    pub const LATE_REMOVE_SERVICE: usize = 8;
+    pub const DEL_REST: usize = 9;
+    pub const DEL_BACKEND: usize = 10;
+    pub const COUNT: usize = 11;
+}
+
+/// Operations grouped by phase and tagged with their owner; emitted in phase order.
 #[derive(Debug, Default)]
 struct Ops {
-    phases: [Vec<MapOp>; 8],
-    /// Frontends written by this sync: a deletion of one of them is dropped
-    /// (the frontend moved to another service port, whose write replaces it).
-    frontends_written: HashSet<FeKey>,
+    phases: [Vec<(MapOp, u32)>; phase::COUNT],
+    /// Frontends written by this sync, with their writer: a deletion of one
+    /// of them is dropped (the frontend moved to another service port, whose
+    /// write replaces it).
+    frontends_written: HashMap<FeKey, u32>,
+    /// The owner of the operations pushed now (index into `owners`; 0: the node).
+    owner: u32,
+    /// The current owner is being removed whole.
+    removing: bool,
+    /// Display names of the owners; index 0 is the node's own entries.
+    owners: Vec<String>,
 }
 
 impl Ops {
+    fn new() -> Ops {
+        Ops { owners: vec![NODE_OWNER.to_string()], ..Default::default() }
+    }
+    /// Operations pushed from now on belong to `name`.
+    fn begin(&mut self, name: String, removing: bool) {
+        self.owners.push(name);
+        self.owner = (self.owners.len() - 1) as u32;
+        self.removing = removing;
+    }
+    /// Operations pushed from now on are the node's own.
+    fn node(&mut self) {
+        self.owner = 0;
+        self.removing = false;
+    }
     fn push(&mut self, op: MapOp) {
         if let MapOp::PutFrontend(k, _) = &op {
-            self.frontends_written.insert(*k);
+            self.frontends_written.insert(*k, self.owner);
         }
+        let removing = self.removing;
         let phase = match &op {
-            MapOp::PutBackend(..) => 0,
+            MapOp::DelFrontend(..) => phase::DEL_FRONTEND,
+            MapOp::DelService(..) | MapOp::DelName(..) if removing => phase::REMOVE_SERVICE,
+            MapOp::DelService(..) | MapOp::DelName(..) => phase::LATE_REMOVE_SERVICE,
+            MapOp::DelSlot(..) | MapOp::DelMember(..) | MapOp::DelFirewall(..) | MapOp::DelMaglev(..) if removing => {
+                phase::REMOVE_REST
+            }
+            MapOp::DelSlot(..) | MapOp::DelMember(..) | MapOp::DelFirewall(..) | MapOp::DelMaglev(..) => {
+                phase::DEL_REST
+            }
+            MapOp::PutBackend(..) => phase::PUT_BACKEND,
             MapOp::PutSlot(..)
             | MapOp::PutMember(..)
             | MapOp::PutFirewall(..)
             | MapOp::PutName(..)
-            | MapOp::PutMaglev(..) => 1,
-            MapOp::PutService(..) => 2,
+            | MapOp::PutMaglev(..) => phase::PUT_INACTIVE,
+            MapOp::PutService(..) => phase::PUT_SERVICE,
             MapOp::PutFrontend(..)
             | MapOp::PutLocal(..)
             | MapOp::PutRange(..)
             | MapOp::PutConfig(..)
-            | MapOp::PutDevice(..) => 3,
-            MapOp::DelFrontend(..) | MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelDevice(..) => 4,
-            MapOp::DelService(..) | MapOp::DelName(..) => 5,
-            MapOp::DelSlot(..) | MapOp::DelMember(..) | MapOp::DelFirewall(..) | MapOp::DelMaglev(..) => 6,
-            MapOp::DelBackend(..) => 7,
+            | MapOp::PutDevice(..) => phase::PUT_FRONTEND,
+            MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelDevice(..) => phase::DEL_NODE,
+            MapOp::DelBackend(..) => phase::DEL_BACKEND,
         };
-        self.phases[phase].push(op);
+        self.phases[phase].push((op, self.owner));
     }
-    fn into_vec(mut self) -> Vec<MapOp> {
+    fn into_batch(mut self) -> Batch {
         let written = &self.frontends_written;
-        self.phases[4].retain(|op| !matches!(op, MapOp::DelFrontend(k) if written.contains(k)));
-        // Order inside a phase carries no meaning; grouping by kind lets
-        // `Maps::apply` write each run with one batch syscall.
+        // A removed service port whose frontend moves to another one keeps
+        // its entries until that write is done (the frontend must never
+        // point at a deleted service), and is refused with its taker.
+        let mut late: HashMap<u32, Vec<(u32, FeKey)>> = HashMap::new();
+        let removed: HashSet<u32> = self.phases[phase::REMOVE_SERVICE].iter().map(|(_, o)| *o).collect();
+        self.phases[phase::DEL_FRONTEND].retain(|(op, owner)| match op {
+            MapOp::DelFrontend(k) => match written.get(k) {
+                Some(writer) => {
+                    if removed.contains(owner) {
+                        late.entry(*owner).or_default().push((*writer, *k));
+                    }
+                    false
+                }
+                None => true,
+            },
+            _ => true,
+        });
+        if !late.is_empty() {
+            for (from, to) in
+                [(phase::REMOVE_SERVICE, phase::LATE_REMOVE_SERVICE), (phase::REMOVE_REST, phase::DEL_REST)]
+            {
+                let (stay, go): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut self.phases[from]).into_iter().partition(|(_, o)| !late.contains_key(o));
+                self.phases[from] = stay;
+                self.phases[to].splice(0..0, go);
+            }
+        }
+        // Order inside a phase carries no meaning; grouping by kind (a stable
+        // sort, so each owner's operations stay together) lets `Maps::apply`
+        // write each run with one batch syscall.
         for phase in &mut self.phases {
-            phase.sort_by_key(kind_order);
+            phase.sort_by_key(|(op, _)| kind_order(op));
         }
         // Sized up front: a full sync is a million operations, and growing by
         // doubling would briefly hold twice that.
-        let mut out = Vec::with_capacity(self.phases.iter().map(Vec::len).sum());
+        let n = self.phases.iter().map(Vec::len).sum();
+        let mut ops = Vec::with_capacity(n);
+        let mut owner_of = Vec::with_capacity(n);
         for phase in self.phases {
-            out.extend(phase);
+            for (op, owner) in phase {
+                ops.push(op);
+                owner_of.push(owner);
+            }
         }
-        out
+        let mut depends = Vec::new();
+        if !late.is_empty() {
+            let mut put_at: HashMap<(u32, FeKey), usize> = HashMap::new();
+            for (i, op) in ops.iter().enumerate() {
+                if let MapOp::PutFrontend(k, _) = op {
+                    put_at.insert((owner_of[i], *k), i);
+                }
+            }
+            for (removed, takers) in late {
+                for (taker, k) in takers {
+                    if let Some(&at) = put_at.get(&(taker, k)) {
+                        depends.push(Dependency { removed, taker, at });
+                    }
+                }
+            }
+        }
+        Batch { ops, owner_of, owners: self.owners, depends }
+    }
+}
+
+/// The owner name of the node's own entries (config, local addresses, ranges, devices, markers).
+pub const NODE_OWNER: &str = "node";
+
+/// The owner name of the deletions of half-written services found by
+/// [`Programmer::adopt`] (left by an interrupted write of a new service).
+pub const HALF_WRITTEN_OWNER: &str = "half-written services";
+
+/// A removed service port whose frontend `taker` writes at op `at`: if the
+/// taker is refused before that write, the removal must wait too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dependency {
+    pub removed: u32,
+    pub taker: u32,
+    pub at: usize,
+}
+
+/// One sync's operations, each tagged with the service port it belongs to.
+///
+/// Each service port's own operations come in the consistent order (its
+/// backends and inactive slots, then its service entry, then its
+/// frontends), so each has its own commit point; [`Batch::apply`] skips the
+/// rest of a service port once one of its operations fails and carries on
+/// with the others. Operations of many service ports are grouped by kind so
+/// that runs of puts into one map still go down in one batch syscall.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub ops: Vec<MapOp>,
+    /// Owner of each operation (index into `owners`), parallel to `ops`.
+    pub owner_of: Vec<u32>,
+    /// Display names of the owners; index 0 is [`NODE_OWNER`].
+    pub owners: Vec<String>,
+    pub depends: Vec<Dependency>,
+}
+
+/// A service port (or the node's entries) that could not be programmed this sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Its display name (`namespace/name:port/protocol/family`), or [`NODE_OWNER`].
+    pub owner: String,
+    /// The operation that failed (or that was not attempted because of it).
+    pub op: String,
+    /// Why, short and stable (a metric label): `ferry_frontends full`, `shared backend refused`, ...
+    pub cause: String,
+    /// Why, in the operator's words.
+    pub reason: String,
+}
+
+/// A failed map operation's short cause, for [`Refused::cause`].
+pub trait Cause: std::fmt::Display {
+    fn cause(&self) -> String;
+}
+
+impl Cause for &str {
+    fn cause(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// Most operations one run carries (bounds the buffers a batch syscall copies in).
+pub const RUN: usize = 4096;
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Applies the operations in order, each service port on its own: once
+    /// one of a service port's operations fails, its later ones are skipped
+    /// (its service entry never flips to half-written slots) and every other
+    /// service port carries on. `run` writes a run of operations of one kind
+    /// at once and returns false if it could not (then each is written with
+    /// `one`, which says which failed). A backend that failed to be written
+    /// refuses every service port that puts it into a slot; deletions of
+    /// backends are skipped once anything failed (the retry's adopt finds
+    /// them orphaned and removes them). Returns the refused owners.
+    pub fn apply<E: Cause>(
+        &self,
+        mut run: impl FnMut(&[MapOp]) -> bool,
+        mut one: impl FnMut(&MapOp) -> Result<(), E>,
+    ) -> Vec<Refused> {
+        let mut st = ApplyState { failed: vec![false; self.owners.len()], ..Default::default() };
+        let ops = &self.ops;
+        let mut i = 0;
+        while i < ops.len() {
+            if !st.may_run(self, i) {
+                i += 1;
+                continue;
+            }
+            let kind = std::mem::discriminant(&ops[i]);
+            let mut j = i + 1;
+            while j < ops.len() && j - i < RUN && std::mem::discriminant(&ops[j]) == kind && st.may_run(self, j) {
+                j += 1;
+            }
+            if j - i > 1 && run(&ops[i..j]) {
+                i = j;
+                continue;
+            }
+            for (k, op) in ops.iter().enumerate().take(j).skip(i) {
+                if !st.may_run(self, k) {
+                    continue;
+                }
+                if let Err(e) = one(op) {
+                    if let MapOp::PutBackend(id, _) = op {
+                        st.failed_backends.insert(*id);
+                    }
+                    st.fail(self, self.owner_of[k], k, format!("{op:?}"), e.cause(), e.to_string());
+                }
+            }
+            i = j;
+        }
+        st.refused
+    }
+}
+
+#[derive(Default)]
+struct ApplyState {
+    failed: Vec<bool>,
+    failed_backends: HashSet<u32>,
+    any_failed: bool,
+    refused: Vec<Refused>,
+}
+
+impl ApplyState {
+    /// Whether op `i` may be written now; refuses its owner if it needs a refused backend.
+    fn may_run(&mut self, b: &Batch, i: usize) -> bool {
+        let owner = b.owner_of[i];
+        if self.failed[owner as usize] {
+            // Another service port may share this backend: it is missing for them too.
+            if let MapOp::PutBackend(id, _) = &b.ops[i] {
+                self.failed_backends.insert(*id);
+            }
+            return false;
+        }
+        let needs_refused = match &b.ops[i] {
+            MapOp::DelBackend(..) => return !self.any_failed,
+            MapOp::PutSlot(_, be) => self.failed_backends.contains(be).then_some(*be),
+            MapOp::PutMaglev(_, t) if !self.failed_backends.is_empty() => {
+                t.iter().find(|be| self.failed_backends.contains(be)).copied()
+            }
+            _ => None,
+        };
+        match needs_refused {
+            Some(be) => {
+                let reason =
+                    format!("its backend {be} could not be written (another service port's write of it failed)");
+                self.fail(b, owner, i, format!("{:?}", b.ops[i]), "shared backend refused".into(), reason);
+                false
+            }
+            None => true,
+        }
+    }
+
+    fn fail(&mut self, b: &Batch, owner: u32, at: usize, op: String, cause: String, reason: String) {
+        self.any_failed = true;
+        if std::mem::replace(&mut self.failed[owner as usize], true) {
+            return;
+        }
+        self.refused.push(Refused { owner: b.owners[owner as usize].clone(), op, cause, reason });
+        for d in &b.depends {
+            if d.taker == owner && at <= d.at && !self.failed[d.removed as usize] {
+                let taker = &b.owners[owner as usize];
+                let reason = format!("its frontend moves to {taker}, which was refused: the removal waits for it");
+                self.fail(b, d.removed, at, "(removal)".into(), "frontend taker refused".into(), reason);
+            }
+        }
     }
 }
 
@@ -367,9 +650,10 @@ impl Programmer {
         }
         let mut by_id: HashMap<u32, Programmed> = HashMap::new();
         for (id, _) in dump.names.iter().filter(|(id, _)| whole.contains(id)) {
-            let svc = services.get(id).copied().unwrap_or_default();
+            let svc = services.get(id).copied();
             p.service_ids.mark_used(*id);
-            by_id.insert(*id, Programmed { id: *id, svc, ..Default::default() });
+            let (svc, has_service) = (svc.unwrap_or_default(), svc.is_some());
+            by_id.insert(*id, Programmed { id: *id, svc, has_service, ..Default::default() });
         }
         let mut slots: Vec<(SlotKey, u32)> = dump.slots.clone();
         slots.sort();
@@ -460,12 +744,23 @@ impl Programmer {
     /// `plan`. With `diff`, only the service ports it names are examined;
     /// without (or right after `adopt`), everything is.
     pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>, rt: &NodeRuntime) -> Vec<MapOp> {
-        let mut ops = Ops::default();
+        self.sync_batch(plan, diff, rt).ops
+    }
+
+    /// [`Programmer::sync`], with each operation tagged with the service
+    /// port it belongs to, for [`Batch::apply`].
+    pub fn sync_batch(&mut self, plan: &Plan, diff: Option<&PlanDiff>, rt: &NodeRuntime) -> Batch {
+        let mut ops = Ops::new();
         let full = diff.is_none() || !self.adopted.by_id.is_empty() || !self.half_written.0.is_empty();
         let mut touched: Vec<&ServicePortId> = if full {
             let (dels, ids) = std::mem::take(&mut self.half_written);
-            for op in dels {
-                ops.push(op);
+            if !dels.is_empty() {
+                // Removed whole, early (nothing of the plan references them).
+                ops.begin(HALF_WRITTEN_OWNER.to_string(), true);
+                for op in dels {
+                    ops.push(op);
+                }
+                ops.node();
             }
             for id in ids {
                 self.service_ids.release(id);
@@ -486,17 +781,25 @@ impl Programmer {
         let touched: Vec<ServicePortId> = touched.into_iter().cloned().collect();
         for id in &touched {
             match plan.services.get(id) {
-                Some(sp) => self.upsert(sp, plan, rt, &mut ops),
-                None => self.remove(id, &mut ops),
+                Some(sp) => {
+                    ops.begin(canonical_name(id), false);
+                    self.upsert(sp, plan, rt, &mut ops)
+                }
+                None => {
+                    ops.begin(canonical_name(id), true);
+                    self.remove(id, &mut ops)
+                }
             }
         }
         // Whatever was pinned and no service port of the Plan took back.
         let leftover: Vec<u32> = self.adopted.by_id.keys().copied().collect();
         for id in leftover {
             if let Some(prog) = self.adopted.take(id) {
+                ops.begin(prog.name.clone(), true);
                 self.remove_programmed(prog, &mut ops);
             }
         }
+        ops.node();
         match diff {
             Some(d) if !full && !d.node_changed => {
                 self.sync_markers(&d.cluster_ips_added, &d.cluster_ips_removed, &mut ops)
@@ -505,7 +808,7 @@ impl Programmer {
         }
         self.service_ids.settle();
         self.backends.ids.settle();
-        ops.into_vec()
+        ops.into_batch()
     }
 
     /// After `adopt`: each service port of `plan` takes back the id one of
@@ -666,8 +969,9 @@ impl Programmer {
             rev,
             affinity_timeout: sp.affinity_timeout_seconds.unwrap_or(0),
         };
-        if is_new || svc != prog.svc {
+        if is_new || !prog.has_service || svc != prog.svc {
             ops.push(MapOp::PutService(id, svc));
+            prog.has_service = true;
         }
         prog.svc = svc;
 
@@ -705,7 +1009,9 @@ impl Programmer {
         for (k, _) in &prog.frontends {
             ops.push(MapOp::DelFrontend(*k));
         }
-        ops.push(MapOp::DelService(id));
+        if prog.has_service {
+            ops.push(MapOp::DelService(id));
+        }
         ops.push(MapOp::DelName(id));
         for (rev, sets) in prog.slots.iter().enumerate() {
             for (set, list) in sets.iter().enumerate() {

@@ -192,3 +192,58 @@ fn a_failure_at_any_operation_is_repaired_by_the_next_full_sync() {
     }
     eprintln!("{n} operations, a failure injected at each: every retry left the kernel equal to the Plan");
 }
+
+/// The agent's own path: the sync as a [`ferry_bpf::program::Batch`]
+/// (`Maps::apply_batch`, each service port on its own) with the k-th write
+/// failing; the failing service port is refused, the others are written,
+/// and the retry (adopt + full sync) leaves the kernel equal to the Plan.
+#[test]
+fn a_failure_at_any_write_of_a_batch_is_refused_then_repaired_by_the_retry() {
+    let pins = Pins(PathBuf::from("/sys/fs/bpf").join(format!("ferry-fault-batch-{}", std::process::id())));
+    let mut storage = std::mem::MaybeUninit::uninit();
+    let _skel = install::load_packet_programs(&mut storage, &pins.0).expect("loading the datapath (root?)");
+    let maps = Maps::open(&pins.0).unwrap();
+
+    let before = build_plan(&cluster(5, &["10.2.0.1", "10.2.0.2"], 2), &cfg());
+    let after = build_plan(&cluster(7, &["10.2.0.3"], 3), &cfg());
+    let diff = Plan::diff(&before, &after);
+    let reset = |to: &Plan| {
+        let mut p = Programmer::adopt(&maps.dump());
+        assert!(maps.apply_batch(&p.sync_batch(to, None, &rt())).is_empty());
+        p
+    };
+    reset(&after);
+    let want_after = view(&maps.dump());
+    let mut p = reset(&before);
+    let want_before = view(&maps.dump());
+    assert_ne!(want_before, want_after);
+    let n = p.sync_batch(&after, Some(&diff), &rt()).ops.len();
+    assert!(n > 30, "a realistic sync: {n} operations");
+    // The mirror moved on with that sync; the kernel did not.
+    let mut p = reset(&before);
+    let mut refusals = 0;
+    for k in 0..n {
+        assert_eq!(view(&maps.dump()), want_before, "k={k}: reset");
+        let batch = p.sync_batch(&after, Some(&diff), &rt());
+        assert_eq!(batch.ops.len(), n, "k={k}: the same sync each time");
+        let refused = maps.apply_batch_failing_at(&batch, k);
+        for r in &refused {
+            assert!(!r.owner.is_empty(), "k={k}: a refusal names its owner: {r:?}");
+        }
+        refusals += refused.len();
+        let mut retry = Programmer::adopt(&maps.dump());
+        let again = maps.apply_batch(&retry.sync_batch(&after, None, &rt()));
+        assert!(again.is_empty(), "k={k}: the retry was refused: {again:?}");
+        let got = view(&maps.dump());
+        if got != want_after {
+            let missing: Vec<_> = want_after.difference(&got).collect();
+            let extra: Vec<_> = got.difference(&want_after).collect();
+            panic!("k={k}: after the retry the kernel differs from the Plan\nmissing {missing:#?}\nextra {extra:#?}");
+        }
+        assert!(leftovers(&maps.dump()).is_empty(), "k={k}: leftovers {:?}", leftovers(&maps.dump()));
+        assert!(retry.sync_batch(&after, None, &rt()).ops.is_empty(), "k={k}: the retry left work undone");
+        p = reset(&before);
+    }
+    assert!(refusals > 0, "the injected failures were refused");
+    eprintln!("{n} operations, a write failure injected at each: every retry left the kernel equal to the Plan");
+}

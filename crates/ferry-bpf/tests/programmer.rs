@@ -466,6 +466,87 @@ mod properties {
                 }
             }
         }
+
+        /// Puts fail at random (a full map, say): each failing service port
+        /// is refused by name and the others are programmed as a fresh full
+        /// sync would; every prefix stays consistent; and the agent's retry
+        /// (adopt what the kernel holds, then a full sync) leaves the
+        /// datapath a fresh full sync leaves.
+        #[test]
+        fn injected_failures_then_retry_equal_a_fresh_sync(
+            steps in prop::collection::vec(prop::collection::vec(service_state(), 3), 1..6),
+            seed in any::<u64>(),
+            one_in in 2u64..8,
+        ) {
+            let mut planner = Planner::new(cfg());
+            let mut p = Programmer::new();
+            let mut k = Kernel::default();
+            let mut first = true;
+            let fails = |op: &MapOp| {
+                use std::hash::{Hash, Hasher};
+                let is_put = format!("{op:?}").starts_with("Put");
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (seed, format!("{op:?}")).hash(&mut h);
+                is_put && h.finish().is_multiple_of(one_in)
+            };
+            for states in &steps {
+                for c in changes(states) {
+                    planner.apply(c);
+                }
+                let (plan, diff) = planner.sync();
+                let batch = if first { p.sync_batch(&plan, None, &rt()) } else { p.sync_batch(&plan, Some(&diff), &rt()) };
+                first = false;
+                let kernel = std::cell::RefCell::new(&mut k);
+                let refused = batch.apply(
+                    |run| {
+                        if run.iter().any(fails) {
+                            return false;
+                        }
+                        let mut k = kernel.borrow_mut();
+                        for op in run {
+                            k.apply(op);
+                            k.assert_consistent(&format!("after {op:?}"));
+                        }
+                        true
+                    },
+                    |op| {
+                        if fails(op) {
+                            return Err("injected failure");
+                        }
+                        let mut k = kernel.borrow_mut();
+                        k.apply(op);
+                        k.assert_consistent(&format!("after {op:?}"));
+                        Ok(())
+                    },
+                );
+                let mut fresh = Kernel::default();
+                fresh.apply_all(&Programmer::new().sync(&plan, None, &rt()));
+                // Every service port not refused is served as a fresh sync serves it.
+                if !refused.iter().any(|r| r.owner == ferry_bpf::program::NODE_OWNER) {
+                    let now = view(&k);
+                    for line in view(&fresh).iter().filter(|l| l.starts_with("fe ")) {
+                        let name = line.split(" -> ").nth(1).and_then(|r| r.split(" action=").next()).unwrap();
+                        if refused.iter().any(|r| r.owner.starts_with(name)) {
+                            continue;
+                        }
+                        prop_assert!(now.contains(line), "not refused, yet not programmed: {line}\nrefused: {refused:?}");
+                    }
+                }
+                for r in &refused {
+                    prop_assert!(r.reason.contains("injected") || r.reason.contains("backend") || r.reason.contains("frontend moves"), "{r:?}");
+                }
+                if refused.is_empty() {
+                    prop_assert_eq!(view(&k), view(&fresh), "nothing refused, yet not the Plan");
+                } else {
+                    // The agent's retry: the mirror from the kernel, then a full sync.
+                    p = Programmer::adopt(&k.dump());
+                    k.apply_all(&p.sync(&plan, None, &rt()));
+                    prop_assert_eq!(view(&k), view(&fresh), "retry after refusals differs from a fresh sync");
+                    first = false;
+                }
+                assert_no_leftovers(&k);
+            }
+        }
     }
 }
 

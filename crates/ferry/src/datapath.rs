@@ -52,7 +52,8 @@ pub fn install_options(
         Some(c) => c,
         None => ferry_bpf::system::cgroup2_mount()?,
     };
-    Ok(InstallOptions { pin_dir, cgroup, devices: devices(settings)? })
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| mem_total_bytes(&t));
+    Ok(InstallOptions { pin_dir, cgroup, devices: devices(settings)?, capacities: map_capacities(&settings.bpf, mem) })
 }
 
 /// The SNAT address of a device, per family: the node's primary address when
@@ -121,4 +122,77 @@ pub fn runtime_for(settings: &Settings, attached: &[AttachedDevice]) -> anyhow::
         maglev_default: settings.bpf.maglev_default,
         maglev_size: settings.bpf.maglev_size,
     })
+}
+
+/// Maps whose default capacity follows node memory, with the size compiled
+/// into `bpf/lib/maps.h` (sized for an 8 GiB node).
+pub const SCALED_MAPS: &[(&str, u32)] = &[
+    ("ferry_frontends", 262_144),
+    ("ferry_services", 262_144),
+    ("ferry_slots", 1_048_576),
+    ("ferry_backends", 524_288),
+    ("ferry_members", 1_048_576),
+    ("ferry_names", 262_144),
+    ("ferry_ct", 524_288),
+    ("ferry_affinity", 262_144),
+    ("ferry_sock_rev", 262_144),
+];
+
+/// The capacity of every memory-scaled map: `maps.*` from the config where
+/// set, else the compiled size times MemTotal / 8 GiB, rounded down to a
+/// power of two and kept between 1/4 of the compiled size and the compiled
+/// size (a 4 GiB node gets half, 2 GiB or less a quarter, 8 GiB or more the
+/// compiled size: hash maps are preallocated, so a larger default would
+/// cost every big node memory it may never use; raise `maps.*` instead).
+/// Unknown memory: the compiled sizes.
+pub fn map_capacities(bpf: &BpfSettings, mem_total: Option<u64>) -> Vec<(String, u32)> {
+    const BASE: u64 = 8 << 30;
+    SCALED_MAPS
+        .iter()
+        .map(|(map, compiled)| {
+            let set = bpf.map_capacities.iter().find(|(m, _)| m == map).map(|(_, n)| *n);
+            let scaled = mem_total.map_or(*compiled, |mem| {
+                // factor = 2^k with 2^k <= mem / 8 GiB, k in [-2, 0].
+                let mut n = u64::from(*compiled) / 4;
+                let mut budget = BASE / 4;
+                while budget * 2 <= mem && n < u64::from(*compiled) {
+                    budget *= 2;
+                    n *= 2;
+                }
+                u32::try_from(n).unwrap_or(u32::MAX)
+            });
+            (map.to_string(), set.unwrap_or(scaled))
+        })
+        .collect()
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+fn mem_total_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+
+    fn cap(settings: &BpfSettings, mem_gib: u64, map: &str) -> u32 {
+        map_capacities(settings, Some(mem_gib << 30)).into_iter().find(|(m, _)| m == map).unwrap().1
+    }
+
+    #[test]
+    fn default_capacities_follow_node_memory_and_the_config_wins() {
+        let mut s = BpfSettings::default();
+        assert_eq!(cap(&s, 8, "ferry_frontends"), 262_144, "8 GiB: the compiled size");
+        assert_eq!(cap(&s, 6, "ferry_frontends"), 131_072, "rounded down to a power of two");
+        assert_eq!(cap(&s, 4, "ferry_ct"), 262_144, "4 GiB: half");
+        assert_eq!(cap(&s, 2, "ferry_services"), 65_536, "2 GiB: a quarter");
+        assert_eq!(cap(&s, 1, "ferry_services"), 65_536, "never below a quarter");
+        assert_eq!(cap(&s, 512, "ferry_slots"), 1_048_576, "never above the compiled size");
+        assert_eq!(map_capacities(&s, None).iter().find(|(m, _)| m == "ferry_ct").unwrap().1, 524_288);
+        s.map_capacities.push(("ferry_services".into(), 1000));
+        assert_eq!(cap(&s, 64, "ferry_services"), 1000);
+        assert_eq!(mem_total_bytes("MemTotal:       16384 kB\nMemFree: 1 kB\n"), Some(16 << 20));
+    }
 }

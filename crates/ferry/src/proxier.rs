@@ -40,6 +40,9 @@ pub struct SyncReport {
     /// The kernel conntrack reconciler's run (stale UDP flows deleted per
     /// family); `None` when this sync touched no UDP service port.
     pub conntrack: Option<ferry_conntrack::ReconcileReport>,
+    /// Service ports the datapath refused this sync (a full map, say): the
+    /// rest of the Plan is programmed; these are retried with backoff.
+    pub refused: Vec<ferry_bpf::Refused>,
 }
 
 /// The eBPF datapath's state.
@@ -84,6 +87,8 @@ pub struct Proxier {
     problems: BTreeSet<ObjectError>,
     /// A failed apply leaves the mirror ahead of the kernel: re-sync everything next time.
     dirty: bool,
+    /// Service ports the last sync could not program (see `SyncReport::refused`).
+    refused: Vec<ferry_bpf::Refused>,
     /// Uplinks (for the nftables masquerade table).
     uplinks: Vec<String>,
     /// The nftables masquerade script last applied (None: the table is not ours now).
@@ -98,6 +103,16 @@ impl Proxier {
             crate::config::DatapathChoice::Bpf => {
                 let installed = ferry_bpf::install(opts).context("installing the eBPF datapath")?;
                 warn_if_nat_ports_are_ephemeral(settings.bpf.nat_ports);
+                for k in &installed.capacity_kept {
+                    tracing::warn!(
+                        "map {} keeps its pinned capacity {} (the config asks {}): resizing recreates it and drops \
+                         tracked flows; to resize, stop ferry, run `ferry cleanup --pin-dir {}` and start it again",
+                        k.map,
+                        k.pinned,
+                        k.asked,
+                        opts.pin_dir.display()
+                    );
+                }
                 let runtime = crate::datapath::runtime(settings, &installed)?;
                 let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
                 let (programmer, adopted_backends) = if installed.adopted {
@@ -152,6 +167,7 @@ impl Proxier {
             last: None,
             problems: BTreeSet::new(),
             dirty: false,
+            refused: Vec::new(),
             uplinks,
             // Unknown after a restart: the first sync re-applies or removes it.
             nft_masquerade: Some(String::new()),
@@ -183,14 +199,17 @@ impl Proxier {
                     .filter(|sp| sp.id.protocol == Protocol::Udp)
                     .filter_map(|sp| b.programmer.service_id(&sp.id))
                     .collect();
-                let ops = b.programmer.sync(&plan, diff, &b.runtime);
+                let batch = b.programmer.sync_batch(&plan, diff, &b.runtime);
                 let plan_time = t0.elapsed();
                 let t1 = Instant::now();
-                if let Err(e) = b.maps.apply(&ops) {
-                    // The mirror already believes the ops happened; rebuild it from the kernel.
+                // Each service port on its own: one that fails (its map is
+                // full) is skipped and named, the others are programmed.
+                self.refused = b.maps.apply_batch(&batch);
+                let ops = batch.ops;
+                if !self.refused.is_empty() {
+                    // The mirror believes every op happened; rebuild it from the
+                    // kernel, and compare the whole Plan next time (the retry).
                     b.programmer = Programmer::adopt(&b.maps.dump());
-                    self.dirty = true;
-                    return Err(e).context("programming the datapath maps");
                 }
                 let stale = b.purge_stale_flows(&plan, diff, &deleted_udp);
                 let away = if diff.is_none() { std::mem::take(&mut b.adopted_backends) } else { Vec::new() };
@@ -218,7 +237,7 @@ impl Proxier {
                 (lines, plan_time, t1, 0)
             }
         };
-        self.dirty = false;
+        self.dirty = !self.refused.is_empty();
         self.sync_nft_masquerade(&plan)?;
         let apply_time = t1.elapsed();
         let conntrack = reconcile_kernel_conntrack(&plan, self.last.as_deref(), diff);
@@ -242,6 +261,7 @@ impl Proxier {
             stale_flows_deleted,
             udp_sockets_destroyed: sockets_destroyed,
             conntrack,
+            refused: self.refused.clone(),
         };
         self.last = Some(plan);
         Ok(report)
@@ -288,6 +308,11 @@ impl Proxier {
         b.maps.delete_ct(&expired)
     }
 
+    /// Service ports the datapath refused at the last sync or resync, by name, with the reason.
+    pub fn refused(&self) -> &[ferry_bpf::Refused] {
+        &self.refused
+    }
+
     /// The Plan programmed by the last successful sync.
     pub fn plan(&self) -> Option<&Plan> {
         self.last.as_deref()
@@ -310,11 +335,16 @@ impl Proxier {
         match &mut self.backend {
             Backend::Bpf(b) => {
                 let mut fresh = Programmer::adopt(&b.maps.dump());
-                let ops = fresh.sync(&plan, None, &b.runtime);
-                b.maps.apply(&ops).context("correcting the datapath maps")?;
-                b.programmer = fresh;
-                self.dirty = false;
-                Ok(ops.len())
+                let batch = fresh.sync_batch(&plan, None, &b.runtime);
+                self.refused = b.maps.apply_batch(&batch);
+                if self.refused.is_empty() {
+                    b.programmer = fresh;
+                    self.dirty = false;
+                } else {
+                    b.programmer = Programmer::adopt(&b.maps.dump());
+                    self.dirty = true;
+                }
+                Ok(batch.len())
             }
             Backend::Nftables(r) => {
                 r.reset();

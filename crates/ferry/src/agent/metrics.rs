@@ -56,6 +56,15 @@ pub struct ProblemLabels {
     pub consequence: String,
 }
 
+/// One refused object (`ferry_refused`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `ServicePort` (the datapath refused it), `Service` or `EndpointSlice` (the planner did).
+    pub kind: String,
+    pub object: String,
+    pub cause: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
@@ -173,6 +182,7 @@ pub struct Metrics {
     pub resync_corrections: Counter,
     pub watch_errors: Family<KindLabels, Counter>,
     pub object_problems: Family<ProblemLabels, Gauge>,
+    pub refused: Family<RefusedLabels, Gauge>,
     pub conntrack_deleted: Family<FamilyLabels, Counter>,
     pub conntrack_duration: Family<FamilyLabels, Histogram>,
     pub datapath: Arc<DatapathView>,
@@ -208,6 +218,7 @@ impl Metrics {
             resync_corrections: Counter::default(),
             watch_errors: Family::default(),
             object_problems: Family::default(),
+            refused: Family::default(),
             conntrack_deleted: Family::default(),
             // kube-proxy's buckets (1 ms to 16 s).
             conntrack_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15))),
@@ -293,6 +304,11 @@ impl Metrics {
             m.object_problems.clone(),
         );
         r.register(
+            "ferry_refused",
+            "Objects refused now, by name and cause (1 each): service ports the datapath could not program (a full map; retried with backoff) and Services or EndpointSlices the planner skipped whole",
+            m.refused.clone(),
+        );
+        r.register(
             "kubeproxy_conntrack_reconciler_deleted_entries",
             "Cumulative conntrack flows deleted by conntrack reconciler",
             m.conntrack_deleted.clone(),
@@ -315,6 +331,15 @@ impl Metrics {
     }
 
     /// Records a conntrack reconciler run: entries deleted and time taken, per family it listed.
+    /// Sets `ferry_refused` to exactly the objects refused now.
+    pub fn set_refused(&self, refused: &[super::sync::RefusedObject]) {
+        self.refused.clear();
+        for r in refused {
+            let labels = RefusedLabels { kind: r.kind.clone(), object: r.object.clone(), cause: r.cause.clone() };
+            self.refused.get_or_create(&labels).set(1);
+        }
+    }
+
     /// Sets `ferry_object_problems` to the current counts (kinds absent from `counts` go to 0).
     pub fn set_object_problems(&self, counts: &[((ferry_model::ObjectKind, ferry_model::Consequence), usize)]) {
         use ferry_model::{Consequence, ObjectKind};
@@ -472,5 +497,18 @@ mod tests {
         let text = m.render();
         assert!(text.contains("ferry_map_entries{map=\"ferry_ct\"} 3"), "{text}");
         assert!(text.contains("ferry_map_capacity{map=\"ferry_ct\"} 10"), "{text}");
+
+        let refused = |object: &str| super::super::sync::RefusedObject {
+            kind: "ServicePort".into(),
+            object: object.into(),
+            cause: "ferry_services full".into(),
+            reason: "map ferry_services is full".into(),
+        };
+        m.set_refused(&[refused("ns/a:http/TCP/IPv4"), refused("ns/b:http/TCP/IPv4")]);
+        m.set_refused(&[refused("ns/b:http/TCP/IPv4")]);
+        let text = m.render();
+        let line = "ferry_refused{kind=\"ServicePort\",object=\"ns/b:http/TCP/IPv4\",cause=\"ferry_services full\"} 1";
+        assert!(text.contains(line), "{text}");
+        assert!(!text.contains("ns/a:http"), "a service port no longer refused is gone: {text}");
     }
 }

@@ -458,7 +458,8 @@ impl Loop<'_> {
             Some((_, b, input)) => (b, input),
             None => (Batch::default(), SystemTime::now()),
         };
-        let ok = finished.result.is_ok();
+        // Refused service ports are retried with the same backoff as a failed sync.
+        let ok = finished.result.as_ref().is_ok_and(|s| !s.refused.iter().any(|r| r.by_datapath()));
         self.schedule.finished(ok, now);
         let synced = match finished.result {
             Ok(s) => s,
@@ -492,6 +493,17 @@ impl Loop<'_> {
         if let Some(line) = &synced.installed {
             tracing::info!("{line}");
         }
+        for r in synced.refused.iter().filter(|r| r.by_datapath()) {
+            tracing::warn!(
+                object = %r.object,
+                cause = %r.cause,
+                "{} {} not programmed (the rest of the Plan is), retrying with backoff: {}",
+                r.kind,
+                r.object,
+                r.reason
+            );
+        }
+        self.metrics.set_refused(&synced.refused);
         let wall = SystemTime::now();
         if let Some(r) = &synced.report {
             for p in &r.new_problems {

@@ -65,6 +65,63 @@ pub struct Synced {
     pub health_checks: HealthChecks,
     pub no_local: Vec<(NoLocalLabels, i64)>,
     pub service_ports: usize,
+    /// What is refused now: service ports the datapath could not program
+    /// (retried with backoff) and objects the planner skipped whole.
+    pub refused: Vec<RefusedObject>,
+}
+
+/// A refused object, by name, with the reason (`ferry_refused`, `ferry status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RefusedObject {
+    /// `ServicePort` or `NodeEntries` (refused by the datapath), `Service`, `EndpointSlice` or `Node` (by the planner).
+    pub kind: String,
+    pub object: String,
+    /// Short and stable: `ferry_services full`, `spec.ports`, ...
+    pub cause: String,
+    pub reason: String,
+}
+
+impl RefusedObject {
+    /// Refused by the datapath (retried with backoff), not by the planner.
+    pub fn by_datapath(&self) -> bool {
+        self.kind == "ServicePort" || self.kind == "NodeEntries"
+    }
+}
+
+/// Where the agent leaves its refused objects for `ferry status` (bpffs holds no regular files).
+pub fn refused_path(pin_dir: &Path) -> PathBuf {
+    let tag: String =
+        pin_dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    PathBuf::from("/run/ferry").join(format!("refused{tag}.json"))
+}
+
+/// The refused objects the agent on `pin_dir` last wrote (empty if none or no agent).
+pub fn read_refused(pin_dir: &Path) -> Vec<RefusedObject> {
+    std::fs::read_to_string(refused_path(pin_dir)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
+fn refused_now(proxier: &Proxier, plan: Option<&ferry_model::Plan>) -> Vec<RefusedObject> {
+    let mut out: Vec<RefusedObject> = proxier
+        .refused()
+        .iter()
+        .map(|r| RefusedObject {
+            kind: if r.owner == ferry_bpf::program::NODE_OWNER { "NodeEntries" } else { "ServicePort" }.into(),
+            object: r.owner.clone(),
+            cause: r.cause.clone(),
+            reason: r.reason.clone(),
+        })
+        .collect();
+    for p in plan.iter().flat_map(|p| p.problems.iter()) {
+        if p.consequence == ferry_model::Consequence::ObjectSkipped {
+            out.push(RefusedObject {
+                kind: p.kind.to_string(),
+                object: format!("{}/{}", p.object.namespace, p.object.name),
+                cause: p.field.clone(),
+                reason: p.message.clone(),
+            });
+        }
+    }
+    out
 }
 
 /// Where the datapath goes, beyond the settings (command-line overrides).
@@ -98,6 +155,7 @@ impl SyncThread {
                 no_local: NoLocalCounts::default(),
                 proxier: None,
                 prepared: None,
+                refused_written: None,
             };
             while let Ok(work) = rx.recv() {
                 let job = match work {
@@ -168,6 +226,9 @@ struct Worker {
     proxier: Option<(Proxier, NodeConfig, PathBuf)>,
     /// The install line of a `Work::Prepare`, for the first job to report.
     prepared: Option<String>,
+    /// The refused objects last written for `ferry status` (`None`: nothing
+    /// written yet, so a previous agent's file is replaced at the first sync).
+    refused_written: Option<Vec<RefusedObject>>,
 }
 
 impl Worker {
@@ -231,6 +292,28 @@ impl Worker {
             *self.view.nat_entries.lock().unwrap_or_else(|p| p.into_inner()) = Some(proxier.nat_entries() as u64);
         }
         let plan = proxier.plan();
+        let refused = refused_now(proxier, plan);
+        if self.refused_written.as_ref() != Some(&refused) {
+            // Only while something is refused: nothing refused, no file (none left behind).
+            let path = refused_path(pin_dir);
+            let written = if refused.is_empty() {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            } else {
+                std::fs::create_dir_all("/run/ferry").and_then(|()| {
+                    let text = serde_json::to_string_pretty(&refused).unwrap_or_default();
+                    std::fs::write(&path, text)
+                })
+            };
+            match written {
+                Ok(()) => self.refused_written = Some(refused.clone()),
+                Err(e) => {
+                    tracing::warn!("`ferry status` will not show refused objects: writing {}: {e}", path.display())
+                }
+            }
+        }
         Ok(Synced {
             report,
             corrections,
@@ -238,6 +321,7 @@ impl Worker {
             health_checks: plan.map(HealthChecks::from_plan).unwrap_or_default(),
             no_local: self.no_local.samples(),
             service_ports: plan.map_or(0, |p| p.services.len()),
+            refused,
         })
     }
 
@@ -280,7 +364,7 @@ impl Worker {
 
 /// Entries and capacity of every pinned map. Walks each map's keys, so it runs
 /// with the periodic resync (which reads the maps anyway), not per scrape.
-fn map_fill(pin_dir: &Path) -> Vec<MapFill> {
+pub fn map_fill(pin_dir: &Path) -> Vec<MapFill> {
     ferry_bpf::maps::MAP_NAMES
         .iter()
         .filter_map(|name| {

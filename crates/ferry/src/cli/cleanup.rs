@@ -63,6 +63,8 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => {
             // Never pull the datapath from under a running agent.
             let _lock = crate::pin_lock::lock(&dir)?;
+            // The agent's list of refused objects for `ferry status` goes with the datapath.
+            let _ = std::fs::remove_file(crate::agent::sync::refused_path(&dir));
             ferry_bpf::uninstall(&dir)?
         }
     };

@@ -229,9 +229,17 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
     let counters: BTreeMap<&str, u64> = ferry_bpf::stats::NAMES.iter().copied().zip(maps.counters()).collect();
     let (rev, aff) = maps.lru_fill();
     let frags = maps.frag_fill();
+    let fill = crate::agent::sync::map_fill(&args.pin_dir);
+    let refused = crate::agent::sync::read_refused(&args.pin_dir);
     if args.json {
+        let fill: Vec<_> = fill
+            .iter()
+            .map(|f| serde_json::json!({"map": f.map, "entries": f.entries, "capacity": f.capacity}))
+            .collect();
         let out = serde_json::json!({
             "pinDir": args.pin_dir,
+            "maps": fill,
+            "refused": refused,
             "frontends": rows,
             "backends": dump.backends.len(),
             "servicePorts": dump.services.len(),
@@ -286,6 +294,21 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{:<wf$} {:<wk$} {:<ws$} {:<wr$} {}", r.frontend, r.kind, r.service, r.routes.join("/"), backends);
     }
     println!("\n{}", masquerade_line(&dump));
+    println!("\nmaps (entries / capacity)");
+    for f in &fill {
+        let pct = if f.capacity > 0 { f.entries as f64 * 100.0 / f.capacity as f64 } else { 0.0 };
+        let tunable = crate::datapath::SCALED_MAPS.iter().any(|(m, _)| *m == f.map);
+        let warn = if pct >= 90.0 && tunable { "  near full: raise maps.* in the node config" } else { "" };
+        println!("  {:<16} {:>9} / {:<9} {pct:5.1}%{warn}", f.map, f.entries, f.capacity);
+    }
+    if refused.is_empty() {
+        println!("\nrefused: none");
+    } else {
+        println!("\nrefused (the rest is programmed; the agent retries service ports with backoff)");
+        for r in &refused {
+            println!("  {:<12} {}  [{}] {}", r.kind, r.object, r.cause, r.reason);
+        }
+    }
     println!("\ncounters");
     for (name, value) in &counters {
         println!("  {name:<22} {value}");

@@ -42,6 +42,20 @@ pub static EXTERNAL_IPS: Section = Section { keys: &[("allowedCIDRs", None)] };
 
 pub static LIMITS: Section = Section { keys: &[("maxFrontendsPerService", None), ("maxEndpointsPerService", None)] };
 
+pub static MAPS: Section = Section {
+    keys: &[
+        ("frontends", None),
+        ("services", None),
+        ("slots", None),
+        ("backends", None),
+        ("members", None),
+        ("names", None),
+        ("conntrack", None),
+        ("affinity", None),
+        ("socketReverse", None),
+    ],
+};
+
 pub static MANIFESTS: Section = Section { keys: &[("maxFileBytes", None), ("maxDocumentsPerFile", None)] };
 
 pub static ROOT: Section = Section {
@@ -78,6 +92,7 @@ pub static ROOT: Section = Section {
         ("kubeconfig", None),
         ("externalIPs", Some(&EXTERNAL_IPS)),
         ("limits", Some(&LIMITS)),
+        ("maps", Some(&MAPS)),
         ("manifests", Some(&MANIFESTS)),
     ],
 };

@@ -70,6 +70,7 @@ pub struct ConfigFile {
     pub conntrack: Option<ConntrackFile>,
     pub nat_port_range: Option<String>,
     pub maglev: Option<MaglevFile>,
+    pub maps: Option<MapsFile>,
     /// A string (`bpf`, `nftables`, `off`); kept loose so a boolean gets a precise error.
     pub masquerade: Option<Value>,
     #[serde(rename = "nonMasqueradeCIDRs")]
@@ -107,6 +108,21 @@ pub struct ExternalIpsFile {
 pub struct LimitsFile {
     pub max_frontends_per_service: Option<u32>,
     pub max_endpoints_per_service: Option<u32>,
+}
+
+/// `maps`: capacity (entries) per datapath map; unset ones are sized from node memory.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MapsFile {
+    pub frontends: Option<u32>,
+    pub services: Option<u32>,
+    pub slots: Option<u32>,
+    pub backends: Option<u32>,
+    pub members: Option<u32>,
+    pub names: Option<u32>,
+    pub conntrack: Option<u32>,
+    pub affinity: Option<u32>,
+    pub socket_reverse: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +188,9 @@ pub struct BpfSettings {
     pub maglev_default: bool,
     /// Slots per Maglev table (a prime from `ferry_model::maglev::TABLE_SIZES`).
     pub maglev_size: u32,
+    /// Capacities set in the config file (`maps.*`), by pinned map name;
+    /// the others are sized from node memory at install (`datapath::map_capacities`).
+    pub map_capacities: Vec<(String, u32)>,
 }
 
 impl Default for BpfSettings {
@@ -186,6 +205,7 @@ impl Default for BpfSettings {
             node_ports: (30000, 32767),
             maglev_default: false,
             maglev_size: ferry_model::maglev::DEFAULT_TABLE_SIZE,
+            map_capacities: Vec::new(),
         }
     }
 }
@@ -437,6 +457,26 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
         bpf.cgroup_path = f.cgroup_path;
         bpf.devices = f.devices;
         bpf.pod_devices = f.pod_devices;
+    }
+    if let Some(m) = file.maps {
+        let keys = [
+            ("frontends", "ferry_frontends", m.frontends),
+            ("services", "ferry_services", m.services),
+            ("slots", "ferry_slots", m.slots),
+            ("backends", "ferry_backends", m.backends),
+            ("members", "ferry_members", m.members),
+            ("names", "ferry_names", m.names),
+            ("conntrack", "ferry_ct", m.conntrack),
+            ("affinity", "ferry_affinity", m.affinity),
+            ("socketReverse", "ferry_sock_rev", m.socket_reverse),
+        ];
+        for (key, map, n) in keys {
+            let Some(n) = n else { continue };
+            if n < 16 {
+                b.bad(format!("maps.{key}"), format!("{n} is below 16 entries; nothing useful fits"));
+            }
+            bpf.map_capacities.push((map.to_string(), n));
+        }
     }
     if let Some(m) = file.maglev {
         bpf.maglev_default = m.default.unwrap_or(false);
@@ -694,6 +734,20 @@ mod tests {
     fn nested_unknown_keys_are_refused() {
         let err = parse("localTrafficDetector: {mode: ClusterCIDR, cidr: 10.0.0.0/8}\n").unwrap_err();
         assert_eq!(err.problems[0].key, "localTrafficDetector.cidr");
+    }
+
+    #[test]
+    fn map_capacities_are_read_checked_and_unknown_ones_refused() {
+        let file =
+            parse_file("node.yaml", "nodeName: a\nnodeIPs: [10.0.0.1]\nmaps: {services: 1000, conntrack: 65536}\n")
+                .unwrap();
+        let bpf = build("node.yaml", file, &NodeFlags::default()).unwrap().bpf;
+        assert_eq!(bpf.map_capacities, vec![("ferry_services".into(), 1000), ("ferry_ct".into(), 65536)]);
+        let err = parse("maps: {servics: 1000}\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "maps.servics", "{err}");
+        let file = parse_file("node.yaml", "nodeName: a\nnodeIPs: [10.0.0.1]\nmaps: {frontends: 3}\n").unwrap();
+        let err = build("node.yaml", file, &NodeFlags::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("maps.frontends"), "{err:#}");
     }
 
     #[test]
