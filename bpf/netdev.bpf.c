@@ -80,6 +80,15 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 	struct ct_val *v = ct_lookup(&k, now);
 	if (!v)
 		return -1;
+	/* A SYN reusing the 4-tuple of a flow that is closing (TIME_WAIT reuse)
+	 * opens a new flow, balanced again as netfilter does, rather than going
+	 * after a backend that may be gone. A SYN of an open flow (a retransmit)
+	 * follows it. */
+	if (dir == CT_ORIGINAL && p->proto == IPPROTO_TCP && (v->flags & CT_CLOSING) &&
+	    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+		ct_forget(&k, v, p);
+		return -1;
+	}
 	ct_refresh(v, p, dir, cfg, now);
 	__u32 src[4], dst[4];
 	__builtin_memcpy(src, v->new_src, 16);

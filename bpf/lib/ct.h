@@ -96,6 +96,20 @@ static __always_inline void ct_refresh(struct ct_val *v, const struct pkt *p, __
 	}
 }
 
+/* Forgets a flow, given its original-direction key `k` (rewritten in place:
+ * first into the reply entry's key, then back) and value. */
+static __always_inline void ct_forget(struct ct_key *k, const struct ct_val *v, const struct pkt *p)
+{
+	__builtin_memcpy(k->src, v->new_dst, 16);
+	__builtin_memcpy(k->dst, v->new_src, 16);
+	k->sport = v->new_dport;
+	k->dport = v->new_sport;
+	k->dir = CT_REPLY;
+	bpf_map_delete_elem(&ferry_ct, k);
+	ct_key_of(k, p, CT_ORIGINAL);
+	bpf_map_delete_elem(&ferry_ct, k);
+}
+
 /* Creates both entries of a new flow: original (as it arrived: p) -> rewrite to
  * (nsrc:nsport -> ndst:ndport); reply (ndst:ndport -> nsrc:nsport) -> rewrite
  * back. With `snat`, the source port is chosen from the NAT range until the

@@ -847,3 +847,34 @@ fn a_mid_flow_tcp_segment_without_conntrack_is_counted_as_ct_lost() {
         assert_eq!(ran.moved, moved(&[("ct_lost", 1), ("pkt_new_flow", 1)]), "lost, re-balanced");
     });
 }
+
+/// A SYN that reuses the 4-tuple of a closing flow (a client's TIME_WAIT
+/// reuse) is a new flow, balanced again as netfilter does, not sent after the
+/// old backend; a SYN retransmitted while the flow is open follows it.
+#[test]
+fn a_syn_reopening_a_closed_flow_is_balanced_again() {
+    let rig = Rig::new();
+    let mut setup = node_setup();
+    setup.extend(service(1, every_class(ACT_FORWARD_LOCAL), 0, &[Be(10, POD4, 8080, true)]));
+    setup.push(nodeport(30080, PROTO_TCP, FAM_V4, 1));
+    rig.run(&setup, |dp| {
+        let syn = frame(ip(CLIENT4), ip(NODE4), &tcp(40001, 30080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &syn);
+        assert_eq!((ran.verdict, ran.moved), (TC_ACT_REDIRECT, moved(&[("pkt_new_flow", 1)])));
+        assert_eq!(ran.out, frame(ip(CLIENT4), ip(POD4), &tcp(40001, 8080, 0x02, b""), ttl(63)));
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &syn);
+        assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]), "a retransmitted SYN follows the open flow");
+
+        let fin = frame(ip(CLIENT4), ip(NODE4), &tcp(40001, 30080, 0x11, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &fin);
+        assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]), "the client closes");
+        // The service moves to another backend while the old flow lingers in conntrack.
+        dp.maps.apply(&service(1, every_class(ACT_FORWARD_LOCAL), 0, &[Be(11, POD4, 9090, true)])).unwrap();
+
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &syn);
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT);
+        assert_eq!(ran.moved, moved(&[("pkt_new_flow", 1)]), "balanced again");
+        assert_eq!(ran.out, frame(ip(CLIENT4), ip(POD4), &tcp(40001, 9090, 0x02, b""), ttl(63)));
+        assert_eq!(dp.maps.ct_entries().len(), 2, "the old flow's entries are gone, the new flow's are in");
+    });
+}
