@@ -116,7 +116,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("  (externalTrafficPolicy: Cluster, so the node SNATs outside clients to its own address)");
 
     say("web-2 is removed from the EndpointSlice");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     lab.write_manifests(node, &manifests(&["web-1", "web-3"]))?;
+    // The agent says when a sync that read the new file is programmed.
+    if !lab.wait_until(Duration::from_secs(10), |lab| lab.synced_input(node).is_some_and(|t| t > before)) {
+        anyhow::bail!("the agent did not program the change within 10 s; agent log:\n{}", lab.agent_log(node));
+    }
     let moved = lab.wait_until(Duration::from_secs(10), |lab| {
         let opts = ConnectOpts::new(Endpoint::tcp("10.96.0.10:80".parse().expect("constant")));
         lab.connect_many(CLIENT, &opts, 10)
@@ -129,7 +134,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("  the agent re-programmed the datapath; the client connects {} times again:", args.connections);
     let tally = spread(&lab, CLIENT, "10.96.0.10:80", args.connections)?;
     if tally.contains_key("web-2") {
-        anyhow::bail!("web-2 still got connections after it was removed");
+        anyhow::bail!("web-2 still got connections after it was removed; agent log:\n{}", lab.agent_log(node));
     }
 
     if args.datapath == "bpf" {

@@ -135,6 +135,17 @@ impl Lab {
         Ok(())
     }
 
+    /// The input time (Unix nanoseconds) of node `node`'s last reported sync,
+    /// from its ready file (`synced <generation> <input_unix_nanos>`).
+    pub fn synced_input(&self, node: usize) -> Option<u128> {
+        let text = std::fs::read_to_string(self.ready_file(node)).ok()?;
+        let mut words = text.split_whitespace();
+        if words.next()? != "synced" {
+            return None;
+        }
+        words.nth(1)?.parse().ok()
+    }
+
     /// The agent's `--ready-file`: `synced <generation> <input_unix_nanos>` after every sync.
     pub fn ready_file(&self, node: usize) -> std::path::PathBuf {
         self.state.join(format!("agent-{node}.ready"))

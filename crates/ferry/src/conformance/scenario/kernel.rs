@@ -132,16 +132,6 @@ pub fn run(runner: &KernelRunner, sc: &ParsedScenario) -> Vec<Check> {
     out
 }
 
-/// Reads `synced <generation> <input_unix_nanos>` from the agent's ready file.
-fn synced_input(b: &Built) -> Option<u128> {
-    let text = std::fs::read_to_string(b.lab.ready_file(0)).ok()?;
-    let mut words = text.split_whitespace();
-    if words.next()? != "synced" {
-        return None;
-    }
-    words.nth(1)?.parse().ok()
-}
-
 fn nanos(t: SystemTime) -> u128 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
@@ -152,7 +142,7 @@ fn wait_synced(b: &mut Built, since: SystemTime, what: &str) -> anyhow::Result<(
     let start = Instant::now();
     let mut exited = false;
     for _ in 0..SYNC_POLLS {
-        if synced_input(b).is_some_and(|t| t > since) {
+        if b.lab.synced_input(0).is_some_and(|t| t > since) {
             return Ok(());
         }
         exited = b.lab.agent_exited(0);
