@@ -1,11 +1,14 @@
-//! A counting wrapper around the system allocator: live heap bytes, counted
-//! only while switched on, so the timed phases run without its overhead.
+//! A counting wrapper around mimalloc (the allocator the `ferry` binary runs
+//! on, so in-process timings see the allocator the agent has): live heap
+//! bytes, counted only while switched on, so the timed phases run without its
+//! overhead.
 //!
 //! The `socket_lb` binary installs it as `#[global_allocator]`; the
 //! programming benchmark switches it on for a separate pass that rebuilds the
 //! ClusterState, Plan and Programmer and reads how much each one holds.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use mimalloc::MiMalloc;
+use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 
 static ON: AtomicBool = AtomicBool::new(false);
@@ -20,7 +23,7 @@ fn grow(by: isize) {
 /// The allocator; see the module documentation.
 pub struct CountingAlloc;
 
-// SAFETY: every call is forwarded unchanged to the system allocator; the
+// SAFETY: every call is forwarded unchanged to mimalloc; the
 // counter only observes sizes.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -28,28 +31,28 @@ unsafe impl GlobalAlloc for CountingAlloc {
             grow(layout.size() as isize);
         }
         // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
+        unsafe { MiMalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if ON.load(Ordering::Relaxed) {
             LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
         }
         // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { MiMalloc.dealloc(ptr, layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if ON.load(Ordering::Relaxed) {
             grow(layout.size() as isize);
         }
         // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc_zeroed(layout) }
+        unsafe { MiMalloc.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if ON.load(Ordering::Relaxed) {
             grow(new_size as isize - layout.size() as isize);
         }
         // SAFETY: forwarded with the caller's pointer, layout and size.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        unsafe { MiMalloc.realloc(ptr, layout, new_size) }
     }
 }
 

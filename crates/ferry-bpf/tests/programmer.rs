@@ -644,7 +644,13 @@ fn backend_sets_past_16_bits_never_wrap() {
     let (id, sp) = small.services.iter().next().unwrap();
     let mut sp = (**sp).clone();
     let template = sp.endpoints[0].clone();
-    sp.endpoints = (0..n).map(|i| ferry_model::Endpoint { ip: ip(i).parse().unwrap(), ..template.clone() }).collect();
+    sp.endpoints = (0..n)
+        .map(|i| {
+            let mut e = template.clone();
+            e.ip = ip(i).parse().unwrap();
+            e
+        })
+        .collect();
     sp.categorized.cluster = (0..n).collect();
     sp.categorized.local.clear();
     plan.services.insert(id.clone(), std::sync::Arc::new(sp));

@@ -8,6 +8,7 @@
 //! attributed to a Service is skipped whole.
 
 use crate::addr::{IpFamily, parse_ip_sloppy};
+use crate::intern::shared_str;
 use crate::node_config::NodeConfig;
 use crate::problem::{ObjectError, ObjectKind};
 use crate::protocol::Protocol;
@@ -23,20 +24,39 @@ use std::sync::Arc;
 /// Label linking an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 
-/// One endpoint address as kube-proxy sees it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+/// One endpoint address as kube-proxy sees it. 32 bytes: the planner keeps
+/// every endpoint twice (as its slice read it, and in the planned service
+/// port), so where it runs and its hints live in one shared [`Placement`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
     /// On this node (`nodeName` equals the node's name).
     pub local: bool,
-    pub node_name: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// `None`: no node, zone or hints (the same as an empty `Placement`).
+    placement: Option<Arc<Placement>>,
+}
+
+/// Where an endpoint runs and the hints it carries. Most endpoints of one
+/// node have the same, so one copy is shared ([`crate::intern`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Placement {
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     pub zone_hints: Hints,
     pub node_hints: Hints,
+}
+
+static PLACEMENTS: crate::intern::Interner<Placement> = crate::intern::Interner::new();
+
+impl Placement {
+    /// The shared copy; `None` for an empty placement.
+    fn shared(self) -> Option<Arc<Placement>> {
+        (self != Placement::default()).then(|| PLACEMENTS.share(&self, || Arc::new(self.clone())))
+    }
 }
 
 /// The zone or node names of one endpoint's topology hints, sorted and
@@ -67,13 +87,56 @@ impl FromIterator<String> for Hints {
     }
 }
 
+impl Serialize for Endpoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Endpoint", 10)?;
+        st.serialize_field("ip", &self.ip)?;
+        st.serialize_field("port", &self.port)?;
+        st.serialize_field("local", &self.local)?;
+        st.serialize_field("node_name", &self.node_name())?;
+        st.serialize_field("zone", &self.zone())?;
+        st.serialize_field("ready", &self.ready)?;
+        st.serialize_field("serving", &self.serving)?;
+        st.serialize_field("terminating", &self.terminating)?;
+        st.serialize_field("zone_hints", self.zone_hints())?;
+        st.serialize_field("node_hints", self.node_hints())?;
+        st.end()
+    }
+}
+
 impl Serialize for Hints {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(self.iter())
     }
 }
 
+static NO_HINTS: Hints = Hints(None);
+
 impl Endpoint {
+    pub fn new(ip: IpAddr, port: u16, conditions: [bool; 3], local: bool, placement: Placement) -> Endpoint {
+        let [ready, serving, terminating] = conditions;
+        Endpoint { ip, port, local, ready, serving, terminating, placement: placement.shared() }
+    }
+
+    /// The endpoint's `nodeName`, if set.
+    pub fn node_name(&self) -> Option<&str> {
+        self.placement.as_ref().and_then(|p| p.node_name.as_deref())
+    }
+
+    /// The endpoint's `zone`, if set.
+    pub fn zone(&self) -> Option<&str> {
+        self.placement.as_ref().and_then(|p| p.zone.as_deref())
+    }
+
+    pub fn zone_hints(&self) -> &Hints {
+        self.placement.as_ref().map_or(&NO_HINTS, |p| &p.zone_hints)
+    }
+
+    pub fn node_hints(&self) -> &Hints {
+        self.placement.as_ref().map_or(&NO_HINTS, |p| &p.node_hints)
+    }
+
     /// Usable for new connections under normal circumstances.
     pub fn is_ready(&self) -> bool {
         self.ready
@@ -239,7 +302,7 @@ fn read_ports(key: &ObjectKey, slice: &EndpointSlice, errors: &mut Vec<ObjectErr
                 }
             },
         };
-        ports.push((Arc::from(p.name.as_deref().unwrap_or_default()), protocol, port));
+        ports.push((shared_str(p.name.as_deref().unwrap_or_default()), protocol, port));
     }
     ports
 }
@@ -287,19 +350,15 @@ fn read_endpoints(
             hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
         let node_hints =
             hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect();
-        let node_name: Option<Arc<str>> = ep.node_name.as_deref().filter(|n| !n.is_empty()).map(Arc::from);
-        endpoints.push(Endpoint {
-            ip,
-            port: 0,
-            local: node_name.as_deref() == Some(cfg.node_name.as_str()) && !cfg.node_name.is_empty(),
-            node_name,
-            zone: ep.zone.as_deref().filter(|z| !z.is_empty()).map(Arc::from),
-            ready,
-            serving,
-            terminating,
+        let node_name = ep.node_name.as_deref().filter(|n| !n.is_empty());
+        let local = node_name == Some(cfg.node_name.as_str()) && !cfg.node_name.is_empty();
+        let placement = Placement {
+            node_name: node_name.map(shared_str),
+            zone: ep.zone.as_deref().filter(|z| !z.is_empty()).map(shared_str),
             zone_hints,
             node_hints,
-        });
+        };
+        endpoints.push(Endpoint::new(ip, 0, [ready, serving, terminating], local, placement));
     }
     endpoints.shrink_to_fit();
     endpoints
@@ -311,17 +370,9 @@ mod tests {
 
     fn read(n: usize, offset: usize, local: bool) -> SliceRead {
         let endpoints = (0..n)
-            .map(|i| Endpoint {
-                ip: IpAddr::from([10, 0, ((i + offset) / 250) as u8, ((i + offset) % 250) as u8]),
-                port: 0,
-                local,
-                node_name: None,
-                zone: None,
-                ready: true,
-                serving: true,
-                terminating: false,
-                zone_hints: Hints::default(),
-                node_hints: Hints::default(),
+            .map(|i| {
+                let ip = IpAddr::from([10, 0, ((i + offset) / 250) as u8, ((i + offset) % 250) as u8]);
+                Endpoint::new(ip, 0, [true, true, false], local, Placement::default())
             })
             .collect();
         SliceRead {

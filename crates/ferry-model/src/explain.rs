@@ -208,13 +208,7 @@ fn endpoint_notes(sp: &ServicePort, route: &Route) -> Vec<EndpointNote> {
             } else {
                 "not in the endpoint set for this path".to_string()
             };
-            EndpointNote {
-                addr: e.addr(),
-                node: e.node_name.as_deref().map(String::from),
-                state: endpoint_state(e),
-                used,
-                why,
-            }
+            EndpointNote { addr: e.addr(), node: e.node_name().map(String::from), state: endpoint_state(e), used, why }
         })
         .collect()
 }

@@ -18,6 +18,7 @@ pub mod diff;
 pub mod egress;
 pub mod endpoints;
 pub mod explain;
+pub mod intern;
 pub mod maglev;
 pub mod node_config;
 pub mod node_info;

@@ -35,13 +35,76 @@ use std::sync::Arc;
 /// Node label holding the topology zone.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 
-/// Identifies one service port in one family: kube-proxy's `ServicePortName` plus the family.
+/// Identifies one service port in one family: kube-proxy's `ServicePortName`
+/// plus the family. One shared allocation: an id is copied into the Plan's
+/// table, its frontends, the planner's claims and the programmer's mirror,
+/// and each copy is a pointer (the fields were 56 bytes in every one).
+#[derive(Clone)]
+pub struct ServicePortId(Arc<ServicePortName>);
+
+/// What a [`ServicePortId`] names (read through it: `id.service`, `id.port_name`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ServicePortId {
+pub struct ServicePortName {
     pub service: ObjectKey,
     pub port_name: Arc<str>,
     pub protocol: Protocol,
     pub family: IpFamily,
+}
+
+impl ServicePortId {
+    pub fn new(service: ObjectKey, port_name: Arc<str>, protocol: Protocol, family: IpFamily) -> ServicePortId {
+        ServicePortId(Arc::new(ServicePortName { service, port_name, protocol, family }))
+    }
+}
+
+impl std::ops::Deref for ServicePortId {
+    type Target = ServicePortName;
+    fn deref(&self) -> &ServicePortName {
+        &self.0
+    }
+}
+
+impl PartialEq for ServicePortId {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for ServicePortId {}
+
+impl Ord for ServicePortId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if Arc::ptr_eq(&self.0, &other.0) { std::cmp::Ordering::Equal } else { self.0.cmp(&other.0) }
+    }
+}
+
+impl PartialOrd for ServicePortId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::hash::Hash for ServicePortId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
+
+impl fmt::Debug for ServicePortId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServicePortId")
+            .field("service", &self.service)
+            .field("port_name", &self.port_name)
+            .field("protocol", &self.protocol)
+            .field("family", &self.family)
+            .finish()
+    }
+}
+
+impl Serialize for ServicePortId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
 }
 
 impl fmt::Display for ServicePortId {
@@ -248,12 +311,8 @@ impl Plan {
     /// The service ports of one Service, in id order (a range of the table,
     /// not a scan).
     pub fn ports_of<'a>(&'a self, service: &'a ObjectKey) -> impl Iterator<Item = &'a Arc<ServicePort>> + 'a {
-        let first = ServicePortId {
-            service: service.clone(),
-            port_name: Arc::from(""),
-            protocol: Protocol::Tcp,
-            family: IpFamily::V4,
-        };
+        static UNNAMED: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+        let first = ServicePortId::new(service.clone(), UNNAMED.clone(), Protocol::Tcp, IpFamily::V4);
         self.services.range(first..).take_while(move |(id, _)| &id.service == service).map(|(_, sp)| sp)
     }
 
@@ -559,12 +618,7 @@ pub(crate) fn plan_service(
             ));
         }
         for spec in &info.ports {
-            let id = ServicePortId {
-                service: info.key.clone(),
-                port_name: spec.name.clone(),
-                protocol: spec.protocol,
-                family,
-            };
+            let id = ServicePortId::new(info.key.clone(), spec.name.clone(), spec.protocol, family);
             let endpoints = eps.get(&(family, spec.name.clone(), spec.protocol)).cloned().unwrap_or_default();
             let externally_accessible =
                 spec.node_port.is_some() || !load_balancer_ips.is_empty() || !external_ips.is_empty();

@@ -251,7 +251,13 @@ impl Planner {
 
     pub fn apply_slice(&mut self, slice: &EndpointSlice) {
         let key = ObjectKey::of_meta(&slice.metadata);
-        let read = read_slice(&key, slice, &self.cfg);
+        let mut read = read_slice(&key, slice, &self.cfg);
+        // The owner's key shares the Service's strings rather than holding its own copy.
+        if let Some(owner) = &mut read.owner
+            && let Some((service, _)) = self.services.get_key_value(&owner.service)
+        {
+            owner.service = service.clone();
+        }
         if self.slices.get(&key) == Some(&read) {
             return;
         }
@@ -378,13 +384,16 @@ impl Planner {
         let plan = &mut self.plan;
 
         let mut before: HashMap<ServicePortId, Arc<ServicePort>> = HashMap::new();
-        let mut after: Vec<ServicePortId> = Vec::new();
+        // What each dirty Service now has, with its Arc (no second lookup in the Plan).
+        let mut after: Vec<Arc<ServicePort>> = Vec::new();
         let mut touched_frontends: HashSet<FrontendKey> = HashSet::new();
         let mut touched_health_checks: BTreeSet<u16> = BTreeSet::new();
         let mut released_ips: Vec<IpAddr> = Vec::new();
         for key in &dirty {
             // Take back what the Service contributed last time.
-            let old_ports: Vec<Arc<ServicePort>> = plan.ports_of(key).cloned().collect();
+            // An empty Plan (the first sync) has nothing to take back: no seek per Service.
+            let old_ports: Vec<Arc<ServicePort>> =
+                if plan.services.is_empty() { Vec::new() } else { plan.ports_of(key).cloned().collect() };
             let mut old = self.portless.remove(key).unwrap_or_default();
             for sp in old_ports {
                 plan.services.remove(&sp.id);
@@ -459,8 +468,8 @@ impl Planner {
                             Some(old) if **old == sp => old.clone(),
                             _ => Arc::new(sp),
                         };
-                        plan.services.insert(id.clone(), sp);
-                        after.push(id);
+                        plan.services.insert(id, sp.clone());
+                        after.push(sp);
                     }
                     if let Some(hc) = info.health_check_node_port {
                         sorted_insert(self.health_check_claims.entry(hc).or_default(), key.clone());
@@ -486,11 +495,9 @@ impl Planner {
                 Some(new) => diff.changed.push(ServicePortChange::between(old, new)),
             }
         }
-        for id in &after {
-            if !before.contains_key(id)
-                && let Some(sp) = plan.services.get(id)
-            {
-                diff.added.push(sp.clone());
+        for sp in after {
+            if !before.contains_key(&sp.id) {
+                diff.added.push(sp);
             }
         }
 

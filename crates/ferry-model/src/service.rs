@@ -304,7 +304,7 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
         {
             c.fail(format!("{field}.nodePort"), format!("duplicate nodePort {np}/{protocol}"));
         }
-        ports.push(PortSpec { name: name.into(), port, protocol, node_port });
+        ports.push(PortSpec { name: crate::intern::shared_str(&name), port, protocol, node_port });
     }
 
     let mut external_ips = Vec::new();

@@ -13,16 +13,47 @@ use std::sync::Arc;
 
 /// `namespace/name` of a namespaced object. The strings are shared: a key
 /// is copied into many tables (the Plan, the frontends, the programmer's
-/// mirror), and a copy costs a reference count, not an allocation.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// mirror), and a copy costs a reference count, not an allocation. The
+/// namespace is interned (a cluster has few), so every key of a namespace
+/// shares one string and two keys of one namespace compare it by pointer.
+#[derive(Debug, Clone, Eq, Hash, Serialize, Deserialize)]
 pub struct ObjectKey {
+    #[serde(deserialize_with = "deserialize_namespace")]
     pub namespace: Arc<str>,
     pub name: Arc<str>,
 }
 
+/// Orders shared strings, equal at once when they are the same string.
+fn cmp_shared(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
+    if Arc::ptr_eq(a, b) { std::cmp::Ordering::Equal } else { a.cmp(b) }
+}
+
+impl PartialEq for ObjectKey {
+    fn eq(&self, other: &Self) -> bool {
+        cmp_shared(&self.namespace, &other.namespace).is_eq() && cmp_shared(&self.name, &other.name).is_eq()
+    }
+}
+
+impl Ord for ObjectKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        cmp_shared(&self.namespace, &other.namespace).then_with(|| cmp_shared(&self.name, &other.name))
+    }
+}
+
+impl PartialOrd for ObjectKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+fn deserialize_namespace<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+    let namespace = String::deserialize(d)?;
+    Ok(crate::intern::shared_str(&namespace))
+}
+
 impl ObjectKey {
     pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
-        ObjectKey { namespace: Arc::from(namespace.as_ref()), name: Arc::from(name.as_ref()) }
+        ObjectKey { namespace: crate::intern::shared_str(namespace.as_ref()), name: Arc::from(name.as_ref()) }
     }
 
     /// The key of an object's metadata; a missing namespace means `default`,

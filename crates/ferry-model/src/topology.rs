@@ -67,14 +67,14 @@ pub fn topology_mode(endpoints: &[Endpoint], ctx: TopologyContext) -> (TopologyM
     let zone = ctx.zone.unwrap_or("");
     for ep in endpoints.iter().filter(|e| e.is_ready()) {
         any_ready = true;
-        if ep.zone_hints.is_empty() {
+        if ep.zone_hints().is_empty() {
             all_zone_hints = false;
-        } else if ep.zone_hints.contains(zone) {
+        } else if ep.zone_hints().contains(zone) {
             has_for_zone = true;
         }
-        if ep.node_hints.is_empty() {
+        if ep.node_hints().is_empty() {
             all_node_hints = false;
-        } else if ep.node_hints.contains(ctx.node_name) {
+        } else if ep.node_hints().contains(ctx.node_name) {
             has_for_node = true;
         }
     }
@@ -100,8 +100,8 @@ pub fn topology_mode(endpoints: &[Endpoint], ctx: TopologyContext) -> (TopologyM
 fn available_for_topology(ep: &Endpoint, mode: &TopologyMode, ctx: TopologyContext) -> bool {
     match mode {
         TopologyMode::None => true,
-        TopologyMode::SameNode => ep.node_hints.contains(ctx.node_name),
-        TopologyMode::SameZone => ep.zone_hints.contains(ctx.zone.unwrap_or("")),
+        TopologyMode::SameNode => ep.node_hints().contains(ctx.node_name),
+        TopologyMode::SameZone => ep.zone_hints().contains(ctx.zone.unwrap_or("")),
     }
 }
 

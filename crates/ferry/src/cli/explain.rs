@@ -177,7 +177,7 @@ pub fn summary(plan: &Plan) -> String {
                 (false, _, true) => "terminating",
                 _ => "not ready",
             };
-            let node = match (&e.node_name, e.local) {
+            let node = match (e.node_name(), e.local) {
                 (Some(n), true) => format!("{n} (this node)"),
                 (Some(n), false) => n.to_string(),
                 (None, _) => "-".into(),
