@@ -45,7 +45,7 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
 
     /// Values held (test seam).
     #[doc(hidden)]
-    pub fn len(&self) -> usize {
+    pub fn held(&self) -> usize {
         self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).0.len()
     }
 }
@@ -86,7 +86,7 @@ mod tests {
             let name = format!("gone-{i}");
             drop(t.share(&name, || Arc::from(name.as_str())));
         }
-        assert!(t.len() <= 2 * FIRST_SWEEP, "{} values held", t.len());
+        assert!(t.held() <= 2 * FIRST_SWEEP, "{} values held", t.held());
         let again = t.share("kept-7", || Arc::from("kept-7"));
         assert!(Arc::ptr_eq(&again, &kept[7]), "a value still in use survives the sweeps");
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// mirror), and a copy costs a reference count, not an allocation. The
 /// namespace is interned (a cluster has few), so every key of a namespace
 /// shares one string and two keys of one namespace compare it by pointer.
-#[derive(Debug, Clone, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Eq, Serialize, Deserialize)]
 pub struct ObjectKey {
     #[serde(deserialize_with = "deserialize_namespace")]
     pub namespace: Arc<str>,
@@ -31,6 +31,14 @@ fn cmp_shared(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
 impl PartialEq for ObjectKey {
     fn eq(&self, other: &Self) -> bool {
         cmp_shared(&self.namespace, &other.namespace).is_eq() && cmp_shared(&self.name, &other.name).is_eq()
+    }
+}
+
+// By content, as equality is (the pointer test is only a shortcut).
+impl std::hash::Hash for ObjectKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.namespace.hash(state);
+        self.name.hash(state);
     }
 }
 
