@@ -84,7 +84,7 @@ fn frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec
 }
 
 fn setup(n: u32) -> Vec<MapOp> {
-    let mut ops = vec![MapOp::PutConfig(Config {
+    let mut ops = vec![MapOp::PutConfig(Box::new(Config {
         host_netns: 1,
         pod_class: [CLASS_POD; 2],
         flags: CFG_PODS_BY_RANGE,
@@ -96,7 +96,7 @@ fn setup(n: u32) -> Vec<MapOp> {
         nat_port_min: 1024,
         nat_port_max: 29999,
         maglev_size: 0,
-    })];
+    }))];
     ops.push(MapOp::PutLocal(LocalKey { addr: w("192.0.2.1"), family: FAM_V4 }, LOCAL_HOST | LOCAL_NODEPORT));
     ops.push(MapOp::PutRange(RangeKey { prefixlen: 32 + 16, kind: RANGE_POD, family: FAM_V4, addr: w("10.244.0.0") }));
     ops.push(MapOp::PutRange(RangeKey {

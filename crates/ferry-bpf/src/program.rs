@@ -82,8 +82,11 @@ pub fn canonical_name(id: &ServicePortId) -> String {
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Programmed {
     id: u32,
-    /// The display name in the names map (cut to fit).
-    name: String,
+    /// The display name found in the names map by `adopt`, until the first
+    /// sync compares it with the canonical one (rewriting it if it differs);
+    /// `None` once the canonical name is written. The canonical name follows
+    /// from the id, so it is not kept (it was ~70 bytes per service port).
+    adopted_name: Option<Box<str>>,
     svc: SvcVal,
     /// `[rev][set]` -> backend ids in slot order.
     slots: [[Vec<u32>; 2]; 2],
@@ -93,7 +96,7 @@ struct Programmed {
     /// Sorted by key.
     frontends: Vec<(FeKey, FeVal)>,
     /// Maglev tables per set, when the service uses Maglev.
-    maglev: [Option<Vec<u32>>; 2],
+    maglev: [Option<Box<[u32]>>; 2],
     /// Its service entry is in the kernel (a refused new service port may
     /// have its name and slots there, and no service entry yet).
     has_service: bool,
@@ -137,6 +140,9 @@ struct BackendTable {
 /// A rank per kind of operation, to group a phase's operations by kind.
 /// A new service port's name goes first: whatever else of it reaches the
 /// kernel before a failure can then be found by `adopt` (it keys on names).
+/// Values of [`kind_order`].
+const KINDS: usize = 13;
+
 fn kind_order(op: &MapOp) -> u8 {
     match op {
         MapOp::PutBackend(..) => 0,
@@ -179,7 +185,11 @@ mod phase {
 /// Operations grouped by phase and tagged with their owner; emitted in phase order.
 #[derive(Debug, Default)]
 struct Ops {
-    phases: [Vec<(MapOp, u32)>; phase::COUNT],
+    /// `[phase][kind]`: order inside a phase carries no meaning, and grouping
+    /// by kind (`kind_order`) lets `Maps::apply` write each run with one
+    /// batch syscall. Grouped as they are pushed: sorting a million
+    /// operations afterwards cost time and another copy of them all.
+    phases: [[Vec<(MapOp, u32)>; KINDS]; phase::COUNT],
     /// Frontends written by this sync, with their writer: a deletion of one
     /// of them is dropped (the frontend moved to another service port, whose
     /// write replaces it).
@@ -237,7 +247,7 @@ impl Ops {
             MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelDevice(..) => phase::DEL_NODE,
             MapOp::DelBackend(..) => phase::DEL_BACKEND,
         };
-        self.phases[phase].push((op, self.owner));
+        self.phases[phase][usize::from(kind_order(&op))].push((op, self.owner));
     }
     fn into_batch(mut self) -> Batch {
         let written = &self.frontends_written;
@@ -245,45 +255,43 @@ impl Ops {
         // its entries until that write is done (the frontend must never
         // point at a deleted service), and is refused with its taker.
         let mut late: HashMap<u32, Vec<(u32, FeKey)>> = HashMap::new();
-        let removed: HashSet<u32> = self.phases[phase::REMOVE_SERVICE].iter().map(|(_, o)| *o).collect();
-        self.phases[phase::DEL_FRONTEND].retain(|(op, owner)| match op {
-            MapOp::DelFrontend(k) => match written.get(k) {
-                Some(writer) => {
-                    if removed.contains(owner) {
-                        late.entry(*owner).or_default().push((*writer, *k));
+        let removed: HashSet<u32> = self.phases[phase::REMOVE_SERVICE].iter().flatten().map(|(_, o)| *o).collect();
+        for bucket in &mut self.phases[phase::DEL_FRONTEND] {
+            bucket.retain(|(op, owner)| match op {
+                MapOp::DelFrontend(k) => match written.get(k) {
+                    Some(writer) => {
+                        if removed.contains(owner) {
+                            late.entry(*owner).or_default().push((*writer, *k));
+                        }
+                        false
                     }
-                    false
-                }
-                None => true,
-            },
-            _ => true,
-        });
+                    None => true,
+                },
+                _ => true,
+            });
+        }
         if !late.is_empty() {
             for (from, to) in
                 [(phase::REMOVE_SERVICE, phase::LATE_REMOVE_SERVICE), (phase::REMOVE_REST, phase::DEL_REST)]
             {
-                let (stay, go): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut self.phases[from]).into_iter().partition(|(_, o)| !late.contains_key(o));
-                self.phases[from] = stay;
-                self.phases[to].splice(0..0, go);
+                for kind in 0..KINDS {
+                    let (stay, go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.phases[from][kind])
+                        .into_iter()
+                        .partition(|(_, o)| !late.contains_key(o));
+                    self.phases[from][kind] = stay;
+                    self.phases[to][kind].splice(0..0, go);
+                }
             }
-        }
-        // Order inside a phase carries no meaning; grouping by kind (a stable
-        // sort, so each owner's operations stay together) lets `Maps::apply`
-        // write each run with one batch syscall.
-        for phase in &mut self.phases {
-            phase.sort_by_key(|(op, _)| kind_order(op));
         }
         // Sized up front: a full sync is a million operations, and growing by
-        // doubling would briefly hold twice that.
-        let n = self.phases.iter().map(Vec::len).sum();
+        // doubling would briefly hold twice that. Each bucket is freed as
+        // soon as it is copied.
+        let n = self.phases.iter().flatten().map(Vec::len).sum();
         let mut ops = Vec::with_capacity(n);
         let mut owner_of = Vec::with_capacity(n);
-        for phase in self.phases {
-            for (op, owner) in phase {
-                ops.push(op);
-                owner_of.push(owner);
-            }
+        for (op, owner) in self.phases.into_iter().flatten().flatten() {
+            ops.push(op);
+            owner_of.push(owner);
         }
         let mut depends = Vec::new();
         if !late.is_empty() {
@@ -528,18 +536,18 @@ pub struct MapDump {
 /// Service ports read back by `adopt` that no Plan has claimed yet.
 #[derive(Debug, Clone, Default)]
 struct Adopted {
-    by_id: HashMap<u32, Programmed>,
+    by_id: HashMap<u32, Box<Programmed>>,
     by_frontend: HashMap<FeKey, u32>,
     by_name: HashMap<String, Vec<u32>>,
 }
 
 impl Adopted {
-    fn take(&mut self, id: u32) -> Option<Programmed> {
+    fn take(&mut self, id: u32) -> Option<Box<Programmed>> {
         let prog = self.by_id.remove(&id)?;
         for (k, _) in &prog.frontends {
             self.by_frontend.remove(k);
         }
-        if let Some(ids) = self.by_name.get_mut(&prog.name) {
+        if let Some(ids) = prog.adopted_name.as_deref().and_then(|name| self.by_name.get_mut(name)) {
             ids.retain(|i| *i != id);
         }
         Some(prog)
@@ -557,7 +565,8 @@ fn slot_no(i: usize) -> u16 {
 /// Mirror of the programmed datapath; see the module documentation.
 #[derive(Debug, Clone, Default)]
 pub struct Programmer {
-    services: HashMap<ServicePortId, Programmed>,
+    /// Boxed: the table's spare capacity then costs a pointer per slot, not a whole record.
+    services: HashMap<ServicePortId, Box<Programmed>>,
     adopted: Adopted,
     service_ids: IdPool,
     backends: BackendTable,
@@ -648,12 +657,12 @@ impl Programmer {
         for id in &p.half_written.1 {
             p.service_ids.mark_used(*id);
         }
-        let mut by_id: HashMap<u32, Programmed> = HashMap::new();
+        let mut by_id: HashMap<u32, Box<Programmed>> = HashMap::new();
         for (id, _) in dump.names.iter().filter(|(id, _)| whole.contains(id)) {
             let svc = services.get(id).copied();
             p.service_ids.mark_used(*id);
             let (svc, has_service) = (svc.unwrap_or_default(), svc.is_some());
-            by_id.insert(*id, Programmed { id: *id, svc, has_service, ..Default::default() });
+            by_id.insert(*id, Box::new(Programmed { id: *id, svc, has_service, ..Default::default() }));
         }
         let mut slots: Vec<(SlotKey, u32)> = dump.slots.clone();
         slots.sort();
@@ -678,7 +687,7 @@ impl Programmer {
         for (key, table) in &dump.maglev {
             let (service, set) = ((key >> 8) as u32, (key & 1) as usize);
             if let Some(prog) = by_id.get_mut(&service) {
-                prog.maglev[set] = Some(table.clone());
+                prog.maglev[set] = Some(table.as_slice().into());
             }
         }
         for (k, v) in &dump.frontends {
@@ -712,7 +721,7 @@ impl Programmer {
         }
         for (id, name) in &dump.names {
             if let Some(mut prog) = by_id.remove(id) {
-                prog.name = name.clone();
+                prog.adopted_name = Some(name.as_str().into());
                 for (k, _) in &prog.frontends {
                     p.adopted.by_frontend.insert(*k, *id);
                 }
@@ -797,7 +806,7 @@ impl Programmer {
         let leftover: Vec<u32> = self.adopted.by_id.keys().copied().collect();
         for id in leftover {
             if let Some(prog) = self.adopted.take(id) {
-                ops.begin(prog.name.clone(), true);
+                ops.begin(prog.adopted_name.as_deref().unwrap_or_default().to_string(), true);
                 self.remove_programmed(prog, &mut ops);
             }
         }
@@ -853,9 +862,12 @@ impl Programmer {
             prog.svc.rev = 1; // so the first write goes to revision 0
         }
         let name = truncate_name(name);
-        if is_new || prog.name != name {
-            ops.push(MapOp::PutName(prog.id, name.clone()));
-            prog.name = name;
+        let write_name = match prog.adopted_name.take() {
+            Some(adopted) => *adopted != *name,
+            None => is_new,
+        };
+        if write_name {
+            ops.push(MapOp::PutName(prog.id, name.into()));
         }
         let id = prog.id;
 
@@ -950,7 +962,7 @@ impl Programmer {
                     })
                     .collect();
                 let idx = ferry_model::maglev::table(&names, rt.maglev_size);
-                Some(idx.into_iter().map(|i| ids[i as usize]).collect::<Vec<u32>>())
+                Some(idx.into_iter().map(|i| ids[i as usize]).collect::<Box<[u32]>>())
             } else {
                 None
             };
@@ -1008,7 +1020,7 @@ impl Programmer {
         }
     }
 
-    fn remove_programmed(&mut self, prog: Programmed, ops: &mut Ops) {
+    fn remove_programmed(&mut self, prog: Box<Programmed>, ops: &mut Ops) {
         let id = prog.id;
         for (k, _) in &prog.frontends {
             ops.push(MapOp::DelFrontend(*k));
@@ -1106,13 +1118,13 @@ impl Programmer {
             maglev_size: rt.maglev_size,
         };
         if self.config != Some(config) {
-            ops.push(MapOp::PutConfig(config));
+            ops.push(MapOp::PutConfig(Box::new(config)));
         }
         self.config = Some(config);
 
         for (ifindex, d) in &rt.devices {
             if self.devices.get(ifindex) != Some(d) {
-                ops.push(MapOp::PutDevice(*ifindex, *d));
+                ops.push(MapOp::PutDevice(*ifindex, Box::new(*d)));
             }
         }
         for ifindex in self.devices.keys() {

@@ -39,7 +39,7 @@ impl Kernel {
             MapOp::DelFirewall(k) => assert!(self.firewall.remove(&k)),
             MapOp::PutService(id, v) => drop(self.services.insert(id, v)),
             MapOp::DelService(id) => assert!(self.services.remove(&id).is_some()),
-            MapOp::PutName(id, n) => drop(self.names.insert(id, n)),
+            MapOp::PutName(id, n) => drop(self.names.insert(id, n.into())),
             MapOp::DelName(id) => assert!(self.names.remove(&id).is_some()),
             MapOp::PutFrontend(k, v) => drop(self.frontends.insert(k, v)),
             MapOp::DelFrontend(k) => assert!(self.frontends.remove(&k).is_some(), "delete of missing frontend"),
@@ -47,12 +47,12 @@ impl Kernel {
             MapOp::DelLocal(k) => assert!(self.locals.remove(&k).is_some()),
             MapOp::PutRange(k) => drop(self.ranges.insert(k)),
             MapOp::DelRange(k) => assert!(self.ranges.remove(&k)),
-            MapOp::PutConfig(c) => self.config = Some(c),
-            MapOp::PutDevice(i, d) => drop(self.devices.insert(i, d)),
+            MapOp::PutConfig(c) => self.config = Some(*c),
+            MapOp::PutDevice(i, d) => drop(self.devices.insert(i, *d)),
             MapOp::DelDevice(i) => assert!(self.devices.remove(&i).is_some()),
             MapOp::PutMaglev(k, t) => {
                 assert!(t.iter().all(|id| self.backends.contains_key(id)), "Maglev table names a missing backend");
-                drop(self.maglev.insert(k, t))
+                drop(self.maglev.insert(k, t.into()))
             }
             MapOp::DelMaglev(k) => assert!(self.maglev.remove(&k).is_some()),
         }

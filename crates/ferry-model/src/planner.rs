@@ -389,11 +389,14 @@ impl Planner {
         let mut touched_frontends: HashSet<FrontendKey> = HashSet::new();
         let mut touched_health_checks: BTreeSet<u16> = BTreeSet::new();
         let mut released_ips: Vec<IpAddr> = Vec::new();
+        // An empty Plan (the first sync) has nothing to take back: no seek per
+        // Service. Decided once: the loop fills the Plan, but only with the
+        // ports of Services it has already passed.
+        let first_plan = plan.services.is_empty();
         for key in &dirty {
             // Take back what the Service contributed last time.
-            // An empty Plan (the first sync) has nothing to take back: no seek per Service.
             let old_ports: Vec<Arc<ServicePort>> =
-                if plan.services.is_empty() { Vec::new() } else { plan.ports_of(key).cloned().collect() };
+                if first_plan { Vec::new() } else { plan.ports_of(key).cloned().collect() };
             let mut old = self.portless.remove(key).unwrap_or_default();
             for sp in old_ports {
                 plan.services.remove(&sp.id);
@@ -553,11 +556,12 @@ impl Planner {
         problems.dedup();
         plan.problems = problems;
 
-        diff.added.sort_by(|a, b| a.id.cmp(&b.id));
-        diff.removed.sort_by(|a, b| a.id.cmp(&b.id));
-        diff.changed.sort_by(|a, b| a.new.id.cmp(&b.new.id));
-        diff.frontends_added.sort_by_key(|a| a.0);
-        diff.frontends_removed.sort_by_key(|a| a.0);
+        // Ids and frontend keys are unique here: the unstable sorts are deterministic.
+        diff.added.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        diff.removed.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        diff.changed.sort_unstable_by(|a, b| a.new.id.cmp(&b.new.id));
+        diff.frontends_added.sort_unstable_by_key(|a| a.0);
+        diff.frontends_removed.sort_unstable_by_key(|a| a.0);
         (Arc::new(self.plan.clone()), diff)
     }
 }

@@ -143,7 +143,7 @@ fn w6(ip: Ipv6Addr) -> Words {
 fn service_maps(eth0: u32) -> Vec<MapOp> {
     let fwd = ACT_FORWARD_CLUSTER | ACT_MASQ;
     let mut ops = vec![
-        MapOp::PutConfig(Config {
+        MapOp::PutConfig(Box::new(Config {
             primary: [w(NODE), w6(NODE6)],
             udp_timeout: 30,
             tcp_syn_timeout: 30,
@@ -152,8 +152,8 @@ fn service_maps(eth0: u32) -> Vec<MapOp> {
             nat_port_min: 1024,
             nat_port_max: 29999,
             ..Config::default()
-        }),
-        MapOp::PutDevice(eth0, Device { snat: [w(NODE), w6(NODE6)], flags: DEV_EXTERNAL }),
+        })),
+        MapOp::PutDevice(eth0, Box::new(Device { snat: [w(NODE), w6(NODE6)], flags: DEV_EXTERNAL })),
         MapOp::PutLocal(LocalKey { addr: w(NODE), family: FAM_V4 }, LOCAL_HOST | LOCAL_NODEPORT),
         MapOp::PutLocal(LocalKey { addr: w6(NODE6), family: FAM_V6 }, LOCAL_HOST | LOCAL_NODEPORT),
     ];

@@ -228,7 +228,7 @@ fn prefix(kind: u8, cidr: &str) -> RangeKey {
 
 /// The node: addresses, primary addresses, pod ranges (ClusterCIDR detector), service CIDR.
 fn node_setup() -> Vec<MapOp> {
-    let mut ops = vec![MapOp::PutConfig(Config {
+    let mut ops = vec![MapOp::PutConfig(Box::new(Config {
         host_netns: 1,
         pod_class: [CLASS_POD; 2],
         flags: CFG_PODS_BY_RANGE,
@@ -240,7 +240,7 @@ fn node_setup() -> Vec<MapOp> {
         nat_port_min: NAT_MIN,
         nat_port_max: NAT_MAX,
         maglev_size: 0,
-    })];
+    }))];
     for a in [NODE4, NODE6] {
         ops.push(MapOp::PutLocal(LocalKey { addr: words_of(a), family: fam(a) }, LOCAL_HOST | LOCAL_NODEPORT));
     }

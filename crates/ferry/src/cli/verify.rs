@@ -242,13 +242,13 @@ mod tests {
                 MapOp::PutMember(k, v) => d.members.push((k, v)),
                 MapOp::PutFirewall(k) => d.firewall.push(k),
                 MapOp::PutService(id, v) => d.services.push((id, v)),
-                MapOp::PutName(id, n) => d.names.push((id, n)),
+                MapOp::PutName(id, n) => d.names.push((id, n.into())),
                 MapOp::PutFrontend(k, v) => d.frontends.push((k, v)),
                 MapOp::PutLocal(k, v) => d.locals.push((k, v)),
                 MapOp::PutRange(k) => d.ranges.push(k),
-                MapOp::PutConfig(c) => d.config = Some(c),
-                MapOp::PutDevice(i, v) => d.devices.push((i, v)),
-                MapOp::PutMaglev(k, t) => d.maglev.push((k, t)),
+                MapOp::PutConfig(c) => d.config = Some(*c),
+                MapOp::PutDevice(i, v) => d.devices.push((i, *v)),
+                MapOp::PutMaglev(k, t) => d.maglev.push((k, t.into())),
                 other => panic!("a fresh sync deleted something: {other:?}"),
             }
         }
