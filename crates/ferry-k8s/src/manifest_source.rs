@@ -8,9 +8,9 @@
 //!          Deleted (objects gone from the file, or the file gone) -> Checkpoint(t)
 //! ```
 //!
-//! Files are read one at a time and only object keys and a digest of each
-//! object are remembered, so a large directory is never held in memory
-//! twice. A changed file whose object is byte-for-byte the same (after
+//! Files are read one at a time, each file's events are sent before the
+//! next is read, and only object keys and a digest of each object are
+//! remembered, so a large directory is never held in memory. A changed file whose object is byte-for-byte the same (after
 //! parsing) sends nothing for it. Without inotify events for a while (or on
 //! an inotify queue overflow) the directory is rescanned by modification
 //! time, so no change is lost.
@@ -116,9 +116,13 @@ impl ManifestSource {
             .watch(&self.dir, notify::RecursiveMode::Recursive)
             .map_err(|source| ManifestSourceError::Watch { path: self.dir.clone(), source })?;
 
+        // Each file's events go out as soon as it is read: the whole
+        // directory is never held as events (at 100k services that was
+        // ~600 MB of API objects waiting for the planner).
+        let mut send = |out: &mut Vec<SourceEvent>| send_all(&events, std::mem::take(out));
         let at = SystemTime::now();
         let mut out = Vec::new();
-        self.rescan(&mut out)?;
+        self.rescan(&mut out, &mut send)?;
         out.push(SourceEvent::Synced);
         out.push(SourceEvent::Checkpoint(at));
         if !send_all(&events, out) {
@@ -136,8 +140,12 @@ impl ManifestSource {
                     last_look = std::time::Instant::now();
                     let at = SystemTime::now();
                     let mut out = Vec::new();
-                    self.rescan(&mut out)?;
-                    if !out.is_empty() {
+                    let mut sent = false;
+                    self.rescan(&mut out, &mut |out| {
+                        sent |= !out.is_empty();
+                        send(out)
+                    })?;
+                    if sent || !out.is_empty() {
                         out.push(SourceEvent::Checkpoint(at));
                         if !send_all(&events, out) {
                             break;
@@ -163,10 +171,13 @@ impl ManifestSource {
             }
             let mut out = Vec::new();
             if rescan || changed.iter().any(|p| p.is_dir() || p == &self.dir) {
-                self.rescan(&mut out)?;
+                self.rescan(&mut out, &mut send)?;
             } else {
                 for path in changed.into_iter().filter(|p| is_manifest(p)) {
                     self.read_file(&path, &mut out);
+                    if !send(&mut out) {
+                        break;
+                    }
                 }
             }
             out.push(SourceEvent::Checkpoint(at));
@@ -179,8 +190,13 @@ impl ManifestSource {
     }
 
     /// Reads what changed in the whole directory (by modification time and
-    /// length), and what vanished.
-    fn rescan(&mut self, out: &mut Vec<SourceEvent>) -> Result<(), ManifestSourceError> {
+    /// length), and what vanished. After each file, `flush` takes what is in
+    /// `out`; it returns false when no one listens any more, and the scan stops.
+    fn rescan(
+        &mut self,
+        out: &mut Vec<SourceEvent>,
+        flush: &mut dyn FnMut(&mut Vec<SourceEvent>) -> bool,
+    ) -> Result<(), ManifestSourceError> {
         let mut files = Vec::new();
         let mut problems = Vec::new();
         collect_files(&self.dir, &mut files, &mut problems)
@@ -195,6 +211,9 @@ impl ManifestSource {
         let gone: Vec<PathBuf> = self.files.keys().filter(|p| !present.contains(*p)).cloned().collect();
         for path in gone {
             self.read_file(&path, out);
+            if !flush(out) {
+                return Ok(());
+            }
         }
         for path in files {
             let meta = std::fs::metadata(&path).ok();
@@ -204,6 +223,9 @@ impl ManifestSource {
                 .is_some_and(|f| meta.as_ref().is_some_and(|m| f.modified == m.modified().ok() && f.len == m.len()));
             if !unchanged {
                 self.read_file(&path, out);
+                if !flush(out) {
+                    return Ok(());
+                }
             }
         }
         Ok(())
@@ -328,7 +350,7 @@ mod tests {
         std::fs::write(dir.path().join("b.yaml"), B).unwrap();
         let mut src = ManifestSource::new(dir.path());
         let mut out = Vec::new();
-        src.rescan(&mut out).unwrap();
+        src.rescan(&mut out, &mut |_| true).unwrap();
         assert_eq!(show(&out), ["+svc ns/a", "+svc ns/b"]);
 
         // The same content written again: nothing.
@@ -353,12 +375,12 @@ mod tests {
         std::fs::write(dir.path().join("2.yaml"), A.replace("10.96.0.1", "10.96.0.9")).unwrap();
         let mut src = ManifestSource::new(dir.path());
         let mut out = Vec::new();
-        src.rescan(&mut out).unwrap();
+        src.rescan(&mut out, &mut |_| true).unwrap();
         assert_eq!(show(&out), ["+svc ns/a"]);
         // Removing the second definition deletes nothing.
         let mut out = Vec::new();
         std::fs::remove_file(dir.path().join("2.yaml")).unwrap();
-        src.rescan(&mut out).unwrap();
+        src.rescan(&mut out, &mut |_| true).unwrap();
         assert!(out.is_empty(), "{:?}", show(&out));
     }
 

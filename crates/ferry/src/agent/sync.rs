@@ -131,9 +131,15 @@ pub struct InstallOverrides {
     pub cgroup: Option<PathBuf>,
 }
 
+/// Events sent to the sync thread and not yet read by it, beyond which the
+/// agent stops taking events from the source (see `Loop::run`).
+pub const MAX_BACKLOG: usize = 4096;
+
 /// A handle on the running sync thread.
 pub struct SyncThread {
     jobs: std::sync::mpsc::Sender<Work>,
+    /// Events sent and not yet applied to the planner.
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -147,6 +153,8 @@ impl SyncThread {
         done: mpsc::UnboundedSender<Done>,
     ) -> std::io::Result<SyncThread> {
         let (jobs, rx) = std::sync::mpsc::channel::<Work>();
+        let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let applied = backlog.clone();
         let thread = std::thread::Builder::new().name("ferry-sync".into()).spawn(move || {
             let mut worker = Worker {
                 overrides,
@@ -154,6 +162,7 @@ impl SyncThread {
                 planner: Planner::new(node),
                 no_local: NoLocalCounts::default(),
                 proxier: None,
+                preparing: None,
                 prepared: None,
                 refused_written: None,
             };
@@ -161,20 +170,12 @@ impl SyncThread {
                 let job = match work {
                     Work::Event(event) => {
                         worker.apply(event);
+                        applied.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                         continue;
                     }
                     Work::Job(job) => *job,
                     Work::Prepare(settings) => {
-                        if worker.proxier.is_none() {
-                            match worker.install(&settings) {
-                                Ok(line) => {
-                                    tracing::debug!("datapath installed ahead of the first sync");
-                                    worker.prepared = Some(line);
-                                }
-                                // The first job installs again and reports the error properly.
-                                Err(e) => tracing::debug!("installing ahead of the first sync failed: {e:#}"),
-                            }
-                        }
+                        worker.prepare(*settings);
                         continue;
                     }
                 };
@@ -188,7 +189,12 @@ impl SyncThread {
                 }
             }
         })?;
-        Ok(SyncThread { jobs, thread })
+        Ok(SyncThread { jobs, backlog, thread })
+    }
+
+    /// Events sent and not yet applied to the planner.
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues a job. Fails only if the thread is gone (it panicked).
@@ -203,6 +209,7 @@ impl SyncThread {
 
     /// Hands a source event to the planner.
     pub fn event(&self, event: SourceEvent) -> anyhow::Result<()> {
+        self.backlog.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send_work(Work::Event(event))
     }
 
@@ -224,6 +231,11 @@ struct Worker {
     /// Follows the planner's Plan (not the datapath's), diff by diff.
     no_local: NoLocalCounts,
     proxier: Option<(Proxier, NodeConfig, PathBuf)>,
+    /// A `Work::Prepare` install running on a thread of its own, so that
+    /// events keep flowing into the planner meanwhile (queued instead, a
+    /// large cluster's objects all waited in the channel: ~600 MB at 100k
+    /// services). The first job takes its result.
+    preparing: Option<std::thread::JoinHandle<anyhow::Result<Installed>>>,
     /// The install line of a `Work::Prepare`, for the first job to report.
     prepared: Option<String>,
     /// The refused objects last written for `ferry status` (`None`: nothing
@@ -231,7 +243,46 @@ struct Worker {
     refused_written: Option<Vec<RefusedObject>>,
 }
 
+/// A datapath just installed: the Proxier, its maps for the counters, where it is pinned, the log line.
+struct Installed {
+    proxier: Proxier,
+    maps: Option<ferry_bpf::Maps>,
+    pin_dir: PathBuf,
+    line: String,
+}
+
 impl Worker {
+    /// Starts installing the datapath ahead of the first job (see [`Work::Prepare`]).
+    fn prepare(&mut self, settings: Settings) {
+        if self.proxier.is_some() || self.preparing.is_some() {
+            return;
+        }
+        let overrides = self.overrides.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ferry-install".into())
+            .spawn(move || install_datapath(&overrides, &settings, false));
+        match spawned {
+            Ok(handle) => self.preparing = Some(handle),
+            Err(e) => tracing::debug!("cannot install ahead of the first sync: {e}"),
+        }
+    }
+
+    /// Waits for a `Work::Prepare` install, if one runs, and keeps its datapath.
+    fn take_prepared(&mut self, settings: &Settings) {
+        let Some(handle) = self.preparing.take() else { return };
+        match handle.join() {
+            Ok(Ok(installed)) => {
+                tracing::debug!("datapath installed ahead of the first sync");
+                *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = installed.maps;
+                self.proxier = Some((installed.proxier, settings.node.clone(), installed.pin_dir));
+                self.prepared = Some(installed.line);
+            }
+            // The job installs again and reports the error properly.
+            Ok(Err(e)) => tracing::debug!("installing ahead of the first sync failed: {e:#}"),
+            Err(_) => tracing::warn!("installing ahead of the first sync panicked; installing again"),
+        }
+    }
+
     fn apply(&mut self, event: SourceEvent) {
         match event {
             SourceEvent::Change(change) => self.planner.apply(change),
@@ -263,6 +314,7 @@ impl Worker {
 
     fn run(&mut self, job: Job) -> anyhow::Result<Synced> {
         self.planner.reconfigure(job.settings.node.clone())?;
+        self.take_prepared(&job.settings);
         let mut installed = None;
         let current = self.proxier.as_ref().map(|(_, cfg, _)| cfg);
         if current != Some(&job.settings.node) {
@@ -326,40 +378,47 @@ impl Worker {
     }
 
     fn install(&mut self, settings: &Settings) -> anyhow::Result<String> {
-        let o = &self.overrides;
-        let opts = crate::datapath::install_options(settings, o.pin_dir.clone(), o.cgroup.clone())?;
         // Drop the old handles first: the new Proxier adopts what is pinned.
         let reinstall = self.proxier.take().is_some();
         *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let (proxier, installed) = Proxier::start(settings, &opts)?;
-        if installed.datapath == "bpf" {
-            match ferry_bpf::Maps::open(&opts.pin_dir) {
-                Ok(maps) => *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = Some(maps),
-                Err(e) => tracing::warn!("datapath counters will be missing from /metrics: {e}"),
-            }
-        }
-        let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
-        let line = format!(
-            "datapath {}: pin_dir={} cgroup={} devices={} adopted={}{} links_updated={} links_attached={}",
-            if reinstall { "reinstalled for the node's new addresses" } else { "installed" },
-            opts.pin_dir.display(),
-            opts.cgroup.display(),
-            devices.join(","),
-            installed.adopted,
-            match installed.migrated_from {
-                Some(from) => format!(
-                    " migrated_from_layout={from} to_layout={} retired=[{}]",
-                    ferry_bpf::layout::LAYOUT,
-                    installed.retired.join(",")
-                ),
-                None => String::new(),
-            },
-            installed.links_updated,
-            installed.links_attached,
-        );
-        self.proxier = Some((proxier, settings.node.clone(), opts.pin_dir));
-        Ok(line)
+        let installed = install_datapath(&self.overrides, settings, reinstall)?;
+        *self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) = installed.maps;
+        self.proxier = Some((installed.proxier, settings.node.clone(), installed.pin_dir));
+        Ok(installed.line)
     }
+}
+
+/// Installs (or adopts) the datapath `settings` describe.
+fn install_datapath(o: &InstallOverrides, settings: &Settings, reinstall: bool) -> anyhow::Result<Installed> {
+    let opts = crate::datapath::install_options(settings, o.pin_dir.clone(), o.cgroup.clone())?;
+    let (proxier, installed) = Proxier::start(settings, &opts)?;
+    let mut maps = None;
+    if installed.datapath == "bpf" {
+        match ferry_bpf::Maps::open(&opts.pin_dir) {
+            Ok(m) => maps = Some(m),
+            Err(e) => tracing::warn!("datapath counters will be missing from /metrics: {e}"),
+        }
+    }
+    let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
+    let line = format!(
+        "datapath {}: pin_dir={} cgroup={} devices={} adopted={}{} links_updated={} links_attached={}",
+        if reinstall { "reinstalled for the node's new addresses" } else { "installed" },
+        opts.pin_dir.display(),
+        opts.cgroup.display(),
+        devices.join(","),
+        installed.adopted,
+        match installed.migrated_from {
+            Some(from) => format!(
+                " migrated_from_layout={from} to_layout={} retired=[{}]",
+                ferry_bpf::layout::LAYOUT,
+                installed.retired.join(",")
+            ),
+            None => String::new(),
+        },
+        installed.links_updated,
+        installed.links_attached,
+    );
+    Ok(Installed { proxier, maps, pin_dir: opts.pin_dir, line })
 }
 
 /// Entries and capacity of every pinned map. Walks each map's keys, so it runs
