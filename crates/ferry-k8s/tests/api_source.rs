@@ -5,7 +5,7 @@
 //! while the server changes objects, drops watches, forgets history or goes
 //! down. Every wait is bounded; nothing asserts on elapsed time.
 
-use ferry_k8s::api::{ApiSource, Kind, Snapshot, SourceEvent, Stopped, apply_event};
+use ferry_k8s::api::{ApiSource, Kind, SourceEvent, Stopped, apply_event};
 use ferry_model::state::{ClusterState, ObjectKey, StateChange};
 use ferry_testapi::{FakeApi, ResourceType};
 use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
@@ -138,14 +138,12 @@ fn describe(event: &SourceEvent) -> String {
         SourceEvent::Change(StateChange::EndpointSliceDeleted(k)) => format!("-slice {}", k.name),
         SourceEvent::Change(StateChange::NodeApplied(n)) => format!("+node {}", rv(&n.metadata)),
         SourceEvent::Change(StateChange::NodeDeleted(n)) => format!("-node {n}"),
-        SourceEvent::Replace(snapshot) => {
-            let mut names: Vec<String> = match snapshot {
-                Snapshot::Services(v) => v.iter().map(|o| o.metadata.name.clone().unwrap()).collect(),
-                Snapshot::EndpointSlices(v) => v.iter().map(|o| o.metadata.name.clone().unwrap()).collect(),
-                Snapshot::Nodes(v) => v.iter().map(|o| o.metadata.name.clone().unwrap()).collect(),
-            };
+        // Each object of a list arrives on its own; the listing closes it.
+        SourceEvent::ListItem(c) => format!("list {c:?}"),
+        SourceEvent::Listed(listing) => {
+            let mut names: Vec<String> = listing.keys.iter().map(|k| k.name.to_string()).collect();
             names.sort();
-            format!("replace {} [{}]", snapshot.kind(), names.join(" "))
+            format!("replace {} [{}]", listing.kind, names.join(" "))
         }
         SourceEvent::Synced => "synced".into(),
         SourceEvent::WatchError { kind, .. } => format!("error {kind}"),
@@ -163,8 +161,8 @@ fn of_kind(events: &[SourceEvent], kind: Kind) -> Vec<String> {
     show(events).into_iter().filter(|e| prefix.iter().any(|p| e.starts_with(p))).collect()
 }
 
-fn is_replace(kind: Kind) -> impl Fn(&SourceEvent, &ClusterState) -> bool {
-    move |e, _| matches!(e, SourceEvent::Replace(s) if s.kind() == kind)
+fn is_listed(kind: Kind) -> impl Fn(&SourceEvent, &ClusterState) -> bool {
+    move |e, _| matches!(e, SourceEvent::Listed(l) if l.kind == kind)
 }
 
 /// Checks the folded state against what the fake serves now (resourceVersions included).
@@ -219,7 +217,7 @@ async fn synced_only_after_services_and_slices_are_listed() {
     let mut seen_services = false;
     let mut seen_slice_error = false;
     h.until("the Services list and an EndpointSlice error", |e, _| {
-        seen_services |= matches!(e, SourceEvent::Replace(s) if s.kind() == Kind::Service);
+        seen_services |= matches!(e, SourceEvent::Listed(l) if l.kind == Kind::Service);
         seen_slice_error |= matches!(e, SourceEvent::WatchError { kind: Kind::EndpointSlice, .. });
         seen_services && seen_slice_error
     })
@@ -252,7 +250,7 @@ async fn a_missing_node_does_not_hold_back_sync() {
     let (mut synced, mut node_listed) = (false, false);
     h.until("synced and the (empty) Node list", |e, _| {
         synced |= matches!(e, SourceEvent::Synced);
-        node_listed |= is_replace(Kind::Node)(e, &ClusterState::default());
+        node_listed |= is_listed(Kind::Node)(e, &ClusterState::default());
         synced && node_listed
     })
     .await;
@@ -356,7 +354,7 @@ async fn gone_makes_the_source_relist_and_forget_deleted_objects() {
     api.delete::<Service>("default", "a");
     api.delete::<EndpointSlice>("default", "a-1");
     api.apply(&service("c", 80));
-    h.until("the Services relist", is_replace(Kind::Service)).await;
+    h.until("the Services relist", is_listed(Kind::Service)).await;
     h.until_state("the slices relist", |s| s.endpoint_slices.is_empty()).await;
 
     assert_eq!(h.state.services.keys().map(|k| &*k.name).collect::<Vec<_>>(), ["b", "c"]);

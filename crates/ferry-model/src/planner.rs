@@ -292,10 +292,7 @@ impl Planner {
             seen.insert(ObjectKey::of_meta(&svc.metadata));
             self.apply_service(svc);
         }
-        let gone: Vec<ObjectKey> = self.services.keys().filter(|k| !seen.contains(*k)).cloned().collect();
-        for key in gone {
-            self.delete_service(&key);
-        }
+        self.keep_only_services(|k| seen.contains(k));
     }
 
     /// Replaces every EndpointSlice with `slices` (a relist).
@@ -305,21 +302,30 @@ impl Planner {
             seen.insert(ObjectKey::of_meta(&slice.metadata));
             self.apply_slice(slice);
         }
-        let gone: Vec<ObjectKey> = self.slices.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        self.keep_only_slices(|k| seen.contains(k));
+    }
+
+    /// Deletes the Services `listed` says a (re)list no longer has (their
+    /// objects were applied one by one as the list streamed in).
+    pub fn keep_only_services(&mut self, listed: impl Fn(&ObjectKey) -> bool) {
+        let gone: Vec<ObjectKey> = self.services.keys().filter(|k| !listed(k)).cloned().collect();
+        for key in gone {
+            self.delete_service(&key);
+        }
+    }
+
+    /// Deletes the EndpointSlices `listed` says a (re)list no longer has.
+    pub fn keep_only_slices(&mut self, listed: impl Fn(&ObjectKey) -> bool) {
+        let gone: Vec<ObjectKey> = self.slices.keys().filter(|k| !listed(k)).cloned().collect();
         for key in gone {
             self.delete_slice(&key);
         }
     }
 
-    /// Replaces every Node with `nodes` (a relist).
-    pub fn replace_nodes<'a>(&mut self, nodes: impl IntoIterator<Item = &'a Node>) {
-        let mut seen = HashSet::new();
-        for node in nodes {
-            seen.insert(node.metadata.name.clone().unwrap_or_default());
-            self.apply_node(node);
-        }
+    /// Deletes the Nodes `listed` says a (re)list no longer has.
+    pub fn keep_only_nodes(&mut self, listed: impl Fn(&str) -> bool) {
         let before = self.nodes.len();
-        self.nodes.retain(|name, _| seen.contains(name));
+        self.nodes.retain(|name, _| listed(name));
         if self.nodes.len() != before {
             self.node_dirty = true;
         }

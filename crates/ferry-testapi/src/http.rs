@@ -68,15 +68,47 @@ pub(crate) async fn handle(
     if record.param("watch").is_some_and(|w| w == "true" || w == "1") {
         return watch(shared, target, selectors, &record);
     }
-    let (items, rv) = shared.lock().store.list(target.resource, target.namespace.as_deref(), &selectors);
-    // Everything fits in one page: `limit` is accepted and no `continue` token is ever returned.
+    // Paginated as kube-apiserver does (`limit`, `continue`): clients read a
+    // large list a page at a time. Every page reports the first page's
+    // resourceVersion, so a watch from it replays whatever changed while the
+    // pages were read (unlike etcd, later pages show the current objects, not
+    // a snapshot: a change then arrives twice, which clients must bear anyway).
+    let limit = record.param("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let (rv, after) = match record.param("continue").filter(|c| !c.is_empty()) {
+        None => (shared.lock().store.resource_version(), None),
+        Some(token) => match parse_continue(token) {
+            Some((rv, key)) => (rv, Some(key)),
+            None => return error(StatusCode::BAD_REQUEST, "BadRequest", &format!("invalid continue token {token:?}")),
+        },
+    };
+    let (items, last) =
+        shared.lock().store.list_page(target.resource, target.namespace.as_deref(), &selectors, after.as_ref(), limit);
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some(key) = last {
+        metadata["continue"] = json!(continue_token(rv, &key));
+    }
     Json(json!({
         "kind": format!("{}List", target.resource.kind()),
         "apiVersion": target.resource.api_version(),
-        "metadata": {"resourceVersion": rv.to_string()},
+        "metadata": metadata,
         "items": items,
     }))
     .into_response()
+}
+
+/// A continue token: the list's resourceVersion and the last key served, hex-encoded.
+fn continue_token(rv: u64, (namespace, name): &crate::store::Key) -> String {
+    let text = format!("{rv}\n{namespace}\n{name}");
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_continue(token: &str) -> Option<(u64, crate::store::Key)> {
+    let bytes: Option<Vec<u8>> =
+        (0..token.len()).step_by(2).map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok()).collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let mut parts = text.splitn(3, '\n');
+    let rv = parts.next()?.parse().ok()?;
+    Some((rv, (parts.next()?.to_string(), parts.next()?.to_string())))
 }
 
 fn selectors(record: &RequestRecord) -> Result<Selectors, String> {

@@ -22,8 +22,9 @@
 //! # }
 //! ```
 //!
-//! Not served: writes over HTTP (tests write through the handle), pagination
-//! (`limit` is accepted, everything comes in one page), set-based label
+//! Lists are paginated (`limit`, `continue`; see `http.rs` for how pages of a
+//! changing store behave). Not served: writes over HTTP (tests write through
+//! the handle), set-based label
 //! selectors, field selectors other than `metadata.name`/`metadata.namespace`,
 //! streaming lists (`sendInitialEvents`), protobuf, and kinds other than the three.
 

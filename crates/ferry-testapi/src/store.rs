@@ -51,7 +51,7 @@ pub fn event_for(change: &Change, selectors: &Selectors) -> Option<(&'static str
     Some((event, change.object.clone()))
 }
 
-type Key = (String, String);
+pub type Key = (String, String);
 
 /// All objects and the history of writes.
 #[derive(Debug)]
@@ -153,15 +153,36 @@ impl Store {
 
     /// Objects matching the selectors, in namespace/name order, and the list's resourceVersion.
     pub fn list(&self, resource: ResourceType, namespace: Option<&str>, selectors: &Selectors) -> (Vec<Value>, u64) {
-        let items = self
-            .objects
-            .get(&resource)
-            .into_iter()
-            .flatten()
-            .filter(|((ns, _), obj)| namespace.is_none_or(|want| want == ns) && selectors.matches(obj))
-            .map(|(_, obj)| obj.clone())
-            .collect();
+        let (items, _) = self.list_page(resource, namespace, selectors, None, usize::MAX);
         (items, self.rv)
+    }
+
+    /// At most `limit` matching objects in key order after `after` (exclusive),
+    /// and the key of the last one when more may follow.
+    pub fn list_page(
+        &self,
+        resource: ResourceType,
+        namespace: Option<&str>,
+        selectors: &Selectors,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> (Vec<Value>, Option<Key>) {
+        let Some(all) = self.objects.get(&resource) else { return (Vec::new(), None) };
+        let from = match after {
+            Some(k) => std::ops::Bound::Excluded(k.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut matching = all
+            .range((from, std::ops::Bound::Unbounded))
+            .filter(|((ns, _), obj)| namespace.is_none_or(|want| want == ns) && selectors.matches(obj));
+        let mut items = Vec::new();
+        let mut last = None;
+        for (key, obj) in matching.by_ref().take(limit) {
+            items.push(obj.clone());
+            last = Some(key.clone());
+        }
+        let more = matching.next().is_some();
+        (items, last.filter(|_| more))
     }
 
     pub fn get(&self, resource: ResourceType, namespace: &str, name: &str) -> Option<Value> {

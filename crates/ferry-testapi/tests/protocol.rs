@@ -118,6 +118,40 @@ async fn lists_filter_by_namespace_labels_and_fields() {
     assert_eq!(slice_list.param("labelSelector"), Some("!service.kubernetes.io/headless"));
 }
 
+/// A list read a page at a time, as kube-runtime's watcher reads it
+/// (500 per page by default): every object once, in order, each page with
+/// the first page's resourceVersion, even when the store changes between pages.
+#[tokio::test]
+async fn lists_come_in_pages_with_the_first_pages_version() {
+    let api = FakeApi::start().await;
+    for i in 0..5 {
+        api.apply(&service("default", &format!("s{i}")));
+    }
+    let listed_at = api.apply(&service("kube-system", "dns"));
+    let services = Api::<Service>::all(api.client());
+    let mut names = Vec::new();
+    let mut params = ListParams::default().limit(2);
+    for page in 1..=10 {
+        let list = services.list(&params).await.unwrap();
+        assert!(list.items.len() <= 2, "page {page} has {} items", list.items.len());
+        assert_eq!(list.metadata.resource_version, Some(listed_at.to_string()), "page {page}");
+        names.extend(list.items.iter().map(|s| s.name_any()));
+        if page == 1 {
+            // A change between pages: the pages still report the list's version.
+            api.apply(&service("default", "s9"));
+        }
+        match list.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    assert_eq!(names, ["s0", "s1", "s2", "s3", "s4", "s9", "dns"]);
+    match services.list(&ListParams::default().continue_token("zz")).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 400),
+        other => panic!("expected a 400 for a bad continue token, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn watch_resumes_after_a_version_and_follows_selectors() {
     let api = FakeApi::start().await;

@@ -6,8 +6,6 @@
 //! `ClusterState`, so the agent and the tests apply them identically.
 
 use ferry_model::state::{ClusterState, ObjectKey, StateChange};
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::fmt;
 
 /// A kind of object the source watches.
@@ -28,49 +26,69 @@ impl fmt::Display for Kind {
     }
 }
 
-/// The complete current set of one kind, as a (re)list returned it.
-#[derive(Debug, Clone)]
-pub enum Snapshot {
-    Services(Vec<Service>),
-    EndpointSlices(Vec<EndpointSlice>),
-    Nodes(Vec<Node>),
+/// The end of a (re)list of one kind: the keys of every object it returned
+/// (each came before as a [`SourceEvent::ListItem`]). Keys, not objects: a
+/// list is streamed into the model object by object, never held whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub kind: Kind,
+    /// Nodes are keyed `("", name)`.
+    pub keys: Vec<ObjectKey>,
 }
 
-impl Snapshot {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Snapshot::Services(_) => Kind::Service,
-            Snapshot::EndpointSlices(_) => Kind::EndpointSlice,
-            Snapshot::Nodes(_) => Kind::Node,
-        }
-    }
-
+impl Listing {
     pub fn len(&self) -> usize {
-        match self {
-            Snapshot::Services(v) => v.len(),
-            Snapshot::EndpointSlices(v) => v.len(),
-            Snapshot::Nodes(v) => v.len(),
-        }
+        self.keys.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.keys.is_empty()
     }
+
+    /// The keys as a set, to tell which held objects the list no longer has.
+    pub fn key_set(&self) -> std::collections::HashSet<&ObjectKey> {
+        self.keys.iter().collect()
+    }
+}
+
+/// The key a [`Listing`] has for a Node.
+pub fn node_key(name: &str) -> ObjectKey {
+    ObjectKey::new("", name)
+}
+
+/// The events a (re)list of `changes` (all `*Applied` of one kind) sends:
+/// each object, then the listing. For tests and sources that read whole sets.
+pub fn relist(kind: Kind, changes: Vec<StateChange>) -> Vec<SourceEvent> {
+    let keys = changes
+        .iter()
+        .filter_map(|c| match c {
+            StateChange::ServiceApplied(o) => Some(ObjectKey::of_meta(&o.metadata)),
+            StateChange::EndpointSliceApplied(o) => Some(ObjectKey::of_meta(&o.metadata)),
+            StateChange::NodeApplied(o) => Some(node_key(o.metadata.name.as_deref().unwrap_or_default())),
+            _ => None,
+        })
+        .collect();
+    let mut out: Vec<SourceEvent> = changes.into_iter().map(SourceEvent::ListItem).collect();
+    out.push(SourceEvent::Listed(Listing { kind, keys }));
+    out
 }
 
 /// One message from the Kubernetes API source.
 ///
-/// Order per kind is the API server's order. A consumer applies `Change` and
-/// `Replace` with [`apply_event`] and must not program the datapath before
-/// `Synced`: until then the state may hold Services without their endpoints,
-/// and writing rules from it would briefly blackhole traffic.
+/// Order per kind is the API server's order. A consumer applies them with
+/// [`apply_event`] and must not program the datapath before `Synced`: until
+/// then the state may hold Services without their endpoints, and writing
+/// rules from it would briefly blackhole traffic.
 #[derive(Debug, Clone)]
 pub enum SourceEvent {
     /// One object was added, modified or deleted.
     Change(StateChange),
-    /// A (re)list of one kind finished: this is the full current set, and
-    /// objects of that kind not in it are gone (e.g. deleted during an outage).
-    Replace(Snapshot),
+    /// One object of a (re)list in progress (always an `*Applied`): the API
+    /// server's current version, possibly unchanged since it was last sent.
+    ListItem(StateChange),
+    /// A (re)list of one kind finished: objects of that kind not in it are
+    /// gone (e.g. deleted during an outage).
+    Listed(Listing),
     /// Services and EndpointSlices have both completed their first list. Sent
     /// once per run; the Node watch does not hold it back.
     Synced,
@@ -83,7 +101,7 @@ pub enum SourceEvent {
     Checkpoint(std::time::SystemTime),
 }
 
-/// Applies a Change or Replace to the state; returns whether the state may have
+/// Applies a change or a listing to the state; returns whether the state may have
 /// changed (false for `Synced` and `WatchError`).
 pub fn apply_event(state: &mut ClusterState, event: &SourceEvent) -> bool {
     match event {
@@ -91,16 +109,17 @@ pub fn apply_event(state: &mut ClusterState, event: &SourceEvent) -> bool {
             state.apply(change.clone());
             true
         }
-        SourceEvent::Replace(Snapshot::Services(all)) => {
-            state.services = all.iter().map(|o| (ObjectKey::of_meta(&o.metadata), o.clone())).collect();
+        SourceEvent::ListItem(change) => {
+            state.apply(change.clone());
             true
         }
-        SourceEvent::Replace(Snapshot::EndpointSlices(all)) => {
-            state.endpoint_slices = all.iter().map(|o| (ObjectKey::of_meta(&o.metadata), o.clone())).collect();
-            true
-        }
-        SourceEvent::Replace(Snapshot::Nodes(all)) => {
-            state.nodes = all.iter().map(|o| (o.metadata.name.clone().unwrap_or_default(), o.clone())).collect();
+        SourceEvent::Listed(listing) => {
+            let keys = listing.key_set();
+            match listing.kind {
+                Kind::Service => state.services.retain(|k, _| keys.contains(k)),
+                Kind::EndpointSlice => state.endpoint_slices.retain(|k, _| keys.contains(k)),
+                Kind::Node => state.nodes.retain(|name, _| keys.contains(&node_key(name))),
+            }
             true
         }
         SourceEvent::Synced | SourceEvent::WatchError { .. } | SourceEvent::Checkpoint(_) => false,
@@ -110,6 +129,8 @@ pub fn apply_event(state: &mut ClusterState, event: &SourceEvent) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::{Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn meta(ns: Option<&str>, name: &str, rv: &str) -> ObjectMeta {
@@ -127,6 +148,10 @@ mod tests {
 
     fn slice(name: &str, rv: &str) -> EndpointSlice {
         EndpointSlice { metadata: meta(Some("default"), name, rv), ..Default::default() }
+    }
+
+    fn applied_svc(name: &str, rv: &str) -> StateChange {
+        StateChange::ServiceApplied(Box::new(svc(name, rv)))
     }
 
     fn node(name: &str) -> Node {
@@ -150,16 +175,22 @@ mod tests {
         }
 
         // A relist of Services: b vanished, a changed, c is new.
-        apply_event(&mut state, &SourceEvent::Replace(Snapshot::Services(vec![svc("a", "9"), svc("c", "10")])));
+        for ev in relist(Kind::Service, vec![applied_svc("a", "9"), applied_svc("c", "10")]) {
+            apply_event(&mut state, &ev);
+        }
         assert_eq!(keys(&state.services), ["default/a", "default/c"]);
         assert_eq!(state.services[&ObjectKey::new("default", "a")].metadata.resource_version.as_deref(), Some("9"));
         // Other kinds are untouched by a Services relist.
         assert_eq!(keys(&state.endpoint_slices), ["default/a-1"]);
         assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["n1"]);
 
-        apply_event(&mut state, &SourceEvent::Replace(Snapshot::EndpointSlices(vec![])));
+        for ev in relist(Kind::EndpointSlice, vec![]) {
+            apply_event(&mut state, &ev);
+        }
         assert!(state.endpoint_slices.is_empty());
-        apply_event(&mut state, &SourceEvent::Replace(Snapshot::Nodes(vec![node("n2")])));
+        for ev in relist(Kind::Node, vec![StateChange::NodeApplied(Box::new(node("n2")))]) {
+            apply_event(&mut state, &ev);
+        }
         assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["n2"]);
         assert_eq!(keys(&state.services), ["default/a", "default/c"]);
     }
@@ -167,7 +198,9 @@ mod tests {
     #[test]
     fn deletes_and_non_state_events() {
         let mut state = ClusterState::default();
-        apply_event(&mut state, &SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "2")])));
+        for ev in relist(Kind::Service, vec![applied_svc("a", "1"), applied_svc("b", "2")]) {
+            apply_event(&mut state, &ev);
+        }
         apply_event(&mut state, &SourceEvent::Change(StateChange::ServiceDeleted(ObjectKey::new("default", "a"))));
         assert_eq!(keys(&state.services), ["default/b"]);
 

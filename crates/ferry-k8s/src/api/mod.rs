@@ -10,5 +10,5 @@ mod event;
 mod source;
 
 pub use client::{ApiError, client};
-pub use event::{Kind, Snapshot, SourceEvent, apply_event};
+pub use event::{Kind, Listing, SourceEvent, apply_event, node_key, relist};
 pub use source::{ApiSource, ENDPOINT_SLICE_LABEL_SELECTOR, Stopped, WATCHED_RESOURCES, WatchedResource};

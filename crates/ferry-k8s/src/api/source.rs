@@ -4,10 +4,12 @@
 //! Each kind has its own `watcher` (list, then watch from the list's
 //! resourceVersion; relist on 410 Gone; resume after a dropped connection) with
 //! kube's default backoff, so API errors never end the source. The watchers'
-//! `Init .. InitApply* .. InitDone` runs become one `Replace` with the whole
-//! set, which is how objects deleted while the watch was down disappear.
+//! `Init .. InitApply* .. InitDone` runs are streamed: each object goes out
+//! as a `ListItem` as it arrives, and `InitDone` becomes one `Listed` with the
+//! keys of the whole set, which is how objects deleted while the watch was
+//! down disappear. Only keys are held, never a whole list of objects.
 
-use crate::api::event::{Kind, Snapshot, SourceEvent};
+use crate::api::event::{Kind, Listing, SourceEvent, node_key};
 use ferry_model::state::{ObjectKey, StateChange};
 use futures::stream::{self, BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -143,60 +145,61 @@ enum Observed {
 /// A kind the source watches: how its objects become changes and snapshots.
 trait Watched: Sized {
     const KIND: Kind;
+    fn key(&self) -> ObjectKey;
     fn applied(self) -> StateChange;
     fn deleted(self) -> StateChange;
-    fn snapshot(all: Vec<Self>) -> Snapshot;
 }
 
 impl Watched for Service {
     const KIND: Kind = Kind::Service;
+    fn key(&self) -> ObjectKey {
+        ObjectKey::of_meta(&self.metadata)
+    }
     fn applied(self) -> StateChange {
         StateChange::ServiceApplied(Box::new(self))
     }
     fn deleted(self) -> StateChange {
         StateChange::ServiceDeleted(ObjectKey::of_meta(&self.metadata))
     }
-    fn snapshot(all: Vec<Self>) -> Snapshot {
-        Snapshot::Services(all)
-    }
 }
 
 impl Watched for EndpointSlice {
     const KIND: Kind = Kind::EndpointSlice;
+    fn key(&self) -> ObjectKey {
+        ObjectKey::of_meta(&self.metadata)
+    }
     fn applied(self) -> StateChange {
         StateChange::EndpointSliceApplied(Box::new(self))
     }
     fn deleted(self) -> StateChange {
         StateChange::EndpointSliceDeleted(ObjectKey::of_meta(&self.metadata))
     }
-    fn snapshot(all: Vec<Self>) -> Snapshot {
-        Snapshot::EndpointSlices(all)
-    }
 }
 
 impl Watched for Node {
     const KIND: Kind = Kind::Node;
+    fn key(&self) -> ObjectKey {
+        node_key(self.metadata.name.as_deref().unwrap_or_default())
+    }
     fn applied(self) -> StateChange {
         StateChange::NodeApplied(Box::new(self))
     }
     fn deleted(self) -> StateChange {
         StateChange::NodeDeleted(self.metadata.name.unwrap_or_default())
     }
-    fn snapshot(all: Vec<Self>) -> Snapshot {
-        Snapshot::Nodes(all)
-    }
 }
 
 /// Where one kind's watcher is: inside a (re)list or not, and listed yet or not.
 struct KindState<K> {
-    /// `Some` between `Init` and `InitDone`: the objects of the list so far.
-    listing: Option<Vec<K>>,
+    /// `Some` between `Init` and `InitDone`: the keys of the list so far.
+    listing: Option<Vec<ObjectKey>>,
     listed: bool,
+    kind: std::marker::PhantomData<K>,
 }
 
 impl<K> Default for KindState<K> {
     fn default() -> Self {
-        KindState { listing: None, listed: false }
+        KindState { listing: None, listed: false, kind: std::marker::PhantomData }
     }
 }
 
@@ -205,19 +208,20 @@ impl<K: Watched> KindState<K> {
         match result {
             Ok(watcher::Event::Init) => {
                 // A second Init before InitDone means the list failed half-way and
-                // started over: what was buffered is stale.
+                // started over: the keys gathered so far are incomplete. (The
+                // objects already sent are real versions; sending them was harmless.)
                 self.listing = Some(Vec::new());
                 None
             }
             Ok(watcher::Event::InitApply(object)) => {
-                self.listing.get_or_insert_with(Vec::new).push(object);
-                None
+                self.listing.get_or_insert_with(Vec::new).push(object.key());
+                Some(SourceEvent::ListItem(object.applied()))
             }
             Ok(watcher::Event::InitDone) => {
-                let all = self.listing.take().unwrap_or_default();
-                tracing::info!(kind = %K::KIND, objects = all.len(), relist = self.listed, "list complete");
+                let keys = self.listing.take().unwrap_or_default();
+                tracing::info!(kind = %K::KIND, objects = keys.len(), relist = self.listed, "list complete");
                 self.listed = true;
-                Some(SourceEvent::Replace(K::snapshot(all)))
+                Some(SourceEvent::Listed(Listing { kind: K::KIND, keys }))
             }
             Ok(watcher::Event::Apply(object)) => Some(SourceEvent::Change(object.applied())),
             Ok(watcher::Event::Delete(object)) => Some(SourceEvent::Change(object.deleted())),
@@ -321,7 +325,14 @@ mod tests {
                 }
                 SourceEvent::Change(StateChange::ServiceDeleted(k)) => format!("-svc {k}"),
                 SourceEvent::Change(c) => format!("{c:?}"),
-                SourceEvent::Replace(snap) => format!("replace {} x{}", snap.kind(), snap.len()),
+                SourceEvent::ListItem(StateChange::ServiceApplied(s)) => {
+                    format!("list svc {}", s.metadata.name.clone().unwrap())
+                }
+                SourceEvent::ListItem(StateChange::EndpointSliceApplied(s)) => {
+                    format!("list slice {}", s.metadata.name.clone().unwrap())
+                }
+                SourceEvent::ListItem(c) => format!("list {c:?}"),
+                SourceEvent::Listed(l) => format!("listed {} x{}", l.kind, l.len()),
                 SourceEvent::Synced => "synced".into(),
                 SourceEvent::WatchError { kind, .. } => format!("error {kind}"),
                 SourceEvent::Checkpoint(_) => "checkpoint".into(),
@@ -359,29 +370,33 @@ mod tests {
         assert_eq!(
             show(&out),
             [
-                "replace Service x1",
-                "replace EndpointSlice x1",
+                "list svc a",
+                "listed Service x1",
+                "list slice a-1",
+                "listed EndpointSlice x1",
                 "synced",
                 "+svc b",
                 "-svc default/a",
                 "error Service",
-                "replace Service x1",
+                "list svc b",
+                "listed Service x1",
             ]
         );
     }
 
     #[test]
-    fn a_restarted_list_drops_what_the_failed_one_buffered() {
+    fn a_restarted_list_lists_only_what_the_new_one_returned() {
         let mut k = KindState::<Service>::default();
         assert!(k.observe(Ok(Event::Init)).is_none());
-        assert!(k.observe(Ok(Event::InitApply(svc("stale")))).is_none());
+        assert!(matches!(k.observe(Ok(Event::InitApply(svc("stale")))), Some(SourceEvent::ListItem(_))));
         assert!(k.observe(Ok(Event::Init)).is_none());
-        assert!(k.observe(Ok(Event::InitApply(svc("fresh")))).is_none());
+        assert!(matches!(k.observe(Ok(Event::InitApply(svc("fresh")))), Some(SourceEvent::ListItem(_))));
         match k.observe(Ok(Event::InitDone)) {
-            Some(SourceEvent::Replace(Snapshot::Services(all))) => {
-                assert_eq!(all.iter().map(|s| s.metadata.name.clone().unwrap()).collect::<Vec<_>>(), ["fresh"]);
+            Some(SourceEvent::Listed(l)) => {
+                assert_eq!(l.kind, Kind::Service);
+                assert_eq!(l.keys, [ObjectKey::new("default", "fresh")], "stale is not listed, so it is deleted");
             }
-            other => panic!("expected a Services replace, got {other:?}"),
+            other => panic!("expected a Services listing, got {other:?}"),
         }
     }
 

@@ -13,7 +13,7 @@
 //! The tracker keeps no objects: only a 64-bit digest of each object's key,
 //! resourceVersion and (for slices) Service, which is all counting needs.
 
-use ferry_k8s::api::{Snapshot, SourceEvent};
+use ferry_k8s::api::{Kind, SourceEvent};
 use ferry_model::state::{ObjectKey, StateChange};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
@@ -124,44 +124,48 @@ impl ChangeTracker {
                 c.endpoints += 1;
             }
             SourceEvent::Change(StateChange::NodeApplied(_) | StateChange::NodeDeleted(_)) => c.other += 1,
-            SourceEvent::Replace(Snapshot::Services(all)) => {
-                let mut seen = HashSet::new();
-                for svc in all {
-                    let key = digest(ObjectKey::of_meta(&svc.metadata));
-                    let rv = digest(&svc.metadata.resource_version);
-                    if self.services.insert(key, rv) != Some(rv) {
-                        self.pending.services.insert(key);
-                        c.services += 1;
-                    }
-                    seen.insert(key);
-                }
-                let gone: Vec<Digest> = self.services.keys().filter(|k| !seen.contains(*k)).copied().collect();
-                for key in gone {
-                    self.services.remove(&key);
+            // A (re)list sends every object again: only those whose
+            // resourceVersion moved are changes.
+            SourceEvent::ListItem(StateChange::ServiceApplied(svc)) => {
+                let key = digest(ObjectKey::of_meta(&svc.metadata));
+                let rv = digest(&svc.metadata.resource_version);
+                if self.services.insert(key, rv) != Some(rv) {
                     self.pending.services.insert(key);
                     c.services += 1;
                 }
             }
-            SourceEvent::Replace(Snapshot::EndpointSlices(all)) => {
-                let mut seen = HashSet::new();
-                for slice in all {
-                    let key = digest(ObjectKey::of_meta(&slice.metadata));
-                    let rv = digest(&slice.metadata.resource_version);
-                    if self.slices.get(&key).map(|(v, _)| *v) != Some(rv) {
-                        self.slice_changed(slice);
-                        c.endpoints += 1;
-                    }
-                    seen.insert(key);
-                }
-                let gone: Vec<Digest> = self.slices.keys().filter(|k| !seen.contains(*k)).copied().collect();
-                for key in gone {
-                    if let Some((_, owner)) = self.slices.remove(&key) {
-                        self.pending.endpoints.insert(owner);
-                        c.endpoints += 1;
-                    }
+            SourceEvent::ListItem(StateChange::EndpointSliceApplied(slice)) => {
+                let key = digest(ObjectKey::of_meta(&slice.metadata));
+                let rv = digest(&slice.metadata.resource_version);
+                if self.slices.get(&key).map(|(v, _)| *v) != Some(rv) {
+                    self.slice_changed(slice);
+                    c.endpoints += 1;
                 }
             }
-            SourceEvent::Replace(Snapshot::Nodes(_)) => c.other += 1,
+            SourceEvent::ListItem(_) => c.other += 1,
+            SourceEvent::Listed(listing) => {
+                let seen: HashSet<Digest> = listing.keys.iter().map(digest).collect();
+                match listing.kind {
+                    Kind::Service => {
+                        let gone: Vec<Digest> = self.services.keys().filter(|k| !seen.contains(*k)).copied().collect();
+                        for key in gone {
+                            self.services.remove(&key);
+                            self.pending.services.insert(key);
+                            c.services += 1;
+                        }
+                    }
+                    Kind::EndpointSlice => {
+                        let gone: Vec<Digest> = self.slices.keys().filter(|k| !seen.contains(*k)).copied().collect();
+                        for key in gone {
+                            if let Some((_, owner)) = self.slices.remove(&key) {
+                                self.pending.endpoints.insert(owner);
+                                c.endpoints += 1;
+                            }
+                        }
+                    }
+                    Kind::Node => c.other += 1,
+                }
+            }
             SourceEvent::Synced | SourceEvent::WatchError { .. } | SourceEvent::Checkpoint(_) => {}
         }
         c
@@ -269,15 +273,29 @@ mod tests {
 
     #[test]
     fn a_relist_counts_only_what_changed() {
+        use ferry_k8s::api::relist;
+        fn services(list: Vec<Service>) -> Vec<StateChange> {
+            list.into_iter().map(|s| StateChange::ServiceApplied(Box::new(s))).collect()
+        }
+        // The counts of a whole (re)list: its items and its listing.
+        fn feed_all(t: &mut ChangeTracker, events: Vec<SourceEvent>) -> Counted {
+            let mut total = Counted::default();
+            for ev in events {
+                let c = feed(t, ev);
+                total.services += c.services;
+                total.endpoints += c.endpoints;
+            }
+            total
+        }
         let mut t = ChangeTracker::new(SystemTime::UNIX_EPOCH);
-        feed(&mut t, SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "1")])));
-        feed(&mut t, SourceEvent::Replace(Snapshot::EndpointSlices(vec![slice("a-1", "a", "1", None)])));
+        feed_all(&mut t, relist(Kind::Service, services(vec![svc("a", "1"), svc("b", "1")])));
+        let slices = vec![StateChange::EndpointSliceApplied(Box::new(slice("a-1", "a", "1", None)))];
+        feed_all(&mut t, relist(Kind::EndpointSlice, slices));
         t.take();
         // b changed, c is new, a is unchanged; the slice of a is gone.
-        let c =
-            feed(&mut t, SourceEvent::Replace(Snapshot::Services(vec![svc("a", "1"), svc("b", "5"), svc("c", "6")])));
+        let c = feed_all(&mut t, relist(Kind::Service, services(vec![svc("a", "1"), svc("b", "5"), svc("c", "6")])));
         assert_eq!(c.services, 2);
-        let c = feed(&mut t, SourceEvent::Replace(Snapshot::EndpointSlices(vec![])));
+        let c = feed_all(&mut t, relist(Kind::EndpointSlice, vec![]));
         assert_eq!(c.endpoints, 1);
         let batch = t.take();
         assert_eq!(

@@ -30,7 +30,7 @@ pub use ferry_k8s::api::{WATCHED_RESOURCES, WatchedResource};
 use crate::config::{self, NodeFlags, Settings};
 use crate::health::{ProxyHealth, ServiceHealthServer};
 use changes::{Batch, ChangeTracker};
-use ferry_k8s::api::{ApiSource, Snapshot, SourceEvent};
+use ferry_k8s::api::{ApiSource, Kind, SourceEvent, node_key};
 use ferry_model::state::StateChange;
 use k8s_openapi::api::core::v1::Node;
 use metrics::{KindLabels, Metrics};
@@ -389,12 +389,14 @@ impl Loop<'_> {
     fn keep_this_node(&mut self, event: &SourceEvent) {
         let name = &self.settings.node.node_name;
         match event {
-            SourceEvent::Change(StateChange::NodeApplied(n)) if n.metadata.name.as_ref() == Some(name) => {
+            SourceEvent::Change(StateChange::NodeApplied(n)) | SourceEvent::ListItem(StateChange::NodeApplied(n))
+                if n.metadata.name.as_ref() == Some(name) =>
+            {
                 self.this_node = Some((**n).clone());
             }
             SourceEvent::Change(StateChange::NodeDeleted(n)) if n == name => self.this_node = None,
-            SourceEvent::Replace(Snapshot::Nodes(all)) => {
-                self.this_node = all.iter().find(|n| n.metadata.name.as_ref() == Some(name)).cloned();
+            SourceEvent::Listed(listing) if listing.kind == Kind::Node && !listing.keys.contains(&node_key(name)) => {
+                self.this_node = None;
             }
             _ => {}
         }

@@ -18,7 +18,7 @@ use super::schedule::Due;
 use crate::config::Settings;
 use crate::health::HealthChecks;
 use crate::proxier::{Proxier, SyncReport};
-use ferry_k8s::api::{Snapshot, SourceEvent};
+use ferry_k8s::api::{Kind, SourceEvent, node_key};
 use ferry_model::{NodeConfig, Planner};
 use libbpf_rs::MapCore;
 use std::path::{Path, PathBuf};
@@ -285,10 +285,15 @@ impl Worker {
 
     fn apply(&mut self, event: SourceEvent) {
         match event {
-            SourceEvent::Change(change) => self.planner.apply(change),
-            SourceEvent::Replace(Snapshot::Services(all)) => self.planner.replace_services(&all),
-            SourceEvent::Replace(Snapshot::EndpointSlices(all)) => self.planner.replace_slices(&all),
-            SourceEvent::Replace(Snapshot::Nodes(all)) => self.planner.replace_nodes(&all),
+            SourceEvent::Change(change) | SourceEvent::ListItem(change) => self.planner.apply(change),
+            SourceEvent::Listed(listing) => {
+                let keys = listing.key_set();
+                match listing.kind {
+                    Kind::Service => self.planner.keep_only_services(|k| keys.contains(k)),
+                    Kind::EndpointSlice => self.planner.keep_only_slices(|k| keys.contains(k)),
+                    Kind::Node => self.planner.keep_only_nodes(|name| keys.contains(&node_key(name))),
+                }
+            }
             SourceEvent::Synced | SourceEvent::WatchError { .. } | SourceEvent::Checkpoint(_) => {}
         }
     }
