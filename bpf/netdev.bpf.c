@@ -96,8 +96,10 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 	__builtin_memcpy(dst, v->new_dst, 16);
 	__be16 sport = v->new_sport, dport = v->new_dport;
 	/* Copied out first: confirming removes v from ferry_ct_new. */
-	if (in_new && ct_confirms(v, p, dir))
+	if (in_new && ct_confirms(v, p, dir)) {
+		v->expires_ns = now + ct_lifetime(cfg, p->proto, v->flags, 0);
 		ct_confirm(&k, v, p->proto, p->family, dir);
+	}
 	if (nat_rewrite(skb, p, src, sport, dst, dport) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_PKT_FORWARD);

@@ -39,14 +39,17 @@ static __always_inline void ct_partner_key(struct ct_key *k, const struct ct_val
 	k->pad = 0;
 }
 
-static __always_inline __u64 ct_lifetime(const struct config *cfg, __u8 proto, __u8 flags)
+/* How long an entry lives without traffic. An unconfirmed TCP flow keeps the
+ * SYN lifetime even after its SYN-ACK (netfilter's SYN_RECV): a half-open
+ * flow of a SYN flood must not hold ferry_ct_new for tcpEstablishedTimeout. */
+static __always_inline __u64 ct_lifetime(const struct config *cfg, __u8 proto, __u8 flags, int unconfirmed)
 {
 	__u32 s;
 
 	if (proto == IPPROTO_TCP) {
 		if (flags & CT_CLOSING)
 			s = cfg->tcp_close_timeout;
-		else if (flags & CT_REPLIED)
+		else if ((flags & CT_REPLIED) && !unconfirmed)
 			s = cfg->tcp_established_timeout;
 		else
 			s = cfg->tcp_syn_timeout;
@@ -99,7 +102,7 @@ static __always_inline void ct_refresh(struct ct_val *v, const struct pkt *p, __
 		flags |= CT_REPLIED;
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
 		flags |= CT_CLOSING;
-	__u64 life = ct_lifetime(cfg, p->proto, flags);
+	__u64 life = ct_lifetime(cfg, p->proto, flags, in_new);
 	if (flags == v->flags && v->expires_ns > now + life / 2)
 		return;
 	v->flags = flags;
@@ -126,8 +129,9 @@ static __always_inline int ct_confirms(const struct ct_val *v, const struct pkt 
 	return dir == CT_ORIGINAL && (v->flags & CT_REPLIED) && !(p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_RST));
 }
 
-/* Moves a flow (the entry `k` -> `v` found in ferry_ct_new, and its partner)
- * into ferry_ct: written there first, then removed here. ferry_ct never
+/* Moves a flow (the entry `k` -> `v` found in ferry_ct_new, and its partner,
+ * which takes v's flags and deadline) into ferry_ct: written there first,
+ * then removed here. ferry_ct never
  * evicts; when it is full the flow stays where it is (ct_confirm_full). A
  * flow whose partner entry was evicted meanwhile is left to expire. A
  * function of its own: its key is not on the caller's stack. */
@@ -140,6 +144,8 @@ static __attribute__((noinline)) void ct_confirm(const struct ct_key *k, struct 
 	struct ct_val *pv = bpf_map_lookup_elem(&ferry_ct_new, &pk);
 	if (!pv)
 		return;
+	pv->flags = v->flags;
+	pv->expires_ns = v->expires_ns;
 	if (bpf_map_update_elem(&ferry_ct, k, v, BPF_ANY) != 0) {
 		stat_inc(STAT_CT_CONFIRM_FULL);
 		return;
@@ -245,7 +251,7 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 		return 0;
 	}
 	__builtin_memset(s, 0, sizeof(*s));
-	__u64 life = now + ct_lifetime(cfg, p->proto, 0);
+	__u64 life = now + ct_lifetime(cfg, p->proto, 0, 1);
 	s->orig.new_sport = nsport;
 	s->orig.new_dport = ndport;
 	s->orig.backend = s->reply.backend = backend;

@@ -970,6 +970,10 @@ fn flows_are_confirmed_into_ferry_ct_when_the_handshake_completes_or_on_the_firs
             "the handshake's ACK confirms the flow"
         );
         assert_eq!(tables(dp), (2, 0), "both entries in ferry_ct, none left in ferry_ct_new");
+        let now = ferry_bpf::stale::monotonic_ns();
+        for e in dp.maps.ct_entries() {
+            assert!(e.expires_ns > now + 3600 * 1_000_000_000, "confirmed: tcpEstablishedTimeout (24h) {e:?}");
+        }
         let data = frame(ip(CLIENT4), ip(NODE4), &tcp(40001, 30080, ACK, b"data"), IpOpts::default());
         let ran = dp.run(Hook::FromNetdev, dp.eth0, &data);
         assert_eq!(
@@ -985,6 +989,13 @@ fn flows_are_confirmed_into_ferry_ct_when_the_handshake_completes_or_on_the_firs
         let [_, _, rst] = handshake(dp, 40002, RST);
         assert_eq!(rst.tables, moved(&[]), "an RST confirms nothing");
         assert_eq!(tables(dp), (2, 2));
+        let [_, syn_ack, _] = handshake(dp, 40004, SYN);
+        assert_eq!(syn_ack.tables, moved(&[]));
+        let now = ferry_bpf::stale::monotonic_ns();
+        for e in dp.maps.ct_entries().iter().filter(|e| e.unconfirmed && (e.sport == 40004 || e.dport == 40004)) {
+            assert!(e.expires_ns <= now + 60 * 1_000_000_000, "half-open after its SYN-ACK: tcpSynTimeout {e:?}");
+        }
+        assert_eq!(tables(dp), (2, 4));
 
         // UDP: confirmed by its first reply.
         let q = frame(ip(CLIENT4), ip(NODE4), &udp(40003, 30053, b"q"), IpOpts::default());
@@ -994,7 +1005,7 @@ fn flows_are_confirmed_into_ferry_ct_when_the_handshake_completes_or_on_the_firs
         let ran = dp.run(Hook::FromPods, dp.pods0, &a);
         assert_eq!(ran.out, frame(ip(NODE4), ip(CLIENT4), &udp(30053, 40003, b"a"), ttl(63)));
         assert_eq!(ran.tables, moved(&[("ct_confirm", 1), ("ct_new_delete", 2)]));
-        assert_eq!(tables(dp), (4, 2));
+        assert_eq!(tables(dp), (4, 4));
     });
 }
 
