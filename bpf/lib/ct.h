@@ -187,8 +187,12 @@ static __always_inline struct ct_scratch *ct_scratch(void)
 }
 
 /* Writes the reply entry s->reply under s->rk into ferry_ct_new, unless a
- * live flow holds that tuple in either table (an expired one is removed). */
-static __always_inline int ct_claim_reply(struct ct_scratch *s)
+ * live flow holds that tuple in either table (an expired one is removed).
+ * With `reclaim`, a live *unconfirmed* flow holding it is removed (both its
+ * entries) and the tuple taken: netfilter's early_drop of unassured flows,
+ * for when every port of the range is held. A confirmed flow's tuple is
+ * never taken. */
+static __always_inline int ct_claim_reply(struct ct_scratch *s, int reclaim)
 {
 	struct ct_val *held = bpf_map_lookup_elem(&ferry_ct, &s->rk);
 
@@ -202,8 +206,15 @@ static __always_inline int ct_claim_reply(struct ct_scratch *s)
 		return 1;
 	}
 	held = bpf_map_lookup_elem(&ferry_ct_new, &s->rk);
-	if (!held || held->expires_ns >= s->now)
+	if (!held)
 		return 0;
+	if (held->expires_ns >= s->now) {
+		if (!reclaim)
+			return 0;
+		ct_partner_key(&s->victim, held, s->rk.proto, s->rk.family, CT_REPLY);
+		ct_new_delete(&s->victim);
+		stat_inc(STAT_CT_EARLY_DROP);
+	}
 	ct_new_delete(&s->rk);
 	if (bpf_map_update_elem(&ferry_ct_new, &s->rk, &s->reply, BPF_NOEXIST) == 0) {
 		stat_inc(STAT_CT_NEW_INSERT);
@@ -212,8 +223,10 @@ static __always_inline int ct_claim_reply(struct ct_scratch *s)
 	return 0;
 }
 
-/* One step of the NAT port walk (a bpf_loop callback): port number `i` of
- * the range, counted from a random start. Stops the loop when it is free. */
+/* One step of the NAT port walk (a bpf_loop callback over twice the range):
+ * port number `i` of the range, counted from a random start; the first pass
+ * looks for a free port, the second takes over the first port an
+ * unconfirmed flow holds. Stops the loop when it has a port. */
 static long ct_nat_probe(__u32 i, void *unused)
 {
 	struct ct_scratch *s = ct_scratch();
@@ -223,7 +236,7 @@ static long ct_nat_probe(__u32 i, void *unused)
 	s->rk.dport = bpf_htons((__u16)(s->lo + (s->start + i) % s->size));
 	if (s->icmp)
 		s->rk.sport = s->rk.dport;
-	if (ct_claim_reply(s)) {
+	if (ct_claim_reply(s, i >= s->size)) {
 		s->found = 1;
 		return 1;
 	}
@@ -236,8 +249,9 @@ static long ct_nat_probe(__u32 i, void *unused)
  * -> nsrc:nsport) -> rewrite back. With `snat`, the source port is chosen
  * from the NAT range until the reply tuple is free: first the client's own
  * port, then a walk over the whole range from a random port, so the probes
- * grow with the range's occupancy and a flow is refused only when every port
- * is taken for this destination. Returns the source port used, or 0 on
+ * grow with the range's occupancy; when every port is held, a second pass
+ * takes over a port of an unconfirmed flow (early drop), and a flow is
+ * refused only when confirmed flows hold every port for this destination. Returns the source port used, or 0 on
  * failure with the drop reason in *why (the caller drops with it). The
  * entries are built in a per-CPU scratch value: the caller's stack is full. */
 static __always_inline __be16 ct_create(const struct pkt *p, const struct config *cfg, const __u32 *nsrc,
@@ -288,20 +302,20 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 		/* First the client's own port: many flows need no port change at all. */
 		__u16 own = bpf_ntohs(p->sport);
 		if (own >= lo && own <= hi) {
-			if (ct_claim_reply(s))
+			if (ct_claim_reply(s, 0))
 				s->found = 1;
 			else
 				stat_inc(STAT_NAT_RETRY);
 		}
 		if (!s->found) {
 			s->start = bpf_get_prandom_u32() % s->size;
-			bpf_loop(s->size, ct_nat_probe, NULL, 0);
+			bpf_loop(2 * s->size, ct_nat_probe, NULL, 0);
 		}
 		if (!s->found) {
 			*why = STAT_DROP_NAT_EXHAUSTED;
 			return 0;
 		}
-	} else if (!ct_claim_reply(s)) {
+	} else if (!ct_claim_reply(s, 0)) {
 		*why = STAT_DROP_CT_CLASH;
 		return 0;
 	}

@@ -376,6 +376,7 @@ struct {
  * stack (at its 512-byte limit). Per CPU, not pinned: it lives for one packet. */
 struct ct_scratch {
 	struct ct_key rk;    /* the reply entry's key: its port is what the walk varies */
+	struct ct_key victim; /* the original-direction key of a flow whose port is taken over */
 	struct ct_val reply; /* the reply entry */
 	struct ct_val orig;  /* the original-direction entry */
 	__u64 now;

@@ -56,6 +56,7 @@ enum ferry_stat {
 	STAT_CT_NEW_AGENT_DELETE, /* entries the agent removed from ferry_ct_new (expired, stale UDP); written by the agent */
 	STAT_CT_CONFIRM,          /* flows moved from ferry_ct_new to ferry_ct (handshake done / first reply) */
 	STAT_CT_CONFIRM_FULL,     /* confirmations ferry_ct refused (full): the flow stays in ferry_ct_new, unprotected */
+	STAT_CT_EARLY_DROP,       /* unconfirmed flows removed to free their SNAT port for a new flow (every port was held) */
 	STAT_SOCK_REV_INSERT,     /* entries written into ferry_sock_rev (a socket's first translation to a backend) */
 	STAT_SOCK_REV_DELETE,     /* entries removed from ferry_sock_rev when their connected socket closed */
 	STAT_SOCK_REV_INSERT_FAIL, /* a reverse translation that could not be written: replies show the backend address */

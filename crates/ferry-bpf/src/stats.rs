@@ -43,6 +43,7 @@ pub const NAMES: &[&str] = &[
     "ct_new_agent_delete",
     "ct_confirm",
     "ct_confirm_full",
+    "ct_early_drop",
     "sock_rev_insert",
     "sock_rev_delete",
     "sock_rev_insert_fail",

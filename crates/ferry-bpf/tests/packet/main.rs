@@ -672,9 +672,11 @@ fn ct_clash_is_dropped_and_counted() {
     });
 }
 
-/// A one-port natPortRange held by one flow: the next flow to the same
-/// backend tries its own port, then walks the range (one port), then is
-/// dropped as NAT exhaustion.
+/// A one-port natPortRange held by one confirmed flow: the next flow to the
+/// same backend tries its own port, then walks the range twice (free ports,
+/// then ports of unconfirmed flows: none), then is dropped as NAT exhaustion.
+/// While the holder was unconfirmed, the newcomer took its port over instead
+/// (netfilter's early drop of an unassured flow), counted as `ct_early_drop`.
 #[test]
 fn nat_port_exhaustion_is_dropped_and_counted() {
     let rig = Rig::new();
@@ -693,13 +695,24 @@ fn nat_port_exhaustion_is_dropped_and_counted() {
         );
         assert_eq!(ran.verdict, TC_ACT_REDIRECT);
         assert_eq!(check(&ran.out).sport, 2000);
-        let ran = dp.run(
-            Hook::FromNetdev,
-            dp.eth0,
-            &frame(ip("198.51.100.8"), ip(NODE4), &tcp(2000, 30080, 0x02, b""), IpOpts::default()),
-        );
+        // A second client while the first flow is half-open: it takes the port.
+        let second = frame(ip("198.51.100.8"), ip(NODE4), &tcp(2000, 30080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &second);
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT);
+        assert_eq!(check(&ran.out).sport, 2000);
+        assert_eq!(ran.moved, moved(&[("ct_early_drop", 1), ("nat_retry", 2), ("pkt_new_flow", 1)]));
+        assert_eq!(ran.tables, moved(&[("ct_new_delete", 2), ("ct_new_insert", 2)]), "the old flow's two entries out");
+        assert_eq!(tables(dp), (0, 2), "only the second flow is tracked");
+        // The second flow completes its handshake: confirmed, its port is safe.
+        let back = frame(ip(REMOTE4), ip(NODE4), &tcp(8080, 2000, SYN_ACK, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &back);
+        assert_eq!(ran.out, frame(ip(NODE4), ip("198.51.100.8"), &tcp(30080, 2000, SYN_ACK, b""), ttl(63)));
+        let ack = frame(ip("198.51.100.8"), ip(NODE4), &tcp(2000, 30080, ACK, b""), IpOpts::default());
+        assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &ack).tables.get("ct_confirm"), Some(&1));
+        let third = frame(ip("198.51.100.9"), ip(NODE4), &tcp(2000, 30080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &third);
         assert_eq!(ran.verdict, TC_ACT_SHOT);
-        assert_eq!(ran.moved, moved(&[("nat_retry", 2), ("drop_nat_exhausted", 1)]));
+        assert_eq!(ran.moved, moved(&[("nat_retry", 3), ("drop_nat_exhausted", 1)]));
     });
 }
 
@@ -1093,7 +1106,11 @@ fn a_64_port_nat_range_takes_64_flows_to_one_backend_drops_the_rest_exactly_and_
                 let ran = dp.run(Hook::FromNetdev, dp.eth0, &c(cport, SYN));
                 if ran.verdict == TC_ACT_SHOT {
                     assert_eq!(ran.moved.get("drop_nat_exhausted"), Some(&1), "{cport}: {:?}", ran.moved);
-                    assert_eq!(ran.moved.get("nat_retry"), Some(&64), "{cport}: every port of the range tried once");
+                    assert_eq!(
+                        ran.moved.get("nat_retry"),
+                        Some(&128),
+                        "{cport}: every port of the range tried twice (free, then held by an unconfirmed flow)"
+                    );
                     dropped += 1;
                     continue;
                 }
