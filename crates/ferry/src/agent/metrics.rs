@@ -510,8 +510,10 @@ mod tests {
         // No datapath yet: no datapath series rather than zeros that look real.
         assert!(!text.contains("ferry_datapath_counter_total"), "{text}");
         m.datapath.fill.lock().unwrap().push(MapFill { map: "ferry_ct".into(), entries: 3, capacity: 10 });
+        m.datapath.evictions.lock().unwrap().push(("ferry_ct_new".into(), 7));
         let text = m.render();
         assert!(text.contains("ferry_map_entries{map=\"ferry_ct\"} 3"), "{text}");
+        assert!(text.contains("ferry_map_evictions{map=\"ferry_ct_new\"} 7"), "{text}");
         assert!(text.contains("ferry_map_capacity{map=\"ferry_ct\"} 10"), "{text}");
 
         let refused = |object: &str| super::super::sync::RefusedObject {
