@@ -76,8 +76,9 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 				 enum hook hook, __u64 now)
 {
 	struct ct_key k;
+	int in_new;
 	ct_key_of(&k, p, dir);
-	struct ct_val *v = ct_lookup(&k, now);
+	struct ct_val *v = ct_lookup(&k, now, &in_new);
 	if (!v)
 		return -1;
 	/* A SYN reusing the 4-tuple of a flow that is closing (TIME_WAIT reuse)
@@ -86,14 +87,20 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 	 * follows it. */
 	if (dir == CT_ORIGINAL && p->proto == IPPROTO_TCP && (v->flags & CT_CLOSING) &&
 	    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
-		ct_forget(&k, v, p);
+		ct_forget(&k, v, p, in_new);
 		return -1;
 	}
-	ct_refresh(v, p, dir, cfg, now);
+	ct_refresh(v, p, dir, cfg, now, in_new);
 	__u32 src[4], dst[4];
 	__builtin_memcpy(src, v->new_src, 16);
 	__builtin_memcpy(dst, v->new_dst, 16);
-	if (nat_rewrite(skb, p, src, v->new_sport, dst, v->new_dport) < 0)
+	__be16 sport = v->new_sport, dport = v->new_dport;
+	/* Copied out first: confirming removes v from ferry_ct_new. */
+	if (in_new && ct_confirms(v, p, dir)) {
+		v->expires_ns = now + ct_lifetime(cfg, p->proto, v->flags, 0);
+		ct_confirm(&k, v, p->proto, p->family, dir);
+	}
+	if (nat_rewrite(skb, p, src, sport, dst, dport) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_PKT_FORWARD);
 	return deliver(skb, p, hook);

@@ -176,7 +176,15 @@ static __always_inline enum xlate sock_xlate(struct bpf_sock_addr *ctx, struct s
 	struct rev_val rv = { .port = target->port, .family = target->family };
 	__builtin_memcpy(rk.addr, be->addr, sizeof(rk.addr));
 	__builtin_memcpy(rv.addr, target->addr, sizeof(rv.addr));
-	bpf_map_update_elem(&ferry_sock_rev, &rk, &rv, BPF_ANY);
+	/* An entry already there is rewritten in place: an update would take a
+	 * fresh node from the LRU (evicting another socket's entry when full). */
+	struct rev_val *held = bpf_map_lookup_elem(&ferry_sock_rev, &rk);
+	if (held)
+		*held = rv;
+	else if (bpf_map_update_elem(&ferry_sock_rev, &rk, &rv, BPF_NOEXIST) == 0)
+		stat_inc(STAT_SOCK_REV_INSERT);
+	else
+		stat_inc(STAT_SOCK_REV_INSERT_FAIL);
 
 	__builtin_memcpy(target->addr, be->addr, sizeof(target->addr));
 	target->port = be->port;
@@ -390,6 +398,7 @@ int ferry_sock_release(struct bpf_sock *sk)
 	} else {
 		return SYS_PROCEED;
 	}
-	bpf_map_delete_elem(&ferry_sock_rev, &rk);
+	if (bpf_map_delete_elem(&ferry_sock_rev, &rk) == 0)
+		stat_inc(STAT_SOCK_REV_DELETE);
 	return SYS_PROCEED;
 }

@@ -196,7 +196,8 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pkt 
 			    .dir = CT_REPLY };
 	__builtin_memcpy(k.src, idst, 16);
 	__builtin_memcpy(k.dst, isrc, 16);
-	struct ct_val *v = ct_lookup(&k, now);
+	int in_new;
+	struct ct_val *v = ct_lookup(&k, now, &in_new);
 	if (!v || !addr_eq(p->dst, isrc))
 		return 0;
 	__u32 client[4], frontend[4];

@@ -103,8 +103,19 @@ static __always_inline __u32 lb_pick(__u32 service, const struct svc_val *svc, _
 	}
 	id = lb_slot_backend(service, svc, set, bpf_get_prandom_u32() % count);
 	if (id && (svc->flags & SVC_AFFINITY)) {
-		struct aff_val v = { .backend = id, .last_ns = now };
-		bpf_map_update_elem(&ferry_affinity, aff, &v, BPF_ANY);
+		/* A client already known is rewritten in place: an update would take
+		 * a fresh node from the LRU (evicting another client when full). */
+		struct aff_val *held = bpf_map_lookup_elem(&ferry_affinity, aff);
+		if (held) {
+			held->backend = id;
+			held->last_ns = now;
+		} else {
+			struct aff_val v = { .backend = id, .last_ns = now };
+			if (bpf_map_update_elem(&ferry_affinity, aff, &v, BPF_NOEXIST) == 0)
+				stat_inc(STAT_AFFINITY_INSERT);
+			else
+				stat_inc(STAT_AFFINITY_INSERT_FAIL);
+		}
 	}
 	return id;
 }

@@ -27,7 +27,7 @@
  * the same size, and record in crates/ferry-bpf/src/layout.rs which maps
  * changed. A pinned datapath without ferry_meta is layout 0 (before
  * versioning). The agent compares before adopting (README: Upgrades). */
-#define FERRY_LAYOUT 1
+#define FERRY_LAYOUT 2
 
 struct meta {
 	__u32 layout; /* FERRY_LAYOUT of the agent that programmed these maps */
@@ -341,13 +341,58 @@ struct ct_val {
 	__u64 expires_ns; /* bpf_ktime_get_ns() deadline; expired entries are misses */
 };
 
+/* Two tables, so that new flows never push out established ones (netfilter
+ * keeps the same promise by early-dropping only unassured entries):
+ *
+ *   ferry_ct_new  unconfirmed flows: a TCP flow until its handshake completes
+ *                 (the client's first segment after the reply without SYN or
+ *                 RST), any other flow until its first reply. An LRU: a SYN
+ *                 flood evicts other unconfirmed flows, nothing else.
+ *   ferry_ct      confirmed flows, moved here from ferry_ct_new (both entries
+ *                 together). A preallocated hash, not an LRU: nothing is ever
+ *                 evicted; when it is full a confirmation fails (counted,
+ *                 ct_confirm_full) and the flow stays served from ferry_ct_new.
+ *                 Expired entries go when a packet meets them or at the
+ *                 agent's periodic collection.
+ *
+ * Both hold the same entries; a lookup tries ferry_ct, then ferry_ct_new. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 524288);
 	__type(key, struct ct_key);
 	__type(value, struct ct_val);
 	PIN_BY_NAME;
 } ferry_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct ct_key);
+	__type(value, struct ct_val);
+	PIN_BY_NAME;
+} ferry_ct_new SEC(".maps");
+
+/* Room for ct_create's values and its NAT port walk, off the tc programs'
+ * stack (at its 512-byte limit). Per CPU, not pinned: it lives for one packet. */
+struct ct_scratch {
+	struct ct_key rk;    /* the reply entry's key: its port is what the walk varies */
+	struct ct_key victim; /* the original-direction key of a flow whose port is taken over */
+	struct ct_val reply; /* the reply entry */
+	struct ct_val orig;  /* the original-direction entry */
+	__u64 now;
+	__u32 lo, size;      /* natPortRange: first port, number of ports */
+	__u32 start;         /* the walk's first offset into the range */
+	__u8 icmp;           /* ICMP echo: the identifier is both "ports" */
+	__u8 found;          /* the walk wrote the reply entry */
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ct_scratch);
+} ferry_ct_scratch SEC(".maps");
 
 /* ---- Maglev lookup tables: (service, set) -> array of backend ids ---- */
 

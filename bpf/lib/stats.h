@@ -49,6 +49,19 @@ enum ferry_stat {
 	STAT_SCTP_CSUM_FIX,       /* SCTP port translated with its CRC32c corrected */
 	/* Table pressure (issue 13). */
 	STAT_CT_LOST,             /* packet path: a TCP packet without SYN to a frontend found no conntrack entry (evicted, expired or purged) and was load-balanced anew */
+	/* Table pressure: what went into and out of the LRU maps, so that evictions
+	 * (which an LRU makes silently) are inserts - deletes - entries left. */
+	STAT_CT_NEW_INSERT,       /* entries written into ferry_ct_new (unconfirmed flows; two per flow) */
+	STAT_CT_NEW_DELETE,       /* entries the datapath removed from ferry_ct_new (confirmed, expired, forgotten) */
+	STAT_CT_NEW_AGENT_DELETE, /* entries the agent removed from ferry_ct_new (expired, stale UDP); written by the agent */
+	STAT_CT_CONFIRM,          /* flows moved from ferry_ct_new to ferry_ct (handshake done / first reply) */
+	STAT_CT_CONFIRM_FULL,     /* confirmations ferry_ct refused (full): the flow stays in ferry_ct_new, unprotected */
+	STAT_CT_EARLY_DROP,       /* unconfirmed flows removed to free their SNAT port for a new flow (every port was held) */
+	STAT_SOCK_REV_INSERT,     /* entries written into ferry_sock_rev (a socket's first translation to a backend) */
+	STAT_SOCK_REV_DELETE,     /* entries removed from ferry_sock_rev when their connected socket closed */
+	STAT_SOCK_REV_INSERT_FAIL, /* a reverse translation that could not be written: replies show the backend address */
+	STAT_AFFINITY_INSERT,     /* entries written into ferry_affinity (a client's first pick of a service) */
+	STAT_AFFINITY_INSERT_FAIL, /* a ClientIP affinity that could not be remembered (the next pick is random) */
 	STAT_COUNT_,
 };
 

@@ -127,6 +127,7 @@ macro_rules! map_list {
             ("ferry_stats", &mut $maps.ferry_stats),
             ("ferry_devices", &mut $maps.ferry_devices),
             ("ferry_ct", &mut $maps.ferry_ct),
+            ("ferry_ct_new", &mut $maps.ferry_ct_new),
             ("ferry_maglev", &mut $maps.ferry_maglev),
             ("ferry_frags", &mut $maps.ferry_frags),
             ("ferry_meta", &mut $maps.ferry_meta),

@@ -34,7 +34,8 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     ("ferry_names", 0),
     ("ferry_stats", 0),
     ("ferry_devices", 0),
-    ("ferry_ct", 0),
+    ("ferry_ct", 2),
+    ("ferry_ct_new", 2),
     ("ferry_maglev", 0),
     ("ferry_frags", 0),
     ("ferry_meta", 1),
@@ -157,6 +158,34 @@ mod tests {
         let p = named(&[("a", s(8)), ("b", MapShape { max_entries: 4096, ..s(12) })]);
         let up = plan_upgrade(Some(1), 1, &[("a", 0), ("b", 0)], &p, &w);
         assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()] });
+    }
+
+    /// Layout 2 split conntrack in two: a layout-1 datapath (one LRU
+    /// `ferry_ct`, no `ferry_ct_new`) keeps every other map and retires
+    /// `ferry_ct`, which comes back as a hash next to a new `ferry_ct_new`.
+    #[test]
+    fn layout_1_retires_the_conntrack_lru_and_keeps_the_rest() {
+        const HASH: u32 = 1;
+        const LRU: u32 = 9;
+        let shape = |map_type| MapShape { map_type, key_size: 44, value_size: 64, max_entries: 16 };
+        let others: Vec<(String, MapShape)> = CHANGED_IN
+            .iter()
+            .filter(|(n, _)| !n.starts_with("ferry_ct"))
+            .map(|(n, _)| (n.to_string(), shape(HASH)))
+            .collect();
+        let mut pinned = others.clone();
+        pinned.push(("ferry_ct".into(), shape(LRU)));
+        let mut wanted = others;
+        wanted.push(("ferry_ct".into(), shape(HASH)));
+        wanted.push(("ferry_ct_new".into(), shape(LRU)));
+        assert_eq!(LAYOUT, 2);
+        let up = plan_upgrade(Some(1), LAYOUT, CHANGED_IN, &pinned, &wanted);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()] });
+        // Even if the table forgot it, the changed map type alone retires it.
+        let forgot: Vec<(&str, u32)> =
+            CHANGED_IN.iter().map(|(n, v)| (*n, if *n == "ferry_ct" { 0 } else { *v })).collect();
+        let up = plan_upgrade(Some(1), LAYOUT, &forgot, &pinned, &wanted);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()] });
     }
 
     #[test]

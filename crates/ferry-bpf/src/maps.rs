@@ -31,6 +31,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_stats",
     "ferry_devices",
     "ferry_ct",
+    "ferry_ct_new",
     "ferry_maglev",
     "ferry_frags",
     "ferry_meta",
@@ -246,6 +247,7 @@ pub struct Maps {
     stats: Typed<u32, u64>,
     devices: Typed<u32, t::device>,
     ct: Typed<t::ct_key, t::ct_val>,
+    ct_new: Typed<t::ct_key, t::ct_val>,
     maglev: Typed<u64, u32>,
     frags: Typed<t::frag_key, t::frag_val>,
 }
@@ -272,6 +274,7 @@ impl Maps {
             stats: Typed::open(dir, "ferry_stats")?,
             devices: Typed::open(dir, "ferry_devices")?,
             ct: Typed::open(dir, "ferry_ct")?,
+            ct_new: Typed::open(dir, "ferry_ct_new")?,
             maglev: Typed::open(dir, "ferry_maglev")?,
             frags: Typed::open(dir, "ferry_frags")?,
         })
@@ -574,12 +577,15 @@ impl Maps {
         self.frags.keys().count()
     }
 
-    /// Every entry of the packet path's connection tracking.
+    /// Every entry of the packet path's connection tracking: confirmed
+    /// flows (`ferry_ct`), then unconfirmed ones (`ferry_ct_new`).
     pub fn ct_entries(&self) -> Vec<crate::stale::CtEntry> {
-        self.ct
-            .entries()
-            .into_iter()
-            .map(|(k, v)| crate::stale::CtEntry {
+        let confirmed = self.ct.entries().into_iter().map(|e| (false, e));
+        let unconfirmed = self.ct_new.entries().into_iter().map(|e| (true, e));
+        confirmed
+            .chain(unconfirmed)
+            .map(|(unconfirmed, (k, v))| crate::stale::CtEntry {
+                unconfirmed,
                 src: k.src,
                 dst: k.dst,
                 sport: u16::from_be(k.sport),
@@ -599,9 +605,11 @@ impl Maps {
             .collect()
     }
 
-    /// Deletes connection-tracking entries (missing ones are fine: they expired).
+    /// Deletes connection-tracking entries (missing ones are fine: they
+    /// expired). Those of `ferry_ct_new` are counted in `ct_new_agent_delete`,
+    /// so that its evictions can be told apart (see [`Maps::lru_evictions`]).
     pub fn delete_ct(&self, entries: &[crate::stale::CtEntry]) -> usize {
-        let mut n = 0;
+        let (mut n, mut unconfirmed) = (0, 0);
         for e in entries {
             let k = t::ct_key {
                 src: e.src,
@@ -613,12 +621,61 @@ impl Maps {
                 dir: e.dir,
                 pad: 0,
             };
-            if self.ct.delete(bytes(&k)).is_ok() {
+            let table = if e.unconfirmed { &self.ct_new } else { &self.ct };
+            if table.delete(bytes(&k)).is_ok() {
                 n += 1;
+                unconfirmed += u64::from(e.unconfirmed);
             }
+        }
+        if unconfirmed > 0 {
+            self.add_counter("ct_new_agent_delete", unconfirmed);
         }
         n
     }
+
+    /// Adds `n` to a counter only the agent writes (the datapath never
+    /// touches its slot, so the read-modify-write races with no one but
+    /// another agent, which the pin directory's lock excludes).
+    fn add_counter(&self, name: &str, n: u64) {
+        let Some(i) = crate::stats::NAMES.iter().position(|c| *c == name) else { return };
+        let key = (i as u32).to_ne_bytes();
+        let Ok(Some(mut per_cpu)) = self.stats.lookup_percpu(&key, MapFlags::ANY) else { return };
+        if let Some(first) = per_cpu.first_mut() {
+            let v = from_bytes::<u64>(first) + n;
+            first.copy_from_slice(bytes(&v));
+        }
+        if let Err(e) = self.stats.update_percpu(&key, &per_cpu, MapFlags::ANY) {
+            tracing::warn!("counting {n} in {name}: {e}");
+        }
+    }
+
+    /// Entries each LRU map evicted, as far as the counters tell: entries
+    /// written - entries removed by the datapath or the agent - entries held
+    /// now. Exact while nothing writes the map during the count; counters
+    /// and map both start with a datapath installed by this layout (a map
+    /// adopted from an older build held entries that were never counted, and
+    /// this reads low, never below 0). `entries` is what [`Maps::lru_fill`]
+    /// and a walk of `ferry_ct_new` found.
+    pub fn lru_evictions(&self, ct_new_entries: u64, sock_rev_entries: u64, affinity_entries: u64) -> LruEvictions {
+        let c: std::collections::HashMap<&str, u64> =
+            crate::stats::NAMES.iter().copied().zip(self.counters()).collect();
+        let left = |ins: &str, dels: &[&str], held: u64| {
+            c[ins].saturating_sub(dels.iter().map(|d| c[d]).sum::<u64>()).saturating_sub(held)
+        };
+        LruEvictions {
+            ct_new: left("ct_new_insert", &["ct_new_delete", "ct_new_agent_delete"], ct_new_entries),
+            sock_rev: left("sock_rev_insert", &["sock_rev_delete"], sock_rev_entries),
+            affinity: left("affinity_insert", &[], affinity_entries),
+        }
+    }
+}
+
+/// Entries evicted by each LRU map ([`Maps::lru_evictions`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LruEvictions {
+    pub ct_new: u64,
+    pub sock_rev: u64,
+    pub affinity: u64,
 }
 
 /// Most entries one batch syscall carries (bounds the buffers the kernel copies in).

@@ -20,6 +20,8 @@ const UDP: u8 = 17;
 /// One entry of `ferry_ct`, in Rust terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CtEntry {
+    /// In `ferry_ct_new` (unconfirmed flows) rather than `ferry_ct`.
+    pub unconfirmed: bool,
     pub src: Words,
     pub dst: Words,
     pub sport: u16,
@@ -106,6 +108,7 @@ mod tests {
         let (src, sport, new_dst, new_dport) =
             if dir == CT_ORIGINAL { (w(99), 5000, w(backend), 53) } else { (w(backend), 53, w(99), 5000) };
         CtEntry {
+            unconfirmed: false,
             src,
             dst: w(1),
             sport,

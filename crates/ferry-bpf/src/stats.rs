@@ -38,6 +38,17 @@ pub const NAMES: &[&str] = &[
     "ipv6_ext_limit",
     "sctp_csum_fix",
     "ct_lost",
+    "ct_new_insert",
+    "ct_new_delete",
+    "ct_new_agent_delete",
+    "ct_confirm",
+    "ct_confirm_full",
+    "ct_early_drop",
+    "sock_rev_insert",
+    "sock_rev_delete",
+    "sock_rev_insert_fail",
+    "affinity_insert",
+    "affinity_insert_fail",
 ];
 
 #[cfg(test)]

@@ -134,6 +134,7 @@ pub const SCALED_MAPS: &[(&str, u32)] = &[
     ("ferry_members", 1_048_576),
     ("ferry_names", 262_144),
     ("ferry_ct", 524_288),
+    ("ferry_ct_new", 131_072),
     ("ferry_affinity", 262_144),
     ("ferry_sock_rev", 262_144),
 ];

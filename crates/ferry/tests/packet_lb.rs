@@ -430,6 +430,7 @@ fn session_affinity_keeps_a_client_on_one_backend() {
     let names: BTreeSet<String> = eps.iter().map(|p| p.name()).collect();
     let hits = counter(lab, NODE_A, "affinity_hit");
     let new_flows = counter(lab, NODE_A, "pkt_new_flow");
+    let inserts = counter(lab, NODE_A, "affinity_insert");
     let mut chosen = Vec::new();
     for (fam, proto) in tcp_and_udp_on_both_families() {
         for k in [0, 1] {
@@ -449,6 +450,9 @@ fn session_affinity_keeps_a_client_on_one_backend() {
     // the flow's lifetime continues its existing flow instead: no new flow, no affinity lookup.)
     let hits = counter(lab, NODE_A, "affinity_hit") - hits;
     let new_flows = counter(lab, NODE_A, "pkt_new_flow") - new_flows;
+    // One ferry_affinity entry per (client address, service port): 2 addresses x 4 service ports.
+    let inserts = counter(lab, NODE_A, "affinity_insert") - inserts;
+    assert_eq!(inserts, 8, "ferry_affinity entries written\n{}", diag(lab, NODE_A));
     assert!(new_flows >= 8 * 19, "only {new_flows} new flows for 160 connections\n{}", diag(lab, NODE_A));
     assert!(
         hits + 8 >= new_flows,

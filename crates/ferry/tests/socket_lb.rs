@@ -134,6 +134,19 @@ fn cluster_ip_tcp_and_udp_reach_only_listed_backends() {
     let rev = libbpf_rs::MapHandle::from_pinned_path(lab.nodes[0].pin_dir.join("ferry_sock_rev")).unwrap();
     let left = rev.keys().count();
     assert!(left <= 20, "{left} reverse entries remain after 35 connected sockets and 20 unconnected ones closed");
+    // Every socket's entry was counted in, every closed connected socket's
+    // out, and what is left is what the map holds: nothing was evicted.
+    let out = std::process::Command::new(FERRY)
+        .args(["status", "--json", "--pin-dir"])
+        .arg(&lab.nodes[0].pin_dir)
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ferry status --json");
+    let c = |name: &str| s["counters"][name].as_u64().unwrap();
+    assert_eq!(c("sock_rev_insert"), 55, "one entry per socket: 30 TCP, 20 unconnected and 5 connected UDP");
+    assert_eq!(c("sock_rev_delete"), 35, "one per connected socket closed");
+    assert_eq!(c("sock_rev_insert") - c("sock_rev_delete"), left as u64);
+    assert_eq!(s["evictions"]["ferry_sock_rev"], 0, "{s}");
 
     // The node itself (host network namespace) uses the same ClusterIP.
     let obs = lab.connect_many(At::Node(0), &tcp("10.96.0.10:80"), 10).unwrap();

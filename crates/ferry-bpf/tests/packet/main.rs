@@ -94,6 +94,25 @@ impl Rig {
         rig
     }
 
+    /// Pins the conntrack tables with these capacities before the programs
+    /// load (the loader keeps a pinned map's capacity), so a test can fill them.
+    fn small_conntrack(&self, confirmed: u32, unconfirmed: u32) {
+        std::fs::create_dir_all(&self.pin).expect("creating the pin directory");
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            ..Default::default()
+        };
+        // struct ct_key is 40 bytes, struct ct_val 56 (bpf/lib/maps.h).
+        for (name, kind, cap) in [
+            ("ferry_ct", libbpf_rs::MapType::Hash, confirmed),
+            ("ferry_ct_new", libbpf_rs::MapType::LruHash, unconfirmed),
+        ] {
+            let mut m = libbpf_rs::MapHandle::create(kind, Some(name), 40, 56, cap, &opts)
+                .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+            m.pin(self.pin.join(name)).unwrap_or_else(|e| panic!("pinning {name}: {e}"));
+        }
+    }
+
     /// Runs `f` on a thread inside the node's namespace with the programs
     /// loaded and the maps set to `setup`.
     fn run<R: Send>(&self, setup: &[MapOp], f: impl FnOnce(&Dp) -> R + Send) -> R {
@@ -165,9 +184,16 @@ struct Dp<'obj> {
 struct Ran {
     verdict: i32,
     out: Vec<u8>,
-    /// Counters that moved, by name.
+    /// Counters that moved, by name, but the tables' bookkeeping.
     moved: BTreeMap<&'static str, u64>,
+    /// The tables' bookkeeping counters that moved ([`TABLE_COUNTERS`]).
+    tables: BTreeMap<&'static str, u64>,
 }
+
+/// Counters of what went into and out of the conntrack tables: they move
+/// with every new flow, so tests about other decisions leave them aside and
+/// the table tests check them.
+const TABLE_COUNTERS: &[&str] = &["ct_new_insert", "ct_new_delete", "ct_confirm", "ct_confirm_full"];
 
 impl Dp<'_> {
     fn counters(&self) -> Vec<u64> {
@@ -197,13 +223,13 @@ impl Dp<'_> {
         let len = output.data.map(|d| d.len()).unwrap_or(0);
         out.truncate(len);
         let after = self.counters();
-        let moved = ferry_bpf::stats::NAMES
+        let (tables, moved) = ferry_bpf::stats::NAMES
             .iter()
             .zip(before.iter().zip(&after))
             .filter(|(_, (b, a))| a != b)
             .map(|(n, (b, a))| (*n, a - b))
-            .collect();
-        Ran { verdict, out, moved }
+            .partition(|(n, _)| TABLE_COUNTERS.contains(n));
+        Ran { verdict, out, moved, tables }
     }
 }
 
@@ -646,8 +672,11 @@ fn ct_clash_is_dropped_and_counted() {
     });
 }
 
-/// A one-port natPortRange held by one flow: the next flow to the same
-/// backend retries every attempt, then is dropped as NAT exhaustion.
+/// A one-port natPortRange held by one confirmed flow: the next flow to the
+/// same backend tries its own port, then walks the range twice (free ports,
+/// then ports of unconfirmed flows: none), then is dropped as NAT exhaustion.
+/// While the holder was unconfirmed, the newcomer took its port over instead
+/// (netfilter's early drop of an unassured flow), counted as `ct_early_drop`.
 #[test]
 fn nat_port_exhaustion_is_dropped_and_counted() {
     let rig = Rig::new();
@@ -666,13 +695,24 @@ fn nat_port_exhaustion_is_dropped_and_counted() {
         );
         assert_eq!(ran.verdict, TC_ACT_REDIRECT);
         assert_eq!(check(&ran.out).sport, 2000);
-        let ran = dp.run(
-            Hook::FromNetdev,
-            dp.eth0,
-            &frame(ip("198.51.100.8"), ip(NODE4), &tcp(2000, 30080, 0x02, b""), IpOpts::default()),
-        );
+        // A second client while the first flow is half-open: it takes the port.
+        let second = frame(ip("198.51.100.8"), ip(NODE4), &tcp(2000, 30080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &second);
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT);
+        assert_eq!(check(&ran.out).sport, 2000);
+        assert_eq!(ran.moved, moved(&[("ct_early_drop", 1), ("nat_retry", 2), ("pkt_new_flow", 1)]));
+        assert_eq!(ran.tables, moved(&[("ct_new_delete", 2), ("ct_new_insert", 2)]), "the old flow's two entries out");
+        assert_eq!(tables(dp), (0, 2), "only the second flow is tracked");
+        // The second flow completes its handshake: confirmed, its port is safe.
+        let back = frame(ip(REMOTE4), ip(NODE4), &tcp(8080, 2000, SYN_ACK, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &back);
+        assert_eq!(ran.out, frame(ip(NODE4), ip("198.51.100.8"), &tcp(30080, 2000, SYN_ACK, b""), ttl(63)));
+        let ack = frame(ip("198.51.100.8"), ip(NODE4), &tcp(2000, 30080, ACK, b""), IpOpts::default());
+        assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &ack).tables.get("ct_confirm"), Some(&1));
+        let third = frame(ip("198.51.100.9"), ip(NODE4), &tcp(2000, 30080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &third);
         assert_eq!(ran.verdict, TC_ACT_SHOT);
-        assert_eq!(ran.moved, moved(&[("nat_retry", 16), ("drop_nat_exhausted", 1)]));
+        assert_eq!(ran.moved, moved(&[("nat_retry", 3), ("drop_nat_exhausted", 1)]));
     });
 }
 
@@ -876,5 +916,227 @@ fn a_syn_reopening_a_closed_flow_is_balanced_again() {
         assert_eq!(ran.moved, moved(&[("pkt_new_flow", 1)]), "balanced again");
         assert_eq!(ran.out, frame(ip(CLIENT4), ip(POD4), &tcp(40001, 9090, 0x02, b""), ttl(63)));
         assert_eq!(dp.maps.ct_entries().len(), 2, "the old flow's entries are gone, the new flow's are in");
+    });
+}
+
+const SYN: u8 = 0x02;
+const SYN_ACK: u8 = 0x12;
+const ACK: u8 = 0x10;
+const RST: u8 = 0x04;
+const FIN_ACK: u8 = 0x11;
+
+/// How many entries of each table: (confirmed in `ferry_ct`, unconfirmed in `ferry_ct_new`).
+fn tables(dp: &Dp) -> (usize, usize) {
+    let e = dp.maps.ct_entries();
+    let unconfirmed = e.iter().filter(|e| e.unconfirmed).count();
+    (e.len() - unconfirmed, unconfirmed)
+}
+
+/// A NodePort TCP flow to the local pod: client SYN, the pod's SYN-ACK, and
+/// `third` from the client (the handshake's ACK, or an RST).
+fn handshake(dp: &Dp, cport: u16, third: u8) -> [Ran; 3] {
+    let c = |flags| frame(ip(CLIENT4), ip(NODE4), &tcp(cport, 30080, flags, b""), IpOpts::default());
+    let syn = dp.run(Hook::FromNetdev, dp.eth0, &c(SYN));
+    let reply = frame(ip(POD4), ip(CLIENT4), &tcp(8080, cport, SYN_ACK, b""), IpOpts::default());
+    let syn_ack = dp.run(Hook::FromPods, dp.pods0, &reply);
+    let last = dp.run(Hook::FromNetdev, dp.eth0, &c(third));
+    [syn, syn_ack, last]
+}
+
+fn local_nodeport() -> Vec<MapOp> {
+    let mut setup = node_setup();
+    setup.extend(service(1, every_class(ACT_FORWARD_LOCAL), 0, &[Be(10, POD4, 8080, true)]));
+    setup.push(nodeport(30080, PROTO_TCP, FAM_V4, 1));
+    setup.push(nodeport(30053, PROTO_UDP, FAM_V4, 1));
+    setup
+}
+
+/// A new flow's two entries go into `ferry_ct_new`; a TCP flow moves to
+/// `ferry_ct` when the client's ACK completes the handshake (not on the
+/// SYN-ACK, and never on an RST, which is how a SYN flood's client answers a
+/// SYN-ACK it did not ask for); UDP moves on its first reply. Every insert,
+/// removal and confirmation is counted.
+#[test]
+fn flows_are_confirmed_into_ferry_ct_when_the_handshake_completes_or_on_the_first_reply() {
+    let rig = Rig::new();
+    rig.run(&local_nodeport(), |dp| {
+        let [syn, syn_ack, ack] = handshake(dp, 40001, ACK);
+        assert_eq!(
+            (syn.verdict, syn.moved, syn.tables),
+            (TC_ACT_REDIRECT, moved(&[("pkt_new_flow", 1)]), moved(&[("ct_new_insert", 2)]))
+        );
+        assert_eq!(syn_ack.verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            (syn_ack.moved, syn_ack.tables),
+            (moved(&[("pkt_forward", 1)]), moved(&[])),
+            "a SYN-ACK confirms nothing"
+        );
+        assert_eq!(
+            ack.out,
+            frame(ip(CLIENT4), ip(POD4), &tcp(40001, 8080, ACK, b""), ttl(63)),
+            "the ACK is translated as before"
+        );
+        assert_eq!(ack.moved, moved(&[("pkt_forward", 1)]));
+        assert_eq!(
+            ack.tables,
+            moved(&[("ct_confirm", 1), ("ct_new_delete", 2)]),
+            "the handshake's ACK confirms the flow"
+        );
+        assert_eq!(tables(dp), (2, 0), "both entries in ferry_ct, none left in ferry_ct_new");
+        let now = ferry_bpf::stale::monotonic_ns();
+        for e in dp.maps.ct_entries() {
+            assert!(e.expires_ns > now + 3600 * 1_000_000_000, "confirmed: tcpEstablishedTimeout (24h) {e:?}");
+        }
+        let data = frame(ip(CLIENT4), ip(NODE4), &tcp(40001, 30080, ACK, b"data"), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &data);
+        assert_eq!(
+            (ran.verdict, ran.moved, ran.tables),
+            (TC_ACT_REDIRECT, moved(&[("pkt_forward", 1)]), moved(&[])),
+            "tracked from ferry_ct"
+        );
+        let reply = frame(ip(POD4), ip(CLIENT4), &tcp(8080, 40001, ACK, b"back"), IpOpts::default());
+        let ran = dp.run(Hook::FromPods, dp.pods0, &reply);
+        assert_eq!(ran.out, frame(ip(NODE4), ip(CLIENT4), &tcp(30080, 40001, ACK, b"back"), ttl(63)));
+
+        // A half-open flow answered with an RST stays unconfirmed.
+        let [_, _, rst] = handshake(dp, 40002, RST);
+        assert_eq!(rst.tables, moved(&[]), "an RST confirms nothing");
+        assert_eq!(tables(dp), (2, 2));
+        let [_, syn_ack, _] = handshake(dp, 40004, SYN);
+        assert_eq!(syn_ack.tables, moved(&[]));
+        let now = ferry_bpf::stale::monotonic_ns();
+        for e in dp.maps.ct_entries().iter().filter(|e| e.unconfirmed && (e.sport == 40004 || e.dport == 40004)) {
+            assert!(e.expires_ns <= now + 60 * 1_000_000_000, "half-open after its SYN-ACK: tcpSynTimeout {e:?}");
+        }
+        assert_eq!(tables(dp), (2, 4));
+
+        // UDP: confirmed by its first reply.
+        let q = frame(ip(CLIENT4), ip(NODE4), &udp(40003, 30053, b"q"), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &q);
+        assert_eq!(ran.tables, moved(&[("ct_new_insert", 2)]));
+        let a = frame(ip(POD4), ip(CLIENT4), &udp(8080, 40003, b"a"), IpOpts::default());
+        let ran = dp.run(Hook::FromPods, dp.pods0, &a);
+        assert_eq!(ran.out, frame(ip(NODE4), ip(CLIENT4), &udp(30053, 40003, b"a"), ttl(63)));
+        assert_eq!(ran.tables, moved(&[("ct_confirm", 1), ("ct_new_delete", 2)]));
+        assert_eq!(tables(dp), (4, 4));
+    });
+}
+
+/// A SYN flood through a small `ferry_ct_new` (32 entries) evicts only
+/// unconfirmed flows: the established flows in `ferry_ct` (room for 4 flows)
+/// keep being translated, no segment of theirs is lost (`ct_lost` 0), and
+/// the evictions are counted exactly (inserts - removals - entries held).
+/// When `ferry_ct` is full, a completed handshake is refused there
+/// (`ct_confirm_full`) and its flow goes on from `ferry_ct_new`.
+#[test]
+fn a_syn_flood_evicts_only_unconfirmed_flows_and_every_eviction_is_counted() {
+    let rig = Rig::new();
+    rig.small_conntrack(8, 32);
+    rig.run(&local_nodeport(), |dp| {
+        for cport in 41000..41004 {
+            let [_, _, ack] = handshake(dp, cport, ACK);
+            assert_eq!(ack.tables.get("ct_confirm"), Some(&1), "flow {cport} confirmed");
+        }
+        assert_eq!(tables(dp), (8, 0), "ferry_ct is full");
+        let before = dp.maps.counters();
+
+        let flood = 200u16;
+        for i in 0..flood {
+            let src = format!("198.51.100.{}", 10 + i % 200);
+            let pkt = frame(ip(&src), ip(NODE4), &tcp(50000 + i, 30080, SYN, b""), IpOpts::default());
+            assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &pkt).verdict, TC_ACT_REDIRECT);
+        }
+        let (confirmed, unconfirmed) = tables(dp);
+        assert_eq!(confirmed, 8, "not one established entry was evicted");
+        assert!(unconfirmed <= 32, "{unconfirmed} entries in a 32-entry LRU");
+        let held = dp.maps.lru_evictions(unconfirmed as u64, 0, 0);
+        assert_eq!(held.ct_new, 2 * flood as u64 - unconfirmed as u64, "every eviction counted");
+        let after = dp.maps.counters();
+        let delta = |name: &str| {
+            let i = ferry_bpf::stats::NAMES.iter().position(|n| *n == name).unwrap();
+            after[i] - before[i]
+        };
+        assert_eq!((delta("ct_new_insert"), delta("ct_new_delete")), (2 * flood as u64, 0));
+
+        for cport in 41000..41004 {
+            let pkt = frame(ip(CLIENT4), ip(NODE4), &tcp(cport, 30080, ACK, b"still"), IpOpts::default());
+            let ran = dp.run(Hook::FromNetdev, dp.eth0, &pkt);
+            assert_eq!(
+                ran.out,
+                frame(ip(CLIENT4), ip(POD4), &tcp(cport, 8080, ACK, b"still"), ttl(63)),
+                "flow {cport}"
+            );
+            assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]), "flow {cport}: tracked, not lost");
+        }
+
+        // A fifth established flow finds ferry_ct full: counted, and still served.
+        let [_, _, ack] = handshake(dp, 41004, ACK);
+        assert_eq!(ack.verdict, TC_ACT_REDIRECT);
+        assert_eq!(ack.tables, moved(&[("ct_confirm_full", 1)]));
+        let pkt = frame(ip(CLIENT4), ip(NODE4), &tcp(41004, 30080, ACK, b"more"), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &pkt);
+        assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]), "served from ferry_ct_new");
+    });
+}
+
+/// natPortRange of 64 ports and 200 flows from one client address to one
+/// remote backend: the walk over the range finds every free port, so exactly
+/// 64 flows get one (all 64 ports, each once) and exactly 136 are dropped as
+/// `drop_nat_exhausted`. The 64 are confirmed into `ferry_ct` (the walk must
+/// see ports held there too). Once they close and the close timeout (1 s)
+/// passes, their ports serve 64 new flows, and the 65th is dropped again.
+#[test]
+fn a_64_port_nat_range_takes_64_flows_to_one_backend_drops_the_rest_exactly_and_recovers() {
+    let rig = Rig::new();
+    let mut setup = node_setup();
+    if let MapOp::PutConfig(c) = &mut setup[0] {
+        c.nat_port_min = 2000;
+        c.nat_port_max = 2063;
+        c.tcp_close_timeout = 1;
+    }
+    setup.extend(service(1, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(10, REMOTE4, 8080, false)]));
+    setup.push(nodeport(30080, PROTO_TCP, FAM_V4, 1));
+    rig.run(&setup, |dp| {
+        let c = |cport: u16, flags| frame(ip(CLIENT4), ip(NODE4), &tcp(cport, 30080, flags, b""), IpOpts::default());
+        // Opens flows from client ports `ports` (outside the NAT range);
+        // returns the SNAT ports of those that got one, and the drops.
+        let open = |ports: std::ops::Range<u16>| {
+            let (mut nat, mut dropped) = (Vec::new(), 0u64);
+            for cport in ports {
+                let ran = dp.run(Hook::FromNetdev, dp.eth0, &c(cport, SYN));
+                if ran.verdict == TC_ACT_SHOT {
+                    assert_eq!(ran.moved.get("drop_nat_exhausted"), Some(&1), "{cport}: {:?}", ran.moved);
+                    assert_eq!(
+                        ran.moved.get("nat_retry"),
+                        Some(&128),
+                        "{cport}: every port of the range tried twice (free, then held by an unconfirmed flow)"
+                    );
+                    dropped += 1;
+                    continue;
+                }
+                assert_eq!(ran.verdict, TC_ACT_REDIRECT);
+                let port = check(&ran.out).sport;
+                let back = frame(ip(REMOTE4), ip(NODE4), &tcp(8080, port, SYN_ACK, b""), IpOpts::default());
+                assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &back).verdict, TC_ACT_REDIRECT);
+                let ack = dp.run(Hook::FromNetdev, dp.eth0, &c(cport, ACK));
+                assert_eq!(ack.tables.get("ct_confirm"), Some(&1), "{cport} confirmed");
+                nat.push((cport, port));
+            }
+            (nat, dropped)
+        };
+        let (nat, dropped) = open(40000..40200);
+        let ports: std::collections::BTreeSet<u16> = nat.iter().map(|(_, p)| *p).collect();
+        assert_eq!((nat.len(), dropped), (64, 136), "64 flows served, 136 dropped");
+        assert_eq!(ports, (2000..=2063).collect(), "every port of the range, each once");
+        assert_eq!(tables(dp), (128, 0));
+
+        for (cport, _) in &nat {
+            let ran = dp.run(Hook::FromNetdev, dp.eth0, &c(*cport, FIN_ACK));
+            assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]), "{cport} closes");
+        }
+        // Waits out the close timeout (1 s) and the clock's granularity; nothing is timed.
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        let (nat, dropped) = open(41000..41065);
+        assert_eq!((nat.len(), dropped), (64, 1), "the closed flows' ports serve new flows");
     });
 }

@@ -16,8 +16,9 @@
 //! by reason among them, read from the kernel at scrape time),
 //! `ferry_service_ports`, `ferry_map_operations_total`,
 //! `ferry_sync_failures_total`, `ferry_resync_corrections_total`,
-//! `ferry_map_entries{map}` and `ferry_map_capacity{map}` (counted at every
-//! periodic resync), `ferry_api_watch_errors_total{kind}`.
+//! `ferry_map_entries{map}`, `ferry_map_capacity{map}` and
+//! `ferry_map_evictions{map}` (counted at every periodic resync),
+//! `ferry_api_watch_errors_total{kind}`.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -87,6 +88,9 @@ pub struct DatapathView {
     pub fill: Mutex<Vec<MapFill>>,
     /// Flows with a rewritten source (NAT ports in use), counted with `fill`.
     pub nat_entries: Mutex<Option<u64>>,
+    /// Entries each LRU map evicted (map, count), counted with `fill`
+    /// (`crate::agent::sync::lru_evictions`).
+    pub evictions: Mutex<Vec<(String, u64)>>,
 }
 
 impl std::fmt::Debug for DatapathView {
@@ -155,6 +159,18 @@ impl Collector for DatapathView {
             )?;
             for f in &fill {
                 ConstGauge::new(f.capacity as i64).encode(family.encode_family(&[("map", f.map.as_str())])?)?;
+            }
+        }
+        let evictions = self.evictions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !evictions.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "ferry_map_evictions",
+                "Entries each LRU map evicted since the datapath was installed (entries written - removed - held), counted at the last periodic resync",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (map, n) in &evictions {
+                ConstGauge::new(*n as i64).encode(family.encode_family(&[("map", map.as_str())])?)?;
             }
         }
         Ok(())
@@ -494,8 +510,10 @@ mod tests {
         // No datapath yet: no datapath series rather than zeros that look real.
         assert!(!text.contains("ferry_datapath_counter_total"), "{text}");
         m.datapath.fill.lock().unwrap().push(MapFill { map: "ferry_ct".into(), entries: 3, capacity: 10 });
+        m.datapath.evictions.lock().unwrap().push(("ferry_ct_new".into(), 7));
         let text = m.render();
         assert!(text.contains("ferry_map_entries{map=\"ferry_ct\"} 3"), "{text}");
+        assert!(text.contains("ferry_map_evictions{map=\"ferry_ct_new\"} 7"), "{text}");
         assert!(text.contains("ferry_map_capacity{map=\"ferry_ct\"} 10"), "{text}");
 
         let refused = |object: &str| super::super::sync::RefusedObject {

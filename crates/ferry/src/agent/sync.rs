@@ -345,6 +345,9 @@ impl Worker {
         let Some((proxier, _, pin_dir)) = self.proxier.as_mut() else { anyhow::bail!("no datapath installed") };
         if job.due == Due::Resync || installed.is_some() {
             let fill = map_fill(pin_dir);
+            if let Some(maps) = &*self.view.maps.lock().unwrap_or_else(|p| p.into_inner()) {
+                *self.view.evictions.lock().unwrap_or_else(|p| p.into_inner()) = lru_evictions(maps, &fill);
+            }
             *self.view.fill.lock().unwrap_or_else(|p| p.into_inner()) = fill;
             *self.view.nat_entries.lock().unwrap_or_else(|p| p.into_inner()) = Some(proxier.nat_entries() as u64);
         }
@@ -424,6 +427,18 @@ fn install_datapath(o: &InstallOverrides, settings: &Settings, reinstall: bool) 
         installed.links_attached,
     );
     Ok(Installed { proxier, maps, pin_dir: opts.pin_dir, line })
+}
+
+/// Entries each LRU map evicted, by map name, from the datapath's insert and
+/// delete counters and the entries `fill` found ([`ferry_bpf::Maps::lru_evictions`]).
+pub fn lru_evictions(maps: &ferry_bpf::Maps, fill: &[MapFill]) -> Vec<(String, u64)> {
+    let held = |map: &str| fill.iter().find(|f| f.map == map).map_or(0, |f| f.entries);
+    let e = maps.lru_evictions(held("ferry_ct_new"), held("ferry_sock_rev"), held("ferry_affinity"));
+    vec![
+        ("ferry_ct_new".into(), e.ct_new),
+        ("ferry_sock_rev".into(), e.sock_rev),
+        ("ferry_affinity".into(), e.affinity),
+    ]
 }
 
 /// Entries and capacity of every pinned map. Walks each map's keys, so it runs

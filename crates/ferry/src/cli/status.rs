@@ -230,6 +230,7 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
     let (rev, aff) = maps.lru_fill();
     let frags = maps.frag_fill();
     let fill = crate::agent::sync::map_fill(&args.pin_dir);
+    let evictions = crate::agent::sync::lru_evictions(&maps, &fill);
     let refused = crate::agent::sync::read_refused(&args.pin_dir);
     if args.json {
         let fill: Vec<_> = fill
@@ -239,6 +240,7 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
         let out = serde_json::json!({
             "pinDir": args.pin_dir,
             "maps": fill,
+            "evictions": evictions.iter().cloned().collect::<BTreeMap<String, u64>>(),
             "refused": refused,
             "frontends": rows,
             "backends": dump.backends.len(),
@@ -299,7 +301,14 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
         let pct = if f.capacity > 0 { f.entries as f64 * 100.0 / f.capacity as f64 } else { 0.0 };
         let tunable = crate::datapath::SCALED_MAPS.iter().any(|(m, _)| *m == f.map);
         let warn = if pct >= 90.0 && tunable { "  near full: raise maps.* in the node config" } else { "" };
-        println!("  {:<16} {:>9} / {:<9} {pct:5.1}%{warn}", f.map, f.entries, f.capacity);
+        let evicted = evictions.iter().find(|(m, _)| *m == f.map).map(|(_, n)| format!("  evicted {n}"));
+        println!(
+            "  {:<16} {:>9} / {:<9} {pct:5.1}%{warn}{}",
+            f.map,
+            f.entries,
+            f.capacity,
+            evicted.unwrap_or_default()
+        );
     }
     if refused.is_empty() {
         println!("\nrefused: none");

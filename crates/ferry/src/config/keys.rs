@@ -51,6 +51,7 @@ pub static MAPS: Section = Section {
         ("members", None),
         ("names", None),
         ("conntrack", None),
+        ("conntrackUnconfirmed", None),
         ("affinity", None),
         ("socketReverse", None),
     ],

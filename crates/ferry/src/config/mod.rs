@@ -121,6 +121,7 @@ pub struct MapsFile {
     pub members: Option<u32>,
     pub names: Option<u32>,
     pub conntrack: Option<u32>,
+    pub conntrack_unconfirmed: Option<u32>,
     pub affinity: Option<u32>,
     pub socket_reverse: Option<u32>,
 }
@@ -467,6 +468,7 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
             ("members", "ferry_members", m.members),
             ("names", "ferry_names", m.names),
             ("conntrack", "ferry_ct", m.conntrack),
+            ("conntrackUnconfirmed", "ferry_ct_new", m.conntrack_unconfirmed),
             ("affinity", "ferry_affinity", m.affinity),
             ("socketReverse", "ferry_sock_rev", m.socket_reverse),
         ];
