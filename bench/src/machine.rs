@@ -11,6 +11,10 @@ pub struct Machine {
     pub kernel: String,
     pub os: String,
     pub ferry_commit: String,
+    /// `/proc/loadavg`'s 1-minute figure at the start: other work on the
+    /// machine slows every timing, and the report should say so.
+    #[serde(default)]
+    pub load_average: String,
 }
 
 fn read(path: &str) -> String {
@@ -60,14 +64,15 @@ impl Machine {
             kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
             os,
             ferry_commit,
+            load_average: read("/proc/loadavg").split_whitespace().next().unwrap_or("?").to_string(),
         }
     }
 
     /// One line for stderr and the report.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({} CPUs), {} MiB RAM, Linux {}, {}, ferry {}",
-            self.cpu_model, self.cpus, self.memory_mib, self.kernel, self.os, self.ferry_commit
+            "{} ({} CPUs), {} MiB RAM, Linux {}, {}, ferry {}; load average {} at the start",
+            self.cpu_model, self.cpus, self.memory_mib, self.kernel, self.os, self.ferry_commit, self.load_average
         )
     }
 }

@@ -775,6 +775,8 @@ impl Programmer {
                 self.service_ids.release(id);
             }
             self.orphan_backends(&mut ops);
+            // Sized once for a first sync rather than rehashed on the way up.
+            self.services.reserve(plan.services.len().saturating_sub(self.services.len()));
             self.claim_adopted(plan);
             // Each service port with what the Plan has for it, looked up once.
             let mut all: Vec<_> = plan.services.iter().map(|(id, sp)| (id.clone(), Some(sp))).collect();

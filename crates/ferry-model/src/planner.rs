@@ -386,6 +386,11 @@ impl Planner {
             self.dirty.extend(self.plan.services.keys().map(|id| id.service.clone()));
         }
         let dirty = std::mem::take(&mut self.dirty);
+        if self.claims.is_empty() {
+            // The first sync: sized once rather than rehashed a dozen times on the way up.
+            self.claims.reserve(dirty.len());
+            self.cluster_ip_refs.reserve(dirty.len());
+        }
         let ctx = self.node.topology(&self.cfg);
         let plan = &mut self.plan;
 
