@@ -314,7 +314,17 @@ pub fn shape(
     cgroup: &Path,
     changes: usize,
 ) -> anyhow::Result<Shape> {
-    let dp = PinnedDatapath::install(pin_dir, cgroup)?;
+    // Sized as an operator would set `maps.backends` / `maps.slots` for this
+    // cluster: each endpoint is a backend and a slot (two revisions of the
+    // slots of the service that changes).
+    let entries = u32::try_from(services * endpoints).unwrap_or(u32::MAX);
+    let room = entries.saturating_add(entries / 4).next_power_of_two();
+    let capacities = if entries > 400_000 {
+        vec![("ferry_backends".to_string(), room), ("ferry_slots".to_string(), room)]
+    } else {
+        Vec::new()
+    };
+    let dp = PinnedDatapath::install_sized(pin_dir, cgroup, capacities)?;
     let rt = runtime()?;
     let mut planner = Planner::new(cfg.clone());
     for i in 0..services {
@@ -326,7 +336,7 @@ pub fn shape(
     let (plan, _) = planner.sync();
     let mut programmer = Programmer::new();
     let ops = programmer.sync(&plan, None, &rt);
-    dp.maps.apply(&ops).context("applying the full state")?;
+    dp.maps.apply(&ops).map_err(|e| anyhow::anyhow!("applying the full state of {services} x {endpoints}: {e}"))?;
     let full_sync_ms = t.elapsed().as_secs_f64() * 1e3;
     let map_ops = ops.len();
     drop((ops, plan));

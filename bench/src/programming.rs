@@ -29,12 +29,21 @@ pub struct PinnedDatapath {
 
 impl PinnedDatapath {
     pub fn install(pin_dir: PathBuf, cgroup: &Path) -> anyhow::Result<PinnedDatapath> {
+        Self::install_sized(pin_dir, cgroup, Vec::new())
+    }
+
+    /// As [`PinnedDatapath::install`], with map capacities (`maps.*` in the node config) for larger shapes.
+    pub fn install_sized(
+        pin_dir: PathBuf,
+        cgroup: &Path,
+        capacities: Vec<(String, u32)>,
+    ) -> anyhow::Result<PinnedDatapath> {
         let _ = ferry_bpf::uninstall(&pin_dir);
         let installed = ferry_bpf::install(&InstallOptions {
             pin_dir: pin_dir.clone(),
             cgroup: cgroup.to_path_buf(),
             devices: Vec::new(),
-            capacities: Vec::new(),
+            capacities,
         })
         .with_context(|| format!("installing the datapath into {}", pin_dir.display()))?;
         Ok(PinnedDatapath { pin_dir, maps: installed.maps })
