@@ -28,10 +28,13 @@ test: lint build
 
 # The disruption suite, long form (needs root; `make test` runs 4 rounds of it):
 # the agent SIGKILLed during changing syncs under load, 40 rounds; the seed is
-# printed, FERRY_DISRUPTION_SEED=<seed> replays one run.
+# printed, FERRY_DISRUPTION_SEED=<seed> replays one run. UDP clients and
+# endpoint rollouts, ROUNDS/4 steps of each, measured into
+# bench/results/disruption.md (written by the run, not by hand).
 DISRUPTION_ROUNDS ?= 40
 disruption: build
-	FERRY_DISRUPTION_ROUNDS=$(DISRUPTION_ROUNDS) $(CARGO) test -p ferry --test disruption -- --nocapture
+	FERRY_DISRUPTION_ROUNDS=$(DISRUPTION_ROUNDS) FERRY_DISRUPTION_RESULTS=$(CURDIR)/bench/results/disruption.md \
+		$(CARGO) test -p ferry --test disruption -- --nocapture --test-threads 1
 
 # The benchmarks (bench/README.md). Need root; not part of `make test`.
 # socket_lb: socket-LB latency, programming time and memory at 1k, 10k and 100k

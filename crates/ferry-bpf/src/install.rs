@@ -6,8 +6,9 @@
 //! (agent restart or upgrade) reuses the pinned maps and swaps the programs
 //! inside the existing links (`bpf_link_update`), so no connection notices.
 
-use crate::layout::{CHANGED_IN, LAYOUT, MapShape, Upgrade, plan_upgrade};
+use crate::layout::{CARRY, CHANGED_IN, LAYOUT, MapShape, Migration, Upgrade, plan_upgrade};
 use crate::maps::{MAP_NAMES, MapError, Maps};
+use crate::migrate::Carried;
 use crate::skel::netdev::{NetdevSkelBuilder, OpenNetdevSkel};
 use crate::skel::sock::{OpenSockSkel, SockSkelBuilder};
 use crate::system::{self, SystemError};
@@ -79,6 +80,11 @@ pub enum InstallError {
          NodePort flows; socket-LB connections stay) and start this version"
     )]
     NewerLayout { pin_dir: PathBuf, found: u32, ours: u32 },
+    #[error(
+        "copying the live entries of the retired map {map} into this layout's maps: {source}; the old \
+         datapath was left serving"
+    )]
+    Migrate { map: String, source: crate::migrate::MigrateError },
     #[error("device {0} does not exist in this network namespace (check bpf.devices / bpf.podDevices)")]
     NoDevice(String),
 }
@@ -95,8 +101,12 @@ pub struct Installed {
     pub adopted: bool,
     /// The pinned datapath had this older layout and was migrated ([`crate::layout`]).
     pub migrated_from: Option<u32>,
-    /// Maps of the older layout that were re-created empty (the first full sync refills them).
+    /// Maps of the older layout that were re-created (the first full sync
+    /// refills those holding Plan state; see `carried` for the others).
     pub retired: Vec<String>,
+    /// Retired maps whose live entries were copied into the new maps
+    /// ([`crate::layout::CARRY`]), with what the copy did.
+    pub carried: Vec<Carried>,
     /// Links that were swapped to the new programs in place.
     pub links_updated: usize,
     /// Links that were newly attached.
@@ -316,8 +326,9 @@ fn move_pins(from: &Path, to: &Path, names: &[String]) -> Result<(), InstallErro
 /// A datapath already pinned in `pin_dir` is compared with this build's
 /// layout first ([`crate::layout`]): the same layout is adopted; an older one
 /// is migrated (maps that changed move to `pin_dir/retired`, new ones are
-/// created in their place, the links switch to the new programs, the retired
-/// maps are removed); a newer one is refused with
+/// created in their place, the live entries of those [`CARRY`] names are
+/// copied into them, the links switch to the new programs, the retired maps
+/// are removed); a newer one is refused with
 /// [`InstallError::NewerLayout`] before anything is loaded. Both objects pass
 /// the verifier before any link is switched.
 ///
@@ -345,20 +356,20 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
     // pinned map keeps its own (a capacity alone never retires a map).
     let mut capacity_kept = Vec::new();
     let compiled = size_maps(map_list!(open.maps).into(), &opts.pin_dir, &opts.capacities, &mut capacity_kept)?;
-    let upgrade = plan_upgrade(found, LAYOUT, CHANGED_IN, &pinned_shapes(&opts.pin_dir), &wanted_shapes(&open));
+    let upgrade = plan_upgrade(found, LAYOUT, CHANGED_IN, CARRY, &pinned_shapes(&opts.pin_dir), &wanted_shapes(&open));
     let retired_dir = opts.pin_dir.join("retired");
-    let (migrated_from, retired) = match upgrade {
+    let (migrated_from, retired, copy) = match upgrade {
         Upgrade::Refuse { found } => {
             return Err(InstallError::NewerLayout { pin_dir: opts.pin_dir.clone(), found, ours: LAYOUT });
         }
-        Upgrade::Migrate { from, retire } => {
+        Upgrade::Migrate { from, retire, copy } => {
             // A retired map is created anew: with the asked capacity, not the pinned one.
             resize_retired(map_list!(open.maps).into(), &retire, &opts.capacities, &compiled)?;
             capacity_kept.retain(|k| !retire.contains(&k.map));
             move_pins(&opts.pin_dir, &retired_dir, &retire)?;
-            (Some(from), retire)
+            (Some(from), retire, copy)
         }
-        Upgrade::Fresh | Upgrade::Adopt => (None, Vec::new()),
+        Upgrade::Fresh | Upgrade::Adopt => (None, Vec::new(), Vec::new()),
     };
     // Load both objects (the verifier) before any link is switched; a
     // failure puts the retired pins back, so the old datapath stays whole.
@@ -374,12 +385,27 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
             pin_netdev_maps(&mut open_tc, &opts.pin_dir)?;
             Some(open_tc.load().map_err(lb("loading the tc BPF programs (verifier)"))?)
         };
+        // The new maps exist now and no program uses them yet: copy the
+        // entries the new layout must keep, so the new programs start with
+        // every tracked flow (a failure leaves the old datapath serving).
+        let first = carry_all(&copy, &retired_dir, &opts.pin_dir, false)?;
         let attached = attach_all(opts, &links_dir, &skel, tc.as_ref())?;
+        // The old programs ran until the switch: a flow they created during
+        // the first copy is added now (nothing the new programs wrote is
+        // overwritten). A failure here cannot be undone: those flows are
+        // balanced again, which the log says.
+        let carried = match carry_all(&copy, &retired_dir, &opts.pin_dir, true) {
+            Ok(late) => first.into_iter().zip(late).map(|(f, l)| crate::migrate::merge(f, &l)).collect(),
+            Err(e) => {
+                tracing::warn!("{e} (after the links switched: flows created during the copy are balanced again)");
+                first
+            }
+        };
         // Recorded last: a failure above leaves the old version in place.
         write_layout(&opts.pin_dir, LAYOUT)?;
-        Ok(attached)
+        Ok((attached, carried))
     })();
-    let (updated, attached, devices) = match loaded {
+    let ((updated, attached, devices), carried) = match loaded {
         Ok(r) => r,
         Err(e) => {
             if !retired.is_empty() {
@@ -403,11 +429,27 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         adopted,
         migrated_from,
         retired,
+        carried,
         links_updated: updated,
         links_attached: attached,
         devices,
         capacity_kept,
     })
+}
+
+/// Runs every copy of a migration ([`crate::migrate`]); `late`: the pass after the links switched.
+fn carry_all(
+    copy: &[(String, Migration)],
+    retired_dir: &Path,
+    pin_dir: &Path,
+    late: bool,
+) -> Result<Vec<Carried>, InstallError> {
+    copy.iter()
+        .map(|(map, m)| {
+            crate::migrate::carry(*m, map, retired_dir, pin_dir, late)
+                .map_err(|source| InstallError::Migrate { map: map.clone(), source })
+        })
+        .collect()
 }
 
 /// Attaches (or swaps in place) every link, socket programs first.

@@ -7,10 +7,13 @@
 //! last layout version that changed its key, value or meaning. An agent that
 //! finds an older layout keeps the pinned maps that did not change since then
 //! (and whose shape is still the same), and *retires* the others: their pins
-//! move aside, the new objects create fresh maps in their place, the agent's
-//! first full sync re-programs them from the Plan, the links switch to the new
-//! programs, and the retired pins are removed. A newer layout than this build
-//! knows (a downgrade) is refused before anything is loaded.
+//! move aside, the new objects create fresh maps in their place, the links
+//! switch to the new programs, and the retired pins are removed. What becomes
+//! of a retired map's entries is stated per map in [`CARRY`]: Plan state is
+//! simply re-programmed by the agent's first full sync (retire), while state
+//! the Plan cannot rebuild (tracked flows) is copied by a [`Migration`] into
+//! the new maps before the links switch. A newer layout than this build knows
+//! (a downgrade) is refused before anything is loaded.
 
 use crate::entries::FERRY_LAYOUT;
 
@@ -41,6 +44,27 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     ("ferry_meta", 1),
 ];
 
+/// A copy of a retired map's live entries into this layout's maps
+/// (implemented in [`crate::migrate`]), run before the links switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migration {
+    /// Layouts 0 and 1 kept every flow in one LRU `ferry_ct`; layout 2 keeps
+    /// confirmed flows in `ferry_ct` (a hash) and unconfirmed ones in
+    /// `ferry_ct_new` (an LRU). Same entry format, so each flow is copied as
+    /// it is into the table its state says.
+    ConntrackSplit,
+}
+
+/// For each map whose entries outlive a layout change: from which older
+/// layouts (inclusive) a [`Migration`] carries them. A retired map not listed
+/// (or retired from a layout outside its range) is re-created empty: every map
+/// holding Plan state is refilled by the agent's first full sync, and
+/// `ferry_frags` (fragments in flight, milliseconds) is not worth a copy. A
+/// future layout change adds a row here when the new map cannot be rebuilt
+/// from the Plan, or states by its absence that retiring is enough.
+pub const CARRY: &[(&str, std::ops::RangeInclusive<u32>, Migration)] =
+    &[("ferry_ct", 0..=1, Migration::ConntrackSplit)];
+
 /// What the kernel says about a map (pinned) or what a BPF object declares (new).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapShape {
@@ -65,19 +89,22 @@ pub enum Upgrade {
     Fresh,
     /// Same layout: adopt every pinned map.
     Adopt,
-    /// An older layout: these pinned maps are retired and re-created; the rest are adopted.
-    Migrate { from: u32, retire: Vec<String> },
+    /// An older layout: these pinned maps are retired and re-created; the rest
+    /// are adopted. Of the retired ones, those in `copy` have their live
+    /// entries copied into the new maps by the [`Migration`] named.
+    Migrate { from: u32, retire: Vec<String>, copy: Vec<(String, Migration)> },
     /// A newer layout than this build knows: refuse (nothing is touched).
     Refuse { found: u32 },
 }
 
 /// Decides what to do with a pinned datapath of layout `found` (None: nothing
 /// pinned) whose maps have the shapes `pinned`, for a build whose objects
-/// declare `wanted` (by map name) at layout `ours`.
+/// declare `wanted` (by map name) at layout `ours`; `carry` is [`CARRY`].
 pub fn plan_upgrade(
     found: Option<u32>,
     ours: u32,
     changed_in: &[(&str, u32)],
+    carry: &[(&str, std::ops::RangeInclusive<u32>, Migration)],
     pinned: &[(String, MapShape)],
     wanted: &[(String, MapShape)],
 ) -> Upgrade {
@@ -86,6 +113,7 @@ pub fn plan_upgrade(
         return Upgrade::Refuse { found };
     }
     let mut retire = Vec::new();
+    let mut copy = Vec::new();
     for (name, shape) in pinned {
         let unchanged = changed_in.iter().any(|(n, v)| n == name && *v <= found);
         let same_shape = wanted.iter().any(|(n, s)| n == name && s.same_entries(shape));
@@ -94,9 +122,19 @@ pub fn plan_upgrade(
         // is not a reason: `install` keeps a pinned map's own capacity.
         if !(same_shape && (found == ours || unchanged)) {
             retire.push(name.clone());
+            // A copy reads the old entries with this build's key and value
+            // types, so their sizes must be this build's (the map type may differ).
+            let same_entry_size = wanted
+                .iter()
+                .any(|(n, s)| n == name && (s.key_size, s.value_size) == (shape.key_size, shape.value_size));
+            if let Some((_, _, m)) = carry.iter().find(|(n, from, _)| n == name && from.contains(&found))
+                && same_entry_size
+            {
+                copy.push((name.clone(), *m));
+            }
         }
     }
-    if found == ours && retire.is_empty() { Upgrade::Adopt } else { Upgrade::Migrate { from: found, retire } }
+    if found == ours && retire.is_empty() { Upgrade::Adopt } else { Upgrade::Migrate { from: found, retire, copy } }
 }
 
 #[cfg(test)]
@@ -121,28 +159,28 @@ mod tests {
     #[test]
     fn nothing_pinned_is_fresh_and_the_same_layout_is_adopted() {
         let w = named(&[("a", s(8)), ("b", s(8))]);
-        assert_eq!(plan_upgrade(None, 2, &[("a", 0), ("b", 0)], &[], &w), Upgrade::Fresh);
-        assert_eq!(plan_upgrade(Some(2), 2, &[("a", 2), ("b", 0)], &w, &w), Upgrade::Adopt);
+        assert_eq!(plan_upgrade(None, 2, &[("a", 0), ("b", 0)], &[], &[], &w), Upgrade::Fresh);
+        assert_eq!(plan_upgrade(Some(2), 2, &[("a", 2), ("b", 0)], &[], &w, &w), Upgrade::Adopt);
     }
 
     #[test]
     fn a_same_size_change_of_meaning_is_not_adopted() {
         // "b" changed meaning in layout 2 without changing size.
         let w = named(&[("a", s(8)), ("b", s(8))]);
-        let up = plan_upgrade(Some(1), 2, &[("a", 0), ("b", 2)], &w, &w);
-        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()] });
+        let up = plan_upgrade(Some(1), 2, &[("a", 0), ("b", 2)], &[], &w, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()], copy: vec![] });
     }
 
     #[test]
     fn a_changed_size_is_retired_even_when_the_table_forgot_it() {
         let w = named(&[("a", s(8)), ("b", s(8))]);
         let p = named(&[("a", s(8)), ("b", s(12))]);
-        let up = plan_upgrade(Some(0), 1, &[("a", 0), ("b", 0)], &p, &w);
-        assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()] });
+        let up = plan_upgrade(Some(0), 1, &[("a", 0), ("b", 0)], &[], &p, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()], copy: vec![] });
         // A map this build does not know any more is retired (removed) too.
         let p = named(&[("a", s(8)), ("gone", s(8))]);
-        let up = plan_upgrade(Some(1), 1, &[("a", 0)], &p, &w);
-        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["gone".into()] });
+        let up = plan_upgrade(Some(1), 1, &[("a", 0)], &[], &p, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["gone".into()], copy: vec![] });
     }
 
     #[test]
@@ -150,19 +188,20 @@ mod tests {
         let w = named(&[("a", s(8)), ("b", s(8))]);
         let p = named(&[("a", s(8)), ("b", MapShape { max_entries: 4096, ..s(8) })]);
         // Same layout: adopted as pinned (install keeps the pinned capacity).
-        assert_eq!(plan_upgrade(Some(1), 1, &[("a", 0), ("b", 0)], &p, &w), Upgrade::Adopt);
+        assert_eq!(plan_upgrade(Some(1), 1, &[("a", 0), ("b", 0)], &[], &p, &w), Upgrade::Adopt);
         // Older layout: only what changed since is retired, not the resized map.
-        let up = plan_upgrade(Some(0), 1, &[("a", 1), ("b", 0)], &p, &w);
-        assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["a".into()] });
+        let up = plan_upgrade(Some(0), 1, &[("a", 1), ("b", 0)], &[], &p, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["a".into()], copy: vec![] });
         // A capacity difference next to a value-size change still retires.
         let p = named(&[("a", s(8)), ("b", MapShape { max_entries: 4096, ..s(12) })]);
-        let up = plan_upgrade(Some(1), 1, &[("a", 0), ("b", 0)], &p, &w);
-        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()] });
+        let up = plan_upgrade(Some(1), 1, &[("a", 0), ("b", 0)], &[], &p, &w);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()], copy: vec![] });
     }
 
     /// Layout 2 split conntrack in two: a layout-1 datapath (one LRU
     /// `ferry_ct`, no `ferry_ct_new`) keeps every other map and retires
-    /// `ferry_ct`, which comes back as a hash next to a new `ferry_ct_new`.
+    /// `ferry_ct`, which comes back as a hash next to a new `ferry_ct_new`,
+    /// its live flows copied across (`ConntrackSplit`).
     #[test]
     fn layout_1_retires_the_conntrack_lru_and_keeps_the_rest() {
         const HASH: u32 = 1;
@@ -179,18 +218,36 @@ mod tests {
         wanted.push(("ferry_ct".into(), shape(HASH)));
         wanted.push(("ferry_ct_new".into(), shape(LRU)));
         assert_eq!(LAYOUT, 2);
-        let up = plan_upgrade(Some(1), LAYOUT, CHANGED_IN, &pinned, &wanted);
-        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()] });
+        let split = vec![("ferry_ct".to_string(), Migration::ConntrackSplit)];
+        let up = plan_upgrade(Some(1), LAYOUT, CHANGED_IN, CARRY, &pinned, &wanted);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()], copy: split.clone() });
         // Even if the table forgot it, the changed map type alone retires it.
         let forgot: Vec<(&str, u32)> =
             CHANGED_IN.iter().map(|(n, v)| (*n, if *n == "ferry_ct" { 0 } else { *v })).collect();
-        let up = plan_upgrade(Some(1), LAYOUT, &forgot, &pinned, &wanted);
-        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()] });
+        let up = plan_upgrade(Some(1), LAYOUT, &forgot, CARRY, &pinned, &wanted);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()], copy: split });
+    }
+
+    /// A copy reads old entries with this build's types: a retired map whose
+    /// entries are of another size, or from a layout the copy does not know,
+    /// is retired without one.
+    #[test]
+    fn a_copy_needs_the_entry_size_and_a_layout_it_knows() {
+        let carry: &[(&str, std::ops::RangeInclusive<u32>, Migration)] = &[("b", 1..=1, Migration::ConntrackSplit)];
+        let w = named(&[("a", s(8)), ("b", s(8))]);
+        let lru = |v| MapShape { map_type: 9, ..s(v) };
+        let up = plan_upgrade(Some(1), 2, &[("a", 0), ("b", 2)], carry, &named(&[("a", s(8)), ("b", lru(8))]), &w);
+        let copy = vec![("b".to_string(), Migration::ConntrackSplit)];
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()], copy });
+        let up = plan_upgrade(Some(1), 2, &[("a", 0), ("b", 2)], carry, &named(&[("a", s(8)), ("b", lru(12))]), &w);
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()], copy: vec![] });
+        let up = plan_upgrade(Some(0), 2, &[("a", 0), ("b", 2)], carry, &named(&[("a", s(8)), ("b", lru(8))]), &w);
+        assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()], copy: vec![] });
     }
 
     #[test]
     fn a_newer_layout_is_refused() {
         let w = named(&[("a", s(8))]);
-        assert_eq!(plan_upgrade(Some(3), 2, &[("a", 0)], &w, &w), Upgrade::Refuse { found: 3 });
+        assert_eq!(plan_upgrade(Some(3), 2, &[("a", 0)], &[], &w, &w), Upgrade::Refuse { found: 3 });
     }
 }

@@ -12,6 +12,7 @@ pub mod entries;
 pub mod install;
 pub mod layout;
 pub mod maps;
+pub mod migrate;
 pub mod program;
 pub mod skel;
 pub mod sockdestroy;

@@ -72,7 +72,7 @@ impl crate::program::Cause for MapError {
 }
 
 /// Plain-data types (`#[repr(C)]`, no padding holes) as bytes.
-fn bytes<T: Copy>(v: &T) -> &[u8] {
+pub(crate) fn bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: every type passed here is a generated #[repr(C)] struct of
     // integers without implicit padding, so all its bytes are initialised.
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
@@ -81,7 +81,7 @@ fn bytes<T: Copy>(v: &T) -> &[u8] {
 /// A plain-data value from exactly its bytes. `Maps::open` checked every
 /// map's key and value sizes, so a short or long buffer means the kernel
 /// returned something else entirely: it panics rather than pad or cut.
-fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
+pub(crate) fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     assert_eq!(
         b.len(),
         std::mem::size_of::<T>(),
@@ -636,7 +636,7 @@ impl Maps {
     /// Adds `n` to a counter only the agent writes (the datapath never
     /// touches its slot, so the read-modify-write races with no one but
     /// another agent, which the pin directory's lock excludes).
-    fn add_counter(&self, name: &str, n: u64) {
+    pub(crate) fn add_counter(&self, name: &str, n: u64) {
         let Some(i) = crate::stats::NAMES.iter().position(|c| *c == name) else { return };
         let key = (i as u32).to_ne_bytes();
         let Ok(Some(mut per_cpu)) = self.stats.lookup_percpu(&key, MapFlags::ANY) else { return };

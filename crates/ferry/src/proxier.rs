@@ -72,8 +72,11 @@ pub struct Started {
     pub adopted: bool,
     /// The pinned datapath had this older map layout and was migrated.
     pub migrated_from: Option<u32>,
-    /// Its maps that were re-created (refilled by the first full sync).
+    /// Its maps that were re-created (refilled by the first full sync, or
+    /// their live entries copied: `carried`).
     pub retired: Vec<String>,
+    /// Retired maps whose live entries were copied into the new ones.
+    pub carried: Vec<ferry_bpf::migrate::Carried>,
     pub links_updated: usize,
     pub links_attached: usize,
     pub devices: Vec<ferry_bpf::AttachedDevice>,
@@ -113,6 +116,19 @@ impl Proxier {
                         opts.pin_dir.display()
                     );
                 }
+                for c in &installed.carried {
+                    let line = format!(
+                        "copied the live entries of the retired {}: confirmed={} unconfirmed={} confirm_full={} \
+                         expired={} not_copied={} late={}",
+                        c.map, c.confirmed, c.unconfirmed, c.confirm_full, c.expired, c.not_copied, c.late
+                    );
+                    // Entries that found no room are flows balanced again (a SNATed one reset).
+                    if c.not_copied > 0 || c.confirm_full > 0 {
+                        tracing::warn!("{line}: raise maps.conntrack / maps.conntrackUnconfirmed");
+                    } else {
+                        tracing::info!("{line}");
+                    }
+                }
                 let runtime = crate::datapath::runtime(settings, &installed)?;
                 let maps = ferry_bpf::Maps::open(&opts.pin_dir)?;
                 let (programmer, adopted_backends) = if installed.adopted {
@@ -131,6 +147,7 @@ impl Proxier {
                     adopted: installed.adopted,
                     migrated_from: installed.migrated_from,
                     retired: installed.retired.clone(),
+                    carried: installed.carried.clone(),
                     links_updated: installed.links_updated,
                     links_attached: installed.links_attached,
                     devices: installed.devices,
