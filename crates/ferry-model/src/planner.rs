@@ -26,12 +26,13 @@ use crate::endpoints::{SliceRead, merge_slices, read_slice};
 use crate::node_config::NodeConfig;
 use crate::node_info::NodeInfo;
 use crate::plan::{
-    Claim, FrontendKey, NodeFacts, Plan, ServicePort, ServicePortId, frontend_claims, health_check_clash, node_facts,
-    orphan_slice, plan_service,
+    Claim, FrontendKey, NodeFacts, Plan, PlannedService, ServicePort, ServicePortId, frontend_claims,
+    health_check_clash, node_facts, orphan_slice, plan_service,
 };
 use crate::problem::ObjectError;
 use crate::service::{IgnoreReason, ServiceInfo, ServiceRead, read_service};
 use crate::state::{ObjectKey, StateChange};
+use crate::topology::TopologyContext;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -392,6 +393,8 @@ impl Planner {
             self.cluster_ip_refs.reserve(dirty.len());
         }
         let ctx = self.node.topology(&self.cfg);
+        let dirty: Vec<ObjectKey> = dirty.into_iter().collect();
+        let mut planned_ahead = self.plan_ahead(&dirty, ctx).into_iter();
         let plan = &mut self.plan;
 
         let mut before: HashMap<ServicePortId, Arc<ServicePort>> = HashMap::new();
@@ -405,6 +408,7 @@ impl Planner {
         // ports of Services it has already passed.
         let first_plan = plan.services.is_empty();
         for key in &dirty {
+            let ahead = planned_ahead.next().flatten();
             // Take back what the Service contributed last time.
             let old_ports: Vec<Arc<ServicePort>> =
                 if first_plan { Vec::new() } else { plan.ports_of(key).cloned().collect() };
@@ -454,9 +458,9 @@ impl Planner {
                     set_problems(&mut self.problems, ProblemSource::Service(key.clone()), errors.clone());
                 }
                 Some(StoredService::Served(info)) => {
-                    let slices = self.slices_of.get(key).into_iter().flatten().filter_map(|k| self.slices.get(k));
-                    let endpoints = merge_slices(slices);
-                    let planned = plan_service(&self.node, info, &endpoints, ctx);
+                    let planned = ahead.unwrap_or_else(|| {
+                        plan_from_compact(&self.node, &self.slices_of, &self.slices, key, info, ctx)
+                    });
                     set_problems(&mut self.problems, ProblemSource::Service(key.clone()), planned.problems);
                     for ip in &planned.cluster_ips {
                         *self.cluster_ip_refs.entry(*ip).or_default() += 1;
@@ -483,7 +487,9 @@ impl Planner {
                             _ => Arc::new(sp),
                         };
                         plan.services.insert(id, sp.clone());
-                        after.push(sp);
+                        if !first_plan {
+                            after.push(sp);
+                        }
                     }
                     if let Some(hc) = info.health_check_node_port {
                         sorted_insert(self.health_check_claims.entry(hc).or_default(), key.clone());
@@ -508,6 +514,10 @@ impl Planner {
                 Some(new) if Arc::ptr_eq(old, new) => {}
                 Some(new) => diff.changed.push(ServicePortChange::between(old, new)),
             }
+        }
+        if first_plan {
+            // Everything is new, and the Plan's table is already in id order.
+            diff.added = plan.services.values().cloned().collect();
         }
         for sp in after {
             if !before.contains_key(&sp.id) {
@@ -568,13 +578,64 @@ impl Planner {
         plan.problems = problems;
 
         // Ids and frontend keys are unique here: the unstable sorts are deterministic.
-        diff.added.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        if !first_plan {
+            diff.added.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        }
         diff.removed.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         diff.changed.sort_unstable_by(|a, b| a.new.id.cmp(&b.new.id));
         diff.frontends_added.sort_unstable_by_key(|a| a.0);
         diff.frontends_removed.sort_unstable_by_key(|a| a.0);
         (Arc::new(self.plan.clone()), diff)
     }
+}
+
+/// Batches of at least this many Services are planned on several threads first.
+const PLAN_AHEAD_FROM: usize = 4096;
+
+impl Planner {
+    /// For a large batch (the first sync, a full re-plan), plans every served
+    /// Service of `keys` on the machine's threads, in `keys`' order (`None`:
+    /// not served, or a small batch planned in the loop). Planning reads only
+    /// the compact objects, so it splits cleanly; taking back old ports and
+    /// deciding ownership stay sequential.
+    fn plan_ahead(&self, keys: &[ObjectKey], ctx: TopologyContext) -> Vec<Option<PlannedService>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        if keys.len() < PLAN_AHEAD_FROM || threads < 2 {
+            return Vec::new();
+        }
+        let plan_chunk = |chunk: &[ObjectKey]| -> Vec<Option<PlannedService>> {
+            chunk
+                .iter()
+                .map(|key| match self.services.get(key) {
+                    Some(StoredService::Served(info)) => {
+                        Some(plan_from_compact(&self.node, &self.slices_of, &self.slices, key, info, ctx))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                keys.chunks(keys.len().div_ceil(threads)).map(|chunk| scope.spawn(move || plan_chunk(chunk))).collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        })
+    }
+}
+
+/// Plans one served Service from the compact objects (a pure function of them).
+fn plan_from_compact(
+    node: &NodeFacts,
+    slices_of: &HashMap<ObjectKey, Few<ObjectKey>>,
+    slices: &HashMap<ObjectKey, SliceRead>,
+    key: &ObjectKey,
+    info: &ServiceInfo,
+    ctx: TopologyContext,
+) -> PlannedService {
+    let of_service = slices_of.get(key).into_iter().flatten().filter_map(|k| slices.get(k));
+    plan_service(node, info, &merge_slices(of_service), ctx)
 }
 
 fn set_problems(

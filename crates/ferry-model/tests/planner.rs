@@ -259,3 +259,59 @@ fn a_cluster_ip_beats_an_external_ip_claim() {
     assert_eq!(owner.service.service.to_string(), "kube-system/kube-dns");
     assert!(plan.problems.iter().any(|p| p.to_string().contains("aaa-tenant/evil")), "{:?}", plan.problems);
 }
+
+/// A batch large enough to be planned on several threads (the first sync of
+/// a big cluster, and a full re-plan after a config change) gives the Plan
+/// and diff `build_plan` gives: the same services, contested frontends,
+/// dual-stack, slices arriving before and after their Service.
+#[test]
+fn a_large_batch_planned_on_several_threads_equals_build_plan() {
+    let cfg = node_config();
+    let mut planner = Planner::new(cfg.clone());
+    let mut state = ClusterState::default();
+    let apply = |planner: &mut Planner, state: &mut ClusterState, change: StateChange| {
+        state.apply(change.clone());
+        planner.apply(change);
+    };
+    let n = 6000;
+    for i in 0..n {
+        let name = format!("svc-{i:05}");
+        let (a, b) = (i / 250, i % 250);
+        // Every 7th Service also claims its neighbour's ClusterIP as an ExternalIP.
+        let external: Vec<String> =
+            if i % 7 == 0 { vec![format!("172.30.{}.{}", (i + 1) / 250, (i + 1) % 250)] } else { vec![] };
+        let svc = json!({"metadata": {"name": name, "namespace": format!("ns-{}", i % 13)},
+            "spec": {"clusterIP": format!("172.30.{a}.{b}"), "externalIPs": external,
+                     "ipFamilyPolicy": if i % 5 == 0 { "PreferDualStack" } else { "SingleStack" },
+                     "clusterIPs": if i % 5 == 0 { json!([format!("172.30.{a}.{b}"), format!("fd00:30::{i:x}")]) } else { json!([format!("172.30.{a}.{b}")]) },
+                     "ports": [{"name": "http", "port": 80}]}});
+        let slice = json!({"metadata": {"name": format!("{name}-1"), "namespace": format!("ns-{}", i % 13),
+                                        "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": [format!("10.1.{a}.{b}")], "nodeName": if i % 2 == 0 { "node-a" } else { "node-b" }},
+                          {"addresses": [format!("10.2.{a}.{b}")], "zone": "z1"}]});
+        let svc = StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap()));
+        let slice = StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap()));
+        if i % 2 == 0 {
+            apply(&mut planner, &mut state, svc);
+            apply(&mut planner, &mut state, slice);
+        } else {
+            apply(&mut planner, &mut state, slice);
+            apply(&mut planner, &mut state, svc);
+        }
+    }
+    let empty = build_plan(&ClusterState::default(), &cfg);
+    let (plan, diff) = planner.sync();
+    let oracle = build_plan(&state, &cfg);
+    assert_eq!(&*plan, &oracle, "the first, parallel sync differs from build_plan");
+    assert_eq!(summary(&diff), summary(&Plan::diff(&empty, &oracle)));
+    assert!(diff.added.windows(2).all(|w| w[0].id < w[1].id), "added in id order");
+    // A config change re-plans everything, again in parallel, over a full Plan.
+    let mut cfg2 = cfg.clone();
+    cfg2.zone = Some("z1".into());
+    planner.reconfigure(cfg2.clone()).unwrap();
+    let (plan2, diff2) = planner.sync();
+    let oracle2 = build_plan(&state, &cfg2);
+    assert_eq!(&*plan2, &oracle2, "the full re-plan differs from build_plan");
+    assert_eq!(summary(&diff2), summary(&Plan::diff(&oracle, &oracle2)));
+}
