@@ -394,7 +394,7 @@ impl Planner {
         }
         let ctx = self.node.topology(&self.cfg);
         let dirty: Vec<ObjectKey> = dirty.into_iter().collect();
-        let mut planned_ahead = self.plan_ahead(&dirty, ctx).into_iter();
+        let mut planned_ahead = Vec::new().into_iter();
         let plan = &mut self.plan;
 
         let mut before: HashMap<ServicePortId, Arc<ServicePort>> = HashMap::new();
@@ -407,7 +407,15 @@ impl Planner {
         // Service. Decided once: the loop fills the Plan, but only with the
         // ports of Services it has already passed.
         let first_plan = plan.services.is_empty();
-        for key in &dirty {
+        for (i, key) in dirty.iter().enumerate() {
+            if i % PLAN_AHEAD_BLOCK == 0 {
+                // The next block of a large batch, planned on all cores first.
+                // A block at a time: all of them at once held the whole
+                // cluster's planned ports twice at start-up.
+                let block = &dirty[i..dirty.len().min(i + PLAN_AHEAD_BLOCK)];
+                planned_ahead =
+                    plan_ahead(&self.services, &self.slices_of, &self.slices, &self.node, block, ctx).into_iter();
+            }
             let ahead = planned_ahead.next().flatten();
             // Take back what the Service contributed last time.
             let old_ports: Vec<Arc<ServicePort>> =
@@ -589,40 +597,48 @@ impl Planner {
     }
 }
 
-/// Batches of at least this many Services are planned on several threads first.
-const PLAN_AHEAD_FROM: usize = 4096;
+/// Batches of at least this many Services are planned on several threads first,
+/// this many at a time.
+const PLAN_AHEAD_BLOCK: usize = 4096;
 
-impl Planner {
-    /// For a large batch (the first sync, a full re-plan), plans every served
-    /// Service of `keys` on the machine's threads, in `keys`' order (`None`:
-    /// not served, or a small batch planned in the loop). Planning reads only
-    /// the compact objects, so it splits cleanly; taking back old ports and
-    /// deciding ownership stay sequential.
-    fn plan_ahead(&self, keys: &[ObjectKey], ctx: TopologyContext) -> Vec<Option<PlannedService>> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-        if keys.len() < PLAN_AHEAD_FROM || threads < 2 {
-            return Vec::new();
-        }
-        let plan_chunk = |chunk: &[ObjectKey]| -> Vec<Option<PlannedService>> {
-            chunk
-                .iter()
-                .map(|key| match self.services.get(key) {
-                    Some(StoredService::Served(info)) => {
-                        Some(plan_from_compact(&self.node, &self.slices_of, &self.slices, key, info, ctx))
-                    }
-                    _ => None,
-                })
-                .collect()
-        };
-        std::thread::scope(|scope| {
-            let handles: Vec<_> =
-                keys.chunks(keys.len().div_ceil(threads)).map(|chunk| scope.spawn(move || plan_chunk(chunk))).collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-                .collect()
-        })
+/// Threads to plan on (asked once: the standard library reads cgroup files to answer).
+fn planning_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8))
+}
+
+/// For a full block of a large batch (the first sync, a full re-plan), plans
+/// every served Service of `keys` on the machine's threads, in `keys`' order
+/// (`None`: not served, or a short block, planned in the loop). Planning
+/// reads only the compact objects, so it splits cleanly; taking back old
+/// ports and deciding ownership stay sequential.
+fn plan_ahead(
+    services: &HashMap<ObjectKey, StoredService>,
+    slices_of: &HashMap<ObjectKey, Few<ObjectKey>>,
+    slices: &HashMap<ObjectKey, SliceRead>,
+    node: &NodeFacts,
+    keys: &[ObjectKey],
+    ctx: TopologyContext,
+) -> Vec<Option<PlannedService>> {
+    if keys.len() < PLAN_AHEAD_BLOCK || planning_threads() < 2 {
+        return Vec::new();
     }
+    let plan_chunk = |chunk: &[ObjectKey]| -> Vec<Option<PlannedService>> {
+        chunk
+            .iter()
+            .map(|key| match services.get(key) {
+                Some(StoredService::Served(info)) => Some(plan_from_compact(node, slices_of, slices, key, info, ctx)),
+                _ => None,
+            })
+            .collect()
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = keys
+            .chunks(keys.len().div_ceil(planning_threads()))
+            .map(|chunk| scope.spawn(move || plan_chunk(chunk)))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
 }
 
 /// Plans one served Service from the compact objects (a pure function of them).
