@@ -244,6 +244,7 @@ async fn drive(
         finished_once: false,
         generation: 0,
         latest_input: None,
+        ready_input: None,
     };
     let result = agent_loop.run(events, done, shutdown).await;
     drop(agent_loop);
@@ -280,6 +281,8 @@ struct Loop<'a> {
     generation: u64,
     /// The latest checkpoint of the source: everything it read up to then has arrived.
     latest_input: Option<SystemTime>,
+    /// The input instant the ready file last reported (it never goes back).
+    ready_input: Option<SystemTime>,
 }
 
 impl Loop<'_> {
@@ -451,9 +454,15 @@ impl Loop<'_> {
         self.publish_pending();
         self.schedule.started(due, Instant::now());
         self.changed_during_sync = None;
-        // A sync reflects what the source had sent; a resync verifies the datapath as of now.
+        // A sync reflects what the source had sent. A resync verifies the
+        // datapath against the Plan already made, as of now; but with changes
+        // still waiting for their sync it covers no more than the ready file
+        // already said (reporting "now" then let a waiter probe before the
+        // change was programmed).
+        let pending = self.tracker.pending_services() + self.tracker.pending_endpoints() > 0;
         let input = match due {
             Due::Sync => self.latest_input.unwrap_or_else(SystemTime::now),
+            Due::Resync if pending => self.ready_input.unwrap_or(SystemTime::UNIX_EPOCH),
             Due::Resync => SystemTime::now(),
         };
         self.in_flight = Some((due, batch, input));
@@ -569,6 +578,8 @@ impl Loop<'_> {
             return Ok(());
         }
         self.generation += 1;
+        let input = self.ready_input.map_or(input, |r| r.max(input));
+        self.ready_input = Some(input);
         let Some(f) = &self.ready_file else { return Ok(()) };
         let tmp = f.with_extension("tmp");
         std::fs::write(&tmp, format!("synced {} {}\n", self.generation, unix_nanos(input)))
