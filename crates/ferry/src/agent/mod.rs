@@ -563,7 +563,13 @@ impl Loop<'_> {
             self.programmed_once = true;
             // With nothing pending, everything the source has sent is programmed.
             let pending = self.tracker.pending_services() + self.tracker.pending_endpoints() > 0;
-            let input = if pending { input } else { self.latest_input.map_or(input, |l| l.max(input)) };
+            let input = match (finished.due, pending) {
+                // A change arrived while the resync ran: it may have been read
+                // before the resync started, and the resync did not plan it.
+                (Due::Resync, true) => self.ready_input.unwrap_or(input).min(input),
+                (_, true) => input,
+                (_, false) => self.latest_input.map_or(input, |l| l.max(input)),
+            };
             self.write_ready(input)?;
             self.finished_once = self.once;
         }
