@@ -5,8 +5,8 @@
 //! are `ferry-cap-<pid>-*` and removed even when the test fails.
 
 use ferry_bpf::entries::*;
-use ferry_bpf::{InstallOptions, Maps, NodeRuntime, Programmer, Refused};
-use ferry_model::{ClusterState, NodeConfig, Plan, StateChange, build_plan};
+use ferry_bpf::{InstallOptions, Maps, Programmer, Refused};
+use ferry_model::{ClusterState, Plan, StateChange, build_plan};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -52,19 +52,8 @@ impl Drop for Datapath {
     }
 }
 
-fn cfg() -> NodeConfig {
-    NodeConfig {
-        node_name: "node-a".into(),
-        node_ips: vec!["192.168.0.2".parse().unwrap()],
-        cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-        service_cidrs: vec!["172.30.0.0/16".parse().unwrap()],
-        ..Default::default()
-    }
-}
-
-fn rt() -> NodeRuntime {
-    NodeRuntime { host_netns_cookie: 4242, nat_ports: (61000, 65535), ..Default::default() }
-}
+mod support;
+use support::{cfg, rt};
 
 /// ClusterIP Services `s<i>` for each i, one port, one endpoint each.
 fn plan(services: impl IntoIterator<Item = usize>) -> Plan {

@@ -10,25 +10,14 @@
 //! the node entries) as a datapath that applied the sync without a fault.
 
 use ferry_bpf::entries::*;
-use ferry_bpf::{MapDump, Maps, NodeRuntime, Programmer, install};
-use ferry_model::{ClusterState, NodeConfig, Plan, StateChange, build_plan};
+use ferry_bpf::{MapDump, Maps, Programmer, install};
+use ferry_model::{ClusterState, Plan, StateChange, build_plan};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-fn cfg() -> NodeConfig {
-    NodeConfig {
-        node_name: "node-a".into(),
-        node_ips: vec!["192.168.0.2".parse().unwrap()],
-        cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-        service_cidrs: vec!["172.30.0.0/16".parse().unwrap()],
-        ..Default::default()
-    }
-}
-
-fn rt() -> NodeRuntime {
-    NodeRuntime { host_netns_cookie: 4242, nat_ports: (61000, 65535), ..Default::default() }
-}
+mod support;
+use support::{cfg, rt};
 
 /// `services` LoadBalancer Services (source ranges, NodePorts, Local and
 /// Cluster policies); service 0's endpoints are `first`, the others have
