@@ -12,10 +12,12 @@
  *                      kernel routed out itself; the node's own traffic to a
  *                      frontend whose route drops.
  *
- * A packet's journey: parse -> tracked flow? translate and forward ->
- * frontend? classify the source, check source ranges, read the route the
- * model decided, pick a backend, track the flow (SNAT port if masqueraded),
- * translate, forward -> else pass it on untouched.
+ * A packet's journey: parse -> neither to an address ferry serves nor from
+ * a backend it translated for? pass it on at once (the fast path) ->
+ * tracked flow? translate and forward -> frontend? classify the source,
+ * check source ranges, read the route the model decided, pick a backend,
+ * track the flow (SNAT port if masqueraded), translate, forward -> else pass
+ * it on untouched.
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -52,6 +54,43 @@ static __always_inline __u8 classify(const struct pkt *p, const struct config *c
 	if (local && (*local & LOCAL_HOST))
 		return CLASS_HOST;
 	return CLASS_EXTERNAL;
+}
+
+/* Whether a packet is certainly none of ferry's business, decided without
+ * touching the conntrack (maps.h, "the pass-through fast path"): it is not
+ * sent to a frontend, a node address or an address a tracked flow was sent
+ * to; it does not come from a backend a flow was sent to without SNAT; it is
+ * no fragment, no ICMP (errors about translated flows, masqueraded echo) and
+ * not inside the service CIDRs (unallocated ClusterIPs are dropped); and no
+ * pod egress is masqueraded on this hook. */
+static __always_inline int passes_untouched(const struct pkt *p, const struct config *cfg, enum hook hook)
+{
+	if (!(cfg->flags & CFG_FAST_PASS) || p->frag != FRAG_NONE || !has_ports(p->proto))
+		return 0;
+	if (hook == HOOK_TO_NETDEV && (cfg->flags & CFG_MASQ_BPF))
+		return 0;
+	struct local_key k = { .family = p->family };
+	__builtin_memcpy(k.addr, p->dst, 16);
+	if (bpf_map_lookup_elem(&ferry_addrs, &k))
+		return 0;
+	__builtin_memcpy(k.addr, p->src, 16);
+	if (bpf_map_lookup_elem(&ferry_peers, &k))
+		return 0;
+	return !lb_in_range(RANGE_SERVICE, p->family, p->dst);
+}
+
+/* Records that flows go to `addr` without SNAT, so that its replies skip the
+ * fast path (once per backend: a lookup when it is known). 0 when the map is full. */
+static __always_inline int note_peer(__u8 family, const __u32 *addr)
+{
+	struct local_key k = { .family = family };
+	__u8 one = 1;
+
+	__builtin_memcpy(k.addr, addr, 16);
+	if (bpf_map_lookup_elem(&ferry_peers, &k))
+		return 1;
+	long rc = bpf_map_update_elem(&ferry_peers, &k, &one, BPF_NOEXIST);
+	return rc == 0 || rc == -17 /* EEXIST: another CPU wrote it */;
 }
 
 /* Sends a translated packet on: up the stack when it is for this node, out of
@@ -177,6 +216,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	__u32 nsrc[4];
 	if (masq)
 		fwd_snat_address(cfg, ifindex, p->family, nsrc);
+	else if (!note_peer(p->family, bdst))
+		return drop_packet(STAT_DROP_PEERS_FULL);
 	else
 		__builtin_memcpy(nsrc, p->src, 16);
 	__u32 why = STAT_DROP_CT_INSERT;
@@ -239,7 +280,7 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 {
 	struct pkt p;
 	struct config *cfg = load_config();
-	if (!cfg || !parse(skb, &p))
+	if (!cfg || !parse(skb, &p) || passes_untouched(&p, cfg, hook))
 		return TC_ACT_OK;
 	if (p.frag == FRAG_LATER)
 		return handle_later_fragment(skb, &p, hook);

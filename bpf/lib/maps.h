@@ -27,7 +27,7 @@
  * the same size, and record in crates/ferry-bpf/src/layout.rs which maps
  * changed. A pinned datapath without ferry_meta is layout 0 (before
  * versioning). The agent compares before adopting (README: Upgrades). */
-#define FERRY_LAYOUT 2
+#define FERRY_LAYOUT 3
 
 struct meta {
 	__u32 layout; /* FERRY_LAYOUT of the agent that programmed these maps */
@@ -229,6 +229,48 @@ struct {
 	PIN_BY_NAME;
 } ferry_locals SEC(".maps");
 
+/* ---- the pass-through fast path: which packets the tc programs must look at ----
+ *
+ * Most packets on a node's devices are not a service's: pod to pod across
+ * nodes, the host's own traffic, and the connections socket-LB already sent
+ * to a backend at connect(). They leave the tc programs after two hash
+ * lookups (and the service-CIDR check) instead of four conntrack lookups and
+ * the frontend lookups; see `passes_untouched` in netdev.bpf.c.
+ *
+ *   ferry_addrs  written by the agent: every frontend address (ClusterIP,
+ *                LoadBalancer IP, ExternalIP), every node address (NodePorts,
+ *                replies to SNATed and masqueraded flows) and every address
+ *                the original direction of a tracked flow was sent to. An
+ *                address stays until no frontend uses it and no tracked flow
+ *                was sent to it (the agent's periodic collection), so the
+ *                flows of a deleted Service keep being translated.
+ *   ferry_peers  written by the datapath when it sends a new flow to a
+ *                backend without SNAT: that backend's replies carry the
+ *                backend's own address as source and must be translated back.
+ *                The agent removes an address when it is no backend any more
+ *                and no tracked flow uses it.
+ *
+ * Both are complete only once the agent has filled them (after an install or
+ * an upgrade from a layout without them): until then CFG_FAST_PASS is off and
+ * every packet takes the full path. Values carry no meaning (presence does). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144);
+	__type(key, struct local_key);
+	__type(value, __u8);
+	PIN_BY_NAME;
+} ferry_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 524288);
+	__type(key, struct local_key);
+	__type(value, __u8);
+	PIN_BY_NAME;
+} ferry_peers SEC(".maps");
+
 /* ---- address ranges: pod ranges (local traffic detector), service CIDRs ---- */
 
 #define RANGE_POD 1
@@ -259,6 +301,7 @@ struct {
 #define CFG_PODS_BY_RANGE 1  /* a source inside a RANGE_POD range is a pod (ClusterCIDR / NodeCIDR) */
 #define CFG_PODS_BY_DEVICE 2 /* a packet arriving on a DEV_POD device is from a pod (interface detectors) */
 #define CFG_MASQ_BPF 4       /* masquerade pod egress (masquerade: bpf) */
+#define CFG_FAST_PASS 8      /* ferry_addrs and ferry_peers are complete: a packet neither names passes at once */
 
 struct config {
 	__u64 host_netns;  /* netns cookie of the host: sockets there are CLASS_HOST */

@@ -62,6 +62,8 @@ enum ferry_stat {
 	STAT_SOCK_REV_INSERT_FAIL, /* a reverse translation that could not be written: replies show the backend address */
 	STAT_AFFINITY_INSERT,     /* entries written into ferry_affinity (a client's first pick of a service) */
 	STAT_AFFINITY_INSERT_FAIL, /* a ClientIP affinity that could not be remembered (the next pick is random) */
+	/* The pass-through fast path (issue 15). */
+	STAT_DROP_PEERS_FULL,     /* dropped: a new flow's backend could not be written into ferry_peers (full), so its replies could not be found */
 	STAT_COUNT_,
 };
 

@@ -54,6 +54,7 @@ const SHARED: &[(&str, &str)] = &[
     ("CFG_PODS_BY_RANGE", "u8"),
     ("CFG_PODS_BY_DEVICE", "u8"),
     ("CFG_MASQ_BPF", "u8"),
+    ("CFG_FAST_PASS", "u8"),
     ("DEV_EXTERNAL", "u8"),
     ("DEV_POD", "u8"),
     ("CT_ORIGINAL", "u8"),

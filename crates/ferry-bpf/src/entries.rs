@@ -170,6 +170,10 @@ pub enum MapOp {
     DelFrontend(FeKey),
     PutLocal(LocalKey, u8),
     DelLocal(LocalKey),
+    /// An address the packet path must look at (`ferry_addrs`): written with
+    /// every frontend, node address and SNAT address; removed only by the
+    /// agent's collection ([`crate::pass`]), never by a sync.
+    PutAddr(LocalKey),
     PutRange(RangeKey),
     DelRange(RangeKey),
     PutConfig(Box<Config>),

@@ -141,6 +141,8 @@ macro_rules! map_list {
             ("ferry_maglev", &mut $maps.ferry_maglev),
             ("ferry_frags", &mut $maps.ferry_frags),
             ("ferry_meta", &mut $maps.ferry_meta),
+            ("ferry_addrs", &mut $maps.ferry_addrs),
+            ("ferry_peers", &mut $maps.ferry_peers),
         ]
     };
 }

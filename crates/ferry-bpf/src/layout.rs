@@ -42,6 +42,8 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     ("ferry_maglev", 0),
     ("ferry_frags", 0),
     ("ferry_meta", 1),
+    ("ferry_addrs", 3),
+    ("ferry_peers", 3),
 ];
 
 /// A copy of a retired map's live entries into this layout's maps
@@ -207,17 +209,19 @@ mod tests {
         const HASH: u32 = 1;
         const LRU: u32 = 9;
         let shape = |map_type| MapShape { map_type, key_size: 44, value_size: 64, max_entries: 16 };
-        let others: Vec<(String, MapShape)> = CHANGED_IN
-            .iter()
-            .filter(|(n, _)| !n.starts_with("ferry_ct"))
-            .map(|(n, _)| (n.to_string(), shape(HASH)))
-            .collect();
-        let mut pinned = others.clone();
+        let maps_of = |up_to: u32| -> Vec<(String, MapShape)> {
+            CHANGED_IN
+                .iter()
+                .filter(|(n, v)| !n.starts_with("ferry_ct") && *v <= up_to)
+                .map(|(n, _)| (n.to_string(), shape(HASH)))
+                .collect()
+        };
+        // Layout 1 had the maps changed in layouts 0 and 1; later ones came after it.
+        let mut pinned = maps_of(1);
         pinned.push(("ferry_ct".into(), shape(LRU)));
-        let mut wanted = others;
+        let mut wanted = maps_of(LAYOUT);
         wanted.push(("ferry_ct".into(), shape(HASH)));
         wanted.push(("ferry_ct_new".into(), shape(LRU)));
-        assert_eq!(LAYOUT, 2);
         let split = vec![("ferry_ct".to_string(), Migration::ConntrackSplit)];
         let up = plan_upgrade(Some(1), LAYOUT, CHANGED_IN, CARRY, &pinned, &wanted);
         assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()], copy: split.clone() });
@@ -226,6 +230,20 @@ mod tests {
             CHANGED_IN.iter().map(|(n, v)| (*n, if *n == "ferry_ct" { 0 } else { *v })).collect();
         let up = plan_upgrade(Some(1), LAYOUT, &forgot, CARRY, &pinned, &wanted);
         assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()], copy: split });
+    }
+
+    /// Layout 3 added the pass-through sets: a layout-2 datapath keeps every
+    /// map (the new ones are created, and filled by the agent before it turns
+    /// the fast path on).
+    #[test]
+    fn layout_2_keeps_every_map_and_gains_the_pass_through_sets() {
+        let shape = MapShape { map_type: 1, key_size: 20, value_size: 1, max_entries: 16 };
+        let layout_2: Vec<(String, MapShape)> =
+            CHANGED_IN.iter().filter(|(_, v)| *v <= 2).map(|(n, _)| (n.to_string(), shape)).collect();
+        let all: Vec<(String, MapShape)> = CHANGED_IN.iter().map(|(n, _)| (n.to_string(), shape)).collect();
+        assert!(all.iter().any(|(n, _)| n == "ferry_addrs") && !layout_2.iter().any(|(n, _)| n == "ferry_peers"));
+        let up = plan_upgrade(Some(2), LAYOUT, CHANGED_IN, CARRY, &layout_2, &all);
+        assert_eq!(up, Upgrade::Migrate { from: 2, retire: vec![], copy: vec![] });
     }
 
     /// A copy reads old entries with this build's types: a retired map whose

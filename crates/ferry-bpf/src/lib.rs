@@ -13,6 +13,7 @@ pub mod install;
 pub mod layout;
 pub mod maps;
 pub mod migrate;
+pub mod pass;
 pub mod program;
 pub mod skel;
 pub mod sockdestroy;

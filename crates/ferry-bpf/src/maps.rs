@@ -35,6 +35,8 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_maglev",
     "ferry_frags",
     "ferry_meta",
+    "ferry_addrs",
+    "ferry_peers",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +252,8 @@ pub struct Maps {
     ct_new: Typed<t::ct_key, t::ct_val>,
     maglev: Typed<u64, u32>,
     frags: Typed<t::frag_key, t::frag_val>,
+    addrs: Typed<t::local_key, u8>,
+    peers: Typed<t::local_key, u8>,
 }
 
 impl Maps {
@@ -277,6 +281,8 @@ impl Maps {
             ct_new: Typed::open(dir, "ferry_ct_new")?,
             maglev: Typed::open(dir, "ferry_maglev")?,
             frags: Typed::open(dir, "ferry_frags")?,
+            addrs: Typed::open(dir, "ferry_addrs")?,
+            peers: Typed::open(dir, "ferry_peers")?,
         })
     }
 
@@ -407,6 +413,8 @@ impl Maps {
             "ferry_locals" => &self.locals,
             "ferry_ranges" => &self.ranges,
             "ferry_devices" => &self.devices,
+            "ferry_addrs" => &self.addrs,
+            "ferry_peers" => &self.peers,
             _ => return None,
         };
         Some(handle.max_entries())
@@ -431,6 +439,7 @@ impl Maps {
             MapOp::PutFrontend(k, v) => {
                 (&self.frontends, "ferry_frontends", bytes(&enc_fe_key(k)).to_vec(), bytes(&enc_fe_val(v)).to_vec())
             }
+            MapOp::PutAddr(k) => (&self.addrs, "ferry_addrs", bytes(&enc_local(k)).to_vec(), vec![1]),
             _ => return None,
         };
         Some(Put { map, name, key, value })
@@ -453,7 +462,8 @@ impl Maps {
             | MapOp::PutMember(..)
             | MapOp::PutService(..)
             | MapOp::PutName(..)
-            | MapOp::PutFrontend(..) => unreachable!("apply writes puts into the hash maps itself"),
+            | MapOp::PutFrontend(..)
+            | MapOp::PutAddr(..) => unreachable!("apply writes puts into the hash maps itself"),
             MapOp::DelBackend(id) => del(&self.backends, "ferry_backends", &id.to_ne_bytes()),
             MapOp::DelSlot(k) => del(&self.slots, "ferry_slots", bytes(&enc_slot(k))),
             MapOp::DelMember(k) => del(&self.members, "ferry_members", bytes(&enc_member(k))),
@@ -544,6 +554,8 @@ impl Maps {
             d.devices.push((k, Device { snat: v.snat, flags: v.flags }));
         }
         d.maglev = self.maglev_tables();
+        d.addrs = self.pass_set(crate::pass::PassSet::Addrs);
+        d.addrs.sort_unstable();
         if let Ok(Some(v)) = self.config.lookup(&0u32.to_ne_bytes(), MapFlags::ANY) {
             let c: t::config = from_bytes(&v);
             if c.host_netns != 0 {
@@ -603,6 +615,42 @@ impl Maps {
                 expires_ns: v.expires_ns,
             })
             .collect()
+    }
+
+    /// The addresses in one of the pass-through sets.
+    pub fn pass_set(&self, set: crate::pass::PassSet) -> Vec<LocalKey> {
+        self.pass_map(set).entries().into_iter().map(|(k, _)| LocalKey { addr: k.addr, family: k.family }).collect()
+    }
+
+    /// Adds addresses to a pass-through set; a full map is [`MapError::Full`].
+    pub fn put_pass_set(&self, set: crate::pass::PassSet, keys: &[LocalKey]) -> Result<(), MapError> {
+        let map = self.pass_map(set);
+        // In batches: the first fill after an install writes every frontend address.
+        for chunk in keys.chunks(BATCH) {
+            let k: Vec<u8> = chunk.iter().flat_map(|k| bytes(&enc_local(k)).to_vec()).collect();
+            let v = vec![1u8; chunk.len()];
+            map.update_batch(&k, &v, chunk.len() as u32, MapFlags::ANY, MapFlags::ANY).map_err(|source| {
+                if source.kind() == libbpf_rs::ErrorKind::TooBig {
+                    MapError::Full { map: map.name(), capacity: map.max_entries() }
+                } else {
+                    MapError::Op { op: format!("adding {} addresses", chunk.len()), map: map.name(), source }
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes addresses from a pass-through set (missing ones are fine); returns how many went.
+    pub fn delete_pass_set(&self, set: crate::pass::PassSet, keys: &[LocalKey]) -> usize {
+        let map = self.pass_map(set);
+        keys.iter().filter(|k| map.delete(bytes(&enc_local(k))).is_ok()).count()
+    }
+
+    fn pass_map(&self, set: crate::pass::PassSet) -> &Typed<t::local_key, u8> {
+        match set {
+            crate::pass::PassSet::Addrs => &self.addrs,
+            crate::pass::PassSet::Peers => &self.peers,
+        }
     }
 
     /// Deletes connection-tracking entries (missing ones are fine: they

@@ -72,6 +72,9 @@ pub struct NodeRuntime {
     pub maglev_default: bool,
     /// Slots of every Maglev table (a prime from `ferry_model::maglev::TABLE_SIZES`).
     pub maglev_size: u32,
+    /// The pass-through sets are complete (the agent filled them after the
+    /// install, `crate::pass`): the config turns the fast path on.
+    pub fast_pass: bool,
 }
 
 /// The name under which a service port is programmed (and shown by `ferry status`).
@@ -141,7 +144,7 @@ struct BackendTable {
 /// A new service port's name goes first: whatever else of it reaches the
 /// kernel before a failure can then be found by `adopt` (it keys on names).
 /// Values of [`kind_order`].
-const KINDS: usize = 13;
+const KINDS: usize = 14;
 
 fn kind_order(op: &MapOp) -> u8 {
     match op {
@@ -157,7 +160,8 @@ fn kind_order(op: &MapOp) -> u8 {
         MapOp::PutRange(..) => 9,
         MapOp::PutConfig(..) => 10,
         MapOp::PutDevice(..) => 11,
-        _ => 12,
+        MapOp::PutAddr(..) => 12,
+        _ => 13,
     }
 }
 
@@ -200,6 +204,8 @@ struct Ops {
     removing: bool,
     /// Display names of the owners; index 0 is the node's own entries.
     owners: Vec<String>,
+    /// Addresses written into `ferry_addrs` by this sync (each once per owner).
+    addrs_written: HashSet<(u32, LocalKey)>,
 }
 
 impl Ops {
@@ -221,6 +227,20 @@ impl Ops {
         if let MapOp::PutFrontend(k, _) = &op {
             self.frontends_written.insert(*k, self.owner);
         }
+        // Every address a frontend or a node entry names goes into the
+        // pass-through set first, so no packet to it is ever waved through
+        // once the entry is live (removal: `crate::pass`).
+        // Each owner writes its own (an address two service ports share must
+        // not depend on the one that may be refused). A ClusterIP's any-port
+        // marker needs none: its service ports write the address.
+        let families = [FAM_V4, FAM_V6];
+        match &op {
+            MapOp::PutFrontend(k, v) if v.kind != FE_CLUSTER_IP_ANY_PORT => self.put_addr(k.addr, k.family),
+            MapOp::PutLocal(k, _) => self.put_addr(k.addr, k.family),
+            MapOp::PutDevice(_, d) => families.iter().zip(d.snat).for_each(|(f, a)| self.put_addr(a, *f)),
+            MapOp::PutConfig(c) => families.iter().zip(c.primary).for_each(|(f, a)| self.put_addr(a, *f)),
+            _ => {}
+        }
         let removing = self.removing;
         let phase = match &op {
             MapOp::DelFrontend(..) => phase::DEL_FRONTEND,
@@ -239,6 +259,7 @@ impl Ops {
             | MapOp::PutName(..)
             | MapOp::PutMaglev(..) => phase::PUT_INACTIVE,
             MapOp::PutService(..) => phase::PUT_SERVICE,
+            MapOp::PutAddr(..) => phase::PUT_INACTIVE,
             MapOp::PutFrontend(..)
             | MapOp::PutLocal(..)
             | MapOp::PutRange(..)
@@ -248,6 +269,14 @@ impl Ops {
             MapOp::DelBackend(..) => phase::DEL_BACKEND,
         };
         self.phases[phase][usize::from(kind_order(&op))].push((op, self.owner));
+    }
+    /// Queues `addr` for `ferry_addrs` (none for the NodePort wildcard or an unset SNAT address).
+    fn put_addr(&mut self, addr: Words, family: u8) {
+        let k = LocalKey { addr, family };
+        if addr != [0; 4] && self.addrs_written.insert((self.owner, k)) {
+            self.phases[phase::PUT_INACTIVE][usize::from(kind_order(&MapOp::PutAddr(k)))]
+                .push((MapOp::PutAddr(k), self.owner));
+        }
     }
     fn into_batch(mut self) -> Batch {
         let written = &self.frontends_written;
@@ -531,6 +560,8 @@ pub struct MapDump {
     pub config: Option<Config>,
     pub devices: Vec<(u32, Device)>,
     pub maglev: Vec<(u64, Vec<u32>)>,
+    /// `ferry_addrs` (the pass-through set the agent writes), sorted.
+    pub addrs: Vec<LocalKey>,
 }
 
 /// Service ports read back by `adopt` that no Plan has claimed yet.
@@ -824,6 +855,23 @@ impl Programmer {
         ops.into_batch()
     }
 
+    /// Every address the programmed entries name, for `ferry_addrs`
+    /// (frontends but the NodePort wildcard, node addresses, SNAT addresses):
+    /// what the agent writes before it turns the fast path on
+    /// (`crate::pass`), since a sync only writes the addresses of the entries
+    /// it changes.
+    pub fn pass_addrs(&self) -> BTreeSet<LocalKey> {
+        let frontends = self.services.values().flat_map(|p| p.frontends.iter().map(|(k, _)| k)).chain(&self.markers);
+        let mut out: BTreeSet<LocalKey> =
+            frontends.map(|k| LocalKey { addr: k.addr, family: k.family }).filter(|k| k.addr != [0; 4]).collect();
+        out.extend(self.locals.keys().copied());
+        let families = [FAM_V4, FAM_V6];
+        let snat = self.devices.values().flat_map(|d| families.into_iter().zip(d.snat));
+        let primary = self.config.iter().flat_map(|c| families.into_iter().zip(c.primary));
+        out.extend(snat.chain(primary).filter(|(_, a)| *a != [0; 4]).map(|(family, addr)| LocalKey { addr, family }));
+        out
+    }
+
     /// After `adopt`: each service port of `plan` takes back the id one of
     /// its frontends has in the kernel, else the id registered under its
     /// display name (when only one has it).
@@ -1105,7 +1153,8 @@ impl Programmer {
             LocalDetector::ClusterCidr | LocalDetector::NodeCidr => CFG_PODS_BY_RANGE,
             LocalDetector::InterfaceNamePrefix(_) | LocalDetector::BridgeInterface(_) => CFG_PODS_BY_DEVICE,
             LocalDetector::None => 0,
-        } | if masq_bpf { CFG_MASQ_BPF } else { 0 };
+        } | if masq_bpf { CFG_MASQ_BPF } else { 0 }
+            | if rt.fast_pass { CFG_FAST_PASS } else { 0 };
         let config = Config {
             host_netns: rt.host_netns_cookie,
             pod_class: [class(ferry_model::IpFamily::V4), class(ferry_model::IpFamily::V6)],

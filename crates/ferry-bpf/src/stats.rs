@@ -49,6 +49,7 @@ pub const NAMES: &[&str] = &[
     "sock_rev_insert_fail",
     "affinity_insert",
     "affinity_insert_fail",
+    "drop_peers_full",
 ];
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ struct Kernel {
     config: Option<Config>,
     devices: BTreeMap<u32, Device>,
     maglev: BTreeMap<u64, Vec<u32>>,
+    /// `ferry_addrs`: only ever grows under the Programmer (the agent's collection shrinks it).
+    addrs: BTreeSet<LocalKey>,
 }
 
 impl Kernel {
@@ -55,11 +57,20 @@ impl Kernel {
                 drop(self.maglev.insert(k, t.into()))
             }
             MapOp::DelMaglev(k) => assert!(self.maglev.remove(&k).is_some()),
+            MapOp::PutAddr(k) => drop(self.addrs.insert(k)),
         }
     }
 
     /// What the datapath may see at any instant must be whole.
     fn assert_consistent(&self, context: &str) {
+        for (k, fe) in &self.frontends {
+            // The fast path waves through a packet to an address not in
+            // ferry_addrs. (A ClusterIP's any-port marker has its address
+            // from its service ports, and the service CIDR is never waved through.)
+            let addr = LocalKey { addr: k.addr, family: k.family };
+            let needs = k.addr != [0; 4] && fe.kind != FE_CLUSTER_IP_ANY_PORT;
+            assert!(!needs || self.addrs.contains(&addr), "{context}: frontend {k:?} live before its address");
+        }
         for (k, fe) in &self.frontends {
             if fe.kind == FE_CLUSTER_IP_ANY_PORT {
                 continue;
@@ -94,6 +105,7 @@ impl Kernel {
             config: self.config,
             devices: self.devices.iter().map(|(k, v)| (*k, *v)).collect(),
             maglev: self.maglev.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            addrs: self.addrs.iter().copied().collect(),
         }
     }
 

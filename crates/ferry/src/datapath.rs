@@ -121,6 +121,8 @@ pub fn runtime_for(settings: &Settings, attached: &[AttachedDevice]) -> anyhow::
         devices,
         maglev_default: settings.bpf.maglev_default,
         maglev_size: settings.bpf.maglev_size,
+        // Turned on by the Proxier once it has filled the pass-through sets.
+        fast_pass: false,
     })
 }
 

@@ -228,6 +228,12 @@ impl Proxier {
                     // kernel, and compare the whole Plan next time (the retry).
                     b.programmer = Programmer::adopt(&b.maps.dump());
                 }
+                if !b.runtime.fast_pass
+                    && self.refused.is_empty()
+                    && let Err(e) = b.enable_fast_pass(&plan)
+                {
+                    tracing::warn!("{e:#}; every packet keeps taking the full path (retried at the next sync)");
+                }
                 let stale = b.purge_stale_flows(&plan, diff, &deleted_udp);
                 let away = if diff.is_none() { std::mem::take(&mut b.adopted_backends) } else { Vec::new() };
                 sockets_destroyed = b.destroy_stale_udp_sockets(&plan, diff, away);
@@ -321,8 +327,24 @@ impl Proxier {
     pub fn collect_expired_flows(&self) -> usize {
         let Backend::Bpf(b) = &self.backend else { return 0 };
         let now = ferry_bpf::stale::monotonic_ns();
-        let expired: Vec<_> = b.maps.ct_entries().into_iter().filter(|e| !e.is_live(now)).collect();
-        b.maps.delete_ct(&expired)
+        let (live, expired): (Vec<_>, Vec<_>) = b.maps.ct_entries().into_iter().partition(|e| e.is_live(now));
+        let n = b.maps.delete_ct(&expired);
+        // The pass-through sets shrink here only (ferry_bpf::pass): from one
+        // reading of the maps, on the sync thread, so nothing is programmed meanwhile.
+        if b.runtime.fast_pass {
+            match ferry_bpf::pass::reconcile(&b.maps, &b.maps.dump(), &live) {
+                Ok(c) if !c.is_empty() => tracing::debug!(
+                    addresses_added = c.add_addrs.len(),
+                    addresses_removed = c.del_addrs.len(),
+                    peers_added = c.add_peers.len(),
+                    peers_removed = c.del_peers.len(),
+                    "pass-through sets brought up to date"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("pass-through sets: {e}"),
+            }
+        }
+        n
     }
 
     /// Service ports the datapath refused at the last sync or resync, by name, with the reason.
@@ -341,6 +363,11 @@ impl Proxier {
             Backend::Bpf(b) => ferry_bpf::stats::NAMES.iter().copied().zip(b.maps.counters()).collect(),
             Backend::Nftables(_) => Vec::new(),
         }
+    }
+
+    /// Whether the packet path's pass-through fast path is on (bpf only).
+    pub fn fast_pass(&self) -> bool {
+        matches!(&self.backend, Backend::Bpf(b) if b.runtime.fast_pass)
     }
 
     /// Verifies the datapath against the last Plan and rewrites whatever
@@ -396,6 +423,28 @@ fn warn_if_nat_ports_are_ephemeral((lo, hi): (u16, u16)) {
 }
 
 impl BpfBackend {
+    /// Fills the pass-through sets and turns the fast path on, once per
+    /// install, after the first sync (`ferry_bpf::pass`): from then on a
+    /// packet that is none of ferry's business leaves the tc programs after
+    /// two lookups. Until then (and on a datapath a previous layout left)
+    /// every packet takes the full path.
+    fn enable_fast_pass(&mut self, plan: &Plan) -> anyhow::Result<()> {
+        let flows = self.maps.ct_entries();
+        let (addrs, peers) = ferry_bpf::pass::fill(&self.maps, &self.programmer.pass_addrs(), &flows)
+            .context("filling the pass-through sets")?;
+        self.runtime.fast_pass = true;
+        let node_only = PlanDiff { node_changed: true, ..Default::default() };
+        let batch = self.programmer.sync_batch(plan, Some(&node_only), &self.runtime);
+        let refused = self.maps.apply_batch(&batch);
+        if !refused.is_empty() {
+            self.runtime.fast_pass = false;
+            self.programmer = Programmer::adopt(&self.maps.dump());
+            anyhow::bail!("turning the pass-through fast path on: {refused:?}");
+        }
+        tracing::info!(addresses = addrs, peers, "pass-through fast path on");
+        Ok(())
+    }
+
     /// Destroys connected UDP sockets that socket-LB pointed at a backend this
     /// sync removed (see `ferry_bpf::sockdestroy`). The application gets
     /// ECONNABORTED and reconnects to a live backend; with none left, its

@@ -124,7 +124,7 @@ impl Rig {
                 let mut storage = std::mem::MaybeUninit::uninit();
                 let skel = install::load_packet_programs(&mut storage, &pin).expect("loading the tcx programs");
                 let maps = Maps::open(&pin).expect("opening the pinned maps");
-                maps.apply(setup).expect("writing the test's map entries");
+                maps.apply(&with_fast_pass(setup)).expect("writing the test's map entries");
                 let dp = Dp { skel, maps, eth0: ifindex("eth0"), pods0: ifindex("pods0") };
                 f(&dp)
             })
@@ -142,6 +142,36 @@ impl Drop for Rig {
             eprintln!("removing {}: {e}", self.pin.display());
         }
     }
+}
+
+/// `setup` as the agent leaves a datapath: the pass-through fast path on,
+/// `ferry_addrs` holding every address a frontend, node entry or the config
+/// names (what the Programmer writes with them), so every test also checks
+/// that the fast path waves through none of its packets.
+fn with_fast_pass(setup: &[MapOp]) -> Vec<MapOp> {
+    let mut out = Vec::with_capacity(setup.len() * 2);
+    let addr = |addr: Words, family: u8, out: &mut Vec<MapOp>| {
+        if addr != [0; 4] {
+            out.push(MapOp::PutAddr(LocalKey { addr, family }));
+        }
+    };
+    for op in setup {
+        match op {
+            MapOp::PutConfig(c) => {
+                let mut c = c.clone();
+                c.flags |= CFG_FAST_PASS;
+                addr(c.primary[0], FAM_V4, &mut out);
+                addr(c.primary[1], FAM_V6, &mut out);
+                out.push(MapOp::PutConfig(c));
+                continue;
+            }
+            MapOp::PutFrontend(k, v) if v.kind != FE_CLUSTER_IP_ANY_PORT => addr(k.addr, k.family, &mut out),
+            MapOp::PutLocal(k, _) => addr(k.addr, k.family, &mut out),
+            _ => {}
+        }
+        out.push(op.clone());
+    }
+    out
 }
 
 /// Moves this thread (only) into the namespace at `netns`, and checks it did.
@@ -761,6 +791,58 @@ fn other_traffic_passes_untouched() {
                 assert!(ran.moved.is_empty(), "{hook:?}: {:?}", ran.moved);
             }
         }
+    });
+}
+
+/// The pass-through fast path (`bpf/lib/maps.h`): a new flow sent to a local
+/// backend without SNAT notes the backend in `ferry_peers` (its replies carry
+/// the backend's own address and must be translated back), a SNATed one does
+/// not (its replies come to a node address). A packet that neither goes to
+/// an address in `ferry_addrs` nor comes from a peer leaves without any
+/// conntrack lookup: with its peer entry taken away, a reply of a tracked
+/// flow is waved through untranslated (which no agent lets happen: peers go
+/// only with their flows), and translated again once the fast path is off.
+/// The service CIDR is never waved through.
+#[test]
+fn the_fast_path_skips_the_conntrack_only_for_packets_no_flow_needs() {
+    let rig = Rig::new();
+    let mut setup = node_setup();
+    setup.extend(service(1, every_class(ACT_FORWARD_LOCAL), 0, &[Be(10, POD4, 8080, true)]));
+    setup.push(nodeport(30080, PROTO_TCP, FAM_V4, 1));
+    setup.extend(service(2, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(20, REMOTE4, 8080, false)]));
+    setup.push(nodeport(30081, PROTO_TCP, FAM_V4, 2));
+    let slow_config = setup[0].clone();
+    rig.run(&setup, |dp| {
+        use ferry_bpf::pass::PassSet;
+        let peer = LocalKey { addr: words_of(POD4), family: FAM_V4 };
+        assert!(dp.maps.pass_set(PassSet::Peers).is_empty());
+        let syn = |port| frame(ip(CLIENT4), ip(NODE4), &tcp(40000, port, 0x02, b""), IpOpts::default());
+        assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &syn(30080)).verdict, TC_ACT_REDIRECT);
+        assert_eq!(dp.maps.pass_set(PassSet::Peers), vec![peer], "the unSNATed flow's backend is noted");
+        assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &syn(30081)).verdict, TC_ACT_REDIRECT);
+        assert_eq!(dp.maps.pass_set(PassSet::Peers), vec![peer], "a SNATed flow's backend is not");
+
+        let reply = frame(ip(POD4), ip(CLIENT4), &tcp(8080, 40000, 0x12, b""), IpOpts::default());
+        let translated = frame(ip(NODE4), ip(CLIENT4), &tcp(30080, 40000, 0x12, b""), ttl(63));
+        let ran = dp.run(Hook::FromPods, dp.pods0, &reply);
+        assert_eq!((ran.verdict, &ran.out), (TC_ACT_REDIRECT, &translated));
+
+        assert_eq!(dp.maps.delete_pass_set(PassSet::Peers, &[peer]), 1);
+        let ran = dp.run(Hook::FromPods, dp.pods0, &reply);
+        assert_eq!((ran.verdict, &ran.out), (TC_ACT_OK, &reply), "waved through: the conntrack was not consulted");
+        assert!(ran.moved.is_empty() && ran.tables.is_empty(), "{:?} {:?}", ran.moved, ran.tables);
+
+        dp.maps.apply(std::slice::from_ref(&slow_config)).unwrap();
+        let ran = dp.run(Hook::FromPods, dp.pods0, &reply);
+        assert_eq!((ran.verdict, &ran.out), (TC_ACT_REDIRECT, &translated), "the full path still has the flow");
+
+        let mut fast = with_fast_pass(std::slice::from_ref(&slow_config));
+        fast.retain(|op| matches!(op, MapOp::PutConfig(_)));
+        dp.maps.apply(&fast).unwrap();
+        let unallocated = frame(ip(POD4), ip("10.96.5.5"), &tcp(40000, 80, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromPods, dp.pods0, &unallocated);
+        assert_eq!(ran.verdict, TC_ACT_SHOT);
+        assert_eq!(ran.moved, moved(&[("drop_service_cidr", 1)]));
     });
 }
 

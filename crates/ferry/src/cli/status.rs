@@ -163,9 +163,12 @@ fn verify(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let state = super::load_manifests_with(manifests, settings.manifests)?;
     let plan = ferry_model::build_plan(&state, &settings.node);
     let devices = crate::datapath::resolved_devices(&settings)?;
-    let runtime = crate::datapath::runtime_for(&settings, &devices)?;
+    let mut runtime = crate::datapath::runtime_for(&settings, &devices)?;
     let maps = Maps::open(&pin_dir).with_context(|| format!("opening the maps pinned in {}", pin_dir.display()))?;
-    let diffs = super::verify::differences(&maps.dump(), &plan, &runtime);
+    let dump = maps.dump();
+    // The agent turns the fast path on itself once its sets are filled.
+    runtime.fast_pass = dump.config.is_some_and(|c| c.flags & ferry_bpf::entries::CFG_FAST_PASS != 0);
+    let diffs = super::verify::differences(&dump, &plan, &runtime);
     if args.json {
         let out = serde_json::json!({
             "pinDir": pin_dir,

@@ -34,9 +34,24 @@ impl std::fmt::Display for Difference {
 /// Every difference between `dump` (read from the kernel) and `plan` on a node of `rt`.
 /// Empty when the datapath is exactly what the agent would program.
 pub fn differences(dump: &MapDump, plan: &Plan, rt: &NodeRuntime) -> Vec<Difference> {
-    let ops = Programmer::adopt(dump).sync(plan, None, rt);
+    let mut programmer = Programmer::adopt(dump);
+    let ops = programmer.sync(plan, None, rt);
     let view = Present::of(dump);
-    ops.iter().map(|op| view.describe(op)).collect()
+    let present = |k: &LocalKey| dump.addrs.binary_search(k).is_ok();
+    let mut out: Vec<Difference> =
+        ops.iter().filter(|op| !matches!(op, MapOp::PutAddr(k) if present(k))).map(|op| view.describe(op)).collect();
+    // With the fast path on, an address missing from the pass-through set
+    // would have its packets waved through untranslated.
+    if rt.fast_pass {
+        let reported: BTreeSet<LocalKey> =
+            ops.iter().filter_map(|op| if let MapOp::PutAddr(k) = op { Some(*k) } else { None }).collect();
+        for k in programmer.pass_addrs() {
+            if !present(&k) && !reported.contains(&k) {
+                out.push(view.describe(&MapOp::PutAddr(k)));
+            }
+        }
+    }
+    out
 }
 
 /// What the dump holds, by key, to tell a missing entry from a wrong one.
@@ -172,6 +187,7 @@ impl<'a> Present<'a> {
                 format!("{} ({v:#x})", ip_of(&k.addr, k.family)),
             ),
             MapOp::DelLocal(k) => ("extra", "ferry_locals", ip_of(&k.addr, k.family).to_string()),
+            MapOp::PutAddr(k) => ("missing", "ferry_addrs", ip_of(&k.addr, k.family).to_string()),
             MapOp::PutRange(k) => (
                 Self::put(d.ranges.contains(k)),
                 "ferry_ranges",
@@ -249,9 +265,11 @@ mod tests {
                 MapOp::PutConfig(c) => d.config = Some(*c),
                 MapOp::PutDevice(i, v) => d.devices.push((i, *v)),
                 MapOp::PutMaglev(k, t) => d.maglev.push((k, t.into())),
+                MapOp::PutAddr(k) => d.addrs.push(k),
                 other => panic!("a fresh sync deleted something: {other:?}"),
             }
         }
+        d.addrs.sort_unstable();
         d
     }
 
