@@ -56,27 +56,48 @@ static __always_inline __u8 classify(const struct pkt *p, const struct config *c
 	return CLASS_EXTERNAL;
 }
 
-/* Whether a packet is certainly none of ferry's business, decided without
- * touching the conntrack (maps.h, "the pass-through fast path"): it is not
- * sent to a frontend, a node address or an address a tracked flow was sent
- * to; it does not come from a backend a flow was sent to without SNAT; it is
- * no fragment, no ICMP (errors about translated flows, masqueraded echo) and
- * not inside the service CIDRs (unallocated ClusterIPs are dropped); and no
- * pod egress is masqueraded on this hook. */
-static __always_inline int passes_untouched(const struct pkt *p, const struct config *cfg, enum hook hook)
+/* Whether a packet is certainly none of ferry's business, decided from its
+ * linear headers alone, before any parsing or conntrack lookup (maps.h, "the
+ * pass-through fast path"): it is not sent to a frontend, a node address or
+ * an address a tracked flow was sent to; it does not come from a backend a
+ * flow was sent to without SNAT; it is a whole TCP, UDP or SCTP packet (no
+ * fragment, no ICMP error about a translated flow, no IPv6 extension header)
+ * not sent into the service CIDRs (unallocated ClusterIPs are dropped); and
+ * no pod egress is masqueraded on this hook. Anything else (headers not in
+ * the linear area included) takes the full path. */
+static __always_inline int passes_at_a_glance(struct __sk_buff *skb, const struct config *cfg, enum hook hook)
 {
-	if (!(cfg->flags & CFG_FAST_PASS) || p->frag != FRAG_NONE || !has_ports(p->proto))
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct local_key k = {};
+	__u32 src[4] = {};
+
+	if (!(cfg->flags & CFG_FAST_PASS) || (hook == HOOK_TO_NETDEV && (cfg->flags & CFG_MASQ_BPF)))
 		return 0;
-	if (hook == HOOK_TO_NETDEV && (cfg->flags & CFG_MASQ_BPF))
+	if ((void *)(eth + 1) > end)
 		return 0;
-	struct local_key k = { .family = p->family };
-	__builtin_memcpy(k.addr, p->dst, 16);
-	if (bpf_map_lookup_elem(&ferry_addrs, &k))
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end || (ip->frag_off & bpf_htons(0x3fff)) || !has_ports(ip->protocol))
+			return 0;
+		k.family = FAM_V4;
+		k.addr[0] = ip->daddr;
+		src[0] = ip->saddr;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end || !has_ports(ip6->nexthdr))
+			return 0;
+		k.family = FAM_V6;
+		__builtin_memcpy(k.addr, &ip6->daddr, 16);
+		__builtin_memcpy(src, &ip6->saddr, 16);
+	} else {
 		return 0;
-	__builtin_memcpy(k.addr, p->src, 16);
-	if (bpf_map_lookup_elem(&ferry_peers, &k))
+	}
+	if (bpf_map_lookup_elem(&ferry_addrs, &k) || lb_in_range(RANGE_SERVICE, k.family, k.addr))
 		return 0;
-	return !lb_in_range(RANGE_SERVICE, p->family, p->dst);
+	__builtin_memcpy(k.addr, src, 16);
+	return !bpf_map_lookup_elem(&ferry_peers, &k);
 }
 
 /* Records that flows go to `addr` without SNAT, so that its replies skip the
@@ -280,7 +301,7 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 {
 	struct pkt p;
 	struct config *cfg = load_config();
-	if (!cfg || !parse(skb, &p) || passes_untouched(&p, cfg, hook))
+	if (!cfg || passes_at_a_glance(skb, cfg, hook) || !parse(skb, &p))
 		return TC_ACT_OK;
 	if (p.frag == FRAG_LATER)
 		return handle_later_fragment(skb, &p, hook);

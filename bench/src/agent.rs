@@ -149,18 +149,39 @@ pub fn map_entries(pin_dir: &Path, name: &str) -> anyhow::Result<u64> {
     Ok(map.keys().count() as u64)
 }
 
-/// Replaces the node's manifests with `text` as one `cluster.json`, atomically.
-fn write_manifest(lab: &Lab, node: usize, text: &str) -> anyhow::Result<()> {
+/// Services per manifest file: `ferry run` refuses a file over 64 MiB (a
+/// JSON List of 100,000 services is 69 MB), and a change rewrites one file.
+const PER_FILE: usize = 20_000;
+
+/// The manifest file holding service `i`, and the services it holds.
+fn file_of(synthetic: &Synthetic, i: usize) -> (String, std::ops::Range<usize>) {
+    let f = i / PER_FILE;
+    (format!("cluster-{f:03}.json"), f * PER_FILE..((f + 1) * PER_FILE).min(synthetic.services))
+}
+
+/// Writes one manifest file atomically (a reader never sees half of it).
+fn write_file(dir: &std::path::Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let tmp = dir.with_extension(format!("{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
+
+/// Replaces the node's manifests with the services of `synthetic` after
+/// `changes` one-endpoint changes, as JSON Lists of [`PER_FILE`] services; returns the bytes written.
+fn write_manifests(lab: &Lab, node: usize, synthetic: &Synthetic, changes: usize) -> anyhow::Result<usize> {
     let dir = &lab.nodes[node].manifests;
     for e in std::fs::read_dir(dir)?.flatten() {
-        if e.file_name() != "cluster.json" {
-            std::fs::remove_file(e.path())?;
-        }
+        std::fs::remove_file(e.path())?;
     }
-    let tmp = dir.with_extension("tmp.json");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, dir.join("cluster.json"))?;
-    Ok(())
+    let mut bytes = 0;
+    for first in (0..synthetic.services).step_by(PER_FILE) {
+        let (name, range) = file_of(synthetic, first);
+        let text = synthetic.manifest_chunk(range, changes);
+        bytes += text.len();
+        write_file(dir, &name, &text)?;
+    }
+    Ok(bytes)
 }
 
 /// Starts `ferry run` on `node` with the manifests of `synthetic` and waits for its first sync.
@@ -170,9 +191,8 @@ pub fn start(
     synthetic: &Synthetic,
 ) -> anyhow::Result<(RunningAgent, usize, f64, SyncLine)> {
     let n = synthetic.services;
-    eprintln!("[{n}] agent: writing {n} services as a JSON List");
-    let text = synthetic.manifest_list(0);
-    write_manifest(lab, node, &text)?;
+    eprintln!("[{n}] agent: writing {n} services as JSON Lists of {PER_FILE}");
+    let bytes = write_manifests(lab, node, synthetic, 0)?;
     lab.write_node_config(node, &cluster::node_config_yaml())?;
     let log = lab.state.join(format!("agent-{n}.log"));
     let ready = lab.state.join(format!("agent-{n}.ready"));
@@ -190,7 +210,7 @@ pub fn start(
         .stdout(out.try_clone()?)
         .stderr(out);
     let host = nd.host.clone();
-    eprintln!("[{n}] agent: starting ferry run ({} MB of manifests)", text.len() / 1_000_000);
+    eprintln!("[{n}] agent: starting ferry run ({} MB of manifests)", bytes / 1_000_000);
     let t = Instant::now();
     let pid = lab.sb.spawn_in(&host, None, cmd)?;
     let agent = RunningAgent { pid, log, node };
@@ -205,17 +225,18 @@ pub fn start(
         "[{n}] agent: ready after {ready_s:.2} s (plan_ms {:.1}, apply_ms {:.1}, map_ops {})",
         first.plan_ms, first.apply_ms, first.map_ops
     );
-    Ok((agent, text.len(), ready_s, first))
+    Ok((agent, bytes, ready_s, first))
 }
 
 /// Rewrites the manifests with one endpoint changed and times the agent's re-sync.
 pub fn one_change(lab: &Lab, agent: &RunningAgent, synthetic: &Synthetic) -> anyhow::Result<(f64, SyncLine)> {
     let n = synthetic.services;
-    let text = synthetic.manifest_list(1);
+    let (name, range) = file_of(synthetic, synthetic.changed_service());
+    let text = synthetic.manifest_chunk(range, 1);
     let before = synced_lines(&std::fs::read_to_string(&agent.log)?).len();
     eprintln!("[{n}] agent: one endpoint changed in the manifest; waiting for the re-sync");
     let t = Instant::now();
-    write_manifest(lab, agent.node, &text)?;
+    write_file(&lab.nodes[agent.node].manifests, &name, &text)?;
     while t.elapsed() < RESYNC_LIMIT {
         let lines = synced_lines(&std::fs::read_to_string(&agent.log)?);
         if lines.len() > before {

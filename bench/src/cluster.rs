@@ -163,18 +163,6 @@ impl Synthetic {
         eps
     }
 
-    /// Every object as one JSON `kind: List` (what `ferry run` reads fastest), after
-    /// `changes` one-endpoint changes (0: the initial state).
-    pub fn manifest_list(&self, changes: usize) -> String {
-        let mut items = Vec::with_capacity(2 * self.services);
-        for i in 0..self.services {
-            items.push(Self::service_json(i));
-            items.push(Self::slice_json(i, self.endpoints_after(i, changes)));
-        }
-        serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
-            .expect("serialising JSON values cannot fail")
-    }
-
     /// The initial state as the model reads it.
     pub fn cluster_state(&self) -> anyhow::Result<ClusterState> {
         let mut state = ClusterState::default();

@@ -3,7 +3,11 @@
 //! connection in the same process, straight to the same backends' pod IPs
 //! (the floor). A third arm repeats the direct connections from a process in
 //! a sibling cgroup without any ferry program (`direct-nohook`), which shows
-//! what the connect4 hook costs a connection it does not translate.
+//! what the connect4 hook costs a connection it does not translate. Two more
+//! (`clusterip+tcx`, `direct+tcx`) repeat the first two while ferry's
+//! pod-facing packet program is attached to the node's bridge, which every
+//! pod packet crosses: what the per-packet programs cost traffic socket-LB
+//! already translated (issue 15: the pass-through fast path).
 //!
 //! ```text
 //! node-a (ferry run, N services)
@@ -83,6 +87,64 @@ pub struct LatencyResult {
     pub clusterip_vs_direct: Ratios,
     /// clusterip / direct-nohook.
     pub clusterip_vs_nohook: Ratios,
+    /// clusterip+tcx (ferry's packet program on the bridge too) / direct (the floor).
+    pub clusterip_tcx_vs_direct: Ratios,
+    /// clusterip+tcx / direct-nohook.
+    pub clusterip_tcx_vs_nohook: Ratios,
+}
+
+/// The arms, in the order of [`LatencyResult::arms`].
+const ARMS: [&str; 5] = ["clusterip", "direct", "direct-nohook", "clusterip+tcx", "direct+tcx"];
+
+/// Runs `f` while ferry's pod-facing packet program (`ferry_from_pods`, from
+/// the agent's own object, on the agent's pinned maps, so with the
+/// pass-through sets the agent filled) is attached at tcx ingress of node-a's
+/// bridge, which every pod packet crosses (as with `bpf.podDevices: [br0]`);
+/// detached afterwards, also when `f` fails.
+fn with_tcx_on_bridge<R>(lab: &Lab, f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<R> {
+    let netns = lab.sb.netns_path(&lab.nodes[NODE].host);
+    let pin = lab.nodes[NODE].pin_dir.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let fail = |e: anyhow::Error| drop(ready_tx.send(Err(e)));
+            if let Err(e) = enter_netns(&netns) {
+                return fail(e);
+            }
+            let mut storage = std::mem::MaybeUninit::uninit();
+            let skel = match ferry_bpf::install::load_packet_programs(&mut storage, &pin) {
+                Ok(skel) => skel,
+                Err(e) => return fail(e.into()),
+            };
+            let link = match ferry_bpf::install::attach_tcx_unpinned(&skel.progs.ferry_from_pods, ifindex("br0")) {
+                Ok(link) => link,
+                Err(e) => return fail(e.into()),
+            };
+            let _ = ready_tx.send(Ok(()));
+            let _ = done_rx.recv();
+            drop(link);
+        });
+        ready_rx.recv().context("the tcx thread ended")?.context("attaching ferry_from_pods to br0")?;
+        let out = f();
+        let _ = done_tx.send(());
+        out
+    })
+}
+
+/// Moves this thread (only) into the network namespace at `netns`.
+fn enter_netns(netns: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    // SAFETY: setns on a valid fd; it changes this thread's namespace only.
+    anyhow::ensure!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0, "setns into {}", netns.display());
+    Ok(())
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("no NUL in a device name");
+    // SAFETY: a NUL-terminated name.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 /// Builds the lab: node-a, the client pod and two backend pods running the echo server.
@@ -191,17 +253,19 @@ pub fn measure(
         .collect();
     let direct = Arm { name: "direct".into(), targets: direct_targets.clone() };
     let nohook = Arm { name: "direct-nohook".into(), targets: direct_targets };
+    let with_tcx = [
+        Arm { name: "clusterip+tcx".into(), targets: clusterip.targets.clone() },
+        Arm { name: "direct+tcx".into(), targets: direct.targets.clone() },
+    ];
     let in_cgroup = [clusterip, direct];
 
     eprintln!("[{n}] latency: warm-up ({} connections per arm)", sampling.warmup);
     let nohook = std::slice::from_ref(&nohook);
     client(lab, self_exe, node_cgroup, &in_cgroup, 0, sampling)?;
     client(lab, self_exe, nohook_cgroup, nohook, 0, sampling)?;
+    with_tcx_on_bridge(lab, || client(lab, self_exe, node_cgroup, &with_tcx, 0, sampling))?;
 
-    let mut acc: Vec<ArmSamples> = ["clusterip", "direct", "direct-nohook"]
-        .iter()
-        .map(|name| ArmSamples { name: name.to_string(), ..Default::default() })
-        .collect();
+    let mut acc: Vec<ArmSamples> = ARMS.iter().map(|name| ArmSamples { name: name.to_string(), ..Default::default() }).collect();
     for round in 0..sampling.rounds {
         eprintln!(
             "[{n}] latency: round {}/{} ({} connections per arm)",
@@ -210,11 +274,14 @@ pub fn measure(
             sampling.per_round
         );
         let mut got = Vec::new();
-        for step in 0..2 {
-            if (round + step) % 2 == 0 {
-                got.extend(client(lab, self_exe, node_cgroup, &in_cgroup, sampling.per_round, sampling)?);
-            } else {
-                got.extend(client(lab, self_exe, nohook_cgroup, nohook, sampling.per_round, sampling)?);
+        for step in 0..3 {
+            let per_round = sampling.per_round;
+            match (round + step) % 3 {
+                0 => got.extend(client(lab, self_exe, node_cgroup, &in_cgroup, per_round, sampling)?),
+                1 => got.extend(client(lab, self_exe, nohook_cgroup, nohook, per_round, sampling)?),
+                _ => got.extend(with_tcx_on_bridge(lab, || {
+                    client(lab, self_exe, node_cgroup, &with_tcx, per_round, sampling)
+                })?),
             }
         }
         for s in got {
@@ -251,6 +318,8 @@ pub fn measure(
         direct_targets: 2 * cluster::SAMPLED,
         clusterip_vs_direct: ratios(&arms[0], &arms[1]),
         clusterip_vs_nohook: ratios(&arms[0], &arms[2]),
+        clusterip_tcx_vs_direct: ratios(&arms[3], &arms[1]),
+        clusterip_tcx_vs_nohook: ratios(&arms[3], &arms[2]),
         arms,
     })
 }

@@ -79,7 +79,12 @@ impl Results {
         let _ = writeln!(
             s,
             "\nRatios are against `direct` (the floor: the same backends by pod IP, same process, interleaved). \
-             `direct-nohook` runs in a cgroup without ferry's programs, in alternate blocks of {} connections.\n",
+             `direct-nohook` runs in a cgroup without ferry's programs, in alternate blocks of {} connections. \
+             `clusterip+tcx` and `direct+tcx` are `clusterip` and `direct` in a third kind of block, during which \
+             ferry's pod-facing packet program (`ferry_from_pods`, on the agent's maps, pass-through fast path on) \
+             is attached at tcx ingress of the node's bridge, which every packet of these connections crosses; \
+             `clusterip+tcx` against `direct` is what socket-LB plus the per-packet program cost against a node \
+             without ferry.\n",
             self.sampling.per_round
         );
         for z in &self.sizes {

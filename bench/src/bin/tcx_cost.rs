@@ -8,10 +8,16 @@
 //! Packet kinds, each a TCP segment on an uplink:
 //!
 //! - `pass/ingress`, `pass/egress`: traffic that is not a service's (pod to
-//!   a pod of another node, on `ferry_from_netdev` / `ferry_to_netdev`) — the
-//!   baseline a pass-through fast path (issue 15, item 4) has to beat;
+//!   a pod of another node, on `ferry_from_netdev` / `ferry_to_netdev`): what
+//!   the pass-through fast path (issue 15, item 4) is for;
 //! - `tracked`: a packet of a NodePort flow already in the conntrack;
 //! - `nodeport-miss`: to a node address, a port no NodePort uses.
+//!
+//! Each kind is measured twice in the same run: on the full path (the
+//! datapath as a fresh install leaves it) and once the agent has filled the
+//! pass-through sets and turned `CFG_FAST_PASS` on (as it does after its
+//! first sync): pass-through traffic should get cheaper, service traffic pays
+//! the two extra lookups.
 //!
 //! Every service has a ClusterIP frontend (port 80) and a NodePort (30000 + i
 //! mod 2768 for the first 2768), two backends on another node. The maps are
@@ -137,6 +143,22 @@ fn setup(n: u32) -> Vec<MapOp> {
     ops
 }
 
+/// What the agent writes before it turns the fast path on: every frontend
+/// and node address in `ferry_addrs`, then `CFG_FAST_PASS` in the config.
+fn fast_pass(n: u32) -> Vec<MapOp> {
+    let mut ops = vec![MapOp::PutAddr(LocalKey { addr: w("192.0.2.1"), family: FAM_V4 })];
+    for i in 0..n {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
+        ops.push(MapOp::PutAddr(LocalKey { addr: words(&IpAddr::V4(vip)), family: FAM_V4 }));
+    }
+    if let Some(MapOp::PutConfig(c)) = setup(0).into_iter().next() {
+        let mut c = c;
+        c.flags |= CFG_FAST_PASS;
+        ops.push(MapOp::PutConfig(c));
+    }
+    ops
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut sb = Sandbox::new("bench").context("creating the sandbox (root?)")?;
@@ -160,7 +182,7 @@ fn main() -> anyhow::Result<()> {
         let runs = args.runs;
         let netns = netns.clone();
         let pin2 = pin.clone();
-        let result = std::thread::spawn(move || -> anyhow::Result<Vec<(String, u32)>> {
+        let result = std::thread::spawn(move || -> anyhow::Result<Vec<(String, u32, u32)>> {
             let f = File::open(&netns)?;
             // SAFETY: setns on a valid fd, this thread only.
             anyhow::ensure!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0, "setns");
@@ -197,23 +219,37 @@ fn main() -> anyhow::Result<()> {
             let other = Ipv4Addr::new(10, 244, 2, 9);
             // The tracked flow: its first packet creates it (SNAT keeps port 20000).
             once(&p.ferry_from_netdev, &frame(client, node, 20000, 30000, 0x02))?;
-            Ok(vec![
-                ("pass/ingress".into(), run(&p.ferry_from_netdev, &frame(other, pod, 8080, 40000, 0x10), runs)?),
-                ("pass/egress".into(), run(&p.ferry_to_netdev, &frame(pod, other, 40000, 8080, 0x10), runs)?),
-                ("tracked".into(), run(&p.ferry_from_netdev, &frame(client, node, 20000, 30000, 0x10), runs)?),
-                ("nodeport-miss".into(), run(&p.ferry_from_netdev, &frame(client, node, 20001, 22, 0x02), runs)?),
-            ])
+            let kinds: [(&str, &libbpf_rs::ProgramMut, Vec<u8>); 4] = [
+                ("pass/ingress", &p.ferry_from_netdev, frame(other, pod, 8080, 40000, 0x10)),
+                ("pass/egress", &p.ferry_to_netdev, frame(pod, other, 40000, 8080, 0x10)),
+                ("tracked", &p.ferry_from_netdev, frame(client, node, 20000, 30000, 0x10)),
+                ("nodeport-miss", &p.ferry_from_netdev, frame(client, node, 20001, 22, 0x02)),
+            ];
+            let mut full = Vec::new();
+            for (_, prog, pkt) in &kinds {
+                full.push(run(prog, pkt, runs)?);
+            }
+            // The same packets once the agent has filled the pass-through sets.
+            maps.apply(&fast_pass(n))?;
+            let mut out = Vec::new();
+            for ((kind, prog, pkt), full) in kinds.iter().zip(full) {
+                out.push((kind.to_string(), full, run(prog, pkt, runs)?));
+            }
+            Ok(out)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the measuring thread panicked"));
         let _ = install::uninstall(&pin);
-        for (kind, ns) in result?? {
-            rows.push((n, kind, ns));
+        for (kind, full, fast) in result?? {
+            rows.push((n, kind, full, fast));
         }
     }
-    let mut md = String::from("| services | packet | ns per run |\n|---:|---|---:|\n");
-    for (n, kind, ns) in &rows {
-        md.push_str(&format!("| {n} | {kind} | {ns} |\n"));
+    let mut md = String::from(
+        "| services | packet | full path ns | with the fast path ns | ratio |\n|---:|---|---:|---:|---:|\n",
+    );
+    for (n, kind, full, fast) in &rows {
+        let ratio = f64::from(*fast) / f64::from((*full).max(1));
+        md.push_str(&format!("| {n} | {kind} | {full} | {fast} | {ratio:.2} |\n"));
     }
     print!("{md}");
     let out = concat!(env!("CARGO_MANIFEST_DIR"), "/results/tcx-cost.md");

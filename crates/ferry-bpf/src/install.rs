@@ -535,6 +535,16 @@ fn attach_tcx(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, Insta
         }
         let _ = std::fs::remove_file(pin);
     }
+    let mut link = attach_tcx_unpinned(prog, ifindex)?;
+    link.pin(pin).map_err(lb(format!("pinning link {}", pin.display())))?;
+    Ok(false)
+}
+
+/// Attaches `prog` at tcx on `ifindex` (of this thread's network namespace)
+/// without pinning the link: the program is detached when the link is
+/// dropped. The agent pins what it attaches; benchmarks switch the packet
+/// programs on and off with this.
+pub fn attach_tcx_unpinned(prog: &ProgramMut, ifindex: u32) -> Result<Link, InstallError> {
     let opts =
         libbpf_sys::bpf_tcx_opts { sz: std::mem::size_of::<libbpf_sys::bpf_tcx_opts>() as _, ..Default::default() };
     // SAFETY: the program pointer is valid for the skeleton's lifetime; libbpf
@@ -547,9 +557,7 @@ fn attach_tcx(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, Insta
         });
     };
     // SAFETY: `ptr` is a valid, owned bpf_link from libbpf.
-    let mut link = unsafe { Link::from_ptr(ptr) };
-    link.pin(pin).map_err(lb(format!("pinning link {}", pin.display())))?;
-    Ok(false)
+    Ok(unsafe { Link::from_ptr(ptr) })
 }
 
 fn attach_devices(
