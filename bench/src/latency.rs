@@ -265,7 +265,8 @@ pub fn measure(
     client(lab, self_exe, nohook_cgroup, nohook, 0, sampling)?;
     with_tcx_on_bridge(lab, || client(lab, self_exe, node_cgroup, &with_tcx, 0, sampling))?;
 
-    let mut acc: Vec<ArmSamples> = ARMS.iter().map(|name| ArmSamples { name: name.to_string(), ..Default::default() }).collect();
+    let mut acc: Vec<ArmSamples> =
+        ARMS.iter().map(|name| ArmSamples { name: name.to_string(), ..Default::default() }).collect();
     for round in 0..sampling.rounds {
         eprintln!(
             "[{n}] latency: round {}/{} ({} connections per arm)",

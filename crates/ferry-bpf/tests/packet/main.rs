@@ -19,6 +19,7 @@
 //!
 //! Needs root (BPF, netns); never skipped.
 
+mod shapes;
 mod wire;
 
 use ferry_bpf::MapOp;

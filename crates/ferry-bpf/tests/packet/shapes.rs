@@ -1,12 +1,10 @@
-//! Packet tests (`BPF_PROG_TEST_RUN`) of the packet shapes `packet_shapes.rs` runs in a lab:
+//! Packet shapes (the lab test `crates/ferry/tests/packet_shapes.rs` runs them with real traffic):
 //! fragment translation and the SCTP CRC32c correction, checked byte by byte against checksums
 //! recomputed here from scratch (CRC32c by a bitwise reference implementation, not the
 //! datapath's table method). Cilium's three steps: build a packet, set up the maps, run the
 //! program and check the verdict and the bytes it left.
 //!
-//! The programs run inside a network namespace of their own (`ferry-pks-...`), whose routes give
-//! the FIB lookups a node's view; the maps are pinned under a bpffs directory of the test's own.
-//! Both go away afterwards, also on failure. Nothing is sent: test-run hands back the packet.
+//! Same rig as every packet test (`main.rs`): the node's namespace and pins, the fast path on.
 //!
 //! ```text
 //!  node netns:  eth0 (veth) 192.0.2.1/24, 2001:db8:1::1/64
@@ -14,25 +12,13 @@
 //!  NodePort 30053/udp -> 10.244.2.5:5353 and [fd00:244:2::5]:5353, 30077/sctp -> 10.244.2.5:7000
 //!  (masqueraded to the node's address)
 //! ```
-//!
-//! Needs root (BPF, netns); never skipped.
 
+use crate::{Dp, Hook, PROTO_SCTP as IPPROTO_SCTP, PROTO_UDP as IPPROTO_UDP, Ran, Rig, TC_ACT_OK, TC_ACT_REDIRECT};
 use ferry_bpf::MapOp;
 use ferry_bpf::entries::*;
-use ferry_bpf::skel::netdev::{NetdevSkel, NetdevSkelBuilder};
-use ferry_bpf::{Maps, install};
-use ferry_sandbox::{Host, Sandbox};
-use libbpf_rs::ProgramInput;
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_REDIRECT: i32 = 7;
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 5);
@@ -43,92 +29,6 @@ const UDP_NODE_PORT: u16 = 30053;
 const UDP_TARGET: u16 = 5353;
 const SCTP_NODE_PORT: u16 = 30077;
 const SCTP_TARGET: u16 = 7000;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
-
-/// The node namespace and pin directory of one test, removed on drop.
-struct Rig {
-    sandbox: Sandbox,
-    node: Host,
-    pin: PathBuf,
-}
-
-impl Rig {
-    fn new() -> Rig {
-        let mut sandbox = Sandbox::new("pks").expect("creating the sandbox (root?)");
-        let node = sandbox.add_host("node").expect("creating the node namespace");
-        let pin = PathBuf::from(ferry_bpf::system::BPFFS).join(sandbox.id());
-        let rig = Rig { sandbox, node, pin };
-        for cmd in [
-            "link add eth0 type veth peer name eth0-peer",
-            "link set eth0 up",
-            "link set eth0-peer up",
-            "addr add 192.0.2.1/24 dev eth0",
-            "addr add 2001:db8:1::1/64 dev eth0 nodad",
-            "route add 10.244.2.0/24 via 192.0.2.2 dev eth0",
-            "route add default via 192.0.2.254 dev eth0",
-            "route add fd00:244:2::/64 via 2001:db8:1::2 dev eth0",
-            "route add default via 2001:db8:1::fe dev eth0",
-        ] {
-            let args: Vec<&str> = cmd.split(' ').collect();
-            rig.sandbox.ip(&rig.node, &args).unwrap_or_else(|e| panic!("ip {cmd}: {e}"));
-        }
-        rig.sandbox.set_forwarding(&rig.node, true).expect("forwarding on");
-        rig
-    }
-
-    /// Runs `f` on a thread inside the node's namespace, with the tc programs loaded (their maps
-    /// pinned in the test's directory) and the service maps set up.
-    fn run<R: Send>(&self, f: impl FnOnce(&Dp) -> R + Send) -> R {
-        let netns = self.sandbox.netns_path(&self.node);
-        let pin = self.pin.clone();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                enter(&netns);
-                std::fs::create_dir_all(&pin).expect("creating the pin directory");
-                let mut storage = MaybeUninit::uninit();
-                let mut open = NetdevSkelBuilder::default().open(&mut storage).expect("opening the tc object");
-                for mut map in open.open_object_mut().maps_mut() {
-                    let name = map.name().to_string_lossy().into_owned();
-                    if ferry_bpf::maps::MAP_NAMES.contains(&name.as_str()) {
-                        map.set_pin_path(pin.join(&name)).expect("setting a pin path");
-                    }
-                }
-                let skel = open.load().expect("loading the tc programs (verifier)");
-                let maps = Maps::open(&pin).expect("opening the pinned maps");
-                maps.apply(&service_maps(ifindex("eth0"))).expect("writing the service maps");
-                f(&Dp { skel, maps, eth0: ifindex("eth0") })
-            })
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if self.pin.exists()
-            && let Err(e) = install::uninstall(&self.pin)
-        {
-            eprintln!("removing {}: {e}", self.pin.display());
-        }
-    }
-}
-
-/// Moves this thread (only) into the namespace at `netns`.
-fn enter(netns: &Path) {
-    let f = File::open(netns).expect("opening the namespace");
-    // SAFETY: setns on a valid fd; it changes this thread's namespace only.
-    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: a NUL-terminated name.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no device {name} in the node namespace");
-    i
-}
 
 fn w(ip: Ipv4Addr) -> Words {
     words(&IpAddr::V4(ip))
@@ -139,8 +39,8 @@ fn w6(ip: Ipv6Addr) -> Words {
 }
 
 /// Services 1-3: NodePort 30053/udp (IPv4 and IPv6) and 30077/sctp on any node address, external
-/// traffic forwarded to a backend on another node and masqueraded.
-fn service_maps(eth0: u32) -> Vec<MapOp> {
+/// traffic forwarded to a backend on another node and masqueraded (eth0's SNAT address: [`device`]).
+fn service_maps() -> Vec<MapOp> {
     let fwd = ACT_FORWARD_CLUSTER | ACT_MASQ;
     let mut ops = vec![
         MapOp::PutConfig(Box::new(Config {
@@ -153,7 +53,6 @@ fn service_maps(eth0: u32) -> Vec<MapOp> {
             nat_port_max: 29999,
             ..Config::default()
         })),
-        MapOp::PutDevice(eth0, Box::new(Device { snat: [w(NODE), w6(NODE6)], flags: DEV_EXTERNAL })),
         MapOp::PutLocal(LocalKey { addr: w(NODE), family: FAM_V4 }, LOCAL_HOST | LOCAL_NODEPORT),
         MapOp::PutLocal(LocalKey { addr: w6(NODE6), family: FAM_V6 }, LOCAL_HOST | LOCAL_NODEPORT),
     ];
@@ -180,47 +79,24 @@ fn service_maps(eth0: u32) -> Vec<MapOp> {
     ops
 }
 
-/// The loaded programs and maps of one test.
-struct Dp<'obj> {
-    skel: NetdevSkel<'obj>,
-    maps: Maps,
-    eth0: u32,
+/// eth0 as an uplink whose SNAT addresses are the node's (its ifindex is known inside the rig).
+fn device(eth0: u32) -> MapOp {
+    MapOp::PutDevice(eth0, Box::new(Device { snat: [w(NODE), w6(NODE6)], flags: DEV_EXTERNAL }))
 }
 
-/// What one run returned.
-struct Ran {
-    verdict: i32,
-    out: Vec<u8>,
-    /// Counters that moved, by name.
-    moved: BTreeMap<&'static str, u64>,
+/// Runs `f` in the packet rig with the services above.
+fn with_services(f: impl FnOnce(&Dp) + Send) {
+    let rig = Rig::new();
+    rig.run(&service_maps(), |dp| {
+        dp.maps.apply(&[device(dp.eth0)]).expect("writing eth0's device entry");
+        f(dp)
+    })
 }
 
 impl Dp<'_> {
     /// Runs the uplink's ingress program on `frame`, as if it arrived on eth0.
     fn run_from_netdev(&self, frame: &[u8]) -> Ran {
-        // struct __sk_buff: ifindex at 40; the rest zero.
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&self.eth0.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let before = self.maps.counters();
-        let input = ProgramInput {
-            data_in: Some(frame),
-            context_in: Some(&mut ctx),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let output = self.skel.progs.ferry_from_netdev.test_run(input).expect("BPF_PROG_TEST_RUN");
-        let verdict = output.return_value as i32;
-        let len = output.data.map(|d| d.len()).unwrap_or(0);
-        out.truncate(len);
-        let after = self.maps.counters();
-        let moved = ferry_bpf::stats::NAMES
-            .iter()
-            .zip(before.iter().zip(&after))
-            .filter(|(_, (b, a))| a != b)
-            .map(|(name, (b, a))| (*name, a - b))
-            .collect();
-        Ran { verdict, out, moved }
+        self.run(Hook::FromNetdev, self.eth0, frame)
     }
 }
 
@@ -383,8 +259,7 @@ fn assert_ip_csum(frame: &[u8], what: &str) {
 
 #[test]
 fn later_fragments_are_translated_as_their_first_fragment_was() {
-    let rig = Rig::new();
-    rig.run(|dp| {
+    with_services(|dp| {
         // A 48-byte UDP payload in two fragments: UDP header + 16 bytes, then 32 bytes at offset 24.
         let payload: Vec<u8> = (0..48u8).collect();
         let datagram = udp(CLIENT, NODE, 40000, UDP_NODE_PORT, &payload);
@@ -431,8 +306,7 @@ fn later_fragments_are_translated_as_their_first_fragment_was() {
 
 #[test]
 fn sctp_port_translation_keeps_the_crc32c_right() {
-    let rig = Rig::new();
-    rig.run(|dp| {
+    with_services(|dp| {
         // Short and long packets: the correction's shift covers few and many bits of the distance.
         for (k, extra) in [0usize, 1, 37, 1200].into_iter().enumerate() {
             let what = format!("INIT with {extra} filler bytes");
@@ -470,8 +344,7 @@ const NH_DSTOPTS: u8 = 60;
 
 #[test]
 fn ipv6_extension_headers_are_walked_and_fragments_tracked() {
-    let rig = Rig::new();
-    rig.run(|dp| {
+    with_services(|dp| {
         // The datagram: destination options (8) + UDP header (8) + 48 bytes, fragmented after 32
         // bytes of the fragmentable part: [frag | dstopts | udp hdr | 16 bytes], [frag | 32 bytes].
         let payload: Vec<u8> = (100..148u8).collect();
