@@ -65,7 +65,13 @@ static __always_inline __u8 classify(const struct pkt *p, const struct config *c
  * not sent into the service CIDRs (unallocated ClusterIPs are dropped); and
  * no pod egress is masqueraded on this hook. Anything else (headers not in
  * the linear area included) takes the full path. */
-static __always_inline int passes_at_a_glance(struct __sk_buff *skb, const struct config *cfg, enum hook hook)
+enum glance {
+	GLANCE_FULL_PATH, /* needs the full path */
+	GLANCE_PASS,      /* none of ferry's business: pass it on */
+	GLANCE_TO_ADDR,   /* needs the full path; sent to an address in ferry_addrs */
+};
+
+static __always_inline enum glance glance_at(struct __sk_buff *skb, const struct config *cfg, enum hook hook)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
@@ -74,30 +80,32 @@ static __always_inline int passes_at_a_glance(struct __sk_buff *skb, const struc
 	__u32 src[4] = {};
 
 	if (!(cfg->flags & CFG_FAST_PASS) || (hook == HOOK_TO_NETDEV && (cfg->flags & CFG_MASQ_BPF)))
-		return 0;
+		return GLANCE_FULL_PATH;
 	if ((void *)(eth + 1) > end)
-		return 0;
+		return GLANCE_FULL_PATH;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end || (ip->frag_off & bpf_htons(0x3fff)) || !has_ports(ip->protocol))
-			return 0;
+			return GLANCE_FULL_PATH;
 		k.family = FAM_V4;
 		k.addr[0] = ip->daddr;
 		src[0] = ip->saddr;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end || !has_ports(ip6->nexthdr))
-			return 0;
+			return GLANCE_FULL_PATH;
 		k.family = FAM_V6;
 		__builtin_memcpy(k.addr, &ip6->daddr, 16);
 		__builtin_memcpy(src, &ip6->saddr, 16);
 	} else {
-		return 0;
+		return GLANCE_FULL_PATH;
 	}
-	if (bpf_map_lookup_elem(&ferry_addrs, &k) || lb_in_range(RANGE_SERVICE, k.family, k.addr))
-		return 0;
+	if (bpf_map_lookup_elem(&ferry_addrs, &k))
+		return GLANCE_TO_ADDR;
+	if (lb_in_range(RANGE_SERVICE, k.family, k.addr))
+		return GLANCE_FULL_PATH;
 	__builtin_memcpy(k.addr, src, 16);
-	return !bpf_map_lookup_elem(&ferry_peers, &k);
+	return bpf_map_lookup_elem(&ferry_peers, &k) ? GLANCE_FULL_PATH : GLANCE_PASS;
 }
 
 /* Records that flows go to `addr` without SNAT, so that its replies skip the
@@ -259,7 +267,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
  * verifier's 512-byte stack budget is per call chain, and the steps'
  * frames are not live at the same time. */
 static __attribute__((noinline)) int handle_tracked(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
-						    enum hook hook)
+						    enum hook hook, int original_first)
 {
 	__u64 now = bpf_ktime_get_ns();
 	if (icmp_is_error(p)) {
@@ -270,10 +278,13 @@ static __attribute__((noinline)) int handle_tracked(struct __sk_buff *skb, struc
 			return drop_packet(STAT_DROP_REWRITE);
 		return rc ? deliver(skb, p, hook) : TC_ACT_OK;
 	}
-	int rc = track(skb, p, cfg, CT_REPLY, hook, now);
+	/* Either order finds the flow (a packet matches one of its two entries);
+	 * the likelier one first saves two lookups. */
+	__u8 first = original_first ? CT_ORIGINAL : CT_REPLY;
+	int rc = track(skb, p, cfg, first, hook, now);
 	if (rc >= 0)
 		return rc;
-	return track(skb, p, cfg, CT_ORIGINAL, hook, now);
+	return track(skb, p, cfg, first ^ 1, hook, now);
 }
 
 /* Step two: a new flow to a frontend, or pod egress to masquerade. */
@@ -301,13 +312,22 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 {
 	struct pkt p;
 	struct config *cfg = load_config();
-	if (!cfg || passes_at_a_glance(skb, cfg, hook) || !parse(skb, &p))
+	if (!cfg)
+		return TC_ACT_OK;
+	enum glance glance = glance_at(skb, cfg, hook);
+	if (glance == GLANCE_PASS || !parse(skb, &p))
 		return TC_ACT_OK;
 	if (p.frag == FRAG_LATER)
 		return handle_later_fragment(skb, &p, hook);
 	if (p.frag == FRAG_FIRST)
 		frag_arrived(&p);
-	int rc = handle_tracked(skb, &p, cfg, hook);
+	/* Sent to a frontend or node address, not to a SNAT port there: the
+	 * original direction of a flow, most likely (a reply to a SNATed flow
+	 * comes to a port of natPortRange, which never overlaps NodePorts). */
+	__u16 dport = bpf_ntohs(p.dport);
+	int original_first =
+		glance == GLANCE_TO_ADDR && (dport < cfg->nat_port_min || dport > cfg->nat_port_max);
+	int rc = handle_tracked(skb, &p, cfg, hook, original_first);
 	if (rc < 0)
 		rc = handle_new(skb, &p, cfg, hook);
 	if (p.frag == FRAG_FIRST)
