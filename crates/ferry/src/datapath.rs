@@ -150,7 +150,7 @@ pub const SCALED_MAPS: &[(&str, u32)] = &[
 /// Unknown memory: the compiled sizes.
 pub fn map_capacities(bpf: &BpfSettings, mem_total: Option<u64>) -> Vec<(String, u32)> {
     const BASE: u64 = 8 << 30;
-    SCALED_MAPS
+    let mut caps: Vec<(String, u32)> = SCALED_MAPS
         .iter()
         .map(|(map, compiled)| {
             let set = bpf.map_capacities.iter().find(|(m, _)| m == map).map(|(_, n)| *n);
@@ -166,7 +166,14 @@ pub fn map_capacities(bpf: &BpfSettings, mem_total: Option<u64>) -> Vec<(String,
             });
             (map.to_string(), set.unwrap_or(scaled))
         })
-        .collect()
+        .collect();
+    // The pass-through sets (not preallocated) hold an address per frontend
+    // and per backend at most, plus node addresses: sized after those maps.
+    let cap = |m: &str| caps.iter().find(|(n, _)| n == m).map_or(0, |(_, c)| *c);
+    let (addrs, peers) = (cap("ferry_frontends").max(4096), cap("ferry_backends").max(4096));
+    caps.push(("ferry_addrs".into(), addrs));
+    caps.push(("ferry_peers".into(), peers));
+    caps
 }
 
 /// MemTotal from /proc/meminfo, in bytes.

@@ -118,6 +118,19 @@ pub fn rows(d: &MapDump) -> Vec<FrontendRow> {
 }
 
 /// The masquerade settings in force, as the datapath holds them.
+/// Whether the pass-through fast path is on, and the sizes of its sets.
+pub fn fast_pass_line(d: &MapDump, peers: usize) -> String {
+    if d.config.is_some_and(|c| c.flags & CFG_FAST_PASS != 0) {
+        format!(
+            "fast path   on: a whole TCP/UDP/SCTP packet to none of {} addresses (ferry_addrs) and from none of \
+             {peers} backends (ferry_peers) passes without a conntrack lookup",
+            d.addrs.len()
+        )
+    } else {
+        "fast path   off: every packet takes the full path (the agent turns it on after its first sync)".into()
+    }
+}
+
 pub fn masquerade_line(d: &MapDump) -> String {
     let fmt = |kind: u8| -> Vec<String> {
         d.ranges
@@ -253,6 +266,7 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
             "affinityEntries": aff,
             "fragmentEntries": frags,
             "masquerade": masquerade_line(&dump),
+            "fastPass": dump.config.is_some_and(|c| c.flags & CFG_FAST_PASS != 0),
             "natEntries": ferry_bpf::stale::nat_entries_in_use(&maps.ct_entries(), ferry_bpf::stale::monotonic_ns()),
             "conntrackEntries": maps.ct_entries().len(),
         });
@@ -299,6 +313,7 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{:<wf$} {:<wk$} {:<ws$} {:<wr$} {}", r.frontend, r.kind, r.service, r.routes.join("/"), backends);
     }
     println!("\n{}", masquerade_line(&dump));
+    println!("{}", fast_pass_line(&dump, maps.pass_set(ferry_bpf::pass::PassSet::Peers).len()));
     println!("\nmaps (entries / capacity)");
     for f in &fill {
         let pct = if f.capacity > 0 { f.entries as f64 * 100.0 / f.capacity as f64 } else { 0.0 };
