@@ -391,6 +391,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         // entries the new layout must keep, so the new programs start with
         // every tracked flow (a failure leaves the old datapath serving).
         let first = carry_all(&copy, &retired_dir, &opts.pin_dir, false)?;
+        fast_pass_off(&opts.pin_dir)?;
         let attached = attach_all(opts, &links_dir, &skel, tc.as_ref())?;
         // The old programs ran until the switch: a flow they created during
         // the first copy is added now (nothing the new programs wrote is
@@ -437,6 +438,25 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         devices,
         capacity_kept,
     })
+}
+
+/// Turns the pass-through fast path off in the pinned config before any
+/// link switches. The new programs may find pass-through sets this install
+/// created empty (an upgrade from a layout without them, or a datapath an
+/// older layout's agent served after a newer one had turned the flag on);
+/// with the flag on they would wave every packet through. The agent turns it
+/// on again once it has filled them (`crate::pass`); until then every packet
+/// takes the full path, which is always correct.
+fn fast_pass_off(pin_dir: &Path) -> Result<(), InstallError> {
+    let Ok(config) = MapHandle::from_pinned_path(pin_dir.join("ferry_config")) else { return Ok(()) };
+    let key = 0u32.to_ne_bytes();
+    let Ok(Some(mut value)) = config.lookup(&key, MapFlags::ANY) else { return Ok(()) };
+    let at = std::mem::offset_of!(crate::skel::sock::types::config, flags);
+    if value.get(at).is_some_and(|f| f & crate::entries::CFG_FAST_PASS != 0) {
+        value[at] &= !crate::entries::CFG_FAST_PASS;
+        config.update(&key, &value, MapFlags::ANY).map_err(lb("turning the fast path off in ferry_config"))?;
+    }
+    Ok(())
 }
 
 /// Runs every copy of a migration ([`crate::migrate`]); `late`: the pass after the links switched.
