@@ -114,6 +114,21 @@ impl Rig {
         }
     }
 
+    /// Pins a `ferry_peers` of `capacity` entries before the programs load,
+    /// so a test can fill it.
+    fn small_peers(&self, capacity: u32) {
+        std::fs::create_dir_all(&self.pin).expect("creating the pin directory");
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            map_flags: libbpf_sys::BPF_F_NO_PREALLOC,
+            ..Default::default()
+        };
+        // struct local_key is 20 bytes, the value one (bpf/lib/maps.h).
+        let mut m = libbpf_rs::MapHandle::create(libbpf_rs::MapType::Hash, Some("ferry_peers"), 20, 1, capacity, &opts)
+            .expect("creating ferry_peers");
+        m.pin(self.pin.join("ferry_peers")).expect("pinning ferry_peers");
+    }
+
     /// Runs `f` on a thread inside the node's namespace with the programs
     /// loaded and the maps set to `setup`.
     fn run<R: Send>(&self, setup: &[MapOp], f: impl FnOnce(&Dp) -> R + Send) -> R {
@@ -844,6 +859,34 @@ fn the_fast_path_skips_the_conntrack_only_for_packets_no_flow_needs() {
         let ran = dp.run(Hook::FromPods, dp.pods0, &unallocated);
         assert_eq!(ran.verdict, TC_ACT_SHOT);
         assert_eq!(ran.moved, moved(&[("drop_service_cidr", 1)]));
+    });
+}
+
+/// A full `ferry_peers` refuses a new flow to a backend it cannot note
+/// (its replies would be waved through untranslated), counted as
+/// `drop_peers_full`; flows to noted backends and SNATed flows go on.
+#[test]
+fn a_full_peers_map_refuses_only_flows_whose_backend_it_cannot_note() {
+    let rig = Rig::new();
+    rig.small_peers(2);
+    let mut setup = node_setup();
+    for (id, port, pod) in [(1, 30081, "10.244.1.5"), (2, 30082, "10.244.1.6"), (3, 30083, "10.244.1.7")] {
+        setup.extend(service(id, every_class(ACT_FORWARD_LOCAL), 0, &[Be(10 + id, pod, 8080, true)]));
+        setup.push(nodeport(port, PROTO_TCP, FAM_V4, id));
+    }
+    setup.extend(service(4, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(20, REMOTE4, 8080, false)]));
+    setup.push(nodeport(30084, PROTO_TCP, FAM_V4, 4));
+    rig.run(&setup, |dp| {
+        let syn = |sport, port| frame(ip(CLIENT4), ip(NODE4), &tcp(sport, port, 0x02, b""), IpOpts::default());
+        for port in [30081, 30082] {
+            assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &syn(40000, port)).verdict, TC_ACT_REDIRECT);
+        }
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &syn(40000, 30083));
+        assert_eq!(ran.verdict, TC_ACT_SHOT, "a third backend does not fit a 2-entry ferry_peers");
+        assert_eq!(ran.moved, moved(&[("drop_peers_full", 1)]));
+        // A backend already noted, and a SNATed flow, need no new entry.
+        assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &syn(40001, 30081)).verdict, TC_ACT_REDIRECT);
+        assert_eq!(dp.run(Hook::FromNetdev, dp.eth0, &syn(40002, 30084)).verdict, TC_ACT_REDIRECT);
     });
 }
 
