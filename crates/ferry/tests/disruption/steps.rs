@@ -9,8 +9,11 @@
 //! restart, an endpoint rollout (ready, terminating, removed), a node-config
 //! change (the agent restarted on a new config, which reinstalls the
 //! datapath: programs reloaded and links swapped on bpf, the ruleset
-//! replaced on nftables), and 2,000 endpoint changes in 10 s. With
-//! `FERRY_DISRUPTION_RESULTS=FILE` each datapath writes its table into FILE
+//! replaced on nftables), and 2,000 endpoint changes in 10 s. A second run
+//! per datapath feeds the agent (`ferry agent`) from the fake API server
+//! (ferry-testapi: the real HTTP list/watch protocol, in the node's network
+//! namespace) and stops that server for 30 s, then restarts it. With
+//! `FERRY_DISRUPTION_RESULTS=FILE` each run writes its table into FILE
 //! (`make disruption`: `bench/results/disruption.md`).
 
 use super::*;
@@ -251,8 +254,8 @@ fn measure(
     r
 }
 
-fn results_table(datapath: &str, note: &str, paths: &[(String, PathBuf)], rows: &[StepResult]) -> String {
-    let mut out = format!("## Datapath `{datapath}`\n\n{note}\n\n| step |");
+fn results_table(title: &str, note: &str, paths: &[(String, PathBuf)], rows: &[StepResult]) -> String {
+    let mut out = format!("## {title}\n\n{note}\n\n| step |");
     for (what, _) in paths {
         out.push_str(&format!(" {what}: new (per s) | failed / resets | longest gap (ms) |"));
     }
@@ -320,9 +323,34 @@ fn udp_client(lab: &mut Lab, at: At, target: SocketAddr, name: &str) -> (u32, Pa
     (pid, output)
 }
 
-/// Every measured step on `datapath`: rounds of (agent SIGKILL + restart,
-/// endpoint rollout, node-config change, 2,000 endpoint changes in 10 s).
-fn steps_on(datapath: &str, tag: &str) {
+/// How long the API server is down in the outage step.
+const OUTAGE: Duration = Duration::from_secs(30);
+
+/// Where the agent reads the cluster from.
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    /// `ferry run` on a manifest directory.
+    Manifests,
+    /// `ferry agent` on the fake API server.
+    Api,
+}
+
+/// Creates or replaces every object of `yaml` (Services and EndpointSlices) in the API server.
+fn apply_yaml(api: &ferry_testapi::FakeApi, yaml: &str) {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
+        if doc.contains("\nkind: Service\n") {
+            api.apply(&serde_saphyr::from_str::<Service>(doc).unwrap_or_else(|e| panic!("{e}\n{doc}")));
+        } else {
+            api.apply(&serde_saphyr::from_str::<EndpointSlice>(doc).unwrap_or_else(|e| panic!("{e}\n{doc}")));
+        }
+    }
+}
+
+/// Every measured step on `datapath`: with manifests, rounds of (agent
+/// SIGKILL + restart, endpoint rollout, node-config change, 2,000 endpoint
+/// changes in 10 s); with the API server, its outage.
+fn steps_on(datapath: &str, tag: &str, source: Source) {
     let rounds: usize = std::env::var("FERRY_DISRUPTION_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4) / 4;
     let rounds = rounds.max(1);
     let mut lab = Lab::new(tag, FERRY.as_ref()).expect("lab");
@@ -350,8 +378,25 @@ fn steps_on(datapath: &str, tag: &str) {
     let mut config_changed = false;
     lab.write_node_config(node, &node_config(datapath, config_changed)).unwrap();
     let mut scene = Scene { ready: BTreeSet::from([21, 22]), ..Default::default() };
-    lab.write_manifests(node, &scene.yaml()).unwrap();
-    lab.start_agent(node).unwrap();
+    let api = (source == Source::Api).then(|| {
+        ferry_testapi::NetnsApi::start(lab.sb.netns_path(&lab.nodes[node].host), Default::default())
+            .expect("starting the fake API server in the node")
+    });
+    match &api {
+        None => {
+            lab.write_manifests(node, &scene.yaml()).unwrap();
+            lab.start_agent(node).unwrap();
+        }
+        Some(server) => {
+            let api = server.api();
+            api.apply(
+                &serde_saphyr::from_str::<k8s_openapi::api::core::v1::Node>("metadata: {name: node-a}\n").unwrap(),
+            );
+            apply_yaml(api, &scene.yaml());
+            let config = lab.write_kubeconfig(&api.url()).unwrap();
+            lab.start_api_agent(node, &config, Duration::from_secs(60)).unwrap();
+        }
+    }
     for at in [POD_CLIENT, OUTSIDE] {
         for (key, value) in [("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "1024 65000")] {
             let out = lab.sb.command(lab.host(at), "sysctl").args(["-qw", &format!("{key}={value}")]).output().unwrap();
@@ -395,8 +440,25 @@ fn steps_on(datapath: &str, tag: &str) {
     let now_ns = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
 
     let mut rows = Vec::new();
+    if let Some(server) = &api {
+        // The API server stops (connections refused, watches cut) for 30 s and comes
+        // back with the same objects; then a change must arrive through the agent's
+        // relist or resumed watch.
+        let api = server.api();
+        rows.push(measure(&mut lab, &clients, "API server stopped 30 s, restarted", &total_rx, |lab| {
+            api.stop();
+            std::thread::sleep(OUTAGE);
+            api.restart().expect("restarting the fake API server");
+            scene.ready = BTreeSet::from([21, 22, 23]);
+            let before = now_ns();
+            apply_yaml(api, &scene.yaml());
+            let done = lab.wait_until(Duration::from_secs(120), |l| l.synced_input(node).is_some_and(|t| t > before));
+            assert!(done, "the agent did not sync a change made after the outage:\n{}", lab.agent_log(node));
+            (0, 0)
+        }));
+    }
     let (old, new) = (BTreeSet::from([21u8, 22]), BTreeSet::from([23u8, 24]));
-    for i in 0..rounds {
+    for i in 0..if source == Source::Manifests { rounds } else { 0 } {
         rows.push(measure(&mut lab, &clients, "agent SIGKILL + restart", &total_rx, |lab| {
             lab.kill_agent(node).unwrap();
             // Down for a moment, as a DaemonSet restart is.
@@ -462,7 +524,19 @@ fn steps_on(datapath: &str, tag: &str) {
     for r in &rows {
         eprintln!("disruption ({datapath}): {r:?}");
     }
-    if let Ok(path) = std::env::var("FERRY_DISRUPTION_RESULTS") {
+    if let Ok(path) = std::env::var("FERRY_DISRUPTION_RESULTS")
+        && source == Source::Api
+    {
+        let note = format!(
+            "`ferry agent` fed by the fake API server (ferry-testapi, real HTTP list/watch, in the node's \
+             network namespace), which is stopped (port closed, watches cut) for {} s and restarted with the \
+             same objects; then one EndpointSlice change, which the agent must sync. Clients as above.",
+            OUTAGE.as_secs()
+        );
+        let title = format!("Datapath `{datapath}`, `ferry agent` on the API server");
+        write_section(&path, &format!("{datapath}-api"), &results_table(&title, &note, &clients.tcp, &rows));
+        eprintln!("disruption: results written to {path}");
+    } else if let Ok(path) = std::env::var("FERRY_DISRUPTION_RESULTS") {
         let note = format!(
             "{rounds} rounds of the four steps on one node (2 cores, shared), `minSyncPeriod: 1ms`. TCP: new \
              connections one after another, per stream: how many in the step's window (the step and 2 s after \
@@ -473,7 +547,8 @@ fn steps_on(datapath: &str, tag: &str) {
              {} endpoint changes).",
             BURST_WRITES * 2 * BURST_SHIFT
         );
-        write_section(&path, datapath, &results_table(datapath, &note, &clients.tcp, &rows));
+        let title = format!("Datapath `{datapath}`, `ferry run` on manifests");
+        write_section(&path, datapath, &results_table(&title, &note, &clients.tcp, &rows));
         eprintln!("disruption: results written to {path}");
     }
     for r in &rows {
@@ -492,11 +567,23 @@ fn steps_on(datapath: &str, tag: &str) {
 /// The measured steps on the eBPF datapath.
 #[test]
 fn measured_steps_on_the_bpf_datapath() {
-    steps_on("bpf", "dsu");
+    steps_on("bpf", "dsu", Source::Manifests);
 }
 
 /// The same steps on the nftables datapath.
 #[test]
 fn measured_steps_on_the_nftables_datapath() {
-    steps_on("nftables", "dsn");
+    steps_on("nftables", "dsn", Source::Manifests);
+}
+
+/// An API server outage of 30 s under the agent on the eBPF datapath.
+#[test]
+fn an_api_server_outage_on_the_bpf_datapath() {
+    steps_on("bpf", "dsa", Source::Api);
+}
+
+/// An API server outage of 30 s under the agent on the nftables datapath.
+#[test]
+fn an_api_server_outage_on_the_nftables_datapath() {
+    steps_on("nftables", "dsb", Source::Api);
 }
