@@ -177,7 +177,9 @@ fn stream(lab: &mut Lab, at: At, target: SocketAddr, bind: Option<IpAddr>, name:
     };
     let mut cmd = lab.sb.command(&host, &lab.probe.program);
     cmd.args(&lab.probe.leading_args)
-        .args(opts.to_args(ConnectMode::Count(1_000_000)))
+        // Bounded, and far beyond a long run: the pod's stream makes up to ~9,000 a
+        // second, so a million ran out in the middle of `make disruption`.
+        .args(opts.to_args(ConnectMode::Count(100_000_000)))
         .stdin(Stdio::null())
         .stdout(File::create(&output).unwrap())
         .stderr(Stdio::null());

@@ -162,6 +162,25 @@ fn lines_of(path: &std::path::Path) -> Vec<Observation> {
     observed(&Stream { pid: 0, output: path.to_path_buf() })
 }
 
+/// Where the complete lines of a client's output end now (a byte offset).
+fn end_of(path: &std::path::Path) -> usize {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)
+}
+
+/// The observations written after the byte offset `from` (complete lines
+/// only): a TCP stream writes millions of lines in a long run, and parsing
+/// them all at every step made the later steps' windows longer.
+fn lines_since(path: &std::path::Path, from: usize) -> Vec<Observation> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let text = String::from_utf8_lossy(&bytes[from.min(end)..end]);
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client output line {l:?}: {e}")))
+        .collect()
+}
+
 fn is_reset(o: &Observation) -> bool {
     format!("{o:?}").contains("RESET")
 }
@@ -209,7 +228,7 @@ fn measure(
     step: impl FnOnce(&mut Lab) -> (u64, u64),
 ) -> StepResult {
     let started = std::time::Instant::now();
-    let tcp_before: Vec<usize> = c.tcp.iter().map(|(_, p)| lines_of(p).len()).collect();
+    let tcp_before: Vec<usize> = c.tcp.iter().map(|(_, p)| end_of(p)).collect();
     let (udp_before, np_before, ow_before, rx_before) =
         (lines_of(&c.udp).len(), lines_of(&c.udp_np).len(), lines_of(&c.one_way).len(), received());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -232,8 +251,7 @@ fn measure(
         ..Default::default()
     };
     for (((_, p), before), gap) in c.tcp.iter().zip(tcp_before).zip(gaps) {
-        let obs = lines_of(p);
-        let new = &obs[before.min(obs.len())..];
+        let new = lines_since(p, before);
         r.tcp.push(PathResult {
             connections: new.len(),
             failed: new.iter().filter(|o| o.reply().is_none()).count(),
@@ -530,7 +548,8 @@ fn steps_on(datapath: &str, tag: &str, source: Source) {
         let note = format!(
             "`ferry agent` fed by the fake API server (ferry-testapi, real HTTP list/watch, in the node's \
              network namespace), which is stopped (port closed, watches cut) for {} s and restarted with the \
-             same objects; then one EndpointSlice change, which the agent must sync. Clients as above.",
+             same objects; then one EndpointSlice change, which the agent must sync. The same clients as in \
+             the `ferry run` tables.",
             OUTAGE.as_secs()
         );
         let title = format!("Datapath `{datapath}`, `ferry agent` on the API server");
