@@ -23,18 +23,20 @@ pub enum DatapathCommand {
         #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf/ferry")]
         pin_dir: PathBuf,
     },
-    /// Turn the pinned datapath into an older layout's, without cutting flows,
-    /// so that an older ferry can adopt it (a downgrade across a layout change).
+    /// Convert the pinned datapath to an older layout, keeping its tracked flows (a downgrade).
     ///
     /// An older ferry refuses a datapath of a newer layout (it cannot know
     /// what changed); this newer one knows both. Stop this ferry's agent
     /// first (the datapath keeps serving without it), then run this command
-    /// with the older version's layout (`ferry datapath layout` of the older
-    /// build prints it; the README lists every layout). It rebuilds the maps
-    /// that changed since in their older shape, copies the tracked flows into
-    /// them, removes the maps the older layout lacks (their holders refill
-    /// them from the Services) and records the older layout. The running
-    /// programs keep serving from the maps they hold.
+    /// with the older version's layout: the README's table of layouts says
+    /// which release has which, and the older agent's refusal names it too
+    /// ("newer than this ferry's layout M"). It rebuilds the maps that
+    /// changed since in their older shape, copies the tracked flows into
+    /// them, unpins the other changed maps and those the older layout lacks
+    /// (the older agent refills them from the Services) and records the
+    /// older layout. The running programs keep serving from the maps they
+    /// hold. A connection opened in the moment the older agent switches the
+    /// links can still fail (rarely; README "Downgrades").
     ///
     /// Then start the older agent: it adopts the converted maps and switches
     /// the links to its programs. Meanwhile this command keeps copying the
