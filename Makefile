@@ -28,9 +28,11 @@ test: lint build
 
 # The disruption suite, long form (needs root; `make test` runs 4 rounds of it):
 # the agent SIGKILLed during changing syncs under load, 40 rounds; the seed is
-# printed, FERRY_DISRUPTION_SEED=<seed> replays one run. UDP clients and
-# endpoint rollouts, ROUNDS/4 steps of each, measured into
-# bench/results/disruption.md (written by the run, not by hand).
+# printed, FERRY_DISRUPTION_SEED=<seed> replays one run. The measured steps
+# (SIGKILL + restart, endpoint rollout, node-config change, 2,000 endpoint
+# changes in 10 s; ROUNDS/4 of each) on both datapaths, and a 30 s API server
+# outage under `ferry agent` on both, measured into bench/results/disruption.md
+# (written by the run, not by hand).
 DISRUPTION_ROUNDS ?= 40
 disruption: build
 	FERRY_DISRUPTION_ROUNDS=$(DISRUPTION_ROUNDS) FERRY_DISRUPTION_RESULTS=$(CURDIR)/bench/results/disruption.md \

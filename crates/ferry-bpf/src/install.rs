@@ -258,7 +258,7 @@ pub fn pinned_layout(pin_dir: &Path) -> Option<u32> {
 }
 
 /// Records `layout` as the pinned datapath's layout version.
-fn write_layout(pin_dir: &Path, layout: u32) -> Result<(), InstallError> {
+pub(crate) fn write_layout(pin_dir: &Path, layout: u32) -> Result<(), InstallError> {
     let meta = MapHandle::from_pinned_path(pin_dir.join("ferry_meta")).map_err(lb("opening ferry_meta"))?;
     let mut value = [0u8; 8];
     value[..4].copy_from_slice(&layout.to_ne_bytes());

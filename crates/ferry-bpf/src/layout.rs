@@ -14,6 +14,14 @@
 //! the Plan cannot rebuild (tracked flows) is copied by a [`Migration`] into
 //! the new maps before the links switch. A newer layout than this build knows
 //! (a downgrade) is refused before anything is loaded.
+//!
+//! The way back is the newer build's job (an older build cannot know what
+//! came after it): [`plan_downgrade`] decides how `ferry datapath downgrade`
+//! turns a pinned datapath into an older layout's, in place, for the older
+//! agent to adopt. Maps unchanged since the target layout stay; a changed map
+//! named in [`REVERT`] is rebuilt in the older shape with its live entries
+//! (tracked flows); any other changed map is retired (unpinned), and the older
+//! agent creates it anew and refills it from its Plan.
 
 use crate::entries::FERRY_LAYOUT;
 
@@ -66,6 +74,29 @@ pub enum Migration {
 /// from the Plan, or states by its absence that retiring is enough.
 pub const CARRY: &[(&str, std::ops::RangeInclusive<u32>, Migration)] =
     &[("ferry_ct", 0..=1, Migration::ConntrackSplit)];
+
+/// A rebuild of one map in an older layout's shape from this layout's live
+/// entries (implemented in [`crate::downgrade`]): a [`Migration`] backwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reversion {
+    /// The reverse of [`Migration::ConntrackSplit`]: the flows of `ferry_ct`
+    /// (confirmed, a hash) and `ferry_ct_new` (unconfirmed, an LRU) merged
+    /// into the one LRU `ferry_ct` of layouts 0 and 1.
+    ConntrackMerge,
+}
+
+/// For each map whose entries a downgrade must keep: to which older layouts
+/// (inclusive) a [`Reversion`] rebuilds it. A map changed since the target
+/// layout and not listed here is retired by the downgrade (unpinned; the
+/// running programs keep it until their links switch) and the older agent
+/// creates and refills it from its Plan, which is right for every map that
+/// only holds Plan state: a change of such a map's meaning needs no row. A
+/// map that only exists in newer layouts (`ferry_ct_new` before 2) is retired
+/// the same way, after the rows that read it. A future layout change that
+/// alters a map the Plan cannot rebuild adds a row here next to its [`CARRY`]
+/// row.
+pub const REVERT: &[(&str, std::ops::RangeInclusive<u32>, Reversion)] =
+    &[("ferry_ct", 0..=1, Reversion::ConntrackMerge)];
 
 /// What the kernel says about a map (pinned) or what a BPF object declares (new).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +168,84 @@ pub fn plan_upgrade(
         }
     }
     if found == ours && retire.is_empty() { Upgrade::Adopt } else { Upgrade::Migrate { from: found, retire, copy } }
+}
+
+/// What `ferry datapath downgrade --to-layout N` does to a pinned datapath.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Downgrade {
+    /// The datapath already has the asked layout.
+    Nothing,
+    /// Rebuild `rebuild` in the target layout's shape (their live entries
+    /// copied by the [`Reversion`] named), then unpin `retire`, then record
+    /// the target layout (unless `ferry_meta` itself is retired: layout 0).
+    Convert { from: u32, to: u32, rebuild: Vec<(String, Reversion)>, retire: Vec<String> },
+    /// Not possible from here; the reason says what to do instead.
+    Refuse(DowngradeRefusal),
+}
+
+/// Why a downgrade is refused (nothing is touched).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DowngradeRefusal {
+    #[error("no ferry datapath is pinned there: there is nothing to downgrade")]
+    NothingPinned,
+    #[error(
+        "the pinned datapath has layout {found}, which this ferry (layout {ours}) does not know; run the \
+         downgrade of a ferry build that has layout {found} or newer"
+    )]
+    Unknown { found: u32, ours: u32 },
+    #[error(
+        "the pinned datapath has layout {found}, older than {to}: that is an upgrade, which the newer \
+         agent does itself when it starts"
+    )]
+    Upgrade { found: u32, to: u32 },
+    #[error(
+        "map {map} changed in layout {changed} in a way this ferry cannot undo for layout {to} (no \
+         REVERT row and it holds more than Plan state)"
+    )]
+    NoReversion { map: String, changed: u32, to: u32 },
+}
+
+/// Maps whose entries the Plan cannot rebuild: retiring them would drop
+/// flows, so a downgrade that changes one needs a [`REVERT`] row.
+pub const FLOW_STATE: &[&str] = &["ferry_ct", "ferry_sock_rev", "ferry_affinity"];
+
+/// Decides how to turn the datapath pinned at layout `found` (None: nothing
+/// pinned), whose pinned maps are `pinned` (names), into layout `to`, for a
+/// build of layout `ours`; `revert` is [`REVERT`].
+pub fn plan_downgrade(
+    found: Option<u32>,
+    to: u32,
+    ours: u32,
+    changed_in: &[(&str, u32)],
+    revert: &[(&str, std::ops::RangeInclusive<u32>, Reversion)],
+    pinned: &[String],
+) -> Downgrade {
+    let Some(found) = found else { return Downgrade::Refuse(DowngradeRefusal::NothingPinned) };
+    if found > ours {
+        return Downgrade::Refuse(DowngradeRefusal::Unknown { found, ours });
+    }
+    if found < to {
+        return Downgrade::Refuse(DowngradeRefusal::Upgrade { found, to });
+    }
+    if found == to {
+        return Downgrade::Nothing;
+    }
+    let (mut rebuild, mut retire) = (Vec::new(), Vec::new());
+    for name in pinned {
+        // A pin this build does not know is none of its business: left as it is.
+        let Some((_, changed)) = changed_in.iter().find(|(n, _)| n == name) else { continue };
+        if *changed <= to {
+            continue;
+        }
+        match revert.iter().find(|(n, range, _)| n == name && range.contains(&to)) {
+            Some((_, _, r)) => rebuild.push((name.clone(), *r)),
+            None if FLOW_STATE.contains(&name.as_str()) => {
+                return Downgrade::Refuse(DowngradeRefusal::NoReversion { map: name.clone(), changed: *changed, to });
+            }
+            None => retire.push(name.clone()),
+        }
+    }
+    Downgrade::Convert { from: found, to, rebuild, retire }
 }
 
 #[cfg(test)]
@@ -261,6 +370,68 @@ mod tests {
         assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["b".into()], copy: vec![] });
         let up = plan_upgrade(Some(0), 2, &[("a", 0), ("b", 2)], carry, &named(&[("a", s(8)), ("b", lru(8))]), &w);
         assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()], copy: vec![] });
+    }
+
+    /// Layout 2 back to 1: the two conntrack tables merge into one LRU
+    /// `ferry_ct`, `ferry_ct_new` goes, every other map stays as it is.
+    #[test]
+    fn a_downgrade_to_layout_1_merges_conntrack_and_keeps_the_rest() {
+        let pinned: Vec<String> = CHANGED_IN.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(LAYOUT, 2);
+        let down = plan_downgrade(Some(2), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        assert_eq!(
+            down,
+            Downgrade::Convert {
+                from: 2,
+                to: 1,
+                rebuild: vec![("ferry_ct".into(), Reversion::ConntrackMerge)],
+                retire: vec!["ferry_ct_new".into()],
+            }
+        );
+        // To layout 0 ferry_meta goes too (a layout-0 build has none).
+        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(2), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
+            panic!("a downgrade to 0 is possible")
+        };
+        assert_eq!(retire, ["ferry_ct_new", "ferry_meta"]);
+    }
+
+    /// A later layout that only changes the meaning of a Plan-state map (say
+    /// `ferry_locals` gains a flag in layout 3) needs no [`REVERT`] row: the
+    /// downgrade retires the map and the older agent refills it.
+    #[test]
+    fn a_plan_state_change_is_retired_and_a_flow_state_change_needs_a_row() {
+        let pinned: Vec<String> =
+            ["ferry_locals", "ferry_ct", "ferry_ct_new", "ferry_meta", "ferry_other_build"].map(String::from).to_vec();
+        let changed: &[(&str, u32)] = &[("ferry_locals", 3), ("ferry_ct", 2), ("ferry_ct_new", 2), ("ferry_meta", 1)];
+        let down = plan_downgrade(Some(3), 2, 3, changed, REVERT, &pinned);
+        assert_eq!(down, Downgrade::Convert { from: 3, to: 2, rebuild: vec![], retire: vec!["ferry_locals".into()] });
+        let down = plan_downgrade(Some(3), 1, 3, changed, REVERT, &pinned);
+        assert_eq!(
+            down,
+            Downgrade::Convert {
+                from: 3,
+                to: 1,
+                rebuild: vec![("ferry_ct".into(), Reversion::ConntrackMerge)],
+                retire: vec!["ferry_locals".into(), "ferry_ct_new".into()],
+            }
+        );
+        // Flows cannot be refilled from a Plan: without a row, refused.
+        let changed: &[(&str, u32)] = &[("ferry_affinity", 3)];
+        let down = plan_downgrade(Some(3), 2, 3, changed, REVERT, &["ferry_affinity".to_string()]);
+        assert_eq!(
+            down,
+            Downgrade::Refuse(DowngradeRefusal::NoReversion { map: "ferry_affinity".into(), changed: 3, to: 2 })
+        );
+    }
+
+    #[test]
+    fn a_downgrade_needs_a_known_newer_datapath() {
+        let p = vec!["ferry_ct".to_string()];
+        let plan = |found, to| plan_downgrade(found, to, 2, CHANGED_IN, REVERT, &p);
+        assert_eq!(plan(None, 1), Downgrade::Refuse(DowngradeRefusal::NothingPinned));
+        assert_eq!(plan(Some(3), 1), Downgrade::Refuse(DowngradeRefusal::Unknown { found: 3, ours: 2 }));
+        assert_eq!(plan(Some(1), 2), Downgrade::Refuse(DowngradeRefusal::Upgrade { found: 1, to: 2 }));
+        assert_eq!(plan(Some(1), 1), Downgrade::Nothing);
     }
 
     #[test]

@@ -82,7 +82,8 @@ pub enum MigrateError {
     Size { path: std::path::PathBuf, what: &'static str, found: u32, expected: usize },
 }
 
-fn open(path: &Path) -> Result<MapHandle, MigrateError> {
+/// Opens a pinned conntrack table, refusing one whose entries are not this build's.
+pub(crate) fn open_ct(path: &Path) -> Result<MapHandle, MigrateError> {
     let h = MapHandle::from_pinned_path(path).map_err(|source| MigrateError::Open { path: path.into(), source })?;
     for (what, found, expected) in [
         ("key", h.key_size(), std::mem::size_of::<t::ct_key>()),
@@ -108,9 +109,9 @@ pub fn carry(
 ) -> Result<Carried, MigrateError> {
     match m {
         Migration::ConntrackSplit => {
-            let old = open(&retired_dir.join(name))?;
-            let ct = open(&pin_dir.join("ferry_ct"))?;
-            let ct_new = open(&pin_dir.join("ferry_ct_new"))?;
+            let old = open_ct(&retired_dir.join(name))?;
+            let ct = open_ct(&pin_dir.join("ferry_ct"))?;
+            let ct_new = open_ct(&pin_dir.join("ferry_ct_new"))?;
             let (mut c, inserted) = split_conntrack(&old, &ct, &ct_new, crate::stale::monotonic_ns(), late);
             c.map = name.to_string();
             // The datapath counts every entry written into ferry_ct_new; so

@@ -147,7 +147,11 @@ impl Shared {
 pub struct FakeApi {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
+    /// Ends the serving task (None while stopped).
+    shutdown: Mutex<Option<oneshot::Sender<()>>>,
+    /// The runtime the server runs on: [`FakeApi::restart`] binds its port
+    /// again from there (in the network namespace the server was started in).
+    runtime: tokio::runtime::Handle,
 }
 
 impl FakeApi {
@@ -177,17 +181,45 @@ impl FakeApi {
             .await
             .expect("the fake API server needs a port on 127.0.0.1; is the loopback interface up?");
         let addr = listener.local_addr().expect("a bound listener has an address");
-        let app = axum::Router::new().fallback(http::handle).with_state(shared.clone());
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-                let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::warn!(error = %e, "fake API server stopped with an error");
+        let shutdown = serve(listener, shared.clone());
+        FakeApi { shared, addr, shutdown: Mutex::new(Some(shutdown)), runtime: tokio::runtime::Handle::current() }
+    }
+
+    /// Stops the server as a stopped kube-apiserver is: open watches end and
+    /// the port is closed (new connections are refused). The objects stay, as
+    /// etcd keeps them; [`FakeApi::restart`] serves them again.
+    pub fn stop(&self) {
+        self.shared.change(|inner| inner.closed = true);
+        if let Some(shutdown) = self.shutdown.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Listens again on the same address, with the same objects and
+    /// resourceVersions. Retries the bind while the stopped server still
+    /// holds the port (bounded: about 10 s).
+    pub fn restart(&self) -> std::io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (addr, shared) = (self.addr, self.shared.clone());
+        self.runtime.spawn(async move {
+            let mut bound = Err(std::io::Error::other("not tried"));
+            for _ in 0..200 {
+                bound = tokio::net::TcpListener::bind(addr).await;
+                if bound.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            let _ = tx.send(bound.map(|listener| {
+                shared.change(|inner| inner.closed = false);
+                serve(listener, shared)
+            }));
         });
-        FakeApi { shared, addr, shutdown: Some(shutdown) }
+        let shutdown = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| std::io::Error::other("the fake API server's runtime did not answer"))??;
+        *self.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = Some(shutdown);
+        Ok(())
     }
 
     /// The base URL, `http://127.0.0.1:PORT`.
@@ -286,11 +318,23 @@ impl FakeApi {
 impl Drop for FakeApi {
     fn drop(&mut self) {
         // Open watch streams would otherwise hold the graceful shutdown open.
-        self.shared.change(|inner| inner.closed = true);
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.stop();
     }
+}
+
+/// Serves `listener` on the current runtime until the returned sender fires.
+fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> oneshot::Sender<()> {
+    let app = axum::Router::new().fallback(http::handle).with_state(shared);
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = stopped.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::warn!(error = %e, "fake API server stopped with an error");
+        }
+    });
+    shutdown
 }
 
 fn served<K: k8s_openapi::Resource>() -> ResourceType {

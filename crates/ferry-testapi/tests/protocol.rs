@@ -259,3 +259,37 @@ async fn dropping_the_server_ends_its_watches() {
     let end = tokio::time::timeout(WAIT, async { while let Ok(Some(_)) = watch.try_next().await {} }).await;
     assert!(end.is_ok(), "dropping FakeApi must end open watches");
 }
+
+/// A stopped server refuses connections and keeps its objects; restarted on
+/// the same port, it lists them at the same resourceVersion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_refuses_connections_and_a_restarted_one_serves_the_same_objects() {
+    let api = FakeApi::start().await;
+    api.apply(&service("demo", "web"));
+    let services: Api<Service> = Api::all(api.client());
+    let before = services.list(&ListParams::default()).await.expect("listing before the stop");
+    api.stop();
+    let refused = tokio::time::timeout(WAIT, async {
+        // The listener goes once the serving task sees the stop (bounded).
+        for _ in 0..200 {
+            if services.list(&ListParams::default()).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    })
+    .await
+    .expect("timed out");
+    assert!(refused, "a stopped server still answered");
+    // restart() waits on the server's runtime: off this task's thread.
+    let api = tokio::task::spawn_blocking(move || {
+        api.restart().expect("restarting on the same port");
+        api
+    })
+    .await
+    .unwrap();
+    let after = Api::<Service>::all(api.client()).list(&ListParams::default()).await.expect("listing after");
+    assert_eq!(after.items.len(), 1);
+    assert_eq!(after.metadata.resource_version, before.metadata.resource_version);
+}

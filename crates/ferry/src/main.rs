@@ -59,6 +59,8 @@ enum Command {
     Agent(cli::agent::AgentArgs),
     /// Show what the datapath holds: frontends, backends, routes and counters.
     Status(cli::status::StatusArgs),
+    /// The pinned datapath's layout version; convert it to an older one (downgrade).
+    Datapath(cli::datapath::DatapathArgs),
     /// Remove everything ferry attached or pinned (and nothing else).
     Cleanup(cli::cleanup::CleanupArgs),
     /// A live tour in a sandbox of network namespaces (what `make demo` runs; needs root).
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run::run(args),
         Command::Agent(args) => cli::agent::run(args),
         Command::Status(args) => cli::status::run(args),
+        Command::Datapath(args) => cli::datapath::run(args),
         Command::Cleanup(args) => cli::cleanup::run(args),
         Command::Demo(args) => cli::demo::run(args),
         Command::Probe { args } => cli::probe::run(args),

@@ -129,18 +129,7 @@ fn start_agent(lab: &mut Lab, api: &FakeApi) -> Agent {
     let n = &lab.nodes[0];
     let dir = lab.state.join("agent");
     std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
-             clusters: [{{name: lab, cluster: {{server: '{}'}}}}]\n\
-             users: [{{name: lab, user: {{token: lab}}}}]\n\
-             contexts: [{{name: lab, context: {{cluster: lab, user: lab}}}}]\n",
-            api.url()
-        ),
-    )
-    .unwrap();
+    let kubeconfig = lab.write_kubeconfig(&api.url()).unwrap();
     let kube_proxy = dir.join("kube-proxy.yaml");
     std::fs::write(
         &kube_proxy,

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cleanup;
 pub mod conformance;
+pub mod datapath;
 pub mod demo;
 pub mod explain;
 pub mod probe;

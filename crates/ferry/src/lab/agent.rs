@@ -31,6 +31,20 @@ impl Lab {
         std::fs::write(&n.config, text).with_context(|| format!("writing {}", n.config.display()))
     }
 
+    /// Writes a kubeconfig for the API server at `url` (plain HTTP, a dummy
+    /// token) into the lab's state directory and returns its path.
+    pub fn write_kubeconfig(&self, url: &str) -> anyhow::Result<std::path::PathBuf> {
+        let path = self.state.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+             clusters: [{{name: lab, cluster: {{server: '{url}'}}}}]\n\
+             users: [{{name: lab, user: {{token: lab}}}}]\n\
+             contexts: [{{name: lab, context: {{cluster: lab, user: lab}}}}]\n"
+        );
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// Replaces node `node`'s manifest directory with one file holding `yaml`.
     /// The file is written aside and renamed, so the agent never reads half of it.
     pub fn write_manifests(&self, node: usize, yaml: &str) -> anyhow::Result<()> {
