@@ -372,27 +372,38 @@ mod tests {
         assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()], copy: vec![] });
     }
 
-    /// Layout 2 back to 1: the two conntrack tables merge into one LRU
-    /// `ferry_ct`, `ferry_ct_new` goes, every other map stays as it is.
+    /// Layout 3 back to 1: the two conntrack tables merge into one LRU
+    /// `ferry_ct`, `ferry_ct_new` and the pass-through sets (layout 3) go,
+    /// every other map stays as it is. Back to 2: only the pass-through sets go.
     #[test]
     fn a_downgrade_to_layout_1_merges_conntrack_and_keeps_the_rest() {
         let pinned: Vec<String> = CHANGED_IN.iter().map(|(n, _)| n.to_string()).collect();
-        assert_eq!(LAYOUT, 2);
-        let down = plan_downgrade(Some(2), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        assert_eq!(LAYOUT, 3);
+        let down = plan_downgrade(Some(3), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
         assert_eq!(
             down,
             Downgrade::Convert {
-                from: 2,
+                from: 3,
                 to: 1,
                 rebuild: vec![("ferry_ct".into(), Reversion::ConntrackMerge)],
-                retire: vec!["ferry_ct_new".into()],
+                retire: vec!["ferry_ct_new".into(), "ferry_addrs".into(), "ferry_peers".into()],
+            }
+        );
+        let down = plan_downgrade(Some(3), 2, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        assert_eq!(
+            down,
+            Downgrade::Convert {
+                from: 3,
+                to: 2,
+                rebuild: vec![],
+                retire: vec!["ferry_addrs".into(), "ferry_peers".into()]
             }
         );
         // To layout 0 ferry_meta goes too (a layout-0 build has none).
-        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(2), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
+        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(3), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
             panic!("a downgrade to 0 is possible")
         };
-        assert_eq!(retire, ["ferry_ct_new", "ferry_meta"]);
+        assert_eq!(retire, ["ferry_ct_new", "ferry_meta", "ferry_addrs", "ferry_peers"]);
     }
 
     /// A later layout that only changes the meaning of a Plan-state map (say
