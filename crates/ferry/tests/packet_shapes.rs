@@ -234,6 +234,15 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
                 o.bind = Some(client_ip(fam));
                 o.pad = PAD;
                 expect_answer(&lab, datapath, &o, node, "a 4000-byte UDP datagram");
+                // Netfilter defragments before NAT, so the order of fragments does not matter
+                // there. The eBPF datapath passes a later fragment that overtakes its first
+                // fragment untranslated (counted frag_miss; README "Packet shapes each datapath
+                // carries"): not asked of it here.
+                if fam == Fam::V4 && datapath == "nftables" {
+                    let mut r = o.clone();
+                    r.reverse_fragments = true;
+                    expect_answer(&lab, datapath, &r, node, "a 4000-byte UDP datagram, its last fragment first");
+                }
                 if fam == Fam::V6 {
                     o.ipv6_dstopts = true;
                     expect_answer(&lab, datapath, &o, node, "a 4000-byte UDP datagram with destination options");

@@ -20,7 +20,8 @@ const USAGE: &str = "\
 usage:
   serve --name NAME [--echo-lines] [--ready-file PATH] [--lifetime SECS] [--idle-timeout SECS] ENDPOINT...
   connect ENDPOINT [--bind IP] [--source-port PORT] [--timeout SECS] [--connected] [--message TEXT]
-          [--pad BYTES] [--ipv6-dstopts] [--count N | --keep-open SECS | --udp-stream SECS | --held SECS]
+          [--pad BYTES] [--ipv6-dstopts] [--reverse-fragments]
+          [--count N | --keep-open SECS | --udp-stream SECS | --held SECS]
 ENDPOINT is IP:PORT/tcp or IP:PORT/udp ([IPv6]:PORT/udp for IPv6).
 connect prints one JSON observation per attempt and exits 0 whenever it observed something.";
 
@@ -128,7 +129,7 @@ fn parse_serve(args: &[String]) -> Result<ServeOpts, ProbeError> {
 fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeError> {
     let mut target: Option<Endpoint> = None;
     let (mut bind, mut timeout, mut connected, mut message) = (None, DEFAULT_TIMEOUT, false, None);
-    let (mut pad, mut dstopts) = (0, false);
+    let (mut pad, mut dstopts, mut reverse) = (0, false, false);
     let mut source_port = None;
     let mut mode = ConnectMode::Once;
     let mut words = Words { rest: args.iter() };
@@ -150,6 +151,7 @@ fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeErr
             "--connected" => connected = true,
             "--message" => message = Some(words.value(word)?.to_owned()),
             "--ipv6-dstopts" => dstopts = true,
+            "--reverse-fragments" => reverse = true,
             "--pad" => {
                 let text = words.value(word)?;
                 pad = text.parse().map_err(|_| ProbeError::Usage(format!("--pad takes a byte count, not {text:?}")))?;
@@ -176,6 +178,7 @@ fn parse_connect(args: &[String]) -> Result<(ConnectOpts, ConnectMode), ProbeErr
     opts.connected_udp = connected;
     opts.pad = pad;
     opts.ipv6_dstopts = dstopts;
+    opts.reverse_fragments = reverse;
     if let Some(message) = message {
         opts.message = message;
     }
@@ -226,6 +229,9 @@ impl ConnectOpts {
         if self.ipv6_dstopts {
             args.push("--ipv6-dstopts".into());
         }
+        if self.reverse_fragments {
+            args.push("--reverse-fragments".into());
+        }
         match mode {
             ConnectMode::Once => {}
             ConnectMode::Count(n) => args.extend(["--count".into(), n.to_string()]),
@@ -266,6 +272,7 @@ mod tests {
         opts.connected_udp = true;
         opts.pad = 3988;
         opts.ipv6_dstopts = true;
+        opts.reverse_fragments = true;
         for mode in [
             ConnectMode::Once,
             ConnectMode::Count(7),

@@ -42,6 +42,10 @@ pub struct ConnectOpts {
     /// IPv6 only: every packet carries a destination-options header (one PadN option), so the
     /// datapath must walk an extension header to find the transport header.
     pub ipv6_dstopts: bool,
+    /// IPv4 UDP only: the request leaves as IP fragments written on a raw socket, the last
+    /// fragment first (as some senders emit them), from the bound address and the UDP socket's
+    /// port, on which the reply is read. Needs `bind`, a `pad` that makes it fragment, CAP_NET_RAW.
+    pub reverse_fragments: bool,
 }
 
 impl ConnectOpts {
@@ -56,6 +60,7 @@ impl ConnectOpts {
             message: "ferry-probe".into(),
             pad: 0,
             ipv6_dstopts: false,
+            reverse_fragments: false,
         }
     }
 
@@ -76,6 +81,16 @@ impl ConnectOpts {
         }
         if self.ipv6_dstopts && !self.target.addr.is_ipv6() {
             return Err(ProbeError::Usage("--ipv6-dstopts needs an IPv6 target".into()));
+        }
+        if self.reverse_fragments
+            && (self.target.proto != Proto::Udp
+                || !self.target.addr.is_ipv4()
+                || self.bind.is_none()
+                || self.connected_udp)
+        {
+            return Err(ProbeError::Usage(
+                "--reverse-fragments sends unconnected IPv4 UDP from a --bind address".into(),
+            ));
         }
         if self.pad > MAX_PAD {
             return Err(ProbeError::Usage(format!("--pad takes at most {MAX_PAD} bytes")));
@@ -323,7 +338,13 @@ fn udp_unconnected(opts: &ConnectOpts) -> Result<Observation, Failure> {
     let deadline = Instant::now() + opts.timeout;
     let socket = bind_for_udp(new_socket(opts)?, opts)?;
     let target = opts.target;
-    socket.send_to(&opts.request(), target.addr).map_err(failed(Stage::Reply, format!("sending to {target}")))?;
+    if opts.reverse_fragments {
+        let local = socket.local_addr().map_err(failed(Stage::Connect, "getsockname"))?;
+        send_reversed_fragments(local, target.addr, &opts.request())
+            .map_err(failed(Stage::Reply, format!("sending fragments to {target}")))?;
+    } else {
+        socket.send_to(&opts.request(), target.addr).map_err(failed(Stage::Reply, format!("sending to {target}")))?;
+    }
     let mut buf = vec![0u8; MAX_REPLY as usize];
     let (len, from) = socket
         .set_read_timeout(Some(remaining(deadline)))
@@ -347,6 +368,61 @@ fn udp_connected(opts: &ConnectOpts) -> Result<Observation, Failure> {
     let local = socket.local_addr().map_err(failed(Stage::Reply, "getsockname"))?;
     let peer = socket.peer_addr().map_err(failed(Stage::Reply, "getpeername"))?;
     Ok(to_observation(&String::from_utf8_lossy(&buf[..len]), local, peer))
+}
+
+/// Sends `payload` as one UDP datagram from `from` to `to` (both IPv4), cut into IP fragments of
+/// at most 1,232 data bytes, written on a raw socket last fragment first. The kernel has no way to
+/// send a datagram's fragments out of order, so they are built here (RFC 791, RFC 768).
+fn send_reversed_fragments(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
+    let (SocketAddr::V4(from), SocketAddr::V4(to)) = (from, to) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "IPv4 only"));
+    };
+    let sum16 = |data: &[u8], mut acc: u32| {
+        for c in data.chunks(2) {
+            acc += u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0));
+        }
+        acc
+    };
+    let fold = |mut acc: u32| {
+        while acc >> 16 != 0 {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    };
+    let len = u16::try_from(8 + payload.len()).map_err(|_| io::Error::other("datagram too long"))?;
+    let mut udp = Vec::with_capacity(usize::from(len));
+    udp.extend_from_slice(&from.port().to_be_bytes());
+    udp.extend_from_slice(&to.port().to_be_bytes());
+    udp.extend_from_slice(&len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let pseudo = sum16(&from.ip().octets(), sum16(&to.ip().octets(), 17 + u32::from(len)));
+    let csum = match fold(sum16(&udp, pseudo)) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&csum.to_be_bytes());
+    const PIECE: usize = 1232; // a multiple of 8, well under a 1,500-byte MTU with its header
+    let id = (std::process::id() as u16) ^ from.port();
+    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+    let pieces: Vec<&[u8]> = udp.chunks(PIECE).collect();
+    for (i, piece) in pieces.iter().enumerate().rev() {
+        let more = i + 1 < pieces.len();
+        let offset = (i * PIECE / 8) as u16 | if more { 0x2000 } else { 0 };
+        let total = (20 + piece.len()) as u16;
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&total.to_be_bytes());
+        ip.extend_from_slice(&id.to_be_bytes());
+        ip.extend_from_slice(&offset.to_be_bytes());
+        ip.extend_from_slice(&[64, 17, 0, 0]);
+        ip.extend_from_slice(&from.ip().octets());
+        ip.extend_from_slice(&to.ip().octets());
+        let c = fold(sum16(&ip, 0));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        ip.extend_from_slice(piece);
+        raw.send_to(&ip, &SocketAddr::V4(to).into())?;
+    }
+    Ok(())
 }
 
 /// Creates the client socket, bound to the requested source address if any.
