@@ -158,7 +158,7 @@ impl Endpoint {
 }
 
 /// Endpoints of one Service, per family and per (port name, protocol).
-pub type ServiceEndpoints = BTreeMap<(IpFamily, Arc<str>, Protocol), Vec<Endpoint>>;
+pub type ServiceEndpoints = BTreeMap<(IpFamily, Arc<str>, Protocol), Arc<[Endpoint]>>;
 
 /// The Service and family a slice serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,15 +168,18 @@ pub struct SliceOwner {
 }
 
 /// One EndpointSlice read into the little planning needs: its owner, its
-/// ports and its endpoints (with port 0 until merged), and what was wrong
-/// with it. The API object itself is not kept.
+/// ports and its endpoints, and what was wrong with it. The API object
+/// itself is not kept. The endpoints carry the slice's port when it has
+/// exactly one (nearly every slice), else 0 until merged: a one-port
+/// slice's list is then the very list its service port plans with, shared
+/// rather than copied.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SliceRead {
     /// `None`: not ours (headless, another proxy's, FQDN) or unattributable.
     pub owner: Option<SliceOwner>,
-    pub ports: Vec<(Arc<str>, Protocol, u16)>,
-    pub endpoints: Vec<Endpoint>,
-    pub problems: Vec<ObjectError>,
+    pub ports: Box<[(Arc<str>, Protocol, u16)]>,
+    pub endpoints: Arc<[Endpoint]>,
+    pub problems: Box<[ObjectError]>,
 }
 
 /// Reads one slice (see [`SliceRead`]).
@@ -184,10 +187,17 @@ pub fn read_slice(key: &ObjectKey, slice: &EndpointSlice, cfg: &NodeConfig) -> S
     let mut problems = Vec::new();
     let owner = slice_owner(key, slice, cfg, &mut problems);
     let (ports, endpoints) = match &owner {
-        Some(o) => (read_ports(key, slice, &mut problems), read_endpoints(key, slice, o.family, cfg, &mut problems)),
-        None => (Vec::new(), Vec::new()),
+        Some(o) => {
+            let ports = read_ports(key, slice, &mut problems);
+            let mut endpoints = read_endpoints(key, slice, o.family, cfg, &mut problems);
+            if let [(_, _, port)] = ports.as_slice() {
+                endpoints.iter_mut().for_each(|e| e.port = *port);
+            }
+            (ports.into(), endpoints.into())
+        }
+        None => (Box::default(), Arc::default()),
     };
-    SliceRead { owner, ports, endpoints, problems }
+    SliceRead { owner, ports, endpoints, problems: problems.into() }
 }
 
 /// Merges the slices of one Service, in the order given (slice key order).
@@ -196,16 +206,19 @@ pub fn read_slice(key: &ObjectKey, slice: &EndpointSlice, cfg: &NodeConfig) -> S
 pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> ServiceEndpoints {
     /// Below this many endpoints a scan finds duplicates faster than an index.
     const SCAN: usize = 32;
-    let mut merged = ServiceEndpoints::new();
+    let mut merged: BTreeMap<(IpFamily, Arc<str>, Protocol), Vec<Endpoint>> = BTreeMap::new();
+    // The one slice each list came from, while only one has given to it.
+    let mut only_source: HashMap<(IpFamily, Arc<str>, Protocol), Option<&SliceRead>> = HashMap::new();
     // Per service port, where each address:port sits in its list (built once a list is long).
     type Positions = HashMap<(IpAddr, u16), usize>;
     let mut index: HashMap<(IpFamily, Arc<str>, Protocol), Positions> = HashMap::new();
     for read in slices {
         let Some(owner) = &read.owner else { continue };
-        for (name, protocol, port) in &read.ports {
+        for (name, protocol, port) in read.ports.iter() {
             let k = (owner.family, name.clone(), *protocol);
+            only_source.entry(k.clone()).and_modify(|s| *s = None).or_insert(Some(read));
             let list = merged.entry(k.clone()).or_default();
-            for ep in &read.endpoints {
+            for ep in read.endpoints.iter() {
                 let found = if list.len() < SCAN {
                     list.iter().position(|e| e.ip == ep.ip && e.port == *port)
                 } else {
@@ -232,6 +245,17 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> Serv
         }
     }
     merged
+        .into_iter()
+        .map(|(k, list)| {
+            // A list that is exactly its one slice's (one port, no duplicate)
+            // shares that slice's allocation.
+            let shared = match only_source.get(&k) {
+                Some(Some(read)) if *read.endpoints == *list => read.endpoints.clone(),
+                _ => list.into(),
+            };
+            (k, shared)
+        })
+        .collect()
 }
 
 /// The Service and family a slice serves, or `None` if the slice is not ours.
@@ -377,10 +401,33 @@ mod tests {
             .collect();
         SliceRead {
             owner: Some(SliceOwner { service: ObjectKey::new("ns", "s"), family: IpFamily::V4 }),
-            ports: vec![(Arc::from("http"), Protocol::Tcp, 8080)],
-            endpoints,
-            problems: Vec::new(),
+            ports: Box::new([(Arc::from("http"), Protocol::Tcp, 8080)]),
+            endpoints: Arc::from_iter::<Vec<Endpoint>>(endpoints),
+            problems: Box::default(),
         }
+    }
+
+    /// A one-port slice that alone gives its service port's list is that
+    /// list: planning shares the slice's allocation instead of copying it.
+    /// Two slices, or a duplicate address, make a list of its own.
+    #[test]
+    fn one_slice_lists_are_shared_not_copied() {
+        let mut a = read(3, 0, false);
+        a.endpoints = a.endpoints.iter().map(|e| Endpoint { port: 8080, ..e.clone() }).collect();
+        let k = (IpFamily::V4, Arc::from("http"), Protocol::Tcp);
+        let merged = merge_slices([&a]);
+        assert!(Arc::ptr_eq(&merged[&k], &a.endpoints));
+
+        let b = read(2, 1, true);
+        let both = merge_slices([&a, &b]);
+        assert!(!Arc::ptr_eq(&both[&k], &a.endpoints));
+        assert_eq!(both[&k].len(), 3, "the addresses of b are a's second and third");
+
+        let mut dup = a.clone();
+        dup.endpoints = a.endpoints.iter().chain(&a.endpoints[..1]).cloned().collect();
+        let merged = merge_slices([&dup]);
+        assert_eq!(merged[&k].len(), 3);
+        assert!(!Arc::ptr_eq(&merged[&k], &dup.endpoints));
     }
 
     /// Large slices that overlap (pods moving between slices): one copy of
