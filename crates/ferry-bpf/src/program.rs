@@ -909,7 +909,7 @@ impl Programmer {
             if let Some(prog) = self.adopted.take(id, &self.adopted_names) {
                 let name = self.adopted_names.remove(&id).unwrap_or_default();
                 ops.begin(Owner::Named(name.into()), true);
-                self.remove_programmed(prog, &mut ops);
+                self.remove_programmed(&prog, &mut ops);
             }
         }
         ops.node();
@@ -1125,11 +1125,11 @@ impl Programmer {
 
     fn remove(&mut self, id: &ServicePortId, ops: &mut Ops) {
         if let Some(prog) = self.services.remove(id) {
-            self.remove_programmed(prog, ops);
+            self.remove_programmed(&prog, ops);
         }
     }
 
-    fn remove_programmed(&mut self, prog: Box<Programmed>, ops: &mut Ops) {
+    fn remove_programmed(&mut self, prog: &Programmed, ops: &mut Ops) {
         let id = prog.id;
         self.adopted_names.remove(&id);
         for (k, _) in prog.frontends.iter() {
