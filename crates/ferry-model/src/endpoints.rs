@@ -14,7 +14,7 @@ use crate::problem::{ObjectError, ObjectKind};
 use crate::protocol::Protocol;
 use crate::service::{LABEL_HEADLESS, handled_by_other_proxy};
 use crate::state::ObjectKey;
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -204,11 +204,13 @@ pub fn read_slice(key: &ObjectKey, slice: &EndpointSlice, cfg: &NodeConfig) -> S
 /// The same address may appear in two slices while pods move; one copy is
 /// kept, the local one if any, as kube-proxy does. Linear in the endpoints.
 pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> ServiceEndpoints {
-    /// Below this many endpoints a scan finds duplicates faster than an index.
-    const SCAN: usize = 32;
+    let slices: smallvec::SmallVec<[&SliceRead; 1]> = slices.into_iter().filter(|r| r.owner.is_some()).collect();
+    if let [read] = slices.as_slice()
+        && let Some(as_is) = as_is(read)
+    {
+        return as_is;
+    }
     let mut merged: BTreeMap<(IpFamily, Arc<str>, Protocol), Vec<Endpoint>> = BTreeMap::new();
-    // The one slice each list came from, while only one has given to it.
-    let mut only_source: HashMap<(IpFamily, Arc<str>, Protocol), Option<&SliceRead>> = HashMap::new();
     // Per service port, where each address:port sits in its list (built once a list is long).
     type Positions = HashMap<(IpAddr, u16), usize>;
     let mut index: HashMap<(IpFamily, Arc<str>, Protocol), Positions> = HashMap::new();
@@ -216,7 +218,6 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> Serv
         let Some(owner) = &read.owner else { continue };
         for (name, protocol, port) in read.ports.iter() {
             let k = (owner.family, name.clone(), *protocol);
-            only_source.entry(k.clone()).and_modify(|s| *s = None).or_insert(Some(read));
             let list = merged.entry(k.clone()).or_default();
             for ep in read.endpoints.iter() {
                 let found = if list.len() < SCAN {
@@ -244,18 +245,32 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> Serv
             }
         }
     }
-    merged
-        .into_iter()
-        .map(|(k, list)| {
-            // A list that is exactly its one slice's (one port, no duplicate)
-            // shares that slice's allocation.
-            let shared = match only_source.get(&k) {
-                Some(Some(read)) if *read.endpoints == *list => read.endpoints.clone(),
-                _ => list.into(),
-            };
-            (k, shared)
-        })
-        .collect()
+    merged.into_iter().map(|(k, list)| (k, list.into())).collect()
+}
+
+/// Below this many endpoints a scan finds duplicates faster than an index.
+const SCAN: usize = 32;
+
+/// The endpoints of a Service's only slice, when they are its service
+/// port's list as they stand (one port, which they carry, and no address
+/// twice): shared, not merged into a copy.
+fn as_is(read: &SliceRead) -> Option<ServiceEndpoints> {
+    let owner = read.owner.as_ref()?;
+    let [(name, protocol, port)] = &*read.ports else { return None };
+    let eps = &read.endpoints;
+    if eps.iter().any(|e| e.port != *port) {
+        return None;
+    }
+    let repeated = if eps.len() < SCAN {
+        eps.iter().enumerate().any(|(i, e)| eps[..i].iter().any(|f| f.ip == e.ip))
+    } else {
+        let mut seen = HashSet::with_capacity(eps.len());
+        !eps.iter().all(|e| seen.insert(e.ip))
+    };
+    if repeated {
+        return None;
+    }
+    Some(BTreeMap::from([((owner.family, name.clone(), *protocol), eps.clone())]))
 }
 
 /// The Service and family a slice serves, or `None` if the slice is not ours.
