@@ -82,27 +82,47 @@ pub fn canonical_name(id: &ServicePortId) -> String {
     format!("{}/{}:{}/{}/{}", id.service.namespace, id.service.name, id.port_name, id.protocol, id.family)
 }
 
+/// What is programmed for one service port: ids, and the keys needed to
+/// change or delete its entries. Kept small (a full sync keeps one per
+/// service port): exactly sized lists, and what only some services have in
+/// one optional box. The canonical name follows from the id, so it is not
+/// kept (it was ~70 bytes per service port); a name found by `adopt` waits
+/// in `Programmer::adopted_names`.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Programmed {
     id: u32,
-    /// The display name found in the names map by `adopt`, until the first
-    /// sync compares it with the canonical one (rewriting it if it differs);
-    /// `None` once the canonical name is written. The canonical name follows
-    /// from the id, so it is not kept (it was ~70 bytes per service port).
-    adopted_name: Option<Box<str>>,
     svc: SvcVal,
-    /// `[rev][set]` -> backend ids in slot order.
-    slots: [[Vec<u32>; 2]; 2],
-    /// Sorted by key (a service has a few: a `BTreeMap` would allocate a whole node for each).
-    members: Vec<(u32, u8)>,
-    firewall: BTreeSet<FwKey>,
-    /// Sorted by key.
-    frontends: Vec<(FeKey, FeVal)>,
-    /// Maglev tables per set, when the service uses Maglev.
-    maglev: [Option<Box<[u32]>>; 2],
     /// Its service entry is in the kernel (a refused new service port may
     /// have its name and slots there, and no service entry yet).
     has_service: bool,
+    /// `[rev][set]` -> backend ids in slot order.
+    slots: [[Box<[u32]>; 2]; 2],
+    /// Sorted by key.
+    frontends: Box<[(FeKey, FeVal)]>,
+    rare: Option<Box<Rare>>,
+}
+
+/// The entries only some service ports have: memberships (session
+/// affinity), a source-range firewall, Maglev tables.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Rare {
+    /// Sorted by key (a service has a few: a `BTreeMap` would allocate a whole node for each).
+    members: Vec<(u32, u8)>,
+    firewall: BTreeSet<FwKey>,
+    /// Maglev tables per set, when the service uses Maglev.
+    maglev: [Option<Box<[u32]>>; 2],
+}
+
+static NOTHING_RARE: Rare = Rare { members: Vec::new(), firewall: BTreeSet::new(), maglev: [None, None] };
+
+impl Programmed {
+    fn rare(&self) -> &Rare {
+        self.rare.as_deref().unwrap_or(&NOTHING_RARE)
+    }
+
+    fn set_rare(&mut self, rare: Rare) {
+        self.rare = (rare != NOTHING_RARE).then(|| Box::new(rare));
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -133,10 +153,14 @@ impl IdPool {
     }
 }
 
+/// Backends by id, with their reference counts, and their ids by address.
 #[derive(Debug, Clone, Default)]
 struct BackendTable {
-    by_addr: HashMap<(Words, u16, u8), u32>,
     entries: HashMap<u32, (Backend, u32)>,
+    /// Backend ids, hashed by the address of the entry each names: the
+    /// address is not stored twice (as a key it took 24 bytes a backend).
+    by_addr: hashbrown::HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
     ids: IdPool,
 }
 
@@ -202,19 +226,19 @@ struct Ops {
     owner: u32,
     /// The current owner is being removed whole.
     removing: bool,
-    /// Display names of the owners; index 0 is the node's own entries.
-    owners: Vec<String>,
+    /// The owners; index 0 is the node's own entries.
+    owners: Vec<Owner>,
     /// Addresses written into `ferry_addrs` by this sync (each once per owner).
     addrs_written: HashSet<(u32, LocalKey)>,
 }
 
 impl Ops {
     fn new() -> Ops {
-        Ops { owners: vec![NODE_OWNER.to_string()], ..Default::default() }
+        Ops { owners: vec![Owner::Node], ..Default::default() }
     }
-    /// Operations pushed from now on belong to `name`.
-    fn begin(&mut self, name: String, removing: bool) {
-        self.owners.push(name);
+    /// Operations pushed from now on belong to `owner`.
+    fn begin(&mut self, owner: Owner, removing: bool) {
+        self.owners.push(owner);
         self.owner = (self.owners.len() - 1) as u32;
         self.removing = removing;
     }
@@ -345,6 +369,29 @@ impl Ops {
 /// The owner name of the node's own entries (config, local addresses, ranges, devices, markers).
 pub const NODE_OWNER: &str = "node";
 
+/// Who a batch's operations belong to. Named only when refused: a full
+/// sync has a hundred thousand owners and (nearly always) refuses none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// The node's own entries ([`NODE_OWNER`]).
+    Node,
+    /// A service port of the Plan: its canonical name.
+    Port(ServicePortId),
+    /// A service port only the kernel knew (by the name found there), or
+    /// [`HALF_WRITTEN_OWNER`].
+    Named(String),
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Node => f.write_str(NODE_OWNER),
+            Owner::Port(id) => f.write_str(&canonical_name(id)),
+            Owner::Named(name) => f.write_str(name),
+        }
+    }
+}
+
 /// The owner name of the deletions of half-written services found by
 /// [`Programmer::adopt`] (left by an interrupted write of a new service).
 pub const HALF_WRITTEN_OWNER: &str = "half-written services";
@@ -371,8 +418,8 @@ pub struct Batch {
     pub ops: Vec<MapOp>,
     /// Owner of each operation (index into `owners`), parallel to `ops`.
     pub owner_of: Vec<u32>,
-    /// Display names of the owners; index 0 is [`NODE_OWNER`].
-    pub owners: Vec<String>,
+    /// The owners; index 0 is the node ([`Owner::Node`]).
+    pub owners: Vec<Owner>,
     pub depends: Vec<Dependency>,
 }
 
@@ -502,7 +549,7 @@ impl ApplyState {
         if std::mem::replace(&mut self.failed[owner as usize], true) {
             return;
         }
-        self.refused.push(Refused { owner: b.owners[owner as usize].clone(), op, cause, reason });
+        self.refused.push(Refused { owner: b.owners[owner as usize].to_string(), op, cause, reason });
         for d in &b.depends {
             if d.taker == owner && at <= d.at && !self.failed[d.removed as usize] {
                 let taker = &b.owners[owner as usize];
@@ -513,10 +560,47 @@ impl ApplyState {
     }
 }
 
+/// What identifies a backend: its address (its flags may change in place).
+fn backend_addr(be: &Backend) -> (Words, u16, u8) {
+    (be.addr, be.port, be.family)
+}
+
 impl BackendTable {
+    fn addr_hash(&self, be: &Backend) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(backend_addr(be))
+    }
+
+    /// The id of the backend at `be`'s address.
+    fn find(&self, be: &Backend) -> Option<u32> {
+        let entries = &self.entries;
+        self.by_addr
+            .find(self.addr_hash(be), |id| entries.get(id).is_some_and(|e| backend_addr(&e.0) == backend_addr(be)))
+            .copied()
+    }
+
+    /// Records a backend under a new id, with `refs` references.
+    fn insert(&mut self, id: u32, be: Backend, refs: u32) {
+        let hash = self.addr_hash(&be);
+        self.entries.insert(id, (be, refs));
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.by_addr.insert_unique(hash, id, |id| {
+            use std::hash::BuildHasher;
+            entries.get(id).map_or(0, |e| hasher.hash_one(backend_addr(&e.0)))
+        });
+    }
+
+    /// Forgets backend `id`; returns it.
+    fn forget(&mut self, id: u32) -> Option<Backend> {
+        let hash = self.addr_hash(&self.entries.get(&id)?.0);
+        if let Ok(found) = self.by_addr.find_entry(hash, |x| *x == id) {
+            found.remove();
+        }
+        self.entries.remove(&id).map(|e| e.0)
+    }
+
     fn acquire(&mut self, be: Backend, ops: &mut Ops) -> u32 {
-        let key = (be.addr, be.port, be.family);
-        if let Some(&id) = self.by_addr.get(&key) {
+        if let Some(id) = self.find(&be) {
             let entry = self.entries.get_mut(&id).expect("backend table consistent");
             entry.1 += 1;
             if entry.0 != be {
@@ -526,8 +610,7 @@ impl BackendTable {
             return id;
         }
         let id = self.ids.take();
-        self.by_addr.insert(key, id);
-        self.entries.insert(id, (be, 1));
+        self.insert(id, be, 1);
         ops.push(MapOp::PutBackend(id, be));
         id
     }
@@ -536,9 +619,7 @@ impl BackendTable {
         let Some(entry) = self.entries.get_mut(&id) else { return };
         entry.1 -= 1;
         if entry.1 == 0 {
-            let be = entry.0;
-            self.entries.remove(&id);
-            self.by_addr.remove(&(be.addr, be.port, be.family));
+            self.forget(id);
             self.ids.release(id);
             ops.push(MapOp::DelBackend(id));
         }
@@ -573,12 +654,13 @@ struct Adopted {
 }
 
 impl Adopted {
-    fn take(&mut self, id: u32) -> Option<Box<Programmed>> {
+    /// Takes an adopted service port out; `names` holds its name as found.
+    fn take(&mut self, id: u32, names: &HashMap<u32, Box<str>>) -> Option<Box<Programmed>> {
         let prog = self.by_id.remove(&id)?;
-        for (k, _) in &prog.frontends {
+        for (k, _) in prog.frontends.iter() {
             self.by_frontend.remove(k);
         }
-        if let Some(ids) = prog.adopted_name.as_deref().and_then(|name| self.by_name.get_mut(name)) {
+        if let Some(ids) = names.get(&id).and_then(|name| self.by_name.get_mut(&**name)) {
             ids.retain(|i| *i != id);
         }
         Some(prog)
@@ -599,6 +681,9 @@ pub struct Programmer {
     /// Boxed: the table's spare capacity then costs a pointer per slot, not a whole record.
     services: HashMap<ServicePortId, Box<Programmed>>,
     adopted: Adopted,
+    /// The display name `adopt` found for a service id, until the first
+    /// sync compares it with the canonical one (rewriting it if it differs).
+    adopted_names: HashMap<u32, Box<str>>,
     service_ids: IdPool,
     backends: BackendTable,
     markers: BTreeSet<FeKey>,
@@ -646,7 +731,7 @@ fn fe_key(key: &FrontendKey) -> FeKey {
 /// The frontend keys a service port may own (the Plan decides which it does own).
 fn candidate_frontends(sp: &ServicePort) -> Vec<FrontendKey> {
     let mut out = vec![FrontendKey { addr: FrontendAddr::Ip(sp.cluster_ip), port: sp.port, protocol: sp.id.protocol }];
-    for ip in sp.external_ips.iter().chain(&sp.load_balancer_ips) {
+    for ip in sp.external_ips().iter().chain(sp.load_balancer_ips()) {
         out.push(FrontendKey { addr: FrontendAddr::Ip(*ip), port: sp.port, protocol: sp.id.protocol });
     }
     if let Some(np) = sp.node_port {
@@ -688,51 +773,68 @@ impl Programmer {
         for id in &p.half_written.1 {
             p.service_ids.mark_used(*id);
         }
-        let mut by_id: HashMap<u32, Box<Programmed>> = HashMap::new();
+        /// A service port as it is read back, entry by entry.
+        #[derive(Default)]
+        struct Draft {
+            svc: Option<SvcVal>,
+            slots: [[Vec<u32>; 2]; 2],
+            frontends: Vec<(FeKey, FeVal)>,
+            rare: Rare,
+        }
+        let mut drafts: HashMap<u32, Draft> = HashMap::new();
         for (id, _) in dump.names.iter().filter(|(id, _)| whole.contains(id)) {
-            let svc = services.get(id).copied();
             p.service_ids.mark_used(*id);
-            let (svc, has_service) = (svc.unwrap_or_default(), svc.is_some());
-            by_id.insert(*id, Box::new(Programmed { id: *id, svc, has_service, ..Default::default() }));
+            drafts.insert(*id, Draft { svc: services.get(id).copied(), ..Default::default() });
         }
         let mut slots: Vec<(SlotKey, u32)> = dump.slots.clone();
         slots.sort();
         for (k, be) in slots {
-            if let Some(prog) = by_id.get_mut(&k.service) {
-                let list = &mut prog.slots[usize::from(k.rev & 1)][usize::from(k.set & 1)];
+            if let Some(d) = drafts.get_mut(&k.service) {
+                let list = &mut d.slots[usize::from(k.rev & 1)][usize::from(k.set & 1)];
                 if usize::from(k.slot) == list.len() {
                     list.push(be);
                 }
             }
         }
         for (k, sets) in &dump.members {
-            if let Some(prog) = by_id.get_mut(&k.service) {
-                prog.members.push((k.backend, *sets));
+            if let Some(d) = drafts.get_mut(&k.service) {
+                d.rare.members.push((k.backend, *sets));
             }
         }
         for k in &dump.firewall {
-            if let Some(prog) = by_id.get_mut(&k.service) {
-                prog.firewall.insert(*k);
+            if let Some(d) = drafts.get_mut(&k.service) {
+                d.rare.firewall.insert(*k);
             }
         }
         for (key, table) in &dump.maglev {
             let (service, set) = ((key >> 8) as u32, (key & 1) as usize);
-            if let Some(prog) = by_id.get_mut(&service) {
-                prog.maglev[set] = Some(table.as_slice().into());
+            if let Some(d) = drafts.get_mut(&service) {
+                d.rare.maglev[set] = Some(table.as_slice().into());
             }
         }
         for (k, v) in &dump.frontends {
             if v.kind == FE_CLUSTER_IP_ANY_PORT {
                 p.markers.insert(*k);
-            } else if let Some(prog) = by_id.get_mut(&v.service) {
-                prog.frontends.push((*k, *v));
+            } else if let Some(d) = drafts.get_mut(&v.service) {
+                d.frontends.push((*k, *v));
             }
         }
-        for prog in by_id.values_mut() {
-            prog.members.sort_unstable();
-            prog.members.dedup_by_key(|m| m.0);
-            prog.frontends.sort_unstable_by_key(|f| f.0);
-            prog.frontends.dedup_by_key(|f| f.0);
+        let mut by_id: HashMap<u32, Box<Programmed>> = HashMap::with_capacity(drafts.len());
+        for (id, mut d) in drafts {
+            d.rare.members.sort_unstable();
+            d.rare.members.dedup_by_key(|m| m.0);
+            d.frontends.sort_unstable_by_key(|f| f.0);
+            d.frontends.dedup_by_key(|f| f.0);
+            let mut prog = Programmed {
+                id,
+                svc: d.svc.unwrap_or_default(),
+                has_service: d.svc.is_some(),
+                slots: d.slots.map(|sets| sets.map(Vec::into_boxed_slice)),
+                frontends: d.frontends.into(),
+                rare: None,
+            };
+            prog.set_rare(d.rare);
+            by_id.insert(id, Box::new(prog));
         }
         let mut refs: HashMap<u32, u32> = HashMap::new();
         for prog in by_id.values() {
@@ -747,13 +849,12 @@ impl Programmer {
         for (id, be) in &dump.backends {
             p.backends.ids.mark_used(*id);
             let n = refs.get(id).copied().unwrap_or(0);
-            p.backends.by_addr.insert((be.addr, be.port, be.family), *id);
-            p.backends.entries.insert(*id, (*be, n));
+            p.backends.insert(*id, *be, n);
         }
         for (id, name) in &dump.names {
-            if let Some(mut prog) = by_id.remove(id) {
-                prog.adopted_name = Some(name.as_str().into());
-                for (k, _) in &prog.frontends {
+            if let Some(prog) = by_id.remove(id) {
+                p.adopted_names.insert(*id, name.as_str().into());
+                for (k, _) in prog.frontends.iter() {
                     p.adopted.by_frontend.insert(*k, *id);
                 }
                 p.adopted.by_name.entry(name.clone()).or_default().push(*id);
@@ -772,8 +873,7 @@ impl Programmer {
     fn orphan_backends(&mut self, ops: &mut Ops) {
         let orphans: Vec<u32> = self.backends.entries.iter().filter(|(_, (_, n))| *n == 0).map(|(id, _)| *id).collect();
         for id in orphans {
-            if let Some((be, _)) = self.backends.entries.remove(&id) {
-                self.backends.by_addr.remove(&(be.addr, be.port, be.family));
+            if self.backends.forget(id).is_some() {
                 self.backends.ids.release(id);
                 ops.push(MapOp::DelBackend(id));
             }
@@ -796,7 +896,7 @@ impl Programmer {
             let (dels, ids) = std::mem::take(&mut self.half_written);
             if !dels.is_empty() {
                 // Removed whole, early (nothing of the plan references them).
-                ops.begin(HALF_WRITTEN_OWNER.to_string(), true);
+                ops.begin(Owner::Named(HALF_WRITTEN_OWNER.to_string()), true);
                 for op in dels {
                     ops.push(op);
                 }
@@ -823,14 +923,13 @@ impl Programmer {
         touched.sort_by(|a, b| a.0.cmp(&b.0));
         touched.dedup_by(|a, b| a.0 == b.0);
         for (id, sp) in &touched {
-            let name = canonical_name(id);
             match sp {
                 Some(sp) => {
-                    ops.begin(name.clone(), false);
-                    self.upsert(sp, name, plan, rt, &mut ops)
+                    ops.begin(Owner::Port(id.clone()), false);
+                    self.upsert(sp, plan, rt, &mut ops)
                 }
                 None => {
-                    ops.begin(name, true);
+                    ops.begin(Owner::Port(id.clone()), true);
                     self.remove(id, &mut ops)
                 }
             }
@@ -838,9 +937,10 @@ impl Programmer {
         // Whatever was pinned and no service port of the Plan took back.
         let leftover: Vec<u32> = self.adopted.by_id.keys().copied().collect();
         for id in leftover {
-            if let Some(prog) = self.adopted.take(id) {
-                ops.begin(prog.adopted_name.as_deref().unwrap_or_default().to_string(), true);
-                self.remove_programmed(prog, &mut ops);
+            if let Some(prog) = self.adopted.take(id, &self.adopted_names) {
+                let name = self.adopted_names.remove(&id).unwrap_or_default();
+                ops.begin(Owner::Named(name.into()), true);
+                self.remove_programmed(&prog, &mut ops);
             }
         }
         ops.node();
@@ -884,7 +984,7 @@ impl Programmer {
                 continue;
             }
             if let Some(&id) = self.adopted.by_frontend.get(&fe_key(key))
-                && let Some(prog) = self.adopted.take(id)
+                && let Some(prog) = self.adopted.take(id, &self.adopted_names)
             {
                 self.services.insert(owner.service.clone(), prog);
             }
@@ -898,26 +998,26 @@ impl Programmer {
                 Some([only]) => Some(*only),
                 _ => None,
             };
-            if let Some(prog) = found.and_then(|n| self.adopted.take(n)) {
+            if let Some(prog) = found.and_then(|n| self.adopted.take(n, &self.adopted_names)) {
                 self.services.insert(id.clone(), prog);
             }
         }
     }
 
-    fn upsert(&mut self, sp: &ServicePort, name: String, plan: &Plan, rt: &NodeRuntime, ops: &mut Ops) {
+    fn upsert(&mut self, sp: &ServicePort, plan: &Plan, rt: &NodeRuntime, ops: &mut Ops) {
         let mut prog = self.services.remove(&sp.id).unwrap_or_default();
         let is_new = prog.id == 0;
         if is_new {
             prog.id = self.service_ids.take();
             prog.svc.rev = 1; // so the first write goes to revision 0
         }
-        let name = truncate_name(name);
-        let write_name = match prog.adopted_name.take() {
-            Some(adopted) => *adopted != *name,
-            None => is_new,
-        };
-        if write_name {
-            ops.push(MapOp::PutName(prog.id, name.into()));
+        // Named only where a name is compared or written (new, or just adopted).
+        let adopted = self.adopted_names.remove(&prog.id);
+        if is_new || adopted.is_some() {
+            let name = truncate_name(canonical_name(&sp.id));
+            if adopted.is_none_or(|a| *a != *name) {
+                ops.push(MapOp::PutName(prog.id, name.into()));
+            }
         }
         let id = prog.id;
 
@@ -965,7 +1065,7 @@ impl Programmer {
                     }
                     self.backends.release(*bid, ops);
                 }
-                prog.slots[r][set] = new;
+                prog.slots[r][set] = new.into_boxed_slice();
             }
         }
 
@@ -978,26 +1078,26 @@ impl Programmer {
                 *members.entry(*bid).or_default() |= 1 << set;
             }
         }
+        let was = prog.rare.take().map(|r| *r).unwrap_or_default();
         for (bid, sets) in &members {
-            if lookup(&prog.members, bid) != Some(sets) {
+            if lookup(&was.members, bid) != Some(sets) {
                 ops.push(MapOp::PutMember(MemberKey { service: id, backend: *bid }, *sets));
             }
         }
-        for (bid, _) in &prog.members {
+        for (bid, _) in &was.members {
             if !members.contains_key(bid) {
                 ops.push(MapOp::DelMember(MemberKey { service: id, backend: *bid }));
             }
         }
-        prog.members = members.into_iter().collect();
+        let mut rare = Rare { members: members.into_iter().collect(), ..Rare::default() };
 
-        let firewall: BTreeSet<FwKey> = sp.firewall.iter().flatten().map(|n| fw_key(id, n)).collect();
-        for k in firewall.difference(&prog.firewall) {
+        rare.firewall = sp.firewall().into_iter().flatten().map(|n| fw_key(id, n)).collect();
+        for k in rare.firewall.difference(&was.firewall) {
             ops.push(MapOp::PutFirewall(*k));
         }
-        for k in prog.firewall.difference(&firewall) {
+        for k in was.firewall.difference(&rare.firewall) {
             ops.push(MapOp::DelFirewall(*k));
         }
-        prog.firewall = firewall;
 
         let r = usize::from(rev);
         let use_maglev = sp.maglev.unwrap_or(rt.maglev_default) && rt.maglev_size > 0;
@@ -1016,14 +1116,15 @@ impl Programmer {
             } else {
                 None
             };
-            if want != prog.maglev[set] {
+            if want != was.maglev[set] {
                 match &want {
                     Some(t) => ops.push(MapOp::PutMaglev(maglev_key(id, set as u8), t.clone())),
                     None => ops.push(MapOp::DelMaglev(maglev_key(id, set as u8))),
                 }
-                prog.maglev[set] = want;
             }
+            rare.maglev[set] = want;
         }
+        prog.set_rare(rare);
         let svc = SvcVal {
             count: [slot_no(prog.slots[r][0].len()), slot_no(prog.slots[r][1].len())],
             action: [
@@ -1041,38 +1142,45 @@ impl Programmer {
         }
         prog.svc = svc;
 
-        let mut frontends = BTreeMap::new();
+        // Sorted by key, as `prog.frontends` is (a list: a map allocated a
+        // whole node for the one or two frontends of nearly every port).
+        let mut frontends: Vec<(FeKey, FeVal)> = Vec::new();
         for key in candidate_frontends(sp) {
             let Some(owner) = plan.frontends.get(&key) else { continue };
             if owner.service != sp.id {
                 continue;
             }
-            let flags = if owner.kind == FrontendKind::LoadBalancer && sp.firewall.is_some() { FE_FIREWALL } else { 0 };
-            frontends.insert(fe_key(&key), FeVal { service: id, kind: kind_code(owner.kind), flags });
+            let flags =
+                if owner.kind == FrontendKind::LoadBalancer && sp.firewall().is_some() { FE_FIREWALL } else { 0 };
+            frontends.push((fe_key(&key), FeVal { service: id, kind: kind_code(owner.kind), flags }));
         }
+        // A key listed twice (an ExternalIP equal to the ClusterIP) has one owner, so one value.
+        frontends.sort_unstable_by_key(|f| f.0);
+        frontends.dedup_by_key(|f| f.0);
         for (k, v) in &frontends {
             if lookup(&prog.frontends, k) != Some(v) {
                 ops.push(MapOp::PutFrontend(*k, *v));
             }
         }
-        for (k, _) in &prog.frontends {
-            if !frontends.contains_key(k) {
+        for (k, _) in prog.frontends.iter() {
+            if lookup(&frontends, k).is_none() {
                 ops.push(MapOp::DelFrontend(*k));
             }
         }
-        prog.frontends = frontends.into_iter().collect();
+        prog.frontends = frontends.into_boxed_slice();
         self.services.insert(sp.id.clone(), prog);
     }
 
     fn remove(&mut self, id: &ServicePortId, ops: &mut Ops) {
         if let Some(prog) = self.services.remove(id) {
-            self.remove_programmed(prog, ops);
+            self.remove_programmed(&prog, ops);
         }
     }
 
-    fn remove_programmed(&mut self, prog: Box<Programmed>, ops: &mut Ops) {
+    fn remove_programmed(&mut self, prog: &Programmed, ops: &mut Ops) {
         let id = prog.id;
-        for (k, _) in &prog.frontends {
+        self.adopted_names.remove(&id);
+        for (k, _) in prog.frontends.iter() {
             ops.push(MapOp::DelFrontend(*k));
         }
         if prog.has_service {
@@ -1087,13 +1195,14 @@ impl Programmer {
                 }
             }
         }
-        for (bid, _) in &prog.members {
+        let rare = prog.rare();
+        for (bid, _) in &rare.members {
             ops.push(MapOp::DelMember(MemberKey { service: id, backend: *bid }));
         }
-        for k in &prog.firewall {
+        for k in &rare.firewall {
             ops.push(MapOp::DelFirewall(*k));
         }
-        for (set, table) in prog.maglev.iter().enumerate() {
+        for (set, table) in rare.maglev.iter().enumerate() {
             if table.is_some() {
                 ops.push(MapOp::DelMaglev(maglev_key(id, set as u8)));
             }

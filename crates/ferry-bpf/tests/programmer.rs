@@ -663,8 +663,8 @@ fn backend_sets_past_16_bits_never_wrap() {
             e
         })
         .collect();
-    sp.categorized.cluster = (0..n).collect();
-    sp.categorized.local.clear();
+    sp.categorized.cluster = (0..n as u32).collect();
+    sp.categorized.local = Box::default();
     plan.services.insert(id.clone(), std::sync::Arc::new(sp));
     let ops = Programmer::new().sync(&plan, None, &rt());
     let slots: Vec<u16> = ops

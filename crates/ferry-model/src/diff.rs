@@ -85,10 +85,10 @@ fn same_shape(a: &ServicePort, b: &ServicePort) -> bool {
     a.cluster_ip == b.cluster_ip
         && a.port == b.port
         && a.node_port == b.node_port
-        && a.external_ips == b.external_ips
-        && a.load_balancer_ips == b.load_balancer_ips
-        && a.proxied_load_balancer_ips == b.proxied_load_balancer_ips
-        && a.source_ranges == b.source_ranges
+        && a.external_ips() == b.external_ips()
+        && a.load_balancer_ips() == b.load_balancer_ips()
+        && a.proxied_load_balancer_ips() == b.proxied_load_balancer_ips()
+        && a.source_ranges() == b.source_ranges()
         && a.internal_policy_local == b.internal_policy_local
         && a.external_policy_local == b.external_policy_local
         && a.affinity_timeout_seconds == b.affinity_timeout_seconds

@@ -14,7 +14,7 @@ use crate::problem::{ObjectError, ObjectKind};
 use crate::protocol::Protocol;
 use crate::service::{LABEL_HEADLESS, handled_by_other_proxy};
 use crate::state::ObjectKey;
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -158,7 +158,7 @@ impl Endpoint {
 }
 
 /// Endpoints of one Service, per family and per (port name, protocol).
-pub type ServiceEndpoints = BTreeMap<(IpFamily, Arc<str>, Protocol), Vec<Endpoint>>;
+pub type ServiceEndpoints = BTreeMap<(IpFamily, Arc<str>, Protocol), Arc<[Endpoint]>>;
 
 /// The Service and family a slice serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,15 +168,18 @@ pub struct SliceOwner {
 }
 
 /// One EndpointSlice read into the little planning needs: its owner, its
-/// ports and its endpoints (with port 0 until merged), and what was wrong
-/// with it. The API object itself is not kept.
+/// ports and its endpoints, and what was wrong with it. The API object
+/// itself is not kept. The endpoints carry the slice's port when it has
+/// exactly one (nearly every slice), else 0 until merged: a one-port
+/// slice's list is then the very list its service port plans with, shared
+/// rather than copied.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SliceRead {
     /// `None`: not ours (headless, another proxy's, FQDN) or unattributable.
     pub owner: Option<SliceOwner>,
-    pub ports: Vec<(Arc<str>, Protocol, u16)>,
-    pub endpoints: Vec<Endpoint>,
-    pub problems: Vec<ObjectError>,
+    pub ports: Box<[(Arc<str>, Protocol, u16)]>,
+    pub endpoints: Arc<[Endpoint]>,
+    pub problems: Box<[ObjectError]>,
 }
 
 /// Reads one slice (see [`SliceRead`]).
@@ -184,28 +187,39 @@ pub fn read_slice(key: &ObjectKey, slice: &EndpointSlice, cfg: &NodeConfig) -> S
     let mut problems = Vec::new();
     let owner = slice_owner(key, slice, cfg, &mut problems);
     let (ports, endpoints) = match &owner {
-        Some(o) => (read_ports(key, slice, &mut problems), read_endpoints(key, slice, o.family, cfg, &mut problems)),
-        None => (Vec::new(), Vec::new()),
+        Some(o) => {
+            let ports = read_ports(key, slice, &mut problems);
+            let mut endpoints = read_endpoints(key, slice, o.family, cfg, &mut problems);
+            if let [(_, _, port)] = ports.as_slice() {
+                endpoints.iter_mut().for_each(|e| e.port = *port);
+            }
+            (ports.into(), endpoints.into())
+        }
+        None => (Box::default(), Arc::default()),
     };
-    SliceRead { owner, ports, endpoints, problems }
+    SliceRead { owner, ports, endpoints, problems: problems.into() }
 }
 
 /// Merges the slices of one Service, in the order given (slice key order).
 /// The same address may appear in two slices while pods move; one copy is
 /// kept, the local one if any, as kube-proxy does. Linear in the endpoints.
 pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> ServiceEndpoints {
-    /// Below this many endpoints a scan finds duplicates faster than an index.
-    const SCAN: usize = 32;
-    let mut merged = ServiceEndpoints::new();
+    let slices: smallvec::SmallVec<[&SliceRead; 1]> = slices.into_iter().filter(|r| r.owner.is_some()).collect();
+    if let [read] = slices.as_slice()
+        && let Some(as_is) = as_is(read)
+    {
+        return as_is;
+    }
+    let mut merged: BTreeMap<(IpFamily, Arc<str>, Protocol), Vec<Endpoint>> = BTreeMap::new();
     // Per service port, where each address:port sits in its list (built once a list is long).
     type Positions = HashMap<(IpAddr, u16), usize>;
     let mut index: HashMap<(IpFamily, Arc<str>, Protocol), Positions> = HashMap::new();
     for read in slices {
         let Some(owner) = &read.owner else { continue };
-        for (name, protocol, port) in &read.ports {
+        for (name, protocol, port) in read.ports.iter() {
             let k = (owner.family, name.clone(), *protocol);
             let list = merged.entry(k.clone()).or_default();
-            for ep in &read.endpoints {
+            for ep in read.endpoints.iter() {
                 let found = if list.len() < SCAN {
                     list.iter().position(|e| e.ip == ep.ip && e.port == *port)
                 } else {
@@ -231,7 +245,32 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceRead>) -> Serv
             }
         }
     }
-    merged
+    merged.into_iter().map(|(k, list)| (k, list.into())).collect()
+}
+
+/// Below this many endpoints a scan finds duplicates faster than an index.
+const SCAN: usize = 32;
+
+/// The endpoints of a Service's only slice, when they are its service
+/// port's list as they stand (one port, which they carry, and no address
+/// twice): shared, not merged into a copy.
+fn as_is(read: &SliceRead) -> Option<ServiceEndpoints> {
+    let owner = read.owner.as_ref()?;
+    let [(name, protocol, port)] = &*read.ports else { return None };
+    let eps = &read.endpoints;
+    if eps.iter().any(|e| e.port != *port) {
+        return None;
+    }
+    let repeated = if eps.len() < SCAN {
+        eps.iter().enumerate().any(|(i, e)| eps[..i].iter().any(|f| f.ip == e.ip))
+    } else {
+        let mut seen = HashSet::with_capacity(eps.len());
+        !eps.iter().all(|e| seen.insert(e.ip))
+    };
+    if repeated {
+        return None;
+    }
+    Some(BTreeMap::from([((owner.family, name.clone(), *protocol), eps.clone())]))
 }
 
 /// The Service and family a slice serves, or `None` if the slice is not ours.
@@ -377,10 +416,33 @@ mod tests {
             .collect();
         SliceRead {
             owner: Some(SliceOwner { service: ObjectKey::new("ns", "s"), family: IpFamily::V4 }),
-            ports: vec![(Arc::from("http"), Protocol::Tcp, 8080)],
-            endpoints,
-            problems: Vec::new(),
+            ports: Box::new([(Arc::from("http"), Protocol::Tcp, 8080)]),
+            endpoints: Arc::from_iter::<Vec<Endpoint>>(endpoints),
+            problems: Box::default(),
         }
+    }
+
+    /// A one-port slice that alone gives its service port's list is that
+    /// list: planning shares the slice's allocation instead of copying it.
+    /// Two slices, or a duplicate address, make a list of its own.
+    #[test]
+    fn one_slice_lists_are_shared_not_copied() {
+        let mut a = read(3, 0, false);
+        a.endpoints = a.endpoints.iter().map(|e| Endpoint { port: 8080, ..e.clone() }).collect();
+        let k = (IpFamily::V4, Arc::from("http"), Protocol::Tcp);
+        let merged = merge_slices([&a]);
+        assert!(Arc::ptr_eq(&merged[&k], &a.endpoints));
+
+        let b = read(2, 1, true);
+        let both = merge_slices([&a, &b]);
+        assert!(!Arc::ptr_eq(&both[&k], &a.endpoints));
+        assert_eq!(both[&k].len(), 3, "the addresses of b are a's second and third");
+
+        let mut dup = a.clone();
+        dup.endpoints = a.endpoints.iter().chain(&a.endpoints[..1]).cloned().collect();
+        let merged = merge_slices([&dup]);
+        assert_eq!(merged[&k].len(), 3);
+        assert!(!Arc::ptr_eq(&merged[&k], &dup.endpoints));
     }
 
     /// Large slices that overlap (pods moving between slices): one copy of

@@ -249,7 +249,7 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
     out.endpoints = endpoint_notes(sp, &route);
 
     if frontend.kind == FrontendKind::LoadBalancer
-        && let Some(allowed) = &sp.firewall
+        && let Some(allowed) = sp.firewall()
         && !allowed.iter().any(|n| n.contains(&flow.src))
     {
         out.verdict = Verdict::Drop;
@@ -257,7 +257,7 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
             e.used = false;
             e.why = "not reached: the source range check drops the connection first".into();
         }
-        let ranges: Vec<String> = sp.source_ranges.iter().map(|n| n.to_string()).collect();
+        let ranges: Vec<String> = sp.source_ranges().iter().map(|n| n.to_string()).collect();
         out.rule = format!(
             "loadBalancerSourceRanges [{}] do not include {}: DROP before load balancing",
             ranges.join(", "),
@@ -265,7 +265,7 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
         );
         return out;
     }
-    if sp.firewall.is_some() && frontend.kind == FrontendKind::LoadBalancer {
+    if sp.firewall().is_some() && frontend.kind == FrontendKind::LoadBalancer {
         out.notes.push(format!("{} is allowed by loadBalancerSourceRanges", flow.src));
     }
     match route {
@@ -332,7 +332,8 @@ fn no_frontend(plan: &Plan, flow: &Flow, out: &mut Explanation) {
         return;
     }
     for sp in plan.services.values() {
-        if sp.proxied_load_balancer_ips.contains(&flow.dst) && sp.port == flow.port && sp.id.protocol == flow.protocol {
+        if sp.proxied_load_balancer_ips().contains(&flow.dst) && sp.port == flow.port && sp.id.protocol == flow.protocol
+        {
             out.rule = format!(
                 "{} is a load-balancer address of {} with ipMode Proxy: the load balancer proxies itself, the node does not intercept it",
                 flow.dst, sp.id

@@ -128,18 +128,10 @@ pub struct ServicePort {
     pub cluster_ip: IpAddr,
     pub port: u16,
     pub node_port: Option<u16>,
-    pub external_ips: Vec<IpAddr>,
-    /// Load-balancer addresses the node intercepts (`ipMode: VIP`).
-    pub load_balancer_ips: Vec<IpAddr>,
-    /// Load-balancer addresses left alone (`ipMode: Proxy`), kept for `explain`.
-    pub proxied_load_balancer_ips: Vec<IpAddr>,
-    /// `loadBalancerSourceRanges` of this family as written.
-    pub source_ranges: Vec<IpNet>,
-    /// Sources allowed to reach the load-balancer addresses, when a source-range
-    /// firewall is in force: the ranges, plus the LB addresses themselves when
-    /// the node's primary IP is inside a range (node-originated VIP traffic
-    /// loops back with the VIP as source).
-    pub firewall: Option<Vec<IpNet>>,
+    /// External, load-balancer and source-range addresses (read with
+    /// `external_ips()`, `load_balancer_ips()`, ...).
+    #[serde(flatten)]
+    outside: OutsideAddresses,
     pub internal_policy_local: bool,
     pub external_policy_local: bool,
     /// Reachable through a NodePort, a load-balancer address or an ExternalIP.
@@ -148,8 +140,10 @@ pub struct ServicePort {
     pub health_check_node_port: Option<u16>,
     /// Backend choice on the packet path: Maglev (true), random (false), node default (None).
     pub maglev: Option<bool>,
-    /// Every endpoint of the port (deduplicated), whatever its state.
-    pub endpoints: Vec<Endpoint>,
+    /// Every endpoint of the port (deduplicated), whatever its state. Shared
+    /// with the EndpointSlice it came from when one slice gives the whole
+    /// list (the common case), so the planner keeps each endpoint once.
+    pub endpoints: Arc<[Endpoint]>,
     pub categorized: Categorized,
     /// Route for ClusterIP traffic.
     pub internal: PerSource<Route>,
@@ -157,13 +151,70 @@ pub struct ServicePort {
     pub external: PerSource<Route>,
 }
 
+/// The addresses of a service port other than its ClusterIP and NodePort.
+/// Most service ports (ClusterIP only) have none, and then the whole set is
+/// one null pointer: five empty lists in every service port were a tenth of
+/// the planner's memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct OutsideAddresses(Option<Box<PortAddresses>>);
+
+impl Serialize for OutsideAddresses {
+    /// As the five fields they are (empty when there are none).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        static NONE: PortAddresses = PortAddresses {
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            proxied_load_balancer_ips: Vec::new(),
+            source_ranges: Vec::new(),
+            firewall: None,
+        };
+        let a = self.0.as_deref().unwrap_or(&NONE);
+        let mut m = s.serialize_map(Some(5))?;
+        m.serialize_entry("external_ips", &a.external_ips)?;
+        m.serialize_entry("load_balancer_ips", &a.load_balancer_ips)?;
+        m.serialize_entry("proxied_load_balancer_ips", &a.proxied_load_balancer_ips)?;
+        m.serialize_entry("source_ranges", &a.source_ranges)?;
+        m.serialize_entry("firewall", &a.firewall)?;
+        m.end()
+    }
+}
+
 impl ServicePort {
+    /// ExternalIPs of this family the node admits.
+    pub fn external_ips(&self) -> &[IpAddr] {
+        self.outside.0.as_ref().map_or(&[], |a| &a.external_ips)
+    }
+
+    /// Load-balancer addresses the node intercepts (`ipMode: VIP`).
+    pub fn load_balancer_ips(&self) -> &[IpAddr] {
+        self.outside.0.as_ref().map_or(&[], |a| &a.load_balancer_ips)
+    }
+
+    /// Load-balancer addresses left alone (`ipMode: Proxy`), kept for `explain`.
+    pub fn proxied_load_balancer_ips(&self) -> &[IpAddr] {
+        self.outside.0.as_ref().map_or(&[], |a| &a.proxied_load_balancer_ips)
+    }
+
+    /// `loadBalancerSourceRanges` of this family as written.
+    pub fn source_ranges(&self) -> &[IpNet] {
+        self.outside.0.as_ref().map_or(&[], |a| &a.source_ranges)
+    }
+
+    /// Sources allowed to reach the load-balancer addresses, when a
+    /// source-range firewall is in force: the ranges, plus the LB addresses
+    /// themselves when the node's primary IP is inside a range
+    /// (node-originated VIP traffic loops back with the VIP as source).
+    pub fn firewall(&self) -> Option<&[IpNet]> {
+        self.outside.0.as_ref().and_then(|a| a.firewall.as_deref())
+    }
+
     pub fn endpoint_set(&self, set: EndpointSet) -> impl Iterator<Item = &Endpoint> {
         let idx = match set {
             EndpointSet::Cluster => &self.categorized.cluster,
             EndpointSet::Local => &self.categorized.local,
         };
-        idx.iter().map(|i| &self.endpoints[*i])
+        idx.iter().map(|i| &self.endpoints[*i as usize])
     }
 
     /// Endpoints counted as serving by the stale-flow rules.
@@ -485,8 +536,8 @@ pub fn frontend_claims(sp: &ServicePort) -> Vec<(FrontendKey, Claim)> {
     let claim = |kind: FrontendKind| Claim { rank: kind_rank(kind), service: sp.id.clone(), kind };
     let at = |ip: IpAddr| FrontendKey { addr: FrontendAddr::Ip(ip), port: sp.port, protocol: sp.id.protocol };
     let mut out = vec![(at(sp.cluster_ip), claim(FrontendKind::ClusterIp))];
-    out.extend(sp.external_ips.iter().map(|ip| (at(*ip), claim(FrontendKind::ExternalIp))));
-    out.extend(sp.load_balancer_ips.iter().map(|ip| (at(*ip), claim(FrontendKind::LoadBalancer))));
+    out.extend(sp.external_ips().iter().map(|ip| (at(*ip), claim(FrontendKind::ExternalIp))));
+    out.extend(sp.load_balancer_ips().iter().map(|ip| (at(*ip), claim(FrontendKind::LoadBalancer))));
     if let Some(np) = sp.node_port {
         let key = FrontendKey { addr: FrontendAddr::NodePort(sp.id.family), port: np, protocol: sp.id.protocol };
         out.push((key, claim(FrontendKind::NodePort)));
@@ -562,7 +613,7 @@ pub fn build_plan(state: &ClusterState, cfg: &NodeConfig) -> Plan {
             }
             services.insert(sp.id.clone(), Arc::new(sp));
         }
-        if let Some(hc) = info.health_check_node_port {
+        if let Some(hc) = info.health_check_node_port() {
             hc_claims.entry(hc).or_default().push(key);
         }
     }
@@ -602,12 +653,12 @@ pub(crate) fn plan_service(
         let fam =
             |ips: &[IpAddr]| -> Vec<IpAddr> { ips.iter().copied().filter(|i| IpFamily::of(i) == family).collect() };
         let external_ips = fam(&admitted_external_ips);
-        let lb_all: Vec<_> = info.load_balancer_ingress.iter().filter(|l| IpFamily::of(&l.ip) == family).collect();
+        let lb_all: Vec<_> = info.load_balancer_ingress().iter().filter(|l| IpFamily::of(&l.ip) == family).collect();
         let load_balancer_ips: Vec<IpAddr> = lb_all.iter().filter(|l| !l.proxy_mode).map(|l| l.ip).collect();
         let proxied_load_balancer_ips: Vec<IpAddr> = lb_all.iter().filter(|l| l.proxy_mode).map(|l| l.ip).collect();
         let source_ranges: Vec<IpNet> =
-            info.source_ranges.iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
-        if !info.source_ranges.is_empty() && source_ranges.is_empty() && !load_balancer_ips.is_empty() {
+            info.source_ranges().iter().copied().filter(|n| IpFamily::of_net(n) == family).collect();
+        if !info.source_ranges().is_empty() && source_ranges.is_empty() && !load_balancer_ips.is_empty() {
             out.problems.push(ObjectError::warn(
                 ObjectKind::Service,
                 &info.key,
@@ -635,6 +686,7 @@ pub(crate) fn plan_service(
                     load_balancer_ips: load_balancer_ips.clone(),
                     proxied_load_balancer_ips: proxied_load_balancer_ips.clone(),
                     source_ranges: source_ranges.clone(),
+                    firewall: None,
                 },
                 endpoints,
                 ctx,
@@ -650,11 +702,13 @@ pub(crate) fn plan_service(
     out
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct PortAddresses {
     external_ips: Vec<IpAddr>,
     load_balancer_ips: Vec<IpAddr>,
     proxied_load_balancer_ips: Vec<IpAddr>,
     source_ranges: Vec<IpNet>,
+    firewall: Option<Vec<IpNet>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -667,7 +721,7 @@ fn decide(
     node_port: Option<u16>,
     externally_accessible: bool,
     addrs: PortAddresses,
-    endpoints: Vec<Endpoint>,
+    endpoints: Arc<[Endpoint]>,
     ctx: TopologyContext,
 ) -> ServicePort {
     let family = id.family;
@@ -736,7 +790,8 @@ fn decide(
         }
     });
 
-    let firewall = if has_any && !addrs.load_balancer_ips.is_empty() && !addrs.source_ranges.is_empty() {
+    let mut addrs = addrs;
+    addrs.firewall = if has_any && !addrs.load_balancer_ips.is_empty() && !addrs.source_ranges.is_empty() {
         let mut allowed = addrs.source_ranges.clone();
         let node_in_range =
             node.primary_ips.get(&family).is_some_and(|ip| addrs.source_ranges.iter().any(|n| n.contains(ip)));
@@ -753,16 +808,12 @@ fn decide(
         cluster_ip,
         port,
         node_port,
-        external_ips: addrs.external_ips,
-        load_balancer_ips: addrs.load_balancer_ips,
-        proxied_load_balancer_ips: addrs.proxied_load_balancer_ips,
-        source_ranges: addrs.source_ranges,
-        firewall,
+        outside: OutsideAddresses((addrs != PortAddresses::default()).then(|| Box::new(addrs))),
         internal_policy_local: itp_local,
         external_policy_local: etp_local,
         externally_accessible,
         affinity_timeout_seconds: info.affinity_timeout_seconds,
-        health_check_node_port: info.health_check_node_port,
+        health_check_node_port: info.health_check_node_port(),
         maglev: info.maglev,
         endpoints,
         categorized,

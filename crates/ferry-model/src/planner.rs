@@ -347,7 +347,7 @@ impl Planner {
 
     fn refresh_slice_problems(&mut self, key: &ObjectKey) {
         let Some(read) = self.slices.get(key) else { return };
-        let mut problems = read.problems.clone();
+        let mut problems = read.problems.to_vec();
         if let Some(owner) = &read.owner
             && !self.services.contains_key(&owner.service)
         {
@@ -479,7 +479,7 @@ impl Planner {
                     if planned.ports.is_empty() {
                         let c = Contribution {
                             cluster_ips: planned.cluster_ips.into(),
-                            health_check: info.health_check_node_port,
+                            health_check: info.health_check_node_port(),
                         };
                         self.portless.insert(key.clone(), c);
                     }
@@ -499,7 +499,7 @@ impl Planner {
                             after.push(sp);
                         }
                     }
-                    if let Some(hc) = info.health_check_node_port {
+                    if let Some(hc) = info.health_check_node_port() {
                         sorted_insert(self.health_check_claims.entry(hc).or_default(), key.clone());
                         touched_health_checks.insert(hc);
                     }

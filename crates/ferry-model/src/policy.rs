@@ -39,7 +39,7 @@ pub fn special_address(ip: &IpAddr) -> Option<&'static str> {
 /// ignores: special addresses always, addresses outside
 /// `externalIPs.allowedCIDRs` when the node config sets it.
 pub fn admit_external_ips(node: &NodeFacts, info: &ServiceInfo) -> (Vec<IpAddr>, Vec<ObjectError>) {
-    let mut admitted = Vec::with_capacity(info.external_ips.len());
+    let mut admitted = Vec::with_capacity(info.external_ips().len());
     let mut problems = Vec::new();
     let refuse = |ip: &IpAddr, why: String| {
         ObjectError::skip_entry(
@@ -49,7 +49,7 @@ pub fn admit_external_ips(node: &NodeFacts, info: &ServiceInfo) -> (Vec<IpAddr>,
             format!("{ip} is {why}; this ExternalIP is not served"),
         )
     };
-    for ip in &info.external_ips {
+    for ip in info.external_ips() {
         if let Some(kind) = special_address(ip) {
             problems.push(refuse(ip, format!("{kind}, never a valid ExternalIP")));
         } else if let Some(allowed) = &node.external_ips_allowed

@@ -111,34 +111,66 @@ impl FamilyIps {
     }
 }
 
-/// The validated facts of one Service.
+/// The validated facts of one Service. The planner keeps one per Service,
+/// so lists are exactly sized (`Box<[_]>`) and what most Services do not
+/// have (external addresses, source ranges, a health-check port, a traffic
+/// distribution) sits in one optional box, read through its accessors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceInfo {
     pub key: ObjectKey,
     pub service_type: ServiceType,
     /// At most one ClusterIP per family.
     pub cluster_ips: FamilyIps,
-    pub ports: Vec<PortSpec>,
-    pub external_ips: Vec<IpAddr>,
-    pub load_balancer_ingress: Vec<LoadBalancerIngress>,
-    pub source_ranges: Vec<IpNet>,
+    pub ports: Box<[PortSpec]>,
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
     /// `sessionAffinity: ClientIP` timeout; `None` without affinity.
     pub affinity_timeout_seconds: Option<u32>,
-    /// Served only for `type: LoadBalancer` with `externalTrafficPolicy: Local`.
-    pub health_check_node_port: Option<u16>,
-    pub traffic_distribution: Option<String>,
     /// `ferry.io/lb-algorithm`: Some(true) for Maglev, Some(false) for random,
     /// None for the node's default.
     pub maglev: Option<bool>,
+    outside: Option<Box<OutsideFacts>>,
+}
+
+/// The facts of a Service reachable from outside (and its traffic distribution).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+struct OutsideFacts {
+    external_ips: Box<[IpAddr]>,
+    load_balancer_ingress: Box<[LoadBalancerIngress]>,
+    source_ranges: Box<[IpNet]>,
+    health_check_node_port: Option<u16>,
+    traffic_distribution: Option<std::sync::Arc<str>>,
+}
+
+impl ServiceInfo {
+    pub fn external_ips(&self) -> &[IpAddr] {
+        self.outside.as_ref().map_or(&[], |o| &o.external_ips)
+    }
+
+    pub fn load_balancer_ingress(&self) -> &[LoadBalancerIngress] {
+        self.outside.as_ref().map_or(&[], |o| &o.load_balancer_ingress)
+    }
+
+    pub fn source_ranges(&self) -> &[IpNet] {
+        self.outside.as_ref().map_or(&[], |o| &o.source_ranges)
+    }
+
+    /// Served only for `type: LoadBalancer` with `externalTrafficPolicy: Local`.
+    pub fn health_check_node_port(&self) -> Option<u16> {
+        self.outside.as_ref().and_then(|o| o.health_check_node_port)
+    }
+
+    pub fn traffic_distribution(&self) -> Option<&str> {
+        self.outside.as_ref().and_then(|o| o.traffic_distribution.as_deref())
+    }
 }
 
 impl ServiceInfo {
     /// kube-proxy's `ExternallyAccessible` on the Service: reachable from
     /// outside the cluster through a NodePort, a load balancer or an ExternalIP.
     pub fn externally_accessible_type(&self) -> bool {
-        matches!(self.service_type, ServiceType::NodePort | ServiceType::LoadBalancer) || !self.external_ips.is_empty()
+        matches!(self.service_type, ServiceType::NodePort | ServiceType::LoadBalancer)
+            || !self.external_ips().is_empty()
     }
 }
 
@@ -418,20 +450,23 @@ pub fn read_service(svc: &Service, cfg: &NodeConfig) -> ServiceRead {
     if !c.errors.is_empty() {
         return ServiceRead::Invalid(c.errors);
     }
+    let outside = OutsideFacts {
+        external_ips: external_ips.into(),
+        load_balancer_ingress: load_balancer_ingress.into(),
+        source_ranges: source_ranges.into(),
+        health_check_node_port,
+        traffic_distribution: spec.traffic_distribution.as_deref().map(crate::intern::shared_str),
+    };
     let mut info = ServiceInfo {
         key: key.clone(),
         service_type,
         cluster_ips,
-        ports,
-        external_ips,
-        load_balancer_ingress,
-        source_ranges,
+        ports: ports.into(),
         external_policy_local: false,
         internal_policy_local,
         affinity_timeout_seconds,
-        health_check_node_port,
-        traffic_distribution: spec.traffic_distribution.clone(),
         maglev,
+        outside: (outside != OutsideFacts::default()).then(|| Box::new(outside)),
     };
     // kube-proxy's ExternalPolicyLocal: eTP only means something for Services
     // reachable from outside.

@@ -207,7 +207,7 @@ impl StaleFlowIndex {
 
 /// The `ip:port` frontends' addresses of a service port: ClusterIP, VIP-mode LB IPs, ExternalIPs.
 fn frontend_ips(sp: &ServicePort) -> impl Iterator<Item = &IpAddr> {
-    std::iter::once(&sp.cluster_ip).chain(&sp.load_balancer_ips).chain(&sp.external_ips)
+    std::iter::once(&sp.cluster_ip).chain(sp.load_balancer_ips()).chain(sp.external_ips())
 }
 
 fn owns(plan: &Plan, sp: &ServicePort, addr: FrontendAddr, port: u16) -> bool {

@@ -119,11 +119,12 @@ pub enum EndpointChoice {
 /// The outcome of categorising one service port's endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Categorized {
-    /// Indexes into the endpoint list used by "Cluster" traffic policy.
-    pub cluster: Vec<usize>,
+    /// Indexes into the endpoint list used by "Cluster" traffic policy
+    /// (exactly sized: the planner keeps one per service port).
+    pub cluster: Box<[u32]>,
     pub cluster_choice: EndpointChoice,
     /// Indexes used by "Local" traffic policy.
-    pub local: Vec<usize>,
+    pub local: Box<[u32]>,
     pub local_choice: EndpointChoice,
     /// Some endpoint anywhere could serve: decides DROP (true) against REJECT (false).
     pub has_any: bool,
@@ -138,16 +139,16 @@ pub struct Categorized {
 /// short-circuit). `uses_local`: some path uses node-local endpoints.
 pub fn categorize(endpoints: &[Endpoint], uses_cluster: bool, uses_local: bool, ctx: TopologyContext) -> Categorized {
     let mut out = Categorized {
-        cluster: Vec::new(),
+        cluster: Box::default(),
         cluster_choice: EndpointChoice::Empty,
-        local: Vec::new(),
+        local: Box::default(),
         local_choice: EndpointChoice::Empty,
         has_any: false,
         topology: TopologyMode::None,
         topology_reason: TopologyReason::NoReadyEndpoints,
     };
-    let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<usize> {
-        endpoints.iter().enumerate().filter(|(_, e)| f(e)).map(|(i, _)| i).collect()
+    let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Box<[u32]> {
+        endpoints.iter().enumerate().filter(|(_, e)| f(e)).map(|(i, _)| i as u32).collect()
     };
 
     if uses_cluster {

@@ -144,7 +144,7 @@ pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
 
     // Endpoint chains, shared by both sets.
     let mut ep_chain = BTreeMap::new();
-    for e in &sp.endpoints {
+    for e in sp.endpoints.iter() {
         let chain = format!("ep-{h}-{name}__{}", ep_name(&e.ip, e.port));
         let aff = format!("aff-{h}-{}", ep_name(&e.ip, e.port));
         let mut rules = vec![format!("{ip} saddr {} jump mark-for-masquerade", e.ip)];
@@ -295,7 +295,7 @@ pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
     }
     let ext_verdict = verdict(&sp.external);
     for (ips, kind) in
-        [(&sp.external_ips, FrontendKind::ExternalIp), (&sp.load_balancer_ips, FrontendKind::LoadBalancer)]
+        [(sp.external_ips(), FrontendKind::ExternalIp), (sp.load_balancer_ips(), FrontendKind::LoadBalancer)]
     {
         for a in ips {
             let key = FrontendKey { addr: FrontendAddr::Ip(*a), port, protocol: sp.id.protocol };
@@ -308,7 +308,7 @@ pub fn render_service(sp: &ServicePort, plan: &Plan) -> ServiceParts {
                 out.elements.push(("no-endpoint-services".into(), k.clone(), Some(v.clone())));
             }
             if kind == FrontendKind::LoadBalancer
-                && let Some(allowed) = &sp.firewall
+                && let Some(allowed) = sp.firewall()
             {
                 let fw = format!("fw-{h}-{name}");
                 let list: Vec<String> = allowed.iter().map(|n| n.to_string()).collect();

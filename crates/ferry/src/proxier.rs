@@ -557,8 +557,8 @@ fn can_leave_stale_flows(old: &ServicePort, new: &ServicePort) -> bool {
         || (before.is_empty() && !after.is_empty())
         || old.cluster_ip != new.cluster_ip
         || old.node_port != new.node_port
-        || !new.load_balancer_ips.iter().all(|ip| old.load_balancer_ips.contains(ip))
-        || !new.external_ips.iter().all(|ip| old.external_ips.contains(ip))
+        || !new.load_balancer_ips().iter().all(|ip| old.load_balancer_ips().contains(ip))
+        || !new.external_ips().iter().all(|ip| old.external_ips().contains(ip))
         || lost_frontend(old, new)
 }
 
@@ -567,8 +567,8 @@ fn lost_frontend(old: &ServicePort, new: &ServicePort) -> bool {
     old.cluster_ip != new.cluster_ip
         || old.port != new.port
         || (old.node_port.is_some() && old.node_port != new.node_port)
-        || !old.load_balancer_ips.iter().all(|ip| new.load_balancer_ips.contains(ip))
-        || !old.external_ips.iter().all(|ip| new.external_ips.contains(ip))
+        || !old.load_balancer_ips().iter().all(|ip| new.load_balancer_ips().contains(ip))
+        || !old.external_ips().iter().all(|ip| new.external_ips().contains(ip))
 }
 
 /// The UDP service ports whose frontends the reconciler must treat as a

@@ -143,13 +143,13 @@ pub fn summary(plan: &Plan) -> String {
         if let Some(np) = sp.node_port {
             fronts.push(format!("NodePort {np}"));
         }
-        fronts.extend(sp.load_balancer_ips.iter().map(|ip| format!("LoadBalancer {}", fmt_addr_port(ip, sp.port))));
+        fronts.extend(sp.load_balancer_ips().iter().map(|ip| format!("LoadBalancer {}", fmt_addr_port(ip, sp.port))));
         fronts.extend(
-            sp.proxied_load_balancer_ips
+            sp.proxied_load_balancer_ips()
                 .iter()
                 .map(|ip| format!("LoadBalancer {} (ipMode Proxy, not intercepted)", ip)),
         );
-        fronts.extend(sp.external_ips.iter().map(|ip| format!("ExternalIP {}", fmt_addr_port(ip, sp.port))));
+        fronts.extend(sp.external_ips().iter().map(|ip| format!("ExternalIP {}", fmt_addr_port(ip, sp.port))));
         let _ = writeln!(s, "  frontends   {}", fronts.join(" · "));
         let mut policy =
             vec![format!("internalTrafficPolicy={}", if sp.internal_policy_local { "Local" } else { "Cluster" })];
@@ -160,8 +160,8 @@ pub fn summary(plan: &Plan) -> String {
         if let Some(t) = sp.affinity_timeout_seconds {
             policy.push(format!("sessionAffinity ClientIP {t}s"));
         }
-        if !sp.source_ranges.is_empty() {
-            policy.push(format!("loadBalancerSourceRanges {}", join(&sp.source_ranges)));
+        if !sp.source_ranges().is_empty() {
+            policy.push(format!("loadBalancerSourceRanges {}", join(sp.source_ranges())));
         }
         if let Some(hc) = sp.health_check_node_port {
             policy.push(format!("healthCheckNodePort {hc}"));
@@ -196,7 +196,7 @@ pub fn summary(plan: &Plan) -> String {
         if sp.externally_accessible {
             let _ = writeln!(s, "  external    {}", line(&sp.external));
         }
-        if sp.firewall.is_some() {
+        if sp.firewall().is_some() {
             let _ = writeln!(
                 s,
                 "              (LoadBalancer IPs: any source outside loadBalancerSourceRanges is dropped, pods and nodes included)"

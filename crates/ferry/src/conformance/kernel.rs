@@ -101,7 +101,7 @@ fn proto(p: Protocol) -> Option<Proto> {
 fn frontend_addresses(plan: &Plan) -> BTreeSet<IpAddr> {
     plan.services
         .values()
-        .flat_map(|sp| sp.load_balancer_ips.iter().chain(&sp.external_ips).chain(&sp.proxied_load_balancer_ips))
+        .flat_map(|sp| sp.load_balancer_ips().iter().chain(sp.external_ips()).chain(sp.proxied_load_balancer_ips()))
         .copied()
         .collect()
 }
@@ -157,7 +157,7 @@ impl KernelRunner {
         let mut serving: BTreeMap<IpAddr, (bool, BTreeSet<(u16, Protocol)>)> = BTreeMap::new();
         for plan in plans() {
             for sp in plan.services.values() {
-                for e in &sp.endpoints {
+                for e in sp.endpoints.iter() {
                     let entry = serving.entry(e.ip).or_insert((e.local, BTreeSet::new()));
                     if entry.0 != e.local {
                         anyhow::bail!(
