@@ -59,6 +59,11 @@ pub enum MapError {
          objects (see `ferry status` for the fill of every map)"
     )]
     Full { map: &'static str, capacity: u32 },
+    #[error(
+        "the pinned datapath has no {map}: an older ferry installed it (see `ferry datapath layout`); start \
+         this version's agent, which upgrades it in place"
+    )]
+    Missing { map: &'static str },
 }
 
 impl crate::program::Cause for MapError {
@@ -69,6 +74,7 @@ impl crate::program::Cause for MapError {
             MapError::Open { .. } => "map not open".into(),
             MapError::Layout { map, .. } => format!("{map} layout"),
             MapError::Injected { .. } => "injected".into(),
+            MapError::Missing { map } => format!("{map} missing"),
         }
     }
 }
@@ -123,6 +129,14 @@ impl<K: Copy + Default, V: Copy + Default> Typed<K, V> {
             }
         }
         Ok(Typed { name, handle, _kv: PhantomData })
+    }
+
+    /// As [`Typed::open`], but a map not pinned at all is `None`.
+    fn open_optional(dir: &Path, name: &'static str) -> Result<Option<Self>, MapError> {
+        if !dir.join(name).exists() {
+            return Ok(None);
+        }
+        Typed::open(dir, name).map(Some)
     }
 
     /// The map's name (its pin file).
@@ -249,11 +263,14 @@ pub struct Maps {
     stats: Typed<u32, u64>,
     devices: Typed<u32, t::device>,
     ct: Typed<t::ct_key, t::ct_val>,
-    ct_new: Typed<t::ct_key, t::ct_val>,
+    /// Optional, as the pass-through sets: `ferry status` of this build
+    /// still reads a datapath an older layout pinned (before its agent
+    /// upgrades it), which lacks them.
+    ct_new: Option<Typed<t::ct_key, t::ct_val>>,
     maglev: Typed<u64, u32>,
     frags: Typed<t::frag_key, t::frag_val>,
-    addrs: Typed<t::local_key, u8>,
-    peers: Typed<t::local_key, u8>,
+    addrs: Option<Typed<t::local_key, u8>>,
+    peers: Option<Typed<t::local_key, u8>>,
 }
 
 impl Maps {
@@ -278,11 +295,11 @@ impl Maps {
             stats: Typed::open(dir, "ferry_stats")?,
             devices: Typed::open(dir, "ferry_devices")?,
             ct: Typed::open(dir, "ferry_ct")?,
-            ct_new: Typed::open(dir, "ferry_ct_new")?,
+            ct_new: Typed::open_optional(dir, "ferry_ct_new")?,
             maglev: Typed::open(dir, "ferry_maglev")?,
             frags: Typed::open(dir, "ferry_frags")?,
-            addrs: Typed::open(dir, "ferry_addrs")?,
-            peers: Typed::open(dir, "ferry_peers")?,
+            addrs: Typed::open_optional(dir, "ferry_addrs")?,
+            peers: Typed::open_optional(dir, "ferry_peers")?,
         })
     }
 
@@ -413,8 +430,8 @@ impl Maps {
             "ferry_locals" => &self.locals,
             "ferry_ranges" => &self.ranges,
             "ferry_devices" => &self.devices,
-            "ferry_addrs" => &self.addrs,
-            "ferry_peers" => &self.peers,
+            "ferry_addrs" => self.addrs.as_ref()?,
+            "ferry_peers" => self.peers.as_ref()?,
             _ => return None,
         };
         Some(handle.max_entries())
@@ -439,7 +456,7 @@ impl Maps {
             MapOp::PutFrontend(k, v) => {
                 (&self.frontends, "ferry_frontends", bytes(&enc_fe_key(k)).to_vec(), bytes(&enc_fe_val(v)).to_vec())
             }
-            MapOp::PutAddr(k) => (&self.addrs, "ferry_addrs", bytes(&enc_local(k)).to_vec(), vec![1]),
+            MapOp::PutAddr(k) => (self.addrs.as_ref()?, "ferry_addrs", bytes(&enc_local(k)).to_vec(), vec![1]),
             _ => return None,
         };
         Some(Put { map, name, key, value })
@@ -462,8 +479,8 @@ impl Maps {
             | MapOp::PutMember(..)
             | MapOp::PutService(..)
             | MapOp::PutName(..)
-            | MapOp::PutFrontend(..)
-            | MapOp::PutAddr(..) => unreachable!("apply writes puts into the hash maps itself"),
+            | MapOp::PutFrontend(..) => unreachable!("apply writes puts into the hash maps itself"),
+            MapOp::PutAddr(..) => Err(MapError::Missing { map: "ferry_addrs" }),
             MapOp::DelBackend(id) => del(&self.backends, "ferry_backends", &id.to_ne_bytes()),
             MapOp::DelSlot(k) => del(&self.slots, "ferry_slots", bytes(&enc_slot(k))),
             MapOp::DelMember(k) => del(&self.members, "ferry_members", bytes(&enc_member(k))),
@@ -593,7 +610,7 @@ impl Maps {
     /// flows (`ferry_ct`), then unconfirmed ones (`ferry_ct_new`).
     pub fn ct_entries(&self) -> Vec<crate::stale::CtEntry> {
         let confirmed = self.ct.entries().into_iter().map(|e| (false, e));
-        let unconfirmed = self.ct_new.entries().into_iter().map(|e| (true, e));
+        let unconfirmed = self.ct_new.iter().flat_map(|m| m.entries()).map(|e| (true, e));
         confirmed
             .chain(unconfirmed)
             .map(|(unconfirmed, (k, v))| crate::stale::CtEntry {
@@ -619,12 +636,13 @@ impl Maps {
 
     /// The addresses in one of the pass-through sets.
     pub fn pass_set(&self, set: crate::pass::PassSet) -> Vec<LocalKey> {
-        self.pass_map(set).entries().into_iter().map(|(k, _)| LocalKey { addr: k.addr, family: k.family }).collect()
+        let Ok(map) = self.pass_map(set) else { return Vec::new() };
+        map.entries().into_iter().map(|(k, _)| LocalKey { addr: k.addr, family: k.family }).collect()
     }
 
     /// Adds addresses to a pass-through set; a full map is [`MapError::Full`].
     pub fn put_pass_set(&self, set: crate::pass::PassSet, keys: &[LocalKey]) -> Result<(), MapError> {
-        let map = self.pass_map(set);
+        let map = self.pass_map(set)?;
         // In batches: the first fill after an install writes every frontend address.
         for chunk in keys.chunks(BATCH) {
             let k: Vec<u8> = chunk.iter().flat_map(|k| bytes(&enc_local(k)).to_vec()).collect();
@@ -642,15 +660,16 @@ impl Maps {
 
     /// Removes addresses from a pass-through set (missing ones are fine); returns how many went.
     pub fn delete_pass_set(&self, set: crate::pass::PassSet, keys: &[LocalKey]) -> usize {
-        let map = self.pass_map(set);
+        let Ok(map) = self.pass_map(set) else { return 0 };
         keys.iter().filter(|k| map.delete(bytes(&enc_local(k))).is_ok()).count()
     }
 
-    fn pass_map(&self, set: crate::pass::PassSet) -> &Typed<t::local_key, u8> {
-        match set {
-            crate::pass::PassSet::Addrs => &self.addrs,
-            crate::pass::PassSet::Peers => &self.peers,
-        }
+    fn pass_map(&self, set: crate::pass::PassSet) -> Result<&Typed<t::local_key, u8>, MapError> {
+        let (map, name) = match set {
+            crate::pass::PassSet::Addrs => (&self.addrs, "ferry_addrs"),
+            crate::pass::PassSet::Peers => (&self.peers, "ferry_peers"),
+        };
+        map.as_ref().ok_or(MapError::Missing { map: name })
     }
 
     /// Deletes connection-tracking entries (missing ones are fine: they
@@ -669,8 +688,8 @@ impl Maps {
                 dir: e.dir,
                 pad: 0,
             };
-            let table = if e.unconfirmed { &self.ct_new } else { &self.ct };
-            if table.delete(bytes(&k)).is_ok() {
+            let table = if e.unconfirmed { self.ct_new.as_ref() } else { Some(&self.ct) };
+            if table.is_some_and(|t| t.delete(bytes(&k)).is_ok()) {
                 n += 1;
                 unconfirmed += u64::from(e.unconfirmed);
             }

@@ -5,7 +5,7 @@
 //! are `ferry-cap-<pid>-*` and removed even when the test fails.
 
 use ferry_bpf::entries::*;
-use ferry_bpf::{InstallOptions, Maps, Programmer, Refused};
+use ferry_bpf::{InstallOptions, MapOp, Maps, Programmer, Refused};
 use ferry_model::{ClusterState, Plan, StateChange, build_plan};
 use serde_json::json;
 use std::path::PathBuf;
@@ -163,4 +163,27 @@ fn an_adopted_map_keeps_its_pinned_capacity_and_says_so() {
         ]
     );
     assert_eq!(again.maps.capacity("ferry_services"), Some(CAPACITY));
+}
+
+/// A datapath an older layout pinned lacks the maps later layouts added
+/// (`ferry_ct_new` before layout 2, the pass-through sets before layout 3):
+/// this build still opens and reads it (`ferry status` before the agent
+/// upgrades it), and a write into a missing map says what to do.
+#[test]
+fn maps_of_an_older_layout_open_without_the_maps_it_lacks() {
+    let dp = Datapath::install("older");
+    for name in ["ferry_ct_new", "ferry_addrs", "ferry_peers"] {
+        std::fs::remove_file(dp.pin_dir.join(name)).unwrap_or_else(|e| panic!("unpinning {name}: {e}"));
+    }
+    let maps = Maps::open(&dp.pin_dir).expect("an older layout's maps open");
+    let dump = maps.dump();
+    assert!(dump.addrs.is_empty());
+    assert!(maps.ct_entries().is_empty());
+    assert!(maps.pass_set(ferry_bpf::pass::PassSet::Peers).is_empty());
+    assert_eq!(maps.capacity("ferry_addrs"), None);
+    let key = LocalKey { addr: [1, 0, 0, 0], family: FAM_V4 };
+    let err = maps.put_pass_set(ferry_bpf::pass::PassSet::Addrs, &[key]).unwrap_err();
+    assert!(err.to_string().contains("no ferry_addrs") && err.to_string().contains("agent"), "{err}");
+    let err = maps.apply(&[MapOp::PutAddr(key)]).unwrap_err();
+    assert!(matches!(err, ferry_bpf::maps::MapError::Missing { map: "ferry_addrs" }), "{err}");
 }
