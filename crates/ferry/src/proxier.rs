@@ -56,6 +56,8 @@ struct BpfBackend {
     /// compares them with the Plan: connected UDP sockets aimed at one that is
     /// no longer serving (removed while no agent ran) are destroyed then.
     adopted_backends: Vec<std::net::SocketAddr>,
+    /// The live tracked flows the last collection read, for the resync after it.
+    live_flows: Option<Vec<ferry_bpf::stale::CtEntry>>,
 }
 
 /// Which datapath programs the Plan.
@@ -160,6 +162,7 @@ impl Proxier {
                         pin_dir: opts.pin_dir.clone(),
                         cgroup: opts.cgroup.clone(),
                         adopted_backends,
+                        live_flows: None,
                     })),
                     started,
                 )
@@ -324,26 +327,13 @@ impl Proxier {
     /// The datapath removes an expired entry when a packet meets it, and the
     /// map is an LRU, so this is housekeeping: it frees NAT ports and keeps
     /// fill levels and `ferry_nat_entries` honest. Run with the periodic resync.
-    pub fn collect_expired_flows(&self) -> usize {
-        let Backend::Bpf(b) = &self.backend else { return 0 };
+    pub fn collect_expired_flows(&mut self) -> usize {
+        let Backend::Bpf(b) = &mut self.backend else { return 0 };
         let now = ferry_bpf::stale::monotonic_ns();
         let (live, expired): (Vec<_>, Vec<_>) = b.maps.ct_entries().into_iter().partition(|e| e.is_live(now));
         let n = b.maps.delete_ct(&expired);
-        // The pass-through sets shrink here only (ferry_bpf::pass): from one
-        // reading of the maps, on the sync thread, so nothing is programmed meanwhile.
-        if b.runtime.fast_pass {
-            match ferry_bpf::pass::reconcile(&b.maps, &b.maps.dump(), &live) {
-                Ok(c) if !c.is_empty() => tracing::debug!(
-                    addresses_added = c.add_addrs.len(),
-                    addresses_removed = c.del_addrs.len(),
-                    peers_added = c.add_peers.len(),
-                    peers_removed = c.del_peers.len(),
-                    "pass-through sets brought up to date"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("pass-through sets: {e}"),
-            }
-        }
+        // Kept for the resync that follows (its collection of the pass-through sets).
+        b.live_flows = Some(live);
         n
     }
 
@@ -378,7 +368,9 @@ impl Proxier {
         let Some(plan) = self.last.clone() else { return Ok(0) };
         match &mut self.backend {
             Backend::Bpf(b) => {
-                let mut fresh = Programmer::adopt(&b.maps.dump());
+                let dump = b.maps.dump();
+                b.collect_pass_sets(&dump);
+                let mut fresh = Programmer::adopt(&dump);
                 let batch = fresh.sync_batch(&plan, None, &b.runtime);
                 self.refused = b.maps.apply_batch(&batch);
                 if self.refused.is_empty() {
@@ -423,6 +415,29 @@ fn warn_if_nat_ports_are_ephemeral((lo, hi): (u16, u16)) {
 }
 
 impl BpfBackend {
+    /// The pass-through sets shrink here only (`ferry_bpf::pass`), at a
+    /// resync: from one reading of the maps (`dump`) and the flows the
+    /// collection before it kept, on the sync thread, so nothing is
+    /// programmed meanwhile. Before the resync's corrections: an entry they
+    /// put back writes its address again.
+    fn collect_pass_sets(&mut self, dump: &ferry_bpf::MapDump) {
+        let Some(flows) = self.live_flows.take() else { return };
+        if !self.runtime.fast_pass {
+            return;
+        }
+        match ferry_bpf::pass::reconcile(&self.maps, dump, &flows) {
+            Ok(c) if !c.is_empty() => tracing::debug!(
+                addresses_added = c.add_addrs.len(),
+                addresses_removed = c.del_addrs.len(),
+                peers_added = c.add_peers.len(),
+                peers_removed = c.del_peers.len(),
+                "pass-through sets brought up to date"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pass-through sets: {e}"),
+        }
+    }
+
     /// Fills the pass-through sets and turns the fast path on, once per
     /// install, after the first sync (`ferry_bpf::pass`): from then on a
     /// packet that is none of ferry's business leaves the tc programs after

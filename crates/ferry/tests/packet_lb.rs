@@ -619,3 +619,65 @@ fn hairpin_and_pod_to_nodeport_are_masqueraded() {
 
 // Maglev: a test that removing one backend of ten moves only a small share of
 // flows (issue 4) belongs here; it is being written separately.
+
+/// The pass-through fast path's sets (`ferry_addrs`, `ferry_peers`) shrink
+/// only at the agent's collection, never under a flow that needs them: a held
+/// connection to a LoadBalancer IP (`externalTrafficPolicy: Local`, no SNAT,
+/// so the datapath notes the pod in `ferry_peers`) keeps answering after its
+/// Service is deleted and collections have run; once it has closed and its
+/// entries expired, a collection removes the LB IP and the pod.
+#[test]
+fn a_deleted_services_held_flow_keeps_the_fast_path_out_of_its_way() {
+    use ferry_bpf::entries::{LocalKey, family_of, words};
+    use ferry_bpf::pass::PassSet;
+    let ep = on_a(21);
+    let svc = Svc { name: "lb", n: 7, kind: "LoadBalancer", spec: "externalTrafficPolicy: Local", endpoints: vec![ep] };
+    let mut c = cluster("pkpass", &[ep], &[svc]);
+    let lab = &mut c.lab;
+    // A collection every second; a closed flow's entries expire after 2 s.
+    let config = format!("{}syncPeriod: 1s\nconntrack: {{tcpCloseWaitTimeout: 2s}}\n", node_config(lab, NODE_A));
+    std::fs::write(&lab.nodes[NODE_A].config, config).unwrap();
+    lab.kill_agent(NODE_A).unwrap();
+    lab.start_agent(NODE_A).unwrap();
+    let key = |ip: IpAddr| LocalKey { addr: words(&ip), family: family_of(&ip) };
+    let (lb, pod) = (key(lb_ip(7, Fam::V4)), key(ep.ip(Fam::V4)));
+    let pin_dir = lab.nodes[NODE_A].pin_dir.clone();
+    let sets = move || {
+        let maps = ferry_bpf::Maps::open(&pin_dir).expect("node-a's maps");
+        (maps.pass_set(PassSet::Addrs).contains(&lb), maps.pass_set(PassSet::Peers).contains(&pod))
+    };
+
+    let target =
+        opts(Proto::Tcp, SocketAddr::new(lb_ip(7, Fam::V4), service_port(Proto::Tcp)), Some(client_ip(0, Fam::V4)));
+    let held = hold_open(lab, CLIENT, &target, Duration::from_secs(60), "held.out");
+    let started = lab.wait_until(Duration::from_secs(10), |_| exchanges(&held).len() >= 5);
+    assert!(started, "the held connection never got going: {:?}\n{}", exchanges(&held), diag(lab, NODE_A));
+    assert_eq!(sets(), (true, true), "the LB IP in ferry_addrs, the unSNATed flow's pod in ferry_peers");
+
+    lab.write_manifests(NODE_A, "").unwrap();
+    let pin_dir = lab.nodes[NODE_A].pin_dir.clone();
+    let gone = lab.wait_until(Duration::from_secs(10), |_| {
+        ferry_bpf::Maps::open(&pin_dir).is_ok_and(|m| m.dump().frontends.iter().all(|(k, _)| k.addr != lb.addr))
+    });
+    assert!(gone, "the deleted Service's frontends stayed\n{}", diag(lab, NODE_A));
+    // Three collections later, the flow still answers and still has both entries.
+    let before = exchanges(&held).len();
+    let kept = lab.wait_until(Duration::from_secs(10), |_| exchanges(&held).len() >= before + 30);
+    assert!(
+        kept,
+        "the held connection stalled after its Service went: {:?}\n{}",
+        exchanges(&held).last(),
+        diag(lab, NODE_A)
+    );
+    assert_eq!(sets(), (true, true), "a collection removed an entry a live flow needs");
+    for o in exchanges(&held) {
+        let r = answered(&o, "an exchange on the held connection", lab);
+        assert_eq!(r.server, ep.name());
+        assert_eq!(r.server_peer.ip(), client_ip(0, Fam::V4), "the client address kept (no SNAT)");
+    }
+
+    // The flow closes; its entries expire; a collection takes both addresses out.
+    let _ = lab.sb.kill(held.pid);
+    let emptied = lab.wait_until(Duration::from_secs(20), |_| sets() == (false, false));
+    assert!(emptied, "the sets still hold the LB IP / the pod: {:?}\n{}", sets(), diag(lab, NODE_A));
+}
