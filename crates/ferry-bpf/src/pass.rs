@@ -49,42 +49,16 @@ fn key(addr: Words, family: u8) -> LocalKey {
     LocalKey { addr, family }
 }
 
-/// The addresses `ferry_addrs` must hold: every frontend's (a NodePort's
-/// "any address" key has none), every node address, every SNAT address a
-/// device or the config names, and the frontend every tracked translated
-/// flow was sent to (a deleted Service's flows keep being translated).
-pub fn wanted_addrs(dump: &MapDump, flows: &[CtEntry]) -> BTreeSet<LocalKey> {
-    let mut out = BTreeSet::new();
-    for (k, _) in &dump.frontends {
-        if k.addr != [0; 4] {
-            out.insert(key(k.addr, k.family));
-        }
-    }
-    for (k, _) in &dump.locals {
-        out.insert(*k);
-    }
-    let families = [crate::entries::FAM_V4, crate::entries::FAM_V6];
-    for (_, d) in &dump.devices {
-        for (f, addr) in families.iter().zip(d.snat) {
-            if addr != [0; 4] {
-                out.insert(key(addr, *f));
-            }
-        }
-    }
-    if let Some(c) = &dump.config {
-        for (f, addr) in families.iter().zip(c.primary) {
-            if addr != [0; 4] {
-                out.insert(key(addr, *f));
-            }
-        }
-    }
-    for e in flows {
-        // Masqueraded pod egress (backend 0) is sent to the outside world: its
-        // replies come back to a node address, which is in the set already.
-        if e.dir == CT_ORIGINAL && e.backend != 0 {
-            out.insert(key(e.dst, e.family));
-        }
-    }
+/// The addresses `ferry_addrs` must hold: `programmed` (every address the
+/// programmed entries name, [`crate::Programmer::pass_addrs`]: frontends but
+/// the NodePort wildcard, node addresses, SNAT addresses) and the frontend
+/// every tracked translated flow was sent to (a deleted Service's flows keep
+/// being translated).
+pub fn wanted_addrs(programmed: &BTreeSet<LocalKey>, flows: &[CtEntry]) -> BTreeSet<LocalKey> {
+    let mut out = programmed.clone();
+    // Masqueraded pod egress (backend 0) is sent to the outside world: its
+    // replies come back to a node address, which is in the set already.
+    out.extend(flows.iter().filter(|e| e.dir == CT_ORIGINAL && e.backend != 0).map(|e| key(e.dst, e.family)));
     out
 }
 
@@ -99,33 +73,52 @@ pub fn needed_peers(flows: &[CtEntry]) -> BTreeSet<LocalKey> {
         .collect()
 }
 
+/// What the programmed state says, for [`changes`]: the addresses its
+/// entries name and its backends' addresses.
+#[derive(Debug, Clone, Default)]
+pub struct Programmed {
+    pub addrs: BTreeSet<LocalKey>,
+    pub backends: BTreeSet<LocalKey>,
+}
+
+impl Programmed {
+    /// From a reading of the maps and the Programmer adopted from it.
+    pub fn of(dump: &MapDump, programmer: &crate::Programmer) -> Programmed {
+        let backends = dump.backends.iter().map(|(_, b)| key(b.addr, b.family)).collect();
+        Programmed { addrs: programmer.pass_addrs(), backends }
+    }
+}
+
 /// From what the sets hold now: what to add and what to remove. A peer that
 /// is still a programmed backend is kept even without flows (the datapath
 /// may send it one at any moment and would find it noted already).
 pub fn changes(
-    dump: &MapDump,
+    programmed: &Programmed,
     flows: &[CtEntry],
     addrs_now: &BTreeSet<LocalKey>,
     peers_now: &BTreeSet<LocalKey>,
 ) -> PassChanges {
-    let addrs = wanted_addrs(dump, flows);
+    let addrs = wanted_addrs(&programmed.addrs, flows);
     let peers = needed_peers(flows);
-    let backends: BTreeSet<LocalKey> = dump.backends.iter().map(|(_, b)| key(b.addr, b.family)).collect();
     PassChanges {
         add_addrs: addrs.difference(addrs_now).copied().collect(),
         del_addrs: addrs_now.difference(&addrs).copied().collect(),
         add_peers: peers.difference(peers_now).copied().collect(),
-        del_peers: peers_now.iter().filter(|k| !peers.contains(k) && !backends.contains(k)).copied().collect(),
+        del_peers: peers_now
+            .iter()
+            .filter(|k| !peers.contains(k) && !programmed.backends.contains(k))
+            .copied()
+            .collect(),
     }
 }
 
-/// Brings both pinned sets to what `dump` and `flows` (read just before, on
-/// the sync thread) say. Additions first: a failure leaves the sets larger
-/// than needed, never smaller.
-pub fn reconcile(maps: &Maps, dump: &MapDump, flows: &[CtEntry]) -> Result<PassChanges, MapError> {
+/// Brings both pinned sets to what `programmed` and `flows` (read just
+/// before, on the sync thread) say. Additions first: a failure leaves the
+/// sets larger than needed, never smaller.
+pub fn reconcile(maps: &Maps, programmed: &Programmed, flows: &[CtEntry]) -> Result<PassChanges, MapError> {
     let addrs_now = maps.pass_set(PassSet::Addrs).into_iter().collect();
     let peers_now = maps.pass_set(PassSet::Peers).into_iter().collect();
-    let c = changes(dump, flows, &addrs_now, &peers_now);
+    let c = changes(programmed, flows, &addrs_now, &peers_now);
     maps.put_pass_set(PassSet::Addrs, &c.add_addrs)?;
     maps.put_pass_set(PassSet::Peers, &c.add_peers)?;
     maps.delete_pass_set(PassSet::Addrs, &c.del_addrs);
@@ -134,14 +127,12 @@ pub fn reconcile(maps: &Maps, dump: &MapDump, flows: &[CtEntry]) -> Result<PassC
 }
 
 /// Fills both sets before the fast path is turned on (after an install, or
-/// an upgrade from a layout without them): every address the Programmer's
+/// an upgrade from a layout without them): every address the programmed
 /// entries name, the frontends of tracked flows and the backends answering
 /// untranslated ones. Nothing is removed (that waits for [`reconcile`]).
 /// Returns how many addresses and peers were written.
 pub fn fill(maps: &Maps, programmed: &BTreeSet<LocalKey>, flows: &[CtEntry]) -> Result<(usize, usize), MapError> {
-    let mut addrs = programmed.clone();
-    addrs.extend(flows.iter().filter(|e| e.dir == CT_ORIGINAL && e.backend != 0).map(|e| key(e.dst, e.family)));
-    let addrs: Vec<LocalKey> = addrs.into_iter().collect();
+    let addrs: Vec<LocalKey> = wanted_addrs(programmed, flows).into_iter().collect();
     let peers: Vec<LocalKey> = needed_peers(flows).into_iter().collect();
     maps.put_pass_set(PassSet::Addrs, &addrs)?;
     maps.put_pass_set(PassSet::Peers, &peers)?;
@@ -181,7 +172,10 @@ mod tests {
         }
     }
 
-    fn dump() -> MapDump {
+    /// The programmed state of a node: a ClusterIP (v4 and v6), a NodePort, a
+    /// node address, a device's SNAT address, two backends; read back from
+    /// the maps as the agent's resync does.
+    fn programmed() -> Programmed {
         let mut d = MapDump::default();
         let fe = |s: &str, port| {
             let ip: IpAddr = s.parse().unwrap();
@@ -190,6 +184,8 @@ mod tests {
                 FeVal { service: 1, kind: 0, flags: 0 },
             )
         };
+        d.names.push((1, "test/s:http/TCP/IPv4".into()));
+        d.services.push((1, SvcVal::default()));
         d.frontends.push(fe("10.96.0.10", 80));
         d.frontends.push(fe("0.0.0.0", 30080)); // a NodePort: any node address
         d.frontends.push(fe("fd00::10", 80));
@@ -201,12 +197,12 @@ mod tests {
         d.backends.push((1, b("10.244.1.5")));
         d.backends.push((2, b("10.244.1.6")));
         d.devices.push((3, Device { snat: [words(&"192.168.2.10".parse().unwrap()), [0; 4]], flags: DEV_EXTERNAL }));
-        d
+        Programmed::of(&d, &crate::Programmer::adopt(&d))
     }
 
     #[test]
     fn frontends_node_and_snat_addresses_are_wanted_not_the_nodeport_wildcard() {
-        let got = wanted_addrs(&dump(), &[]);
+        let got = wanted_addrs(&programmed().addrs, &[]);
         let want: BTreeSet<_> = ["10.96.0.10", "fd00::10", "192.168.1.10", "192.168.2.10"].map(k).into();
         assert_eq!(got, want);
     }
@@ -215,10 +211,10 @@ mod tests {
     fn a_deleted_frontend_stays_while_a_flow_was_sent_to_it() {
         let flows =
             [flow(CT_ORIGINAL, "203.0.113.7", "10.96.0.99", 1, 0), flow(CT_REPLY, "10.244.1.5", "203.0.113.7", 1, 0)];
-        assert!(wanted_addrs(&dump(), &flows).contains(&k("10.96.0.99")));
+        assert!(wanted_addrs(&programmed().addrs, &flows).contains(&k("10.96.0.99")));
         // Masqueraded pod egress (no backend) adds no outside address.
         let masq = [flow(CT_ORIGINAL, "10.244.1.5", "1.2.3.4", 0, CT_SNAT)];
-        assert!(!wanted_addrs(&dump(), &masq).contains(&k("1.2.3.4")));
+        assert!(!wanted_addrs(&programmed().addrs, &masq).contains(&k("1.2.3.4")));
     }
 
     #[test]
@@ -229,18 +225,18 @@ mod tests {
         ];
         assert_eq!(needed_peers(&flows), BTreeSet::from([k("10.244.1.5")]));
         let now: BTreeSet<_> = ["10.244.1.6", "10.244.7.7", "10.244.1.5"].map(k).into();
-        let c = changes(&dump(), &flows, &BTreeSet::new(), &now);
+        let c = changes(&programmed(), &flows, &BTreeSet::new(), &now);
         // 10.244.1.6 is a programmed backend: kept; 10.244.7.7 is neither: removed.
         assert_eq!(c.del_peers, vec![k("10.244.7.7")]);
         assert!(c.add_peers.is_empty());
-        let c = changes(&dump(), &flows, &BTreeSet::new(), &BTreeSet::new());
+        let c = changes(&programmed(), &flows, &BTreeSet::new(), &BTreeSet::new());
         assert_eq!(c.add_peers, vec![k("10.244.1.5")]);
     }
 
     #[test]
     fn an_address_nothing_names_is_removed_and_a_missing_one_added() {
         let now: BTreeSet<_> = ["10.96.0.10", "10.96.0.77"].map(k).into();
-        let c = changes(&dump(), &[], &now, &BTreeSet::new());
+        let c = changes(&programmed(), &[], &now, &BTreeSet::new());
         assert_eq!(c.del_addrs, vec![k("10.96.0.77")]);
         assert_eq!(c.add_addrs.len(), 3);
         assert!(!c.add_addrs.contains(&k("10.96.0.10")));

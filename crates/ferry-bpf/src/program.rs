@@ -957,11 +957,15 @@ impl Programmer {
 
     /// Every address the programmed entries name, for `ferry_addrs`
     /// (frontends but the NodePort wildcard, node addresses, SNAT addresses):
-    /// what the agent writes before it turns the fast path on
-    /// (`crate::pass`), since a sync only writes the addresses of the entries
-    /// it changes.
+    /// what the agent writes before it turns the fast path on, since a sync
+    /// only writes the addresses of the entries it changes, and what its
+    /// collection keeps (`crate::pass`; there, from a Programmer just adopted
+    /// from the maps).
     pub fn pass_addrs(&self) -> BTreeSet<LocalKey> {
-        let frontends = self.services.values().flat_map(|p| p.frontends.iter().map(|(k, _)| k)).chain(&self.markers);
+        // Adopted service ports no sync has claimed yet count too: their
+        // frontends are in the kernel (right after `adopt`, all of them are).
+        let ports = self.services.values().chain(self.adopted.by_id.values());
+        let frontends = ports.flat_map(|p| p.frontends.iter().map(|(k, _)| k)).chain(&self.markers);
         let mut out: BTreeSet<LocalKey> =
             frontends.map(|k| LocalKey { addr: k.addr, family: k.family }).filter(|k| k.addr != [0; 4]).collect();
         out.extend(self.locals.keys().copied());

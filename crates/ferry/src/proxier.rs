@@ -369,8 +369,8 @@ impl Proxier {
         match &mut self.backend {
             Backend::Bpf(b) => {
                 let dump = b.maps.dump();
-                b.collect_pass_sets(&dump);
                 let mut fresh = Programmer::adopt(&dump);
+                b.collect_pass_sets(&ferry_bpf::pass::Programmed::of(&dump, &fresh));
                 let batch = fresh.sync_batch(&plan, None, &b.runtime);
                 self.refused = b.maps.apply_batch(&batch);
                 if self.refused.is_empty() {
@@ -416,16 +416,16 @@ fn warn_if_nat_ports_are_ephemeral((lo, hi): (u16, u16)) {
 
 impl BpfBackend {
     /// The pass-through sets shrink here only (`ferry_bpf::pass`), at a
-    /// resync: from one reading of the maps (`dump`) and the flows the
+    /// resync: from one reading of the maps (`programmed`) and the flows the
     /// collection before it kept, on the sync thread, so nothing is
     /// programmed meanwhile. Before the resync's corrections: an entry they
     /// put back writes its address again.
-    fn collect_pass_sets(&mut self, dump: &ferry_bpf::MapDump) {
+    fn collect_pass_sets(&mut self, programmed: &ferry_bpf::pass::Programmed) {
         let Some(flows) = self.live_flows.take() else { return };
         if !self.runtime.fast_pass {
             return;
         }
-        match ferry_bpf::pass::reconcile(&self.maps, dump, &flows) {
+        match ferry_bpf::pass::reconcile(&self.maps, programmed, &flows) {
             Ok(c) if !c.is_empty() => tracing::debug!(
                 addresses_added = c.add_addrs.len(),
                 addresses_removed = c.del_addrs.len(),
