@@ -18,13 +18,10 @@
 //! datapath counter of their reason (`ferry status --json`). Needs root; never
 //! skipped.
 
-use ferry::lab::{At, Lab};
+use ferry::lab::{At, BackgroundClient, Lab};
 use ferry_sandbox::probe::{ConnectMode, ConnectOpts, Endpoint, Observation, Proto, ServeOpts};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
@@ -465,35 +462,10 @@ fn session_affinity_keeps_a_client_on_one_backend() {
     assert!(distinct.len() >= 2, "every client was pinned to the same endpoint: {chosen:?}");
 }
 
-/// A TCP client held open in the background, whose observations can be read while it runs
-/// (`Lab::spawn_client` only hands them over at the end).
-struct Held {
-    pid: u32,
-    output: PathBuf,
-}
-
-fn hold_open(lab: &mut Lab, at: At, opts: &ConnectOpts, hold: Duration, name: &str) -> Held {
-    let output = lab.state.join(name);
-    let host = lab.host(at).clone();
-    let mut cmd = lab.sb.command(&host, &lab.probe.program);
-    cmd.args(&lab.probe.leading_args)
-        .args(opts.to_args(ConnectMode::KeepOpen(hold)))
-        .stdin(Stdio::null())
-        .stdout(File::create(&output).unwrap())
-        .stderr(Stdio::null());
-    let pid = lab.sb.spawn_in(&host, None, cmd).unwrap();
-    Held { pid, output }
-}
-
-/// The held client's observations so far (complete lines only).
-fn exchanges(h: &Held) -> Vec<Observation> {
-    let text = std::fs::read_to_string(&h.output).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client output line {l:?}: {e}")))
-        .collect()
+/// A TCP connection held open in the background, one exchange every 100 ms
+/// for `hold`; its observations are read while it runs (`BackgroundClient::observed`).
+fn hold_open(lab: &mut Lab, at: At, opts: &ConnectOpts, hold: Duration) -> BackgroundClient {
+    lab.spawn_client(at, opts, ConnectMode::KeepOpen(hold)).unwrap()
 }
 
 #[test]
@@ -517,23 +489,23 @@ fn established_tcp_flows_survive_an_agent_restart() {
     };
 
     // One exchange every 100 ms for up to 60 s; the test ends it once it has seen enough.
-    let held = hold_open(lab, CLIENT, &target, Duration::from_secs(60), "held.out");
-    let started = lab.wait_until(Duration::from_secs(10), |_| exchanges(&held).len() >= 5);
-    assert!(started, "the held connection never got going: {:?}\n{}", exchanges(&held), diag(lab, NODE_A));
+    let held = hold_open(lab, CLIENT, &target, Duration::from_secs(60));
+    let started = lab.wait_until(Duration::from_secs(10), |_| held.observed().len() >= 5);
+    assert!(started, "the held connection never got going: {:?}\n{}", held.observed(), diag(lab, NODE_A));
 
     lab.kill_agent(NODE_A).unwrap();
     // The datapath is pinned: with no agent at all, new flows are still balanced and SNATed.
     new_connections_work(lab, "while node-a has no agent");
-    let during = exchanges(&held).len();
-    let kept = lab.wait_until(Duration::from_secs(10), |_| exchanges(&held).len() >= during + 5);
-    assert!(kept, "the held connection stalled without an agent: {:?}", exchanges(&held).last());
+    let during = held.observed().len();
+    let kept = lab.wait_until(Duration::from_secs(10), |_| held.observed().len() >= during + 5);
+    assert!(kept, "the held connection stalled without an agent: {:?}", held.observed().last());
 
     lab.start_agent(NODE_A).unwrap();
     new_connections_work(lab, "after the restart");
-    let restarted = exchanges(&held).len();
-    let kept = lab.wait_until(Duration::from_secs(10), |_| exchanges(&held).len() >= restarted + 10);
+    let restarted = held.observed().len();
+    let kept = lab.wait_until(Duration::from_secs(10), |_| held.observed().len() >= restarted + 10);
     let _ = lab.sb.kill(held.pid);
-    let seen = exchanges(&held);
+    let seen = held.observed();
     assert!(kept, "the held connection stalled after the restart: {:?}\n{}", seen.last(), diag(lab, NODE_A));
     for o in &seen {
         let r = answered(o, "an exchange on the held connection", lab);
@@ -649,9 +621,9 @@ fn a_deleted_services_held_flow_keeps_the_fast_path_out_of_its_way() {
 
     let target =
         opts(Proto::Tcp, SocketAddr::new(lb_ip(7, Fam::V4), service_port(Proto::Tcp)), Some(client_ip(0, Fam::V4)));
-    let held = hold_open(lab, CLIENT, &target, Duration::from_secs(60), "held.out");
-    let started = lab.wait_until(Duration::from_secs(10), |_| exchanges(&held).len() >= 5);
-    assert!(started, "the held connection never got going: {:?}\n{}", exchanges(&held), diag(lab, NODE_A));
+    let held = hold_open(lab, CLIENT, &target, Duration::from_secs(60));
+    let started = lab.wait_until(Duration::from_secs(10), |_| held.observed().len() >= 5);
+    assert!(started, "the held connection never got going: {:?}\n{}", held.observed(), diag(lab, NODE_A));
     assert_eq!(sets(), (true, true), "the LB IP in ferry_addrs, the unSNATed flow's pod in ferry_peers");
 
     lab.write_manifests(NODE_A, "").unwrap();
@@ -661,16 +633,16 @@ fn a_deleted_services_held_flow_keeps_the_fast_path_out_of_its_way() {
     });
     assert!(gone, "the deleted Service's frontends stayed\n{}", diag(lab, NODE_A));
     // Three collections later, the flow still answers and still has both entries.
-    let before = exchanges(&held).len();
-    let kept = lab.wait_until(Duration::from_secs(10), |_| exchanges(&held).len() >= before + 30);
+    let before = held.observed().len();
+    let kept = lab.wait_until(Duration::from_secs(10), |_| held.observed().len() >= before + 30);
     assert!(
         kept,
         "the held connection stalled after its Service went: {:?}\n{}",
-        exchanges(&held).last(),
+        held.observed().last(),
         diag(lab, NODE_A)
     );
     assert_eq!(sets(), (true, true), "a collection removed an entry a live flow needs");
-    for o in exchanges(&held) {
+    for o in held.observed() {
         let r = answered(&o, "an exchange on the held connection", lab);
         assert_eq!(r.server, ep.name());
         assert_eq!(r.server_peer.ip(), client_ip(0, Fam::V4), "the client address kept (no SNAT)");

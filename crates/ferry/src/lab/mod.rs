@@ -18,7 +18,7 @@
 mod agent;
 mod traffic;
 
-pub use traffic::At;
+pub use traffic::{At, BackgroundClient};
 
 use anyhow::Context;
 use ferry_sandbox::probe::ProbeCommand;

@@ -26,6 +26,19 @@ pub struct BackgroundClient {
     output: PathBuf,
 }
 
+impl BackgroundClient {
+    /// What it observed so far, while it runs (the complete lines of its output).
+    pub fn observed(&self) -> Vec<Observation> {
+        let text = std::fs::read_to_string(&self.output).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client output line {l:?}: {e}")))
+            .collect()
+    }
+}
+
 impl Lab {
     pub fn host(&self, at: At) -> &Host {
         match at {
