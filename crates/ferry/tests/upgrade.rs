@@ -18,7 +18,7 @@
 //! 1` merges the tables into a layout-1 `ferry_ct`, the layout-1 programs
 //! adopt it and take the links over, and again not one held connection fails.
 
-use ferry::lab::{At, Lab};
+use ferry::lab::{At, BackgroundClient, Lab};
 use ferry_sandbox::probe::{ConnectMode, ConnectOpts, Endpoint, Observation, ServeOpts};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 use std::io::{BufRead, BufReader, Write};
@@ -329,34 +329,15 @@ fn serve_with_layout_1(pin_dir: &std::path::Path, objects: &[std::path::PathBuf;
     write_meta(pin_dir, 1);
 }
 
-/// A client opening new connections one after another in the background,
-/// its observations in `output` (one JSON line each).
-fn stream(lab: &mut Lab, at: At, opts: &ConnectOpts, output: &std::path::Path) -> u32 {
-    let host = lab.host(at).clone();
-    let mut cmd = lab.sb.command(&host, &lab.probe.program);
-    cmd.args(&lab.probe.leading_args)
-        .args(opts.to_args(ConnectMode::Count(1_000_000)))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(output).unwrap())
-        .stderr(std::process::Stdio::null());
-    lab.sb.spawn_in(&host, None, cmd).unwrap()
-}
-
-/// A stream from `bind` to the remote NodePort, once it has made 50 connections.
-fn remote_stream(lab: &mut Lab, outside: At, node_ip: IpAddr, bind: &str) -> (u32, std::path::PathBuf) {
+/// A client opening new connections from `bind` to the remote NodePort one
+/// after another in the background, once it has made 50 of them.
+fn remote_stream(lab: &mut Lab, outside: At, node_ip: IpAddr, bind: &str) -> BackgroundClient {
     let mut opts = ConnectOpts::new(Endpoint::tcp(SocketAddr::new(node_ip, 30081)));
     opts.bind = Some(ip(bind));
-    let output = lab.state.join(format!("stream-{bind}.out"));
-    let pid = stream(lab, outside, &opts, &output);
-    let running = lab.wait_until(Duration::from_secs(20), |_| observed(&output).len() >= 50);
-    assert!(running, "the stream from {bind} did not get going: {:?}", observed(&output).first());
-    (pid, output)
-}
-
-fn observed(output: &std::path::Path) -> Vec<Observation> {
-    let text = std::fs::read_to_string(output).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+    let client = lab.spawn_client(outside, &opts, ConnectMode::Count(1_000_000)).unwrap();
+    let running = lab.wait_until(Duration::from_secs(20), |_| client.observed().len() >= 50);
+    assert!(running, "the stream from {bind} did not get going: {:?}", client.observed().first());
+    client
 }
 
 /// A datapath counter, summed over CPUs, read from the pinned `ferry_stats`
@@ -478,7 +459,7 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
     drop(old_ct);
     let lost_before = counter(&pin_dir, "ct_lost");
 
-    let (pid, output) = remote_stream(&mut lab, outside, node_ip, "203.0.113.11");
+    let client = remote_stream(&mut lab, outside, node_ip, "203.0.113.11");
 
     // The upgrade, under that load.
     lab.start_agent(a).unwrap();
@@ -491,7 +472,7 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
     );
     assert_held_answer(&mut held, "the upgrade");
     let late = copied(&log, "late").unwrap_or(0);
-    stream_verdict(&mut lab, pid, &output, lost_before, late, "the upgrade");
+    stream_verdict(&mut lab, &client, lost_before, late, "the upgrade");
 
     // Then what the agent says it did (the figures of the install report).
     let (confirmed, not_copied) = (copied(&log, "confirmed"), copied(&log, "not_copied"));
@@ -516,7 +497,7 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
 
     // The way back, under load: a new stream, then the conversion with no
     // agent running, then the layout-1 programs adopt it and switch the links.
-    let (pid, output) = remote_stream(&mut lab, outside, node_ip, "203.0.113.12");
+    let client = remote_stream(&mut lab, outside, node_ip, "203.0.113.12");
     let lost_before = counter(&pin_dir, "ct_lost");
     let mut down = std::process::Command::new(FERRY)
         .args(["datapath", "downgrade", "--to-layout", "1", "--wait", "120", "--pin-dir"])
@@ -561,9 +542,9 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
     for (server, h) in &mut held {
         assert_eq!(h.exchange(), Ok(server.to_string()), "{} after the conversion", h.what);
     }
-    let at_conversion = observed(&output).len();
+    let at_conversion = client.observed().len();
     serve_with_layout_1(&pin_dir, &objects, Conntrack::Adopted);
-    let at_switch = observed(&output).len();
+    let at_switch = client.observed().len();
     let finished = down.wait_with_output().expect("waiting for ferry datapath downgrade");
     let rest: Vec<String> = lines.try_iter().collect();
     let switched = rest.iter().find(|l| l.starts_with("the links switched")).cloned();
@@ -580,7 +561,7 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
         "downgrade: {ct_entries} entries in the converted ferry_ct; {at_conversion} connections of the stream \
          made by the conversion, {at_switch} by the switch"
     );
-    stream_verdict(&mut lab, pid, &output, lost_before, late, "the downgrade");
+    stream_verdict(&mut lab, &client, lost_before, late, "the downgrade");
     let converted = converted.unwrap_or_default();
     let copied = figure(&converted, "confirmed").unwrap_or(0) + figure(&converted, "unconfirmed").unwrap_or(0);
     assert!(
@@ -623,13 +604,13 @@ const SWITCH_GAP: usize = 3;
 /// its `late` count can miss the one flow caught in the switch (seen: late 0,
 /// one reset, ct_lost 1). Bounded here to the few flows in flight at the
 /// switch (3), so a switch that breaks connections wholesale still fails.
-fn stream_verdict(lab: &mut Lab, pid: u32, output: &std::path::Path, lost_before: u64, late: u64, what: &str) {
+fn stream_verdict(lab: &mut Lab, client: &BackgroundClient, lost_before: u64, late: u64, what: &str) {
     let pin_dir = lab.nodes[0].pin_dir.clone(); // node-a, the one upgraded and downgraded
-    let total = observed(output).len();
-    let more = lab.wait_until(Duration::from_secs(20), |_| observed(output).len() >= total + 50);
-    let _ = lab.sb.kill(pid);
+    let total = client.observed().len();
+    let more = lab.wait_until(Duration::from_secs(20), |_| client.observed().len() >= total + 50);
+    let _ = lab.sb.kill(client.pid);
     assert!(more, "the stream made no new connection after {what}");
-    let obs = observed(output);
+    let obs = client.observed();
     let broken: Vec<(usize, &Observation)> = obs.iter().enumerate().filter(|(_, o)| o.reply().is_none()).collect();
     let lost = counter(&pin_dir, "ct_lost") - lost_before;
     eprintln!(
