@@ -18,7 +18,7 @@
 mod agent;
 mod traffic;
 
-pub use traffic::{At, BackgroundClient};
+pub use traffic::{At, BackgroundClient, observed_in};
 
 use anyhow::Context;
 use ferry_sandbox::probe::ProbeCommand;

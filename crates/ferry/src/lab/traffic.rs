@@ -29,14 +29,20 @@ pub struct BackgroundClient {
 impl BackgroundClient {
     /// What it observed so far, while it runs (the complete lines of its output).
     pub fn observed(&self) -> Vec<Observation> {
-        let text = std::fs::read_to_string(&self.output).unwrap_or_default();
-        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-        complete
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client output line {l:?}: {e}")))
-            .collect()
+        observed_in(&self.output)
     }
+}
+
+/// The observations a probe client has written to `output` so far: its
+/// complete lines (the one being written is left for the next read).
+pub fn observed_in(output: &Path) -> Vec<Observation> {
+    let text = std::fs::read_to_string(output).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client output line {l:?}: {e}")))
+        .collect()
 }
 
 impl Lab {

@@ -189,13 +189,7 @@ fn stream(lab: &mut Lab, at: At, target: SocketAddr, bind: Option<IpAddr>, name:
 
 /// The stream's observations so far (complete lines only).
 fn observed(s: &Stream) -> Vec<Observation> {
-    let text = std::fs::read_to_string(&s.output).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("client output line {l:?}: {e}")))
-        .collect()
+    ferry::lab::observed_in(&s.output)
 }
 
 /// A held connection: one exchange per line written to it.

@@ -159,7 +159,7 @@ struct Clients {
 }
 
 fn lines_of(path: &std::path::Path) -> Vec<Observation> {
-    observed(&Stream { pid: 0, output: path.to_path_buf() })
+    ferry::lab::observed_in(path)
 }
 
 /// Where the complete lines of a client's output end now (a byte offset).
