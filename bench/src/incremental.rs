@@ -79,7 +79,8 @@ pub fn in_process(
         let (plan, diff) = planner.sync();
         let planner_heap_bytes = heap::live_bytes() - base - diff_bytes(&diff);
         let mut programmer = Programmer::new();
-        let ops = programmer.sync(&plan, None, &rt);
+        // The batch, as the agent builds it (not flattened into one list of operations).
+        let ops = programmer.sync_batch(&plan, None, &rt);
         drop((ops, diff, plan));
         let kept = heap::live_bytes() - base;
         let peak_ratio = (heap::peak_bytes() - base) as f64 / kept.max(1) as f64;

@@ -210,6 +210,49 @@ mod phase {
     pub const COUNT: usize = 11;
 }
 
+/// Operations of one kind in one phase, in the order pushed, each with its
+/// owner (an index into the batch's owners).
+#[derive(Debug, Default)]
+struct Group {
+    ops: Vec<MapOp>,
+    owners: Vec<u32>,
+}
+
+impl Group {
+    fn push(&mut self, op: MapOp, owner: u32) {
+        self.ops.push(op);
+        self.owners.push(owner);
+    }
+    fn retain(&mut self, mut keep: impl FnMut(&MapOp, u32) -> bool) {
+        let mut kept = 0;
+        for i in 0..self.ops.len() {
+            if keep(&self.ops[i], self.owners[i]) {
+                self.ops.swap(kept, i);
+                self.owners.swap(kept, i);
+                kept += 1;
+            }
+        }
+        self.ops.truncate(kept);
+        self.owners.truncate(kept);
+    }
+    /// Moves out the operations of the owners `go` picks; both parts keep their order.
+    fn split_off_owned(&mut self, go: impl Fn(u32) -> bool) -> Group {
+        let mut out = Group::default();
+        let ops = std::mem::take(&mut self.ops);
+        let owners = std::mem::take(&mut self.owners);
+        for (op, owner) in ops.into_iter().zip(owners) {
+            if go(owner) { out.push(op, owner) } else { self.push(op, owner) }
+        }
+        out
+    }
+    /// Puts `front`'s operations before this group's.
+    fn prepend(&mut self, mut front: Group) {
+        front.ops.append(&mut self.ops);
+        front.owners.append(&mut self.owners);
+        *self = front;
+    }
+}
+
 /// Operations grouped by phase and tagged with their owner; emitted in phase order.
 #[derive(Debug, Default)]
 struct Ops {
@@ -217,7 +260,7 @@ struct Ops {
     /// by kind (`kind_order`) lets `Maps::apply` write each run with one
     /// batch syscall. Grouped as they are pushed: sorting a million
     /// operations afterwards cost time and another copy of them all.
-    phases: [[Vec<(MapOp, u32)>; KINDS]; phase::COUNT],
+    phases: [[Group; KINDS]; phase::COUNT],
     /// Frontends written by this sync, with their writer: a deletion of one
     /// of them is dropped (the frontend moved to another service port, whose
     /// write replaces it).
@@ -292,14 +335,15 @@ impl Ops {
             MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelDevice(..) => phase::DEL_NODE,
             MapOp::DelBackend(..) => phase::DEL_BACKEND,
         };
-        self.phases[phase][usize::from(kind_order(&op))].push((op, self.owner));
+        let owner = self.owner;
+        self.phases[phase][usize::from(kind_order(&op))].push(op, owner);
     }
     /// Queues `addr` for `ferry_addrs` (none for the NodePort wildcard or an unset SNAT address).
     fn put_addr(&mut self, addr: Words, family: u8) {
         let k = LocalKey { addr, family };
         if addr != [0; 4] && self.addrs_written.insert((self.owner, k)) {
             self.phases[phase::PUT_INACTIVE][usize::from(kind_order(&MapOp::PutAddr(k)))]
-                .push((MapOp::PutAddr(k), self.owner));
+                .push(MapOp::PutAddr(k), self.owner);
         }
     }
     fn into_batch(mut self) -> Batch {
@@ -308,13 +352,14 @@ impl Ops {
         // its entries until that write is done (the frontend must never
         // point at a deleted service), and is refused with its taker.
         let mut late: HashMap<u32, Vec<(u32, FeKey)>> = HashMap::new();
-        let removed: HashSet<u32> = self.phases[phase::REMOVE_SERVICE].iter().flatten().map(|(_, o)| *o).collect();
-        for bucket in &mut self.phases[phase::DEL_FRONTEND] {
-            bucket.retain(|(op, owner)| match op {
+        let removed: HashSet<u32> =
+            self.phases[phase::REMOVE_SERVICE].iter().flat_map(|g| g.owners.iter().copied()).collect();
+        for group in &mut self.phases[phase::DEL_FRONTEND] {
+            group.retain(|op, owner| match op {
                 MapOp::DelFrontend(k) => match written.get(k) {
                     Some(writer) => {
-                        if removed.contains(owner) {
-                            late.entry(*owner).or_default().push((*writer, *k));
+                        if removed.contains(&owner) {
+                            late.entry(owner).or_default().push((*writer, *k));
                         }
                         false
                     }
@@ -328,30 +373,21 @@ impl Ops {
                 [(phase::REMOVE_SERVICE, phase::LATE_REMOVE_SERVICE), (phase::REMOVE_REST, phase::DEL_REST)]
             {
                 for kind in 0..KINDS {
-                    let (stay, go): (Vec<_>, Vec<_>) = std::mem::take(&mut self.phases[from][kind])
-                        .into_iter()
-                        .partition(|(_, o)| !late.contains_key(o));
-                    self.phases[from][kind] = stay;
-                    self.phases[to][kind].splice(0..0, go);
+                    let go = self.phases[from][kind].split_off_owned(|o| late.contains_key(&o));
+                    self.phases[to][kind].prepend(go);
                 }
             }
         }
-        // Sized up front: a full sync is a million operations, and growing by
-        // doubling would briefly hold twice that. Each bucket is freed as
-        // soon as it is copied.
-        let n = self.phases.iter().flatten().map(Vec::len).sum();
-        let mut ops = Vec::with_capacity(n);
-        let mut owner_of = Vec::with_capacity(n);
-        for (op, owner) in self.phases.into_iter().flatten().flatten() {
-            ops.push(op);
-            owner_of.push(owner);
-        }
+        // The groups become the batch as they are: a full sync is a million
+        // operations, and a flat copy of them held both at once.
+        let groups: Vec<Group> = self.phases.into_iter().flatten().filter(|g| !g.ops.is_empty()).collect();
         let mut depends = Vec::new();
         if !late.is_empty() {
             let mut put_at: HashMap<(u32, FeKey), usize> = HashMap::new();
-            for (i, op) in ops.iter().enumerate() {
+            let in_order = groups.iter().flat_map(|g| g.ops.iter().zip(g.owners.iter().copied()));
+            for (i, (op, owner)) in in_order.enumerate() {
                 if let MapOp::PutFrontend(k, _) = op {
-                    put_at.insert((owner_of[i], *k), i);
+                    put_at.insert((owner, *k), i);
                 }
             }
             for (removed, takers) in late {
@@ -362,7 +398,7 @@ impl Ops {
                 }
             }
         }
-        Batch { ops, owner_of, owners: self.owners, depends }
+        Batch { groups, owners: self.owners, depends }
     }
 }
 
@@ -415,9 +451,8 @@ pub struct Dependency {
 /// that runs of puts into one map still go down in one batch syscall.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub ops: Vec<MapOp>,
-    /// Owner of each operation (index into `owners`), parallel to `ops`.
-    pub owner_of: Vec<u32>,
+    /// The operations in order, in groups of one kind and phase (see [`Batch::ops`]).
+    groups: Vec<Group>,
     /// The owners; index 0 is the node ([`Owner::Node`]).
     pub owners: Vec<Owner>,
     pub depends: Vec<Dependency>,
@@ -452,10 +487,25 @@ pub const RUN: usize = 4096;
 
 impl Batch {
     pub fn len(&self) -> usize {
-        self.ops.len()
+        self.groups.iter().map(|g| g.ops.len()).sum()
     }
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.groups.iter().all(|g| g.ops.is_empty())
+    }
+
+    /// The operations, in the order they are applied.
+    pub fn ops(&self) -> impl Iterator<Item = &MapOp> {
+        self.groups.iter().flat_map(|g| &g.ops)
+    }
+
+    /// The owner of each operation (an index into `owners`), in the order of [`Batch::ops`].
+    pub fn owner_of(&self) -> impl Iterator<Item = u32> + '_ {
+        self.groups.iter().flat_map(|g| g.owners.iter().copied())
+    }
+
+    /// The operations, in the order they are applied.
+    pub fn into_ops(self) -> Vec<MapOp> {
+        self.groups.into_iter().flat_map(|g| g.ops).collect()
     }
 
     /// Applies the operations in order, each service port on its own: once
@@ -473,34 +523,44 @@ impl Batch {
         mut one: impl FnMut(&MapOp) -> Result<(), E>,
     ) -> Vec<Refused> {
         let mut st = ApplyState { failed: vec![false; self.owners.len()], ..Default::default() };
-        let ops = &self.ops;
-        let mut i = 0;
-        while i < ops.len() {
-            if !st.may_run(self, i) {
-                i += 1;
-                continue;
-            }
-            let kind = std::mem::discriminant(&ops[i]);
-            let mut j = i + 1;
-            while j < ops.len() && j - i < RUN && std::mem::discriminant(&ops[j]) == kind && st.may_run(self, j) {
-                j += 1;
-            }
-            if j - i > 1 && run(&ops[i..j]) {
-                i = j;
-                continue;
-            }
-            for (k, op) in ops.iter().enumerate().take(j).skip(i) {
-                if !st.may_run(self, k) {
+        // `at`: the index of a group's first operation in the whole batch.
+        let mut at = 0;
+        for g in &self.groups {
+            let (ops, owners) = (&g.ops, &g.owners);
+            let mut i = 0;
+            while i < ops.len() {
+                if !st.may_run(self, &ops[i], owners[i], at + i) {
+                    i += 1;
                     continue;
                 }
-                if let Err(e) = one(op) {
-                    if let MapOp::PutBackend(id, _) = op {
-                        st.failed_backends.insert(*id);
-                    }
-                    st.fail(self, self.owner_of[k], k, format!("{op:?}"), e.cause(), e.to_string());
+                let kind = std::mem::discriminant(&ops[i]);
+                let mut j = i + 1;
+                while j < ops.len()
+                    && j - i < RUN
+                    && std::mem::discriminant(&ops[j]) == kind
+                    && st.may_run(self, &ops[j], owners[j], at + j)
+                {
+                    j += 1;
                 }
+                if j - i > 1 && run(&ops[i..j]) {
+                    i = j;
+                    continue;
+                }
+                for k in i..j {
+                    let op = &ops[k];
+                    if !st.may_run(self, op, owners[k], at + k) {
+                        continue;
+                    }
+                    if let Err(e) = one(op) {
+                        if let MapOp::PutBackend(id, _) = op {
+                            st.failed_backends.insert(*id);
+                        }
+                        st.fail(self, owners[k], at + k, format!("{op:?}"), e.cause(), e.to_string());
+                    }
+                }
+                i = j;
             }
-            i = j;
+            at += ops.len();
         }
         st.refused
     }
@@ -516,16 +576,15 @@ struct ApplyState {
 
 impl ApplyState {
     /// Whether op `i` may be written now; refuses its owner if it needs a refused backend.
-    fn may_run(&mut self, b: &Batch, i: usize) -> bool {
-        let owner = b.owner_of[i];
+    fn may_run(&mut self, b: &Batch, op: &MapOp, owner: u32, i: usize) -> bool {
         if self.failed[owner as usize] {
             // Another service port may share this backend: it is missing for them too.
-            if let MapOp::PutBackend(id, _) = &b.ops[i] {
+            if let MapOp::PutBackend(id, _) = op {
                 self.failed_backends.insert(*id);
             }
             return false;
         }
-        let needs_refused = match &b.ops[i] {
+        let needs_refused = match op {
             MapOp::DelBackend(..) => return !self.any_failed,
             MapOp::PutSlot(_, be) => self.failed_backends.contains(be).then_some(*be),
             MapOp::PutMaglev(_, t) if !self.failed_backends.is_empty() => {
@@ -537,7 +596,7 @@ impl ApplyState {
             Some(be) => {
                 let reason =
                     format!("its backend {be} could not be written (another service port's write of it failed)");
-                self.fail(b, owner, i, format!("{:?}", b.ops[i]), "shared backend refused".into(), reason);
+                self.fail(b, owner, i, format!("{op:?}"), "shared backend refused".into(), reason);
                 false
             }
             None => true,
@@ -884,7 +943,7 @@ impl Programmer {
     /// `plan`. With `diff`, only the service ports it names are examined;
     /// without (or right after `adopt`), everything is.
     pub fn sync(&mut self, plan: &Plan, diff: Option<&PlanDiff>, rt: &NodeRuntime) -> Vec<MapOp> {
-        self.sync_batch(plan, diff, rt).ops
+        self.sync_batch(plan, diff, rt).into_ops()
     }
 
     /// [`Programmer::sync`], with each operation tagged with the service
@@ -942,6 +1001,14 @@ impl Programmer {
                 ops.begin(Owner::Named(name.into()), true);
                 self.remove_programmed(&prog, &mut ops);
             }
+        }
+        // What adopt read back and the sync has claimed or removed: the
+        // emptied tables go too (they keep their size: ~10 MiB at 100k services).
+        if self.adopted.by_id.is_empty() {
+            self.adopted = Adopted::default();
+        }
+        if self.adopted_names.is_empty() {
+            self.adopted_names = HashMap::new();
         }
         ops.node();
         match diff {

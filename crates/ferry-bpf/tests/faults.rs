@@ -206,7 +206,7 @@ fn a_failure_at_any_write_of_a_batch_is_refused_then_repaired_by_the_retry() {
     let mut p = reset(&before);
     let want_before = view(&maps.dump());
     assert_ne!(want_before, want_after);
-    let n = p.sync_batch(&after, Some(&diff), &rt()).ops.len();
+    let n = p.sync_batch(&after, Some(&diff), &rt()).len();
     assert!(n > 30, "a realistic sync: {n} operations");
     // The mirror moved on with that sync; the kernel did not.
     let mut p = reset(&before);
@@ -214,7 +214,7 @@ fn a_failure_at_any_write_of_a_batch_is_refused_then_repaired_by_the_retry() {
     for k in 0..n {
         assert_eq!(view(&maps.dump()), want_before, "k={k}: reset");
         let batch = p.sync_batch(&after, Some(&diff), &rt());
-        assert_eq!(batch.ops.len(), n, "k={k}: the same sync each time");
+        assert_eq!(batch.len(), n, "k={k}: the same sync each time");
         let refused = maps.apply_batch_failing_at(&batch, k);
         for r in &refused {
             assert!(!r.owner.is_empty(), "k={k}: a refusal names its owner: {r:?}");
@@ -230,7 +230,7 @@ fn a_failure_at_any_write_of_a_batch_is_refused_then_repaired_by_the_retry() {
             panic!("k={k}: after the retry the kernel differs from the Plan\nmissing {missing:#?}\nextra {extra:#?}");
         }
         assert!(leftovers(&maps.dump()).is_empty(), "k={k}: leftovers {:?}", leftovers(&maps.dump()));
-        assert!(retry.sync_batch(&after, None, &rt()).ops.is_empty(), "k={k}: the retry left work undone");
+        assert!(retry.sync_batch(&after, None, &rt()).is_empty(), "k={k}: the retry left work undone");
         p = reset(&before);
     }
     assert!(refusals > 0, "the injected failures were refused");

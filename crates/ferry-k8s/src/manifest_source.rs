@@ -10,7 +10,7 @@
 //!
 //! Files are read one at a time, each file's events are sent before the
 //! next is read, and only object keys and a digest of each object are
-//! remembered, so a large directory is never held in memory. A changed file whose object is byte-for-byte the same (after
+//! remembered (about 60 bytes an object), so a large directory is never held in memory. A changed file whose object is byte-for-byte the same (after
 //! parsing) sends nothing for it. Without inotify events for a while (or on
 //! an inotify queue overflow) the directory is rescanned by modification
 //! time, so no change is lost.
@@ -19,8 +19,8 @@ use crate::api::{Kind, SourceEvent};
 use crate::manifests::{LoadLimits, LoadedManifests, ManifestProblem, collect_files, load_text_with};
 use ferry_model::state::{ObjectKey, StateChange};
 use notify::Watcher;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,11 +32,35 @@ const RESCAN: Duration = Duration::from_secs(10);
 /// Changes arriving this close together are read as one batch (a tool writing several files).
 const SETTLE: Duration = Duration::from_millis(2);
 
-/// One object a file defines: its kind and key.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct ObjectId {
+/// One object a file serves, as remembered between reads: its kind, its
+/// key as `namespace/name` in one allocation (a Node: `/name`), and a digest
+/// of its content. (An `ObjectKey` per object, in a B-tree per file and a
+/// hash map of owners, was 190 bytes an object: 36 MiB at 100k Services.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Kept {
     kind: Kind,
-    key: ObjectKey,
+    key: Box<str>,
+    digest: u64,
+}
+
+impl Kept {
+    fn new(kind: Kind, key: &ObjectKey, digest: u64) -> Kept {
+        Kept { kind, key: format!("{}/{}", key.namespace, key.name).into_boxed_str(), digest }
+    }
+    fn id(&self) -> (Kind, &str) {
+        (self.kind, &self.key)
+    }
+    fn object_key(&self) -> ObjectKey {
+        let (namespace, name) = self.key.split_once('/').unwrap_or(("", &self.key));
+        ObjectKey::new(namespace, name)
+    }
+    fn deleted(&self) -> StateChange {
+        match self.kind {
+            Kind::Service => StateChange::ServiceDeleted(self.object_key()),
+            Kind::EndpointSlice => StateChange::EndpointSliceDeleted(self.object_key()),
+            Kind::Node => StateChange::NodeDeleted(self.object_key().name.to_string()),
+        }
+    }
 }
 
 /// What one file held when last read.
@@ -44,8 +68,14 @@ struct ObjectId {
 struct FileState {
     modified: Option<SystemTime>,
     len: u64,
-    /// Each object and a digest of its content.
-    objects: BTreeMap<ObjectId, u64>,
+    /// The objects it serves, sorted by `Kept::id`.
+    objects: Vec<Kept>,
+}
+
+impl FileState {
+    fn find(&self, id: (Kind, &str)) -> Option<&Kept> {
+        self.objects.binary_search_by(|k| k.id().cmp(&id)).ok().map(|i| &self.objects[i])
+    }
 }
 
 /// Failure to watch the directory at all.
@@ -62,16 +92,27 @@ pub enum ManifestSourceError {
 /// Watches a manifest directory; see the module documentation.
 pub struct ManifestSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, FileState>,
-    /// Which file each object came from (the first reader wins; a second
-    /// definition is reported): file numbers, so an object costs 4 bytes here.
-    owners: HashMap<ObjectId, u32>,
+    /// By file number: what the file held when last read (`None`: gone, or never read).
+    files: Vec<Option<FileState>>,
+    /// Which file serves each object (the first reader wins; a second
+    /// definition is reported), as (file number, index in its `objects`):
+    /// 8 bytes an object, hashed and compared through the entry it names.
+    owners: hashbrown::HashTable<(u32, u32)>,
+    hasher: foldhash::fast::RandomState,
     file_numbers: HashMap<PathBuf, u32>,
     file_names: Vec<PathBuf>,
     limits: LoadLimits,
     /// Walk problems already logged, so a rescan does not repeat them.
     walk_problems: BTreeSet<String>,
+    /// Called while the watcher waits, for a few seconds after it sent
+    /// something (see [`ManifestSource::on_idle`]).
+    on_idle: fn(),
 }
+
+/// How long after sending events the watcher keeps calling its idle hook
+/// when it wakes with nothing to do: the consumer frees the objects it was
+/// sent some time after they were sent.
+const IDLE_HOOK_FOR: Duration = Duration::from_secs(5);
 
 /// A digest of an object's content, to tell a rewritten-but-equal object from a changed one.
 fn digest(object: &impl serde::Serialize) -> u64 {
@@ -84,13 +125,23 @@ impl ManifestSource {
     pub fn new(dir: impl Into<PathBuf>) -> ManifestSource {
         ManifestSource {
             dir: dir.into(),
-            files: BTreeMap::new(),
-            owners: HashMap::new(),
+            files: Vec::new(),
+            owners: hashbrown::HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
             file_numbers: HashMap::new(),
             file_names: Vec::new(),
             limits: LoadLimits::default(),
             walk_problems: BTreeSet::new(),
+            on_idle: || {},
         }
+    }
+
+    /// Calls `hook` on the watching thread when it waits with nothing to do,
+    /// shortly after it sent events (the `ferry` binary gives its freed
+    /// pages back to the kernel there; the hook limits its own rate).
+    pub fn on_idle(mut self, hook: fn()) -> ManifestSource {
+        self.on_idle = hook;
+        self
     }
 
     /// Reads files within `limits` (size cap, documents per file).
@@ -129,12 +180,16 @@ impl ManifestSource {
             return Ok(());
         }
         let mut last_look = std::time::Instant::now();
+        let mut last_sent = std::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let first = match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(e) => Some(e),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             };
+            if first.is_none() && last_sent.elapsed() < IDLE_HOOK_FOR {
+                (self.on_idle)();
+            }
             let Some(first) = first else {
                 if last_look.elapsed() >= RESCAN {
                     last_look = std::time::Instant::now();
@@ -146,6 +201,7 @@ impl ManifestSource {
                         send(out)
                     })?;
                     if sent || !out.is_empty() {
+                        last_sent = std::time::Instant::now();
                         out.push(SourceEvent::Checkpoint(at));
                         if !send_all(&events, out) {
                             break;
@@ -181,6 +237,7 @@ impl ManifestSource {
                 }
             }
             out.push(SourceEvent::Checkpoint(at));
+            last_sent = std::time::Instant::now();
             if !send_all(&events, out) {
                 break;
             }
@@ -208,7 +265,10 @@ impl ManifestSource {
         self.walk_problems = shown;
         files.sort();
         let present: BTreeSet<PathBuf> = files.iter().cloned().collect();
-        let gone: Vec<PathBuf> = self.files.keys().filter(|p| !present.contains(*p)).cloned().collect();
+        let gone: Vec<PathBuf> = (self.file_names.iter().zip(&self.files))
+            .filter(|(p, f)| f.is_some() && !present.contains(*p))
+            .map(|(p, _)| p.clone())
+            .collect();
         for path in gone {
             self.read_file(&path, out);
             if !flush(out) {
@@ -217,10 +277,10 @@ impl ManifestSource {
         }
         for path in files {
             let meta = std::fs::metadata(&path).ok();
-            let unchanged = self
-                .files
-                .get(&path)
-                .is_some_and(|f| meta.as_ref().is_some_and(|m| f.modified == m.modified().ok() && f.len == m.len()));
+            let unchanged =
+                self.file_numbers.get(&path).and_then(|n| self.files[*n as usize].as_ref()).is_some_and(|f| {
+                    meta.as_ref().is_some_and(|m| f.modified == m.modified().ok() && f.len == m.len())
+                });
             if !unchanged {
                 self.read_file(&path, out);
                 if !flush(out) {
@@ -233,7 +293,24 @@ impl ManifestSource {
 
     /// Re-reads one file (gone: its objects are deleted) and emits what changed.
     fn read_file(&mut self, path: &Path, out: &mut Vec<SourceEvent>) {
-        let old = self.files.remove(path).unwrap_or_default();
+        let number = match self.file_numbers.get(path) {
+            Some(n) => *n,
+            None => {
+                let n = self.file_names.len() as u32;
+                self.file_names.push(path.to_path_buf());
+                self.file_numbers.insert(path.to_path_buf(), n);
+                self.files.push(None);
+                n
+            }
+        };
+        let old = self.files[number as usize].take().unwrap_or_default();
+        // The file's objects leave the owners table; those it still serves come back below.
+        for (i, kept) in old.objects.iter().enumerate() {
+            let hash = self.hasher.hash_one(kept.id());
+            if let Ok(entry) = self.owners.find_entry(hash, |e| *e == (number, i as u32)) {
+                entry.remove();
+            }
+        }
         let mut now = FileState::default();
         let mut loaded = LoadedManifests::default();
         if let Ok(meta) = std::fs::metadata(path) {
@@ -250,62 +327,55 @@ impl ManifestSource {
         let state = loaded.state;
         let mut applied = Vec::new();
         for (key, svc) in state.services {
-            let id = ObjectId { kind: Kind::Service, key };
-            let d = digest(&svc);
-            now.objects.insert(id.clone(), d);
-            applied.push((id, d, StateChange::ServiceApplied(Box::new(svc))));
+            let kept = Kept::new(Kind::Service, &key, digest(&svc));
+            applied.push((kept, StateChange::ServiceApplied(Box::new(svc))));
         }
         for (key, slice) in state.endpoint_slices {
-            let id = ObjectId { kind: Kind::EndpointSlice, key };
-            let d = digest(&slice);
-            now.objects.insert(id.clone(), d);
-            applied.push((id, d, StateChange::EndpointSliceApplied(Box::new(slice))));
+            let kept = Kept::new(Kind::EndpointSlice, &key, digest(&slice));
+            applied.push((kept, StateChange::EndpointSliceApplied(Box::new(slice))));
         }
         for (name, node) in state.nodes {
-            let id = ObjectId { kind: Kind::Node, key: ObjectKey::new("", name) };
-            let d = digest(&node);
-            now.objects.insert(id.clone(), d);
-            applied.push((id, d, StateChange::NodeApplied(Box::new(node))));
+            let kept = Kept::new(Kind::Node, &ObjectKey::new("", name), digest(&node));
+            applied.push((kept, StateChange::NodeApplied(Box::new(node))));
         }
-        let number = match self.file_numbers.get(path) {
-            Some(n) => *n,
-            None => {
-                let n = self.file_names.len() as u32;
-                self.file_names.push(path.to_path_buf());
-                self.file_numbers.insert(path.to_path_buf(), n);
-                n
+        applied.sort_by(|a, b| a.0.id().cmp(&b.0.id()));
+        for (kept, change) in applied {
+            let hash = self.hasher.hash_one(kept.id());
+            let files = &self.files;
+            let owner = self.owners.find(hash, |&(f, i)| {
+                files[f as usize].as_ref().is_some_and(|s| s.objects[i as usize].id() == kept.id())
+            });
+            if let Some(&(owner, _)) = owner {
+                tracing::warn!(
+                    "{} {} is defined in {} and in {}; the first is served (delete one of them)",
+                    kept.kind,
+                    kept.object_key(),
+                    self.file_names[owner as usize].display(),
+                    path.display()
+                );
+                continue;
             }
-        };
-        for (id, d, change) in applied {
-            match self.owners.get(&id) {
-                Some(owner) if *owner != number => {
-                    tracing::warn!(
-                        "{} {} is defined in {} and in {}; the first is served (delete one of them)",
-                        id.kind,
-                        id.key,
-                        self.file_names[*owner as usize].display(),
-                        path.display()
-                    );
-                    now.objects.remove(&id);
-                    continue;
-                }
-                _ => {}
-            }
-            self.owners.insert(id.clone(), number);
-            if old.objects.get(&id) != Some(&d) {
+            if old.find(kept.id()).map(|k| k.digest) != Some(kept.digest) {
                 out.push(SourceEvent::Change(change));
             }
+            now.objects.push(kept);
         }
-        for id in old.objects.keys().filter(|id| !now.objects.contains_key(*id)) {
-            self.owners.remove(id);
-            out.push(SourceEvent::Change(match id.kind {
-                Kind::Service => StateChange::ServiceDeleted(id.key.clone()),
-                Kind::EndpointSlice => StateChange::EndpointSliceDeleted(id.key.clone()),
-                Kind::Node => StateChange::NodeDeleted(id.key.name.to_string()),
-            }));
+        for kept in old.objects.iter().filter(|k| now.find(k.id()).is_none()) {
+            out.push(SourceEvent::Change(kept.deleted()));
         }
-        if now.modified.is_some() {
-            self.files.insert(path.to_path_buf(), now);
+        if now.modified.is_none() {
+            return;
+        }
+        now.objects.shrink_to_fit();
+        self.files[number as usize] = Some(now);
+        let files = &self.files;
+        let hasher = &self.hasher;
+        let rehash = |&(f, i): &(u32, u32)| {
+            files[f as usize].as_ref().map_or(0, |s| hasher.hash_one(s.objects[i as usize].id()))
+        };
+        let served = files[number as usize].as_ref().map_or(&[][..], |s| &s.objects[..]);
+        for (i, kept) in served.iter().enumerate() {
+            self.owners.insert_unique(hasher.hash_one(kept.id()), (number, i as u32), rehash);
         }
     }
 }
@@ -382,6 +452,42 @@ mod tests {
         std::fs::remove_file(dir.path().join("2.yaml")).unwrap();
         src.rescan(&mut out, &mut |_| true).unwrap();
         assert!(out.is_empty(), "{:?}", show(&out));
+    }
+
+    #[test]
+    fn deleted_objects_are_named_whole_and_an_object_may_move_to_another_file() {
+        const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("1.yaml"), format!("{A}---\n{NODE}")).unwrap();
+        std::fs::write(dir.path().join("2.yaml"), B).unwrap();
+        let mut src = ManifestSource::new(dir.path());
+        let mut out = Vec::new();
+        src.rescan(&mut out, &mut |_| true).unwrap();
+        assert_eq!(out.len(), 3, "{:?}", show(&out));
+
+        // A moves from 1.yaml to 2.yaml, and the Node goes.
+        std::fs::write(dir.path().join("1.yaml"), "").unwrap();
+        std::fs::write(dir.path().join("2.yaml"), format!("{B}---\n{A}")).unwrap();
+        let mut out = Vec::new();
+        src.read_file(&dir.path().join("1.yaml"), &mut out);
+        src.read_file(&dir.path().join("2.yaml"), &mut out);
+        let shown = show(&out);
+        assert_eq!(shown[0], "-svc ns/a");
+        assert!(matches!(&out[1], SourceEvent::Change(StateChange::NodeDeleted(n)) if n == "node-1"), "{shown:?}");
+        assert_eq!(shown[2..], ["+svc ns/a"]);
+
+        // 2.yaml now serves A: a third definition is reported, not served.
+        std::fs::write(dir.path().join("3.yaml"), A).unwrap();
+        let mut out = Vec::new();
+        src.read_file(&dir.path().join("3.yaml"), &mut out);
+        assert!(out.is_empty(), "{:?}", show(&out));
+        // 2.yaml rewritten unchanged: nothing; removed: both its objects deleted.
+        let mut out = Vec::new();
+        src.read_file(&dir.path().join("2.yaml"), &mut out);
+        assert!(out.is_empty(), "{:?}", show(&out));
+        std::fs::remove_file(dir.path().join("2.yaml")).unwrap();
+        src.read_file(&dir.path().join("2.yaml"), &mut out);
+        assert_eq!(show(&out), ["-svc ns/a", "-svc ns/b"]);
     }
 
     #[test]

@@ -503,6 +503,11 @@ pub struct Claim {
 }
 
 impl Claim {
+    /// The claim a frontend's owner holds.
+    pub fn of(owner: &Frontend) -> Claim {
+        Claim { rank: kind_rank(owner.kind), service: owner.service.clone(), kind: owner.kind }
+    }
+
     pub fn frontend(&self) -> Frontend {
         Frontend { kind: self.kind, service: self.service.clone() }
     }

@@ -118,8 +118,11 @@ pub struct Planner {
     /// Services planned without any service port (rare), see [`Contribution`].
     portless: HashMap<ObjectKey, Contribution>,
     cluster_ip_refs: HashMap<IpAddr, u32>,
-    /// Every claim on every frontend, smallest (the owner) first.
-    claims: HashMap<FrontendKey, Few<Claim>>,
+    /// The claims on frontends claimed more than once, smallest (the owner)
+    /// first. A frontend with one claim keeps it only in the Plan's frontend
+    /// table, where its owner *is* that claim: nearly every frontend has one,
+    /// and a second table of them all cost 60 bytes a frontend.
+    contested: HashMap<FrontendKey, Few<Claim>>,
     health_check_claims: BTreeMap<u16, Few<ObjectKey>>,
     problems: BTreeMap<ProblemSource, Vec<ObjectError>>,
     node: Arc<NodeFacts>,
@@ -154,7 +157,7 @@ impl Planner {
             slices_of: HashMap::new(),
             portless: HashMap::new(),
             cluster_ip_refs: HashMap::new(),
-            claims: HashMap::new(),
+            contested: HashMap::new(),
             health_check_claims: BTreeMap::new(),
             problems: BTreeMap::new(),
             node,
@@ -387,9 +390,11 @@ impl Planner {
             self.dirty.extend(self.plan.services.keys().map(|id| id.service.clone()));
         }
         let dirty = std::mem::take(&mut self.dirty);
-        if self.claims.is_empty() {
+        // The claims on every frontend this sync touches, as they stand now.
+        let mut touched_frontends: HashMap<FrontendKey, Few<Claim>> = HashMap::new();
+        if self.plan.services.is_empty() {
             // The first sync: sized once rather than rehashed a dozen times on the way up.
-            self.claims.reserve(dirty.len());
+            touched_frontends.reserve(dirty.len());
             self.cluster_ip_refs.reserve(dirty.len());
         }
         let ctx = self.node.topology(&self.cfg);
@@ -400,7 +405,6 @@ impl Planner {
         let mut before: HashMap<ServicePortId, Arc<ServicePort>> = HashMap::new();
         // What each dirty Service now has, with its Arc (no second lookup in the Plan).
         let mut after: Vec<Arc<ServicePort>> = Vec::new();
-        let mut touched_frontends: HashSet<FrontendKey> = HashSet::new();
         let mut touched_health_checks: BTreeSet<u16> = BTreeSet::new();
         let mut released_ips: Vec<IpAddr> = Vec::new();
         // An empty Plan (the first sync) has nothing to take back: no seek per
@@ -424,13 +428,7 @@ impl Planner {
             for sp in old_ports {
                 plan.services.remove(&sp.id);
                 for (fk, claim) in frontend_claims(&sp) {
-                    if let Some(list) = self.claims.get_mut(&fk) {
-                        sorted_remove(list, &claim);
-                        if list.is_empty() {
-                            self.claims.remove(&fk);
-                        }
-                    }
-                    touched_frontends.insert(fk);
+                    sorted_remove(claims_now(&mut touched_frontends, &mut self.contested, plan, fk), &claim);
                 }
                 sorted_insert(&mut old.cluster_ips, sp.cluster_ip);
                 old.health_check = old.health_check.or(sp.health_check_node_port);
@@ -485,8 +483,7 @@ impl Planner {
                     }
                     for sp in planned.ports {
                         for (fk, claim) in frontend_claims(&sp) {
-                            sorted_insert(self.claims.entry(fk).or_default(), claim);
-                            touched_frontends.insert(fk);
+                            sorted_insert(claims_now(&mut touched_frontends, &mut self.contested, plan, fk), claim);
                         }
                         let id = sp.id.clone();
                         // Equal values keep the old Arc: nothing downstream sees a change.
@@ -533,9 +530,8 @@ impl Planner {
             }
         }
 
-        for fk in touched_frontends {
-            let claims = self.claims.get(&fk);
-            let owner = claims.and_then(|c| c.first());
+        for (fk, claims) in touched_frontends {
+            let owner = claims.first();
             let now = owner.map(Claim::frontend);
             let was = plan.frontends.get(&fk).cloned();
             if now != was {
@@ -552,11 +548,14 @@ impl Planner {
                     }
                 }
             }
-            let lost: Vec<ObjectError> = match (claims, owner) {
-                (Some(c), Some(o)) => c[1..].iter().filter_map(|l| l.lost_to(&fk, o)).collect(),
-                _ => Vec::new(),
+            let lost: Vec<ObjectError> = match owner {
+                Some(o) => claims[1..].iter().filter_map(|l| l.lost_to(&fk, o)).collect(),
+                None => Vec::new(),
             };
             set_problems(&mut self.problems, ProblemSource::Frontend(fk), lost);
+            if claims.len() > 1 {
+                self.contested.insert(fk, claims);
+            }
         }
 
         for port in touched_health_checks {
@@ -595,6 +594,20 @@ impl Planner {
         diff.frontends_removed.sort_unstable_by_key(|a| a.0);
         (Arc::new(self.plan.clone()), diff)
     }
+}
+
+/// The claims on `fk` as this sync has them: taken, the first time the sync
+/// touches `fk`, from the contested table or else from the Plan's owner of
+/// `fk` (a frontend's only claim), as the sync began.
+fn claims_now<'a>(
+    touched: &'a mut HashMap<FrontendKey, Few<Claim>>,
+    contested: &mut HashMap<FrontendKey, Few<Claim>>,
+    plan: &Plan,
+    fk: FrontendKey,
+) -> &'a mut Few<Claim> {
+    touched.entry(fk).or_insert_with(|| {
+        contested.remove(&fk).unwrap_or_else(|| plan.frontends.get(&fk).map(Claim::of).into_iter().collect())
+    })
 }
 
 /// Batches of at least this many Services are planned on several threads first,

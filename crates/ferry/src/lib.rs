@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod health;
 pub mod lab;
 pub mod localnet;
+pub mod memory;
 pub mod node_addrs;
 pub mod pin_lock;
 pub mod proxier;

@@ -225,7 +225,9 @@ impl Proxier {
                 // Each service port on its own: one that fails (its map is
                 // full) is skipped and named, the others are programmed.
                 self.refused = b.maps.apply_batch(&batch);
-                let ops = batch.ops;
+                // Freed before the rest of the sync: a full sync's batch is tens of MiB.
+                let map_ops = batch.len();
+                drop(batch);
                 if !self.refused.is_empty() {
                     // The mirror believes every op happened; rebuild it from the
                     // kernel, and compare the whole Plan next time (the retry).
@@ -240,7 +242,7 @@ impl Proxier {
                 let stale = b.purge_stale_flows(&plan, diff, &deleted_udp);
                 let away = if diff.is_none() { std::mem::take(&mut b.adopted_backends) } else { Vec::new() };
                 sockets_destroyed = b.destroy_stale_udp_sockets(&plan, diff, away);
-                (ops.len(), plan_time, t1, stale)
+                (map_ops, plan_time, t1, stale)
             }
             Backend::Nftables(r) => {
                 let scripts = r.sync(&plan, diff);

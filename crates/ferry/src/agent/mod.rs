@@ -162,9 +162,12 @@ pub async fn run_manifests(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();
     let limits = options.settings.manifests;
-    let source = std::thread::Builder::new()
-        .name("ferry-manifests".into())
-        .spawn(move || ferry_k8s::ManifestSource::new(dir).with_limits(limits).run_blocking(events_tx, stopped))?;
+    let source = std::thread::Builder::new().name("ferry-manifests".into()).spawn(move || {
+        ferry_k8s::ManifestSource::new(dir)
+            .with_limits(limits)
+            .on_idle(crate::memory::release_idle)
+            .run_blocking(events_tx, stopped)
+    })?;
     let result = drive(options, metrics, health, events, shutdown).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let watched = tokio::task::spawn_blocking(move || source.join()).await;

@@ -311,8 +311,7 @@ impl Worker {
             // A start-up or a relist leaves the reading and planning garbage
             // in the allocator's free lists: give it back to the kernel now,
             // not at mimalloc's own pace.
-            // SAFETY: mi_collect only releases free memory; no pointer is invalidated.
-            unsafe { libmimalloc_sys::mi_collect(true) };
+            crate::memory::release_now();
         }
         report
     }

@@ -59,6 +59,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("ferry-run")
+        .on_thread_park(crate::memory::release_idle)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
