@@ -50,6 +50,8 @@ pub const NAMES: &[&str] = &[
     "affinity_insert",
     "affinity_insert_fail",
     "drop_peers_full",
+    "frag_loop",
+    "loop_return",
 ];
 
 #[cfg(test)]
