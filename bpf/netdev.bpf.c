@@ -238,8 +238,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	__u32 bdst[4];
 	__builtin_memcpy(bdst, be->addr, 16);
 	__be16 bport = be->port;
-	/* A port change rewrites SCTP's CRC32c from the packet's length, which a fragment does not tell. */
-	if (p->proto == IPPROTO_SCTP && bport != p->dport && p->frag != FRAG_NONE)
+	/* A port change rewrites SCTP's CRC32c from the packet's length, which a first fragment
+	 * tells only when it comes back from the defrag loop (none on this node, or it failed). */
+	if (p->proto == IPPROTO_SCTP && bport != p->dport && p->frag != FRAG_NONE && !p->l4_len)
 		return drop_packet(STAT_DROP_UNSUPPORTED);
 
 	int local;

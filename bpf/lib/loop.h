@@ -82,12 +82,16 @@ struct {
 	__type(value, __u32);
 } ferry_sctp_len SEC(".maps");
 
-/* Whether the packet is back from the loop; clears the mark (it is read once). */
+/* Whether the packet is back from the loop; clears the mark (it is read once).
+ * Such a packet is for this host (PACKET_HOST) whatever its Ethernet
+ * destination says: ferry_from_loop could not address it to the device when
+ * the route's neighbour was unresolved. */
 static __always_inline int loop_back(struct __sk_buff *skb)
 {
 	if (!(skb->tc_index & LOOP_TC_INDEX))
 		return 0;
 	skb->tc_index &= ~LOOP_TC_INDEX;
+	bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
 	return 1;
 }
 
@@ -165,6 +169,10 @@ static __always_inline int loop_return(struct __sk_buff *skb)
 	} else {
 		return TC_ACT_OK; /* nothing else is sent into the loop */
 	}
+	/* The loop's own multicast (an IPv6 router's MLD reports): not traffic, the node's stack may have it. */
+	if ((family == FAM_V4 && (bpf_ntohl(fib.ipv4_src) >> 28) == 0xe) ||
+	    (family == FAM_V6 && ((__u8 *)fib.ipv6_src)[0] == 0xff))
+		return TC_ACT_OK;
 	fib.ifindex = skb->ifindex;
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || fib.ifindex == skb->ifindex)
@@ -229,7 +237,8 @@ static __always_inline void loop_note_sctp(struct sk_buff *skb)
 	}
 	if (len < 12 || bpf_probe_read_kernel(k.hdr, sizeof(k.hdr), ip + hlen) < 0)
 		return;
-	bpf_map_update_elem(&ferry_sctp_len, &k, &len, BPF_ANY);
+	if (bpf_map_update_elem(&ferry_sctp_len, &k, &len, BPF_ANY) == 0)
+		stat_inc(STAT_LOOP_SCTP_LEN);
 }
 
 #endif

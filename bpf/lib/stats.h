@@ -67,6 +67,7 @@ enum ferry_stat {
 	/* The defrag loop (issue 16, loop.h). */
 	STAT_FRAG_LOOP,           /* a fragment sent into the defrag loop (overtook its first fragment, or fragmented SCTP whose length is unknown) */
 	STAT_LOOP_RETURN,         /* a fragment back from the defrag loop, in order, handed to the ingress of its source's device */
+	STAT_LOOP_SCTP_LEN,       /* the defrag loop noted a reassembled SCTP packet's length (for its CRC32c correction) */
 	STAT_COUNT_,
 };
 

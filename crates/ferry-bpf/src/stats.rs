@@ -52,6 +52,7 @@ pub const NAMES: &[&str] = &[
     "drop_peers_full",
     "frag_loop",
     "loop_return",
+    "loop_sctp_len",
 ];
 
 #[cfg(test)]
