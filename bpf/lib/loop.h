@@ -177,8 +177,12 @@ static __always_inline int loop_return(struct __sk_buff *skb)
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || fib.ifindex == skb->ifindex)
 		return drop_packet(STAT_DROP_NO_ROUTE);
-	if (loop_restore_ttl(skb, family) < 0 || bpf_skb_store_bytes(skb, 0, fib.smac, 6, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, 6, fib.dmac, 6, 0) < 0)
+	if (loop_restore_ttl(skb, family) < 0)
+		return drop_packet(STAT_DROP_REWRITE);
+	/* Addressed as if it came in there (with no neighbour known, the MAC
+	 * addresses are unknown too: loop_back makes it PACKET_HOST anyway). */
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS &&
+	    (bpf_skb_store_bytes(skb, 0, fib.smac, 6, 0) < 0 || bpf_skb_store_bytes(skb, 6, fib.dmac, 6, 0) < 0))
 		return drop_packet(STAT_DROP_REWRITE);
 	skb->tc_index |= LOOP_TC_INDEX;
 	stat_inc(STAT_LOOP_RETURN);
