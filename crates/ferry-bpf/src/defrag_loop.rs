@@ -57,10 +57,11 @@ pub fn netns_name_for(inode: u64) -> String {
     format!("ferry-dfl-{inode:x}")
 }
 
-/// The loop's namespace name for this process's network namespace.
+/// The loop's namespace name for the calling thread's network namespace (an agent's, or a
+/// thread that joined a node's namespace).
 pub fn netns_name() -> Result<String, LoopError> {
-    let meta = std::fs::metadata("/proc/self/ns/net")
-        .map_err(|source| LoopError::Io { what: "reading /proc/self/ns/net".into(), source })?;
+    let meta = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|source| LoopError::Io { what: "reading /proc/thread-self/ns/net".into(), source })?;
     Ok(netns_name_for(meta.ino()))
 }
 
@@ -238,8 +239,8 @@ pub fn remove_for(inode: u64) -> Result<bool, LoopError> {
 /// Returns the namespace's name if there was anything to remove.
 pub fn remove() -> Result<Option<String>, LoopError> {
     let netns = netns_name()?;
-    let meta = std::fs::metadata("/proc/self/ns/net")
-        .map_err(|source| LoopError::Io { what: "reading /proc/self/ns/net".into(), source })?;
+    let meta = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|source| LoopError::Io { what: "reading /proc/thread-self/ns/net".into(), source })?;
     let had_ns = remove_for(meta.ino())?;
     let had_dev = ifindex(NODE_DEVICE).is_some();
     if had_dev {
