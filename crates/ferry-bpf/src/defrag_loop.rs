@@ -86,6 +86,33 @@ fn ifindex(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// Writes `key=value` sysctls (paths below /proc/sys) in the named namespace, from a thread that
+/// joined it: /proc/sys/net is the namespace of the task that opens it.
+fn write_sysctls(netns: &str, sysctls: &[String]) -> Result<(), LoopError> {
+    let ns = std::fs::File::open(Path::new(NETNS_DIR).join(netns))
+        .map_err(|source| LoopError::Io { what: format!("opening namespace {netns}"), source })?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<(), LoopError> {
+            // SAFETY: setns on a valid fd changes only this scoped thread's namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(LoopError::Io {
+                    what: format!("joining namespace {netns}"),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            for kv in sysctls {
+                let (key, value) = kv.split_once('=').expect("key=value");
+                let path = Path::new("/proc/sys").join(key);
+                std::fs::write(&path, value)
+                    .map_err(|source| LoopError::Io { what: format!("writing {} in {netns}", path.display()), source })?;
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(LoopError::Io { what: "sysctl thread".into(), source: std::io::Error::other("panicked") }))
+    })
+}
+
 /// The loop of this node, once [`ensure`]d.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DefragLoop {
@@ -119,20 +146,17 @@ pub fn ensure() -> Result<DefragLoop, LoopError> {
     // Far side: forwarding on, no redirects (datagrams leave by the device they came in by),
     // no reverse-path filter, no addresses of its own; every route leads back.
     let sysctls = [
-        "net.ipv4.ip_forward=1",
-        "net.ipv4.conf.all.send_redirects=0",
-        "net.ipv4.conf.default.send_redirects=0",
-        "net.ipv4.conf.all.rp_filter=0",
-        "net.ipv4.conf.default.rp_filter=0",
-        "net.ipv6.conf.all.forwarding=1",
-        "net.ipv6.conf.default.addr_gen_mode=1",
+        "net/ipv4/ip_forward=1".to_string(),
+        "net/ipv4/conf/all/send_redirects=0".into(),
+        "net/ipv4/conf/default/send_redirects=0".into(),
+        "net/ipv4/conf/all/rp_filter=0".into(),
+        "net/ipv4/conf/default/rp_filter=0".into(),
+        "net/ipv6/conf/all/forwarding=1".into(),
+        format!("net/ipv4/conf/{FAR_DEVICE}/send_redirects=0"),
+        format!("net/ipv4/conf/{FAR_DEVICE}/rp_filter=0"),
+        format!("net/ipv6/conf/{FAR_DEVICE}/addr_gen_mode=1"),
     ];
-    for s in sysctls {
-        ip(&["netns", "exec", &netns, "sysctl", "-qw", s])?;
-    }
-    for s in [format!("net.ipv4.conf.{FAR_DEVICE}.rp_filter=0"), format!("net.ipv6.conf.{FAR_DEVICE}.addr_gen_mode=1")] {
-        ip(&["netns", "exec", &netns, "sysctl", "-qw", &s])?;
-    }
+    write_sysctls(&netns, &sysctls)?;
     ip(&["-n", &netns, "link", "set", "lo", "up"])?;
     ip(&["-n", &netns, "link", "set", FAR_DEVICE, "up"])?;
     ip(&["-n", &netns, "neigh", "replace", GW4, "lladdr", NODE_MAC, "dev", FAR_DEVICE, "nud", "permanent"])?;

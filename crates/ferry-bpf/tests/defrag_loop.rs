@@ -53,6 +53,21 @@ fn the_loop_is_made_once_adopted_by_the_next_agent_and_removed_whole() {
         let far6 = ip(&["-n", &made.netns, "-6", "route", "show"]);
         assert!(far6.contains("default via fe80::1"), "{far6}");
 
+        // Its sysctls are the loop namespace's, none of the node's.
+        let sysctl = |ns: Option<&str>, key: &str| {
+            let cat = ["cat", key];
+            let out = match ns {
+                Some(ns) => ip(&[&["netns", "exec", ns][..], &cat[..]].concat()),
+                None => String::from_utf8(Command::new("cat").arg(key).output().unwrap().stdout).unwrap(),
+            };
+            out.trim().to_string()
+        };
+        for key in ["/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"] {
+            assert_eq!(sysctl(Some(&made.netns), key), "1", "{key} in the loop");
+            assert_eq!(sysctl(None, key), "0", "{key} in the node: untouched");
+        }
+        assert_eq!(sysctl(Some(&made.netns), "/proc/sys/net/ipv4/conf/all/send_redirects"), "0");
+
         // The next agent (a restart) adopts it: nothing made anew.
         let adopted = defrag_loop::ensure().expect("adopting the loop");
         assert_eq!(adopted, made, "same namespace, same device");
