@@ -46,7 +46,9 @@ pub enum LoopError {
     Ip { args: String, detail: String },
     #[error("defrag loop: {what}: {source}")]
     Io { what: String, source: std::io::Error },
-    #[error("defrag loop: attaching the netfilter program in {netns} ({family}): {source} (Linux 6.6+ with CONFIG_NETFILTER_BPF_LINK and NF_DEFRAG_IPV4/6)")]
+    #[error(
+        "defrag loop: attaching the netfilter program in {netns} ({family}): {source} (Linux 6.6+ with CONFIG_NETFILTER_BPF_LINK and NF_DEFRAG_IPV4/6)"
+    )]
     Netfilter { netns: String, family: &'static str, source: libbpf_rs::Error },
 }
 
@@ -103,13 +105,17 @@ fn write_sysctls(netns: &str, sysctls: &[String]) -> Result<(), LoopError> {
             for kv in sysctls {
                 let (key, value) = kv.split_once('=').expect("key=value");
                 let path = Path::new("/proc/sys").join(key);
-                std::fs::write(&path, value)
-                    .map_err(|source| LoopError::Io { what: format!("writing {} in {netns}", path.display()), source })?;
+                std::fs::write(&path, value).map_err(|source| LoopError::Io {
+                    what: format!("writing {} in {netns}", path.display()),
+                    source,
+                })?;
             }
             Ok(())
         })
         .join()
-        .unwrap_or_else(|_| Err(LoopError::Io { what: "sysctl thread".into(), source: std::io::Error::other("panicked") }))
+        .unwrap_or_else(|_| {
+            Err(LoopError::Io { what: "sysctl thread".into(), source: std::io::Error::other("panicked") })
+        })
     })
 }
 
@@ -135,8 +141,24 @@ pub fn ensure() -> Result<DefragLoop, LoopError> {
         }
         ip(&["netns", "add", &netns])?;
         ip(&[
-            "link", "add", NODE_DEVICE, "address", NODE_MAC, "mtu", "65535", "type", "veth", "peer", "name",
-            FAR_DEVICE, "address", FAR_MAC, "mtu", "65535", "netns", &netns,
+            "link",
+            "add",
+            NODE_DEVICE,
+            "address",
+            NODE_MAC,
+            "mtu",
+            "65535",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            FAR_DEVICE,
+            "address",
+            FAR_MAC,
+            "mtu",
+            "65535",
+            "netns",
+            &netns,
         ])?;
     } else if !ns_path.exists() {
         // The node end without its namespace cannot be repaired: start over.

@@ -653,7 +653,9 @@ fn attach_defrag_loop(
     let lp = match ready {
         Ok(l) => l,
         Err(e) => {
-            tracing::warn!("{e}; running without the defrag loop: fragments it would reassemble are counted (frag_miss, drop_unsupported) and passed or dropped");
+            tracing::warn!(
+                "{e}; running without the defrag loop: fragments it would reassemble are counted (frag_miss, drop_unsupported) and passed or dropped"
+            );
             for file in ["nf_loop_v4", "nf_loop_v6"] {
                 if let Ok(link) = Link::open(links_dir.join(file)) {
                     let _ = link.detach();

@@ -88,7 +88,8 @@ fn a_later_fragment_that_overtook_its_first_takes_its_whole_datagram_into_the_lo
         assert_eq!((r.verdict, r.moved), (TC_ACT_OK, BTreeMap::from([("frag_miss", 1)])));
 
         // IPv6: a later fragment without its first goes in as well.
-        let later6 = ipv6(CLIENT6, NODE6, NH_FRAGMENT, &[frag6(IPPROTO_UDP, 4, false, 0x0102_0304), tail.to_vec()].concat());
+        let later6 =
+            ipv6(CLIENT6, NODE6, NH_FRAGMENT, &[frag6(IPPROTO_UDP, 4, false, 0x0102_0304), tail.to_vec()].concat());
         let r = dp.run_from_netdev(&later6);
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "IPv6 later fragment: {:?}", r.moved);
         assert_eq!(r.out, into_loop(&later6));
