@@ -17,13 +17,16 @@
  * fragment first. On the way the netfilter program notes each reassembled
  * SCTP packet's length (ferry_sctp_len).
  *
- * Back on the node side of the pair, ferry_from_loop restores the hop the
- * loop's forwarding took (TTL / hop limit), marks the fragments in tc_index
- * as having been round the loop (they never go in again), and hands them to
+ * Back on the node side of the pair, ferry_from_loop marks the fragments in
+ * tc_index as having been round the loop (they never go in again), and hands them to
  * the ingress of the device their source is reached through (the device they
  * most likely came in on): the program there sees an ordinary in-order
  * datagram and translates it as usual, the SCTP CRC corrected with the noted
  * length. Cilium marks re-entering packets in tc_index the same way.
+ *
+ * The loop's forwarding counts as a hop (TTL / hop limit - 1), left as it
+ * is: were the mark ever lost, a packet could go round only until its TTL
+ * ran out.
  *
  * Cost: a datagram that needs the loop crosses two more veth hops and one
  * reassembly; fragments wait in the loop's queue (up to the kernel's 30 s,
@@ -122,26 +125,6 @@ static __attribute__((noinline)) void loop_sctp_len(struct __sk_buff *skb, struc
 		p->l4_len = *len;
 }
 
-/* Gives back the hop the loop's forwarding took: TTL / hop limit + 1. */
-static __always_inline int loop_restore_ttl(struct __sk_buff *skb, __u8 family)
-{
-	if (family == FAM_V4) {
-		__u16 old_word, new_word;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN_ + 8, &old_word, 2) < 0)
-			return -1;
-		new_word = old_word;
-		((__u8 *)&new_word)[0] += 1;
-		if (bpf_l3_csum_replace(skb, ETH_HLEN_ + 10, old_word, new_word, 2) < 0)
-			return -1;
-		return bpf_skb_store_bytes(skb, ETH_HLEN_ + 8, &new_word, 2, 0);
-	}
-	__u8 hl;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN_ + 7, &hl, 1) < 0)
-		return -1;
-	hl += 1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN_ + 7, &hl, 1, 0);
-}
-
 /* A packet back from the loop (ferry_from_loop): re-enters at the ingress of
  * the device its source is reached through, addressed to that device, marked
  * as back. Only the addresses are read: whatever went in comes back. */
@@ -149,19 +132,16 @@ static __always_inline int loop_return(struct __sk_buff *skb)
 {
 	struct bpf_fib_lookup fib = {};
 	__be16 proto;
-	__u8 family;
 
 	if (bpf_skb_load_bytes(skb, 12, &proto, 2) < 0)
 		return TC_ACT_OK;
 	if (proto == bpf_htons(ETH_P_IP)) {
-		family = FAM_V4;
 		fib.family = AF_INET;
 		/* saddr, daddr: the lookup goes back to the source */
 		if (bpf_skb_load_bytes(skb, ETH_HLEN_ + 12, &fib.ipv4_dst, 4) < 0 ||
 		    bpf_skb_load_bytes(skb, ETH_HLEN_ + 16, &fib.ipv4_src, 4) < 0)
 			return drop_packet(STAT_DROP_REWRITE);
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		family = FAM_V6;
 		fib.family = AF_INET6;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN_ + 8, fib.ipv6_dst, 16) < 0 ||
 		    bpf_skb_load_bytes(skb, ETH_HLEN_ + 24, fib.ipv6_src, 16) < 0)
@@ -169,16 +149,15 @@ static __always_inline int loop_return(struct __sk_buff *skb)
 	} else {
 		return TC_ACT_OK; /* nothing else is sent into the loop */
 	}
-	/* The loop's own multicast (an IPv6 router's MLD reports): not traffic, the node's stack may have it. */
-	if ((family == FAM_V4 && (bpf_ntohl(fib.ipv4_src) >> 28) == 0xe) ||
-	    (family == FAM_V6 && ((__u8 *)fib.ipv6_src)[0] == 0xff))
+	/* The loop's own multicast (an IPv6 router's MLD reports; the lookup's source is the
+	 * packet's destination): not traffic, the node's stack may have it. */
+	if ((fib.family == AF_INET && (bpf_ntohl(fib.ipv4_src) >> 28) == 0xe) ||
+	    (fib.family == AF_INET6 && ((__u8 *)fib.ipv6_src)[0] == 0xff))
 		return TC_ACT_OK;
 	fib.ifindex = skb->ifindex;
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || fib.ifindex == skb->ifindex)
 		return drop_packet(STAT_DROP_NO_ROUTE);
-	if (loop_restore_ttl(skb, family) < 0)
-		return drop_packet(STAT_DROP_REWRITE);
 	/* Addressed as if it came in there (with no neighbour known, the MAC
 	 * addresses are unknown too: loop_back makes it PACKET_HOST anyway). */
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS &&

@@ -281,16 +281,17 @@ pub fn remove_for(inode: u64) -> Result<bool, LoopError> {
     Ok(true)
 }
 
-/// Removes this namespace's loop: its namespace and the node end of the pair.
-/// Returns the namespace's name if there was anything to remove.
+/// Removes this namespace's loop: the pair (deleting the node end takes the far end with it),
+/// then its namespace. Returns the namespace's name if there was anything to remove.
 pub fn remove() -> Result<Option<String>, LoopError> {
     let netns = netns_name()?;
+    let had_dev = ifindex(NODE_DEVICE).is_some();
+    // A namespace deleted a moment ago may still be taking the pair down with it.
+    if had_dev && let Err(e) = ip(&["link", "del", NODE_DEVICE]) && ifindex(NODE_DEVICE).is_some() {
+        return Err(e);
+    }
     let meta = std::fs::metadata("/proc/thread-self/ns/net")
         .map_err(|source| LoopError::Io { what: "reading /proc/thread-self/ns/net".into(), source })?;
     let had_ns = remove_for(meta.ino())?;
-    let had_dev = ifindex(NODE_DEVICE).is_some();
-    if had_dev {
-        ip(&["link", "del", NODE_DEVICE])?;
-    }
     Ok((had_ns || had_dev).then_some(netns))
 }

@@ -554,7 +554,9 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
     serve_with_layout_1(&pin_dir, &objects, Conntrack::Adopted);
     let at_switch = client.observed().len();
     let finished = down.wait_with_output().expect("waiting for ferry datapath downgrade");
-    let rest: Vec<String> = lines.try_iter().collect();
+    // Every line the command wrote: the reader ends at its stdout's end (it exited), so this
+    // cannot miss a last line still on its way through the reader.
+    let rest: Vec<String> = lines.iter().collect();
     let switched = rest.iter().find(|l| l.starts_with("the links switched")).cloned();
     assert!(
         finished.status.success() && switched.is_some(),
