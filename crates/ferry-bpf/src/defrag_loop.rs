@@ -287,7 +287,10 @@ pub fn remove() -> Result<Option<String>, LoopError> {
     let netns = netns_name()?;
     let had_dev = ifindex(NODE_DEVICE).is_some();
     // A namespace deleted a moment ago may still be taking the pair down with it.
-    if had_dev && let Err(e) = ip(&["link", "del", NODE_DEVICE]) && ifindex(NODE_DEVICE).is_some() {
+    if had_dev
+        && let Err(e) = ip(&["link", "del", NODE_DEVICE])
+        && ifindex(NODE_DEVICE).is_some()
+    {
         return Err(e);
     }
     let meta = std::fs::metadata("/proc/thread-self/ns/net")

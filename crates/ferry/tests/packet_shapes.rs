@@ -286,6 +286,11 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
         let (went, back) = (grew(&before, &after, "frag_loop"), grew(&before, &after, "loop_return"));
         assert!(went >= 3 * 12 + 2 * 24, "frag_loop grew by {went}\n{}", diag(&lab, datapath));
         assert!(back >= went, "loop_return grew by {back}, frag_loop by {went}\n{}", diag(&lab, datapath));
+        eprintln!(
+            "node-a: frag_first +{first}, frag_forward +{later}, frag_loop +{went}, loop_return +{back}, \
+             loop_sctp_len +{}, sctp_csum_fix +{fixed}",
+            grew(&before, &after, "loop_sctp_len")
+        );
     }
 }
 
