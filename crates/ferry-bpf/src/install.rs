@@ -674,6 +674,7 @@ fn attach_defrag_loop(
         .ferry_loop
         .update(&0u32.to_ne_bytes(), &lp.ifindex.to_ne_bytes(), MapFlags::ANY)
         .map_err(lb("writing ferry_loop"))?;
+    tracing::info!(netns = %lp.netns, device = crate::defrag_loop::NODE_DEVICE, "defrag loop ready");
     Ok(true)
 }
 
