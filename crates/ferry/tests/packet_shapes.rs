@@ -7,7 +7,7 @@
 //!   also from a pod through its own node's NodePort (hairpin when the endpoint is the pod itself);
 //! - IPv6 datagrams with a destination-options header, small and fragmented;
 //! - the same datagram with its fragments sent last first (the eBPF datapath's defrag loop puts
-//!   them back in order), IPv4 and IPv6;
+//!   them back in order), IPv4 and IPv6, from the client and from pod a21;
 //! - SCTP whose endpoint port (7000) differs from the service port: the INIT and the INIT-ACK are
 //!   translated with a corrected CRC32c, which both raw-socket ends check (the kernel has no SCTP
 //!   module here, so the probe is the SCTP receiver and ignores a packet with a bad checksum),
@@ -256,6 +256,11 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
             let mut o = ConnectOpts::new(Endpoint::udp(np));
             o.pad = PAD;
             expect_answer_from(&lab, At::Pod(NODE_A, 0), datapath, &o, node, "a 4000-byte UDP datagram from pod a21");
+            // The same, last fragment first: on bpf through the pod-facing device's program and the loop.
+            o.bind = Some(pod_ip(NODE_A, fam));
+            o.reverse_fragments = true;
+            let what = "a 4000-byte UDP datagram from pod a21, its last fragment first";
+            expect_answer_from(&lab, At::Pod(NODE_A, 0), datapath, &o, node, what);
             for fe in frontends(&lab, n, fam, Proto::Sctp) {
                 let mut o = ConnectOpts::new(Endpoint { addr: fe, proto: Proto::Sctp });
                 o.bind = Some(client_ip(fam));
@@ -280,11 +285,11 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
         let fixed = grew(&before, &after, "sctp_csum_fix");
         assert!(fixed >= 48, "sctp_csum_fix grew by {fixed}\n{}", diag(&lab, datapath));
         assert_eq!(grew(&before, &after, "drop_unsupported"), 0, "{}", diag(&lab, datapath));
-        // Through the defrag loop: 12 reversed datagrams (3 fragments each, all of them go in) and
-        // 12 fragmented INITs and 12 INIT-ACKs (each fragment of which goes in), every fragment
-        // coming back.
+        // Through the defrag loop: 12 reversed datagrams from the client and 4 from pod a21 (4
+        // fragments each, all of which go in), 12 fragmented INITs and 12 INIT-ACKs (3 fragments
+        // each, all of which go in), every fragment coming back.
         let (went, back) = (grew(&before, &after, "frag_loop"), grew(&before, &after, "loop_return"));
-        assert!(went >= 3 * 12 + 2 * 24, "frag_loop grew by {went}\n{}", diag(&lab, datapath));
+        assert!(went >= 4 * 16 + 3 * 24, "frag_loop grew by {went}\n{}", diag(&lab, datapath));
         assert!(back >= went, "loop_return grew by {back}, frag_loop by {went}\n{}", diag(&lab, datapath));
         eprintln!(
             "node-a: frag_first +{first}, frag_forward +{later}, frag_loop +{went}, loop_return +{back}, \
