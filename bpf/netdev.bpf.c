@@ -11,6 +11,11 @@
  *   ferry_to_netdev    egress of an uplink: replies of local endpoints the
  *                      kernel routed out itself; the node's own traffic to a
  *                      frontend whose route drops.
+ *   ferry_from_loop    ingress of the defrag loop's node end: datagrams the
+ *                      kernel reassembled, back as in-order fragments, sent
+ *                      on to the ingress they came in by (loop.h).
+ *   ferry_defrag_note  netfilter, in the defrag loop's namespace: notes the
+ *                      length of each reassembled SCTP packet (loop.h).
  *
  * A packet's journey: parse -> neither to an address ferry serves nor from
  * a backend it translated for? pass it on at once (the fast path) ->
@@ -30,6 +35,7 @@
 #include "lib/icmp.h"
 #include "lib/masq.h"
 #include "lib/frag.h"
+#include "lib/loop.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -232,8 +238,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	__u32 bdst[4];
 	__builtin_memcpy(bdst, be->addr, 16);
 	__be16 bport = be->port;
-	/* A port change rewrites SCTP's CRC32c from the packet's length, which a fragment does not tell. */
-	if (p->proto == IPPROTO_SCTP && bport != p->dport && p->frag != FRAG_NONE)
+	/* A port change rewrites SCTP's CRC32c from the packet's length, which a first fragment
+	 * tells only when it comes back from the defrag loop (none on this node, or it failed). */
+	if (p->proto == IPPROTO_SCTP && bport != p->dport && p->frag != FRAG_NONE && !p->l4_len)
 		return drop_packet(STAT_DROP_UNSUPPORTED);
 
 	int local;
@@ -298,14 +305,49 @@ static __attribute__((noinline)) int handle_new(struct __sk_buff *skb, struct pk
 	return rc;
 }
 
+/* The defrag loop's ifindex if this packet may go into it (loop.h): an
+ * ingress, and not back from the loop already. 0 otherwise. */
+static __always_inline __u32 loop_for(enum hook hook, int back)
+{
+	__u32 zero = 0;
+
+	if (back || hook == HOOK_TO_NETDEV)
+		return 0;
+	struct loop_cfg *c = bpf_map_lookup_elem(&ferry_loop, &zero);
+	return c ? c->ifindex : 0;
+}
+
 /* A fragment after the first: translated and sent on as its first fragment
- * was (frag.h). A function of its own, as the steps above. */
-static __attribute__((noinline)) int handle_later_fragment(struct __sk_buff *skb, struct pkt *p, enum hook hook)
+ * was (frag.h), or into the defrag loop. A function of its own, as the steps
+ * above. Only protocols whose first fragment gets a verdict may wait in the
+ * loop for it. */
+static __attribute__((noinline)) int handle_later_fragment(struct __sk_buff *skb, struct pkt *p, enum hook hook,
+							   int back)
 {
 	int translated;
-	int rc = frag_follow(skb, p, &translated);
+	__u32 loop = has_ports(p->frag_next) || p->frag_next == PROTO_ICMP || p->frag_next == PROTO_ICMPV6
+			     ? loop_for(hook, back)
+			     : 0;
+	int rc = frag_follow(skb, p, loop, &translated);
 
 	return translated ? deliver(skb, p, hook) : rc;
+}
+
+/* A first fragment, before the load balancer sees it: into the defrag loop
+ * when a later fragment of its datagram went there first, or when it is SCTP
+ * whose length only the whole packet tells (a port change must correct the
+ * CRC32c over all of it). Back from the loop, an SCTP fragment gets the
+ * length the loop noted. Returns -1 when the packet goes on as usual. */
+static __attribute__((noinline)) int handle_first_fragment(struct __sk_buff *skb, struct pkt *p, enum hook hook,
+							   int back)
+{
+	__u32 loop = loop_for(hook, back);
+
+	if (back && p->proto == IPPROTO_SCTP)
+		loop_sctp_len(skb, p);
+	if (loop && (p->proto == IPPROTO_SCTP || frag_looping(p)))
+		return frag_first_to_loop(skb, loop);
+	return -1;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
@@ -315,12 +357,20 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 	if (!cfg)
 		return TC_ACT_OK;
 	enum glance glance = glance_at(skb, cfg, hook);
+	/* Back from the defrag loop (mark cleared here): never sent into it again. */
+	int back = loop_back(skb);
 	if (glance == GLANCE_PASS || !parse(skb, &p))
 		return TC_ACT_OK;
 	if (p.frag == FRAG_LATER)
-		return handle_later_fragment(skb, &p, hook);
-	if (p.frag == FRAG_FIRST)
+		return handle_later_fragment(skb, &p, hook, back);
+	if (p.frag == FRAG_FIRST) {
 		frag_arrived(&p);
+		int looped = handle_first_fragment(skb, &p, hook, back);
+		if (looped >= 0) {
+			frag_remember(&p, looped);
+			return looped;
+		}
+	}
 	/* Sent to a frontend or node address, not to a SNAT port there: the
 	 * original direction of a flow, most likely (a reply to a SNATed flow
 	 * comes to a port of natPortRange, which never overlaps NodePorts). */
@@ -351,4 +401,17 @@ SEC("tcx/egress")
 int ferry_to_netdev(struct __sk_buff *skb)
 {
 	return handle(skb, HOOK_TO_NETDEV);
+}
+
+SEC("tcx/ingress")
+int ferry_from_loop(struct __sk_buff *skb)
+{
+	return loop_return(skb);
+}
+
+SEC("netfilter")
+int ferry_defrag_note(struct bpf_nf_ctx *ctx)
+{
+	loop_note_sctp(ctx->skb);
+	return NF_ACCEPT;
 }

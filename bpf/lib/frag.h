@@ -10,8 +10,11 @@
  * fixed), then forwarded the same way.
  *
  * A later fragment whose entry is gone (evicted, or it overtook its first
- * fragment) is counted as frag_miss and passed to the stack untranslated,
- * which is what happened to every later fragment before tracking.
+ * fragment) goes into the defrag loop (loop.h), and so does the rest of its
+ * datagram (FRAG_LOOP), first fragment included: the loop gives the datagram
+ * back in order. Without a loop (or for a fragment already back from it) it
+ * is counted as frag_miss and passed to the stack untranslated, which is
+ * what happened to every later fragment before tracking.
  */
 #ifndef FERRY_FRAG_H
 #define FERRY_FRAG_H
@@ -21,6 +24,7 @@
 #include "packet.h"
 #include "nat.h"
 #include "stats.h"
+#include "loop.h"
 
 static __always_inline void frag_key_of(struct frag_key *k, const __u32 *src, const __u32 *dst, const struct pkt *p)
 {
@@ -39,6 +43,7 @@ static __always_inline void frag_key_of(struct frag_key *k, const __u32 *src, co
 struct frag_arrival {
 	__u32 src[4];
 	__u32 dst[4];
+	__u32 looped; /* the first fragment went into the defrag loop */
 };
 
 struct {
@@ -58,6 +63,29 @@ static __attribute__((noinline)) void frag_arrived(const struct pkt *p)
 		return;
 	__builtin_memcpy(a->src, p->src, 16);
 	__builtin_memcpy(a->dst, p->dst, 16);
+	a->looped = 0;
+}
+
+/* A first fragment goes into the defrag loop (its verdict, FRAG_LOOP, is kept by frag_remember). */
+static __attribute__((noinline)) int frag_first_to_loop(struct __sk_buff *skb, __u32 loop)
+{
+	__u32 zero = 0;
+	struct frag_arrival *a = bpf_map_lookup_elem(&ferry_frag_arrival, &zero);
+
+	if (a)
+		a->looped = 1;
+	return loop_send(skb, loop);
+}
+
+/* Whether a first fragment's datagram is already going through the defrag
+ * loop (a later fragment overtook it and went first). */
+static __attribute__((noinline)) int frag_looping(const struct pkt *p)
+{
+	struct frag_key k;
+
+	frag_key_of(&k, p->src, p->dst, p);
+	struct frag_val *v = bpf_map_lookup_elem(&ferry_frags, &k);
+	return v && v->verdict == FRAG_LOOP;
 }
 
 /* After a first fragment was handled with result rc (p as it left: translated
@@ -74,7 +102,9 @@ static __attribute__((noinline)) void frag_remember(const struct pkt *p, int rc)
 	frag_key_of(&k, a->src, a->dst, p);
 	__builtin_memcpy(v.new_src, p->src, 16);
 	__builtin_memcpy(v.new_dst, p->dst, 16);
-	if (!addr_eq(a->src, p->src) || !addr_eq(a->dst, p->dst))
+	if (a->looped)
+		v.verdict = FRAG_LOOP;
+	else if (!addr_eq(a->src, p->src) || !addr_eq(a->dst, p->dst))
 		v.verdict = FRAG_XLATE;
 	else if (rc == TC_ACT_OK)
 		v.verdict = FRAG_PASS;
@@ -107,17 +137,26 @@ static __always_inline int frag_rewrite(struct __sk_buff *skb, struct pkt *p, co
 }
 
 /* What a later fragment gets, as a tc verdict. *translated says it was
- * rewritten and the caller must deliver it as the first fragment was. */
-static __always_inline int frag_follow(struct __sk_buff *skb, struct pkt *p, int *translated)
+ * rewritten and the caller must deliver it as the first fragment was. `loop`:
+ * the defrag loop's ifindex when the fragment may go there, else 0. */
+static __always_inline int frag_follow(struct __sk_buff *skb, struct pkt *p, __u32 loop, int *translated)
 {
 	struct frag_key k;
 
 	*translated = 0;
 	frag_key_of(&k, p->src, p->dst, p);
 	struct frag_val *v = bpf_map_lookup_elem(&ferry_frags, &k);
-	if (!v) {
-		stat_inc(STAT_FRAG_MISS);
-		return TC_ACT_OK;
+	if (!v || v->verdict == FRAG_LOOP) {
+		if (!loop) {
+			stat_inc(STAT_FRAG_MISS);
+			return TC_ACT_OK;
+		}
+		if (!v) {
+			/* Its first fragment must follow it into the loop. */
+			struct frag_val lv = { .verdict = FRAG_LOOP };
+			bpf_map_update_elem(&ferry_frags, &k, &lv, BPF_ANY);
+		}
+		return loop_send(skb, loop);
 	}
 	if (v->verdict == FRAG_DROP)
 		return drop_packet(STAT_DROP_FRAG);

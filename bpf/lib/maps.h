@@ -479,6 +479,7 @@ struct {
 #define FRAG_PASS 0  /* untouched: later fragments pass too */
 #define FRAG_XLATE 1 /* translated: later fragments get the same addresses */
 #define FRAG_DROP 2  /* dropped (or answered with a reject): later fragments are dropped */
+#define FRAG_LOOP 3  /* sent into the defrag loop (loop.h): the rest of the datagram follows it there */
 
 struct frag_key {
 	__u32 src[4]; /* as the fragment arrived at this hook */

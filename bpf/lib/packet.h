@@ -47,7 +47,7 @@ struct pkt {
 	__u32 frag_id; /* IPv4 identification (network order, low half) or IPv6 fragment identification */
 	__u8 frag;      /* FRAG_* */
 	__u8 frag_next; /* the protocol fragments are keyed by: IPv4's, or the IPv6 fragment header's next header */
-	__u8 pad[2];
+	__u16 l4_len;   /* a first SCTP fragment back from the defrag loop: the SCTP packet's length (loop.h); else 0 */
 };
 
 /* Byte offset of the L4 checksum, or 0 when the protocol has none we maintain. */

@@ -60,7 +60,8 @@ __attribute__((noinline)) __u32 crc32c_delta(__u32 b0, __u32 b1, __u32 n)
 	return c;
 }
 
-/* The SCTP packet's length (IP payload after the headers the parser walked), 0 if unknown. */
+/* The SCTP packet's length (IP payload after the headers the parser walked), 0 if unknown.
+ * A first fragment's comes from the defrag loop, which saw the whole packet (loop.h). */
 static __always_inline __u32 sctp_len(struct __sk_buff *skb, const struct pkt *p)
 {
 	__be16 len;
@@ -68,7 +69,7 @@ static __always_inline __u32 sctp_len(struct __sk_buff *skb, const struct pkt *p
 
 	/* A first fragment's length fields say nothing about the datagram. */
 	if (p->frag != FRAG_NONE)
-		return 0;
+		return p->l4_len;
 	if (p->family == FAM_V4) {
 		if (bpf_skb_load_bytes(skb, p->l3_off + 2, &len, 2) < 0)
 			return 0;

@@ -28,7 +28,7 @@ enum ferry_stat {
 	STAT_DROP_NAT_EXHAUSTED,  /* dropped: no free SNAT source port after all retries */
 	STAT_DROP_CT_CLASH,       /* dropped: the backend-side tuple is already tracked for another flow */
 	STAT_DROP_NO_ROUTE,       /* dropped: no route (FIB) to the chosen backend */
-	STAT_DROP_UNSUPPORTED,    /* dropped: a translation this datapath cannot do (an SCTP port change on a fragment) */
+	STAT_DROP_UNSUPPORTED,    /* dropped: a translation this datapath cannot do (an SCTP port change on a fragment, with no defrag loop) */
 	STAT_NAT_RETRY,           /* SNAT source-port collisions resolved by retrying */
 	STAT_MASQ_NEW_FLOW,       /* pod egress: a new flow masqueraded to the node */
 	STAT_ICMP_ERROR_REV,      /* an ICMP error about a translated flow was translated back */
@@ -43,7 +43,7 @@ enum ferry_stat {
 	/* Fragments, IPv6 extension headers, SCTP CRC (issue 16). */
 	STAT_FRAG_FIRST,          /* packet path: a first fragment, its verdict kept for the rest of the datagram */
 	STAT_FRAG_FORWARD,        /* packet path: a later fragment translated as its first fragment was */
-	STAT_FRAG_MISS,           /* a later fragment whose first fragment is not tracked (lost entry, out of order): passed untranslated */
+	STAT_FRAG_MISS,           /* a later fragment whose first fragment is not tracked (lost entry, out of order) and no defrag loop to send it to: passed untranslated */
 	STAT_DROP_FRAG,           /* dropped: a later fragment of a datagram whose first fragment was dropped */
 	STAT_IPV6_EXT_LIMIT,      /* IPv6 with more extension headers than the parser walks: passed to the stack untranslated */
 	STAT_SCTP_CSUM_FIX,       /* SCTP port translated with its CRC32c corrected */
@@ -64,6 +64,10 @@ enum ferry_stat {
 	STAT_AFFINITY_INSERT_FAIL, /* a ClientIP affinity that could not be remembered (the next pick is random) */
 	/* The pass-through fast path (issue 15). */
 	STAT_DROP_PEERS_FULL,     /* dropped: a new flow's backend could not be written into ferry_peers (full), so its replies could not be found */
+	/* The defrag loop (issue 16, loop.h). */
+	STAT_FRAG_LOOP,           /* a fragment sent into the defrag loop (overtook its first fragment, or fragmented SCTP whose length is unknown) */
+	STAT_LOOP_RETURN,         /* a fragment back from the defrag loop, in order, handed to the ingress of its source's device */
+	STAT_LOOP_SCTP_LEN,       /* the defrag loop noted a reassembled SCTP packet's length (for its CRC32c correction) */
 	STAT_COUNT_,
 };
 

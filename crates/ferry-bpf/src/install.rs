@@ -590,6 +590,10 @@ fn attach_devices(
     let mut wanted = std::collections::BTreeSet::new();
     let mut devices = Vec::new();
     if let Some(skel) = tc {
+        // The defrag loop first: the device programs send fragments into it as soon as they run.
+        if attach_defrag_loop(skel, links_dir, updated, attached)? {
+            wanted.insert(LOOP_LINK.to_string());
+        }
         for (name, role) in &opts.devices {
             let idx = ifindex(name).ok_or_else(|| InstallError::NoDevice(name.clone()))?;
             let mut progs: Vec<(&str, &ProgramMut)> = vec![match role {
@@ -625,6 +629,53 @@ fn attach_devices(
         }
     }
     Ok(devices)
+}
+
+/// The pinned link of `ferry_from_loop` on the defrag loop's node end.
+const LOOP_LINK: &str = "tcx_loop_in";
+
+/// Creates or adopts this node's defrag loop ([`crate::defrag_loop`]),
+/// attaches `ferry_from_loop` to its node end and `ferry_defrag_note` in its
+/// namespace, and tells the tc programs where it is (`ferry_loop`). Without
+/// a loop (it could not be made: logged) the programs count what would have
+/// gone there as before (`frag_miss`, `drop_unsupported`). Returns whether
+/// the loop is in use.
+fn attach_defrag_loop(
+    skel: &crate::skel::netdev::NetdevSkel,
+    links_dir: &Path,
+    updated: &mut usize,
+    attached: &mut usize,
+) -> Result<bool, InstallError> {
+    let ready = crate::defrag_loop::ensure().and_then(|l| {
+        crate::defrag_loop::attach_note(&skel.progs.ferry_defrag_note, &l.netns, links_dir)?;
+        Ok(l)
+    });
+    let lp = match ready {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(
+                "{e}; running without the defrag loop: fragments it would reassemble are counted (frag_miss, drop_unsupported) and passed or dropped"
+            );
+            for file in ["nf_loop_v4", "nf_loop_v6"] {
+                if let Ok(link) = Link::open(links_dir.join(file)) {
+                    let _ = link.detach();
+                }
+                let _ = std::fs::remove_file(links_dir.join(file));
+            }
+            return Ok(false);
+        }
+    };
+    if attach_tcx(&skel.progs.ferry_from_loop, lp.ifindex, &links_dir.join(LOOP_LINK))? {
+        *updated += 1;
+    } else {
+        *attached += 1;
+    }
+    skel.maps
+        .ferry_loop
+        .update(&0u32.to_ne_bytes(), &lp.ifindex.to_ne_bytes(), MapFlags::ANY)
+        .map_err(lb("writing ferry_loop"))?;
+    tracing::info!(netns = %lp.netns, device = crate::defrag_loop::NODE_DEVICE, "defrag loop ready");
+    Ok(true)
 }
 
 /// What `uninstall` removed.

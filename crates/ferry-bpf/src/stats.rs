@@ -50,6 +50,9 @@ pub const NAMES: &[&str] = &[
     "affinity_insert",
     "affinity_insert_fail",
     "drop_peers_full",
+    "frag_loop",
+    "loop_return",
+    "loop_sctp_len",
 ];
 
 #[cfg(test)]

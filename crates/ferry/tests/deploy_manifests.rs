@@ -148,6 +148,13 @@ fn the_daemonset_runs_privileged_on_the_host_network_with_bpffs_and_cgroup() {
     let bpffs = mounts.iter().find(|m| host_path_of(&m.name).as_deref() == Some("/sys/fs/bpf")).expect("bpffs mount");
     assert_eq!(bpffs.mount_path, "/sys/fs/bpf");
     assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"), "pins must reach the host's bpffs");
+    let netns =
+        mounts.iter().find(|m| host_path_of(&m.name).as_deref() == Some("/run/netns")).expect("/run/netns mount");
+    assert_eq!(
+        netns.mount_propagation.as_deref(),
+        Some("Bidirectional"),
+        "the defrag loop's namespace must outlive the pod"
+    );
     let cgroup = mounts
         .iter()
         .find(|m| host_path_of(&m.name).is_some_and(|p| p.starts_with("/sys/fs/cgroup")))

@@ -6,9 +6,12 @@
 //!   endpoint arrives whole, and its reply (as long, so fragmented too) comes back from the frontend;
 //!   also from a pod through its own node's NodePort (hairpin when the endpoint is the pod itself);
 //! - IPv6 datagrams with a destination-options header, small and fragmented;
+//! - the same datagram with its fragments sent last first (the eBPF datapath's defrag loop puts
+//!   them back in order), IPv4 and IPv6, from the client and from pod a21;
 //! - SCTP whose endpoint port (7000) differs from the service port: the INIT and the INIT-ACK are
 //!   translated with a corrected CRC32c, which both raw-socket ends check (the kernel has no SCTP
-//!   module here, so the probe is the SCTP receiver and ignores a packet with a bad checksum);
+//!   module here, so the probe is the SCTP receiver and ignores a packet with a bad checksum),
+//!   unfragmented and padded past the MTU so that both travel as IP fragments;
 //! - path MTU: a bulk TCP transfer to a remote endpoint behind a 1280-byte link completes, which
 //!   needs node-b's "fragmentation needed" / "packet too big" to reach the client translated.
 //!
@@ -41,6 +44,8 @@ const TCP_PORT: u16 = 80;
 /// The UDP request's length: "ferry-probe", the filler, the newline.
 const DATAGRAM: usize = 4000;
 const PAD: usize = DATAGRAM - "ferry-probe".len() - 1;
+/// The Padding parameter of a fragmented SCTP INIT (about 3 fragments on a 1500-byte link).
+const SCTP_PAD: usize = 4000;
 /// The bulk TCP transfer of the path MTU lab.
 const BULK: usize = 2 << 20;
 
@@ -234,15 +239,11 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
                 o.bind = Some(client_ip(fam));
                 o.pad = PAD;
                 expect_answer(&lab, datapath, &o, node, "a 4000-byte UDP datagram");
-                // Netfilter defragments before NAT, so the order of fragments does not matter
-                // there. The eBPF datapath passes a later fragment that overtakes its first
-                // fragment untranslated (counted frag_miss; README "Packet shapes each datapath
-                // carries"): not asked of it here.
-                if fam == Fam::V4 && datapath == "nftables" {
-                    let mut r = o.clone();
-                    r.reverse_fragments = true;
-                    expect_answer(&lab, datapath, &r, node, "a 4000-byte UDP datagram, its last fragment first");
-                }
+                // Last fragment first: netfilter defragments before NAT; the eBPF datapath sends
+                // the fragments through its defrag loop, which gives them back in order.
+                let mut r = o.clone();
+                r.reverse_fragments = true;
+                expect_answer(&lab, datapath, &r, node, "a 4000-byte UDP datagram, its last fragment first");
                 if fam == Fam::V6 {
                     o.ipv6_dstopts = true;
                     expect_answer(&lab, datapath, &o, node, "a 4000-byte UDP datagram with destination options");
@@ -255,10 +256,19 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
             let mut o = ConnectOpts::new(Endpoint::udp(np));
             o.pad = PAD;
             expect_answer_from(&lab, At::Pod(NODE_A, 0), datapath, &o, node, "a 4000-byte UDP datagram from pod a21");
+            // The same, last fragment first: on bpf through the pod-facing device's program and the loop.
+            o.bind = Some(pod_ip(NODE_A, fam));
+            o.reverse_fragments = true;
+            let what = "a 4000-byte UDP datagram from pod a21, its last fragment first";
+            expect_answer_from(&lab, At::Pod(NODE_A, 0), datapath, &o, node, what);
             for fe in frontends(&lab, n, fam, Proto::Sctp) {
                 let mut o = ConnectOpts::new(Endpoint { addr: fe, proto: Proto::Sctp });
                 o.bind = Some(client_ip(fam));
                 expect_answer(&lab, datapath, &o, node, "an SCTP INIT (service port != endpoint port)");
+                // Longer than the MTU: the INIT and its INIT-ACK (as long) travel as IP fragments,
+                // and each end checks the CRC32c of the reassembled packet.
+                o.pad = SCTP_PAD;
+                expect_answer(&lab, datapath, &o, node, "a fragmented SCTP INIT (service port != endpoint port)");
             }
         }
     }
@@ -271,10 +281,21 @@ fn fragments_extension_headers_and_sctp(datapath: &str) {
         assert!(first >= 2 * 22, "frag_first grew by {first}\n{}", diag(&lab, datapath));
         assert!(later >= 4 * 22, "frag_forward grew by {later}\n{}", diag(&lab, datapath));
         assert_eq!(grew(&before, &after, "frag_miss"), 0, "no fragment lost its tracking\n{}", diag(&lab, datapath));
-        // 12 INITs in, 12 INIT-ACKs out, each with its port changed.
+        // 12 INITs in, 12 INIT-ACKs out, each with its port changed; as many fragmented ones.
         let fixed = grew(&before, &after, "sctp_csum_fix");
-        assert!(fixed >= 24, "sctp_csum_fix grew by {fixed}\n{}", diag(&lab, datapath));
+        assert!(fixed >= 48, "sctp_csum_fix grew by {fixed}\n{}", diag(&lab, datapath));
         assert_eq!(grew(&before, &after, "drop_unsupported"), 0, "{}", diag(&lab, datapath));
+        // Through the defrag loop: 12 reversed datagrams from the client and 4 from pod a21 (4
+        // fragments each, all of which go in), 12 fragmented INITs and 12 INIT-ACKs (3 fragments
+        // each, all of which go in), every fragment coming back.
+        let (went, back) = (grew(&before, &after, "frag_loop"), grew(&before, &after, "loop_return"));
+        assert!(went >= 4 * 16 + 3 * 24, "frag_loop grew by {went}\n{}", diag(&lab, datapath));
+        assert!(back >= went, "loop_return grew by {back}, frag_loop by {went}\n{}", diag(&lab, datapath));
+        eprintln!(
+            "node-a: frag_first +{first}, frag_forward +{later}, frag_loop +{went}, loop_return +{back}, \
+             loop_sctp_len +{}, sctp_csum_fix +{fixed}",
+            grew(&before, &after, "loop_sctp_len")
+        );
     }
 }
 

@@ -305,6 +305,14 @@ fn serve_with_layout_1(pin_dir: &std::path::Path, objects: &[std::path::PathBuf;
     let mut switched = 0;
     for e in std::fs::read_dir(pin_dir.join("links")).unwrap().flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
+        // Layout 1 had no defrag loop: its links go, as an older agent would never have made them.
+        if file == "tcx_loop_in" || file.starts_with("nf_loop_") {
+            if let Ok(link) = libbpf_rs::Link::open(e.path()) {
+                let _ = link.detach();
+            }
+            std::fs::remove_file(e.path()).unwrap();
+            continue;
+        }
         let prog = if let Some(hook) = file.strip_prefix("sock_") {
             if hook == "release" { "ferry_sock_release".to_string() } else { format!("ferry_{hook}") }
         } else if file.starts_with("tcx_ext_") && file.ends_with("_in") {
@@ -546,7 +554,9 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
     serve_with_layout_1(&pin_dir, &objects, Conntrack::Adopted);
     let at_switch = client.observed().len();
     let finished = down.wait_with_output().expect("waiting for ferry datapath downgrade");
-    let rest: Vec<String> = lines.try_iter().collect();
+    // Every line the command wrote: the reader ends at its stdout's end (it exited), so this
+    // cannot miss a last line still on its way through the reader.
+    let rest: Vec<String> = lines.iter().collect();
     let switched = rest.iter().find(|l| l.starts_with("the links switched")).cloned();
     assert!(
         finished.status.success() && switched.is_some(),

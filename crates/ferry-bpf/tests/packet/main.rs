@@ -19,6 +19,7 @@
 //!
 //! Needs root (BPF, netns); never skipped.
 
+mod defrag_loop;
 mod shapes;
 mod wire;
 
@@ -216,6 +217,8 @@ enum Hook {
     FromPods,
     /// tcx egress of an uplink.
     ToNetdev,
+    /// tcx ingress of the defrag loop's node end.
+    FromLoop,
 }
 
 /// The loaded programs and maps of one test.
@@ -252,6 +255,7 @@ impl Dp<'_> {
             Hook::FromNetdev => &self.skel.progs.ferry_from_netdev,
             Hook::FromPods => &self.skel.progs.ferry_from_pods,
             Hook::ToNetdev => &self.skel.progs.ferry_to_netdev,
+            Hook::FromLoop => &self.skel.progs.ferry_from_loop,
         };
         // struct __sk_buff: ingress_ifindex at 36, ifindex at 40; the rest zero.
         let mut ctx = [0u8; 192];

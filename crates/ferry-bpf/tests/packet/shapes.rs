@@ -19,15 +19,15 @@ use ferry_bpf::entries::*;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+pub(crate) const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub(crate) const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 5);
-const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 7);
+pub(crate) const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+pub(crate) const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 7);
 const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 2, 0, 0, 0, 0, 5);
-const UDP_NODE_PORT: u16 = 30053;
+pub(crate) const UDP_NODE_PORT: u16 = 30053;
 const UDP_TARGET: u16 = 5353;
-const SCTP_NODE_PORT: u16 = 30077;
+pub(crate) const SCTP_NODE_PORT: u16 = 30077;
 const SCTP_TARGET: u16 = 7000;
 
 fn w(ip: Ipv4Addr) -> Words {
@@ -85,7 +85,7 @@ fn device(eth0: u32) -> MapOp {
 }
 
 /// Runs `f` in the packet rig with the services above.
-fn with_services(f: impl FnOnce(&Dp) + Send) {
+pub(crate) fn with_services(f: impl FnOnce(&Dp) + Send) {
     let rig = Rig::new();
     rig.run(&service_maps(), |dp| {
         dp.maps.apply(&[device(dp.eth0)]).expect("writing eth0's device entry");
@@ -95,17 +95,17 @@ fn with_services(f: impl FnOnce(&Dp) + Send) {
 
 impl Dp<'_> {
     /// Runs the uplink's ingress program on `frame`, as if it arrived on eth0.
-    fn run_from_netdev(&self, frame: &[u8]) -> Ran {
+    pub(crate) fn run_from_netdev(&self, frame: &[u8]) -> Ran {
         self.run(Hook::FromNetdev, self.eth0, frame)
     }
 }
 
 // ---- packets ----
 
-const ETH: usize = 14;
+pub(crate) const ETH: usize = 14;
 
 /// The Internet checksum of `data` (ones' complement of the ones' complement sum).
-fn inet_csum(data: &[u8]) -> u16 {
+pub(crate) fn inet_csum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for chunk in data.chunks(2) {
         sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
@@ -130,7 +130,7 @@ fn crc32c(data: &[u8]) -> u32 {
 
 /// Ethernet + IPv4 header (no options) around `l4`: identification `id`, fragment offset
 /// `offset` (in 8-byte units), more-fragments flag `more`.
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, id: u16, offset: u16, more: bool, l4: &[u8]) -> Vec<u8> {
+pub(crate) fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, id: u16, offset: u16, more: bool, l4: &[u8]) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
     let total = (20 + l4.len()) as u16;
     let frag = offset | if more { 0x2000 } else { 0 };
@@ -149,7 +149,7 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, id: u16, offset: u16, more: boo
 }
 
 /// A UDP datagram (header + payload) with its checksum over the IPv4 pseudo-header.
-fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let len = (8 + payload.len()) as u16;
     let mut d = Vec::new();
     d.extend_from_slice(&sport.to_be_bytes());
@@ -177,7 +177,7 @@ fn udp_csum(src: Ipv4Addr, dst: Ipv4Addr, datagram_with_zero_csum: &[u8]) -> u16
 
 /// An SCTP packet: common header with a correct CRC32c, one INIT chunk, `extra` bytes of padding
 /// parameters (so the port bytes are far from the end).
-fn sctp_init(sport: u16, dport: u16, extra: usize) -> Vec<u8> {
+pub(crate) fn sctp_init(sport: u16, dport: u16, extra: usize) -> Vec<u8> {
     let mut p = Vec::new();
     p.extend_from_slice(&sport.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
@@ -203,7 +203,7 @@ fn sctp_init(sport: u16, dport: u16, extra: usize) -> Vec<u8> {
 }
 
 /// Ethernet + IPv6 header around `rest` (extension headers and transport), first header `next`.
-fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, rest: &[u8]) -> Vec<u8> {
+pub(crate) fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, rest: &[u8]) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd];
     f.extend_from_slice(&[0x60, 0, 0, 0]);
     f.extend_from_slice(&(rest.len() as u16).to_be_bytes());
@@ -220,7 +220,7 @@ fn ext8(next: u8) -> [u8; 8] {
 }
 
 /// A fragment header: next header `next`, offset in 8-byte units, more-fragments flag, identification.
-fn frag6(next: u8, offset: u16, more: bool, id: u32) -> Vec<u8> {
+pub(crate) fn frag6(next: u8, offset: u16, more: bool, id: u32) -> Vec<u8> {
     let mut h = vec![next, 0];
     h.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
     h.extend_from_slice(&id.to_be_bytes());
@@ -240,20 +240,20 @@ fn udp6_csum(src: Ipv6Addr, dst: Ipv6Addr, datagram_with_zero_csum: &[u8]) -> u1
     }
 }
 
-fn addr6(b: &[u8], at: usize) -> Ipv6Addr {
+pub(crate) fn addr6(b: &[u8], at: usize) -> Ipv6Addr {
     Ipv6Addr::from(<[u8; 16]>::try_from(&b[at..at + 16]).unwrap())
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-fn addr(b: &[u8], at: usize) -> Ipv4Addr {
+pub(crate) fn addr(b: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
 }
 
 /// Checks the IPv4 header checksum of a frame's header.
-fn assert_ip_csum(frame: &[u8], what: &str) {
+pub(crate) fn assert_ip_csum(frame: &[u8], what: &str) {
     assert_eq!(inet_csum(&frame[ETH..ETH + 20]), 0, "{what}: IPv4 header checksum");
 }
 
@@ -339,7 +339,7 @@ fn sctp_port_translation_keeps_the_crc32c_right() {
 
 const NH_HOPOPTS: u8 = 0;
 const NH_ROUTING: u8 = 43;
-const NH_FRAGMENT: u8 = 44;
+pub(crate) const NH_FRAGMENT: u8 = 44;
 const NH_DSTOPTS: u8 = 60;
 
 #[test]

@@ -37,14 +37,17 @@ pub struct ConnectOpts {
     pub message: String,
     /// Filler bytes (`.`) appended to the line: a UDP request this much longer is fragmented (the
     /// server pads its reply to the same length, so the reply is too); a TCP request is a bulk
-    /// transfer that the reply shows arrived whole (the server answers once it read the newline).
+    /// transfer that the reply shows arrived whole (the server answers once it read the newline);
+    /// an SCTP INIT gets a Padding parameter of this many bytes (fragmented when longer than the
+    /// MTU), and the server's INIT-ACK is padded to the INIT's length.
     pub pad: usize,
     /// IPv6 only: every packet carries a destination-options header (one PadN option), so the
     /// datapath must walk an extension header to find the transport header.
     pub ipv6_dstopts: bool,
-    /// IPv4 UDP only: the request leaves as IP fragments written on a raw socket, the last
-    /// fragment first (as some senders emit them), from the bound address and the UDP socket's
-    /// port, on which the reply is read. Needs `bind`, a `pad` that makes it fragment, CAP_NET_RAW.
+    /// UDP only (IPv4 or IPv6): the request leaves as IP fragments written on a raw socket, the
+    /// last fragment first (as some senders emit them), from the bound address and the UDP
+    /// socket's port, on which the reply is read. Needs `bind`, a `pad` that makes it fragment,
+    /// CAP_NET_RAW.
     pub reverse_fragments: bool,
 }
 
@@ -82,15 +85,8 @@ impl ConnectOpts {
         if self.ipv6_dstopts && !self.target.addr.is_ipv6() {
             return Err(ProbeError::Usage("--ipv6-dstopts needs an IPv6 target".into()));
         }
-        if self.reverse_fragments
-            && (self.target.proto != Proto::Udp
-                || !self.target.addr.is_ipv4()
-                || self.bind.is_none()
-                || self.connected_udp)
-        {
-            return Err(ProbeError::Usage(
-                "--reverse-fragments sends unconnected IPv4 UDP from a --bind address".into(),
-            ));
+        if self.reverse_fragments && (self.target.proto != Proto::Udp || self.bind.is_none() || self.connected_udp) {
+            return Err(ProbeError::Usage("--reverse-fragments sends unconnected UDP from a --bind address".into()));
         }
         if self.pad > MAX_PAD {
             return Err(ProbeError::Usage(format!("--pad takes at most {MAX_PAD} bytes")));
@@ -115,7 +111,7 @@ pub fn connect(opts: &ConnectOpts) -> Result<Observation, ProbeError> {
         Proto::Tcp => open_tcp(opts).and_then(|mut conn| conn.exchange(&opts.request())),
         Proto::Udp if opts.connected_udp => udp_connected(opts),
         Proto::Udp => udp_unconnected(opts),
-        Proto::Sctp => return super::sctp::connect(opts.target.addr, opts.bind, opts.timeout),
+        Proto::Sctp => return super::sctp::connect(opts.target.addr, opts.bind, opts.timeout, opts.pad),
         Proto::Icmp => return super::icmp::ping(opts.target.addr.ip(), opts.bind, opts.timeout),
     };
     Ok(attempt.unwrap_or_else(|failure| failure.observation()))
@@ -370,13 +366,11 @@ fn udp_connected(opts: &ConnectOpts) -> Result<Observation, Failure> {
     Ok(to_observation(&String::from_utf8_lossy(&buf[..len]), local, peer))
 }
 
-/// Sends `payload` as one UDP datagram from `from` to `to` (both IPv4), cut into IP fragments of
-/// at most 1,232 data bytes, written on a raw socket last fragment first. The kernel has no way to
-/// send a datagram's fragments out of order, so they are built here (RFC 791, RFC 768).
+/// Sends `payload` as one UDP datagram from `from` to `to` (same family), cut into IP fragments
+/// of at most 1,232 data bytes, written on a raw socket last fragment first. The kernel has no
+/// way to send a datagram's fragments out of order, so they are built here (RFC 791, RFC 8200
+/// 4.5, RFC 768).
 fn send_reversed_fragments(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> io::Result<()> {
-    let (SocketAddr::V4(from), SocketAddr::V4(to)) = (from, to) else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "IPv4 only"));
-    };
     let sum16 = |data: &[u8], mut acc: u32| {
         for c in data.chunks(2) {
             acc += u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0));
@@ -389,6 +383,12 @@ fn send_reversed_fragments(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> 
         }
         !(acc as u16)
     };
+    let (src, dst) = match (from.ip(), to.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (s.octets().to_vec(), d.octets().to_vec()),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (s.octets().to_vec(), d.octets().to_vec()),
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "source and target of different families")),
+    };
+    let v6 = to.is_ipv6();
     let len = u16::try_from(8 + payload.len()).map_err(|_| io::Error::other("datagram too long"))?;
     let mut udp = Vec::with_capacity(usize::from(len));
     udp.extend_from_slice(&from.port().to_be_bytes());
@@ -396,31 +396,46 @@ fn send_reversed_fragments(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> 
     udp.extend_from_slice(&len.to_be_bytes());
     udp.extend_from_slice(&[0, 0]);
     udp.extend_from_slice(payload);
-    let pseudo = sum16(&from.ip().octets(), sum16(&to.ip().octets(), 17 + u32::from(len)));
+    let pseudo = sum16(&src, sum16(&dst, 17 + u32::from(len)));
     let csum = match fold(sum16(&udp, pseudo)) {
         0 => 0xffff,
         c => c,
     };
     udp[6..8].copy_from_slice(&csum.to_be_bytes());
-    const PIECE: usize = 1232; // a multiple of 8, well under a 1,500-byte MTU with its header
+    const PIECE: usize = 1232; // a multiple of 8, well under a 1,500-byte MTU with its headers
     let id = (std::process::id() as u16) ^ from.port();
-    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    // IPPROTO_RAW: the IP header is ours (IP_HDRINCL, and for IPv6 IPV6_HDRINCL, implied).
+    let raw = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
     let pieces: Vec<&[u8]> = udp.chunks(PIECE).collect();
     for (i, piece) in pieces.iter().enumerate().rev() {
         let more = i + 1 < pieces.len();
-        let offset = (i * PIECE / 8) as u16 | if more { 0x2000 } else { 0 };
-        let total = (20 + piece.len()) as u16;
-        let mut ip = vec![0x45, 0];
-        ip.extend_from_slice(&total.to_be_bytes());
-        ip.extend_from_slice(&id.to_be_bytes());
-        ip.extend_from_slice(&offset.to_be_bytes());
-        ip.extend_from_slice(&[64, 17, 0, 0]);
-        ip.extend_from_slice(&from.ip().octets());
-        ip.extend_from_slice(&to.ip().octets());
-        let c = fold(sum16(&ip, 0));
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let offset = (i * PIECE / 8) as u16;
+        let mut ip = Vec::with_capacity(48 + piece.len());
+        if v6 {
+            ip.extend_from_slice(&[0x60, 0, 0, 0]);
+            ip.extend_from_slice(&((8 + piece.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[44, 64]); // next header: fragment; hop limit
+            ip.extend_from_slice(&src);
+            ip.extend_from_slice(&dst);
+            ip.extend_from_slice(&[17, 0]);
+            ip.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+            ip.extend_from_slice(&u32::from(id).to_be_bytes());
+        } else {
+            let total = (20 + piece.len()) as u16;
+            ip.extend_from_slice(&[0x45, 0]);
+            ip.extend_from_slice(&total.to_be_bytes());
+            ip.extend_from_slice(&id.to_be_bytes());
+            ip.extend_from_slice(&(offset | if more { 0x2000 } else { 0 }).to_be_bytes());
+            ip.extend_from_slice(&[64, 17, 0, 0]);
+            ip.extend_from_slice(&src);
+            ip.extend_from_slice(&dst);
+            let c = fold(sum16(&ip, 0));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+        }
         ip.extend_from_slice(piece);
-        raw.send_to(&ip, &SocketAddr::V4(to).into())?;
+        let dest = SocketAddr::new(to.ip(), 0);
+        raw.send_to(&ip, &dest.into())?;
     }
     Ok(())
 }

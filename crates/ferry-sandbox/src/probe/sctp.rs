@@ -18,6 +18,24 @@ pub const IPPROTO_SCTP: i32 = 132;
 const CHUNK_INIT: u8 = 1;
 const CHUNK_INIT_ACK: u8 = 2;
 const PARAM_STATE_COOKIE: u16 = 7;
+/// RFC 4820's Padding parameter: its high bits (10) tell a receiver to skip it, so it only makes
+/// the chunk (and the packet) as long as a test wants, e.g. longer than the MTU, so it fragments.
+const PARAM_PADDING: u16 = 0x8005;
+/// The longest SCTP packet read (a padded INIT is IP-fragmented and read whole after reassembly).
+const MAX_PACKET: usize = 65536;
+
+/// A Padding parameter of `len` bytes (4-byte header included, at least 4), or nothing for 0.
+fn padding_param(len: usize) -> Vec<u8> {
+    if len == 0 {
+        return Vec::new();
+    }
+    let len = len.clamp(4, 60000) & !3;
+    let mut p = Vec::with_capacity(len);
+    p.extend_from_slice(&PARAM_PADDING.to_be_bytes());
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p.resize(len, 0);
+    p
+}
 
 fn raw_socket(family: Domain, protocol: i32) -> io::Result<Socket> {
     Socket::new(family, Type::RAW, Some(Protocol::from(protocol)))
@@ -131,14 +149,16 @@ pub fn serve(name: &str, endpoint: Endpoint, ready: impl FnOnce()) -> io::Result
     let v6 = endpoint.addr.is_ipv6();
     let socket = bind_raw(endpoint.addr.ip())?;
     ready();
-    let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); MAX_PACKET];
     loop {
         let (n, from) = match recv(&socket, &mut buf) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let Some(p) = sctp_payload(init_bytes(&buf, n), v6).and_then(parse) else { continue };
+        let Some(request) = sctp_payload(init_bytes(&buf, n), v6) else { continue };
+        let request_len = request.len();
+        let Some(p) = parse(request) else { continue };
         if p.chunk != CHUNK_INIT || p.dport != endpoint.addr.port() {
             continue;
         }
@@ -151,6 +171,11 @@ pub fn serve(name: &str, endpoint: Endpoint, ready: impl FnOnce()) -> io::Result
         param.extend_from_slice(&json);
         while param.len() % 4 != 0 {
             param.push(0);
+        }
+        // As long as the INIT: a padded (fragmented) INIT gets a fragmented INIT-ACK.
+        let short = 12 + 20 + param.len();
+        if request_len > short + 4 {
+            param.extend(padding_param(request_len - short));
         }
         let mut out = common_header(p.dport, p.sport, p.init_tag);
         out.extend(init_chunk(CHUNK_INIT_ACK, random_u32(), &param));
@@ -202,8 +227,14 @@ fn icmp_verdict(buf: &[u8], v6: bool, sport: u16) -> Option<Observation> {
     }
 }
 
-/// One SCTP attempt: an INIT to `target`, waiting for an INIT-ACK or an ICMP error.
-pub fn connect(target: SocketAddr, bind: Option<IpAddr>, timeout: Duration) -> Result<Observation, ProbeError> {
+/// One SCTP attempt: an INIT to `target` (`pad` bytes longer, in a Padding parameter: longer than
+/// the MTU, the kernel sends it as IP fragments), waiting for an INIT-ACK or an ICMP error.
+pub fn connect(
+    target: SocketAddr,
+    bind: Option<IpAddr>,
+    timeout: Duration,
+    pad: usize,
+) -> Result<Observation, ProbeError> {
     let v6 = target.is_ipv6();
     let fail = |doing: &str, e: io::Error| Observation::Error { errno: None, message: format!("{doing}: {e}") };
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
@@ -224,13 +255,13 @@ pub fn connect(target: SocketAddr, bind: Option<IpAddr>, timeout: Duration) -> R
     let sport = 49152 + (random_u32() % 16384) as u16;
     let tag = random_u32();
     let mut init = common_header(sport, target.port(), 0);
-    init.extend(init_chunk(CHUNK_INIT, tag, &[]));
+    init.extend(init_chunk(CHUNK_INIT, tag, &padding_param(pad)));
     seal(&mut init);
     if let Err(e) = socket.send_to(&init, &SockAddr::from(SocketAddr::new(target.ip(), 0))) {
         return Ok(fail("sending the INIT", e));
     }
     let deadline = Instant::now() + timeout;
-    let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); MAX_PACKET];
     for s in [&socket, &icmp] {
         let _ = s.set_nonblocking(true);
     }
@@ -289,6 +320,15 @@ mod tests {
         let parsed = parse(&ack).unwrap();
         assert_eq!(parsed.vtag, 0xdead_beef);
         assert_eq!(&parsed.cookie.unwrap()[..json.len()], json);
+    }
+
+    #[test]
+    fn a_padded_init_parses_and_keeps_its_length() {
+        let mut p = common_header(40000, 53, 0);
+        p.extend(init_chunk(CHUNK_INIT, 0xdead_beef, &padding_param(3000)));
+        seal(&mut p);
+        assert_eq!(p.len(), 12 + 20 + 3000);
+        assert_eq!(parse(&p).unwrap().chunk, CHUNK_INIT);
     }
 
     #[test]

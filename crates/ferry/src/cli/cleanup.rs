@@ -1,7 +1,8 @@
 //! `ferry cleanup`: remove everything ferry attached or pinned, and nothing
-//! else: the pinned eBPF datapath, and the nftables tables ferry owns (the
-//! nftables datapath's `ip ferry` / `ip6 ferry`, the masquerade fallback's
-//! `inet ferry-masq`) in this network namespace.
+//! else: the pinned eBPF datapath, the defrag loop (its namespace
+//! `ferry-dfl-<inode>` and the device `ferry-defrag`), and the nftables
+//! tables ferry owns (the nftables datapath's `ip ferry` / `ip6 ferry`, the
+//! masquerade fallback's `inet ferry-masq`) in this network namespace.
 
 use clap::Args;
 use std::path::PathBuf;
@@ -78,6 +79,10 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             removed.maps.len(),
             args.pin_dir.display()
         );
+    }
+    // After the links: nothing sends into the loop any more.
+    if let Some(netns) = ferry_bpf::defrag_loop::remove()? {
+        println!("removed the defrag loop (namespace {netns}, device {})", ferry_bpf::defrag_loop::NODE_DEVICE);
     }
     // Before the guard rule goes with the nftables table.
     if let Some(before) = crate::localnet::restore()? {

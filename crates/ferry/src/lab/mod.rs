@@ -316,6 +316,11 @@ impl Drop for Lab {
                 let _ = self.sb.kill(pid);
             }
             let _ = ferry_bpf::uninstall(&n.pin_dir);
+            // The node's defrag loop lives in a namespace of its own, which outlives the node's.
+            if let Ok(meta) = std::fs::metadata(self.sb.netns_path(&n.host)) {
+                use std::os::unix::fs::MetadataExt;
+                let _ = ferry_bpf::defrag_loop::remove_for(meta.ino());
+            }
         }
     }
 }
