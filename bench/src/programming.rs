@@ -44,6 +44,7 @@ impl PinnedDatapath {
             cgroup: cgroup.to_path_buf(),
             devices: Vec::new(),
             capacities,
+            defrag_loop: true,
         })
         .with_context(|| format!("installing the datapath into {}", pin_dir.display()))?;
         Ok(PinnedDatapath { pin_dir, maps: installed.maps })

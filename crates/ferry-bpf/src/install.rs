@@ -49,6 +49,10 @@ pub struct InstallOptions {
     /// install; maps not named keep the size compiled into `bpf/lib/maps.h`.
     /// A map that is already pinned keeps its own capacity (see [`install`]).
     pub capacities: Vec<(String, u32)>,
+    /// Make (or adopt) the defrag loop (`bpf.defragLoop`); false removes one
+    /// an earlier install made, and fragments it would reassemble are
+    /// counted and passed or dropped as without it.
+    pub defrag_loop: bool,
 }
 
 /// A device the tc programs are attached to.
@@ -591,7 +595,9 @@ fn attach_devices(
     let mut devices = Vec::new();
     if let Some(skel) = tc {
         // The defrag loop first: the device programs send fragments into it as soon as they run.
-        if attach_defrag_loop(skel, links_dir, updated, attached)? {
+        if !opts.defrag_loop {
+            drop_defrag_loop(links_dir);
+        } else if attach_defrag_loop(skel, links_dir, updated, attached)? {
             wanted.insert(LOOP_LINK.to_string());
         }
         for (name, role) in &opts.devices {
@@ -656,12 +662,7 @@ fn attach_defrag_loop(
             tracing::warn!(
                 "{e}; running without the defrag loop: fragments it would reassemble are counted (frag_miss, drop_unsupported) and passed or dropped"
             );
-            for file in ["nf_loop_v4", "nf_loop_v6"] {
-                if let Ok(link) = Link::open(links_dir.join(file)) {
-                    let _ = link.detach();
-                }
-                let _ = std::fs::remove_file(links_dir.join(file));
-            }
+            detach_loop_note(links_dir);
             return Ok(false);
         }
     };
@@ -676,6 +677,27 @@ fn attach_defrag_loop(
         .map_err(lb("writing ferry_loop"))?;
     tracing::info!(netns = %lp.netns, device = crate::defrag_loop::NODE_DEVICE, "defrag loop ready");
     Ok(true)
+}
+
+/// The netfilter links of the loop's note program go (their namespace may be gone already).
+fn detach_loop_note(links_dir: &Path) {
+    for file in ["nf_loop_v4", "nf_loop_v6"] {
+        if let Ok(link) = Link::open(links_dir.join(file)) {
+            let _ = link.detach();
+        }
+        let _ = std::fs::remove_file(links_dir.join(file));
+    }
+}
+
+/// `bpf.defragLoop: false`: the loop an earlier install made goes (its tc
+/// link is not wanted any more, so the caller's sweep detaches it).
+fn drop_defrag_loop(links_dir: &Path) {
+    detach_loop_note(links_dir);
+    match crate::defrag_loop::remove() {
+        Ok(Some(netns)) => tracing::info!(%netns, "defrag loop removed (bpf.defragLoop: false)"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!("bpf.defragLoop is false, but the loop an earlier install made stays: {e}"),
+    }
 }
 
 /// What `uninstall` removed.

@@ -31,6 +31,7 @@ impl Datapath {
             cgroup,
             devices: Vec::new(),
             capacities: vec![("ferry_services".into(), CAPACITY)],
+            defrag_loop: true,
         })
         .expect("installing the datapath");
         assert!(installed.capacity_kept.is_empty());
@@ -152,6 +153,7 @@ fn an_adopted_map_keeps_its_pinned_capacity_and_says_so() {
         cgroup: dp.cgroup.clone(),
         devices: Vec::new(),
         capacities: vec![("ferry_services".into(), 64), ("ferry_names".into(), 1024)],
+        defrag_loop: true,
     })
     .expect("re-installing over the pinned maps");
     assert!(again.adopted);

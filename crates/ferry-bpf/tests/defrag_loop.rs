@@ -96,3 +96,65 @@ fn each_node_namespace_gets_its_own_loop() {
     assert_ne!(a, b, "two node namespaces, two loops");
     assert!(!Path::new("/run/netns").join(&a).exists(), "removed with its node");
 }
+
+fn device_exists(name: &str) -> bool {
+    Command::new("ip").args(["link", "show", name]).output().expect("running ip").status.success()
+}
+
+/// A datapath installed on a dummy uplink of the node namespace; uninstalled on drop.
+struct Installed {
+    pin_dir: std::path::PathBuf,
+    cgroup: std::path::PathBuf,
+}
+
+impl Installed {
+    fn install(defrag_loop: bool) -> Installed {
+        let id = format!("ferry-dfl-{}-install", std::process::id());
+        let pin_dir = Path::new(ferry_bpf::system::BPFFS).join(&id);
+        let cgroup = ferry_bpf::system::cgroup2_mount().expect("cgroup v2 mount").join(&id);
+        std::fs::create_dir_all(&cgroup).expect("creating the test cgroup");
+        let opts = ferry_bpf::InstallOptions {
+            pin_dir: pin_dir.clone(),
+            cgroup: cgroup.clone(),
+            devices: vec![("ferry-up0".into(), ferry_bpf::DeviceRole::External)],
+            capacities: Vec::new(),
+            defrag_loop,
+        };
+        let guard = Installed { pin_dir, cgroup };
+        drop(ferry_bpf::install(&opts).expect("installing the datapath"));
+        guard
+    }
+    fn has_link(&self, name: &str) -> bool {
+        self.pin_dir.join("links").join(name).exists()
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = ferry_bpf::uninstall(&self.pin_dir);
+        let _ = std::fs::remove_dir(&self.pin_dir);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+#[test]
+fn with_bpf_defrag_loop_false_an_install_makes_none_and_removes_the_one_an_earlier_install_made() {
+    in_node(|| {
+        ip(&["link", "add", "ferry-up0", "type", "veth", "peer", "name", "ferry-up1"]);
+        ip(&["link", "set", "ferry-up0", "up"]);
+        let on = Installed::install(true);
+        assert!(device_exists(NODE_DEVICE), "the loop's node end exists");
+        assert!(on.has_link("tcx_loop_in") && on.has_link("nf_loop_v4"), "the loop's links are pinned");
+        let netns = defrag_loop::ensure().expect("adopting the loop").netns;
+
+        // The same pin directory, installed again with the loop turned off.
+        let off = Installed::install(false);
+        assert!(!device_exists(NODE_DEVICE), "the loop's node end is gone");
+        assert!(!Path::new("/run/netns").join(&netns).exists(), "its namespace {netns} is gone");
+        for link in ["tcx_loop_in", "nf_loop_v4", "nf_loop_v6"] {
+            assert!(!off.has_link(link), "{link} is unpinned");
+        }
+        assert!(off.has_link("tcx_ext_ferry-up0_in"), "the uplink keeps its programs");
+        drop(on);
+    });
+}

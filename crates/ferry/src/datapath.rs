@@ -53,7 +53,13 @@ pub fn install_options(
         None => ferry_bpf::system::cgroup2_mount()?,
     };
     let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| mem_total_bytes(&t));
-    Ok(InstallOptions { pin_dir, cgroup, devices: devices(settings)?, capacities: map_capacities(&settings.bpf, mem) })
+    Ok(InstallOptions {
+        pin_dir,
+        cgroup,
+        devices: devices(settings)?,
+        capacities: map_capacities(&settings.bpf, mem),
+        defrag_loop: settings.bpf.defrag_loop,
+    })
 }
 
 /// The SNAT address of a device, per family: the node's primary address when

@@ -24,8 +24,9 @@ pub struct Renamed {
 pub static DETECTOR: Section =
     Section { keys: &[("mode", None), ("interfaceNamePrefix", None), ("bridgeInterface", None)] };
 
-pub static BPF: Section =
-    Section { keys: &[("pinPath", None), ("cgroupPath", None), ("devices", None), ("podDevices", None)] };
+pub static BPF: Section = Section {
+    keys: &[("pinPath", None), ("cgroupPath", None), ("devices", None), ("podDevices", None), ("defragLoop", None)],
+};
 
 pub static MAGLEV: Section = Section { keys: &[("default", None), ("tableSize", None)] };
 

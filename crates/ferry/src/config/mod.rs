@@ -149,6 +149,7 @@ pub struct BpfFile {
     pub cgroup_path: Option<PathBuf>,
     pub devices: Option<Vec<String>>,
     pub pod_devices: Option<Vec<String>>,
+    pub defrag_loop: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +181,8 @@ pub struct BpfSettings {
     pub devices: Option<Vec<String>>,
     /// Pod-facing devices; `None`: the bridge of `localTrafficDetector: BridgeInterface`, else none.
     pub pod_devices: Option<Vec<String>>,
+    /// Make the defrag loop (README, "The defrag loop").
+    pub defrag_loop: bool,
     pub timeouts: ferry_bpf::CtTimeouts,
     /// SNAT source ports (inclusive).
     pub nat_ports: (u16, u16),
@@ -201,6 +204,7 @@ impl Default for BpfSettings {
             cgroup_path: None,
             devices: None,
             pod_devices: None,
+            defrag_loop: true,
             timeouts: ferry_bpf::CtTimeouts::default(),
             nat_ports: (1024, 29999),
             node_ports: (30000, 32767),
@@ -426,6 +430,11 @@ mod settings_tests {
             .unwrap();
         let s = build("n.yaml", file, &NodeFlags::default()).unwrap();
         assert_eq!(s.bpf.pin_path, PathBuf::from("/sys/fs/bpf/ferry-x"));
+        assert!(s.bpf.defrag_loop, "the defrag loop is on unless turned off");
+        let file = parse_file("n.yaml", "bpf: {defragLoop: false}\n").unwrap();
+        assert!(!build("n.yaml", file, &NodeFlags::default()).unwrap().bpf.defrag_loop);
+        let e = parse_file("n.yaml", "bpf: {defragLoop: sometimes}\n").unwrap_err();
+        assert!(e.to_string().contains("defragLoop"), "{e}");
         let file = parse_file("n.yaml", "bpf: {pinPath: /tmp/x}\n").unwrap();
         let e = build("n.yaml", file, &NodeFlags::default()).unwrap_err();
         assert_eq!(e.problems[0].key, "bpf.pinPath");
@@ -458,6 +467,7 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
         bpf.cgroup_path = f.cgroup_path;
         bpf.devices = f.devices;
         bpf.pod_devices = f.pod_devices;
+        bpf.defrag_loop = f.defrag_loop.unwrap_or(true);
     }
     if let Some(m) = file.maps {
         let keys = [
