@@ -12,6 +12,11 @@
 //! them on its arenas, and a 2 MiB page that backs a few live objects is
 //! resident whole (13 MiB of the RSS at 100k services). An agent on every
 //! node is judged by its RSS, not by TLB misses.
+//!
+//! Freed pages are given back after 1 ms instead of mimalloc's 10: a
+//! start-up frees as fast as it allocates (each object read, then dropped
+//! for its compact form; a full sync's batch), and at 10 ms that garbage
+//! stacked up to the peak (peak RSS at 100k services 256-260 -> 235 MiB).
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -46,10 +51,22 @@ pub fn release_now() {
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
+/// `mi_option_purge_delay` in mimalloc.h's `mi_option_t` (the Rust
+/// bindings do not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// The process's memory settings, first thing in `main`: transparent huge
+/// pages off and a short purge delay (see the module documentation).
+pub fn configure() {
+    no_huge_pages();
+    // SAFETY: sets one of mimalloc's options; any value is valid for it.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1) };
+}
+
 /// Turns transparent huge pages off for this process (and what it starts);
 /// see the module documentation. Best effort: a kernel without the prctl
 /// keeps them, which costs memory, not correctness.
-pub fn no_huge_pages() {
+fn no_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only this process's flag.
     let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     if rc != 0 {
