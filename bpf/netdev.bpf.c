@@ -175,12 +175,18 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 	__builtin_memcpy(src, v->new_src, 16);
 	__builtin_memcpy(dst, v->new_dst, 16);
 	__be16 sport = v->new_sport, dport = v->new_dport;
+	__u8 v_flags = v->flags;
 	/* Copied out first: confirming removes v from ferry_ct_new. */
 	if (in_new && ct_confirms(v, p, dir)) {
 		v->expires_ns = now + ct_lifetime(cfg, p->proto, v->flags, 0);
 		ct_confirm(&k, v, p->proto, p->family, dir);
 	}
 	if (nat_rewrite(skb, p, src, sport, dst, dport) < 0)
+		return drop_packet(STAT_DROP_REWRITE);
+	/* DSR: a local endpoint's SYN-ACK to a client whose address was kept (dsr.h). */
+	if (dir == CT_REPLY && (cfg->flags & CFG_DSR_ANY) && p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN) &&
+	    p->family == FAM_V4 && !(v_flags & CT_SNAT) && !lb_in_range(RANGE_POD, FAM_V4, p->dst) &&
+	    dsr_clamp_mss(skb, p) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_PKT_FORWARD);
 	return deliver(skb, p, hook);
@@ -345,10 +351,19 @@ static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struc
  * translated flow, or a packet of a tracked flow. Returns -1 when it is
  * neither. Functions of their own (BPF-to-BPF calls) from here on: the
  * verifier's 512-byte stack budget is per call chain, and the steps'
- * frames are not live at the same time. */
-static __attribute__((noinline)) int handle_tracked(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
-						    enum hook hook, int original_first)
+ * frames are not live at the same time.
+ *
+ * A global function (not static): the verifier checks it once, for any
+ * hook, instead of once for every path that reaches a call of it. With the
+ * DSR tunnel's call (from_tunnel) ferry_from_netdev needed more than the
+ * verifier's million instructions; as a global function, about 730k (base
+ * 835k). Its pointer arguments may then be NULL as far as the verifier
+ * knows. */
+__attribute__((noinline)) int handle_tracked(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+					     enum hook hook, int original_first)
 {
+	if (!p || !cfg)
+		return -1;
 	__u64 now = bpf_ktime_get_ns();
 	if (icmp_is_error(p)) {
 		if (hook == HOOK_TO_NETDEV)

@@ -15,7 +15,10 @@
  *
  * The kernel's ipip module is not needed (nor loaded): both ends are done
  * here with bpf_skb_adjust_room. The outer header costs 20 bytes of MTU
- * (README: Direct Server Return, MTU).
+ * (README: Direct Server Return, MTU): the backend's node lowers the MSS its
+ * endpoints announce in their SYN-ACKs to outside clients (dsr_clamp_mss),
+ * so the clients' TCP segments fit the tunnel; a packet that still does not
+ * fit (a full-sized UDP datagram) is dropped and counted.
  */
 #ifndef FERRY_DSR_H
 #define FERRY_DSR_H
@@ -146,12 +149,25 @@ static __always_inline int dsr_decap(struct __sk_buff *skb)
  * router would forward it (TTL), inside an outer header. A packet that would
  * not fit the egress MTU with the outer header is dropped (counted): the
  * README says how to size the pods' MTU so that TCP never sends one. */
+static __always_inline int dsr_fits(struct __sk_buff *skb, const struct pkt *p, __u32 ifindex)
+{
+	__u32 mtu = 0;
+
+	if (!skb->gso_size)
+		return bpf_check_mtu(skb, ifindex, &mtu, DSR_OVERHEAD, 0) == BPF_MTU_CHK_RET_SUCCESS;
+	/* A GSO packet (veth hands them on whole) leaves as segments of
+	 * gso_size bytes of payload, each behind the headers and the tunnel. */
+	__u8 doff = 0;
+	if (bpf_check_mtu(skb, ifindex, &mtu, 0, 0) < 0 || p->proto != IPPROTO_TCP ||
+	    bpf_skb_load_bytes(skb, p->l4_off + 12, &doff, 1) < 0)
+		return 0;
+	return (p->l4_off - ETH_HLEN_) + (doff >> 4) * 4 + skb->gso_size + DSR_OVERHEAD <= mtu;
+}
+
 static __always_inline int dsr_send(struct __sk_buff *skb, const struct pkt *p, __u32 outer_src, __u32 via,
 				    __u32 ifindex)
 {
-	__u32 mtu_len = 0;
-
-	if (bpf_check_mtu(skb, ifindex, &mtu_len, DSR_OVERHEAD, 0) != 0)
+	if (!dsr_fits(skb, p, ifindex))
 		return drop_packet(STAT_DROP_DSR_TOO_BIG);
 	int rc = fwd_ttl(skb, p);
 	if (rc > 0)
@@ -247,6 +263,38 @@ static __attribute__((noinline)) int dsr_tracked(struct __sk_buff *skb, struct p
 	if (!ifindex)
 		return drop_packet(STAT_DROP_NO_ROUTE);
 	return dsr_send(skb, p, outer_src, via, ifindex);
+}
+
+/* The backend's side of the MTU: a SYN-ACK of a flow that keeps an outside
+ * client's address (a DSR flow; also one of externalTrafficPolicy Local,
+ * which costs it 20 bytes of segment size) announces at most the egress
+ * MTU - 20 (tunnel) - 40 (IPv4 + TCP) as its MSS, so that the client's
+ * segments fit the tunnel. The MSS option is looked for first among the
+ * options, where every TCP stack puts it. Returns -1 when a helper failed. */
+static __attribute__((noinline)) int dsr_clamp_mss(struct __sk_buff *skb, struct pkt *p)
+{
+	__u8 opt[4];
+	__u8 doff;
+	__u32 mtu = 0;
+	int local;
+
+	if (bpf_skb_load_bytes(skb, p->l4_off + 12, &doff, 1) < 0 || (doff >> 4) < 6)
+		return 0;
+	if (bpf_skb_load_bytes(skb, p->l4_off + 20, opt, sizeof(opt)) < 0 || opt[0] != 2 || opt[1] != 4)
+		return 0;
+	__u32 ifindex = fwd_egress(skb, p, p->dst, &local);
+	if (!ifindex || local || bpf_check_mtu(skb, ifindex, &mtu, 0, 0) < 0 || mtu < 576)
+		return 0;
+	__u16 max = mtu - DSR_OVERHEAD - 40;
+	__u16 mss = ((__u16)opt[2] << 8) | opt[3];
+	if (mss <= max)
+		return 0;
+	__be16 old = bpf_htons(mss), new = bpf_htons(max);
+	if (bpf_l4_csum_replace(skb, p->l4_off + 16, old, new, 2) < 0 ||
+	    bpf_skb_store_bytes(skb, p->l4_off + 22, &new, 2, 0) < 0)
+		return -1;
+	stat_inc(STAT_DSR_MSS_CLAMP);
+	return 0;
 }
 
 #endif

@@ -74,6 +74,7 @@ enum ferry_stat {
 	STAT_DSR_DECAP,           /* tunnelled packets taken out of their outer header on the backend's node */
 	STAT_DSR_NO_TUNNEL,       /* a DSR candidate whose backend's node is unknown (no ferry_tunnels entry): SNAT instead */
 	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the 20-byte outer header */
+	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60) */
 	STAT_COUNT_,
 };
 

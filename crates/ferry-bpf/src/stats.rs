@@ -58,6 +58,7 @@ pub const NAMES: &[&str] = &[
     "dsr_decap",
     "dsr_no_tunnel",
     "drop_dsr_too_big",
+    "dsr_mss_clamp",
 ];
 
 #[cfg(test)]

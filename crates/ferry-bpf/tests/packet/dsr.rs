@@ -173,6 +173,14 @@ fn backend_node() -> Vec<MapOp> {
     setup
 }
 
+/// A SYN-ACK whose only option is an MSS of `mss` (data offset 6).
+fn syn_ack_with_mss(sport: u16, dport: u16, mss: u16) -> L4 {
+    let mut l4 = tcp(sport, dport, 0x12, b"");
+    l4.bytes[12] = 0x60;
+    l4.bytes.splice(20..20, [2, 4, (mss >> 8) as u8, mss as u8]);
+    l4
+}
+
 /// The client's packet to the other node's NodePort, as that node tunnels it here.
 fn tunnelled_to_us(l4: &L4) -> Vec<u8> {
     let inner = ip_packet(ip(CLIENT), IpAddr::V4(PEER_NODE), l4, ttl(63));
@@ -205,7 +213,7 @@ fn the_backends_node_decapsulates_and_answers_from_the_frontend() {
         assert_eq!((seen.src, seen.dst, seen.dport), (ip(CLIENT), ip(LOCAL_POD), 8080), "the flow's next packet");
         assert_eq!(ran.moved, moved(&[("dsr_decap", 1), ("pkt_forward", 1)]));
 
-        let reply = tcp(8080, 41004, 0x12, b"");
+        let reply = syn_ack_with_mss(8080, 41004, 1460);
         let from_pod = frame(ip(LOCAL_POD), ip(CLIENT), &reply, IpOpts::default());
         let ran = dp.run(Hook::FromPods, dp.pods0, &from_pod);
         assert_eq!(ran.verdict, TC_ACT_REDIRECT, "out of eth0, towards the client");
@@ -215,6 +223,15 @@ fn the_backends_node_decapsulates_and_answers_from_the_frontend() {
             (IpAddr::V4(PEER_NODE), NP_TCP, ip(CLIENT), 41004),
             "the reply comes from the frontend the client used"
         );
+        let mss = u16::from_be_bytes([ran.out[14 + 20 + 22], ran.out[14 + 20 + 23]]);
+        assert_eq!(mss, 1500 - 20 - 40, "the SYN-ACK's MSS lowered to fit the tunnel (eth0 MTU 1500)");
+        assert_eq!(ran.moved, moved(&[("pkt_forward", 1), ("dsr_mss_clamp", 1)]));
+
+        // An MSS that fits already is left as it is.
+        let small = syn_ack_with_mss(8080, 41004, 1400);
+        let ran = dp.run(Hook::FromPods, dp.pods0, &frame(ip(LOCAL_POD), ip(CLIENT), &small, IpOpts::default()));
+        check(&ran.out);
+        assert_eq!(u16::from_be_bytes([ran.out[14 + 20 + 22], ran.out[14 + 20 + 23]]), 1400);
         assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]));
     });
 }
