@@ -198,6 +198,64 @@ mod tests {
         assert_eq!(tunnel_for(&t, &ip("10.244.3.7")), None);
     }
 
+    /// The whole way: a NodePort with an endpoint on node-b (known from its
+    /// Node object) and one on this node, planned and explained in each mode.
+    #[test]
+    fn explain_says_which_mode_carries_each_endpoint() {
+        use crate::explain::{Flow, Verdict, explain};
+        use crate::{ClusterState, NodeConfig, StateChange, build_plan};
+        use serde_json::json;
+        let mut s = ClusterState::default();
+        let svc = json!({"metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.20",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+                               {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]}});
+        s.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap())));
+        let slice = json!({"metadata": {"name": "web-1", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": ["10.244.2.21"], "nodeName": "node-b"}, {"addresses": ["10.244.1.21"], "nodeName": "node-a"}]});
+        s.apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+        let node = json!({"metadata": {"name": "node-b"}, "spec": {"podCIDRs": ["10.244.2.0/24"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.11"}]}});
+        s.apply(StateChange::NodeApplied(Box::new(serde_json::from_value(node).unwrap())));
+        let cfg = |mode| NodeConfig {
+            node_name: "node-a".into(),
+            node_ips: vec![ip("192.168.50.10")],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+            load_balancing: mode,
+            ..Default::default()
+        };
+        let flow = |port, protocol| Flow {
+            src: ip("203.0.113.10"),
+            dst: ip("192.168.50.10"),
+            port,
+            protocol,
+            in_interface: None,
+        };
+        let candidates = |mode, port, protocol| {
+            let plan = build_plan(&s, &cfg(mode));
+            let Verdict::Endpoints(c) = explain(&plan, &flow(port, protocol)).verdict else { panic!("no endpoints") };
+            c.into_iter().map(|c| (c.addr.ip(), c.masquerade, c.carrier)).collect::<Vec<_>>()
+        };
+        let dsr = Some(Carrier::Dsr { node: "node-b".into(), via: ip("192.168.50.11") });
+        let got = candidates(LoadBalancingMode::Dsr, 30080, Protocol::Tcp);
+        assert_eq!(got[0].0, ip("10.244.2.21"));
+        assert_eq!((got[0].1, &got[0].2), (false, &dsr), "remote: DSR, not masqueraded");
+        assert!(matches!(got[1].2, Some(Carrier::Translated { .. })), "local: nothing to tunnel");
+        let got = candidates(LoadBalancingMode::Hybrid, 30053, Protocol::Udp);
+        assert!(got[0].1 && matches!(got[0].2, Some(Carrier::Translated { .. })), "hybrid UDP: SNAT: {got:?}");
+        let got = candidates(LoadBalancingMode::Snat, 30080, Protocol::Tcp);
+        assert!(got[0].1 && got[0].2.is_none(), "snat: as before, no carrier line: {got:?}");
+        // The node's own endpoints of an eTP Cluster service are planned as
+        // a local set in DSR modes (what a tunnelled flow is balanced over).
+        for (mode, local) in [(LoadBalancingMode::Snat, 0), (LoadBalancingMode::Dsr, 1)] {
+            let plan = build_plan(&s, &cfg(mode));
+            let sp = plan.services.values().find(|sp| sp.id.protocol == Protocol::Tcp).unwrap();
+            assert_eq!(sp.endpoint_set(crate::route::EndpointSet::Local).count(), local, "{mode}");
+        }
+    }
+
     /// Table: (mode, frontend, source, protocol, backend, local) -> carried how.
     #[test]
     fn which_mode_carries_a_flow() {
