@@ -339,3 +339,49 @@ fn hairpin_and_pod_to_nodeport_still_work_in_dsr_mode() {
         }
     }
 }
+
+/// A held DSR connection survives both agents restarting: node-a's
+/// `ferry_dsr` entry and node-b's conntrack entries are pinned, the
+/// restarted agents adopt them (and `ferry_tunnels`), and the connection
+/// keeps answering from b21 with the client's address, through the tunnel.
+#[test]
+fn an_agent_restart_keeps_dsr_flows() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut c = cluster("dsrrst", "dsr", &[B21], &[B21]);
+    let lab = &mut c.lab;
+    let fe = SocketAddr::new(node_a(lab), node_port(Proto::Tcp));
+    let (_pid, mut stdin, stdout) =
+        lab.spawn_held(CLIENT, &opts(Proto::Tcp, fe, Some(client_ip())), Duration::from_secs(120)).unwrap();
+    let (tx, replies) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().take(1000) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Each exchange: the server that answered and the client address it saw.
+    let mut exchange = |first: bool| -> Result<(String, IpAddr), String> {
+        if !first {
+            stdin.write_all(b"x\n").and_then(|_| stdin.flush()).map_err(|e| format!("writing: {e}"))?;
+        }
+        // A guard against a hung client, not a timing assertion.
+        let line = replies.recv_timeout(Duration::from_secs(20)).map_err(|e| format!("no answer: {e}"))?;
+        let o: ferry_sandbox::probe::Observation = serde_json::from_str(&line).map_err(|e| format!("{line}: {e}"))?;
+        o.reply().map(|r| (r.server.clone(), r.server_peer.ip())).ok_or_else(|| format!("{o:?}"))
+    };
+    let want = Ok((B21.name(), client_ip()));
+    assert_eq!(exchange(true), want, "the held connection did not open by DSR\n{}", diag(lab));
+    let encap0 = counters(lab, NODE_A)["dsr_encap"];
+    for node in [NODE_A, NODE_B] {
+        lab.kill_agent(node).unwrap();
+        lab.start_agent(node).unwrap_or_else(|e| panic!("restarting the agent of node {node}: {e:#}"));
+    }
+    for i in 0..3 {
+        assert_eq!(exchange(false), want, "exchange {i} after the restarts\n{}", diag(lab));
+    }
+    let a = counters(lab, NODE_A);
+    assert!(a["dsr_encap"] > encap0, "the exchanges after the restart went through the tunnel: {a:?}");
+    assert_eq!(a["dsr_new_flow"], 1, "the held flow was not balanced again: {a:?}");
+}
