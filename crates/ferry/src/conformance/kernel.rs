@@ -480,8 +480,11 @@ pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Re
 
     // DSR: where the model says DSR carries the flow to an endpoint, that
     // endpoint is expected to see the client's own address (super::dsr).
-    let dsr = match plan.node.load_balancing {
-        ferry_model::LoadBalancingMode::Snat => None,
+    // Only for a client outside the cluster: the lab's host clients holding
+    // a LoadBalancer IP are "external" to the model (the IP is not a node
+    // address) but leave through socket-LB on the node, never through DSR.
+    let dsr = match (plan.node.load_balancing, at) {
+        (ferry_model::LoadBalancingMode::Snat, _) | (_, At::Pod(..) | At::Node(_)) => None,
         _ => super::dsr::expected_masquerade(
             plan,
             &ferry_model::Flow { src: f.src, dst: f.dst, port: f.port, protocol: f.protocol, in_interface: None },
