@@ -126,8 +126,8 @@ mod tests {
             in_interface: None,
         };
         let want = expected_masquerade(&plan, &flow).expect("DSR carries the flow to 10.2.0.5");
-        assert_eq!(want[&"10.2.0.5:8080".parse().unwrap()], false);
-        assert_eq!(want[&"10.1.0.5:8080".parse().unwrap()], true);
+        assert!(!want[&"10.2.0.5:8080".parse().unwrap()], "the remote endpoint sees the client (DSR)");
+        assert!(want[&"10.1.0.5:8080".parse().unwrap()], "the local endpoint is masqueraded (eTP Cluster)");
         let snat = NodeConfig { load_balancing: LoadBalancingMode::Snat, ..cfg.clone() };
         assert_eq!(expected_masquerade(&build_plan(&s, &snat), &flow), None);
         let theirs = build_plan(&for_remote_node(&s, &cfg, &cfg.node_ips), &remote_config(&cfg, &remote));
