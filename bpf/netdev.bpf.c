@@ -4,7 +4,9 @@
  *
  *   ferry_from_netdev  ingress of an uplink: NodePort, LoadBalancer, ExternalIP
  *                      and routed ClusterIP traffic from outside; replies of
- *                      flows SNATed to this node.
+ *                      flows SNATed to this node; in DSR mode, packets another
+ *                      node tunnelled here for one of this node's endpoints
+ *                      (dsr.h).
  *   ferry_from_pods    ingress of a pod-facing device: pod traffic the socket
  *                      path left alone (masqueraded, hairpin, source-ranged);
  *                      replies of local endpoints.
@@ -36,10 +38,14 @@
 #include "lib/masq.h"
 #include "lib/frag.h"
 #include "lib/loop.h"
+#include "lib/dsr.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-enum hook { HOOK_FROM_NETDEV, HOOK_FROM_PODS, HOOK_TO_NETDEV };
+/* HOOK_FROM_TUNNEL: ferry_from_netdev, for the inner packet of a DSR tunnel (dsr.h). */
+enum hook { HOOK_FROM_NETDEV, HOOK_FROM_PODS, HOOK_TO_NETDEV, HOOK_FROM_TUNNEL };
+
+#define CFG_DSR_ANY (CFG_DSR_TCP | CFG_DSR_DGRAM)
 
 static __always_inline struct config *load_config(void)
 {
@@ -169,12 +175,18 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 	__builtin_memcpy(src, v->new_src, 16);
 	__builtin_memcpy(dst, v->new_dst, 16);
 	__be16 sport = v->new_sport, dport = v->new_dport;
+	__u8 v_flags = v->flags;
 	/* Copied out first: confirming removes v from ferry_ct_new. */
 	if (in_new && ct_confirms(v, p, dir)) {
 		v->expires_ns = now + ct_lifetime(cfg, p->proto, v->flags, 0);
 		ct_confirm(&k, v, p->proto, p->family, dir);
 	}
 	if (nat_rewrite(skb, p, src, sport, dst, dport) < 0)
+		return drop_packet(STAT_DROP_REWRITE);
+	/* DSR: a local endpoint's SYN-ACK to a client whose address was kept (dsr.h). */
+	if (dir == CT_REPLY && (cfg->flags & CFG_DSR_ANY) && p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN) &&
+	    p->family == FAM_V4 && !(v_flags & CT_SNAT) && !lb_in_range(RANGE_POD, FAM_V4, p->dst) &&
+	    dsr_clamp_mss(skb, p) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_PKT_FORWARD);
 	return deliver(skb, p, hook);
@@ -238,6 +250,11 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	__u32 bdst[4];
 	__builtin_memcpy(bdst, be->addr, 16);
 	__be16 bport = be->port;
+	/* DSR: a remote backend's node answers the client itself (dsr.h); a
+	 * backend whose node is unknown is reached by SNAT, as in snat mode. */
+	if (hook == HOOK_FROM_NETDEV && !(be->flags & BE_LOCAL) && !addr_eq(p->src, bdst) &&
+	    dsr_wanted(cfg, p, fe->kind, class) && dsr_pick(bdst[0], id, service))
+		return RC_DSR;
 	/* A port change rewrites SCTP's CRC32c from the packet's length, which a first fragment
 	 * tells only when it comes back from the defrag loop (none on this node, or it failed). */
 	if (p->proto == IPPROTO_SCTP && bport != p->dport && p->frag != FRAG_NONE && !p->l4_len)
@@ -268,14 +285,85 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	return fwd_redirect(skb, p, ifindex);
 }
 
+/* A new flow tunnelled here by another node (DSR): the inner packet still
+ * names the frontend the client used (for a NodePort, the other node's
+ * address). Traffic policy and source ranges were decided there; here it
+ * goes to one of this node's endpoints of that service: the one Maglev
+ * picks when it is local (the balancing node's pick), else one of the local
+ * set. Tracked like any flow without SNAT, so the reply entry sends the
+ * pod's replies from the frontend straight to the client. */
+static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct fe_key k = { .port = p->dport, .proto = p->proto, .family = FAM_V4 };
+
+	k.addr[0] = p->dst[0];
+	struct fe_val *fe = bpf_map_lookup_elem(&ferry_frontends, &k);
+	if (!fe) {
+		k.addr[0] = 0; /* a NodePort, on the balancing node's address */
+		fe = bpf_map_lookup_elem(&ferry_frontends, &k);
+	}
+	if (!fe || fe->kind == FE_CLUSTER_IP || fe->kind == FE_CLUSTER_IP_ANY_PORT)
+		return drop_packet(STAT_DROP_NO_ENDPOINT);
+	__u32 service = fe->service;
+	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
+	if (!svc)
+		return drop_packet(STAT_DROP_NO_ENDPOINT);
+	__u32 id = 0;
+	struct backend *be = NULL;
+	if ((svc->flags & SVC_MAGLEV) && !(svc->flags & SVC_AFFINITY)) {
+		id = lb_maglev(service, SET_CLUSTER, flow_hash(p->src, p->dst, p->sport, p->dport, p->proto),
+			       cfg->maglev_size);
+		be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
+		if (!be || !(be->flags & BE_LOCAL))
+			id = 0;
+	}
+	if (!id) {
+		struct aff_key aff = {};
+		__builtin_memcpy(aff.client, p->src, 16);
+		id = lb_pick(service, svc, SET_LOCAL, &aff);
+		be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
+	}
+	if (!be || be->family != FAM_V4 || !(be->flags & BE_LOCAL))
+		return drop_packet(STAT_DROP_NO_ENDPOINT);
+	__u32 bdst[4];
+	__builtin_memcpy(bdst, be->addr, 16);
+	__be16 bport = be->port;
+	int local;
+	__u32 ifindex = fwd_egress(skb, p, bdst, &local);
+	if (!ifindex)
+		return drop_packet(STAT_DROP_NO_ROUTE);
+	if (!note_peer(FAM_V4, bdst))
+		return drop_packet(STAT_DROP_PEERS_FULL);
+	__u32 why = STAT_DROP_CT_INSERT;
+	__be16 nsport = ct_create(p, cfg, p->src, p->sport, bdst, bport, 0, service, id, now, &why);
+	if (!nsport)
+		return drop_packet(why);
+	if (nat_rewrite(skb, p, p->src, nsport, bdst, bport) < 0)
+		return drop_packet(STAT_DROP_REWRITE);
+	stat_inc(STAT_PKT_NEW_FLOW);
+	if (local)
+		return TC_ACT_OK;
+	return fwd_redirect(skb, p, ifindex);
+}
+
 /* A packet with a transport header, step one: an ICMP error about a
  * translated flow, or a packet of a tracked flow. Returns -1 when it is
  * neither. Functions of their own (BPF-to-BPF calls) from here on: the
  * verifier's 512-byte stack budget is per call chain, and the steps'
- * frames are not live at the same time. */
-static __attribute__((noinline)) int handle_tracked(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
-						    enum hook hook, int original_first)
+ * frames are not live at the same time.
+ *
+ * A global function (not static): the verifier checks it once, for any
+ * hook, instead of once for every path that reaches a call of it. With the
+ * DSR tunnel's call (from_tunnel) ferry_from_netdev needed more than the
+ * verifier's million instructions; as a global function, about 730k (base
+ * 835k). Its pointer arguments may then be NULL as far as the verifier
+ * knows. */
+__attribute__((noinline)) int handle_tracked(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+					     enum hook hook, int original_first)
 {
+	if (!p || !cfg)
+		return -1;
 	__u64 now = bpf_ktime_get_ns();
 	if (icmp_is_error(p)) {
 		if (hook == HOOK_TO_NETDEV)
@@ -305,13 +393,31 @@ static __attribute__((noinline)) int handle_new(struct __sk_buff *skb, struct pk
 	return rc;
 }
 
+/* A packet another node tunnelled here (DSR), the outer header checked
+ * (dsr_is_tunnelled): unwrapped, then its flow is followed or begun. The
+ * inner packet names the frontend on the other node, which the fast path
+ * would pass on, and never is a fragment (dsr_wanted): none of the steps
+ * of `handle` but these two apply. */
+static __attribute__((noinline)) int from_tunnel(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
+{
+	if (dsr_decap(skb) < 0)
+		return drop_packet(STAT_DROP_REWRITE);
+	stat_inc(STAT_DSR_DECAP);
+	if (!parse(skb, p))
+		return TC_ACT_OK;
+	if (p->frag != FRAG_NONE)
+		return drop_packet(STAT_DROP_UNSUPPORTED);
+	int rc = handle_tracked(skb, p, cfg, HOOK_FROM_TUNNEL, 1);
+	return rc >= 0 ? rc : tunnelled_flow(skb, p, cfg);
+}
+
 /* The defrag loop's ifindex if this packet may go into it (loop.h): an
  * ingress, and not back from the loop already. 0 otherwise. */
 static __always_inline __u32 loop_for(enum hook hook, int back)
 {
 	__u32 zero = 0;
 
-	if (back || hook == HOOK_TO_NETDEV)
+	if (back || hook == HOOK_TO_NETDEV || hook == HOOK_FROM_TUNNEL)
 		return 0;
 	struct loop_cfg *c = bpf_map_lookup_elem(&ferry_loop, &zero);
 	return c ? c->ifindex : 0;
@@ -356,11 +462,22 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 	struct config *cfg = load_config();
 	if (!cfg)
 		return TC_ACT_OK;
+	/* DSR: another node's tunnel to one of our endpoints (dsr.h). */
+	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY) && dsr_is_tunnelled(skb))
+		return from_tunnel(skb, &p, cfg);
 	enum glance glance = glance_at(skb, cfg, hook);
 	/* Back from the defrag loop (mark cleared here): never sent into it again. */
 	int back = loop_back(skb);
 	if (glance == GLANCE_PASS || !parse(skb, &p))
 		return TC_ACT_OK;
+	/* DSR: a flow this node tunnels goes on the same way (dsr.h). Its
+	 * packets are sent to a frontend address (ferry_addrs). */
+	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY) && p.family == FAM_V4 && has_ports(p.proto) &&
+	    (glance == GLANCE_TO_ADDR || !(cfg->flags & CFG_FAST_PASS))) {
+		int rc = dsr_tracked(skb, &p, cfg);
+		if (rc >= 0)
+			return rc;
+	}
 	if (p.frag == FRAG_LATER)
 		return handle_later_fragment(skb, &p, hook, back);
 	if (p.frag == FRAG_FIRST) {
@@ -380,6 +497,9 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 	int rc = handle_tracked(skb, &p, cfg, hook, original_first);
 	if (rc < 0)
 		rc = handle_new(skb, &p, cfg, hook);
+	/* Called from here, not from new_flow: its frame would not fit on top. */
+	if (rc == RC_DSR)
+		rc = dsr_new_flow(skb, &p, cfg);
 	if (p.frag == FRAG_FIRST)
 		frag_remember(&p, rc);
 	return rc;

@@ -27,7 +27,7 @@
  * the same size, and record in crates/ferry-bpf/src/layout.rs which maps
  * changed. A pinned datapath without ferry_meta is layout 0 (before
  * versioning). The agent compares before adopting (README: Upgrades). */
-#define FERRY_LAYOUT 3
+#define FERRY_LAYOUT 4
 
 struct meta {
 	__u32 layout; /* FERRY_LAYOUT of the agent that programmed these maps */
@@ -302,6 +302,8 @@ struct {
 #define CFG_PODS_BY_DEVICE 2 /* a packet arriving on a DEV_POD device is from a pod (interface detectors) */
 #define CFG_MASQ_BPF 4       /* masquerade pod egress (masquerade: bpf) */
 #define CFG_FAST_PASS 8      /* ferry_addrs and ferry_peers are complete: a packet neither names passes at once */
+#define CFG_DSR_TCP 16       /* loadBalancing.mode dsr or hybrid: outside TCP to a remote backend is tunnelled (dsr.h) */
+#define CFG_DSR_DGRAM 32     /* loadBalancing.mode dsr: UDP and SCTP too */
 
 struct config {
 	__u64 host_netns;  /* netns cookie of the host: sockets there are CLASS_HOST */
@@ -415,6 +417,23 @@ struct {
 	PIN_BY_NAME;
 } ferry_ct_new SEC(".maps");
 
+/* dsr_val.flags */
+#define DSR_CLOSING 1 /* FIN or RST seen */
+
+/* The balancing node's flows carried by DSR: the original direction's
+ * conntrack key (dir CT_ORIGINAL) -> where its packets are tunnelled. The
+ * node never sees the replies, so no reply entry and no confirmation: an
+ * LRU of its own, apart from ferry_ct. */
+struct dsr_val {
+	__u32 outer_src; /* this node's address the tunnel leaves from */
+	__u32 via;       /* the backend's node */
+	__u32 backend;   /* backend id, as ct_val.backend */
+	__u32 service;
+	__u8 flags;
+	__u8 pad[7];
+	__u64 expires_ns;
+};
+
 /* Room for ct_create's values and its NAT port walk, off the tc programs'
  * stack (at its 512-byte limit). Per CPU, not pinned: it lives for one packet. */
 struct ct_scratch {
@@ -428,6 +447,7 @@ struct ct_scratch {
 	__u8 icmp;           /* ICMP echo: the identifier is both "ports" */
 	__u8 found;          /* the walk wrote the reply entry */
 	__u16 pad;
+	struct dsr_val dsr;  /* dsr_new_flow's entry (its key in rk) */
 };
 
 struct {
@@ -504,5 +524,34 @@ struct {
 	__type(value, struct frag_val);
 	PIN_BY_NAME;
 } ferry_frags SEC(".maps");
+
+/* ---- Direct Server Return (loadBalancing.mode dsr / hybrid; dsr.h) ---- */
+
+/* The tunnel table: a remote backend's address -> the IPv4 address of its
+ * node, the outer destination of its tunnelled packets. The agent writes
+ * every other node's pod ranges and its own addresses (/32), from the Node
+ * objects (ferry_model::dsr::tunnels). IPv4 only. Also tells a tunnelled
+ * packet's outer source apart as a node's (its own /32 entry names it). */
+struct tunnel_key {
+	__u32 prefixlen; /* 0..32 */
+	__u32 addr;      /* network order */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 16384);
+	__type(key, struct tunnel_key);
+	__type(value, __u32); /* the node's address, network order */
+	PIN_BY_NAME;
+} ferry_tunnels SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct ct_key);
+	__type(value, struct dsr_val);
+	PIN_BY_NAME;
+} ferry_dsr SEC(".maps");
 
 #endif

@@ -68,6 +68,13 @@ enum ferry_stat {
 	STAT_FRAG_LOOP,           /* a fragment sent into the defrag loop (overtook its first fragment, or fragmented SCTP whose length is unknown) */
 	STAT_LOOP_RETURN,         /* a fragment back from the defrag loop, in order, handed to the ingress of its source's device */
 	STAT_LOOP_SCTP_LEN,       /* the defrag loop noted a reassembled SCTP packet's length (for its CRC32c correction) */
+	/* Direct Server Return (issue 14, dsr.h). */
+	STAT_DSR_NEW_FLOW,        /* an outside connection to a remote backend tunnelled to the backend's node (DSR) */
+	STAT_DSR_ENCAP,           /* packets tunnelled (IPIP) to a backend's node, first ones included */
+	STAT_DSR_DECAP,           /* tunnelled packets taken out of their outer header on the backend's node */
+	STAT_DSR_NO_TUNNEL,       /* a DSR candidate whose backend's node is unknown (no ferry_tunnels entry): SNAT instead */
+	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the 20-byte outer header */
+	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60) */
 	STAT_COUNT_,
 };
 

@@ -55,6 +55,8 @@ const SHARED: &[(&str, &str)] = &[
     ("CFG_PODS_BY_DEVICE", "u8"),
     ("CFG_MASQ_BPF", "u8"),
     ("CFG_FAST_PASS", "u8"),
+    ("CFG_DSR_TCP", "u8"),
+    ("CFG_DSR_DGRAM", "u8"),
     ("DEV_EXTERNAL", "u8"),
     ("DEV_POD", "u8"),
     ("CT_ORIGINAL", "u8"),

@@ -121,6 +121,14 @@ pub struct RangeKey {
     pub addr: Words,
 }
 
+/// A `ferry_tunnels` key: a remote backend range (IPv4, network order) whose
+/// packets DSR tunnels to a node (`ferry_model::dsr::tunnels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TunnelKey {
+    pub prefixlen: u32,
+    pub addr: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Config {
     pub host_netns: u64,
@@ -176,6 +184,9 @@ pub enum MapOp {
     PutAddr(LocalKey),
     PutRange(RangeKey),
     DelRange(RangeKey),
+    /// A DSR tunnel: backends in the range go to the node address (network order).
+    PutTunnel(TunnelKey, u32),
+    DelTunnel(TunnelKey),
     PutConfig(Box<Config>),
     PutDevice(u32, Box<Device>),
     DelDevice(u32),

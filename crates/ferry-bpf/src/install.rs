@@ -147,6 +147,8 @@ macro_rules! map_list {
             ("ferry_meta", &mut $maps.ferry_meta),
             ("ferry_addrs", &mut $maps.ferry_addrs),
             ("ferry_peers", &mut $maps.ferry_peers),
+            ("ferry_tunnels", &mut $maps.ferry_tunnels),
+            ("ferry_dsr", &mut $maps.ferry_dsr),
         ]
     };
 }

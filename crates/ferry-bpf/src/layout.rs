@@ -52,6 +52,14 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     ("ferry_meta", 1),
     ("ferry_addrs", 3),
     ("ferry_peers", 3),
+    // Layout 4 (DSR, issue 14): two new maps. ferry_config gained two flags
+    // (CFG_DSR_*) that older programs ignore and whose absence means snat,
+    // and ferry_stats six counters in slots older programs never touch: both
+    // stay adoptable both ways. ferry_dsr holds the balancing node's DSR flows;
+    // a downgrade below 4 retires it (an older build cannot carry a DSR flow
+    // on, README: Upgrades), so it is not FLOW_STATE and needs no REVERT row.
+    ("ferry_tunnels", 4),
+    ("ferry_dsr", 4),
 ];
 
 /// A copy of a retired map's live entries into this layout's maps
@@ -372,38 +380,52 @@ mod tests {
         assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()], copy: vec![] });
     }
 
-    /// Layout 3 back to 1: the two conntrack tables merge into one LRU
-    /// `ferry_ct`, `ferry_ct_new` and the pass-through sets (layout 3) go,
-    /// every other map stays as it is. Back to 2: only the pass-through sets go.
+    /// Layout 4 back to 1: the two conntrack tables merge into one LRU
+    /// `ferry_ct`, `ferry_ct_new`, the pass-through sets (layout 3) and the
+    /// DSR maps (layout 4) go, every other map stays as it is. Back to 2: the
+    /// pass-through sets and the DSR maps go; back to 3, only the DSR maps.
     #[test]
     fn a_downgrade_to_layout_1_merges_conntrack_and_keeps_the_rest() {
         let pinned: Vec<String> = CHANGED_IN.iter().map(|(n, _)| n.to_string()).collect();
-        assert_eq!(LAYOUT, 3);
-        let down = plan_downgrade(Some(3), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        assert_eq!(LAYOUT, 4);
+        let dsr = || vec!["ferry_tunnels".to_string(), "ferry_dsr".to_string()];
+        let down = plan_downgrade(Some(4), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        let mut retire = vec!["ferry_ct_new".to_string(), "ferry_addrs".into(), "ferry_peers".into()];
+        retire.extend(dsr());
         assert_eq!(
             down,
             Downgrade::Convert {
-                from: 3,
+                from: 4,
                 to: 1,
                 rebuild: vec![("ferry_ct".into(), Reversion::ConntrackMerge)],
-                retire: vec!["ferry_ct_new".into(), "ferry_addrs".into(), "ferry_peers".into()],
+                retire,
             }
         );
-        let down = plan_downgrade(Some(3), 2, LAYOUT, CHANGED_IN, REVERT, &pinned);
-        assert_eq!(
-            down,
-            Downgrade::Convert {
-                from: 3,
-                to: 2,
-                rebuild: vec![],
-                retire: vec!["ferry_addrs".into(), "ferry_peers".into()]
-            }
-        );
+        let down = plan_downgrade(Some(4), 2, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        let mut retire = vec!["ferry_addrs".to_string(), "ferry_peers".into()];
+        retire.extend(dsr());
+        assert_eq!(down, Downgrade::Convert { from: 4, to: 2, rebuild: vec![], retire });
+        let down = plan_downgrade(Some(4), 3, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        assert_eq!(down, Downgrade::Convert { from: 4, to: 3, rebuild: vec![], retire: dsr() });
         // To layout 0 ferry_meta goes too (a layout-0 build has none).
-        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(3), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
+        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(4), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
             panic!("a downgrade to 0 is possible")
         };
-        assert_eq!(retire, ["ferry_ct_new", "ferry_meta", "ferry_addrs", "ferry_peers"]);
+        assert_eq!(retire, ["ferry_ct_new", "ferry_meta", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
+    }
+
+    /// Layout 4 added the DSR maps: a layout-3 datapath keeps every map
+    /// (ferry_config and ferry_stats included: the new flags and counters are
+    /// additions older programs ignore), and gains ferry_tunnels and ferry_dsr.
+    #[test]
+    fn layout_3_keeps_every_map_and_gains_the_dsr_maps() {
+        let shape = MapShape { map_type: 1, key_size: 20, value_size: 1, max_entries: 16 };
+        let layout_3: Vec<(String, MapShape)> =
+            CHANGED_IN.iter().filter(|(_, v)| *v <= 3).map(|(n, _)| (n.to_string(), shape)).collect();
+        let all: Vec<(String, MapShape)> = CHANGED_IN.iter().map(|(n, _)| (n.to_string(), shape)).collect();
+        assert!(!layout_3.iter().any(|(n, _)| n == "ferry_tunnels" || n == "ferry_dsr"));
+        let up = plan_upgrade(Some(3), LAYOUT, CHANGED_IN, CARRY, &layout_3, &all);
+        assert_eq!(up, Upgrade::Migrate { from: 3, retire: vec![], copy: vec![] });
     }
 
     /// A later layout that only changes the meaning of a Plan-state map (say

@@ -37,6 +37,8 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_meta",
     "ferry_addrs",
     "ferry_peers",
+    "ferry_tunnels",
+    "ferry_dsr",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +201,9 @@ fn enc_local(k: &LocalKey) -> t::local_key {
 fn enc_range(k: &RangeKey) -> t::range_key {
     t::range_key { prefixlen: k.prefixlen, kind: k.kind, family: k.family, pad: 0, addr: k.addr }
 }
+fn enc_tunnel(k: &TunnelKey) -> t::tunnel_key {
+    t::tunnel_key { prefixlen: k.prefixlen, addr: k.addr }
+}
 fn enc_config(c: &Config) -> t::config {
     t::config {
         host_netns: c.host_netns,
@@ -271,6 +276,8 @@ pub struct Maps {
     frags: Typed<t::frag_key, t::frag_val>,
     addrs: Option<Typed<t::local_key, u8>>,
     peers: Option<Typed<t::local_key, u8>>,
+    /// Optional: a datapath of layout 3 or older (before DSR) lacks it.
+    tunnels: Option<Typed<t::tunnel_key, u32>>,
 }
 
 impl Maps {
@@ -300,6 +307,7 @@ impl Maps {
             frags: Typed::open(dir, "ferry_frags")?,
             addrs: Typed::open_optional(dir, "ferry_addrs")?,
             peers: Typed::open_optional(dir, "ferry_peers")?,
+            tunnels: Typed::open_optional(dir, "ferry_tunnels")?,
         })
     }
 
@@ -432,6 +440,7 @@ impl Maps {
             "ferry_devices" => &self.devices,
             "ferry_addrs" => self.addrs.as_ref()?,
             "ferry_peers" => self.peers.as_ref()?,
+            "ferry_tunnels" => self.tunnels.as_ref()?,
             _ => return None,
         };
         Some(handle.max_entries())
@@ -493,6 +502,14 @@ impl Maps {
             MapOp::DelLocal(k) => del(&self.locals, "ferry_locals", bytes(&enc_local(k))),
             MapOp::PutRange(k) => put(&self.ranges, "ferry_ranges", bytes(&enc_range(k)), &one),
             MapOp::DelRange(k) => del(&self.ranges, "ferry_ranges", bytes(&enc_range(k))),
+            MapOp::PutTunnel(k, via) => match &self.tunnels {
+                Some(m) => put(m, "ferry_tunnels", bytes(&enc_tunnel(k)), &via.to_ne_bytes()),
+                None => Err(MapError::Missing { map: "ferry_tunnels" }),
+            },
+            MapOp::DelTunnel(k) => match &self.tunnels {
+                Some(m) => del(m, "ferry_tunnels", bytes(&enc_tunnel(k))),
+                None => Ok(()),
+            },
             MapOp::PutConfig(c) => put(&self.config, "ferry_config", &0u32.to_ne_bytes(), bytes(&enc_config(c))),
             MapOp::PutDevice(i, d) => put(&self.devices, "ferry_devices", &i.to_ne_bytes(), bytes(&enc_device(d))),
             MapOp::DelDevice(i) => del(&self.devices, "ferry_devices", &i.to_ne_bytes()),
@@ -569,6 +586,11 @@ impl Maps {
         }
         for (k, v) in self.devices.entries() {
             d.devices.push((k, Device { snat: v.snat, flags: v.flags }));
+        }
+        if let Some(m) = &self.tunnels {
+            for (k, v) in m.entries() {
+                d.tunnels.push((TunnelKey { prefixlen: k.prefixlen, addr: k.addr }, v));
+            }
         }
         d.maglev = self.maglev_tables();
         d.addrs = self.pass_set(crate::pass::PassSet::Addrs);

@@ -330,9 +330,10 @@ impl Ops {
             MapOp::PutFrontend(..)
             | MapOp::PutLocal(..)
             | MapOp::PutRange(..)
+            | MapOp::PutTunnel(..)
             | MapOp::PutConfig(..)
             | MapOp::PutDevice(..) => phase::PUT_FRONTEND,
-            MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelDevice(..) => phase::DEL_NODE,
+            MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelTunnel(..) | MapOp::DelDevice(..) => phase::DEL_NODE,
             MapOp::DelBackend(..) => phase::DEL_BACKEND,
         };
         let owner = self.owner;
@@ -702,6 +703,8 @@ pub struct MapDump {
     pub maglev: Vec<(u64, Vec<u32>)>,
     /// `ferry_addrs` (the pass-through set the agent writes), sorted.
     pub addrs: Vec<LocalKey>,
+    /// `ferry_tunnels` (DSR: remote backend range -> node address).
+    pub tunnels: Vec<(TunnelKey, u32)>,
 }
 
 /// Service ports read back by `adopt` that no Plan has claimed yet.
@@ -748,12 +751,24 @@ pub struct Programmer {
     markers: BTreeSet<FeKey>,
     locals: BTreeMap<LocalKey, u8>,
     ranges: BTreeSet<RangeKey>,
+    /// DSR tunnels (`ferry_tunnels`).
+    tunnels: BTreeMap<TunnelKey, u32>,
     config: Option<Config>,
     devices: BTreeMap<u32, Device>,
     /// Entries of services left half-written by a failed apply or a crash
     /// (no name, or no service entry), found by `adopt`: deleted by the first
     /// sync after it, their ids reused only after that sync.
     half_written: (Vec<MapOp>, Vec<u32>),
+}
+
+/// The config flags of `loadBalancing.mode` (`ferry_model::dsr`; the datapath's `dsr_wanted`).
+fn dsr_flags(mode: ferry_model::LoadBalancingMode) -> u8 {
+    use ferry_model::LoadBalancingMode as M;
+    match mode {
+        M::Snat => 0,
+        M::Hybrid => CFG_DSR_TCP,
+        M::Dsr => CFG_DSR_TCP | CFG_DSR_DGRAM,
+    }
 }
 
 fn action(route: &Route) -> u8 {
@@ -922,6 +937,7 @@ impl Programmer {
         }
         p.locals = dump.locals.iter().copied().collect();
         p.ranges = dump.ranges.iter().copied().collect();
+        p.tunnels = dump.tunnels.iter().copied().collect();
         p.config = dump.config;
         p.devices = dump.devices.iter().copied().collect();
         p
@@ -1326,6 +1342,7 @@ impl Programmer {
             ops.push(MapOp::DelRange(*k));
         }
         self.ranges = ranges;
+        self.sync_tunnels(node, ops);
 
         let class = |f| if node.detects_pods(f) { CLASS_POD } else { CLASS_EXTERNAL };
         let primary = |f| node.primary_ips.get(&f).map(words).unwrap_or([0; 4]);
@@ -1334,7 +1351,8 @@ impl Programmer {
             LocalDetector::InterfaceNamePrefix(_) | LocalDetector::BridgeInterface(_) => CFG_PODS_BY_DEVICE,
             LocalDetector::None => 0,
         } | if masq_bpf { CFG_MASQ_BPF } else { 0 }
-            | if rt.fast_pass { CFG_FAST_PASS } else { 0 };
+            | if rt.fast_pass { CFG_FAST_PASS } else { 0 }
+            | dsr_flags(node.load_balancing);
         let config = Config {
             host_netns: rt.host_netns_cookie,
             pod_class: [class(ferry_model::IpFamily::V4), class(ferry_model::IpFamily::V6)],
@@ -1376,6 +1394,32 @@ impl Programmer {
     }
 
     /// ClusterIPs that came into or went out of use: their any-port markers.
+    /// `ferry_tunnels` from the model's tunnel table (empty in snat mode).
+    fn sync_tunnels(&mut self, node: &ferry_model::NodeFacts, ops: &mut Ops) {
+        let want: BTreeMap<TunnelKey, u32> = node
+            .tunnels
+            .iter()
+            .filter_map(|t| match (t.prefix, t.via) {
+                (ipnet::IpNet::V4(n), std::net::IpAddr::V4(via)) => Some((
+                    TunnelKey { prefixlen: u32::from(n.prefix_len()), addr: u32::from_ne_bytes(n.network().octets()) },
+                    u32::from_ne_bytes(via.octets()),
+                )),
+                _ => None,
+            })
+            .collect();
+        for (k, v) in &want {
+            if self.tunnels.get(k) != Some(v) {
+                ops.push(MapOp::PutTunnel(*k, *v));
+            }
+        }
+        for k in self.tunnels.keys() {
+            if !want.contains_key(k) {
+                ops.push(MapOp::DelTunnel(*k));
+            }
+        }
+        self.tunnels = want;
+    }
+
     fn sync_markers(&mut self, added: &[std::net::IpAddr], removed: &[std::net::IpAddr], ops: &mut Ops) {
         for ip in removed {
             let k = marker_key(ip);

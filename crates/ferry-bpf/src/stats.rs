@@ -53,6 +53,12 @@ pub const NAMES: &[&str] = &[
     "frag_loop",
     "loop_return",
     "loop_sctp_len",
+    "dsr_new_flow",
+    "dsr_encap",
+    "dsr_decap",
+    "dsr_no_tunnel",
+    "drop_dsr_too_big",
+    "dsr_mss_clamp",
 ];
 
 #[cfg(test)]

@@ -168,13 +168,14 @@ fn an_adopted_map_keeps_its_pinned_capacity_and_says_so() {
 }
 
 /// A datapath an older layout pinned lacks the maps later layouts added
-/// (`ferry_ct_new` before layout 2, the pass-through sets before layout 3):
+/// (`ferry_ct_new` before layout 2, the pass-through sets before layout 3,
+/// the DSR maps before layout 4):
 /// this build still opens and reads it (`ferry status` before the agent
 /// upgrades it), and a write into a missing map says what to do.
 #[test]
 fn maps_of_an_older_layout_open_without_the_maps_it_lacks() {
     let dp = Datapath::install("older");
-    for name in ["ferry_ct_new", "ferry_addrs", "ferry_peers"] {
+    for name in ["ferry_ct_new", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"] {
         std::fs::remove_file(dp.pin_dir.join(name)).unwrap_or_else(|e| panic!("unpinning {name}: {e}"));
     }
     let maps = Maps::open(&dp.pin_dir).expect("an older layout's maps open");
@@ -188,4 +189,8 @@ fn maps_of_an_older_layout_open_without_the_maps_it_lacks() {
     assert!(err.to_string().contains("no ferry_addrs") && err.to_string().contains("agent"), "{err}");
     let err = maps.apply(&[MapOp::PutAddr(key)]).unwrap_err();
     assert!(matches!(err, ferry_bpf::maps::MapError::Missing { map: "ferry_addrs" }), "{err}");
+    assert!(dump.tunnels.is_empty());
+    let tunnel = TunnelKey { prefixlen: 24, addr: u32::from_ne_bytes([10, 244, 2, 0]) };
+    let err = maps.apply(&[MapOp::PutTunnel(tunnel, 1)]).unwrap_err();
+    assert!(matches!(err, ferry_bpf::maps::MapError::Missing { map: "ferry_tunnels" }), "{err}");
 }

@@ -26,6 +26,8 @@ struct Kernel {
     maglev: BTreeMap<u64, Vec<u32>>,
     /// `ferry_addrs`: only ever grows under the Programmer (the agent's collection shrinks it).
     addrs: BTreeSet<LocalKey>,
+    /// `ferry_tunnels` (DSR).
+    tunnels: BTreeMap<TunnelKey, u32>,
 }
 
 impl Kernel {
@@ -58,6 +60,8 @@ impl Kernel {
             }
             MapOp::DelMaglev(k) => assert!(self.maglev.remove(&k).is_some()),
             MapOp::PutAddr(k) => drop(self.addrs.insert(k)),
+            MapOp::PutTunnel(k, v) => drop(self.tunnels.insert(k, v)),
+            MapOp::DelTunnel(k) => assert!(self.tunnels.remove(&k).is_some(), "delete of missing tunnel {k:?}"),
         }
     }
 
@@ -106,6 +110,7 @@ impl Kernel {
             devices: self.devices.iter().map(|(k, v)| (*k, *v)).collect(),
             maglev: self.maglev.iter().map(|(k, v)| (*k, v.clone())).collect(),
             addrs: self.addrs.iter().copied().collect(),
+            tunnels: self.tunnels.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! and the real datapaths are checked against the same answers.
 
 use crate::addr::{IpFamily, fmt_addr_port};
+use crate::dsr::{Carrier, LoadBalancingMode, carrier};
 use crate::node_config::LocalDetector;
 use crate::plan::{FrontendKey, FrontendKind, NodeFacts, Plan, ServicePort, ServicePortId};
 use crate::protocol::Protocol;
@@ -39,6 +40,10 @@ pub struct Candidate {
     /// SNAT to the node on the way to this endpoint.
     pub masquerade: bool,
     pub masquerade_reason: MasqReason,
+    /// Which mode carries the connection to this endpoint, when the node is
+    /// not in `snat` mode (`crate::dsr::carrier`); a `Dsr` carrier is never masqueraded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<Carrier>,
 }
 
 /// The outcome for the connection.
@@ -283,11 +288,25 @@ pub fn explain(plan: &Plan, flow: &Flow) -> Explanation {
                 .map(|e| {
                     let hairpin = !masquerade.masquerades() && e.ip == flow.src;
                     let reason = if hairpin { MasqReason::Hairpin } else { masquerade };
+                    let node = &plan.node;
+                    let carried = (node.load_balancing != LoadBalancingMode::Snat).then(|| {
+                        carrier(
+                            node.load_balancing,
+                            &node.tunnels,
+                            frontend.kind,
+                            source,
+                            flow.protocol,
+                            &e.ip,
+                            e.local,
+                        )
+                    });
+                    let dsr = matches!(carried, Some(Carrier::Dsr { .. }));
                     Candidate {
                         addr: e.addr(),
                         local: e.local,
-                        masquerade: reason.masquerades(),
+                        masquerade: reason.masquerades() && !dsr,
                         masquerade_reason: reason,
+                        carrier: carried,
                     }
                 })
                 .collect();
@@ -401,6 +420,19 @@ impl fmt::Display for Explanation {
                 }
             };
             writeln!(f, "masquerade {line}")?;
+            for c in c.iter() {
+                match &c.carrier {
+                    Some(Carrier::Dsr { node, via }) => writeln!(
+                        f,
+                        "carried   to {}: DSR, tunnelled (IPIP) to {node} at {via}, which answers the client directly from the frontend; client address kept",
+                        c.addr
+                    )?,
+                    Some(Carrier::Translated { why }) => {
+                        writeln!(f, "carried   to {}: as in snat mode — {why}", c.addr)?
+                    }
+                    None => {}
+                }
+            }
         }
         if let Some(e) = &self.egress {
             writeln!(f, "egress    {e}")?;

@@ -15,6 +15,7 @@
 pub mod acceptance;
 pub mod addr;
 pub mod diff;
+pub mod dsr;
 pub mod egress;
 pub mod endpoints;
 pub mod explain;
@@ -35,6 +36,7 @@ pub mod topology;
 
 pub use addr::IpFamily;
 pub use diff::{PlanDiff, ServicePortChange};
+pub use dsr::LoadBalancingMode;
 pub use endpoints::Endpoint;
 pub use explain::{Explanation, Flow, Verdict, explain};
 pub use node_config::{LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses, ServiceLimits};

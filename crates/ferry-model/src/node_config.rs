@@ -133,6 +133,8 @@ pub struct NodeConfig {
     pub external_ips_allowed: Option<Vec<IpNet>>,
     /// Per-Service limits; a Service over them is refused by name.
     pub service_limits: ServiceLimits,
+    /// `loadBalancing.mode`: how outside connections reach backends on other nodes (`crate::dsr`).
+    pub load_balancing: crate::dsr::LoadBalancingMode,
 }
 
 /// How much of the datapath one Service may take (`limits` in the node config).
@@ -182,6 +184,7 @@ impl Default for NodeConfig {
             masquerade_link_local: false,
             external_ips_allowed: None,
             service_limits: ServiceLimits::default(),
+            load_balancing: crate::dsr::LoadBalancingMode::Snat,
         }
     }
 }

@@ -318,6 +318,11 @@ pub struct NodeFacts {
     /// `externalIPs.allowedCIDRs`; `None`: every unicast address.
     pub external_ips_allowed: Option<Vec<IpNet>>,
     pub service_limits: crate::node_config::ServiceLimits,
+    /// `loadBalancing.mode` (`crate::dsr`).
+    pub load_balancing: crate::dsr::LoadBalancingMode,
+    /// Where DSR tunnels a remote backend's packets (`crate::dsr::tunnels`);
+    /// empty unless the mode is `dsr` or `hybrid`.
+    pub tunnels: Vec<crate::dsr::Tunnel>,
 }
 
 impl NodeFacts {
@@ -450,15 +455,21 @@ pub fn node_facts(nodes: &BTreeMap<String, NodeInfo>, cfg: &NodeConfig) -> NodeF
         other_node_addresses,
         external_ips_allowed: cfg.external_ips_allowed.clone(),
         service_limits: cfg.service_limits,
+        load_balancing: cfg.load_balancing,
+        tunnels: match cfg.load_balancing {
+            crate::dsr::LoadBalancingMode::Snat => Vec::new(),
+            _ => crate::dsr::tunnels(nodes, &cfg.node_name),
+        },
     }
 }
 
 impl NodeFacts {
     /// The same facts without those no service port's decisions read (the
-    /// other nodes' addresses feed only the masquerade ranges): when only
-    /// those change, no service port has to be planned again.
+    /// other nodes' addresses feed only the masquerade ranges, the tunnels
+    /// only the datapath's DSR table): when only those change, no service
+    /// port has to be planned again.
     pub(crate) fn planning_view(&self) -> NodeFacts {
-        NodeFacts { other_node_addresses: BTreeSet::new(), ..self.clone() }
+        NodeFacts { other_node_addresses: BTreeSet::new(), tunnels: Vec::new(), ..self.clone() }
     }
 
     pub(crate) fn topology<'a>(&'a self, cfg: &NodeConfig) -> TopologyContext<'a> {
@@ -734,7 +745,10 @@ fn decide(
     let etp_local = info.external_policy_local;
     // kube-proxy's UsesClusterEndpoints / UsesLocalEndpoints.
     let uses_cluster = !itp_local || externally_accessible;
-    let uses_local = itp_local || (etp_local && externally_accessible);
+    // DSR: a connection tunnelled here by another node is balanced over this
+    // node's own endpoints (crate::dsr), whatever the traffic policy.
+    let dsr = node.load_balancing != crate::dsr::LoadBalancingMode::Snat;
+    let uses_local = itp_local || (etp_local && externally_accessible) || (dsr && externally_accessible);
     let categorized = categorize(&endpoints, uses_cluster, uses_local, ctx);
     let has_any = categorized.has_any;
     let has_local = !categorized.local.is_empty();

@@ -137,8 +137,9 @@ fn an_older_layout_is_migrated_and_a_newer_one_refused_while_a_connection_is_hel
     let log = lab.agent_log(node);
     // Retired: ferry_frags (its shape changed), the conntrack tables, which
     // changed in layout 2 (confirmed flows in a hash, unconfirmed ones in
-    // ferry_ct_new), and the pass-through sets, new in layout 3 (this build
-    // pinned them before the test made the datapath look like layout 0).
+    // ferry_ct_new), the pass-through sets, new in layout 3, and the DSR maps,
+    // new in layout 4 (this build pinned them before the test made the
+    // datapath look like layout 0).
     let retired: std::collections::BTreeSet<&str> = log
         .lines()
         .rev()
@@ -149,9 +150,19 @@ fn an_older_layout_is_migrated_and_a_newer_one_refused_while_a_connection_is_hel
     assert!(
         log.contains("migrated_from_layout=0")
             && retired
-                == ["ferry_addrs", "ferry_ct", "ferry_ct_new", "ferry_frags", "ferry_peers"].into_iter().collect(),
-        "the agent did not say it migrated layout 0 (retiring ferry_frags, the conntrack tables and the \
-         pass-through sets only):\n{log}"
+                == [
+                    "ferry_addrs",
+                    "ferry_ct",
+                    "ferry_ct_new",
+                    "ferry_dsr",
+                    "ferry_frags",
+                    "ferry_peers",
+                    "ferry_tunnels"
+                ]
+                .into_iter()
+                .collect(),
+        "the agent did not say it migrated layout 0 (retiring ferry_frags, the conntrack tables, the \
+         pass-through sets and the DSR maps only):\n{log}"
     );
     assert_eq!(ferry_bpf::install::pinned_layout(&pin_dir), Some(ferry_bpf::layout::LAYOUT));
     let frags = MapHandle::from_pinned_path(pin_dir.join("ferry_frags")).unwrap();
@@ -472,11 +483,14 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
     // The upgrade, under that load.
     lab.start_agent(a).unwrap();
     let log = lab.agent_log(a);
-    // ferry_ct changed in layout 2; the pass-through sets (layout 3) were
-    // pinned by this build's first start, before the layout-1 objects took over.
+    // ferry_ct changed in layout 2; the pass-through sets (layout 3) and the
+    // DSR maps (layout 4) were pinned by this build's first start, before the
+    // layout-1 objects took over.
     assert!(
-        log.contains("migrated_from_layout=1") && log.contains("retired=[ferry_addrs,ferry_ct,ferry_peers]"),
-        "the agent did not say it migrated layout 1 by retiring ferry_ct (and the pass-through sets):\n{log}"
+        log.contains("migrated_from_layout=1")
+            && log.contains("retired=[ferry_addrs,ferry_ct,ferry_dsr,ferry_peers,ferry_tunnels]"),
+        "the agent did not say it migrated layout 1 by retiring ferry_ct (and the pass-through sets and \
+         DSR maps):\n{log}"
     );
     assert_held_answer(&mut held, "the upgrade");
     let late = copied(&log, "late").unwrap_or(0);

@@ -20,6 +20,7 @@
 //! Needs root (BPF, netns); never skipped.
 
 mod defrag_loop;
+mod dsr;
 mod shapes;
 mod wire;
 

@@ -266,3 +266,38 @@ pub fn check(frame: &[u8]) -> Seen {
     }
     Seen { src, dst, proto, ttl, sport, dport }
 }
+
+/// A DSR tunnel packet (IPv4 in IPv4) built here: `inner` (an IP packet)
+/// behind an outer header `src -> dst`, protocol 4, TTL 64, don't-fragment,
+/// its checksum computed here.
+pub fn ipip(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x45, inner[1]];
+    p.extend_from_slice(&((20 + inner.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = fold(sum16(&p, 0));
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(inner);
+    p
+}
+
+/// Parses a DSR tunnel frame: checks the outer header from scratch (version,
+/// length, protocol 4, no options, header checksum) and returns its
+/// addresses, TTL and don't-fragment bit with the inner packet re-framed
+/// with the same MAC addresses, for [`check`].
+pub fn check_ipip(frame: &[u8]) -> (IpAddr, IpAddr, u8, bool, Vec<u8>) {
+    assert!(frame.len() >= 14 + 40, "frame too short for IPIP: {} bytes", frame.len());
+    assert_eq!(u16::from_be_bytes([frame[12], frame[13]]), 0x0800, "outer ethertype");
+    let l3 = &frame[14..];
+    assert_eq!(l3[0], 0x45, "outer header: IPv4 without options");
+    assert_eq!(usize::from(u16::from_be_bytes([l3[2], l3[3]])), l3.len(), "outer total length against the frame");
+    assert_eq!(fold(sum16(&l3[..20], 0)), 0, "outer IPv4 header checksum");
+    assert_eq!(l3[9], 4, "outer protocol IPIP");
+    let s: [u8; 4] = l3[12..16].try_into().unwrap();
+    let d: [u8; 4] = l3[16..20].try_into().unwrap();
+    let df = u16::from_be_bytes([l3[6], l3[7]]) == 0x4000;
+    let mut inner = frame[..14].to_vec();
+    inner.extend_from_slice(&l3[20..]);
+    (IpAddr::from(s), IpAddr::from(d), l3[8], df, inner)
+}

@@ -198,6 +198,21 @@ impl<'a> Present<'a> {
                 "ferry_ranges",
                 format!("{}/{} kind {}", ip_of(&k.addr, k.family), k.prefixlen.saturating_sub(32), k.kind),
             ),
+            MapOp::PutTunnel(k, via) => (
+                Self::put(d.tunnels.iter().any(|(t, _)| t == k)),
+                "ferry_tunnels",
+                format!(
+                    "{}/{} -> {}",
+                    std::net::Ipv4Addr::from(k.addr.to_ne_bytes()),
+                    k.prefixlen,
+                    std::net::Ipv4Addr::from(via.to_ne_bytes())
+                ),
+            ),
+            MapOp::DelTunnel(k) => (
+                "extra",
+                "ferry_tunnels",
+                format!("{}/{}", std::net::Ipv4Addr::from(k.addr.to_ne_bytes()), k.prefixlen),
+            ),
             MapOp::PutConfig(c) => (Self::put(d.config.is_some()), "ferry_config", format!("{c:?}")),
             MapOp::PutDevice(i, v) => {
                 (Self::put(d.devices.iter().any(|(x, _)| x == i)), "ferry_devices", format!("ifindex {i}: {v:?}"))
@@ -266,6 +281,7 @@ mod tests {
                 MapOp::PutDevice(i, v) => d.devices.push((i, *v)),
                 MapOp::PutMaglev(k, t) => d.maglev.push((k, t.into())),
                 MapOp::PutAddr(k) => d.addrs.push(k),
+                MapOp::PutTunnel(k, v) => d.tunnels.push((k, v)),
                 other => panic!("a fresh sync deleted something: {other:?}"),
             }
         }

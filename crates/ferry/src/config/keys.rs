@@ -58,6 +58,8 @@ pub static MAPS: Section = Section {
     ],
 };
 
+pub static LOAD_BALANCING: Section = Section { keys: &[("mode", None)] };
+
 pub static MANIFESTS: Section = Section { keys: &[("maxFileBytes", None), ("maxDocumentsPerFile", None)] };
 
 pub static ROOT: Section = Section {
@@ -96,6 +98,7 @@ pub static ROOT: Section = Section {
         ("limits", Some(&LIMITS)),
         ("maps", Some(&MAPS)),
         ("manifests", Some(&MANIFESTS)),
+        ("loadBalancing", Some(&LOAD_BALANCING)),
     ],
 };
 

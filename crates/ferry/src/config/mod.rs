@@ -87,6 +87,15 @@ pub struct ConfigFile {
     pub external_ips: Option<ExternalIpsFile>,
     pub limits: Option<LimitsFile>,
     pub manifests: Option<ManifestsFile>,
+    pub load_balancing: Option<LoadBalancingFile>,
+}
+
+/// `loadBalancing`: how outside connections reach backends on other nodes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancingFile {
+    /// `snat` (default), `dsr` or `hybrid` (`ferry_model::dsr`).
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -378,6 +387,16 @@ mod settings_tests {
     fn masquerade_is_explicit_and_renamed_keys_name_their_replacement() {
         let parse = |t: &str| parse_file("m.yaml", t).and_then(|f| build("m.yaml", f, &NodeFlags::default()));
         assert_eq!(parse("nodeName: a\n").unwrap().node.masquerade, MasqueradeMode::Off);
+        use ferry_model::LoadBalancingMode as Lb;
+        assert_eq!(parse("nodeName: a\n").unwrap().node.load_balancing, Lb::Snat, "snat by default");
+        assert_eq!(parse("loadBalancing: {mode: dsr}\n").unwrap().node.load_balancing, Lb::Dsr);
+        assert_eq!(parse("loadBalancing: {mode: hybrid}\n").unwrap().node.load_balancing, Lb::Hybrid);
+        assert_eq!(parse("loadBalancing: {mode: snat}\n").unwrap().node.load_balancing, Lb::Snat);
+        for bad in ["loadBalancing: {mode: DSR}\n", "loadBalancing: {mode: dsr}\ndatapath: nftables\n"] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.problems[0].key, "loadBalancing.mode", "{bad}: {e}");
+        }
+        assert_eq!(parse("loadBalancing: {dsr: true}\n").unwrap_err().problems[0].key, "loadBalancing.dsr");
         assert_eq!(parse("masquerade: bpf\n").unwrap().node.masquerade, MasqueradeMode::Bpf);
         assert_eq!(parse("masquerade: nftables\n").unwrap().node.masquerade, MasqueradeMode::Nftables);
         assert_eq!(parse("masquerade: \"off\"\n").unwrap().node.masquerade, MasqueradeMode::Off);
@@ -673,6 +692,16 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
                 );
             }
             cfg.service_limits.max_endpoints = n;
+        }
+    }
+    if let Some(mode) = file.load_balancing.and_then(|l| l.mode) {
+        match ferry_model::LoadBalancingMode::parse(&mode) {
+            Some(m) if m != ferry_model::LoadBalancingMode::Snat && datapath == DatapathChoice::Nftables => b.bad(
+                "loadBalancing.mode",
+                format!("{mode} needs the bpf datapath (the nftables datapath has only snat); use datapath: bpf or loadBalancing.mode: snat"),
+            ),
+            Some(m) => cfg.load_balancing = m,
+            None => b.bad("loadBalancing.mode", format!("{mode:?} is not snat, dsr or hybrid")),
         }
     }
     let mut manifests = ferry_k8s::manifests::LoadLimits::default();

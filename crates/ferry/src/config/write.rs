@@ -70,6 +70,7 @@ pub fn node_config_yaml(cfg: &NodeConfig) -> String {
         "limits: {{maxFrontendsPerService: {}, maxEndpointsPerService: {}}}",
         l.max_frontends, l.max_endpoints
     );
+    let _ = writeln!(s, "loadBalancing: {{mode: {}}}", cfg.load_balancing);
     s
 }
 

@@ -54,6 +54,9 @@ pub struct KernelRunner {
     pub ferry: PathBuf,
     /// The `datapath:` the agent runs: `bpf` or `nftables`.
     pub datapath: &'static str,
+    /// `loadBalancing.mode` of the node under test, over the case's (`--lb-mode`;
+    /// `dsr` and `hybrid`: see `super::dsr`).
+    pub lb_mode: ferry_model::LoadBalancingMode,
 }
 
 /// Where a flow starts.
@@ -109,9 +112,16 @@ fn frontend_addresses(plan: &Plan) -> BTreeSet<IpAddr> {
 impl KernelRunner {
     /// Builds the case and runs its flows.
     pub fn run_case(&self, case: &Case, flows: &[ParsedFlow]) -> anyhow::Result<Vec<FlowOutcome>> {
-        let cfg = case.node_config()?;
-        let state = case.cluster_state()?;
-        let plan = build_plan(&state, &cfg);
+        let mut cfg = case.node_config()?;
+        cfg.load_balancing = self.lb_mode;
+        let mut state = case.cluster_state()?;
+        let mut plan = build_plan(&state, &cfg);
+        if cfg.load_balancing != ferry_model::LoadBalancingMode::Snat {
+            // DSR: the remote node, known to the node under test (super::dsr).
+            let far = super::dsr::remote_endpoints(&plan);
+            state = super::dsr::for_node_under_test(&state, &far, &[ip(REMOTE_V4), ip(REMOTE_V6)]);
+            plan = build_plan(&state, &cfg);
+        }
         let spec = LabSpec { name: &case.name, cfg: &cfg, initial: &state, steps: vec![(&plan, flows)], held: false };
         let mut b = self.build(&spec)?;
         let mut out = Vec::new();
@@ -229,9 +239,14 @@ impl KernelRunner {
             // Replies from endpoints on the other node go back through the node under test.
             let via4 = IpAddr::V4(lab.nodes[node].primary_v4);
             let via6 = IpAddr::V6(lab.nodes[node].primary_v6);
+            // With DSR, the remote node answers them itself, on the fabric.
+            let dsr = cfg.load_balancing != ferry_model::LoadBalancingMode::Snat;
             let lines: Vec<String> = external
                 .iter()
-                .map(|a| format!("route replace {a} via {} dev eth0", if a.is_ipv4() { via4 } else { via6 }))
+                .map(|a| match dsr {
+                    true => format!("route replace {a} dev eth0"),
+                    false => format!("route replace {a} via {} dev eth0", if a.is_ipv4() { via4 } else { via6 }),
+                })
                 .collect();
             lab.sb.ip_batch(lab.node_host(remote), &lines)?;
             for a in &external {
@@ -292,6 +307,20 @@ impl KernelRunner {
         std::fs::write(&lab.nodes[node].config, extra)?;
         lab.write_manifests_json(node, spec.initial)?;
         lab.start_agent(node).with_context(|| format!("starting the agent for {:?}", spec.name))?;
+        if cfg.load_balancing != ferry_model::LoadBalancingMode::Snat {
+            // DSR: the remote node unwraps the tunnel and answers (super::dsr).
+            let remote_cfg = super::dsr::remote_config(cfg, &lab.node_ips(remote));
+            let text = format!(
+                "{}datapath: bpf\nbpf:\n  pinPath: {}\n  cgroupPath: {}\n  devices: [eth0]\n  podDevices: [br0]\n",
+                crate::config::write::node_config_yaml(&remote_cfg),
+                lab.nodes[remote].pin_dir.display(),
+                lab.nodes[remote].cgroup.display()
+            );
+            std::fs::write(&lab.nodes[remote].config, text)?;
+            let theirs = super::dsr::for_remote_node(spec.initial, cfg, &lab.node_ips(node));
+            lab.write_manifests_json(remote, &theirs)?;
+            lab.start_agent(remote).with_context(|| format!("starting the remote node's agent for {:?}", spec.name))?;
+        }
 
         for (_, (at, eps)) in responders {
             lab.serve(at, PASSED, eps)?;
@@ -449,12 +478,33 @@ pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Re
         return Ok(if matches(&f.expected, &got) { FlowOutcome::Passed(got) } else { fail(got, format!("{o:?}")) });
     };
 
+    // DSR: where the model says DSR carries the flow to an endpoint, that
+    // endpoint is expected to see the client's own address (super::dsr).
+    // Only for a client outside the cluster: the lab's host clients holding
+    // a LoadBalancer IP are "external" to the model (the IP is not a node
+    // address) but leave through socket-LB on the node, never through DSR.
+    let dsr = match (plan.node.load_balancing, at) {
+        (ferry_model::LoadBalancingMode::Snat, _) | (_, At::Pod(..) | At::Node(_)) => None,
+        _ => super::dsr::expected_masquerade(
+            plan,
+            &ferry_model::Flow { src: f.src, dst: f.dst, port: f.port, protocol: f.protocol, in_interface: None },
+        ),
+    };
+    let matches = |expected: &Expected, got: &Observed| match (&dsr, got) {
+        (Some(want), Observed::Endpoint { addr, masq: m }) => {
+            matches!(expected, Expected::Endpoints { set, .. } if set.contains(addr)) && want.get(addr) == Some(m)
+        }
+        _ => matches(expected, got),
+    };
     // Keep connecting until every endpoint of the set was seen (affinity pins one client to one).
     let affinity = plan
         .frontend_for(f.dst, f.port, f.protocol)
         .and_then(|(_, fe)| plan.services.get(&fe.service))
         .is_some_and(|sp| sp.affinity_timeout_seconds.is_some());
     let mut seen = BTreeSet::new();
+    // What the endpoints saw, for the report: the case's `masq`, or under the
+    // DSR expectation, what was seen when every endpoint saw the same.
+    let mut seen_masq = BTreeSet::new();
     for _ in 0..MAX_ATTEMPTS {
         let o = b.lab.connect(at, &opts)?;
         let got = match observe(&o, f, &b.snat_addresses) {
@@ -464,8 +514,9 @@ pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Re
         if !matches(&f.expected, &got) {
             return Ok(fail(got, format!("{o:?}")));
         }
-        if let Observed::Endpoint { addr, .. } = got {
+        if let Observed::Endpoint { addr, masq } = got {
             seen.insert(addr);
+            seen_masq.insert(masq);
         }
         if affinity || seen == *set {
             break;
@@ -477,7 +528,11 @@ pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Re
             format!("only these endpoints answered in {MAX_ATTEMPTS} attempts"),
         ));
     }
-    Ok(FlowOutcome::Passed(Observed::Endpoints { set: seen, masq: *masq }))
+    let masq = match (&dsr, seen_masq.len()) {
+        (Some(_), 1) => seen_masq.into_iter().next().unwrap_or(*masq),
+        _ => *masq,
+    };
+    Ok(FlowOutcome::Passed(Observed::Endpoints { set: seen, masq }))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! cases run the kernel conntrack reconciler instead (`conntrack`).
 
 pub mod conntrack;
+pub mod dsr;
 pub mod kernel;
 pub mod model;
 pub mod scenario;

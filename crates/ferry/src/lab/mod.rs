@@ -298,6 +298,22 @@ impl Lab {
         Ok(())
     }
 
+    /// The Node object of `node` as a manifest: its uplink addresses as
+    /// `InternalIP`s and `pod_cidrs` as `spec.podCIDRs`. DSR finds a remote
+    /// backend's node from these (`ferry_model::dsr::tunnels`).
+    pub fn node_object(&self, node: usize, pod_cidrs: &[&str]) -> String {
+        let n = &self.nodes[node];
+        let addrs: Vec<String> =
+            n.addresses.iter().map(|a| format!("{{type: InternalIP, address: \"{a}\"}}")).collect();
+        let cidrs: Vec<String> = pod_cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+        format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nspec: {{podCIDRs: [{}]}}\nstatus: {{addresses: [{}]}}\n",
+            n.name,
+            cidrs.join(", "),
+            addrs.join(", ")
+        )
+    }
+
     pub fn node_host(&self, node: usize) -> &Host {
         &self.nodes[node].host
     }

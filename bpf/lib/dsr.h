@@ -1,0 +1,300 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Direct Server Return (loadBalancing.mode dsr / hybrid), IPv4 in IPv4.
+ *
+ * The node an outside client's connection arrives at picks the backend as
+ * always; when the backend is on another node it does not SNAT: it puts an
+ * outer IPv4 header (protocol 4, IPIP) in front of the client's packet,
+ * unchanged but for its TTL, and sends it to the backend's node
+ * (ferry_tunnels), remembering the flow in ferry_dsr so the rest of it
+ * follows. The backend's node takes the outer header off at its uplink's
+ * ingress (dsr_decap) and load-balances the inner packet to one of its own
+ * endpoints of the same service like any new flow, with the frontend as the
+ * packet names it: its conntrack reply entry turns the pod's replies back
+ * into the frontend, and they leave that node straight for the client.
+ *
+ * The kernel's ipip module is not needed (nor loaded): both ends are done
+ * here with bpf_skb_adjust_room. The outer header costs 20 bytes of MTU
+ * (README: Direct Server Return, MTU): the backend's node lowers the MSS its
+ * endpoints announce in their SYN-ACKs to outside clients (dsr_clamp_mss),
+ * so the clients' TCP segments fit the tunnel; a packet that still does not
+ * fit (a full-sized UDP datagram) is dropped and counted.
+ */
+#ifndef FERRY_DSR_H
+#define FERRY_DSR_H
+
+#include "common.h"
+#include "maps.h"
+#include "packet.h"
+#include "stats.h"
+#include "fwd.h"
+#include "ct.h"
+
+#define IPPROTO_IPIP_ 4
+#define DSR_OVERHEAD 20
+#define DSR_TTL 64
+/* BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (Linux 6.3; newer than the UAPI headers here). */
+#define DSR_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+
+/* Whether a new flow is one DSR carries (ferry_model::dsr::carrier): IPv4
+ * from outside the cluster to a NodePort, LoadBalancer IP or ExternalIP,
+ * of a protocol the mode covers, not fragmented. The backend's locality
+ * and its node are the caller's to check. */
+static __always_inline int dsr_wanted(const struct config *cfg, const struct pkt *p, __u8 fe_kind, __u8 class)
+{
+	__u8 need = p->proto == IPPROTO_TCP ? CFG_DSR_TCP : CFG_DSR_DGRAM;
+
+	return (cfg->flags & need) && p->family == FAM_V4 && class == CLASS_EXTERNAL && fe_kind != FE_CLUSTER_IP &&
+	       p->frag == FRAG_NONE;
+}
+
+/* What new_flow returns for a flow DSR carries (not a TC_ACT_* value): its
+ * caller then calls dsr_new_flow with what dsr_pick noted. */
+#define RC_DSR 0x100
+
+/* The node address a remote backend's packets are tunnelled to; 0: unknown. */
+static __always_inline __u32 dsr_tunnel_of(__u32 backend)
+{
+	struct tunnel_key k = { .prefixlen = 32, .addr = backend };
+	__u32 *via = bpf_map_lookup_elem(&ferry_tunnels, &k);
+
+	return via ? *via : 0;
+}
+
+/* How long a DSR flow's entry lives after this packet. Without the replies
+ * the handshake cannot be followed: an open TCP flow gets the established
+ * lifetime from its first packet, a closing one the close lifetime. */
+static __always_inline __u64 dsr_lifetime(const struct config *cfg, const struct pkt *p, __u8 flags)
+{
+	__u32 s;
+
+	if (p->proto == IPPROTO_TCP)
+		s = (flags & DSR_CLOSING) ? cfg->tcp_close_timeout : cfg->tcp_established_timeout;
+	else
+		s = cfg->udp_timeout;
+	if (s == 0)
+		s = 30;
+	return (__u64)s * NSEC_PER_SEC;
+}
+
+static __always_inline __u16 csum_fold_(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* Puts the outer header (outer_src -> via, IPIP) in front of the packet at
+ * L3. The inner packet is left as it is (its TTL was already decremented).
+ * Returns 0, or -1 when a helper failed. */
+static __always_inline int dsr_encap(struct __sk_buff *skb, __u32 outer_src, __u32 via)
+{
+	struct iphdr inner;
+	struct iphdr outer = {};
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &inner, sizeof(inner)) < 0)
+		return -1;
+	if (bpf_skb_adjust_room(skb, DSR_OVERHEAD, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) < 0)
+		return -1;
+	outer.version = 4;
+	outer.ihl = 5;
+	outer.tos = inner.tos;
+	outer.tot_len = bpf_htons(bpf_ntohs(inner.tot_len) + DSR_OVERHEAD);
+	/* Don't fragment: a tunnelled packet too big for the path must not be
+	 * cut in two the backend's node would have to put together. */
+	outer.frag_off = bpf_htons(0x4000);
+	outer.ttl = DSR_TTL;
+	outer.protocol = IPPROTO_IPIP_;
+	outer.saddr = outer_src;
+	outer.daddr = via;
+	outer.check = csum_fold_(bpf_csum_diff(NULL, 0, (__be32 *)&outer, sizeof(outer), 0));
+	return bpf_skb_store_bytes(skb, ETH_HLEN_, &outer, sizeof(outer), BPF_F_RECOMPUTE_CSUM) < 0 ? -1 : 0;
+}
+
+/* Whether the packet at L3 is a DSR tunnel packet for this node: IPv4 in
+ * IPv4 without options or fragmentation, sent to an address of this node
+ * by another node (its ferry_tunnels entry names itself), carrying a whole
+ * TCP, UDP or SCTP packet. */
+static __attribute__((noinline)) int dsr_is_tunnelled(struct __sk_buff *skb)
+{
+	__be16 proto;
+	struct iphdr outer;
+	__u8 inner_vihl_proto[10];
+
+	if (bpf_skb_load_bytes(skb, 12, &proto, sizeof(proto)) < 0 || proto != bpf_htons(ETH_P_IP))
+		return 0;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &outer, sizeof(outer)) < 0)
+		return 0;
+	if (outer.protocol != IPPROTO_IPIP_ || *(__u8 *)&outer != 0x45 || (outer.frag_off & bpf_htons(0x3fff)))
+		return 0;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_ + DSR_OVERHEAD, inner_vihl_proto, sizeof(inner_vihl_proto)) < 0)
+		return 0;
+	if ((inner_vihl_proto[0] >> 4) != 4 || !has_ports(inner_vihl_proto[9]))
+		return 0;
+	struct local_key lk = { .family = FAM_V4 };
+	lk.addr[0] = outer.daddr;
+	__u8 *local = bpf_map_lookup_elem(&ferry_locals, &lk);
+	if (!local || !(*local & LOCAL_HOST))
+		return 0;
+	return dsr_tunnel_of(outer.saddr) == outer.saddr;
+}
+
+/* Takes the outer header off. Returns 0, or -1 when the helper failed. */
+static __always_inline int dsr_decap(struct __sk_buff *skb)
+{
+	return bpf_skb_adjust_room(skb, -DSR_OVERHEAD, BPF_ADJ_ROOM_MAC, DSR_ADJ_ROOM_DECAP_L3_IPV4) < 0 ? -1 : 0;
+}
+
+/* Sends a packet of a DSR flow through the tunnel out of `ifindex`: as a
+ * router would forward it (TTL), inside an outer header. A packet that would
+ * not fit the egress MTU with the outer header is dropped (counted): the
+ * README says how to size the pods' MTU so that TCP never sends one. */
+static __always_inline int dsr_fits(struct __sk_buff *skb, const struct pkt *p, __u32 ifindex)
+{
+	__u32 mtu = 0;
+
+	if (!skb->gso_size)
+		return bpf_check_mtu(skb, ifindex, &mtu, DSR_OVERHEAD, 0) == BPF_MTU_CHK_RET_SUCCESS;
+	/* A GSO packet (veth hands them on whole) leaves as segments of
+	 * gso_size bytes of payload, each behind the headers and the tunnel. */
+	__u8 doff = 0;
+	if (bpf_check_mtu(skb, ifindex, &mtu, 0, 0) < 0 || p->proto != IPPROTO_TCP ||
+	    bpf_skb_load_bytes(skb, p->l4_off + 12, &doff, 1) < 0)
+		return 0;
+	return (p->l4_off - ETH_HLEN_) + (doff >> 4) * 4 + skb->gso_size + DSR_OVERHEAD <= mtu;
+}
+
+static __always_inline int dsr_send(struct __sk_buff *skb, const struct pkt *p, __u32 outer_src, __u32 via,
+				    __u32 ifindex)
+{
+	if (!dsr_fits(skb, p, ifindex))
+		return drop_packet(STAT_DROP_DSR_TOO_BIG);
+	int rc = fwd_ttl(skb, p);
+	if (rc > 0)
+		return drop_packet(STAT_DROP_TTL_EXCEEDED);
+	if (rc < 0 || dsr_encap(skb, outer_src, via) < 0)
+		return drop_packet(STAT_DROP_REWRITE);
+	stat_inc(STAT_DSR_ENCAP);
+	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
+}
+
+/* The egress device towards a backend's node; 0: no route (or it is this node). */
+static __always_inline __u32 dsr_egress(struct __sk_buff *skb, const struct pkt *p, __u32 via)
+{
+	__u32 d[4] = { via, 0, 0, 0 };
+	int local;
+	__u32 ifindex = fwd_egress(skb, p, d, &local);
+
+	return local ? 0 : ifindex;
+}
+
+/* Whether DSR can carry a new flow to the remote backend `id` (address
+ * `backend_addr`) of `service`: its node is known (else counted, and the
+ * caller SNATs it as in snat mode). Notes the choice for dsr_new_flow in
+ * the per-CPU scratch (the packet is handled on this CPU to the end). */
+static __always_inline int dsr_pick(__u32 backend_addr, __u32 id, __u32 service)
+{
+	__u32 zero = 0;
+	__u32 via = dsr_tunnel_of(backend_addr);
+	struct ct_scratch *s = bpf_map_lookup_elem(&ferry_ct_scratch, &zero);
+
+	if (!via) {
+		stat_inc(STAT_DSR_NO_TUNNEL);
+		return 0;
+	}
+	if (!s)
+		return 0;
+	s->dsr.via = via;
+	s->dsr.backend = id;
+	s->dsr.service = service;
+	return 1;
+}
+
+/* A new flow dsr_pick chose: remembered in ferry_dsr (key and value in
+ * the scratch, off the stack), then tunnelled. */
+static __attribute__((noinline)) int dsr_new_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
+{
+	__u32 zero = 0;
+	struct ct_scratch *s = bpf_map_lookup_elem(&ferry_ct_scratch, &zero);
+	if (!s)
+		return drop_packet(STAT_DROP_CT_INSERT);
+	__u32 via = s->dsr.via;
+	__u32 ifindex = dsr_egress(skb, p, via);
+	if (!ifindex)
+		return drop_packet(STAT_DROP_NO_ROUTE);
+	__u32 src[4];
+	fwd_snat_address(cfg, ifindex, FAM_V4, src);
+	ct_key_of(&s->rk, p, CT_ORIGINAL);
+	s->dsr.outer_src = src[0];
+	s->dsr.flags = 0;
+	__builtin_memset(s->dsr.pad, 0, sizeof(s->dsr.pad));
+	s->dsr.expires_ns = bpf_ktime_get_ns() + dsr_lifetime(cfg, p, 0);
+	if (bpf_map_update_elem(&ferry_dsr, &s->rk, &s->dsr, BPF_ANY) < 0)
+		return drop_packet(STAT_DROP_CT_INSERT);
+	stat_inc(STAT_DSR_NEW_FLOW);
+	return dsr_send(skb, p, src[0], via, ifindex);
+}
+
+/* A packet of a flow this node carries by DSR: tunnelled as its first one
+ * was. Returns -1 when it is none (or its entry expired, or a SYN opens the
+ * 4-tuple of a closing flow anew): the caller goes on as usual. */
+static __attribute__((noinline)) int dsr_tracked(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
+{
+	struct ct_key k;
+	__u64 now = bpf_ktime_get_ns();
+
+	ct_key_of(&k, p, CT_ORIGINAL);
+	struct dsr_val *v = bpf_map_lookup_elem(&ferry_dsr, &k);
+	if (!v)
+		return -1;
+	int reopen = p->proto == IPPROTO_TCP && (v->flags & DSR_CLOSING) &&
+		     (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	if (v->expires_ns < now || reopen) {
+		bpf_map_delete_elem(&ferry_dsr, &k);
+		return -1;
+	}
+	if (p->frag != FRAG_NONE)
+		return drop_packet(STAT_DROP_UNSUPPORTED);
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		v->flags |= DSR_CLOSING;
+	v->expires_ns = now + dsr_lifetime(cfg, p, v->flags);
+	__u32 outer_src = v->outer_src, via = v->via;
+	__u32 ifindex = dsr_egress(skb, p, via);
+	if (!ifindex)
+		return drop_packet(STAT_DROP_NO_ROUTE);
+	return dsr_send(skb, p, outer_src, via, ifindex);
+}
+
+/* The backend's side of the MTU: a SYN-ACK of a flow that keeps an outside
+ * client's address (a DSR flow; also one of externalTrafficPolicy Local,
+ * which costs it 20 bytes of segment size) announces at most the egress
+ * MTU - 20 (tunnel) - 40 (IPv4 + TCP) as its MSS, so that the client's
+ * segments fit the tunnel. The MSS option is looked for first among the
+ * options, where every TCP stack puts it. Returns -1 when a helper failed. */
+static __attribute__((noinline)) int dsr_clamp_mss(struct __sk_buff *skb, struct pkt *p)
+{
+	__u8 opt[4];
+	__u8 doff;
+	__u32 mtu = 0;
+	int local;
+
+	if (bpf_skb_load_bytes(skb, p->l4_off + 12, &doff, 1) < 0 || (doff >> 4) < 6)
+		return 0;
+	if (bpf_skb_load_bytes(skb, p->l4_off + 20, opt, sizeof(opt)) < 0 || opt[0] != 2 || opt[1] != 4)
+		return 0;
+	__u32 ifindex = fwd_egress(skb, p, p->dst, &local);
+	if (!ifindex || local || bpf_check_mtu(skb, ifindex, &mtu, 0, 0) < 0 || mtu < 576)
+		return 0;
+	__u16 max = mtu - DSR_OVERHEAD - 40;
+	__u16 mss = ((__u16)opt[2] << 8) | opt[3];
+	if (mss <= max)
+		return 0;
+	__be16 old = bpf_htons(mss), new = bpf_htons(max);
+	if (bpf_l4_csum_replace(skb, p->l4_off + 16, old, new, 2) < 0 ||
+	    bpf_skb_store_bytes(skb, p->l4_off + 22, &new, 2, 0) < 0)
+		return -1;
+	stat_inc(STAT_DSR_MSS_CLAMP);
+	return 0;
+}
+
+#endif

@@ -1,0 +1,291 @@
+//! Direct Server Return: which mode carries an outside connection to a
+//! backend on another node (`loadBalancing.mode`), decided once, here.
+//!
+//! In `snat` mode (the default, kube-proxy's behaviour) the receiving node
+//! SNATs such a connection to itself and carries the replies back. In `dsr`
+//! mode it tunnels the client's packets unchanged (IPIP) to the backend's
+//! node, which answers the client directly from the frontend address;
+//! `hybrid` does so for TCP and keeps SNAT for UDP (and SCTP), whose
+//! datagrams cannot be made smaller by an MSS and may not fit the tunnel.
+//!
+//! The backend's node is found from the Node objects: each other node's pod
+//! ranges (`spec.podCIDRs`) and its own addresses (host-network endpoints)
+//! map to its first address of the family. A backend in no such range has
+//! no known node: its flow falls back to SNAT (the datapath counts it,
+//! `dsr_no_tunnel`). The datapath programs the same table, so `explain` and
+//! the kernel agree.
+
+use crate::addr::IpFamily;
+use crate::node_info::NodeInfo;
+use crate::plan::FrontendKind;
+use crate::protocol::Protocol;
+use crate::route::SourceClass;
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// `loadBalancing.mode` in the node config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum LoadBalancingMode {
+    /// SNAT to the receiving node for remote backends (kube-proxy).
+    #[default]
+    Snat,
+    /// Direct Server Return for every protocol.
+    Dsr,
+    /// Direct Server Return for TCP, SNAT for UDP and SCTP.
+    Hybrid,
+}
+
+impl LoadBalancingMode {
+    /// The mode named in the config file (`snat`, `dsr`, `hybrid`).
+    pub fn parse(s: &str) -> Option<LoadBalancingMode> {
+        match s {
+            "snat" => Some(LoadBalancingMode::Snat),
+            "dsr" => Some(LoadBalancingMode::Dsr),
+            "hybrid" => Some(LoadBalancingMode::Hybrid),
+            _ => None,
+        }
+    }
+
+    /// Whether connections of `protocol` may be carried by DSR.
+    pub fn dsr_for(self, protocol: Protocol) -> bool {
+        match self {
+            LoadBalancingMode::Snat => false,
+            LoadBalancingMode::Dsr => true,
+            LoadBalancingMode::Hybrid => protocol == Protocol::Tcp,
+        }
+    }
+}
+
+impl fmt::Display for LoadBalancingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoadBalancingMode::Snat => "snat",
+            LoadBalancingMode::Dsr => "dsr",
+            LoadBalancingMode::Hybrid => "hybrid",
+        })
+    }
+}
+
+/// Where packets for backends inside `prefix` are tunnelled to: `via`, an
+/// address of node `node`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Tunnel {
+    pub prefix: IpNet,
+    pub node: String,
+    pub via: IpAddr,
+}
+
+/// The tunnel table of this node: for every other node, its pod ranges and
+/// its own addresses, each to the node's first address of that family.
+/// IPv4 only (the datapath encapsulates IPv4 in IPv4 only so far).
+pub fn tunnels(nodes: &BTreeMap<String, NodeInfo>, this_node: &str) -> Vec<Tunnel> {
+    let mut out = Vec::new();
+    for (name, n) in nodes.iter().filter(|(name, _)| name.as_str() != this_node) {
+        let Some(via) = n.addresses.iter().copied().find(|a| IpFamily::of(a) == IpFamily::V4) else { continue };
+        let ranges = n.pod_cidrs.iter().filter_map(|s| crate::addr::parse_cidr_sloppy(s));
+        let own = n.addresses.iter().map(|a| IpNet::from(*a));
+        for prefix in ranges.chain(own).filter(|p| IpFamily::of_net(p) == IpFamily::V4) {
+            out.push(Tunnel { prefix: prefix.trunc(), node: name.clone(), via });
+        }
+    }
+    out.sort();
+    out.dedup_by(|a, b| a.prefix == b.prefix);
+    out
+}
+
+/// The longest tunnel prefix holding `backend` (what the datapath's LPM lookup finds).
+pub fn tunnel_for<'a>(tunnels: &'a [Tunnel], backend: &IpAddr) -> Option<&'a Tunnel> {
+    tunnels.iter().filter(|t| t.prefix.contains(backend)).max_by_key(|t| t.prefix.prefix_len())
+}
+
+/// How a connection reaches one remote endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Carrier {
+    /// As in `snat` mode: the route's masquerade decision applies.
+    Translated { why: String },
+    /// Tunnelled to the endpoint's node, which answers the client directly.
+    Dsr { node: String, via: IpAddr },
+}
+
+/// Which mode carries a new connection of `protocol` from a source of
+/// `class`, through a frontend of `kind`, to a backend at `backend` (remote
+/// when `!local`), on a node in `mode` with `tunnels`.
+pub fn carrier(
+    mode: LoadBalancingMode,
+    tunnels: &[Tunnel],
+    kind: FrontendKind,
+    class: SourceClass,
+    protocol: Protocol,
+    backend: &IpAddr,
+    local: bool,
+) -> Carrier {
+    let why = |s: String| Carrier::Translated { why: s };
+    if mode == LoadBalancingMode::Snat {
+        return why("loadBalancing.mode is snat".into());
+    }
+    if local {
+        return why("the endpoint is on this node: nothing to tunnel".into());
+    }
+    if kind == FrontendKind::ClusterIp {
+        return why("DSR carries NodePort, LoadBalancer and ExternalIP connections only".into());
+    }
+    if class != SourceClass::External {
+        return why(format!("DSR carries connections from outside the cluster only; the source is {class}"));
+    }
+    if !mode.dsr_for(protocol) {
+        return why(format!("loadBalancing.mode {mode} carries {protocol} by SNAT"));
+    }
+    if IpFamily::of(backend) != IpFamily::V4 {
+        return why("DSR is IPv4-only so far".into());
+    }
+    match tunnel_for(tunnels, backend) {
+        Some(t) => Carrier::Dsr { node: t.node.clone(), via: t.via },
+        None => why(format!(
+            "no node is known for {backend} (no Node object's podCIDRs or addresses hold it): SNAT instead, counted as dsr_no_tunnel"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn nodes() -> BTreeMap<String, NodeInfo> {
+        let n = |cidr: &str, addrs: &[&str]| NodeInfo {
+            zone: None,
+            pod_cidrs: vec![cidr.into()],
+            addresses: addrs.iter().map(|a| ip(a)).collect(),
+        };
+        BTreeMap::from([
+            ("node-a".to_string(), n("10.244.1.0/24", &["192.168.50.10"])),
+            ("node-b".to_string(), n("10.244.2.0/24", &["fd00:50::b", "192.168.50.11"])),
+            ("node-c".to_string(), n("10.244.3.0/24", &["fd00:50::c"])),
+        ])
+    }
+
+    #[test]
+    fn modes_parse_and_cover_protocols() {
+        assert_eq!(LoadBalancingMode::parse("hybrid"), Some(LoadBalancingMode::Hybrid));
+        assert_eq!(LoadBalancingMode::parse("DSR"), None);
+        assert!(!LoadBalancingMode::Snat.dsr_for(Protocol::Tcp));
+        assert!(LoadBalancingMode::Dsr.dsr_for(Protocol::Udp));
+        assert!(LoadBalancingMode::Hybrid.dsr_for(Protocol::Tcp));
+        assert!(!LoadBalancingMode::Hybrid.dsr_for(Protocol::Udp));
+        assert!(!LoadBalancingMode::Hybrid.dsr_for(Protocol::Sctp));
+    }
+
+    #[test]
+    fn the_tunnel_table_maps_other_nodes_pods_and_addresses_to_their_ipv4_address() {
+        let t = tunnels(&nodes(), "node-a");
+        let rows: Vec<(String, &str, IpAddr)> =
+            t.iter().map(|t| (t.prefix.to_string(), t.node.as_str(), t.via)).collect();
+        assert_eq!(
+            rows,
+            [
+                ("10.244.2.0/24".to_string(), "node-b", ip("192.168.50.11")),
+                ("192.168.50.11/32".to_string(), "node-b", ip("192.168.50.11")),
+            ],
+            "this node and a node without an IPv4 address have no row"
+        );
+        assert_eq!(tunnel_for(&t, &ip("10.244.2.7")).map(|t| t.via), Some(ip("192.168.50.11")));
+        assert_eq!(tunnel_for(&t, &ip("10.244.3.7")), None);
+    }
+
+    /// The whole way: a NodePort with an endpoint on node-b (known from its
+    /// Node object) and one on this node, planned and explained in each mode.
+    #[test]
+    fn explain_says_which_mode_carries_each_endpoint() {
+        use crate::explain::{Flow, Verdict, explain};
+        use crate::{ClusterState, NodeConfig, StateChange, build_plan};
+        use serde_json::json;
+        let mut s = ClusterState::default();
+        let svc = json!({"metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.20",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080},
+                               {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]}});
+        s.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap())));
+        let slice = json!({"metadata": {"name": "web-1", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": ["10.244.2.21"], "nodeName": "node-b"}, {"addresses": ["10.244.1.21"], "nodeName": "node-a"}]});
+        s.apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+        let node = json!({"metadata": {"name": "node-b"}, "spec": {"podCIDRs": ["10.244.2.0/24"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.11"}]}});
+        s.apply(StateChange::NodeApplied(Box::new(serde_json::from_value(node).unwrap())));
+        let cfg = |mode| NodeConfig {
+            node_name: "node-a".into(),
+            node_ips: vec![ip("192.168.50.10")],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+            load_balancing: mode,
+            ..Default::default()
+        };
+        let flow = |port, protocol| Flow {
+            src: ip("203.0.113.10"),
+            dst: ip("192.168.50.10"),
+            port,
+            protocol,
+            in_interface: None,
+        };
+        let candidates = |mode, port, protocol| {
+            let plan = build_plan(&s, &cfg(mode));
+            let Verdict::Endpoints(c) = explain(&plan, &flow(port, protocol)).verdict else { panic!("no endpoints") };
+            c.into_iter().map(|c| (c.addr.ip(), c.masquerade, c.carrier)).collect::<Vec<_>>()
+        };
+        let dsr = Some(Carrier::Dsr { node: "node-b".into(), via: ip("192.168.50.11") });
+        let got = candidates(LoadBalancingMode::Dsr, 30080, Protocol::Tcp);
+        assert_eq!(got[0].0, ip("10.244.2.21"));
+        assert_eq!((got[0].1, &got[0].2), (false, &dsr), "remote: DSR, not masqueraded");
+        assert!(matches!(got[1].2, Some(Carrier::Translated { .. })), "local: nothing to tunnel");
+        let got = candidates(LoadBalancingMode::Hybrid, 30053, Protocol::Udp);
+        assert!(got[0].1 && matches!(got[0].2, Some(Carrier::Translated { .. })), "hybrid UDP: SNAT: {got:?}");
+        let got = candidates(LoadBalancingMode::Snat, 30080, Protocol::Tcp);
+        assert!(got[0].1 && got[0].2.is_none(), "snat: as before, no carrier line: {got:?}");
+        // The node's own endpoints of an eTP Cluster service are planned as
+        // a local set in DSR modes (what a tunnelled flow is balanced over).
+        for (mode, local) in [(LoadBalancingMode::Snat, 0), (LoadBalancingMode::Dsr, 1)] {
+            let plan = build_plan(&s, &cfg(mode));
+            let sp = plan.services.values().find(|sp| sp.id.protocol == Protocol::Tcp).unwrap();
+            assert_eq!(sp.endpoint_set(crate::route::EndpointSet::Local).count(), local, "{mode}");
+        }
+    }
+
+    /// Table: (mode, frontend, source, protocol, backend, local) -> carried how.
+    #[test]
+    fn which_mode_carries_a_flow() {
+        use FrontendKind::*;
+        use LoadBalancingMode::*;
+        use SourceClass::*;
+        let t = tunnels(&nodes(), "node-a");
+        let b = ip("10.244.2.7");
+        let dsr = Carrier::Dsr { node: "node-b".into(), via: ip("192.168.50.11") };
+        let cases = [
+            (Dsr, NodePort, External, Protocol::Tcp, b, false, true),
+            (Dsr, LoadBalancer, External, Protocol::Udp, b, false, true),
+            (Dsr, ExternalIp, External, Protocol::Sctp, b, false, true),
+            (Hybrid, NodePort, External, Protocol::Tcp, b, false, true),
+            (Hybrid, NodePort, External, Protocol::Udp, b, false, false),
+            (Snat, NodePort, External, Protocol::Tcp, b, false, false),
+            (Dsr, NodePort, External, Protocol::Tcp, b, true, false),
+            (Dsr, ClusterIp, External, Protocol::Tcp, b, false, false),
+            (Dsr, NodePort, Pod, Protocol::Tcp, b, false, false),
+            (Dsr, NodePort, Host, Protocol::Tcp, b, false, false),
+            (Dsr, NodePort, External, Protocol::Tcp, ip("10.244.3.7"), false, false),
+            (Dsr, NodePort, External, Protocol::Tcp, ip("fd00:244:2::7"), false, false),
+        ];
+        for (mode, kind, class, proto, backend, local, want_dsr) in cases {
+            let got = carrier(mode, &t, kind, class, proto, &backend, local);
+            if want_dsr {
+                assert_eq!(got, dsr, "{mode} {kind} {class} {proto} {backend}");
+            } else {
+                assert!(matches!(got, Carrier::Translated { .. }), "{mode} {kind} {class} {proto} {backend}: {got:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! Direct Server Return on the real kernel (`loadBalancing.mode: dsr` and
+//! `hybrid`), in the two-node lab's DSR variant: both agents in that mode,
+//! the Node objects (addresses, pod CIDRs) in the manifests (README: Direct
+//! Server Return).
+//!
+//! ```text
+//!  client 203.0.113.10 ──┐ fabric              default route: node-a
+//!  node-a 192.168.50.10 ─┤  receives NodePort / LB IP traffic, tunnels it (IPIP) to node-b
+//!  node-b 192.168.50.11 ─┘  decapsulates, DNATs to b21, answers the client itself
+//!   pods 10.244.1.<n> on node-a, 10.244.2.<n> on node-b (podCIDRs 10.244.1.0/24, 10.244.2.0/24)
+//! ```
+//!
+//! What the endpoint saw decides (`server_peer`: the client's own address
+//! with DSR, node-a's with SNAT), and the datapath counters of both nodes
+//! show which way the packets went: node-a tunnels every client packet
+//! (`dsr_encap`) and translates nothing (`pkt_forward`, `pkt_new_flow`
+//! unchanged: no reply ever reaches it), node-b unwraps each of them
+//! (`dsr_decap`). Needs root; never skipped.
+
+use ferry::lab::{At, Lab};
+use ferry_sandbox::probe::{ConnectOpts, Endpoint, Proto, ServeOpts};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const NODE_A: usize = 0;
+const NODE_B: usize = 1;
+const CLIENT: At = At::External(0);
+const TCP_TARGET: u16 = 8080;
+const UDP_TARGET: u16 = 5353;
+/// The fabric's MTU (veth default).
+const UPLINK_MTU: usize = 1500;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn client_ip() -> IpAddr {
+    ip("203.0.113.10")
+}
+
+fn client_ip6() -> IpAddr {
+    ip("2001:db8::10")
+}
+
+fn lb_ip() -> IpAddr {
+    ip("198.18.0.9")
+}
+
+/// TCP 80 -> 8080 (NodePort 30090), UDP 53 -> 5353 (NodePort 30091).
+fn service_port(proto: Proto) -> u16 {
+    if proto == Proto::Tcp { 80 } else { 53 }
+}
+
+fn node_port(proto: Proto) -> u16 {
+    if proto == Proto::Tcp { 30090 } else { 30091 }
+}
+
+/// A pod: `n` on `node`, named a<n> / b<n>, at 10.244.<node+1>.<n> and fd00:244:<node+1>::<n>.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct PodRef(usize, u8);
+
+impl PodRef {
+    fn name(self) -> String {
+        format!("{}{}", if self.0 == NODE_A { "a" } else { "b" }, self.1)
+    }
+    fn ips(self) -> [IpAddr; 2] {
+        [ip(&format!("10.244.{}.{}", self.0 + 1, self.1)), ip(&format!("fd00:244:{}::{}", self.0 + 1, self.1))]
+    }
+}
+
+const A21: PodRef = PodRef(NODE_A, 21);
+const A22: PodRef = PodRef(NODE_A, 22);
+const B21: PodRef = PodRef(NODE_B, 21);
+
+/// A dual-stack LoadBalancer Service `name` (ClusterIP 10.96.0.<n>, LB IP
+/// 198.18.0.9 on v4), eTP Cluster, with `endpoints`, and its slices.
+fn service(name: &str, n: u8, endpoints: &[PodRef]) -> String {
+    let ports = "  - {name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30090}\n  \
+                 - {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30091}\n";
+    let mut out = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  type: LoadBalancer\n  \
+         clusterIP: 10.96.0.{n}\n  clusterIPs: [10.96.0.{n}, \"fd00:96::{n}\"]\n  ipFamilies: [IPv4, IPv6]\n  \
+         ipFamilyPolicy: RequireDualStack\n  externalTrafficPolicy: Cluster\n  ports:\n{ports}\
+         status:\n  loadBalancer:\n    ingress: [{{ip: {}}}]\n",
+        lb_ip()
+    );
+    for (i, family) in ["IPv4", "IPv6"].iter().enumerate() {
+        let eps: Vec<String> = endpoints
+            .iter()
+            .map(|p| {
+                let node = if p.0 == NODE_A { "node-a" } else { "node-b" };
+                format!("- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}", p.ips()[i])
+            })
+            .collect();
+        out.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{}, namespace: test, \
+             labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nendpoints:\n{}\nports: [{{name: \
+             http, port: {TCP_TARGET}, protocol: TCP}}, {{name: dns, port: {UDP_TARGET}, protocol: UDP}}]\n",
+            family.to_lowercase(),
+            eps.join("\n"),
+        ));
+    }
+    out
+}
+
+/// node-a and node-b in `mode`, the client, `pods` serving TCP 8080 and UDP
+/// 5353, one Service `far` with `endpoints`, and the Node objects.
+struct Cluster {
+    lab: Lab,
+    pods: BTreeMap<PodRef, At>,
+}
+
+fn cluster(tag: &str, mode: &str, pods: &[PodRef], endpoints: &[PodRef]) -> Cluster {
+    let mut lab = Lab::new(tag, FERRY.as_ref()).expect("creating the lab");
+    assert_eq!((lab.add_node("node-a").unwrap(), lab.add_node("node-b").unwrap()), (NODE_A, NODE_B));
+    lab.add_external("client", &[client_ip(), client_ip6()], NODE_A).unwrap();
+    let mut at = BTreeMap::new();
+    for p in pods {
+        let ips = p.ips();
+        let j = lab.add_pod(p.0, &p.name(), &ips).unwrap();
+        let listen = ips
+            .iter()
+            .flat_map(|a| {
+                [Endpoint::tcp(SocketAddr::new(*a, TCP_TARGET)), Endpoint::udp(SocketAddr::new(*a, UDP_TARGET))]
+            })
+            .collect();
+        let mut opts = ServeOpts::new(&p.name(), listen);
+        opts.echo_lines = true;
+        lab.serve_with(At::Pod(p.0, j), opts).unwrap();
+        at.insert(*p, At::Pod(p.0, j));
+    }
+    let mut manifests = service("far", 9, endpoints);
+    manifests.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24", "fd00:244:1::/64"]));
+    manifests.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24", "fd00:244:2::/64"]));
+    for node in [NODE_A, NODE_B] {
+        let extra = format!(
+            "clusterCIDRs: [10.244.0.0/16, \"fd00:244::/32\"]\nserviceCIDRs: [10.96.0.0/16, \"fd00:96::/112\"]\n\
+             loadBalancing: {{mode: {mode}}}\n"
+        );
+        lab.write_node_config(node, &extra).unwrap();
+        lab.write_manifests(node, &manifests).unwrap();
+        lab.start_agent(node).unwrap_or_else(|e| panic!("starting the agent of node {node}: {e:#}"));
+    }
+    Cluster { lab, pods: at }
+}
+
+fn opts(proto: Proto, target: SocketAddr, bind: Option<IpAddr>) -> ConnectOpts {
+    let mut o = ConnectOpts::new(Endpoint { addr: target, proto });
+    o.bind = bind;
+    o
+}
+
+fn counters(lab: &Lab, node: usize) -> BTreeMap<String, u64> {
+    let out = std::process::Command::new(FERRY)
+        .args(["status", "--json", "--pin-dir"])
+        .arg(&lab.nodes[node].pin_dir)
+        .output()
+        .expect("running ferry status");
+    assert!(out.status.success(), "ferry status failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ferry status --json prints JSON");
+    serde_json::from_value(v["counters"].clone()).expect("counters are a map of numbers")
+}
+
+/// `after - before` of the counters that moved.
+fn moved(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(k, a)| {
+            let d = a - before.get(k).copied().unwrap_or(0);
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+fn diag(lab: &Lab) -> String {
+    format!(
+        "--- node-a counters {:?}\n--- node-b counters {:?}\n--- node-a log:\n{}\n--- node-b log:\n{}",
+        counters(lab, NODE_A),
+        counters(lab, NODE_B),
+        lab.agent_log(NODE_A),
+        lab.agent_log(NODE_B)
+    )
+}
+
+fn node_a(lab: &Lab) -> IpAddr {
+    IpAddr::V4(lab.nodes[NODE_A].primary_v4)
+}
+
+/// Every packet node-a tunnelled reached node-b's datapath (polled: the
+/// last ones may still be on the wire when node-a's counters are read).
+fn assert_every_tunnelled_packet_arrived(lab: &Lab, encap: u64, decap_before: u64, what: &str) {
+    let arrived = lab.wait_until(Duration::from_secs(5), |lab| {
+        counters(lab, NODE_B).get("dsr_decap").copied().unwrap_or(0) - decap_before >= encap
+    });
+    assert!(arrived, "{what}: node-b unwrapped fewer packets than node-a tunnelled ({encap})\n{}", diag(lab));
+}
+
+/// eTP Cluster to a backend on another node, dsr mode: the endpoint sees the
+/// client's own address (TCP and UDP, NodePort and LB IP), the client sees
+/// the frontend it dialled, and no reply comes back through node-a: its
+/// datapath translated nothing and tunnelled every packet it got, and
+/// node-b unwrapped every one of them. IPv6 (not tunnelled yet) keeps SNAT.
+#[test]
+fn dsr_keeps_the_client_address_and_the_reply_skips_the_balancing_node() {
+    let c = cluster("dsrkeep", "dsr", &[A21, B21], &[B21]);
+    let lab = &c.lab;
+    for proto in [Proto::Tcp, Proto::Udp] {
+        for fe in [SocketAddr::new(node_a(lab), node_port(proto)), SocketAddr::new(lb_ip(), service_port(proto))] {
+            let what = format!("{} -> {fe}/{proto}", client_ip());
+            let (a0, b0) = (counters(lab, NODE_A), counters(lab, NODE_B));
+            let o = lab.connect(CLIENT, &opts(proto, fe, Some(client_ip()))).unwrap();
+            let r = o.reply().unwrap_or_else(|| panic!("{what}: no reply: {o:?}\n{}", diag(lab)));
+            let a = moved(&a0, &counters(lab, NODE_A));
+            assert_eq!(r.server, B21.name(), "{what}");
+            assert_eq!(r.server_peer.ip(), client_ip(), "{what}: the endpoint sees the client's address\n{a:?}");
+            assert_eq!(r.client_peer, fe, "{what}: the reply comes from the frontend");
+            assert_eq!(a.get("dsr_new_flow"), Some(&1), "{what}: one DSR flow on node-a: {a:?}");
+            for c in ["pkt_forward", "pkt_new_flow", "drop_dsr_too_big", "dsr_no_tunnel"] {
+                assert_eq!(a.get(c), None, "{what}: node-a's {c} moved (a reply came back through it?): {a:?}");
+            }
+            let encap = a["dsr_encap"];
+            assert_every_tunnelled_packet_arrived(lab, encap, b0.get("dsr_decap").copied().unwrap_or(0), &what);
+        }
+    }
+    // IPv6 is not tunnelled (yet): SNAT to node-a, as in snat mode.
+    let node_a6 = IpAddr::V6(lab.nodes[NODE_A].primary_v6);
+    let fe = SocketAddr::new(node_a6, node_port(Proto::Tcp));
+    let o = lab.connect(CLIENT, &opts(Proto::Tcp, fe, Some(client_ip6()))).unwrap();
+    let r = o.reply().unwrap_or_else(|| panic!("IPv6 {fe}: no reply: {o:?}\n{}", diag(lab)));
+    assert_eq!(r.server_peer.ip(), node_a6, "IPv6 keeps SNAT");
+}
+
+/// hybrid mode: TCP is carried by DSR (client address kept), UDP by SNAT
+/// (node-a's address, and node-a translates the reply).
+#[test]
+fn hybrid_carries_tcp_by_dsr_and_udp_by_snat() {
+    let c = cluster("dsrhyb", "hybrid", &[A21, B21], &[B21]);
+    let lab = &c.lab;
+    for (proto, peer, counter) in [(Proto::Tcp, client_ip(), "dsr_new_flow"), (Proto::Udp, node_a(lab), "pkt_new_flow")]
+    {
+        let fe = SocketAddr::new(node_a(lab), node_port(proto));
+        let a0 = counters(lab, NODE_A);
+        let o = lab.connect(CLIENT, &opts(proto, fe, Some(client_ip()))).unwrap();
+        let r = o.reply().unwrap_or_else(|| panic!("{fe}/{proto}: no reply: {o:?}\n{}", diag(lab)));
+        let a = moved(&a0, &counters(lab, NODE_A));
+        assert_eq!((r.server.as_str(), r.server_peer.ip(), r.client_peer), (B21.name().as_str(), peer, fe), "{proto}");
+        assert_eq!(a.get(counter), Some(&1), "{proto}: {a:?}");
+    }
+}
+
+/// An MTU-sized request is not lost: a TCP request of many full-sized
+/// segments arrives whole and is answered whole, by DSR: node-b lowered the
+/// MSS its endpoint announced by the tunnel's 20 bytes (`dsr_mss_clamp`), so
+/// none of the client's segments was too big for node-a to tunnel. A
+/// full-sized UDP datagram (1472 bytes of payload) cannot be made smaller:
+/// dsr mode drops it and counts it (`drop_dsr_too_big`, README), hybrid mode
+/// carries it by SNAT.
+#[test]
+fn an_mtu_sized_request_is_not_lost() {
+    let c = cluster("dsrmtu", "dsr", &[B21], &[B21]);
+    let lab = &c.lab;
+    let fe = SocketAddr::new(node_a(lab), node_port(Proto::Tcp));
+    let (a0, b0) = (counters(lab, NODE_A), counters(lab, NODE_B));
+    let mut o = opts(Proto::Tcp, fe, Some(client_ip()));
+    o.pad = 16 * UPLINK_MTU;
+    let got = lab.connect(CLIENT, &o).unwrap();
+    let r = got.reply().unwrap_or_else(|| panic!("{fe}: a {}-byte request was lost: {got:?}\n{}", o.pad, diag(lab)));
+    assert_eq!((r.server.as_str(), r.server_peer.ip()), (B21.name().as_str(), client_ip()));
+    let (a, b) = (moved(&a0, &counters(lab, NODE_A)), moved(&b0, &counters(lab, NODE_B)));
+    assert_eq!(a.get("drop_dsr_too_big"), None, "{a:?}");
+    assert_eq!(a.get("dsr_new_flow"), Some(&1), "{a:?}");
+    assert_eq!(b.get("dsr_mss_clamp"), Some(&1), "node-b lowered the SYN-ACK's MSS: {b:?}");
+
+    // 11 bytes of message, the filler, a newline: 1472 bytes of UDP payload, a 1500-byte packet.
+    let full = |fe: SocketAddr| {
+        let mut o = opts(Proto::Udp, fe, Some(client_ip()));
+        o.pad = UPLINK_MTU - 20 - 8 - o.message.len() - 1;
+        o.timeout = Duration::from_millis(1500);
+        o
+    };
+    let fe = SocketAddr::new(node_a(lab), node_port(Proto::Udp));
+    let a0 = counters(lab, NODE_A);
+    let got = lab.connect(CLIENT, &full(fe)).unwrap();
+    assert!(got.reply().is_none(), "dsr mode: a full-sized UDP datagram cannot be tunnelled: {got:?}");
+    let a = moved(&a0, &counters(lab, NODE_A));
+    assert_eq!(a.get("drop_dsr_too_big"), Some(&1), "dsr mode: the datagram is dropped and counted: {a:?}");
+    drop(c);
+    let c = cluster("dsrmtuh", "hybrid", &[B21], &[B21]);
+    let fe = SocketAddr::new(node_a(&c.lab), node_port(Proto::Udp));
+    let got = c.lab.connect(CLIENT, &full(fe)).unwrap();
+    let r = got.reply().unwrap_or_else(|| panic!("hybrid: a full-sized datagram was lost: {got:?}\n{}", diag(&c.lab)));
+    assert_eq!(r.server_peer.ip(), node_a(&c.lab), "hybrid: UDP by SNAT");
+}
+
+/// In dsr mode, what DSR does not carry works as in snat mode: a pod
+/// reaching its own service, a pod reaching node-a's NodePort with a local
+/// and with a remote endpoint, and the endpoint itself through its node's
+/// NodePort (hairpin), all masqueraded to node-a.
+#[test]
+fn hairpin_and_pod_to_nodeport_still_work_in_dsr_mode() {
+    let c = cluster("dsrhair", "dsr", &[A21, A22, B21], &[B21]);
+    let lab = &c.lab;
+    // A second Service with the pod a21 as its only endpoint, for the hairpin.
+    let mut manifests = service("far", 9, &[B21]);
+    manifests.push_str(
+        &service("self", 7, &[A21])
+            .replace("30090", "30070")
+            .replace("30091", "30071")
+            .replace("198.18.0.9", "198.18.0.7"),
+    );
+    manifests.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24", "fd00:244:1::/64"]));
+    manifests.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24", "fd00:244:2::/64"]));
+    for node in [NODE_A, NODE_B] {
+        lab.write_manifests(node, &manifests).unwrap();
+    }
+    let na = node_a(lab);
+    let programmed = lab.wait_until(Duration::from_secs(10), |lab| {
+        let o = lab.connect(c.pods[&A22], &opts(Proto::Tcp, SocketAddr::new(na, 30070), None)).unwrap();
+        o.reply().is_some()
+    });
+    assert!(programmed, "the second Service was never served\n{}", diag(lab));
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let np_self = if proto == Proto::Tcp { 30070 } else { 30071 };
+        let flows = [
+            (A21, SocketAddr::new(ip("10.96.0.7"), service_port(proto)), A21),
+            (A22, SocketAddr::new(na, np_self), A21),
+            (A22, SocketAddr::new(na, node_port(proto)), B21),
+            (A21, SocketAddr::new(na, np_self), A21),
+        ];
+        for (from, fe, to) in flows {
+            let what = format!("pod {} -> {fe}/{proto}", from.name());
+            let o = lab.connect(c.pods[&from], &opts(proto, fe, None)).unwrap();
+            let r = o.reply().unwrap_or_else(|| panic!("{what}: no reply: {o:?}\n{}", diag(lab)));
+            assert_eq!(r.server, to.name(), "{what}");
+            assert_eq!(r.server_peer.ip(), na, "{what}: masqueraded to node-a, as in snat mode");
+            assert_eq!(r.client_peer, fe, "{what}: the reply comes from the frontend");
+        }
+    }
+}
+
+/// A held DSR connection survives both agents restarting: node-a's
+/// `ferry_dsr` entry and node-b's conntrack entries are pinned, the
+/// restarted agents adopt them (and `ferry_tunnels`), and the connection
+/// keeps answering from b21 with the client's address, through the tunnel.
+#[test]
+fn an_agent_restart_keeps_dsr_flows() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut c = cluster("dsrrst", "dsr", &[B21], &[B21]);
+    let lab = &mut c.lab;
+    let fe = SocketAddr::new(node_a(lab), node_port(Proto::Tcp));
+    let (_pid, mut stdin, stdout) =
+        lab.spawn_held(CLIENT, &opts(Proto::Tcp, fe, Some(client_ip())), Duration::from_secs(120)).unwrap();
+    let (tx, replies) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().take(1000) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Each exchange: the server that answered and the client address it saw.
+    let mut exchange = |first: bool| -> Result<(String, IpAddr), String> {
+        if !first {
+            stdin.write_all(b"x\n").and_then(|_| stdin.flush()).map_err(|e| format!("writing: {e}"))?;
+        }
+        // A guard against a hung client, not a timing assertion.
+        let line = replies.recv_timeout(Duration::from_secs(20)).map_err(|e| format!("no answer: {e}"))?;
+        let o: ferry_sandbox::probe::Observation = serde_json::from_str(&line).map_err(|e| format!("{line}: {e}"))?;
+        o.reply().map(|r| (r.server.clone(), r.server_peer.ip())).ok_or_else(|| format!("{o:?}"))
+    };
+    let want = Ok((B21.name(), client_ip()));
+    assert_eq!(exchange(true), want, "the held connection did not open by DSR\n{}", diag(lab));
+    let encap0 = counters(lab, NODE_A)["dsr_encap"];
+    for node in [NODE_A, NODE_B] {
+        lab.kill_agent(node).unwrap();
+        lab.start_agent(node).unwrap_or_else(|e| panic!("restarting the agent of node {node}: {e:#}"));
+    }
+    for i in 0..3 {
+        assert_eq!(exchange(false), want, "exchange {i} after the restarts\n{}", diag(lab));
+    }
+    let a = counters(lab, NODE_A);
+    assert!(a["dsr_encap"] > encap0, "the exchanges after the restart went through the tunnel: {a:?}");
+    assert_eq!(a["dsr_new_flow"], 1, "the held flow was not balanced again: {a:?}");
+}
