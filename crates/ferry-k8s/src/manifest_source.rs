@@ -218,12 +218,16 @@ impl ManifestSource {
             for e in std::iter::once(first).chain(rx.try_iter()) {
                 match e {
                     Ok(e) if e.need_rescan() => rescan = true,
+                    Ok(e) if only_read(&e) => {}
                     Ok(e) => changed.extend(e.paths),
                     Err(err) => {
                         tracing::warn!("manifest watch: {err}; rescanning {}", self.dir.display());
                         rescan = true;
                     }
                 }
+            }
+            if changed.is_empty() && !rescan {
+                continue;
             }
             let mut out = Vec::new();
             if rescan || changed.iter().any(|p| p.is_dir() || p == &self.dir) {
@@ -380,6 +384,14 @@ impl ManifestSource {
     }
 }
 
+/// An event that changes nothing: a file opened, read or closed unwritten.
+/// inotify reports the watcher's own reads too, so re-reading a file on
+/// such an event read it again every few milliseconds, for ever.
+fn only_read(e: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(e.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
+}
+
 fn is_manifest(path: &Path) -> bool {
     crate::manifests::is_manifest_name(path)
 }
@@ -488,6 +500,36 @@ mod tests {
         std::fs::remove_file(dir.path().join("2.yaml")).unwrap();
         src.read_file(&dir.path().join("2.yaml"), &mut out);
         assert_eq!(show(&out), ["-svc ns/a", "-svc ns/b"]);
+    }
+
+    #[test]
+    fn the_watchers_own_reads_are_not_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), A).unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let src = ManifestSource::new(dir.path());
+        let stopper = stop.clone();
+        let thread = std::thread::spawn(move || src.run_blocking(tx, stopper));
+        let _first: Vec<SourceEvent> = (0..3).map(|_| rx.blocking_recv().unwrap()).collect();
+        std::fs::write(dir.path().join("b.tmp"), B).unwrap();
+        std::fs::rename(dir.path().join("b.tmp"), dir.path().join("b.yaml")).unwrap();
+        // The change and its checkpoint (bounded: a closed channel fails the test).
+        let mut got = Vec::new();
+        while !matches!(got.last(), Some(SourceEvent::Checkpoint(_))) && got.len() < 10 {
+            got.push(rx.blocking_recv().expect("the source keeps running"));
+        }
+        assert_eq!(show(&got[..1]), ["+svc ns/b"]);
+        // Nothing else changes: reading b.yaml (an open, which inotify reports) is no reason to read it again.
+        std::thread::sleep(Duration::from_millis(500));
+        let mut more = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            more.push(e);
+        }
+        assert!(more.is_empty(), "the watcher woke itself up: {:?}", show(&more));
+        stop.store(true, Ordering::Relaxed);
+        drop(rx);
+        thread.join().unwrap().unwrap();
     }
 
     #[test]
