@@ -517,7 +517,9 @@ impl BpfBackend {
     /// on a full sync); a service left without serving endpoints loses all
     /// its UDP flows, and so does a deleted one (`deleted`: its id before the
     /// sync; on a full sync, whose "before" is unknown, every UDP flow of a
-    /// service id no service port holds now). Returns how many entries were deleted.
+    /// service id no service port holds now). The flows this node carries by
+    /// DSR (`ferry_dsr`) go by the same rule: deleted, the next datagram is
+    /// balanced anew, or refused. Returns how many entries were deleted.
     fn purge_stale_flows(&self, plan: &Plan, diff: Option<&PlanDiff>, deleted: &[u32]) -> usize {
         let serving = |sp: &ServicePort| {
             Serving::Endpoints(sp.serving_endpoints().map(|e| (ferry_bpf::entries::words(&e.ip), e.port)).collect())
@@ -537,10 +539,12 @@ impl BpfBackend {
                 let live: std::collections::HashSet<u32> =
                     plan.services.keys().filter_map(|id| self.programmer.service_id(id)).collect();
                 let all = self.maps.ct_entries();
-                for e in all.iter().filter(|e| e.service != 0 && !live.contains(&e.service)) {
-                    services.entry(e.service).or_insert(Serving::Deleted);
+                let all_dsr = self.maps.dsr_entries();
+                let held = all.iter().map(|e| e.service).chain(all_dsr.iter().map(|e| e.service));
+                for service in held.filter(|s| *s != 0 && !live.contains(s)) {
+                    services.entry(service).or_insert(Serving::Deleted);
                 }
-                entries = Some(all);
+                entries = Some((all, all_dsr));
             }
             Some(d) => {
                 for c in d.changed.iter().filter(|c| udp(&c.new)) {
@@ -555,9 +559,10 @@ impl BpfBackend {
         if services.is_empty() {
             return 0;
         }
-        let entries = entries.unwrap_or_else(|| self.maps.ct_entries());
+        let (entries, dsr) = entries.unwrap_or_else(|| (self.maps.ct_entries(), self.maps.dsr_entries()));
         let stale = ferry_bpf::stale::stale_udp_flows(&entries, &services);
-        self.maps.delete_ct(&stale)
+        let stale_dsr = ferry_bpf::stale::stale_udp_dsr_flows(&dsr, &services);
+        self.maps.delete_ct(&stale) + self.maps.delete_dsr(&stale_dsr)
     }
 }
 

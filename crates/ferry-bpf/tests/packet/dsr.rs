@@ -21,6 +21,8 @@ use crate::{
 };
 use ferry_bpf::MapOp;
 use ferry_bpf::entries::*;
+use ferry_bpf::stale::{Serving, stale_udp_dsr_flows};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 const CLIENT: &str = "198.51.100.7";
@@ -346,5 +348,51 @@ fn the_backends_node_takes_the_endpoint_the_balancing_node_chose() {
                 "{what}"
             );
         }
+    });
+}
+
+/// A UDP flow the balancing node carries by DSR to a backend that went away
+/// is stale by the conntrack rule (ferry_bpf::stale); once the agent deletes
+/// it, the next datagram is balanced anew, to the backend serving now,
+/// instead of still going to the old one. With no endpoint left it meets
+/// the service's verdict (here: rejected) as a SNATed flow would.
+#[test]
+fn a_dsr_flow_to_a_removed_backend_is_balanced_anew_once_purged() {
+    const NEW_POD: &str = "10.244.2.6";
+    let rig = Rig::new();
+    rig.run(&balancing(CFG_DSR_TCP | CFG_DSR_DGRAM, true), |dp: &Dp| {
+        let dgram = udp(42100, NP_UDP, b"ferry udp payload");
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&dgram));
+        assert_tunnelled(&ran, &dgram, "first datagram");
+        // The endpoint moves: 10.244.2.5 goes, 10.244.2.6 serves.
+        let ops = service(2, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(103, NEW_POD, 5353, false)]);
+        dp.maps.apply(&ops).unwrap();
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&dgram));
+        assert_tunnelled(&ran, &dgram, "unpurged: still the old backend");
+
+        let serving = |eps: &[&str]| {
+            let set: BTreeSet<_> = eps.iter().map(|e| (words(&ip(e)), 5353)).collect();
+            HashMap::from([(2, Serving::Endpoints(set))])
+        };
+        let held = dp.maps.dsr_entries();
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!((held[0].backend_addr, held[0].backend_port), (words(&ip(REMOTE_POD)), 5353));
+        assert!(stale_udp_dsr_flows(&held, &serving(&[REMOTE_POD])).is_empty(), "serving: not stale");
+        let stale = stale_udp_dsr_flows(&held, &serving(&[NEW_POD]));
+        assert_eq!(dp.maps.delete_dsr(&stale), 1);
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&dgram));
+        assert_tunnelled_to(&ran, &dgram, NEW_POD, "purged: balanced anew");
+        assert_eq!(ran.moved, moved(&[("dsr_new_flow", 1), ("dsr_encap", 1)]));
+
+        // No endpoint left: the agent's action for it is reject.
+        let mut ops = service(2, every_class(ACT_REJECT), 0, &[]);
+        ops.push(MapOp::DelBackend(103));
+        dp.maps.apply(&ops).unwrap();
+        let stale = stale_udp_dsr_flows(&dp.maps.dsr_entries(), &serving(&[]));
+        assert_eq!(dp.maps.delete_dsr(&stale), 1);
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&dgram));
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT, "the port unreachable, sent back out");
+        assert_eq!(ran.out[14 + 9], PROTO_ICMP, "an ICMP error, not a tunnel packet");
+        assert_eq!(ran.moved, moved(&[("pkt_reject", 1)]), "refused as a SNATed flow would be");
     });
 }
