@@ -56,8 +56,8 @@ struct BpfBackend {
     /// compares them with the Plan: connected UDP sockets aimed at one that is
     /// no longer serving (removed while no agent ran) are destroyed then.
     adopted_backends: Vec<std::net::SocketAddr>,
-    /// The live tracked flows the last collection read, for the resync after it.
-    live_flows: Option<Vec<ferry_bpf::stale::CtEntry>>,
+    /// The live tracked flows (conntrack, DSR) the last collection read, for the resync after it.
+    live_flows: Option<(Vec<ferry_bpf::stale::CtEntry>, Vec<ferry_bpf::stale::DsrEntry>)>,
 }
 
 /// Which datapath programs the Plan.
@@ -325,17 +325,20 @@ impl Proxier {
         }
     }
 
-    /// Deletes expired entries of the packet path's connection tracking.
-    /// The datapath removes an expired entry when a packet meets it, and the
-    /// map is an LRU, so this is housekeeping: it frees NAT ports and keeps
-    /// fill levels and `ferry_nat_entries` honest. Run with the periodic resync.
+    /// Deletes expired entries of the packet path's connection tracking
+    /// (and of its DSR flows). The datapath removes an expired entry when a
+    /// packet meets it, and the maps are LRUs, so this is housekeeping: it
+    /// frees NAT ports and keeps fill levels and `ferry_nat_entries` honest.
+    /// Run with the periodic resync. Returns the conntrack entries deleted.
     pub fn collect_expired_flows(&mut self) -> usize {
         let Backend::Bpf(b) = &mut self.backend else { return 0 };
         let now = ferry_bpf::stale::monotonic_ns();
         let (live, expired): (Vec<_>, Vec<_>) = b.maps.ct_entries().into_iter().partition(|e| e.is_live(now));
         let n = b.maps.delete_ct(&expired);
+        let (live_dsr, expired_dsr): (Vec<_>, Vec<_>) = b.maps.dsr_entries().into_iter().partition(|e| e.is_live(now));
+        b.maps.delete_dsr(&expired_dsr);
         // Kept for the resync that follows (its collection of the pass-through sets).
-        b.live_flows = Some(live);
+        b.live_flows = Some((live, live_dsr));
         n
     }
 
@@ -423,11 +426,11 @@ impl BpfBackend {
     /// programmed meanwhile. Before the resync's corrections: an entry they
     /// put back writes its address again.
     fn collect_pass_sets(&mut self, programmed: &ferry_bpf::pass::Programmed) {
-        let Some(flows) = self.live_flows.take() else { return };
+        let Some((flows, dsr)) = self.live_flows.take() else { return };
         if !self.runtime.fast_pass {
             return;
         }
-        match ferry_bpf::pass::reconcile(&self.maps, programmed, &flows) {
+        match ferry_bpf::pass::reconcile(&self.maps, programmed, &flows, &dsr) {
             Ok(c) if !c.is_empty() => tracing::debug!(
                 addresses_added = c.add_addrs.len(),
                 addresses_removed = c.del_addrs.len(),
@@ -447,7 +450,8 @@ impl BpfBackend {
     /// every packet takes the full path.
     fn enable_fast_pass(&mut self, plan: &Plan) -> anyhow::Result<()> {
         let flows = self.maps.ct_entries();
-        let (addrs, peers) = ferry_bpf::pass::fill(&self.maps, &self.programmer.pass_addrs(), &flows)
+        let dsr = self.maps.dsr_entries();
+        let (addrs, peers) = ferry_bpf::pass::fill(&self.maps, &self.programmer.pass_addrs(), &flows, &dsr)
             .context("filling the pass-through sets")?;
         self.runtime.fast_pass = true;
         let node_only = PlanDiff { node_changed: true, ..Default::default() };
