@@ -449,3 +449,51 @@ fn a_deleted_services_dsr_flow_keeps_the_fast_path_out_of_its_way() {
     let emptied = lab.wait_until(Duration::from_secs(20), |_| !lb_in_addrs());
     assert!(emptied, "ferry_addrs still holds the LB IP\n{}", diag(lab));
 }
+
+/// A UDP flow node-a carries by DSR to b21 while the Service's endpoint
+/// moves to a21 (on node-a): at the sync, node-a's stale-flow rule deletes
+/// its `ferry_dsr` entry as it would a SNATed flow's conntrack entries, and
+/// the next datagrams on the same connected socket are balanced anew, to
+/// a21, instead of going on to node-b, which has no endpoint of the
+/// Service left and would drop them (blackholed).
+#[test]
+fn a_udp_dsr_flow_moves_off_a_removed_backend() {
+    use ferry_sandbox::probe::{ConnectMode, Observation};
+    let mut c = cluster("dsrstale", "dsr", &[A21, B21], &[B21]);
+    let lab = &mut c.lab;
+    let mut target = opts(Proto::Udp, SocketAddr::new(node_a(lab), node_port(Proto::Udp)), Some(client_ip()));
+    target.connected_udp = true;
+    let client = lab.spawn_client(CLIENT, &target, ConnectMode::UdpStream(Duration::from_secs(6))).unwrap();
+    let started = lab.wait_until(Duration::from_secs(10), |_| client.observed().len() >= 10);
+    assert!(started, "the UDP stream never got going: {:?}\n{}", client.observed(), diag(lab));
+    let mut moved_away = service("far", 9, &[A21]);
+    moved_away.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24", "fd00:244:1::/64"]));
+    moved_away.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24", "fd00:244:2::/64"]));
+    for node in [NODE_A, NODE_B] {
+        lab.write_manifests(node, &moved_away).unwrap();
+    }
+    let ticks = lab.finish_client(client, Duration::from_secs(30)).unwrap();
+
+    let server = |o: &Observation| o.reply().map(|r| r.server.clone());
+    let summary: Vec<String> =
+        ticks.iter().map(|o| server(o).unwrap_or_else(|| format!("{o:?}").chars().take(40).collect())).collect();
+    let first_new = ticks.iter().position(|o| server(o).as_deref() == Some(A21.name().as_str()));
+    let Some(first_new) = first_new else {
+        panic!("the flow never moved off the removed backend (blackholed): {summary:?}\n{}", diag(lab));
+    };
+    assert!(
+        ticks[..first_new]
+            .iter()
+            .filter_map(|o| o.reply())
+            .all(|r| r.server == B21.name() && r.server_peer.ip() == client_ip()),
+        "before the move: b21, by DSR (client address kept): {summary:?}"
+    );
+    assert!(first_new >= 10, "it started on b21: {summary:?}");
+    // After the move every answer is a21's; a tick may time out on a loaded machine.
+    let tail = &ticks[first_new..];
+    let answered = tail.iter().filter(|o| server(o).as_deref() == Some(A21.name().as_str())).count();
+    assert!(
+        answered == tail.iter().filter(|o| o.reply().is_some()).count() && answered * 10 >= tail.len() * 8,
+        "after the move the flow stays on a21: {summary:?}"
+    );
+}
