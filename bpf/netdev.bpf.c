@@ -253,7 +253,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	/* DSR: a remote backend's node answers the client itself (dsr.h); a
 	 * backend whose node is unknown is reached by SNAT, as in snat mode. */
 	if (hook == HOOK_FROM_NETDEV && !(be->flags & BE_LOCAL) && !addr_eq(p->src, bdst) &&
-	    dsr_wanted(cfg, p, fe->kind, class) && dsr_pick(bdst[0], id, service))
+	    dsr_wanted(cfg, p, fe->kind, class) && dsr_pick(bdst[0], bport, id, service))
 		return RC_DSR;
 	/* A port change rewrites SCTP's CRC32c from the packet's length, which a first fragment
 	 * tells only when it comes back from the defrag loop (none on this node, or it failed). */
@@ -287,12 +287,14 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 
 /* A new flow tunnelled here by another node (DSR): the inner packet still
  * names the frontend the client used (for a NodePort, the other node's
- * address). Traffic policy and source ranges were decided there; here it
- * goes to one of this node's endpoints of that service: the one Maglev
- * picks when it is local (the balancing node's pick), else one of the local
+ * address). Traffic policy, source ranges and the endpoint were decided
+ * there; here it goes to the endpoint the outer header named (`tag`,
+ * dsr_local_endpoint). When no unique local endpoint of the service matches
+ * (counted): the one Maglev picks when it is local, else one of the local
  * set. Tracked like any flow without SNAT, so the reply entry sends the
  * pod's replies from the frontend straight to the client. */
-static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
+static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+						    __be16 tag)
 {
 	__u64 now = bpf_ktime_get_ns();
 	struct fe_key k = { .port = p->dport, .proto = p->proto, .family = FAM_V4 };
@@ -309,9 +311,11 @@ static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struc
 	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
 	if (!svc)
 		return drop_packet(STAT_DROP_NO_ENDPOINT);
-	__u32 id = 0;
-	struct backend *be = NULL;
-	if ((svc->flags & SVC_MAGLEV) && !(svc->flags & SVC_AFFINITY)) {
+	__u32 id = dsr_local_endpoint(service, svc, tag);
+	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
+	if (!id)
+		stat_inc(STAT_DSR_ENDPOINT_FALLBACK);
+	if (!id && (svc->flags & SVC_MAGLEV) && !(svc->flags & SVC_AFFINITY)) {
 		id = lb_maglev(service, SET_CLUSTER, flow_hash(p->src, p->dst, p->sport, p->dport, p->proto),
 			       cfg->maglev_size);
 		be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
@@ -400,6 +404,8 @@ static __attribute__((noinline)) int handle_new(struct __sk_buff *skb, struct pk
  * of `handle` but these two apply. */
 static __attribute__((noinline)) int from_tunnel(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
 {
+	__be16 tag = dsr_carried_tag(skb);
+
 	if (dsr_decap(skb) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_DSR_DECAP);
@@ -408,7 +414,7 @@ static __attribute__((noinline)) int from_tunnel(struct __sk_buff *skb, struct p
 	if (p->frag != FRAG_NONE)
 		return drop_packet(STAT_DROP_UNSUPPORTED);
 	int rc = handle_tracked(skb, p, cfg, HOOK_FROM_TUNNEL, 1);
-	return rc >= 0 ? rc : tunnelled_flow(skb, p, cfg);
+	return rc >= 0 ? rc : tunnelled_flow(skb, p, cfg, tag);
 }
 
 /* The defrag loop's ifindex if this packet may go into it (loop.h): an

@@ -8,10 +8,20 @@
  * unchanged but for its TTL, and sends it to the backend's node
  * (ferry_tunnels), remembering the flow in ferry_dsr so the rest of it
  * follows. The backend's node takes the outer header off at its uplink's
- * ingress (dsr_decap) and load-balances the inner packet to one of its own
- * endpoints of the same service like any new flow, with the frontend as the
- * packet names it: its conntrack reply entry turns the pod's replies back
- * into the frontend, and they leave that node straight for the client.
+ * ingress (dsr_decap) and sends the inner packet to the endpoint the
+ * balancing node chose, with the frontend as the packet names it: its
+ * conntrack reply entry turns the pod's replies back into the frontend, and
+ * they leave that node straight for the client.
+ *
+ * Which endpoint: the outer header is sent with DF set, so it is an atomic
+ * datagram (RFC 6864) whose 16-bit Identification means nothing to the
+ * network; it carries the low 16 bits of the chosen endpoint's IPv4 address
+ * (dsr_endpoint_tag). These are unique among one node's pods when its pod
+ * range is a /16 or smaller; the backend's node takes the one local endpoint
+ * of the service whose address ends so (dsr_local_endpoint). When none or
+ * several match (host-network endpoints share the node's address; a tag of
+ * 0, from a build that carried none) it chooses among its own endpoints as
+ * before, counted as dsr_endpoint_fallback.
  *
  * The kernel's ipip module is not needed (nor loaded): both ends are done
  * here with bpf_skb_adjust_room. The outer header costs 20 bytes of MTU
@@ -84,10 +94,21 @@ static __always_inline __u16 csum_fold_(__u32 sum)
 	return (__u16)~sum;
 }
 
-/* Puts the outer header (outer_src -> via, IPIP) in front of the packet at
- * L3. The inner packet is left as it is (its TTL was already decremented).
- * Returns 0, or -1 when a helper failed. */
-static __always_inline int dsr_encap(struct __sk_buff *skb, __u32 outer_src, __u32 via)
+/* What the outer header's Identification carries for an endpoint: the low
+ * 16 bits of its IPv4 address (`backend` in network order), as they are on
+ * the wire. */
+static __always_inline __be16 dsr_endpoint_tag(__u32 backend)
+{
+	__be16 tag;
+
+	__builtin_memcpy(&tag, (__u8 *)&backend + 2, sizeof(tag));
+	return tag;
+}
+
+/* Puts the outer header (outer_src -> via, IPIP, Identification `tag`) in
+ * front of the packet at L3. The inner packet is left as it is (its TTL was
+ * already decremented). Returns 0, or -1 when a helper failed. */
+static __always_inline int dsr_encap(struct __sk_buff *skb, __u32 outer_src, __u32 via, __be16 tag)
 {
 	struct iphdr inner;
 	struct iphdr outer = {};
@@ -100,6 +121,8 @@ static __always_inline int dsr_encap(struct __sk_buff *skb, __u32 outer_src, __u
 	outer.ihl = 5;
 	outer.tos = inner.tos;
 	outer.tot_len = bpf_htons(bpf_ntohs(inner.tot_len) + DSR_OVERHEAD);
+	/* Free in an atomic datagram (DF, never fragmented; RFC 6864 4.1). */
+	outer.id = tag;
 	/* Don't fragment: a tunnelled packet too big for the path must not be
 	 * cut in two the backend's node would have to put together. */
 	outer.frag_off = bpf_htons(0x4000);
@@ -139,6 +162,59 @@ static __attribute__((noinline)) int dsr_is_tunnelled(struct __sk_buff *skb)
 	return dsr_tunnel_of(outer.saddr) == outer.saddr;
 }
 
+/* The endpoint tag a tunnel packet carries (its outer Identification); 0:
+ * none. Read before dsr_decap. */
+static __always_inline __be16 dsr_carried_tag(struct __sk_buff *skb)
+{
+	__be16 tag = 0;
+
+	bpf_skb_load_bytes(skb, ETH_HLEN_ + 4, &tag, sizeof(tag));
+	return tag;
+}
+
+/* dsr_local_endpoint's walk over a service's local set (a bpf_loop callback). */
+struct dsr_search {
+	struct slot_key slot;
+	__be16 tag;
+	__u16 pad;
+	__u32 found;     /* the backend id whose address ends in `tag` */
+	__u32 ambiguous; /* another one does too */
+};
+
+static long dsr_search_step(__u64 i, void *ctx)
+{
+	struct dsr_search *d = ctx;
+
+	d->slot.slot = (__u16)i;
+	__u32 *id = bpf_map_lookup_elem(&ferry_slots, &d->slot);
+	if (!id || *id == d->found)
+		return 0;
+	__u32 bid = *id;
+	struct backend *be = bpf_map_lookup_elem(&ferry_backends, &bid);
+	if (!be || be->family != FAM_V4 || !(be->flags & BE_LOCAL) || dsr_endpoint_tag(be->addr[0]) != d->tag)
+		return 0;
+	if (d->found) {
+		d->ambiguous = 1;
+		return 1;
+	}
+	d->found = bid;
+	return 0;
+}
+
+/* The one local endpoint of `service` (local set) whose IPv4 address ends in
+ * `tag`: the endpoint the balancing node chose. 0 when there is none or more
+ * than one (the caller chooses as before, counted). */
+static __always_inline __u32 dsr_local_endpoint(__u32 service, const struct svc_val *svc, __be16 tag)
+{
+	struct dsr_search d = { .slot = { .service = service, .rev = svc->rev, .set = SET_LOCAL }, .tag = tag };
+	__u32 count = svc->count[SET_LOCAL];
+
+	if (!tag || !count)
+		return 0;
+	bpf_loop(count, dsr_search_step, &d, 0);
+	return d.ambiguous ? 0 : d.found;
+}
+
 /* Takes the outer header off. Returns 0, or -1 when the helper failed. */
 static __always_inline int dsr_decap(struct __sk_buff *skb)
 {
@@ -165,14 +241,14 @@ static __always_inline int dsr_fits(struct __sk_buff *skb, const struct pkt *p, 
 }
 
 static __always_inline int dsr_send(struct __sk_buff *skb, const struct pkt *p, __u32 outer_src, __u32 via,
-				    __u32 ifindex)
+				    __u32 backend_addr, __u32 ifindex)
 {
 	if (!dsr_fits(skb, p, ifindex))
 		return drop_packet(STAT_DROP_DSR_TOO_BIG);
 	int rc = fwd_ttl(skb, p);
 	if (rc > 0)
 		return drop_packet(STAT_DROP_TTL_EXCEEDED);
-	if (rc < 0 || dsr_encap(skb, outer_src, via) < 0)
+	if (rc < 0 || dsr_encap(skb, outer_src, via, dsr_endpoint_tag(backend_addr)) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_DSR_ENCAP);
 	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
@@ -189,10 +265,11 @@ static __always_inline __u32 dsr_egress(struct __sk_buff *skb, const struct pkt 
 }
 
 /* Whether DSR can carry a new flow to the remote backend `id` (address
- * `backend_addr`) of `service`: its node is known (else counted, and the
- * caller SNATs it as in snat mode). Notes the choice for dsr_new_flow in
- * the per-CPU scratch (the packet is handled on this CPU to the end). */
-static __always_inline int dsr_pick(__u32 backend_addr, __u32 id, __u32 service)
+ * `backend_addr`, port `backend_port`) of `service`: its node is known (else
+ * counted, and the caller SNATs it as in snat mode). Notes the choice for
+ * dsr_new_flow in the per-CPU scratch (the packet is handled on this CPU to
+ * the end). */
+static __always_inline int dsr_pick(__u32 backend_addr, __be16 backend_port, __u32 id, __u32 service)
 {
 	__u32 zero = 0;
 	__u32 via = dsr_tunnel_of(backend_addr);
@@ -207,6 +284,8 @@ static __always_inline int dsr_pick(__u32 backend_addr, __u32 id, __u32 service)
 	s->dsr.via = via;
 	s->dsr.backend = id;
 	s->dsr.service = service;
+	s->dsr.backend_addr = backend_addr;
+	s->dsr.backend_port = backend_port;
 	return 1;
 }
 
@@ -227,12 +306,12 @@ static __attribute__((noinline)) int dsr_new_flow(struct __sk_buff *skb, struct 
 	ct_key_of(&s->rk, p, CT_ORIGINAL);
 	s->dsr.outer_src = src[0];
 	s->dsr.flags = 0;
-	__builtin_memset(s->dsr.pad, 0, sizeof(s->dsr.pad));
+	s->dsr.pad = 0;
 	s->dsr.expires_ns = bpf_ktime_get_ns() + dsr_lifetime(cfg, p, 0);
 	if (bpf_map_update_elem(&ferry_dsr, &s->rk, &s->dsr, BPF_ANY) < 0)
 		return drop_packet(STAT_DROP_CT_INSERT);
 	stat_inc(STAT_DSR_NEW_FLOW);
-	return dsr_send(skb, p, src[0], via, ifindex);
+	return dsr_send(skb, p, src[0], via, s->dsr.backend_addr, ifindex);
 }
 
 /* A packet of a flow this node carries by DSR: tunnelled as its first one
@@ -258,11 +337,11 @@ static __attribute__((noinline)) int dsr_tracked(struct __sk_buff *skb, struct p
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
 		v->flags |= DSR_CLOSING;
 	v->expires_ns = now + dsr_lifetime(cfg, p, v->flags);
-	__u32 outer_src = v->outer_src, via = v->via;
+	__u32 outer_src = v->outer_src, via = v->via, backend_addr = v->backend_addr;
 	__u32 ifindex = dsr_egress(skb, p, via);
 	if (!ifindex)
 		return drop_packet(STAT_DROP_NO_ROUTE);
-	return dsr_send(skb, p, outer_src, via, ifindex);
+	return dsr_send(skb, p, outer_src, via, backend_addr, ifindex);
 }
 
 /* The backend's side of the MTU: a SYN-ACK of a flow that keeps an outside

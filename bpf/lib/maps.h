@@ -430,7 +430,9 @@ struct dsr_val {
 	__u32 backend;   /* backend id, as ct_val.backend */
 	__u32 service;
 	__u8 flags;
-	__u8 pad[7];
+	__u8 pad;
+	__be16 backend_port; /* the backend, for the agent's stale-flow rule (ferry_bpf::stale) */
+	__u32 backend_addr;  /* its IPv4 address; the low 16 bits go in the outer header (dsr.h) */
 	__u64 expires_ns;
 };
 

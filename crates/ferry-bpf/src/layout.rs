@@ -54,7 +54,7 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     ("ferry_peers", 3),
     // Layout 4 (DSR, issue 14): two new maps. ferry_config gained two flags
     // (CFG_DSR_*) that older programs ignore and whose absence means snat,
-    // and ferry_stats six counters in slots older programs never touch: both
+    // and ferry_stats seven counters in slots older programs never touch: both
     // stay adoptable both ways. ferry_dsr holds the balancing node's DSR flows;
     // a downgrade below 4 retires it (an older build cannot carry a DSR flow
     // on, README: Upgrades), so it is not FLOW_STATE and needs no REVERT row.

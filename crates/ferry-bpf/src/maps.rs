@@ -278,6 +278,8 @@ pub struct Maps {
     peers: Option<Typed<t::local_key, u8>>,
     /// Optional: a datapath of layout 3 or older (before DSR) lacks it.
     tunnels: Option<Typed<t::tunnel_key, u32>>,
+    /// Optional, as `tunnels`: the balancing node's DSR flows.
+    dsr: Option<Typed<t::ct_key, t::dsr_val>>,
 }
 
 impl Maps {
@@ -308,6 +310,7 @@ impl Maps {
             addrs: Typed::open_optional(dir, "ferry_addrs")?,
             peers: Typed::open_optional(dir, "ferry_peers")?,
             tunnels: Typed::open_optional(dir, "ferry_tunnels")?,
+            dsr: Typed::open_optional(dir, "ferry_dsr")?,
         })
     }
 
@@ -654,6 +657,49 @@ impl Maps {
                 expires_ns: v.expires_ns,
             })
             .collect()
+    }
+
+    /// Every flow this node carries by DSR (`ferry_dsr`; none on a datapath
+    /// of layout 3 or older).
+    pub fn dsr_entries(&self) -> Vec<crate::stale::DsrEntry> {
+        self.dsr
+            .iter()
+            .flat_map(|m| m.entries())
+            .map(|(k, v)| crate::stale::DsrEntry {
+                src: k.src,
+                dst: k.dst,
+                sport: u16::from_be(k.sport),
+                dport: u16::from_be(k.dport),
+                proto: k.proto,
+                family: k.family,
+                service: v.service,
+                backend: v.backend,
+                backend_addr: [v.backend_addr, 0, 0, 0],
+                backend_port: u16::from_be(v.backend_port),
+                expires_ns: v.expires_ns,
+            })
+            .collect()
+    }
+
+    /// Deletes DSR flows (missing ones are fine: they expired); returns how many went.
+    pub fn delete_dsr(&self, entries: &[crate::stale::DsrEntry]) -> usize {
+        let Some(map) = &self.dsr else { return 0 };
+        entries
+            .iter()
+            .filter(|e| {
+                let k = t::ct_key {
+                    src: e.src,
+                    dst: e.dst,
+                    sport: e.sport.to_be(),
+                    dport: e.dport.to_be(),
+                    proto: e.proto,
+                    family: e.family,
+                    dir: CT_ORIGINAL,
+                    pad: 0,
+                };
+                map.delete(bytes(&k)).is_ok()
+            })
+            .count()
     }
 
     /// The addresses in one of the pass-through sets.

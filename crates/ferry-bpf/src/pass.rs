@@ -8,7 +8,7 @@
 //! happens here alone, at the agent's periodic collection, on the sync
 //! thread, from one reading of the maps: an address goes when nothing
 //! programmed names it and no tracked flow was sent to it (or answered from
-//! it). No sync runs meanwhile, so no frontend or backend can appear between
+//! it), nor a flow this node carries by DSR was sent to it. No sync runs meanwhile, so no frontend or backend can appear between
 //! the reading and the removal; a flow the datapath creates meanwhile goes to
 //! a backend or frontend that is programmed, which is kept.
 //!
@@ -18,7 +18,7 @@
 use crate::entries::{CT_ORIGINAL, CT_REPLY, CT_SNAT, LocalKey, Words};
 use crate::maps::{MapError, Maps};
 use crate::program::MapDump;
-use crate::stale::CtEntry;
+use crate::stale::{CtEntry, DsrEntry};
 use std::collections::BTreeSet;
 
 /// One of the two pinned sets.
@@ -53,12 +53,14 @@ fn key(addr: Words, family: u8) -> LocalKey {
 /// programmed entries name, [`crate::Programmer::pass_addrs`]: frontends but
 /// the NodePort wildcard, node addresses, SNAT addresses) and the frontend
 /// every tracked translated flow was sent to (a deleted Service's flows keep
-/// being translated).
-pub fn wanted_addrs(programmed: &BTreeSet<LocalKey>, flows: &[CtEntry]) -> BTreeSet<LocalKey> {
+/// being translated), and the frontend of every flow this node tunnels by
+/// DSR (`dsr`: their next packets are found by the full path only).
+pub fn wanted_addrs(programmed: &BTreeSet<LocalKey>, flows: &[CtEntry], dsr: &[DsrEntry]) -> BTreeSet<LocalKey> {
     let mut out = programmed.clone();
     // Masqueraded pod egress (backend 0) is sent to the outside world: its
     // replies come back to a node address, which is in the set already.
     out.extend(flows.iter().filter(|e| e.dir == CT_ORIGINAL && e.backend != 0).map(|e| key(e.dst, e.family)));
+    out.extend(dsr.iter().map(|e| key(e.dst, e.family)));
     out
 }
 
@@ -95,10 +97,11 @@ impl Programmed {
 pub fn changes(
     programmed: &Programmed,
     flows: &[CtEntry],
+    dsr: &[DsrEntry],
     addrs_now: &BTreeSet<LocalKey>,
     peers_now: &BTreeSet<LocalKey>,
 ) -> PassChanges {
-    let addrs = wanted_addrs(&programmed.addrs, flows);
+    let addrs = wanted_addrs(&programmed.addrs, flows, dsr);
     let peers = needed_peers(flows);
     PassChanges {
         add_addrs: addrs.difference(addrs_now).copied().collect(),
@@ -112,13 +115,18 @@ pub fn changes(
     }
 }
 
-/// Brings both pinned sets to what `programmed` and `flows` (read just
-/// before, on the sync thread) say. Additions first: a failure leaves the
-/// sets larger than needed, never smaller.
-pub fn reconcile(maps: &Maps, programmed: &Programmed, flows: &[CtEntry]) -> Result<PassChanges, MapError> {
+/// Brings both pinned sets to what `programmed`, `flows` and `dsr` (read
+/// just before, on the sync thread) say. Additions first: a failure leaves
+/// the sets larger than needed, never smaller.
+pub fn reconcile(
+    maps: &Maps,
+    programmed: &Programmed,
+    flows: &[CtEntry],
+    dsr: &[DsrEntry],
+) -> Result<PassChanges, MapError> {
     let addrs_now = maps.pass_set(PassSet::Addrs).into_iter().collect();
     let peers_now = maps.pass_set(PassSet::Peers).into_iter().collect();
-    let c = changes(programmed, flows, &addrs_now, &peers_now);
+    let c = changes(programmed, flows, dsr, &addrs_now, &peers_now);
     maps.put_pass_set(PassSet::Addrs, &c.add_addrs)?;
     maps.put_pass_set(PassSet::Peers, &c.add_peers)?;
     maps.delete_pass_set(PassSet::Addrs, &c.del_addrs);
@@ -128,11 +136,16 @@ pub fn reconcile(maps: &Maps, programmed: &Programmed, flows: &[CtEntry]) -> Res
 
 /// Fills both sets before the fast path is turned on (after an install, or
 /// an upgrade from a layout without them): every address the programmed
-/// entries name, the frontends of tracked flows and the backends answering
-/// untranslated ones. Nothing is removed (that waits for [`reconcile`]).
-/// Returns how many addresses and peers were written.
-pub fn fill(maps: &Maps, programmed: &BTreeSet<LocalKey>, flows: &[CtEntry]) -> Result<(usize, usize), MapError> {
-    let addrs: Vec<LocalKey> = wanted_addrs(programmed, flows).into_iter().collect();
+/// entries name, the frontends of tracked and DSR flows and the backends
+/// answering untranslated ones. Nothing is removed (that waits for
+/// [`reconcile`]). Returns how many addresses and peers were written.
+pub fn fill(
+    maps: &Maps,
+    programmed: &BTreeSet<LocalKey>,
+    flows: &[CtEntry],
+    dsr: &[DsrEntry],
+) -> Result<(usize, usize), MapError> {
+    let addrs: Vec<LocalKey> = wanted_addrs(programmed, flows, dsr).into_iter().collect();
     let peers: Vec<LocalKey> = needed_peers(flows).into_iter().collect();
     maps.put_pass_set(PassSet::Addrs, &addrs)?;
     maps.put_pass_set(PassSet::Peers, &peers)?;
@@ -202,7 +215,7 @@ mod tests {
 
     #[test]
     fn frontends_node_and_snat_addresses_are_wanted_not_the_nodeport_wildcard() {
-        let got = wanted_addrs(&programmed().addrs, &[]);
+        let got = wanted_addrs(&programmed().addrs, &[], &[]);
         let want: BTreeSet<_> = ["10.96.0.10", "fd00::10", "192.168.1.10", "192.168.2.10"].map(k).into();
         assert_eq!(got, want);
     }
@@ -211,10 +224,37 @@ mod tests {
     fn a_deleted_frontend_stays_while_a_flow_was_sent_to_it() {
         let flows =
             [flow(CT_ORIGINAL, "203.0.113.7", "10.96.0.99", 1, 0), flow(CT_REPLY, "10.244.1.5", "203.0.113.7", 1, 0)];
-        assert!(wanted_addrs(&programmed().addrs, &flows).contains(&k("10.96.0.99")));
+        assert!(wanted_addrs(&programmed().addrs, &flows, &[]).contains(&k("10.96.0.99")));
         // Masqueraded pod egress (no backend) adds no outside address.
         let masq = [flow(CT_ORIGINAL, "10.244.1.5", "1.2.3.4", 0, CT_SNAT)];
-        assert!(!wanted_addrs(&programmed().addrs, &masq).contains(&k("1.2.3.4")));
+        assert!(!wanted_addrs(&programmed().addrs, &masq, &[]).contains(&k("1.2.3.4")));
+    }
+
+    /// A deleted LoadBalancer IP stays while this node tunnels a DSR flow to
+    /// it: its next packets must not take the fast path past `dsr_tracked`.
+    #[test]
+    fn a_deleted_frontend_stays_while_a_dsr_flow_was_sent_to_it() {
+        let f = flow(CT_ORIGINAL, "203.0.113.7", "192.0.2.99", 1, 0);
+        let d = DsrEntry {
+            src: f.src,
+            dst: f.dst,
+            sport: 1,
+            dport: 80,
+            proto: 6,
+            family: f.family,
+            service: 1,
+            backend: 1,
+            backend_addr: k("10.244.2.5").addr,
+            backend_port: 8080,
+            expires_ns: 0,
+        };
+        let now: BTreeSet<_> = ["192.0.2.99"].map(k).into();
+        let c = changes(&programmed(), &[], std::slice::from_ref(&d), &now, &BTreeSet::new());
+        assert!(!c.del_addrs.contains(&k("192.0.2.99")), "kept while the DSR flow lives");
+        let c = changes(&programmed(), &[], &[], &now, &BTreeSet::new());
+        assert_eq!(c.del_addrs, vec![k("192.0.2.99")], "removed once it is gone");
+        let c = changes(&programmed(), &[], &[d], &BTreeSet::new(), &BTreeSet::new());
+        assert!(c.add_addrs.contains(&k("192.0.2.99")), "added when missing");
     }
 
     #[test]
@@ -225,18 +265,18 @@ mod tests {
         ];
         assert_eq!(needed_peers(&flows), BTreeSet::from([k("10.244.1.5")]));
         let now: BTreeSet<_> = ["10.244.1.6", "10.244.7.7", "10.244.1.5"].map(k).into();
-        let c = changes(&programmed(), &flows, &BTreeSet::new(), &now);
+        let c = changes(&programmed(), &flows, &[], &BTreeSet::new(), &now);
         // 10.244.1.6 is a programmed backend: kept; 10.244.7.7 is neither: removed.
         assert_eq!(c.del_peers, vec![k("10.244.7.7")]);
         assert!(c.add_peers.is_empty());
-        let c = changes(&programmed(), &flows, &BTreeSet::new(), &BTreeSet::new());
+        let c = changes(&programmed(), &flows, &[], &BTreeSet::new(), &BTreeSet::new());
         assert_eq!(c.add_peers, vec![k("10.244.1.5")]);
     }
 
     #[test]
     fn an_address_nothing_names_is_removed_and_a_missing_one_added() {
         let now: BTreeSet<_> = ["10.96.0.10", "10.96.0.77"].map(k).into();
-        let c = changes(&programmed(), &[], &now, &BTreeSet::new());
+        let c = changes(&programmed(), &[], &[], &now, &BTreeSet::new());
         assert_eq!(c.del_addrs, vec![k("10.96.0.77")]);
         assert_eq!(c.add_addrs.len(), 3);
         assert!(!c.add_addrs.contains(&k("10.96.0.10")));

@@ -10,6 +10,11 @@
 //! (kubernetes/kubernetes#141371: nothing else would ever clean them). TCP
 //! and SCTP flows are never touched (they end by themselves, and a
 //! terminating endpoint keeps its established connections).
+//!
+//! The same rule holds for the flows a balancing node carries by Direct
+//! Server Return (`ferry_dsr`, [`DsrEntry`]): they name their service and
+//! backend as conntrack entries do. Deleted, the flow's next datagram is
+//! balanced anew (or refused when nothing serves), as a SNATed one's is.
 
 use crate::entries::{FAM_V4, Words};
 use std::collections::{BTreeSet, HashMap};
@@ -68,6 +73,54 @@ impl CtEntry {
     }
 }
 
+/// One entry of `ferry_dsr`: a flow the balancing node tunnels to its
+/// backend's node (Direct Server Return, IPv4), keyed by its original
+/// direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DsrEntry {
+    pub src: Words,
+    pub dst: Words,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub service: u32,
+    pub backend: u32,
+    /// The backend's address (IPv4, first word) and port; zero from a build
+    /// that did not note them (the flow is then never found stale).
+    pub backend_addr: Words,
+    pub backend_port: u16,
+    /// CLOCK_MONOTONIC deadline in nanoseconds.
+    pub expires_ns: u64,
+}
+
+impl DsrEntry {
+    /// Whether the entry has not expired at `now` (see [`monotonic_ns`]).
+    pub fn is_live(&self, now: u64) -> bool {
+        self.expires_ns >= now
+    }
+}
+
+/// The DSR flows to delete, by the rule of [`stale_udp_flows`].
+pub fn stale_udp_dsr_flows(entries: &[DsrEntry], services: &HashMap<u32, Serving>) -> Vec<DsrEntry> {
+    entries
+        .iter()
+        .filter(|e| e.backend_addr != [0; 4] || e.backend_port != 0)
+        .filter(|e| is_stale(e.proto, e.service, (e.backend_addr, e.backend_port), services))
+        .copied()
+        .collect()
+}
+
+/// The rule: a UDP flow of an examined service whose backend is not serving it.
+fn is_stale(proto: u8, service: u32, backend: (Words, u16), services: &HashMap<u32, Serving>) -> bool {
+    proto == UDP
+        && match services.get(&service) {
+            None => false,
+            Some(Serving::Deleted) => true,
+            Some(Serving::Endpoints(set)) => !set.contains(&backend),
+        }
+}
+
 /// What the purge knows about one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Serving {
@@ -79,16 +132,7 @@ pub enum Serving {
 
 /// The entries to delete. Only services named in `services` are examined.
 pub fn stale_udp_flows(entries: &[CtEntry], services: &HashMap<u32, Serving>) -> Vec<CtEntry> {
-    entries
-        .iter()
-        .filter(|e| e.proto == UDP)
-        .filter(|e| match services.get(&e.service) {
-            None => false,
-            Some(Serving::Deleted) => true,
-            Some(Serving::Endpoints(set)) => !set.contains(&e.backend_addr()),
-        })
-        .copied()
-        .collect()
+    entries.iter().filter(|e| is_stale(e.proto, e.service, e.backend_addr(), services)).copied().collect()
 }
 
 /// Whether an address belongs to the family code (helper for callers building sets).
@@ -148,6 +192,43 @@ mod tests {
         ]);
         let stale = stale_udp_flows(&entries, &services);
         assert_eq!(stale, vec![entries[2], entries[3], entries[5], entries[6], entries[9]]);
+    }
+
+    fn dsr(proto: u8, backend: u32, service: u32) -> DsrEntry {
+        DsrEntry {
+            src: w(99),
+            dst: w(1),
+            sport: 5000,
+            dport: 53,
+            proto,
+            family: FAM_V4,
+            service,
+            backend: 7,
+            backend_addr: w(backend),
+            backend_port: 53,
+            expires_ns: u64::MAX,
+        }
+    }
+
+    /// DSR flows go by the same rule as conntrack entries.
+    #[test]
+    fn dsr_flows_are_stale_by_the_same_rule() {
+        let entries = vec![
+            dsr(UDP, 4, 1), // serving: keep
+            dsr(UDP, 5, 1), // not serving: delete
+            dsr(6, 5, 1),   // TCP: keep
+            dsr(UDP, 5, 2), // service 2 has no serving endpoints: delete
+            dsr(UDP, 5, 3), // service 3 not examined: keep
+            dsr(UDP, 4, 9), // service 9 deleted: delete
+            // Backend not noted (an older build): never found stale.
+            DsrEntry { backend_addr: [0; 4], backend_port: 0, ..dsr(UDP, 0, 9) },
+        ];
+        let services = HashMap::from([
+            (1, Serving::Endpoints(BTreeSet::from([(w(4), 53)]))),
+            (2, Serving::Endpoints(BTreeSet::new())),
+            (9, Serving::Deleted),
+        ]);
+        assert_eq!(stale_udp_dsr_flows(&entries, &services), vec![entries[1], entries[3], entries[5]]);
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub const NAMES: &[&str] = &[
     "dsr_no_tunnel",
     "drop_dsr_too_big",
     "dsr_mss_clamp",
+    "dsr_endpoint_fallback",
 ];
 
 #[cfg(test)]

@@ -56,8 +56,8 @@ struct BpfBackend {
     /// compares them with the Plan: connected UDP sockets aimed at one that is
     /// no longer serving (removed while no agent ran) are destroyed then.
     adopted_backends: Vec<std::net::SocketAddr>,
-    /// The live tracked flows the last collection read, for the resync after it.
-    live_flows: Option<Vec<ferry_bpf::stale::CtEntry>>,
+    /// The live tracked flows (conntrack, DSR) the last collection read, for the resync after it.
+    live_flows: Option<(Vec<ferry_bpf::stale::CtEntry>, Vec<ferry_bpf::stale::DsrEntry>)>,
 }
 
 /// Which datapath programs the Plan.
@@ -325,17 +325,20 @@ impl Proxier {
         }
     }
 
-    /// Deletes expired entries of the packet path's connection tracking.
-    /// The datapath removes an expired entry when a packet meets it, and the
-    /// map is an LRU, so this is housekeeping: it frees NAT ports and keeps
-    /// fill levels and `ferry_nat_entries` honest. Run with the periodic resync.
+    /// Deletes expired entries of the packet path's connection tracking
+    /// (and of its DSR flows). The datapath removes an expired entry when a
+    /// packet meets it, and the maps are LRUs, so this is housekeeping: it
+    /// frees NAT ports and keeps fill levels and `ferry_nat_entries` honest.
+    /// Run with the periodic resync. Returns the conntrack entries deleted.
     pub fn collect_expired_flows(&mut self) -> usize {
         let Backend::Bpf(b) = &mut self.backend else { return 0 };
         let now = ferry_bpf::stale::monotonic_ns();
         let (live, expired): (Vec<_>, Vec<_>) = b.maps.ct_entries().into_iter().partition(|e| e.is_live(now));
         let n = b.maps.delete_ct(&expired);
+        let (live_dsr, expired_dsr): (Vec<_>, Vec<_>) = b.maps.dsr_entries().into_iter().partition(|e| e.is_live(now));
+        b.maps.delete_dsr(&expired_dsr);
         // Kept for the resync that follows (its collection of the pass-through sets).
-        b.live_flows = Some(live);
+        b.live_flows = Some((live, live_dsr));
         n
     }
 
@@ -423,11 +426,11 @@ impl BpfBackend {
     /// programmed meanwhile. Before the resync's corrections: an entry they
     /// put back writes its address again.
     fn collect_pass_sets(&mut self, programmed: &ferry_bpf::pass::Programmed) {
-        let Some(flows) = self.live_flows.take() else { return };
+        let Some((flows, dsr)) = self.live_flows.take() else { return };
         if !self.runtime.fast_pass {
             return;
         }
-        match ferry_bpf::pass::reconcile(&self.maps, programmed, &flows) {
+        match ferry_bpf::pass::reconcile(&self.maps, programmed, &flows, &dsr) {
             Ok(c) if !c.is_empty() => tracing::debug!(
                 addresses_added = c.add_addrs.len(),
                 addresses_removed = c.del_addrs.len(),
@@ -447,7 +450,8 @@ impl BpfBackend {
     /// every packet takes the full path.
     fn enable_fast_pass(&mut self, plan: &Plan) -> anyhow::Result<()> {
         let flows = self.maps.ct_entries();
-        let (addrs, peers) = ferry_bpf::pass::fill(&self.maps, &self.programmer.pass_addrs(), &flows)
+        let dsr = self.maps.dsr_entries();
+        let (addrs, peers) = ferry_bpf::pass::fill(&self.maps, &self.programmer.pass_addrs(), &flows, &dsr)
             .context("filling the pass-through sets")?;
         self.runtime.fast_pass = true;
         let node_only = PlanDiff { node_changed: true, ..Default::default() };
@@ -517,7 +521,9 @@ impl BpfBackend {
     /// on a full sync); a service left without serving endpoints loses all
     /// its UDP flows, and so does a deleted one (`deleted`: its id before the
     /// sync; on a full sync, whose "before" is unknown, every UDP flow of a
-    /// service id no service port holds now). Returns how many entries were deleted.
+    /// service id no service port holds now). The flows this node carries by
+    /// DSR (`ferry_dsr`) go by the same rule: deleted, the next datagram is
+    /// balanced anew, or refused. Returns how many entries were deleted.
     fn purge_stale_flows(&self, plan: &Plan, diff: Option<&PlanDiff>, deleted: &[u32]) -> usize {
         let serving = |sp: &ServicePort| {
             Serving::Endpoints(sp.serving_endpoints().map(|e| (ferry_bpf::entries::words(&e.ip), e.port)).collect())
@@ -537,10 +543,12 @@ impl BpfBackend {
                 let live: std::collections::HashSet<u32> =
                     plan.services.keys().filter_map(|id| self.programmer.service_id(id)).collect();
                 let all = self.maps.ct_entries();
-                for e in all.iter().filter(|e| e.service != 0 && !live.contains(&e.service)) {
-                    services.entry(e.service).or_insert(Serving::Deleted);
+                let all_dsr = self.maps.dsr_entries();
+                let held = all.iter().map(|e| e.service).chain(all_dsr.iter().map(|e| e.service));
+                for service in held.filter(|s| *s != 0 && !live.contains(s)) {
+                    services.entry(service).or_insert(Serving::Deleted);
                 }
-                entries = Some(all);
+                entries = Some((all, all_dsr));
             }
             Some(d) => {
                 for c in d.changed.iter().filter(|c| udp(&c.new)) {
@@ -555,9 +563,10 @@ impl BpfBackend {
         if services.is_empty() {
             return 0;
         }
-        let entries = entries.unwrap_or_else(|| self.maps.ct_entries());
+        let (entries, dsr) = entries.unwrap_or_else(|| (self.maps.ct_entries(), self.maps.dsr_entries()));
         let stale = ferry_bpf::stale::stale_udp_flows(&entries, &services);
-        self.maps.delete_ct(&stale)
+        let stale_dsr = ferry_bpf::stale::stale_udp_dsr_flows(&dsr, &services);
+        self.maps.delete_ct(&stale) + self.maps.delete_dsr(&stale_dsr)
     }
 }
 

@@ -385,3 +385,115 @@ fn an_agent_restart_keeps_dsr_flows() {
     assert!(a["dsr_encap"] > encap0, "the exchanges after the restart went through the tunnel: {a:?}");
     assert_eq!(a["dsr_new_flow"], 1, "the held flow was not balanced again: {a:?}");
 }
+
+/// The pass-through fast path keeps out of a DSR flow's way: node-a's
+/// collection (`ferry_bpf::pass`) keeps a deleted Service's LB IP in
+/// `ferry_addrs` while node-a tunnels a held connection to it (its next
+/// packets are found by the full path only), and the connection keeps
+/// answering through the tunnel after collections have run; once it has
+/// closed and its `ferry_dsr` entry expired, a collection removes the LB IP.
+/// (The same for conntrack flows: packet_lb.rs,
+/// `a_deleted_services_held_flow_keeps_the_fast_path_out_of_its_way`.)
+#[test]
+fn a_deleted_services_dsr_flow_keeps_the_fast_path_out_of_its_way() {
+    use ferry::lab::BackgroundClient;
+    use ferry_bpf::entries::{LocalKey, family_of, words};
+    use ferry_bpf::pass::PassSet;
+    use ferry_sandbox::probe::ConnectMode;
+    let mut c = cluster("dsrpass", "dsr", &[B21], &[B21]);
+    let lab = &mut c.lab;
+    // A collection every second; a closed flow's entries expire after 2 s.
+    let extra = "clusterCIDRs: [10.244.0.0/16, \"fd00:244::/32\"]\nserviceCIDRs: [10.96.0.0/16, \"fd00:96::/112\"]\n\
+                 loadBalancing: {mode: dsr}\nsyncPeriod: 1s\nconntrack: {tcpCloseWaitTimeout: 2s}\n";
+    lab.write_node_config(NODE_A, extra).unwrap();
+    lab.kill_agent(NODE_A).unwrap();
+    lab.start_agent(NODE_A).unwrap();
+    let lb = LocalKey { addr: words(&lb_ip()), family: family_of(&lb_ip()) };
+    let pin_dir = lab.nodes[NODE_A].pin_dir.clone();
+    let lb_in_addrs = move || {
+        let maps = ferry_bpf::Maps::open(&pin_dir).expect("node-a's maps");
+        maps.pass_set(PassSet::Addrs).contains(&lb)
+    };
+
+    let target = opts(Proto::Tcp, SocketAddr::new(lb_ip(), service_port(Proto::Tcp)), Some(client_ip()));
+    let held: BackgroundClient =
+        lab.spawn_client(CLIENT, &target, ConnectMode::KeepOpen(Duration::from_secs(60))).unwrap();
+    let started = lab.wait_until(Duration::from_secs(10), |_| held.observed().len() >= 5);
+    assert!(started, "the held connection never got going: {:?}\n{}", held.observed(), diag(lab));
+    assert!(lb_in_addrs(), "the LB IP in ferry_addrs");
+    let encap0 = counters(lab, NODE_A)["dsr_encap"];
+
+    // node-a forgets the Service (the Node objects stay).
+    let mut nodes = lab.node_object(NODE_A, &["10.244.1.0/24", "fd00:244:1::/64"]);
+    nodes.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24", "fd00:244:2::/64"]));
+    lab.write_manifests(NODE_A, &nodes).unwrap();
+    let pin_dir = lab.nodes[NODE_A].pin_dir.clone();
+    let gone = lab.wait_until(Duration::from_secs(10), |_| {
+        ferry_bpf::Maps::open(&pin_dir).is_ok_and(|m| m.dump().frontends.iter().all(|(k, _)| k.addr != lb.addr))
+    });
+    assert!(gone, "the deleted Service's frontends stayed\n{}", diag(lab));
+    // Three collections later, the flow still answers, through the tunnel.
+    let before = held.observed().len();
+    let kept = lab.wait_until(Duration::from_secs(10), |_| held.observed().len() >= before + 30);
+    assert!(kept, "the held connection stalled after its Service went: {:?}\n{}", held.observed().last(), diag(lab));
+    assert!(lb_in_addrs(), "a collection removed the LB IP a live DSR flow needs");
+    for o in held.observed() {
+        let r = o.reply().unwrap_or_else(|| panic!("an exchange on the held connection: {o:?}\n{}", diag(lab)));
+        assert_eq!((r.server.as_str(), r.server_peer.ip()), (B21.name().as_str(), client_ip()), "by DSR");
+    }
+    let a = counters(lab, NODE_A);
+    assert!(a["dsr_encap"] >= encap0 + 30, "the exchanges went through the tunnel: {a:?}");
+
+    // The flow closes; its entry expires; a collection takes the address out.
+    let _ = lab.sb.kill(held.pid);
+    let emptied = lab.wait_until(Duration::from_secs(20), |_| !lb_in_addrs());
+    assert!(emptied, "ferry_addrs still holds the LB IP\n{}", diag(lab));
+}
+
+/// A UDP flow node-a carries by DSR to b21 while the Service's endpoint
+/// moves to a21 (on node-a): at the sync, node-a's stale-flow rule deletes
+/// its `ferry_dsr` entry as it would a SNATed flow's conntrack entries, and
+/// the next datagrams on the same connected socket are balanced anew, to
+/// a21, instead of going on to node-b, which has no endpoint of the
+/// Service left and would drop them (blackholed).
+#[test]
+fn a_udp_dsr_flow_moves_off_a_removed_backend() {
+    use ferry_sandbox::probe::{ConnectMode, Observation};
+    let mut c = cluster("dsrstale", "dsr", &[A21, B21], &[B21]);
+    let lab = &mut c.lab;
+    let mut target = opts(Proto::Udp, SocketAddr::new(node_a(lab), node_port(Proto::Udp)), Some(client_ip()));
+    target.connected_udp = true;
+    let client = lab.spawn_client(CLIENT, &target, ConnectMode::UdpStream(Duration::from_secs(6))).unwrap();
+    let started = lab.wait_until(Duration::from_secs(10), |_| client.observed().len() >= 10);
+    assert!(started, "the UDP stream never got going: {:?}\n{}", client.observed(), diag(lab));
+    let mut moved_away = service("far", 9, &[A21]);
+    moved_away.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24", "fd00:244:1::/64"]));
+    moved_away.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24", "fd00:244:2::/64"]));
+    for node in [NODE_A, NODE_B] {
+        lab.write_manifests(node, &moved_away).unwrap();
+    }
+    let ticks = lab.finish_client(client, Duration::from_secs(30)).unwrap();
+
+    let server = |o: &Observation| o.reply().map(|r| r.server.clone());
+    let summary: Vec<String> =
+        ticks.iter().map(|o| server(o).unwrap_or_else(|| format!("{o:?}").chars().take(40).collect())).collect();
+    let first_new = ticks.iter().position(|o| server(o).as_deref() == Some(A21.name().as_str()));
+    let Some(first_new) = first_new else {
+        panic!("the flow never moved off the removed backend (blackholed): {summary:?}\n{}", diag(lab));
+    };
+    assert!(
+        ticks[..first_new]
+            .iter()
+            .filter_map(|o| o.reply())
+            .all(|r| r.server == B21.name() && r.server_peer.ip() == client_ip()),
+        "before the move: b21, by DSR (client address kept): {summary:?}"
+    );
+    assert!(first_new >= 10, "it started on b21: {summary:?}");
+    // After the move every answer is a21's; a tick may time out on a loaded machine.
+    let tail = &ticks[first_new..];
+    let answered = tail.iter().filter(|o| server(o).as_deref() == Some(A21.name().as_str())).count();
+    assert!(
+        answered == tail.iter().filter(|o| o.reply().is_some()).count() && answered * 10 >= tail.len() * 8,
+        "after the move the flow stays on a21: {summary:?}"
+    );
+}

@@ -8,9 +8,10 @@
 //!
 //! ```text
 //!  balancing:  client 198.51.100.7 -> 192.0.2.1:30080 (NodePort) -> backend 10.244.2.5:8080 on
-//!              the node 192.0.2.2 (ferry_tunnels 10.244.2.0/24 -> 192.0.2.2): IPIP 192.0.2.1 -> 192.0.2.2
-//!  backend's:  IPIP 192.0.2.2 -> 192.0.2.1 carrying client -> 192.0.2.2:30080, DNAT to the local
-//!              pod 10.244.1.5:8080; its reply leaves as 192.0.2.2:30080 -> client, via eth0
+//!              the node 192.0.2.2 (ferry_tunnels 10.244.2.0/24 -> 192.0.2.2): IPIP 192.0.2.1 -> 192.0.2.2,
+//!              Identification 0x0205 (the endpoint's low 16 bits)
+//!  backend's:  IPIP 192.0.2.2 -> 192.0.2.1, Identification 0x0105, carrying client -> 192.0.2.2:30080,
+//!              DNAT to the local pod 10.244.1.5:8080; its reply leaves as 192.0.2.2:30080 -> client
 //! ```
 
 use crate::wire::*;
@@ -20,6 +21,8 @@ use crate::{
 };
 use ferry_bpf::MapOp;
 use ferry_bpf::entries::*;
+use ferry_bpf::stale::{Serving, stale_udp_dsr_flows};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 const CLIENT: &str = "198.51.100.7";
@@ -73,14 +76,30 @@ fn client_packet(l4: &L4) -> Vec<u8> {
     frame(ip(CLIENT), ip(NODE4), l4, IpOpts::default())
 }
 
+/// The outer header's Identification: the endpoint the balancing node chose.
+fn outer_id(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[14 + 4], frame[14 + 5]])
+}
+
+/// What the outer header carries for an endpoint: its address's low 16 bits.
+fn tag_of(endpoint: &str) -> u16 {
+    let o = endpoint.parse::<Ipv4Addr>().unwrap().octets();
+    u16::from_be_bytes([o[2], o[3]])
+}
+
 /// Checks `ran` is the client's packet `sent` tunnelled to the peer node:
-/// the outer header from this node, the inner packet the client's own with
-/// its TTL one less (checksums recomputed here).
+/// the outer header from this node naming REMOTE_POD, the inner packet the
+/// client's own with its TTL one less (checksums recomputed here).
 fn assert_tunnelled(ran: &Ran, l4: &L4, what: &str) {
+    assert_tunnelled_to(ran, l4, REMOTE_POD, what)
+}
+
+fn assert_tunnelled_to(ran: &Ran, l4: &L4, endpoint: &str, what: &str) {
     assert_eq!(ran.verdict, TC_ACT_REDIRECT, "{what}: sent on with a redirect");
     let (src, dst, outer_ttl, df, inner) = check_ipip(&ran.out);
     assert_eq!((src, dst), (ip(NODE4), IpAddr::V4(PEER_NODE)), "{what}: outer header from this node to the backend's");
     assert_eq!((outer_ttl, df), (64, true), "{what}: outer TTL 64, don't fragment");
+    assert_eq!(outer_id(&ran.out), tag_of(endpoint), "{what}: the Identification names the endpoint {endpoint}");
     check(&inner);
     let want = frame(ip(CLIENT), ip(NODE4), l4, ttl(63));
     assert_eq!(inner, want, "{what}: the inner packet is the client's, untranslated, TTL - 1");
@@ -181,10 +200,21 @@ fn syn_ack_with_mss(sport: u16, dport: u16, mss: u16) -> L4 {
     l4
 }
 
-/// The client's packet to the other node's NodePort, as that node tunnels it here.
+/// The client's packet to the other node's NodePort, as that node tunnels it
+/// here having chosen LOCAL_POD.
 fn tunnelled_to_us(l4: &L4) -> Vec<u8> {
+    tunnelled_naming(l4, tag_of(LOCAL_POD))
+}
+
+/// The same, the outer Identification `tag`.
+fn tunnelled_naming(l4: &L4, tag: u16) -> Vec<u8> {
     let inner = ip_packet(ip(CLIENT), IpAddr::V4(PEER_NODE), l4, ttl(63));
-    eth(NODE_MAC, CLIENT_MAC, &ipip(PEER_NODE, NODE4.parse().unwrap(), &inner))
+    let mut outer = ipip(PEER_NODE, NODE4.parse().unwrap(), &inner);
+    outer[4..6].copy_from_slice(&tag.to_be_bytes());
+    outer[10..12].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&outer[..20], 0));
+    outer[10..12].copy_from_slice(&c.to_be_bytes());
+    eth(NODE_MAC, CLIENT_MAC, &outer)
 }
 
 /// The backend's node takes the outer header off, DNATs the client's packet
@@ -261,5 +291,108 @@ fn ipip_from_a_stranger_or_in_snat_mode_is_left_alone() {
         let ran = dp.run(Hook::FromNetdev, dp.eth0, &packet);
         assert_eq!((ran.verdict, ran.out.as_slice()), (TC_ACT_OK, packet.as_slice()), "snat mode");
         assert!(ran.moved.is_empty(), "{:?}", ran.moved);
+    });
+}
+
+/// The backend's node sends a tunnelled flow to exactly the endpoint the
+/// outer Identification names (10.244.1.6 of two local endpoints, for
+/// every one of 16 flows: a pick of its own would miss it half the time);
+/// a tag naming none of its endpoints, or two (host-network endpoints
+/// share the node's address), and a tag of 0 fall back to a pick among its
+/// own endpoints, counted.
+#[test]
+fn the_backends_node_takes_the_endpoint_the_balancing_node_chose() {
+    const OTHER_POD: &str = "10.244.1.6";
+    let mut setup = node_with(CFG_DSR_TCP | CFG_DSR_DGRAM);
+    setup.extend(service(
+        1,
+        every_class(ACT_FORWARD_CLUSTER | ACT_MASQ),
+        0,
+        &[Be(101, LOCAL_POD, 8080, true), Be(102, OTHER_POD, 8080, true)],
+    ));
+    setup.push(nodeport(NP_TCP, PROTO_TCP, FAM_V4, 1));
+    // Two host-network endpoints on this node's address, service 2.
+    setup.extend(service(
+        2,
+        every_class(ACT_FORWARD_CLUSTER | ACT_MASQ),
+        0,
+        &[Be(201, NODE4, 9001, true), Be(202, NODE4, 9002, true)],
+    ));
+    setup.push(nodeport(30090, PROTO_TCP, FAM_V4, 2));
+    setup.push(tunnel("10.244.2.0/24", PEER_NODE));
+    setup.push(tunnel("192.0.2.2/32", PEER_NODE));
+    let rig = Rig::new();
+    rig.run(&setup, |dp: &Dp| {
+        for sport in 41100..41116 {
+            let syn = tcp(sport, NP_TCP, 0x02, b"");
+            let ran = dp.run(Hook::FromNetdev, dp.eth0, &tunnelled_naming(&syn, tag_of(OTHER_POD)));
+            assert_eq!(ran.verdict, TC_ACT_REDIRECT, "flow {sport}");
+            let seen = check(&ran.out);
+            assert_eq!((seen.src, seen.dst, seen.dport), (ip(CLIENT), ip(OTHER_POD), 8080), "flow {sport}");
+            assert_eq!(ran.moved, moved(&[("dsr_decap", 1), ("pkt_new_flow", 1)]), "flow {sport}: no fallback");
+        }
+        for (sport, dport, tag, what) in [
+            (41200, NP_TCP, tag_of("10.244.9.9"), "a tag naming no local endpoint"),
+            (41201, NP_TCP, 0, "no tag"),
+            (41202, 30090, tag_of(NODE4), "a tag naming two endpoints"),
+        ] {
+            let syn = tcp(sport, dport, 0x02, b"");
+            let ran = dp.run(Hook::FromNetdev, dp.eth0, &tunnelled_naming(&syn, tag));
+            let seen = check(&ran.out);
+            assert_eq!(seen.src, ip(CLIENT), "{what}: still carried, client kept");
+            let want = if dport == NP_TCP { [LOCAL_POD, OTHER_POD] } else { [NODE4, NODE4] };
+            assert!(want.iter().any(|w| seen.dst == ip(w)), "{what}: one of this node's endpoints, got {:?}", seen.dst);
+            assert_eq!(
+                ran.moved,
+                moved(&[("dsr_decap", 1), ("pkt_new_flow", 1), ("dsr_endpoint_fallback", 1)]),
+                "{what}"
+            );
+        }
+    });
+}
+
+/// A UDP flow the balancing node carries by DSR to a backend that went away
+/// is stale by the conntrack rule (ferry_bpf::stale); once the agent deletes
+/// it, the next datagram is balanced anew, to the backend serving now,
+/// instead of still going to the old one. With no endpoint left it meets
+/// the service's verdict (here: rejected) as a SNATed flow would.
+#[test]
+fn a_dsr_flow_to_a_removed_backend_is_balanced_anew_once_purged() {
+    const NEW_POD: &str = "10.244.2.6";
+    let rig = Rig::new();
+    rig.run(&balancing(CFG_DSR_TCP | CFG_DSR_DGRAM, true), |dp: &Dp| {
+        let dgram = udp(42100, NP_UDP, b"ferry udp payload");
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&dgram));
+        assert_tunnelled(&ran, &dgram, "first datagram");
+        // The endpoint moves: 10.244.2.5 goes, 10.244.2.6 serves.
+        let ops = service(2, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(103, NEW_POD, 5353, false)]);
+        dp.maps.apply(&ops).unwrap();
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&dgram));
+        assert_tunnelled(&ran, &dgram, "unpurged: still the old backend");
+
+        let serving = |eps: &[&str]| {
+            let set: BTreeSet<_> = eps.iter().map(|e| (words(&ip(e)), 5353)).collect();
+            HashMap::from([(2, Serving::Endpoints(set))])
+        };
+        let held = dp.maps.dsr_entries();
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!((held[0].backend_addr, held[0].backend_port), (words(&ip(REMOTE_POD)), 5353));
+        assert!(stale_udp_dsr_flows(&held, &serving(&[REMOTE_POD])).is_empty(), "serving: not stale");
+        let stale = stale_udp_dsr_flows(&held, &serving(&[NEW_POD]));
+        assert_eq!(dp.maps.delete_dsr(&stale), 1);
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&dgram));
+        assert_tunnelled_to(&ran, &dgram, NEW_POD, "purged: balanced anew");
+        assert_eq!(ran.moved, moved(&[("dsr_new_flow", 1), ("dsr_encap", 1)]));
+
+        // No endpoint left: the agent's action for it is reject.
+        let mut ops = service(2, every_class(ACT_REJECT), 0, &[]);
+        ops.push(MapOp::DelBackend(103));
+        dp.maps.apply(&ops).unwrap();
+        let stale = stale_udp_dsr_flows(&dp.maps.dsr_entries(), &serving(&[]));
+        assert_eq!(dp.maps.delete_dsr(&stale), 1);
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&dgram));
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT, "the port unreachable, sent back out");
+        assert_eq!(ran.out[14 + 9], PROTO_ICMP, "an ICMP error, not a tunnel packet");
+        assert_eq!(ran.moved, moved(&[("pkt_reject", 1)]), "refused as a SNATed flow would be");
     });
 }
