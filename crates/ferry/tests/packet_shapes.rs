@@ -177,16 +177,9 @@ fn cluster(tag: &str, datapath: &str, manifests: &str, before_agents: impl FnOnc
     lab
 }
 
-/// What a node's eBPF datapath counted so far (`ferry status --json`).
+/// What a node's datapath counted so far (`ferry status --json`).
 fn counters(lab: &Lab, node: usize) -> BTreeMap<String, u64> {
-    let out = std::process::Command::new(FERRY)
-        .args(["status", "--json", "--pin-dir"])
-        .arg(&lab.nodes[node].pin_dir)
-        .output()
-        .expect("running ferry status");
-    assert!(out.status.success(), "ferry status failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ferry status --json prints JSON");
-    serde_json::from_value(v["counters"].clone()).expect("counters are a map of numbers")
+    lab.counters(node).unwrap_or_else(|e| panic!("reading node {node}'s counters: {e:#}"))
 }
 
 fn diag(lab: &Lab, datapath: &str) -> String {

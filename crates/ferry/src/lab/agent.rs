@@ -184,6 +184,20 @@ impl Lab {
         }
     }
 
+    /// What node `node`'s eBPF datapath counted so far, as `ferry status --json` reports it.
+    pub fn counters(&self, node: usize) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let out = std::process::Command::new(&self.ferry)
+            .args(["status", "--json", "--pin-dir"])
+            .arg(&self.nodes[node].pin_dir)
+            .output()
+            .context("running ferry status")?;
+        if !out.status.success() {
+            bail!("ferry status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ferry status --json prints JSON")?;
+        serde_json::from_value(v["counters"].clone()).context("counters are a map of numbers")
+    }
+
     /// The agent's log so far (for failure messages).
     pub fn agent_log(&self, node: usize) -> String {
         std::fs::read_to_string(self.state.join(format!("agent-{node}.log"))).unwrap_or_default()
