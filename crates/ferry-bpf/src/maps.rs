@@ -687,16 +687,7 @@ impl Maps {
         entries
             .iter()
             .filter(|e| {
-                let k = t::ct_key {
-                    src: e.src,
-                    dst: e.dst,
-                    sport: e.sport.to_be(),
-                    dport: e.dport.to_be(),
-                    proto: e.proto,
-                    family: e.family,
-                    dir: CT_ORIGINAL,
-                    pad: 0,
-                };
+                let k = ct_key(e.src, e.dst, e.sport, e.dport, e.proto, e.family, CT_ORIGINAL);
                 map.delete(bytes(&k)).is_ok()
             })
             .count()
@@ -746,16 +737,7 @@ impl Maps {
     pub fn delete_ct(&self, entries: &[crate::stale::CtEntry]) -> usize {
         let (mut n, mut unconfirmed) = (0, 0);
         for e in entries {
-            let k = t::ct_key {
-                src: e.src,
-                dst: e.dst,
-                sport: e.sport.to_be(),
-                dport: e.dport.to_be(),
-                proto: e.proto,
-                family: e.family,
-                dir: e.dir,
-                pad: 0,
-            };
+            let k = ct_key(e.src, e.dst, e.sport, e.dport, e.proto, e.family, e.dir);
             let table = if e.unconfirmed { self.ct_new.as_ref() } else { Some(&self.ct) };
             if table.is_some_and(|t| t.delete(bytes(&k)).is_ok()) {
                 n += 1;
@@ -827,6 +809,11 @@ struct Put<'a> {
 /// Writes a run of puts into one map with one syscall; false if the kernel
 /// refused the batch (the caller then writes them one by one, which names
 /// the failing entry).
+/// A conntrack key (`ferry_ct`, `ferry_ct_new`, `ferry_dsr`) from host-order ports.
+fn ct_key(src: Words, dst: Words, sport: u16, dport: u16, proto: u8, family: u8, dir: u8) -> t::ct_key {
+    t::ct_key { src, dst, sport: sport.to_be(), dport: dport.to_be(), proto, family, dir, pad: 0 }
+}
+
 fn put_batch(run: &[Put<'_>]) -> bool {
     let keys: Vec<u8> = run.iter().flat_map(|e| e.key.iter().copied()).collect();
     let values: Vec<u8> = run.iter().flat_map(|e| e.value.iter().copied()).collect();
