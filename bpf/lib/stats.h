@@ -76,6 +76,7 @@ enum ferry_stat {
 	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the 20-byte outer header */
 	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60) */
 	STAT_DSR_ENDPOINT_FALLBACK, /* a tunnelled new flow whose carried endpoint (outer IPv4 Identification) names no unique local endpoint of its service: chosen among them here */
+	STAT_DSR_FRAG_NEEDED,     /* a DSR packet too big for the tunnel, sent with DF: answered with ICMP "fragmentation needed" (MTU - 20) so its sender makes the next ones fit */
 	STAT_COUNT_,
 };
 
