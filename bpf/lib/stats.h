@@ -80,7 +80,11 @@ enum ferry_stat {
 	STAT_COUNT_,
 };
 
-#define STAT_SLOTS 64
+/* Room for the counters; 128 since layout 5 (64 before: layout 5 exists
+ * because the counters outgrew it). A pinned map keeps its capacity, so a
+ * change here is a layout change of ferry_stats (crates/ferry-bpf/src/layout.rs). */
+#define STAT_SLOTS 128
+_Static_assert(STAT_COUNT_ <= STAT_SLOTS, "more counters than ferry_stats has slots: raise STAT_SLOTS (a layout change)");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
