@@ -696,6 +696,12 @@ impl BackendEntries {
     fn insert(&mut self, id: u32, entry: (Backend, u32)) {
         let at = id as usize;
         if at >= self.0.len() {
+            // A quarter more at a time rather than double: ids are dense, so
+            // the list grows with the backends it holds, and churn (the
+            // previous revision keeps its backends) grows it by a fraction.
+            if at >= self.0.capacity() {
+                self.0.reserve_exact((at + 1 - self.0.len()).max(self.0.len() / 4));
+            }
             self.0.resize(at + 1, (Backend { addr: [0; 4], port: 0, family: VACANT, flags: 0 }, 0));
         }
         self.0[at] = entry;
@@ -710,10 +716,10 @@ impl BackendEntries {
         Some(found)
     }
 
-    /// Gives back the room a first sync's growth left (up to half the list),
-    /// after a full sync: incremental ones grow it by a few.
+    /// Gives back the room a first sync's growth left (up to a quarter of the
+    /// list), after a full sync: incremental ones grow it by a few.
     fn trim(&mut self) {
-        if self.0.capacity() > self.0.len() + self.0.len() / 4 {
+        if self.0.capacity() > self.0.len() + self.0.len() / 16 {
             self.0.shrink_to_fit();
         }
     }

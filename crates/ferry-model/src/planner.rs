@@ -279,6 +279,9 @@ impl Planner {
 
     pub fn apply_slice(&mut self, slice: &EndpointSlice) {
         let key = ObjectKey::of_meta(&slice.metadata);
+        // An update shares the key the table already holds (its owner's list
+        // would otherwise hold a second copy).
+        let key = self.slices.get_key_value(&key).map_or(key, |(k, _)| k.clone());
         let mut read = read_slice(&key, slice, &self.cfg);
         // The owner's key shares the Service's strings rather than holding its own copy.
         if let Some(owner) = &mut read.owner
@@ -509,13 +512,19 @@ impl Planner {
                         for (fk, claim) in frontend_claims(&sp) {
                             sorted_insert(claims_now(&mut touched_frontends, &mut self.contested, plan, fk), claim);
                         }
-                        let id = sp.id.clone();
-                        // Equal values keep the old Arc: nothing downstream sees a change.
-                        let sp = match before.get(&id) {
+                        // Equal values keep the old Arc: nothing downstream sees a
+                        // change. A changed one keeps the old id's allocation, which
+                        // the Plan's table and the programmer's mirror hold.
+                        let sp = match before.get(&sp.id) {
                             Some(old) if **old == sp => old.clone(),
-                            _ => Arc::new(sp),
+                            Some(old) => {
+                                let mut sp = sp;
+                                sp.id = old.id.clone();
+                                Arc::new(sp)
+                            }
+                            None => Arc::new(sp),
                         };
-                        plan.services.insert(id, sp.clone());
+                        plan.services.insert(sp.id.clone(), sp.clone());
                         if !first_plan {
                             after.push(sp);
                         }
