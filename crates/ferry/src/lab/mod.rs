@@ -278,6 +278,15 @@ impl Lab {
         Ok(k)
     }
 
+    /// Readies the fabric for node `node`'s XDP acceleration: its uplink's
+    /// peer (the fabric port) takes the frames XDP sends back out of the
+    /// uplink (XDP_TX) only with GRO on (`Sandbox::veth_gro`; README, XDP
+    /// acceleration). Without it the kernel drops every one of them.
+    pub fn accelerate_fabric(&self, node: usize) -> anyhow::Result<()> {
+        self.sb.veth_gro(&self.fabric, &format!("p{node}"))?;
+        Ok(())
+    }
+
     /// Adds an address to a node (e.g. a load-balancer VIP configured locally).
     pub fn add_node_address(&mut self, node: usize, ip: IpAddr) -> anyhow::Result<()> {
         let len = if v4(ip) { 32 } else { 128 };
