@@ -193,14 +193,17 @@ static __always_inline __u16 csum_apply(__u16 check, __u32 delta)
 	return (__u16)~s;
 }
 
-/* Sets the frame's MAC addresses to the next hop's and sends it: back out
- * of the device it came in by (XDP_TX), or out of another (redirect). */
+/* Sets the frame's MAC addresses to the next hop's and sends it out of
+ * out->ifindex with a redirect, also when that is the device it came in by.
+ * Not XDP_TX there: on veth, frames sent back with XDP_TX are handed to the
+ * peer but its NAPI is woken only when the peer runs an XDP program of its
+ * own (veth_xdp_flush); with GRO alone they wait for the peer's next
+ * packet (found in the lab: seconds). A redirect's flush always wakes it;
+ * on a NIC's driver the cost is the same transmit path. */
 static __always_inline int xdp_out_to(struct xdp_md *ctx, struct ethhdr *eth, const struct xdp_out *out)
 {
 	__builtin_memcpy(eth->h_dest, out->dmac, 6);
 	__builtin_memcpy(eth->h_source, out->smac, 6);
-	if (out->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
 	return bpf_redirect(out->ifindex, 0);
 }
 

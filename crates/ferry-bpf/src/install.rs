@@ -12,10 +12,10 @@ use crate::migrate::Carried;
 use crate::skel::netdev::{NetdevSkelBuilder, OpenNetdevSkel};
 use crate::skel::sock::{OpenSockSkel, SockSkelBuilder};
 use crate::system::{self, SystemError};
+use ferry_model::Acceleration;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, MapHandle, OpenMapMut, ProgramMut};
 use std::mem::MaybeUninit;
-use ferry_model::Acceleration;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
@@ -696,7 +696,8 @@ fn attach_xdp(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, Insta
     let step = || format!("attaching the XDP program to ifindex {ifindex} in driver mode");
     // SAFETY: a valid program fd; libbpf returns a new link fd or a negative errno.
     // libbpf-rs has no driver-mode XDP link (its attach_xdp lets the kernel pick generic mode).
-    let fd = unsafe { libbpf_sys::bpf_link_create(prog.as_fd().as_raw_fd(), ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
+    let fd =
+        unsafe { libbpf_sys::bpf_link_create(prog.as_fd().as_raw_fd(), ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
     if fd < 0 {
         return Err(InstallError::Libbpf { step: step(), source: libbpf_rs::Error::from_raw_os_error(-fd) });
     }

@@ -204,12 +204,30 @@ impl Sandbox {
     /// another device's XDP program sends into it (XDP_TX from its peer,
     /// XDP_REDIRECT to it) only with its NAPI running, which GRO (or an XDP
     /// program of its own) turns on; otherwise the kernel drops them. The
-    /// same as `ethtool -K ifname gro on` (ETHTOOL_SGRO), without needing ethtool.
+    /// same as `ethtool -K ifname gro on`, without needing ethtool.
     pub fn veth_gro(&self, host: &Host, ifname: &str) -> Result<(), SandboxError> {
+        const ETHTOOL_SGRO: u32 = 0x2c;
+        self.ethtool_set(host, ifname, ETHTOOL_SGRO, 1, "turning GRO on")
+    }
+
+    /// Turns transmit checksum offload off for `ifname` in `host`, so its
+    /// packets leave with complete TCP/UDP checksums. A veth otherwise hands
+    /// on packets whose checksum field holds only the pseudo-header's sum
+    /// (the skb says the rest is still to be done), which an XDP program
+    /// further on cannot tell (no skb): after it rewrote and sent the frame,
+    /// the receiver finds a wrong checksum. Real NICs receive complete
+    /// checksums. The same as `ethtool -K ifname tx off`.
+    pub fn tx_checksum_off(&self, host: &Host, ifname: &str) -> Result<(), SandboxError> {
+        const ETHTOOL_STXCSUM: u32 = 0x17;
+        self.ethtool_set(host, ifname, ETHTOOL_STXCSUM, 0, "turning transmit checksum offload off")
+    }
+
+    /// One legacy ethtool "set" command (`struct ethtool_value`) on `ifname` in `host`.
+    fn ethtool_set(&self, host: &Host, ifname: &str, cmd: u32, data: u32, what: &str) -> Result<(), SandboxError> {
         naming::check_ifname(ifname)?;
         let path = self.netns_path(host);
-        let io = |what: &str, source: io::Error| SandboxError::Io {
-            what: format!("{what} for {ifname} in {}", host.netns),
+        let io = |step: &str, source: io::Error| SandboxError::Io {
+            what: format!("{what} ({step}) for {ifname} in {}", host.netns),
             path: path.clone(),
             source,
             hint: "",
@@ -233,9 +251,8 @@ impl Sandbox {
                     cmd: u32,
                     data: u32,
                 }
-                const ETHTOOL_SGRO: u32 = 0x2c;
                 const SIOCETHTOOL: libc::c_ulong = 0x8946;
-                let mut value = EthtoolValue { cmd: ETHTOOL_SGRO, data: 1 };
+                let mut value = EthtoolValue { cmd, data };
                 // SAFETY: an all-zero ifreq is valid; the name is shorter than IFNAMSIZ (checked above).
                 let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
                 for (d, b) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
@@ -247,7 +264,7 @@ impl Sandbox {
                 let err = io::Error::last_os_error();
                 // SAFETY: closing the socket opened above.
                 unsafe { libc::close(fd) };
-                if rc < 0 { Err(io("turning GRO on (ETHTOOL_SGRO)", err)) } else { Ok(()) }
+                if rc < 0 { Err(io("SIOCETHTOOL", err)) } else { Ok(()) }
             })
             .join()
             .unwrap_or_else(|e| std::panic::resume_unwind(e))

@@ -16,7 +16,7 @@
 //! never skipped.
 
 use ferry::lab::{At, Lab};
-use ferry_sandbox::probe::{ConnectOpts, Endpoint, Proto, ServeOpts};
+use ferry_sandbox::probe::{ConnectOpts, Endpoint, Observation, Proto, ServeOpts};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -77,9 +77,25 @@ fn service(name: &str, n: u8, np: u16, endpoints: &[PodRef]) -> String {
     )
 }
 
-/// NodePorts: `far` (b21, on node-b) 30090/30091, `near` (a21, on node-a) 30070/30071.
+/// NodePorts: `far` (b21, on node-b) 30090/30091, `near` (a21, on node-a)
+/// 30070/30071, `closed` (b21's UDP port 5399, where nothing listens) 30095.
 const FAR: u16 = 30090;
 const NEAR: u16 = 30070;
+const CLOSED: u16 = 30095;
+
+/// The Service `closed`: UDP 54 -> b21:5399 (nothing listens there), NodePort 30095.
+fn closed_service() -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: closed, namespace: test}}\nspec:\n  type: NodePort\n  \
+         clusterIP: 10.96.0.5\n  ipFamilies: [IPv4]\n  ports:\n  \
+         - {{name: dns, port: 54, protocol: UDP, targetPort: 5399, nodePort: {CLOSED}}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: closed-v4, namespace: test, \
+         labels: {{kubernetes.io/service-name: closed}}}}\naddressType: IPv4\nendpoints:\n\
+         - {{addresses: [\"{}\"], nodeName: node-b, conditions: {{ready: true}}}}\n\
+         ports: [{{name: dns, port: 5399, protocol: UDP}}]\n",
+        B21.ip()
+    )
+}
 
 /// node-a (acceleration native) and node-b in `mode`, the client, a21 and
 /// b21 serving, the Services `far` and `near`, the Node objects.
@@ -89,13 +105,16 @@ fn cluster(tag: &str, mode: &str) -> Lab {
     lab.add_external("client", &[client_ip(), ip("2001:db8::10")], NODE_A).unwrap();
     for p in [A21, B21] {
         let j = lab.add_pod(p.0, &p.name(), &[p.ip()]).unwrap();
-        let listen =
-            vec![Endpoint::tcp(SocketAddr::new(p.ip(), TCP_TARGET)), Endpoint::udp(SocketAddr::new(p.ip(), UDP_TARGET))];
+        let listen = vec![
+            Endpoint::tcp(SocketAddr::new(p.ip(), TCP_TARGET)),
+            Endpoint::udp(SocketAddr::new(p.ip(), UDP_TARGET)),
+        ];
         let mut opts = ServeOpts::new(&p.name(), listen);
         opts.echo_lines = true;
         lab.serve_with(At::Pod(p.0, j), opts).unwrap();
     }
     let mut manifests = service("far", 9, FAR, &[B21]);
+    manifests.push_str(&closed_service());
     manifests.push_str(&service("near", 7, NEAR, &[A21]));
     manifests.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24"]));
     manifests.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24"]));
@@ -110,6 +129,13 @@ fn cluster(tag: &str, mode: &str) -> Lab {
         lab.write_manifests(node, &manifests).unwrap();
         lab.start_agent(node).unwrap_or_else(|e| panic!("starting the agent of node {node}: {e:#}"));
     }
+    // XDP sends only to resolved neighbours (tc resolves the first one:
+    // xdp_pass_fib); node-a knows node-b's MAC address from here on, as a
+    // node on a busy network does.
+    let mut hello = ConnectOpts::new(Endpoint::udp(SocketAddr::new(IpAddr::V4(lab.nodes[NODE_B].primary_v4), 9)));
+    hello.connected_udp = true;
+    let o = lab.connect(At::Node(NODE_A), &hello).unwrap();
+    assert!(matches!(o, Observation::Refused { .. }), "node-a cannot reach node-b: {o:?}");
     lab
 }
 
@@ -160,8 +186,8 @@ fn assert_xdp_attached(lab: &Lab) {
 /// snat mode: NodePort and LB IP to a backend on node-b are handled at XDP
 /// on node-a in both directions (DNAT + SNAT out, the reply back to the
 /// client), tc translating none of it; to a backend on node-a, XDP passes
-/// the packets to tc, which delivers them; fragmented UDP and ICMP pass to
-/// tc as well and still work.
+/// the packets to tc, which delivers them; fragmented UDP and an ICMP error
+/// pass to tc as well and still work.
 #[test]
 fn nodeport_to_a_remote_and_a_local_backend_with_xdp() {
     let lab = cluster("xdpnp", "snat");
@@ -207,14 +233,18 @@ fn nodeport_to_a_remote_and_a_local_backend_with_xdp() {
     assert!(a.get("xdp_pass_shape").copied().unwrap_or(0) >= 2, "fragments passed to tc: {a:?}");
     assert!(a.get("frag_first").copied().unwrap_or(0) >= 1, "tc handled the fragments: {a:?}");
 
-    // ICMP echo to node-a: passed to the kernel, which answers.
+    // ICMP: b21 answers a datagram to a port nothing listens on with a port
+    // unreachable, which comes back to node-a's SNAT address: XDP passes it,
+    // tc turns it back into one about the client's own flow.
+    let fe = SocketAddr::new(na, CLOSED);
     let a0 = counters(&lab, NODE_A);
-    let mut ping = lab.sb.command(lab.host(CLIENT), "ping");
-    ping.args(["-c", "1", "-W", "5", "-I", "203.0.113.10", &na.to_string()]);
-    let out = ping.output().expect("running ping");
-    assert!(out.status.success(), "ping node-a: {}", String::from_utf8_lossy(&out.stdout));
+    let mut o = opts(Proto::Udp, fe);
+    o.connected_udp = true;
+    let got = lab.connect(CLIENT, &o).unwrap();
+    assert!(matches!(got, Observation::Refused { .. }), "{fe}/udp to a closed port: {got:?}\n{}", diag(&lab));
     let a = moved(&a0, &counters(&lab, NODE_A));
-    assert!(a.get("xdp_pass_shape").copied().unwrap_or(0) >= 1, "ICMP passed to tc: {a:?}");
+    assert!(a.get("xdp_pass_shape").copied().unwrap_or(0) >= 1, "ICMP error passed to tc: {a:?}");
+    assert_eq!(a.get("icmp_error_rev"), Some(&1), "tc translated the ICMP error back: {a:?}");
 }
 
 /// dsr mode: a new connection to a backend on node-b is tunnelled by XDP

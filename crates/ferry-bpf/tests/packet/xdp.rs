@@ -8,13 +8,13 @@
 //! does not: the next hops' neighbour entries (XDP writes the MAC addresses
 //! itself; tc leaves that to `bpf_redirect_neigh`) and eth0 marked an
 //! external device in `ferry_devices` (XDP sends only out of devices that
-//! carry its program). eth0 is both the way in and the way out here, so a
-//! sent packet is `XDP_TX`.
+//! carry its program). eth0 is both the way in and the way out here; XDP
+//! sends with a redirect either way (`XDP_REDIRECT`; xdp.h says why not XDP_TX).
 
 use crate::wire::*;
 use crate::{
-    Be, Dp, Hook, NODE4, NODE6, Ran, Rig, TC_ACT_REDIRECT, every_class, frontend, ip, moved, node_setup, nodeport, service,
-    ttl,
+    Be, Dp, Hook, NODE4, NODE6, Ran, Rig, TC_ACT_REDIRECT, every_class, frontend, ip, moved, node_setup, nodeport,
+    service, ttl,
 };
 use ferry_bpf::MapOp;
 use ferry_bpf::entries::*;
@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 const XDP_PASS: i32 = 2;
-const XDP_TX: i32 = 3;
+const XDP_REDIRECT: i32 = 4;
 
 const CLIENT4: &str = "198.51.100.7";
 const CLIENT6: &str = "2001:db8:100::7";
@@ -101,7 +101,7 @@ fn sent_to(next_hop: [u8; 6], want: Vec<u8>) -> Vec<u8> {
 
 /// NodePort to a backend on another node at XDP: DNAT + SNAT, TTL - 1,
 /// checksums, the next hop's MAC addresses, sent back out of eth0
-/// (XDP_TX); the backend's reply turned back into (frontend -> client) the
+/// (a redirect to eth0); the backend's reply turned back into (frontend -> client) the
 /// same way; the next packet follows the flow. tc then finds the same flow
 /// (shared conntrack): its next packet is a tracked one. IPv4 and IPv6, TCP
 /// and UDP.
@@ -117,7 +117,12 @@ fn xdp_nodeport_remote_backend_dnat_snat_and_reply() {
         (4, PROTO_UDP, NODE6, CLIENT6, REMOTE6, 30053),
     ];
     for (id, proto, node, _, backend, port) in cases {
-        setup.extend(service(id, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(100 + id, backend, 8080, false)]));
+        setup.extend(service(
+            id,
+            every_class(ACT_FORWARD_CLUSTER | ACT_MASQ),
+            0,
+            &[Be(100 + id, backend, 8080, false)],
+        ));
         let family = if ip(node).is_ipv4() { FAM_V4 } else { FAM_V6 };
         setup.push(nodeport(port, proto, family, id));
     }
@@ -127,7 +132,7 @@ fn xdp_nodeport_remote_backend_dnat_snat_and_reply() {
             let cport = 20000 + id as u16;
             let what = format!("service {id} proto {proto} {client} -> {node}:{port}");
             let ran = dp.xdp(&frame(ip(client), ip(node), &seg(proto, cport, port, 0x02), IpOpts::default()));
-            assert_eq!(ran.verdict, XDP_TX, "{what}: sent back out of eth0 at XDP");
+            assert_eq!(ran.verdict, XDP_REDIRECT, "{what}: sent back out of eth0 at XDP");
             check(&ran.out);
             let want = frame(ip(node), ip(backend), &seg(proto, cport, 8080, 0x02), ttl(63));
             assert_eq!(ran.out, sent_to(PEER_MAC, want), "{what}: DNAT + SNAT, TTL - 1, next hop's MACs");
@@ -135,7 +140,7 @@ fn xdp_nodeport_remote_backend_dnat_snat_and_reply() {
 
             let reply = frame(ip(backend), ip(node), &seg(proto, 8080, cport, 0x12), IpOpts::default());
             let ran = dp.xdp(&reply);
-            assert_eq!(ran.verdict, XDP_TX, "{what}: reply sent at XDP");
+            assert_eq!(ran.verdict, XDP_REDIRECT, "{what}: reply sent at XDP");
             check(&ran.out);
             let want = frame(ip(node), ip(client), &seg(proto, port, cport, 0x12), ttl(63));
             assert_eq!(ran.out, sent_to(GATEWAY_MAC, want), "{what}: reply from the frontend to the client");
@@ -143,7 +148,7 @@ fn xdp_nodeport_remote_backend_dnat_snat_and_reply() {
 
             let next = frame(ip(client), ip(node), &seg(proto, cport, port, 0x10), IpOpts::default());
             let ran = dp.xdp(&next);
-            assert_eq!(ran.verdict, XDP_TX, "{what}: next packet at XDP");
+            assert_eq!(ran.verdict, XDP_REDIRECT, "{what}: next packet at XDP");
             let want = frame(ip(node), ip(backend), &seg(proto, cport, 8080, 0x10), ttl(63));
             assert_eq!(ran.out, sent_to(PEER_MAC, want.clone()), "{what}: tracked at XDP");
             assert_eq!(ran.moved, moved(&[("xdp_forward", 1)]), "{what}: counters");
@@ -194,12 +199,15 @@ fn xdp_passes_what_it_leaves_to_tc_untouched() {
         let mut first_fragment =
             frame(ip(CLIENT4), ip(NODE4), &udp(40000, 30053, b"ferry udp payload"), IpOpts::default());
         first_fragment[14 + 6] = 0x20; // more fragments
-        let c = fold(sum16(&{
-            let mut h = first_fragment[14..34].to_vec();
-            h[10] = 0;
-            h[11] = 0;
-            h
-        }, 0));
+        let c = fold(sum16(
+            &{
+                let mut h = first_fragment[14..34].to_vec();
+                h[10] = 0;
+                h[11] = 0;
+                h
+            },
+            0,
+        ));
         first_fragment[24..26].copy_from_slice(&c.to_be_bytes());
         pass("first fragment", &first_fragment, &[("xdp_pass_shape", 1)]);
         let echo = frame(ip(CLIENT4), ip(NODE4), &icmp(PROTO_ICMP, 8, 0, [0, 7, 0, 1], b"ping"), IpOpts::default());
@@ -264,7 +272,7 @@ fn xdp_dsr_tunnels_a_new_flow_and_the_rest_of_it() {
         {
             let l4 = tcp(41000, 30080, flags, b"GET /");
             let ran = dp.xdp(&frame(ip(CLIENT4), ip(NODE4), &l4, IpOpts::default()));
-            assert_eq!(ran.verdict, XDP_TX, "packet {i}: tunnelled at XDP");
+            assert_eq!(ran.verdict, XDP_REDIRECT, "packet {i}: tunnelled at XDP");
             assert_eq!(ran.out[..12], [PEER_MAC, ETH0_MAC].concat(), "packet {i}: to the peer node's MAC");
             let (src, dst, outer_ttl, df, inner) = check_ipip(&ran.out);
             assert_eq!((src, dst), (ip(NODE4), IpAddr::V4(peer)), "packet {i}: outer header");

@@ -468,7 +468,8 @@ mod settings_tests {
     #[test]
     fn acceleration_is_disabled_native_or_best_effort() {
         use ferry_model::Acceleration as A;
-        let parse = |t: &str| parse_file("a.yaml", t).and_then(|f| build("a.yaml", f, &NodeFlags::default())).map(|s| s.node);
+        let parse =
+            |t: &str| parse_file("a.yaml", t).and_then(|f| build("a.yaml", f, &NodeFlags::default())).map(|s| s.node);
         assert_eq!(parse("nodeName: a\n").unwrap().acceleration, A::Disabled, "disabled by default");
         assert_eq!(parse("acceleration: native\n").unwrap().acceleration, A::Native);
         assert_eq!(parse("acceleration: best-effort\n").unwrap().acceleration, A::BestEffort);
