@@ -495,7 +495,7 @@ fn attach_all(
     links_dir: &Path,
     skel: &crate::skel::sock::SockSkel,
     tc: Option<&crate::skel::netdev::NetdevSkel>,
-) -> Result<(usize, usize, (Vec<AttachedDevice>, Vec<String>)), InstallError> {
+) -> Result<(usize, usize, DevicesAttached), InstallError> {
     let cg = std::fs::File::open(&opts.cgroup)
         .map_err(|source| InstallError::Cgroup { path: opts.cgroup.clone(), source })?;
     let progs = &skel.progs;
@@ -595,13 +595,17 @@ pub fn attach_tcx_unpinned(prog: &ProgramMut, ifindex: u32) -> Result<Link, Inst
     Ok(unsafe { Link::from_ptr(ptr) })
 }
 
+/// The devices carrying the per-packet programs, and the names of those
+/// whose XDP program is attached too.
+type DevicesAttached = (Vec<AttachedDevice>, Vec<String>);
+
 fn attach_devices(
     opts: &InstallOptions,
     links_dir: &Path,
     tc: Option<&crate::skel::netdev::NetdevSkel>,
     updated: &mut usize,
     attached: &mut usize,
-) -> Result<(Vec<AttachedDevice>, Vec<String>), InstallError> {
+) -> Result<DevicesAttached, InstallError> {
     let mut wanted = std::collections::BTreeSet::new();
     let mut devices = Vec::new();
     let mut accelerated = Vec::new();
