@@ -84,7 +84,7 @@ enum ferry_stat {
 	STAT_XDP_DSR_ENCAP,       /* XDP: packets tunnelled (IPIP) to a backend's node, first ones included */
 	STAT_XDP_PASS_SHAPE,      /* XDP: passed to tc for its shape: fragment, IPv4 options, IPv6 extension header, ICMP, SCTP, a tunnel, other protocols */
 	STAT_XDP_PASS_TC,         /* XDP: passed to tc for its verdict: local or hairpin backend, reject/drop/policy/source-range verdicts, ClusterIP, lost or reopened flows, SYN-ACK MSS clamp, a table that refused an entry */
-	STAT_XDP_PASS_FIB,        /* XDP: passed to tc: no forwarding result (no route, unresolved neighbour, too big for the MTU, local, or an egress device without the XDP program) */
+	STAT_XDP_PASS_FIB,        /* XDP: passed to tc: no forwarding result (no route, unresolved neighbour, too big for the MTU, local, or out of another device than the way in) */
 	STAT_COUNT_,
 };
 
