@@ -310,7 +310,7 @@ __attribute__((noinline)) int xdp_send_dsr(struct xdp_md *ctx, const struct xdp_
 	outer.tos = ip->tos;
 	outer.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + DSR_OVERHEAD);
 	outer.id = out->tag;
-	outer.frag_off = bpf_htons(0x4000);
+	outer.frag_off = bpf_htons(IP_DF_);
 	outer.ttl = DSR_TTL;
 	outer.protocol = IPPROTO_IPIP_;
 	outer.saddr = out->outer_src;
