@@ -2,7 +2,7 @@
 //! real kernel: `native` attaches `ferry_xdp` in driver mode to an external
 //! veth through a pinned link, a restart swaps the program inside that link,
 //! a device without native XDP (a bridge) fails `native` by name and is left
-//! to tc by `best-effort`, and `disabled` detaches what was attached. What the
+//! to tc by `best-effort`, and `disabled` (or a downgrade) detaches what was attached. What the
 //! program does with packets is the packet tests' (`tests/packet/xdp.rs`) and
 //! the lab's (`crates/ferry/tests/packet_xdp.rs`).
 //!
@@ -104,6 +104,16 @@ fn native_attaches_best_effort_falls_back_disabled_detaches() {
             assert!(off.accelerated.is_empty());
             assert!(!xdp_on("ferry-up0") && !link.exists(), "disabled: the XDP program and its link are gone");
             assert!(pins.pin_dir.join("links/tcx_ext_ferry-up0_in").exists(), "tc stays");
+            drop(off);
+
+            // A downgrade detaches XDP: no older build would ever switch its link.
+            drop(install(Acceleration::Native, &["ferry-up0"]).expect("native again"));
+            assert!(xdp_on("ferry-up0"));
+            let older = ferry_bpf::layout::LAYOUT - 1;
+            let converted = ferry_bpf::downgrade::convert(&pins.pin_dir, older).expect("downgrade");
+            assert!(converted.is_some(), "a conversion to layout {older}");
+            assert!(!xdp_on("ferry-up0") && !link.exists(), "the downgrade detached XDP");
+            assert!(pins.pin_dir.join("links/tcx_ext_ferry-up0_in").exists(), "tc stays for the older agent");
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
