@@ -104,6 +104,7 @@ pub fn convert(pin_dir: &Path, to: u32) -> Result<Option<Converted>, DowngradeEr
         crate::layout::Downgrade::Refuse(r) => return Err(r.into()),
         crate::layout::Downgrade::Convert { from, to, rebuild, retire } => (from, to, rebuild, retire),
     };
+    detach_xdp(pin_dir);
     let links = link_programs(pin_dir);
     // Build every rebuilt map, unpinned, before any pin changes: a failure
     // here leaves the datapath exactly as it was.
@@ -205,6 +206,24 @@ fn pinned_names(pin_dir: &Path) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+/// Detaches the XDP programs (`acceleration`) before a downgrade: no older
+/// build knows them, so its agent would never switch their links, and they
+/// would go on serving from this layout's maps while tc serves from the
+/// older ones. tc does all they did, so traffic only takes the slower path.
+fn detach_xdp(pin_dir: &Path) {
+    for e in std::fs::read_dir(pin_dir.join("links")).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("xdp_") {
+            continue;
+        }
+        if let Ok(link) = libbpf_rs::Link::open(e.path()) {
+            let _ = link.detach();
+        }
+        let _ = std::fs::remove_file(e.path());
+        tracing::info!(link = %name, "XDP acceleration detached for the downgrade (older builds do not know it)");
+    }
 }
 
 fn link_program(path: &Path) -> Option<u32> {

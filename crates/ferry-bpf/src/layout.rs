@@ -64,6 +64,8 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     // on, README: Upgrades), so it is not FLOW_STATE and needs no REVERT row.
     ("ferry_tunnels", 4),
     ("ferry_dsr", 4),
+    // XDP acceleration (issue 14) added no map and changed none: its six
+    // counters are slots of ferry_stats's 128 (layout 5), additive.
 ];
 
 /// A copy of a retired map's live entries into this layout's maps

@@ -61,6 +61,12 @@ pub const NAMES: &[&str] = &[
     "dsr_mss_clamp",
     "dsr_endpoint_fallback",
     "dsr_frag_needed",
+    "xdp_new_flow",
+    "xdp_forward",
+    "xdp_dsr_encap",
+    "xdp_pass_shape",
+    "xdp_pass_tc",
+    "xdp_pass_fib",
 ];
 
 #[cfg(test)]

@@ -57,6 +57,8 @@ pub struct KernelRunner {
     /// `loadBalancing.mode` of the node under test, over the case's (`--lb-mode`;
     /// `dsr` and `hybrid`: see `super::dsr`).
     pub lb_mode: ferry_model::LoadBalancingMode,
+    /// `acceleration` of the node under test, over the case's (`--acceleration`).
+    pub acceleration: ferry_model::Acceleration,
 }
 
 /// Where a flow starts.
@@ -114,6 +116,7 @@ impl KernelRunner {
     pub fn run_case(&self, case: &Case, flows: &[ParsedFlow]) -> anyhow::Result<Vec<FlowOutcome>> {
         let mut cfg = case.node_config()?;
         cfg.load_balancing = self.lb_mode;
+        cfg.acceleration = self.acceleration;
         let mut state = case.cluster_state()?;
         let mut plan = build_plan(&state, &cfg);
         if cfg.load_balancing != ferry_model::LoadBalancingMode::Snat {
@@ -306,6 +309,9 @@ impl KernelRunner {
         );
         std::fs::write(&lab.nodes[node].config, extra)?;
         lab.write_manifests_json(node, spec.initial)?;
+        if cfg.acceleration != ferry_model::Acceleration::Disabled {
+            lab.accelerate_fabric(node)?;
+        }
         lab.start_agent(node).with_context(|| format!("starting the agent for {:?}", spec.name))?;
         if cfg.load_balancing != ferry_model::LoadBalancingMode::Snat {
             // DSR: the remote node unwraps the tunnel and answers (super::dsr).
@@ -415,6 +421,10 @@ pub(crate) fn observe(o: &Observation, flow: &ParsedFlow, snat: &BTreeSet<IpAddr
 /// For debugging a datapath: what the agent of the node under test said, and its nftables.
 pub(crate) fn debug_dump(b: &Built, name: &str) {
     eprintln!("--- agent log of {name:?}:\n{}", b.lab.agent_log(0));
+    if let Ok(c) = b.lab.counters(0) {
+        let moved: Vec<String> = c.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!("--- datapath counters of the node under test: {}", moved.join(" "));
+    }
     let host = b.lab.nodes[0].host.clone();
     let mut cmd = b.lab.sb.command(&host, "nft");
     cmd.args(["list", "ruleset"]);
