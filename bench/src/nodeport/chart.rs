@@ -1,7 +1,7 @@
-//! Latency percentile charts as hand-written SVG: latency (x, linear µs,
-//! from the tick below the fastest sample) against percentile (y, on a scale
-//! that opens up the tail: 0, 90, 99, 99.9 % equally spaced, i.e.
-//! -log10(1 - p)), one line per path. A line
+//! Latency percentile charts as hand-written SVG: latency (x, µs on a log
+//! scale, so that a body of a few µs and a tail of milliseconds both show)
+//! against percentile (y, on a scale that opens up the tail: 0, 90, 99,
+//! 99.9 % equally spaced, i.e. -log10(1 - p)), one line per path. A line
 //! further left is faster; where two lines part tells whether a path is
 //! slower everywhere or only in its tail.
 
@@ -21,31 +21,49 @@ fn nines(p: f64) -> f64 {
     -(1.0 - p / 100.0).max(1e-6).log10()
 }
 
-/// A round step for about `n` ticks over 0..max.
-fn step(max: f64, n: f64) -> f64 {
-    let raw = (max / n).max(1e-9);
-    let mag = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag)
+/// 1-2-5 ticks from `lo` to `hi` (both on the 1-2-5 grid).
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut e = lo.log10().floor() as i32;
+    while out.len() < 64 {
+        for m in [1.0, 2.0, 5.0] {
+            let t = m * 10f64.powi(e);
+            if t >= lo * 0.999 && t <= hi * 1.001 {
+                out.push(t);
+            }
+        }
+        if 10f64.powi(e) > hi {
+            break;
+        }
+        e += 1;
+    }
+    out
 }
 
-/// An SVG document: `title` on top; x = µs up to the largest 99.9th percentile, y = percentile to 99.9.
+/// The 1-2-5 value at or below `x` (`down`) or at or above it.
+fn grid(x: f64, down: bool) -> f64 {
+    let e = x.log10().floor() as i32;
+    let steps = [1.0, 2.0, 5.0, 10.0].map(|m| m * 10f64.powi(e));
+    if down {
+        steps.iter().rev().copied().find(|t| *t <= x * 1.0001).unwrap_or(steps[0])
+    } else {
+        steps.iter().copied().find(|t| *t >= x * 0.9999).unwrap_or(steps[3])
+    }
+}
+
+/// An SVG document: `title` on top; x = µs (log scale) from the fastest sample to the largest
+/// 99.9th percentile, y = percentile to 99.9.
 pub fn svg(title: &str, lines: &[Line]) -> String {
     let (w, h) = (760.0, 460.0);
     let (left, right, top, bottom) = (70.0, 250.0, 44.0, 56.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let top_nines = 3.0;
-    let xmax_raw = lines
-        .iter()
-        .flat_map(|l| l.points.iter())
-        .filter(|(p, _)| *p <= 99.9 + 1e-9)
-        .map(|(_, us)| *us)
-        .fold(0.0, f64::max);
-    let xmin_raw = lines.iter().flat_map(|l| l.points.iter()).map(|(_, us)| *us).fold(f64::INFINITY, f64::min);
-    let dx = step((xmax_raw - xmin_raw.min(xmax_raw)).max(1.0), 8.0);
-    let xmax = (xmax_raw / dx).ceil().max(1.0) * dx;
-    // From the last tick below the fastest sample: the paths differ by µs, not by tens of them.
-    let xmin = if xmin_raw.is_finite() { ((xmin_raw / dx).floor() * dx).min(xmax - dx).max(0.0) } else { 0.0 };
-    let sx = |us: f64| left + (us.clamp(xmin, xmax) - xmin) / (xmax - xmin) * pw;
+    let shown = || lines.iter().flat_map(|l| l.points.iter()).filter(|(p, us)| *p <= 99.9 + 1e-9 && *us > 0.0);
+    let hi = shown().map(|(_, us)| *us).fold(0.0, f64::max);
+    let lo = shown().map(|(_, us)| *us).fold(f64::INFINITY, f64::min);
+    let (xmin, xmax) = if hi > 0.0 { (grid(lo, true), grid(hi, false)) } else { (1.0, 10.0) };
+    let xmax = if xmax > xmin { xmax } else { xmin * 2.0 };
+    let sx = |us: f64| left + (us.clamp(xmin, xmax).log10() - xmin.log10()) / (xmax.log10() - xmin.log10()) * pw;
     let sy = |p: f64| top + ph - nines(p).min(top_nines) / top_nines * ph;
     let mut s = String::new();
     let _ = writeln!(
@@ -54,12 +72,10 @@ pub fn svg(title: &str, lines: &[Line]) -> String {
     );
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
     let _ = writeln!(s, r#"<text x="{left}" y="24" font-size="15" font-weight="bold">{}</text>"#, escape(title));
-    let mut x = xmin;
-    while x <= xmax + 1e-9 {
+    for x in ticks(xmin, xmax) {
         let px = sx(x);
         let _ = writeln!(s, r##"<line x1="{px:.1}" y1="{top}" x2="{px:.1}" y2="{:.1}" stroke="#ddd"/>"##, top + ph);
         let _ = writeln!(s, r#"<text x="{px:.1}" y="{:.1}" text-anchor="middle">{x}</text>"#, top + ph + 18.0);
-        x += dx;
     }
     for (p, label) in [(0.0, "0 %"), (50.0, "50 %"), (90.0, "90 %"), (99.0, "99 %"), (99.9, "99.9 %")] {
         let py = sy(p);
@@ -67,7 +83,12 @@ pub fn svg(title: &str, lines: &[Line]) -> String {
         let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#, left - 6.0, py + 4.0);
     }
     let _ = writeln!(s, r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##);
-    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">µs</text>"#, left + pw / 2.0, h - 14.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">µs (log scale)</text>"#,
+        left + pw / 2.0,
+        h - 14.0
+    );
     let _ = writeln!(
         s,
         r#"<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">percentile (tail opened up)</text>"#,
@@ -112,7 +133,8 @@ mod tests {
         assert!((nines(90.0) - 1.0).abs() < 1e-9);
         assert!((nines(99.0) - 2.0).abs() < 1e-9);
         assert!((nines(99.9) - 3.0).abs() < 1e-9);
-        assert_eq!(step(37.0, 8.0), 5.0);
+        assert_eq!(ticks(5.0, 200.0), [5.0, 10.0, 20.0, 50.0, 100.0, 200.0]);
+        assert_eq!((grid(6.3, true), grid(6.3, false)), (5.0, 10.0));
     }
 
     #[test]
