@@ -43,7 +43,8 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Datapaths to measure, comma-separated; each gets a two-node lab of its own.
+    /// Datapaths to measure, comma-separated; each gets a two-node lab of its own (bpf: one per
+    /// --lb-modes and --accelerations combination).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Datapath::Bpf, Datapath::Nftables])]
     datapaths: Vec<Datapath>,
     /// loadBalancing.mode of the BPF labs, comma-separated: one lab per mode (and acceleration).
@@ -57,7 +58,7 @@ struct RunArgs {
     /// new-connection run and one held-connection run.
     #[arg(long, default_value_t = 20)]
     rounds: usize,
-    /// New connections per arm in each round (5 arms, interleaved connection by connection).
+    /// New connections per arm in each round (6 arms, interleaved connection by connection).
     #[arg(long, default_value_t = 1000)]
     per_round: usize,
     /// Requests per arm on the held connections in each round (interleaved request by request).
