@@ -18,6 +18,10 @@
  *                      on to the ingress they came in by (loop.h).
  *   ferry_defrag_note  netfilter, in the defrag loop's namespace: notes the
  *                      length of each reassembled SCTP packet (loop.h).
+ *   ferry_xdp          XDP on an uplink (acceleration: native | best-effort):
+ *                      the part of ferry_from_netdev's work on outside
+ *                      traffic that needs no skb, before the kernel makes
+ *                      one; everything else passes to tc unchanged (xdp.h).
  *
  * A packet's journey: parse -> neither to an address ferry serves nor from
  * a backend it translated for? pass it on at once (the fast path) ->
@@ -39,6 +43,7 @@
 #include "lib/frag.h"
 #include "lib/loop.h"
 #include "lib/dsr.h"
+#include "lib/xdp.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -170,17 +175,13 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 		ct_forget(&k, v, p, in_new);
 		return -1;
 	}
-	ct_refresh(v, p, dir, cfg, now, in_new);
 	__u32 src[4], dst[4];
 	__builtin_memcpy(src, v->new_src, 16);
 	__builtin_memcpy(dst, v->new_dst, 16);
 	__be16 sport = v->new_sport, dport = v->new_dport;
 	__u8 v_flags = v->flags;
 	/* Copied out first: confirming removes v from ferry_ct_new. */
-	if (in_new && ct_confirms(v, p, dir)) {
-		v->expires_ns = now + ct_lifetime(cfg, p->proto, v->flags, 0);
-		ct_confirm(&k, v, p->proto, p->family, dir);
-	}
+	ct_follow(&k, v, p, dir, cfg, now, in_new);
 	if (nat_rewrite(skb, p, src, sport, dst, dport) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	/* DSR: a local endpoint's SYN-ACK to a client whose address was kept (dsr.h). */
@@ -508,6 +509,219 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 		rc = dsr_new_flow(skb, &p, cfg);
 	if (p.frag == FRAG_FIRST)
 		frag_remember(&p, rc);
+	return rc;
+}
+
+/* ---- XDP acceleration (xdp.h) ----
+ *
+ * The same decisions as ferry_from_netdev, in the same order, from the same
+ * maps and helpers: a DSR flow, a tracked flow, a new flow to a frontend.
+ * Whatever tc would answer other than "translate and send it out of an
+ * uplink" (deliver locally, reject, drop, a verdict XDP leaves to tc) is
+ * passed to tc untouched, which then decides it as it always did; state XDP
+ * wrote before a pass (an affinity, nothing else) is what tc would write. */
+
+/* What the steps below answer besides -1 ("not this step's") and an XDP
+ * action (a pass, counted): send the packet as `out` says, rewritten
+ * (xdp_send) or tunnelled (xdp_send_dsr). ferry_xdp sends it, so that no
+ * step's stack frame lies under the sending function's. */
+#define XDP_DO_SEND 0x100
+#define XDP_DO_TUNNEL 0x101
+
+/* A packet of a flow this node tunnels (DSR): into the tunnel as its first
+ * packet was. An entry that is over (dsr_over) is tc's to remove and
+ * balance anew. */
+__attribute__((noinline)) int xdp_dsr_tracked(struct xdp_md *ctx, struct pkt *p, const struct config *cfg,
+					      struct xdp_out *out)
+{
+	struct ct_key k;
+
+	if (!p || !cfg || !out)
+		return -1;
+	__u64 now = bpf_ktime_get_ns();
+	ct_key_of(&k, p, CT_ORIGINAL);
+	struct dsr_val *v = bpf_map_lookup_elem(&ferry_dsr, &k);
+	if (!v)
+		return -1;
+	if (dsr_over(v, p, now))
+		return xdp_pass(STAT_XDP_PASS_TC);
+	out->dst[0] = v->via;
+	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR_OVERHEAD, out))
+		return xdp_pass(STAT_XDP_PASS_FIB);
+	dsr_refresh(v, p, cfg, now);
+	out->via = v->via;
+	out->outer_src = v->outer_src;
+	out->tag = dsr_endpoint_tag(v->backend_addr);
+	return XDP_DO_TUNNEL;
+}
+
+/* One direction of xdp_tracked. */
+static __always_inline int xdp_track(struct xdp_md *ctx, struct pkt *p, const struct config *cfg,
+				     struct xdp_out *out, __u8 dir, __u64 now)
+{
+	struct ct_key k;
+	int in_new;
+
+	ct_key_of(&k, p, dir);
+	struct ct_val *v = ct_lookup(&k, now, &in_new);
+	if (!v)
+		return -1;
+	/* tc's: a SYN opening the 4-tuple of a closing flow anew (track), and
+	 * a SYN-ACK to a client whose address was kept (the DSR MSS clamp). */
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN) &&
+	    ((dir == CT_ORIGINAL && (v->flags & CT_CLOSING) && !(p->tcp_flags & TCP_FLAG_ACK)) ||
+	     (dir == CT_REPLY && !(v->flags & CT_SNAT))))
+		return xdp_pass(STAT_XDP_PASS_TC);
+	__builtin_memcpy(out->src, v->new_src, 16);
+	__builtin_memcpy(out->dst, v->new_dst, 16);
+	out->sport = v->new_sport;
+	out->dport = v->new_dport;
+	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx), out))
+		return xdp_pass(STAT_XDP_PASS_FIB);
+	ct_follow(&k, v, p, dir, cfg, now, in_new);
+	stat_inc(STAT_XDP_FORWARD);
+	return XDP_DO_SEND;
+}
+
+/* A packet of a tracked flow, in either direction (handle_tracked's order). */
+__attribute__((noinline)) int xdp_tracked(struct xdp_md *ctx, struct pkt *p, const struct config *cfg,
+					  struct xdp_out *out, int original_first)
+{
+	if (!p || !cfg || !out)
+		return -1;
+	__u64 now = bpf_ktime_get_ns();
+	__u8 first = original_first ? CT_ORIGINAL : CT_REPLY;
+	int rc = xdp_track(ctx, p, cfg, out, first, now);
+	if (rc >= 0)
+		return rc;
+	return xdp_track(ctx, p, cfg, out, first ^ 1, now);
+}
+
+/* A new flow DSR carries (new_flow's RC_DSR, then dsr_new_flow), to the
+ * backend `id` that out names. */
+static __always_inline int xdp_dsr_new(struct xdp_md *ctx, struct pkt *p, const struct config *cfg, __u32 via,
+				       __u32 id, __u32 service, struct xdp_out *out)
+{
+	__u32 zero = 0, backend_addr = out->dst[0];
+	__be16 backend_port = out->dport;
+	struct ct_scratch *s = bpf_map_lookup_elem(&ferry_ct_scratch, &zero);
+
+	if (!s)
+		return xdp_pass(STAT_XDP_PASS_TC);
+	out->dst[0] = via;
+	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR_OVERHEAD, out))
+		return xdp_pass(STAT_XDP_PASS_FIB);
+	fwd_snat_address(cfg, out->ifindex, FAM_V4, out->src);
+	s->dsr.via = via;
+	s->dsr.backend = id;
+	s->dsr.service = service;
+	s->dsr.backend_addr = backend_addr;
+	s->dsr.backend_port = backend_port;
+	if (dsr_record(s, p, cfg, out->src[0]) < 0)
+		return xdp_pass(STAT_XDP_PASS_TC);
+	out->via = via;
+	out->outer_src = out->src[0];
+	out->tag = dsr_endpoint_tag(backend_addr);
+	stat_inc(STAT_XDP_NEW_FLOW);
+	return XDP_DO_TUNNEL;
+}
+
+/* A first packet to a frontend (new_flow's decisions, in its order), for
+ * a NodePort, LoadBalancer IP or ExternalIP whose backend is on another
+ * node: DNAT (+SNAT as the model's route says), or DSR. */
+__attribute__((noinline)) int xdp_new(struct xdp_md *ctx, struct pkt *p, const struct config *cfg,
+				      struct xdp_out *out)
+{
+	if (!p || !cfg || !out)
+		return XDP_PASS;
+	struct fe_val *fe = lb_lookup_frontend(p->dst, p->family, p->dport, p->proto);
+	/* Not a frontend (the node's own traffic, an unallocated ClusterIP):
+	 * tc's to pass on or drop, uncounted here like any traffic not ours. */
+	if (!fe)
+		return XDP_PASS;
+	if (fe->kind == FE_CLUSTER_IP || fe->kind == FE_CLUSTER_IP_ANY_PORT)
+		return xdp_pass(STAT_XDP_PASS_TC);
+	__u32 service = fe->service;
+	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
+	if (!svc)
+		return xdp_pass(STAT_XDP_PASS_TC);
+	__u8 class = classify(p, cfg, HOOK_FROM_NETDEV);
+	if ((fe->flags & FE_FIREWALL) && !lb_firewall_allows(service, p->family, p->src))
+		return xdp_pass(STAT_XDP_PASS_TC);
+	__u8 act = lb_action(svc, fe, class);
+	if ((act & ACT_MASK) != ACT_FORWARD_CLUSTER && (act & ACT_MASK) != ACT_FORWARD_LOCAL)
+		return xdp_pass(STAT_XDP_PASS_TC);
+	/* Mid-flow TCP without conntrack: tc counts it (ct_lost) and balances it anew. */
+	if (p->proto == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
+		return xdp_pass(STAT_XDP_PASS_TC);
+
+	struct aff_key aff = {};
+	__builtin_memcpy(aff.client, p->src, 16);
+	__u8 set = (act & ACT_MASK) == ACT_FORWARD_LOCAL ? SET_LOCAL : SET_CLUSTER;
+	__u32 id = 0;
+	if ((svc->flags & SVC_MAGLEV) && !(svc->flags & SVC_AFFINITY))
+		id = lb_maglev(service, set, flow_hash(p->src, p->dst, p->sport, p->dport, p->proto), cfg->maglev_size);
+	if (!id)
+		id = lb_pick(service, svc, set, &aff);
+	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
+	/* A local backend is delivered by the kernel (tc); the client as its
+	 * own backend (hairpin) needs tc's SNAT to itself. */
+	if (!be || be->family != p->family || (be->flags & BE_LOCAL) || addr_eq(p->src, be->addr))
+		return xdp_pass(STAT_XDP_PASS_TC);
+	__builtin_memcpy(out->dst, be->addr, 16);
+	out->dport = be->port;
+	if (dsr_wanted(cfg, p, fe->kind, class)) {
+		__u32 via = dsr_tunnel_of(out->dst[0]);
+		if (via)
+			return xdp_dsr_new(ctx, p, cfg, via, id, service, out);
+		stat_inc(STAT_DSR_NO_TUNNEL);
+	}
+	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx), out))
+		return xdp_pass(STAT_XDP_PASS_FIB);
+	int masq = act & ACT_MASQ;
+	if (masq)
+		fwd_snat_address(cfg, out->ifindex, p->family, out->src);
+	else if (!note_peer(p->family, out->dst))
+		return xdp_pass(STAT_XDP_PASS_TC);
+	else
+		__builtin_memcpy(out->src, p->src, 16);
+	__u32 why = STAT_DROP_CT_INSERT;
+	__u64 now = bpf_ktime_get_ns();
+	out->sport = ct_create(p, cfg, out->src, p->sport, out->dst, out->dport, masq, service, id, now, &why);
+	if (!out->sport)
+		return xdp_pass(STAT_XDP_PASS_TC);
+	stat_inc(STAT_XDP_NEW_FLOW);
+	return XDP_DO_SEND;
+}
+
+SEC("xdp")
+int ferry_xdp(struct xdp_md *ctx)
+{
+	struct xdp_out out = {};
+	struct pkt p;
+	struct config *cfg = load_config();
+	int rc = -1;
+
+	if (!cfg)
+		return XDP_PASS;
+	enum xdp_seen seen = xdp_parse(ctx, &p, cfg);
+	if (seen == XDP_SEEN_NOT_OURS)
+		return XDP_PASS;
+	if (seen == XDP_SEEN_SHAPE)
+		return xdp_pass(STAT_XDP_PASS_SHAPE);
+	if ((cfg->flags & CFG_DSR_ANY) && p.family == FAM_V4)
+		rc = xdp_dsr_tracked(ctx, &p, cfg, &out);
+	if (rc < 0) {
+		/* As in handle: to a SNAT port, the reply direction first. */
+		__u16 dport = bpf_ntohs(p.dport);
+		rc = xdp_tracked(ctx, &p, cfg, &out, dport < cfg->nat_port_min || dport > cfg->nat_port_max);
+	}
+	if (rc < 0)
+		rc = xdp_new(ctx, &p, cfg, &out);
+	if (rc == XDP_DO_SEND)
+		return xdp_send(ctx, &p, &out);
+	if (rc == XDP_DO_TUNNEL)
+		return xdp_send_dsr(ctx, &out);
 	return rc;
 }
 

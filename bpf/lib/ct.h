@@ -160,6 +160,19 @@ static __attribute__((noinline)) void ct_confirm(const struct ct_key *k, struct 
 	stat_inc(STAT_CT_CONFIRM);
 }
 
+/* A packet of a tracked flow, its entry `k` -> `v` found: keeps the flow
+ * alive and confirms it when this packet does (ct_confirms). Confirming
+ * removes v from ferry_ct_new: the caller reads what it needs of v first. */
+static __always_inline void ct_follow(const struct ct_key *k, struct ct_val *v, const struct pkt *p, __u8 dir,
+				      const struct config *cfg, __u64 now, int in_new)
+{
+	ct_refresh(v, p, dir, cfg, now, in_new);
+	if (in_new && ct_confirms(v, p, dir)) {
+		v->expires_ns = now + ct_lifetime(cfg, p->proto, v->flags, 0);
+		ct_confirm(k, v, p->proto, p->family, dir);
+	}
+}
+
 /* Forgets a flow, given its original-direction key `k` (rewritten in place:
  * first into the reply entry's key, then back) and value. */
 static __always_inline void ct_forget(struct ct_key *k, const struct ct_val *v, const struct pkt *p, int in_new)

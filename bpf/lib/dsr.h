@@ -289,6 +289,40 @@ static __always_inline int dsr_pick(__u32 backend_addr, __be16 backend_port, __u
 	return 1;
 }
 
+/* Remembers the new flow dsr_pick noted in the scratch `s` in ferry_dsr,
+ * leaving from `outer_src` (tc and XDP alike). Returns 0, or -1 when the
+ * map refused it. */
+static __always_inline int dsr_record(struct ct_scratch *s, const struct pkt *p, const struct config *cfg,
+				      __u32 outer_src)
+{
+	ct_key_of(&s->rk, p, CT_ORIGINAL);
+	s->dsr.outer_src = outer_src;
+	s->dsr.flags = 0;
+	s->dsr.pad = 0;
+	s->dsr.expires_ns = bpf_ktime_get_ns() + dsr_lifetime(cfg, p, 0);
+	if (bpf_map_update_elem(&ferry_dsr, &s->rk, &s->dsr, BPF_ANY) < 0)
+		return -1;
+	stat_inc(STAT_DSR_NEW_FLOW);
+	return 0;
+}
+
+/* Keeps a DSR flow's entry alive after this packet of it. */
+static __always_inline void dsr_refresh(struct dsr_val *v, const struct pkt *p, const struct config *cfg, __u64 now)
+{
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		v->flags |= DSR_CLOSING;
+	v->expires_ns = now + dsr_lifetime(cfg, p, v->flags);
+}
+
+/* Whether a DSR flow's entry is done with: expired, or a SYN opens the
+ * 4-tuple of a closing flow anew. */
+static __always_inline int dsr_over(const struct dsr_val *v, const struct pkt *p, __u64 now)
+{
+	int reopen = p->proto == IPPROTO_TCP && (v->flags & DSR_CLOSING) &&
+		     (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	return v->expires_ns < now || reopen;
+}
+
 /* A new flow dsr_pick chose: remembered in ferry_dsr (key and value in
  * the scratch, off the stack), then tunnelled. */
 static __attribute__((noinline)) int dsr_new_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
@@ -303,14 +337,8 @@ static __attribute__((noinline)) int dsr_new_flow(struct __sk_buff *skb, struct 
 		return drop_packet(STAT_DROP_NO_ROUTE);
 	__u32 src[4];
 	fwd_snat_address(cfg, ifindex, FAM_V4, src);
-	ct_key_of(&s->rk, p, CT_ORIGINAL);
-	s->dsr.outer_src = src[0];
-	s->dsr.flags = 0;
-	s->dsr.pad = 0;
-	s->dsr.expires_ns = bpf_ktime_get_ns() + dsr_lifetime(cfg, p, 0);
-	if (bpf_map_update_elem(&ferry_dsr, &s->rk, &s->dsr, BPF_ANY) < 0)
+	if (dsr_record(s, p, cfg, src[0]) < 0)
 		return drop_packet(STAT_DROP_CT_INSERT);
-	stat_inc(STAT_DSR_NEW_FLOW);
 	return dsr_send(skb, p, src[0], via, s->dsr.backend_addr, ifindex);
 }
 
@@ -326,17 +354,13 @@ static __attribute__((noinline)) int dsr_tracked(struct __sk_buff *skb, struct p
 	struct dsr_val *v = bpf_map_lookup_elem(&ferry_dsr, &k);
 	if (!v)
 		return -1;
-	int reopen = p->proto == IPPROTO_TCP && (v->flags & DSR_CLOSING) &&
-		     (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	if (v->expires_ns < now || reopen) {
+	if (dsr_over(v, p, now)) {
 		bpf_map_delete_elem(&ferry_dsr, &k);
 		return -1;
 	}
 	if (p->frag != FRAG_NONE)
 		return drop_packet(STAT_DROP_UNSUPPORTED);
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
-		v->flags |= DSR_CLOSING;
-	v->expires_ns = now + dsr_lifetime(cfg, p, v->flags);
+	dsr_refresh(v, p, cfg, now);
 	__u32 outer_src = v->outer_src, via = v->via, backend_addr = v->backend_addr;
 	__u32 ifindex = dsr_egress(skb, p, via);
 	if (!ifindex)

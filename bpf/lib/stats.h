@@ -76,6 +76,15 @@ enum ferry_stat {
 	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the 20-byte outer header */
 	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60) */
 	STAT_DSR_ENDPOINT_FALLBACK, /* a tunnelled new flow whose carried endpoint (outer IPv4 Identification) names no unique local endpoint of its service: chosen among them here */
+	/* XDP acceleration (issue 14, xdp.h): what the XDP program did with a
+	 * packet sent to an address ferry serves. Drops are never made at XDP:
+	 * what would drop is passed to tc, which drops and counts it. */
+	STAT_XDP_NEW_FLOW,        /* XDP: a new flow load-balanced and sent on (DNAT, SNAT or DSR) before tc */
+	STAT_XDP_FORWARD,         /* XDP: a packet of a tracked flow translated and sent on (either direction) */
+	STAT_XDP_DSR_ENCAP,       /* XDP: packets tunnelled (IPIP) to a backend's node, first ones included */
+	STAT_XDP_PASS_SHAPE,      /* XDP: passed to tc for its shape: fragment, IPv4 options, IPv6 extension header, ICMP, SCTP, a tunnel, other protocols */
+	STAT_XDP_PASS_TC,         /* XDP: passed to tc for its verdict: local or hairpin backend, reject/drop/policy/source-range verdicts, ClusterIP, lost or reopened flows, SYN-ACK MSS clamp, a table that refused an entry */
+	STAT_XDP_PASS_FIB,        /* XDP: passed to tc: no forwarding result (no route, unresolved neighbour, too big for the MTU, local, or an egress device without the XDP program) */
 	STAT_COUNT_,
 };
 

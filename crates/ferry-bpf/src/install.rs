@@ -12,10 +12,11 @@ use crate::migrate::Carried;
 use crate::skel::netdev::{NetdevSkelBuilder, OpenNetdevSkel};
 use crate::skel::sock::{OpenSockSkel, SockSkelBuilder};
 use crate::system::{self, SystemError};
+use ferry_model::Acceleration;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{AsRawLibbpf, Link, MapCore, MapFlags, MapHandle, OpenMapMut, ProgramMut};
 use std::mem::MaybeUninit;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 /// The role of a node device the tc programs are attached to.
@@ -53,6 +54,11 @@ pub struct InstallOptions {
     /// an earlier install made, and fragments it would reassemble are
     /// counted and passed or dropped as without it.
     pub defrag_loop: bool,
+    /// XDP on the external devices (`acceleration`): `Native` attaches
+    /// `ferry_xdp` in driver mode and fails the install if a device refuses
+    /// it; `BestEffort` does the same but runs that device on tc only (logged
+    /// with the reason); `Disabled` detaches what an earlier install attached.
+    pub acceleration: ferry_model::Acceleration,
 }
 
 /// A device the tc programs are attached to.
@@ -117,6 +123,8 @@ pub struct Installed {
     pub links_attached: usize,
     /// Devices carrying the per-packet programs.
     pub devices: Vec<AttachedDevice>,
+    /// External devices whose XDP program is attached (driver mode).
+    pub accelerated: Vec<String>,
     /// Adopted maps whose capacity differs from `InstallOptions::capacities`:
     /// they keep their pinned capacity (resizing means recreating them,
     /// which drops tracked flows: `ferry cleanup`, then start again).
@@ -414,7 +422,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         write_layout(&opts.pin_dir, LAYOUT)?;
         Ok((attached, carried))
     })();
-    let ((updated, attached, devices), carried) = match loaded {
+    let ((updated, attached, (devices, accelerated)), carried) = match loaded {
         Ok(r) => r,
         Err(e) => {
             if !retired.is_empty() {
@@ -442,6 +450,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         links_updated: updated,
         links_attached: attached,
         devices,
+        accelerated,
         capacity_kept,
     })
 }
@@ -486,7 +495,7 @@ fn attach_all(
     links_dir: &Path,
     skel: &crate::skel::sock::SockSkel,
     tc: Option<&crate::skel::netdev::NetdevSkel>,
-) -> Result<(usize, usize, Vec<AttachedDevice>), InstallError> {
+) -> Result<(usize, usize, (Vec<AttachedDevice>, Vec<String>)), InstallError> {
     let cg = std::fs::File::open(&opts.cgroup)
         .map_err(|source| InstallError::Cgroup { path: opts.cgroup.clone(), source })?;
     let progs = &skel.progs;
@@ -592,9 +601,10 @@ fn attach_devices(
     tc: Option<&crate::skel::netdev::NetdevSkel>,
     updated: &mut usize,
     attached: &mut usize,
-) -> Result<Vec<AttachedDevice>, InstallError> {
+) -> Result<(Vec<AttachedDevice>, Vec<String>), InstallError> {
     let mut wanted = std::collections::BTreeSet::new();
     let mut devices = Vec::new();
+    let mut accelerated = Vec::new();
     if let Some(skel) = tc {
         // The defrag loop first: the device programs send fragments into it as soon as they run.
         if !opts.defrag_loop {
@@ -620,6 +630,25 @@ fn attach_devices(
                     *attached += 1;
                 }
             }
+            if *role == DeviceRole::External && opts.acceleration != Acceleration::Disabled {
+                let file = format!("xdp_{}_{}", role.tag(), name);
+                match attach_xdp(&skel.progs.ferry_xdp, idx, &links_dir.join(&file)) {
+                    Ok(swapped) => {
+                        wanted.insert(file);
+                        accelerated.push(name.clone());
+                        if swapped {
+                            *updated += 1;
+                        } else {
+                            *attached += 1;
+                        }
+                    }
+                    Err(e) if opts.acceleration == Acceleration::BestEffort => tracing::warn!(
+                        device = %name,
+                        "acceleration best-effort: no XDP in driver mode on {name} ({e}); this device runs on tc only"
+                    ),
+                    Err(e) => return Err(e),
+                }
+            }
             devices.push(AttachedDevice { name: name.clone(), ifindex: idx, role: *role });
         }
     }
@@ -627,7 +656,7 @@ fn attach_devices(
     if let Ok(entries) = std::fs::read_dir(links_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("tcx_") && !wanted.contains(&name) {
+            if (name.starts_with("tcx_") || name.starts_with("xdp_")) && !wanted.contains(&name) {
                 if let Ok(mut link) = Link::open(e.path()) {
                     let _ = link.detach();
                     let _ = link.unpin();
@@ -636,7 +665,58 @@ fn attach_devices(
             }
         }
     }
-    Ok(devices)
+    Ok((devices, accelerated))
+}
+
+/// Attaches `prog` as the XDP program of `ifindex` in driver mode through a
+/// link pinned at `pin`, or swaps the program inside an existing pinned link
+/// on the same device (a restart: no packet sees a device without it).
+/// Returns whether an existing link was swapped. Driver mode only: generic
+/// XDP runs after the skb is made and would cost more than tc alone.
+fn attach_xdp(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, InstallError> {
+    if pin.exists() {
+        if let Ok(mut link) = Link::open(pin) {
+            let same_device = match link.info().map(|i| i.info) {
+                Ok(libbpf_rs::query::LinkTypeInfo::Xdp(x)) => x.ifindex == ifindex,
+                _ => false,
+            };
+            if same_device && link.update_prog(prog).is_ok() {
+                return Ok(true);
+            }
+            let _ = link.detach();
+            let _ = link.unpin();
+        }
+        let _ = std::fs::remove_file(pin);
+    }
+    let opts = libbpf_sys::bpf_link_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _,
+        flags: libbpf_sys::XDP_FLAGS_DRV_MODE,
+        ..Default::default()
+    };
+    let step = || format!("attaching the XDP program to ifindex {ifindex} in driver mode");
+    // SAFETY: a valid program fd; libbpf returns a new link fd or a negative errno.
+    // libbpf-rs has no driver-mode XDP link (its attach_xdp lets the kernel pick generic mode).
+    let fd =
+        unsafe { libbpf_sys::bpf_link_create(prog.as_fd().as_raw_fd(), ifindex as i32, libbpf_sys::BPF_XDP, &opts) };
+    if fd < 0 {
+        return Err(InstallError::Libbpf { step: step(), source: libbpf_rs::Error::from_raw_os_error(-fd) });
+    }
+    // SAFETY: `fd` is a new link fd this function owns.
+    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let c = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).map_err(|_| InstallError::PinDir {
+        path: pin.to_path_buf(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    // SAFETY: a valid fd and NUL-terminated path.
+    let rc = unsafe { libbpf_sys::bpf_obj_pin(link.as_raw_fd(), c.as_ptr()) };
+    if rc < 0 {
+        return Err(InstallError::Libbpf {
+            step: format!("pinning link {}", pin.display()),
+            source: libbpf_rs::Error::from_raw_os_error(-rc),
+        });
+    }
+    // The pin holds the link (and the program on the device) from here on.
+    Ok(false)
 }
 
 /// The pinned link of `ferry_from_loop` on the defrag loop's node end.

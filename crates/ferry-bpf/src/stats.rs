@@ -60,6 +60,12 @@ pub const NAMES: &[&str] = &[
     "drop_dsr_too_big",
     "dsr_mss_clamp",
     "dsr_endpoint_fallback",
+    "xdp_new_flow",
+    "xdp_forward",
+    "xdp_dsr_encap",
+    "xdp_pass_shape",
+    "xdp_pass_tc",
+    "xdp_pass_fib",
 ];
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ impl Datapath {
             devices: Vec::new(),
             capacities: vec![("ferry_services".into(), CAPACITY)],
             defrag_loop: true,
+            acceleration: Default::default(),
         })
         .expect("installing the datapath");
         assert!(installed.capacity_kept.is_empty());
@@ -154,6 +155,7 @@ fn an_adopted_map_keeps_its_pinned_capacity_and_says_so() {
         devices: Vec::new(),
         capacities: vec![("ferry_services".into(), 64), ("ferry_names".into(), 1024)],
         defrag_loop: true,
+        acceleration: Default::default(),
     })
     .expect("re-installing over the pinned maps");
     assert!(again.adopted);

@@ -119,6 +119,7 @@ impl Installed {
             devices: vec![("ferry-up0".into(), ferry_bpf::DeviceRole::External)],
             capacities: Vec::new(),
             defrag_loop,
+            acceleration: Default::default(),
         };
         let guard = Installed { pin_dir, cgroup };
         drop(ferry_bpf::install(&opts).expect("installing the datapath"));

@@ -39,7 +39,7 @@ pub use diff::{PlanDiff, ServicePortChange};
 pub use dsr::LoadBalancingMode;
 pub use endpoints::Endpoint;
 pub use explain::{Explanation, Flow, Verdict, explain};
-pub use node_config::{LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses, ServiceLimits};
+pub use node_config::{Acceleration, LocalDetector, MasqueradeMode, NodeConfig, NodePortAddresses, ServiceLimits};
 pub use plan::{
     Claim, Frontend, FrontendAddr, FrontendKey, FrontendKind, NodeFacts, Plan, ServicePort, ServicePortId, build_plan,
 };

@@ -87,6 +87,43 @@ impl Default for FeatureGates {
     }
 }
 
+/// Where the NodePort / LoadBalancer / ExternalIP datapath for traffic from
+/// outside runs (`acceleration` in the node config). The planner does not
+/// read it: it picks where the eBPF datapath attaches, not what it decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum Acceleration {
+    /// tc ingress only.
+    #[default]
+    Disabled,
+    /// An XDP program in driver mode on the external devices; failing to
+    /// attach it is an error.
+    Native,
+    /// Native XDP where the driver takes it, else tc only (logged with the reason).
+    BestEffort,
+}
+
+impl Acceleration {
+    /// The value named in the config file (`disabled`, `native`, `best-effort`).
+    pub fn parse(s: &str) -> Option<Acceleration> {
+        match s {
+            "disabled" => Some(Acceleration::Disabled),
+            "native" => Some(Acceleration::Native),
+            "best-effort" => Some(Acceleration::BestEffort),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Acceleration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Acceleration::Disabled => "disabled",
+            Acceleration::Native => "native",
+            Acceleration::BestEffort => "best-effort",
+        })
+    }
+}
+
 /// Everything about the node that the planner reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeConfig {
@@ -135,6 +172,9 @@ pub struct NodeConfig {
     pub service_limits: ServiceLimits,
     /// `loadBalancing.mode`: how outside connections reach backends on other nodes (`crate::dsr`).
     pub load_balancing: crate::dsr::LoadBalancingMode,
+    /// `acceleration`: whether outside traffic to NodePorts / LB IPs /
+    /// ExternalIPs is handled at XDP before tc sees it.
+    pub acceleration: Acceleration,
 }
 
 /// How much of the datapath one Service may take (`limits` in the node config).
@@ -185,6 +225,7 @@ impl Default for NodeConfig {
             external_ips_allowed: None,
             service_limits: ServiceLimits::default(),
             load_balancing: crate::dsr::LoadBalancingMode::Snat,
+            acceleration: Acceleration::Disabled,
         }
     }
 }

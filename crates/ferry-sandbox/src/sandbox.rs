@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -197,6 +198,77 @@ impl Sandbox {
         exec::run_checked(what, cmd, None, self.run_timeout, " (is an interface with that name already there?)")?;
         self.ip(a, &["link", "set", a_if, "up"])?;
         self.ip(b, &["link", "set", b_if, "up"]).map(drop)
+    }
+
+    /// Turns GRO on for the veth `ifname` in `host`. A veth takes frames
+    /// another device's XDP program sends into it (XDP_TX from its peer,
+    /// XDP_REDIRECT to it) only with its NAPI running, which GRO (or an XDP
+    /// program of its own) turns on; otherwise the kernel drops them. The
+    /// same as `ethtool -K ifname gro on`, without needing ethtool.
+    pub fn veth_gro(&self, host: &Host, ifname: &str) -> Result<(), SandboxError> {
+        const ETHTOOL_SGRO: u32 = 0x2c;
+        self.ethtool_set(host, ifname, ETHTOOL_SGRO, 1, "turning GRO on")
+    }
+
+    /// Turns transmit checksum offload off for `ifname` in `host`, so its
+    /// packets leave with complete TCP/UDP checksums. A veth otherwise hands
+    /// on packets whose checksum field holds only the pseudo-header's sum
+    /// (the skb says the rest is still to be done), which an XDP program
+    /// further on cannot tell (no skb): after it rewrote and sent the frame,
+    /// the receiver finds a wrong checksum. Real NICs receive complete
+    /// checksums. The same as `ethtool -K ifname tx off`.
+    pub fn tx_checksum_off(&self, host: &Host, ifname: &str) -> Result<(), SandboxError> {
+        const ETHTOOL_STXCSUM: u32 = 0x17;
+        self.ethtool_set(host, ifname, ETHTOOL_STXCSUM, 0, "turning transmit checksum offload off")
+    }
+
+    /// One legacy ethtool "set" command (`struct ethtool_value`) on `ifname` in `host`.
+    fn ethtool_set(&self, host: &Host, ifname: &str, cmd: u32, data: u32, what: &str) -> Result<(), SandboxError> {
+        naming::check_ifname(ifname)?;
+        let path = self.netns_path(host);
+        let io = |step: &str, source: io::Error| SandboxError::Io {
+            what: format!("{what} ({step}) for {ifname} in {}", host.netns),
+            path: path.clone(),
+            source,
+            hint: "",
+        };
+        let ns = std::fs::File::open(&path).map_err(|e| io("opening the namespace", e))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a valid fd changes only this short-lived thread's namespace.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io("joining the namespace", io::Error::last_os_error()));
+                }
+                // SAFETY: a plain datagram socket, closed below.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+                if fd < 0 {
+                    return Err(io("opening a socket", io::Error::last_os_error()));
+                }
+                /// struct ethtool_value.
+                #[repr(C)]
+                struct EthtoolValue {
+                    cmd: u32,
+                    data: u32,
+                }
+                const SIOCETHTOOL: libc::c_ulong = 0x8946;
+                let mut value = EthtoolValue { cmd, data };
+                // SAFETY: an all-zero ifreq is valid; the name is shorter than IFNAMSIZ (checked above).
+                let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+                for (d, b) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
+                    *d = b as libc::c_char;
+                }
+                req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+                // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points to, both live here.
+                let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+                let err = io::Error::last_os_error();
+                // SAFETY: closing the socket opened above.
+                unsafe { libc::close(fd) };
+                if rc < 0 { Err(io("SIOCETHTOOL", err)) } else { Ok(()) }
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
     }
 
     /// Enslaves `ifname` to the bridge `bridge` inside `host`.

@@ -59,6 +59,7 @@ pub fn install_options(
         devices: devices(settings)?,
         capacities: map_capacities(&settings.bpf, mem),
         defrag_loop: settings.bpf.defrag_loop,
+        acceleration: settings.node.acceleration,
     })
 }
 

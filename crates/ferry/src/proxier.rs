@@ -82,6 +82,8 @@ pub struct Started {
     pub links_updated: usize,
     pub links_attached: usize,
     pub devices: Vec<ferry_bpf::AttachedDevice>,
+    /// External devices whose XDP program is attached (`acceleration`).
+    pub accelerated: Vec<String>,
 }
 
 /// One node's proxy: the Plan, and the datapath that carries it out.
@@ -153,6 +155,7 @@ impl Proxier {
                     links_updated: installed.links_updated,
                     links_attached: installed.links_attached,
                     devices: installed.devices,
+                    accelerated: installed.accelerated.clone(),
                 };
                 (
                     Backend::Bpf(Box::new(BpfBackend {

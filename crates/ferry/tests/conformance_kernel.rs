@@ -68,9 +68,17 @@ fn acceptance_flows_on_the_bpf_datapath_pass_or_are_known() {
 /// takes the endpoint the balancing node chose: topology hints hold), and
 /// the known bpf failures and gaps are those of snat mode.
 fn acceptance_flows_in_lb_mode(mode: &str) {
+    acceptance_flows_with(&["--lb-mode", mode]);
+}
+
+/// The bpf datapath run with `args` (`--lb-mode`, `--acceleration`) passes
+/// exactly what the plain snat run passes.
+fn acceptance_flows_with(args: &[&str]) {
+    let mode = args.join(" ");
     let cases = concat!(env!("CARGO_MANIFEST_DIR"), "/../../acceptance/kube-proxy-flows.json");
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["conformance", "--datapath", "bpf", "--lb-mode", mode, "--cases", cases])
+        .args(["conformance", "--datapath", "bpf", "--cases", cases])
+        .args(args)
         .output()
         .expect("running ferry conformance");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -93,6 +101,20 @@ fn acceptance_flows_on_the_bpf_datapath_in_dsr_mode() {
 #[test]
 fn acceptance_flows_on_the_bpf_datapath_in_hybrid_mode() {
     acceptance_flows_in_lb_mode("hybrid");
+}
+
+/// `--acceleration native`: the node under test's uplink runs the XDP
+/// program in driver mode (what it takes and what it passes to tc: README,
+/// XDP acceleration); every flow comes out as without it, in snat and in
+/// dsr mode.
+#[test]
+fn acceleration_flows_on_the_bpf_datapath_with_xdp_native() {
+    acceptance_flows_with(&["--acceleration", "native"]);
+}
+
+#[test]
+fn acceleration_flows_on_the_bpf_datapath_with_xdp_native_in_dsr_mode() {
+    acceptance_flows_with(&["--acceleration", "native", "--lb-mode", "dsr"]);
 }
 
 /// ferry's own isolation cases (issue 12): the ClusterIP owner keeps its flow

@@ -23,6 +23,7 @@ mod defrag_loop;
 mod dsr;
 mod shapes;
 mod wire;
+mod xdp;
 
 use ferry_bpf::MapOp;
 use ferry_bpf::entries::*;

@@ -408,11 +408,13 @@ fn install_datapath(o: &InstallOverrides, settings: &Settings, reinstall: bool) 
     }
     let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
     let line = format!(
-        "datapath {}: pin_dir={} cgroup={} devices={} adopted={}{} links_updated={} links_attached={}",
+        "datapath {}: pin_dir={} cgroup={} devices={} acceleration={}[{}] adopted={}{} links_updated={} links_attached={}",
         if reinstall { "reinstalled for the node's new addresses" } else { "installed" },
         opts.pin_dir.display(),
         opts.cgroup.display(),
         devices.join(","),
+        settings.node.acceleration,
+        installed.accelerated.join(","),
         installed.adopted,
         match installed.migrated_from {
             Some(from) => format!(

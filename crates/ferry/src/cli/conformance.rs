@@ -28,6 +28,13 @@ pub enum LbMode {
     Hybrid,
 }
 
+/// `--acceleration`: `acceleration` of the node under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelerationArg {
+    Disabled,
+    Native,
+}
+
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("case_file").required(true).args(["cases", "conntrack_cases", "scenarios"])))]
 pub struct ConformanceArgs {
@@ -63,6 +70,12 @@ pub struct ConformanceArgs {
     /// observation: the endpoint sees the client's own address.
     #[arg(long, value_enum, default_value_t = LbMode::Snat)]
     pub lb_mode: LbMode,
+    /// With --cases and --datapath bpf: the node under test's `acceleration` (over the cases'
+    /// node config). native attaches the XDP program to the node's uplink in driver mode (and
+    /// turns GRO on at the lab fabric's end of that link, which XDP on veth needs); every flow
+    /// must pass as without it.
+    #[arg(long, value_enum, default_value_t = AccelerationArg::Disabled)]
+    pub acceleration: AccelerationArg,
     /// Only run cases whose name contains this text.
     #[arg(long, value_name = "TEXT")]
     pub only: Option<String>,
@@ -86,10 +99,20 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
     {
         anyhow::bail!("--lb-mode dsr and hybrid run with --datapath bpf and --cases or --scenarios only");
     }
+    let acceleration = match args.acceleration {
+        AccelerationArg::Disabled => ferry_model::Acceleration::Disabled,
+        AccelerationArg::Native => ferry_model::Acceleration::Native,
+    };
+    if acceleration != ferry_model::Acceleration::Disabled
+        && (args.datapath != DatapathKind::Bpf || args.cases.is_none())
+    {
+        anyhow::bail!("--acceleration native runs with --cases and --datapath bpf only (scenarios are not done yet)");
+    }
     let runner = KernelRunner {
         ferry: std::env::current_exe().context("locating the ferry binary")?,
         datapath: if args.datapath == DatapathKind::Nftables { "nftables" } else { "bpf" },
         lb_mode,
+        acceleration,
     };
     if let Some(path) = &args.scenarios {
         return run_scenarios(path, &args, &runner);

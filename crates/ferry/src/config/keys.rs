@@ -99,6 +99,7 @@ pub static ROOT: Section = Section {
         ("maps", Some(&MAPS)),
         ("manifests", Some(&MANIFESTS)),
         ("loadBalancing", Some(&LOAD_BALANCING)),
+        ("acceleration", None),
     ],
 };
 

@@ -88,6 +88,8 @@ pub struct ConfigFile {
     pub limits: Option<LimitsFile>,
     pub manifests: Option<ManifestsFile>,
     pub load_balancing: Option<LoadBalancingFile>,
+    /// `disabled` (default), `native` or `best-effort`.
+    pub acceleration: Option<String>,
 }
 
 /// `loadBalancing`: how outside connections reach backends on other nodes.
@@ -462,6 +464,22 @@ mod settings_tests {
         let file = parse_file("n.yaml", "datapath: iptables\n").unwrap();
         assert_eq!(build("n.yaml", file, &NodeFlags::default()).unwrap_err().problems[0].key, "datapath");
     }
+
+    #[test]
+    fn acceleration_is_disabled_native_or_best_effort() {
+        use ferry_model::Acceleration as A;
+        let parse =
+            |t: &str| parse_file("a.yaml", t).and_then(|f| build("a.yaml", f, &NodeFlags::default())).map(|s| s.node);
+        assert_eq!(parse("nodeName: a\n").unwrap().acceleration, A::Disabled, "disabled by default");
+        assert_eq!(parse("acceleration: native\n").unwrap().acceleration, A::Native);
+        assert_eq!(parse("acceleration: best-effort\n").unwrap().acceleration, A::BestEffort);
+        assert_eq!(parse("acceleration: disabled\n").unwrap().acceleration, A::Disabled);
+        assert_eq!(parse("acceleration: disabled\ndatapath: nftables\n").unwrap().acceleration, A::Disabled);
+        for bad in ["acceleration: xdp\n", "acceleration: true\n", "acceleration: native\ndatapath: nftables\n"] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.problems[0].key, "acceleration", "{bad}: {e}");
+        }
+    }
 }
 
 /// Turns a parsed file plus flags into `Settings`.
@@ -702,6 +720,17 @@ pub fn build(source: &str, file: ConfigFile, flags: &NodeFlags) -> Result<Settin
             ),
             Some(m) => cfg.load_balancing = m,
             None => b.bad("loadBalancing.mode", format!("{mode:?} is not snat, dsr or hybrid")),
+        }
+    }
+    if let Some(a) = file.acceleration {
+        use ferry_model::Acceleration;
+        match Acceleration::parse(&a) {
+            Some(m) if m != Acceleration::Disabled && datapath == DatapathChoice::Nftables => b.bad(
+                "acceleration",
+                format!("{a} needs the bpf datapath (XDP programs); use datapath: bpf or acceleration: disabled"),
+            ),
+            Some(m) => cfg.acceleration = m,
+            None => b.bad("acceleration", format!("{a:?} is not disabled, native or best-effort")),
         }
     }
     let mut manifests = ferry_k8s::manifests::LoadLimits::default();

@@ -71,6 +71,7 @@ pub fn node_config_yaml(cfg: &NodeConfig) -> String {
         l.max_frontends, l.max_endpoints
     );
     let _ = writeln!(s, "loadBalancing: {{mode: {}}}", cfg.load_balancing);
+    let _ = writeln!(s, "acceleration: {}", cfg.acceleration);
     s
 }
 

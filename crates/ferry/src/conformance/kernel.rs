@@ -65,6 +65,8 @@ pub struct KernelRunner {
     /// `loadBalancing.mode` of the node under test, over the case's (`--lb-mode`;
     /// `dsr` and `hybrid`: see `super::dsr`).
     pub lb_mode: ferry_model::LoadBalancingMode,
+    /// `acceleration` of the node under test, over the case's (`--acceleration`).
+    pub acceleration: ferry_model::Acceleration,
 }
 
 /// Where a flow starts.
@@ -122,6 +124,7 @@ impl KernelRunner {
     pub fn run_case(&self, case: &Case, flows: &[ParsedFlow]) -> anyhow::Result<Vec<FlowOutcome>> {
         let mut cfg = case.node_config()?;
         cfg.load_balancing = self.lb_mode;
+        cfg.acceleration = self.acceleration;
         let mut state = case.cluster_state()?;
         let mut plan = build_plan(&state, &cfg);
         if cfg.load_balancing != ferry_model::LoadBalancingMode::Snat {
@@ -318,6 +321,9 @@ impl KernelRunner {
         );
         std::fs::write(&lab.nodes[node].config, extra)?;
         lab.write_manifests_json(node, spec.initial)?;
+        if cfg.acceleration != ferry_model::Acceleration::Disabled {
+            lab.accelerate_fabric(node)?;
+        }
         lab.start_agent(node).with_context(|| format!("starting the agent for {:?}", spec.name))?;
         if cfg.load_balancing != ferry_model::LoadBalancingMode::Snat {
             // DSR: the remote node unwraps the tunnel and answers (super::dsr).

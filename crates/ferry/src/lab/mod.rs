@@ -278,6 +278,25 @@ impl Lab {
         Ok(k)
     }
 
+    /// Readies the lab for node `node`'s XDP acceleration (README, XDP
+    /// acceleration): its uplink's peer (the fabric port) takes the frames
+    /// XDP sends back out of the uplink (XDP_TX) only with GRO on
+    /// (`Sandbox::veth_gro`), and every pod and external host sends complete
+    /// checksums (`Sandbox::tx_checksum_off`; nodes too: host-network
+    /// endpoints), as packets from a real
+    /// network arrive: a veth's checksum left to offload would be wrong once
+    /// XDP rewrote and sent the frame. Call it once the pods and external
+    /// hosts are added.
+    pub fn accelerate_fabric(&self, node: usize) -> anyhow::Result<()> {
+        self.sb.veth_gro(&self.fabric, &format!("p{node}"))?;
+        let pods = self.nodes.iter().flat_map(|n| n.pods.iter().map(|p| &p.host));
+        let nodes = self.nodes.iter().map(|n| &n.host);
+        for host in pods.chain(nodes).chain(self.externals.iter().map(|x| &x.host)) {
+            self.sb.tx_checksum_off(host, "eth0")?;
+        }
+        Ok(())
+    }
+
     /// Adds an address to a node (e.g. a load-balancer VIP configured locally).
     pub fn add_node_address(&mut self, node: usize, ip: IpAddr) -> anyhow::Result<()> {
         let len = if v4(ip) { 32 } else { 128 };
