@@ -45,6 +45,7 @@ impl PinnedDatapath {
             devices: Vec::new(),
             capacities,
             defrag_loop: true,
+            acceleration: Default::default(),
         })
         .with_context(|| format!("installing the datapath into {}", pin_dir.display()))?;
         Ok(PinnedDatapath { pin_dir, maps: installed.maps })

@@ -262,6 +262,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         for ((r, f), np) in datapaths.iter_mut().zip(floods).zip(&labs) {
             r.flood = Some(f);
             measure::read_counters(np, r)?;
+            // An XDP lab whose XDP forwarded nothing measured the tc path: never report that as XDP.
+            let at_xdp =
+                ["xdp_forward", "xdp_dsr_encap"].iter().map(|k| r.node_a_counters.get(*k).unwrap_or(&0)).sum::<u64>();
+            anyhow::ensure!(
+                np.variant.acceleration == Acceleration::Disabled || at_xdp > 0,
+                "{}: node-a's XDP forwarded no packet (xdp_forward, xdp_dsr_encap are 0): counters {:?}",
+                r.name,
+                r.node_a_counters
+            );
         }
     }
     drop(labs);

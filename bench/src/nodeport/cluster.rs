@@ -329,6 +329,13 @@ impl NodePortLab {
         manifests.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24"]));
         manifests.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24"]));
         let nat = if variant.datapath == Datapath::Bpf { nat_port_range } else { None };
+        if variant.acceleration == Acceleration::Native {
+            // veth takes XDP's frames only with GRO on at the uplinks' fabric ends, and
+            // XDP needs complete checksums from every sender (README, XDP acceleration).
+            for node in [NODE_A, NODE_B] {
+                lab.accelerate_fabric(node).context("readying the fabric for XDP")?;
+            }
+        }
         for node in [NODE_A, NODE_B] {
             lab.write_node_config(node, &node_config_extra(&variant, node, nat))?;
             lab.write_manifests(node, &manifests)?;

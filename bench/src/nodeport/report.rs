@@ -363,6 +363,14 @@ impl Results {
              work's softirq included) per million delivered packets.\n",
             f.cpu, f.frame_bytes, f.flows, f.seconds, f.runs
         );
+        if self.datapaths.iter().any(|d| d.variant.acceleration == Acceleration::Native) {
+            let _ = writeln!(
+                s,
+                "XDP labs (`acceleration: native` on both nodes): the fabric's ends of the uplinks have GRO on and \
+                 every host sends with complete checksums (`Lab::accelerate_fabric`: veth takes XDP's frames only \
+                 so); their node-a counters below show what XDP carried (`xdp_forward`, `xdp_dsr_encap`).\n"
+            );
+        }
         let _ = writeln!(
             s,
             "| lab | arm | delivered pps (wall) | chain ns/packet | per core pps | softirq s / Mpkt | lost |"
