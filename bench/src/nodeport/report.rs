@@ -427,6 +427,19 @@ impl Results {
                 if share >= XDP_TARGET { "met" } else { "not met" },
                 chain
             );
+            let direct = |f: &super::flood::FloodResult| {
+                f.arms.iter().find(|a| a.name == super::flood::DIRECT).map_or(f64::NAN, |a| a.ns_per_packet)
+            };
+            let _ = writeln!(
+                s,
+                "What attaching XDP costs on veth by itself, in the same labs: node-a's plain forwarding (`via-a` − \
+                 `direct`, XDP passing the packet on to the stack) {:.0} ns/packet with XDP against {:.0} at tc; the \
+                 `direct` arm (node-a not on the path; node-b runs XDP too) {:.0} against {:.0}.",
+                x.node_a_forward_ns_per_packet,
+                t.node_a_forward_ns_per_packet,
+                direct(x),
+                direct(t)
+            );
         }
         if !any {
             let _ = writeln!(
