@@ -39,9 +39,12 @@
 #include "stats.h"
 #include "fwd.h"
 #include "ct.h"
+#include "icmp.h"
 
 #define IPPROTO_IPIP_ 4
 #define DSR_OVERHEAD 20
+/* IPv4 "don't fragment", in the header's flags and offset word. */
+#define IP_DF_ 0x4000
 #define DSR_TTL 64
 /* BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (Linux 6.3; newer than the UAPI headers here). */
 #define DSR_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
@@ -125,7 +128,7 @@ static __always_inline int dsr_encap(struct __sk_buff *skb, __u32 outer_src, __u
 	outer.id = tag;
 	/* Don't fragment: a tunnelled packet too big for the path must not be
 	 * cut in two the backend's node would have to put together. */
-	outer.frag_off = bpf_htons(0x4000);
+	outer.frag_off = bpf_htons(IP_DF_);
 	outer.ttl = DSR_TTL;
 	outer.protocol = IPPROTO_IPIP_;
 	outer.saddr = outer_src;
@@ -240,11 +243,31 @@ static __always_inline int dsr_fits(struct __sk_buff *skb, const struct pkt *p, 
 	return (p->l4_off - ETH_HLEN_) + (doff >> 4) * 4 + skb->gso_size + DSR_OVERHEAD <= mtu;
 }
 
+/* A packet too big for the tunnel, answered as a router answers it: when
+ * its sender forbade fragmenting (DF: TCP segments, and UDP of a stack doing
+ * path MTU discovery, Linux's default), "fragmentation needed" with the MTU
+ * left inside the tunnel goes back out of the device it came in on, and the
+ * sender's next packets fit; without DF it is dropped (tc cannot fragment).
+ * Counted either way (dsr_frag_needed, drop_dsr_too_big). */
+static __always_inline int dsr_too_big(struct __sk_buff *skb, const struct pkt *p, __u32 ifindex)
+{
+	__u32 mtu = 0;
+	__be16 frag_off = 0;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_ + 6, &frag_off, 2) < 0 || !(frag_off & bpf_htons(IP_DF_)) ||
+	    bpf_check_mtu(skb, ifindex, &mtu, 0, 0) < 0 || mtu < 576 + DSR_OVERHEAD)
+		return drop_packet(STAT_DROP_DSR_TOO_BIG);
+	if (icmp4_answer(skb, p, ICMP_DEST_UNREACH_, ICMP_FRAG_NEEDED_, mtu - DSR_OVERHEAD) < 0)
+		return drop_packet(STAT_DROP_REJECT_FAILED);
+	stat_inc(STAT_DSR_FRAG_NEEDED);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 static __always_inline int dsr_send(struct __sk_buff *skb, const struct pkt *p, __u32 outer_src, __u32 via,
 				    __u32 backend_addr, __u32 ifindex)
 {
 	if (!dsr_fits(skb, p, ifindex))
-		return drop_packet(STAT_DROP_DSR_TOO_BIG);
+		return dsr_too_big(skb, p, ifindex);
 	int rc = fwd_ttl(skb, p);
 	if (rc > 0)
 		return drop_packet(STAT_DROP_TTL_EXCEEDED);

@@ -23,6 +23,7 @@
 
 #define ICMP_DEST_UNREACH_ 3
 #define ICMP_PORT_UNREACH_ 3
+#define ICMP_FRAG_NEEDED_ 4
 #define ICMPV6_DEST_UNREACH_ 1
 #define ICMPV6_PORT_UNREACH_ 4
 /* What an ICMPv4 error quotes: the IP header (options-free) and 8 bytes. */
@@ -49,11 +50,14 @@ static __always_inline int swap_macs(struct __sk_buff *skb)
 	return bpf_skb_store_bytes(skb, 0, swapped, 12, 0);
 }
 
-static __always_inline int reject4(struct __sk_buff *skb, const struct pkt *p)
+/* Turns an options-free IPv4 packet, in place, into the ICMP error
+ * type/code quoting it, from its destination back to its source; `mtu` is
+ * the next-hop MTU of "fragmentation needed" (0 otherwise). */
+static __always_inline int icmp4_answer(struct __sk_buff *skb, const struct pkt *p, __u8 type, __u8 code, __u16 mtu)
 {
 	__u8 quote[QUOTE4];
 	struct iphdr ip = {};
-	__u8 icmp[8] = { ICMP_DEST_UNREACH_, ICMP_PORT_UNREACH_ };
+	__u8 icmp[8] = { type, code, 0, 0, 0, 0, mtu >> 8, mtu & 0xff };
 	__u32 ip_off = ETH_HLEN_, icmp_off = ETH_HLEN_ + 20;
 
 	if (p->l4_off != ETH_HLEN_ + 20) /* IP options: not quoted by ferry */
@@ -81,6 +85,11 @@ static __always_inline int reject4(struct __sk_buff *skb, const struct pkt *p)
 	    bpf_skb_store_bytes(skb, icmp_off + 8, quote, sizeof(quote), 0) < 0 || swap_macs(skb) < 0)
 		return -1;
 	return 0;
+}
+
+static __always_inline int reject4(struct __sk_buff *skb, const struct pkt *p)
+{
+	return icmp4_answer(skb, p, ICMP_DEST_UNREACH_, ICMP_PORT_UNREACH_, 0);
 }
 
 static __always_inline int reject6(struct __sk_buff *skb, const struct pkt *p)

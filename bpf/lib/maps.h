@@ -27,7 +27,7 @@
  * the same size, and record in crates/ferry-bpf/src/layout.rs which maps
  * changed. A pinned datapath without ferry_meta is layout 0 (before
  * versioning). The agent compares before adopting (README: Upgrades). */
-#define FERRY_LAYOUT 4
+#define FERRY_LAYOUT 5
 
 struct meta {
 	__u32 layout; /* FERRY_LAYOUT of the agent that programmed these maps */

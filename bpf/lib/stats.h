@@ -76,6 +76,7 @@ enum ferry_stat {
 	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the 20-byte outer header */
 	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60) */
 	STAT_DSR_ENDPOINT_FALLBACK, /* a tunnelled new flow whose carried endpoint (outer IPv4 Identification) names no unique local endpoint of its service: chosen among them here */
+	STAT_DSR_FRAG_NEEDED,     /* a DSR packet too big for the tunnel, sent with DF: answered with ICMP "fragmentation needed" (MTU - 20) so its sender makes the next ones fit */
 	/* XDP acceleration (issue 14, xdp.h): what the XDP program did with a
 	 * packet sent to an address ferry serves. Drops are never made at XDP:
 	 * what would drop is passed to tc, which drops and counts it. */
@@ -84,11 +85,15 @@ enum ferry_stat {
 	STAT_XDP_DSR_ENCAP,       /* XDP: packets tunnelled (IPIP) to a backend's node, first ones included */
 	STAT_XDP_PASS_SHAPE,      /* XDP: passed to tc for its shape: fragment, IPv4 options, IPv6 extension header, ICMP, SCTP, a tunnel, other protocols */
 	STAT_XDP_PASS_TC,         /* XDP: passed to tc for its verdict: local or hairpin backend, reject/drop/policy/source-range verdicts, ClusterIP, lost or reopened flows, SYN-ACK MSS clamp, a table that refused an entry */
-	STAT_XDP_PASS_FIB,        /* XDP: passed to tc: no forwarding result (no route, unresolved neighbour, too big for the MTU, local, or an egress device without the XDP program) */
+	STAT_XDP_PASS_FIB,        /* XDP: passed to tc: no forwarding result (no route, unresolved neighbour, too big for the MTU, local, or out of another device than the way in) */
 	STAT_COUNT_,
 };
 
-#define STAT_SLOTS 64
+/* Room for the counters; 128 since layout 5 (64 before: layout 5 exists
+ * because the counters outgrew it). A pinned map keeps its capacity, so a
+ * change here is a layout change of ferry_stats (crates/ferry-bpf/src/layout.rs). */
+#define STAT_SLOTS 128
+_Static_assert(STAT_COUNT_ <= STAT_SLOTS, "more counters than ferry_stats has slots: raise STAT_SLOTS (a layout change)");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -13,8 +13,8 @@
  * ferry serves. Everything else is passed to tc untouched (XDP_PASS) and
  * counted by why (stats.h, xdp_pass_*); tc then does what it always did.
  * A packet is rewritten only once the FIB gave a next hop with its MAC
- * addresses on a device that carries the XDP program too, so a pass never
- * hands tc a half-translated packet.
+ * addresses out of the device it came in by, so a pass never hands tc a
+ * half-translated packet.
  */
 #ifndef FERRY_XDP_H
 #define FERRY_XDP_H
@@ -133,9 +133,10 @@ static __always_inline enum xdp_seen xdp_parse(struct xdp_md *ctx, struct pkt *p
  * `tot_len` bytes (L3) from p's source, into out (device, MAC addresses).
  * 0 when there is none XDP can use: no route, a local destination, an
  * unresolved neighbour (tc's bpf_redirect_neigh resolves it; later packets
- * find it), a packet too big for the egress MTU, or an egress device
- * without ferry's XDP program, which may not take frames from XDP at all
- * (ferry_devices: the external devices; README, XDP acceleration). */
+ * find it), a packet too big for the egress MTU, or another egress device
+ * than the one the packet came in by. Only that one is certain to take XDP
+ * frames: it runs this program. Another uplink may run tc only
+ * (best-effort), and a driver without XDP drops what is redirected to it. */
 /* A function of its own: its lookup structure is not on its callers' stack. */
 static __attribute__((noinline)) int xdp_route(struct xdp_md *ctx, const struct pkt *p, const __u32 *dst,
 					       __u32 tot_len, struct xdp_out *out)
@@ -155,11 +156,9 @@ static __attribute__((noinline)) int xdp_route(struct xdp_md *ctx, const struct 
 	}
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return 0;
-	__u32 ifindex = fib.ifindex;
-	struct device *d = bpf_map_lookup_elem(&ferry_devices, &ifindex);
-	if (!d || !(d->flags & DEV_EXTERNAL))
+	if (fib.ifindex != ctx->ingress_ifindex)
 		return 0;
-	out->ifindex = ifindex;
+	out->ifindex = fib.ifindex;
 	__builtin_memcpy(out->smac, fib.smac, 6);
 	__builtin_memcpy(out->dmac, fib.dmac, 6);
 	return 1;
@@ -193,9 +192,9 @@ static __always_inline __u16 csum_apply(__u16 check, __u32 delta)
 	return (__u16)~s;
 }
 
-/* Sets the frame's MAC addresses to the next hop's and sends it out of
- * out->ifindex with a redirect, also when that is the device it came in by.
- * Not XDP_TX there: on veth, frames sent back with XDP_TX are handed to the
+/* Sets the frame's MAC addresses to the next hop's and sends it back out
+ * of the device it came in by (out->ifindex, xdp_route) with a redirect.
+ * Not XDP_TX: on veth, frames sent back with XDP_TX are handed to the
  * peer but its NAPI is woken only when the peer runs an XDP program of its
  * own (veth_xdp_flush); with GRO alone they wait for the peer's next
  * packet (found in the lab: seconds). A redirect's flush always wakes it;
@@ -311,7 +310,7 @@ __attribute__((noinline)) int xdp_send_dsr(struct xdp_md *ctx, const struct xdp_
 	outer.tos = ip->tos;
 	outer.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + DSR_OVERHEAD);
 	outer.id = out->tag;
-	outer.frag_off = bpf_htons(0x4000);
+	outer.frag_off = bpf_htons(IP_DF_);
 	outer.ttl = DSR_TTL;
 	outer.protocol = IPPROTO_IPIP_;
 	outer.saddr = out->outer_src;

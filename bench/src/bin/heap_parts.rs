@@ -5,7 +5,7 @@
 //! A diagnostic beside `control_plane_bpf` (whose report has the totals):
 //!
 //! ```text
-//! heap_parts [SERVICES]     (default 100000; a multiple of 100)
+//! heap_parts [SERVICES [CHURN_ROUNDS]]     (default 100000 and 3; SERVICES a multiple of 100)
 //! ```
 
 use ferry_bench::cluster::{self, Synthetic};
@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 #[global_allocator]
 static ALLOC: heap::CountingAlloc = heap::CountingAlloc;
+
+/// Changes per churn round (CHURN_ROUNDS of them, 3 unless told).
+const CHURN_STEP: usize = 20_000;
 
 fn main() -> anyhow::Result<()> {
     let n: usize = match std::env::args().nth(1) {
@@ -43,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     let planned = heap::live_bytes() - base - services - slices;
     let mut programmer = ferry_bpf::Programmer::new();
     let batch = programmer.sync_batch(&plan, None, &rt);
-    drop((batch, plan));
+    drop(batch);
     let programmed = heap::live_bytes() - base - services - slices - planned;
     let peak = heap::peak_bytes() - base;
     let kept = heap::live_bytes() - base;
@@ -61,7 +64,31 @@ fn main() -> anyhow::Result<()> {
         unsafe { libmimalloc_sys::mi_collect(true) };
         rss_mib()?
     });
-    drop((planner, programmer));
+    // Churn as the benchmark's: one endpoint of another service per change,
+    // 26 changes a sync (what `ferry agent` batched at 1,000 changes/s).
+    let mut plan = plan;
+    let rounds: usize = match std::env::args().nth(2) {
+        Some(s) => s.parse().map_err(|e| anyhow::anyhow!("CHURN_ROUNDS must be a number, not {s:?}: {e}"))?,
+        None => 3,
+    };
+    for round in 1..=rounds {
+        for k in (round - 1) * CHURN_STEP..round * CHURN_STEP {
+            let i = (k * 7919) % n;
+            planner.apply(ferry_model::StateChange::EndpointSliceApplied(Box::new(synthetic.churned_slice(i, k)?)));
+            if k % 26 == 25 {
+                let (next, diff) = planner.sync();
+                drop(programmer.sync_batch(&next, Some(&diff), &rt));
+                plan = next;
+            }
+        }
+        println!(
+            "  after {} churn changes: total {:.0} B/service (RSS {} MiB)",
+            round * CHURN_STEP,
+            per(heap::live_bytes() - base),
+            rss_mib()?
+        );
+    }
+    drop((planner, programmer, plan));
     heap::stop();
     let source = source_heap(&synthetic)?;
     println!("  `ferry run`'s manifest source (100 files): {:.0} B per service", per(source));

@@ -495,7 +495,7 @@ fn attach_all(
     links_dir: &Path,
     skel: &crate::skel::sock::SockSkel,
     tc: Option<&crate::skel::netdev::NetdevSkel>,
-) -> Result<(usize, usize, (Vec<AttachedDevice>, Vec<String>)), InstallError> {
+) -> Result<(usize, usize, DevicesAttached), InstallError> {
     let cg = std::fs::File::open(&opts.cgroup)
         .map_err(|source| InstallError::Cgroup { path: opts.cgroup.clone(), source })?;
     let progs = &skel.progs;
@@ -595,13 +595,17 @@ pub fn attach_tcx_unpinned(prog: &ProgramMut, ifindex: u32) -> Result<Link, Inst
     Ok(unsafe { Link::from_ptr(ptr) })
 }
 
+/// The devices carrying the per-packet programs, and the names of those
+/// whose XDP program is attached too.
+type DevicesAttached = (Vec<AttachedDevice>, Vec<String>);
+
 fn attach_devices(
     opts: &InstallOptions,
     links_dir: &Path,
     tc: Option<&crate::skel::netdev::NetdevSkel>,
     updated: &mut usize,
     attached: &mut usize,
-) -> Result<(Vec<AttachedDevice>, Vec<String>), InstallError> {
+) -> Result<DevicesAttached, InstallError> {
     let mut wanted = std::collections::BTreeSet::new();
     let mut devices = Vec::new();
     let mut accelerated = Vec::new();
@@ -632,7 +636,7 @@ fn attach_devices(
             }
             if *role == DeviceRole::External && opts.acceleration != Acceleration::Disabled {
                 let file = format!("xdp_{}_{}", role.tag(), name);
-                match attach_xdp(&skel.progs.ferry_xdp, idx, &links_dir.join(&file)) {
+                match attach_xdp(&skel.progs.ferry_xdp, name, idx, &links_dir.join(&file)) {
                     Ok(swapped) => {
                         wanted.insert(file);
                         accelerated.push(name.clone());
@@ -673,7 +677,7 @@ fn attach_devices(
 /// on the same device (a restart: no packet sees a device without it).
 /// Returns whether an existing link was swapped. Driver mode only: generic
 /// XDP runs after the skb is made and would cost more than tc alone.
-fn attach_xdp(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, InstallError> {
+fn attach_xdp(prog: &ProgramMut, device: &str, ifindex: u32, pin: &Path) -> Result<bool, InstallError> {
     if pin.exists() {
         if let Ok(mut link) = Link::open(pin) {
             let same_device = match link.info().map(|i| i.info) {
@@ -693,7 +697,12 @@ fn attach_xdp(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, Insta
         flags: libbpf_sys::XDP_FLAGS_DRV_MODE,
         ..Default::default()
     };
-    let step = || format!("attaching the XDP program to ifindex {ifindex} in driver mode");
+    let step = || {
+        format!(
+            "attaching the XDP program to {device} in driver mode (acceleration; best-effort runs a device \
+             without native XDP on tc only)"
+        )
+    };
     // SAFETY: a valid program fd; libbpf returns a new link fd or a negative errno.
     // libbpf-rs has no driver-mode XDP link (its attach_xdp lets the kernel pick generic mode).
     let fd =

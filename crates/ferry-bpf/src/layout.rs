@@ -43,7 +43,11 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     ("ferry_ranges", 0),
     ("ferry_config", 0),
     ("ferry_names", 0),
-    ("ferry_stats", 0),
+    // Layout 5: ferry_stats grew from 64 to 128 slots (the counters outgrew
+    // it; a pinned map keeps its capacity, so only a fresh map has room).
+    // Counters are neither Plan nor flow state: retired both ways, they
+    // start again from zero, as after a restart of the node.
+    ("ferry_stats", 5),
     ("ferry_devices", 0),
     ("ferry_ct", 2),
     ("ferry_ct_new", 2),
@@ -60,6 +64,8 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     // on, README: Upgrades), so it is not FLOW_STATE and needs no REVERT row.
     ("ferry_tunnels", 4),
     ("ferry_dsr", 4),
+    // XDP acceleration (issue 14) added no map and changed none: its six
+    // counters are slots of ferry_stats's 128 (layout 5), additive.
 ];
 
 /// A copy of a retired map's live entries into this layout's maps
@@ -318,8 +324,8 @@ mod tests {
     }
 
     /// Layout 2 split conntrack in two: a layout-1 datapath (one LRU
-    /// `ferry_ct`, no `ferry_ct_new`) keeps every other map and retires
-    /// `ferry_ct`, which comes back as a hash next to a new `ferry_ct_new`,
+    /// `ferry_ct`, no `ferry_ct_new`) keeps every other map but the counters
+    /// (layout 5) and retires `ferry_ct`, which comes back as a hash next to a new `ferry_ct_new`,
     /// its live flows copied across (`ConntrackSplit`).
     #[test]
     fn layout_1_retires_the_conntrack_lru_and_keeps_the_rest() {
@@ -329,7 +335,8 @@ mod tests {
         let maps_of = |up_to: u32| -> Vec<(String, MapShape)> {
             CHANGED_IN
                 .iter()
-                .filter(|(n, v)| !n.starts_with("ferry_ct") && *v <= up_to)
+                // ferry_stats existed from layout 0 (its size changed in 5).
+                .filter(|(n, v)| !n.starts_with("ferry_ct") && (*v <= up_to || *n == "ferry_stats"))
                 .map(|(n, _)| (n.to_string(), shape(HASH)))
                 .collect()
         };
@@ -341,26 +348,30 @@ mod tests {
         wanted.push(("ferry_ct_new".into(), shape(LRU)));
         let split = vec![("ferry_ct".to_string(), Migration::ConntrackSplit)];
         let up = plan_upgrade(Some(1), LAYOUT, CHANGED_IN, CARRY, &pinned, &wanted);
-        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()], copy: split.clone() });
+        let retire = vec!["ferry_stats".to_string(), "ferry_ct".into()];
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire: retire.clone(), copy: split.clone() });
         // Even if the table forgot it, the changed map type alone retires it.
         let forgot: Vec<(&str, u32)> =
             CHANGED_IN.iter().map(|(n, v)| (*n, if *n == "ferry_ct" { 0 } else { *v })).collect();
         let up = plan_upgrade(Some(1), LAYOUT, &forgot, CARRY, &pinned, &wanted);
-        assert_eq!(up, Upgrade::Migrate { from: 1, retire: vec!["ferry_ct".into()], copy: split });
+        assert_eq!(up, Upgrade::Migrate { from: 1, retire, copy: split });
     }
 
     /// Layout 3 added the pass-through sets: a layout-2 datapath keeps every
-    /// map (the new ones are created, and filled by the agent before it turns
-    /// the fast path on).
+    /// map but the counters (layout 5) (the new ones are created, and filled
+    /// by the agent before it turns the fast path on).
     #[test]
-    fn layout_2_keeps_every_map_and_gains_the_pass_through_sets() {
+    fn layout_2_keeps_every_map_but_the_counters_and_gains_the_pass_through_sets() {
         let shape = MapShape { map_type: 1, key_size: 20, value_size: 1, max_entries: 16 };
-        let layout_2: Vec<(String, MapShape)> =
-            CHANGED_IN.iter().filter(|(_, v)| *v <= 2).map(|(n, _)| (n.to_string(), shape)).collect();
+        let layout_2: Vec<(String, MapShape)> = CHANGED_IN
+            .iter()
+            .filter(|(n, v)| *v <= 2 || *n == "ferry_stats")
+            .map(|(n, _)| (n.to_string(), shape))
+            .collect();
         let all: Vec<(String, MapShape)> = CHANGED_IN.iter().map(|(n, _)| (n.to_string(), shape)).collect();
         assert!(all.iter().any(|(n, _)| n == "ferry_addrs") && !layout_2.iter().any(|(n, _)| n == "ferry_peers"));
         let up = plan_upgrade(Some(2), LAYOUT, CHANGED_IN, CARRY, &layout_2, &all);
-        assert_eq!(up, Upgrade::Migrate { from: 2, retire: vec![], copy: vec![] });
+        assert_eq!(up, Upgrade::Migrate { from: 2, retire: vec!["ferry_stats".into()], copy: vec![] });
     }
 
     /// A copy reads old entries with this build's types: a retired map whose
@@ -380,52 +391,62 @@ mod tests {
         assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()], copy: vec![] });
     }
 
-    /// Layout 4 back to 1: the two conntrack tables merge into one LRU
-    /// `ferry_ct`, `ferry_ct_new`, the pass-through sets (layout 3) and the
-    /// DSR maps (layout 4) go, every other map stays as it is. Back to 2: the
-    /// pass-through sets and the DSR maps go; back to 3, only the DSR maps.
+    /// Layout 5 back to 1: the two conntrack tables merge into one LRU
+    /// `ferry_ct`; `ferry_stats` (128 slots since 5), `ferry_ct_new`, the
+    /// pass-through sets (layout 3) and the DSR maps (layout 4) go, every
+    /// other map stays as it is. Back to 2: the counters, the pass-through sets
+    /// and the DSR maps go; back to 3, the counters and the DSR maps; back to
+    /// 4, only the counters.
     #[test]
     fn a_downgrade_to_layout_1_merges_conntrack_and_keeps_the_rest() {
         let pinned: Vec<String> = CHANGED_IN.iter().map(|(n, _)| n.to_string()).collect();
-        assert_eq!(LAYOUT, 4);
-        let dsr = || vec!["ferry_tunnels".to_string(), "ferry_dsr".to_string()];
-        let down = plan_downgrade(Some(4), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
-        let mut retire = vec!["ferry_ct_new".to_string(), "ferry_addrs".into(), "ferry_peers".into()];
-        retire.extend(dsr());
+        assert_eq!(LAYOUT, 5);
+        let names = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let down = plan_downgrade(Some(5), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        let retire =
+            names(&["ferry_stats", "ferry_ct_new", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
         assert_eq!(
             down,
             Downgrade::Convert {
-                from: 4,
+                from: 5,
                 to: 1,
                 rebuild: vec![("ferry_ct".into(), Reversion::ConntrackMerge)],
                 retire,
             }
         );
-        let down = plan_downgrade(Some(4), 2, LAYOUT, CHANGED_IN, REVERT, &pinned);
-        let mut retire = vec!["ferry_addrs".to_string(), "ferry_peers".into()];
-        retire.extend(dsr());
-        assert_eq!(down, Downgrade::Convert { from: 4, to: 2, rebuild: vec![], retire });
-        let down = plan_downgrade(Some(4), 3, LAYOUT, CHANGED_IN, REVERT, &pinned);
-        assert_eq!(down, Downgrade::Convert { from: 4, to: 3, rebuild: vec![], retire: dsr() });
+        let down = plan_downgrade(Some(5), 2, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        let retire = names(&["ferry_stats", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
+        assert_eq!(down, Downgrade::Convert { from: 5, to: 2, rebuild: vec![], retire });
+        let down = plan_downgrade(Some(5), 3, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        let retire = names(&["ferry_stats", "ferry_tunnels", "ferry_dsr"]);
+        assert_eq!(down, Downgrade::Convert { from: 5, to: 3, rebuild: vec![], retire });
+        let down = plan_downgrade(Some(5), 4, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        assert_eq!(down, Downgrade::Convert { from: 5, to: 4, rebuild: vec![], retire: names(&["ferry_stats"]) });
         // To layout 0 ferry_meta goes too (a layout-0 build has none).
-        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(4), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
+        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(5), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
             panic!("a downgrade to 0 is possible")
         };
-        assert_eq!(retire, ["ferry_ct_new", "ferry_meta", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
+        let want =
+            ["ferry_stats", "ferry_ct_new", "ferry_meta", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"];
+        assert_eq!(retire, want);
     }
 
-    /// Layout 4 added the DSR maps: a layout-3 datapath keeps every map
-    /// (ferry_config and ferry_stats included: the new flags and counters are
-    /// additions older programs ignore), and gains ferry_tunnels and ferry_dsr.
+    /// Layout 4 added the DSR maps, layout 5 room for more counters: a
+    /// layout-3 datapath keeps every map but `ferry_stats` (ferry_config
+    /// included: the new flags are additions older programs ignore), which is
+    /// created afresh with 128 slots, and gains ferry_tunnels and ferry_dsr.
     #[test]
-    fn layout_3_keeps_every_map_and_gains_the_dsr_maps() {
+    fn layout_3_keeps_every_map_but_the_counters_and_gains_the_dsr_maps() {
         let shape = MapShape { map_type: 1, key_size: 20, value_size: 1, max_entries: 16 };
-        let layout_3: Vec<(String, MapShape)> =
-            CHANGED_IN.iter().filter(|(_, v)| *v <= 3).map(|(n, _)| (n.to_string(), shape)).collect();
+        let layout_3: Vec<(String, MapShape)> = CHANGED_IN
+            .iter()
+            .filter(|(n, v)| *v <= 3 || *n == "ferry_stats")
+            .map(|(n, _)| (n.to_string(), shape))
+            .collect();
         let all: Vec<(String, MapShape)> = CHANGED_IN.iter().map(|(n, _)| (n.to_string(), shape)).collect();
         assert!(!layout_3.iter().any(|(n, _)| n == "ferry_tunnels" || n == "ferry_dsr"));
         let up = plan_upgrade(Some(3), LAYOUT, CHANGED_IN, CARRY, &layout_3, &all);
-        assert_eq!(up, Upgrade::Migrate { from: 3, retire: vec![], copy: vec![] });
+        assert_eq!(up, Upgrade::Migrate { from: 3, retire: vec!["ferry_stats".into()], copy: vec![] });
     }
 
     /// A later layout that only changes the meaning of a Plan-state map (say

@@ -79,7 +79,7 @@ pub struct NodeRuntime {
 
 /// The name under which a service port is programmed (and shown by `ferry status`).
 pub fn canonical_name(id: &ServicePortId) -> String {
-    format!("{}/{}:{}/{}/{}", id.service.namespace, id.service.name, id.port_name, id.protocol, id.family)
+    format!("{}/{}:{}/{}/{}", id.service.namespace(), id.service.name(), id.port_name, id.protocol, id.family)
 }
 
 /// What is programmed for one service port: ids, and the keys needed to
@@ -95,11 +95,57 @@ struct Programmed {
     /// Its service entry is in the kernel (a refused new service port may
     /// have its name and slots there, and no service entry yet).
     has_service: bool,
-    /// `[rev][set]` -> backend ids in slot order.
-    slots: [[Box<[u32]>; 2]; 2],
+    slots: Slots,
     /// Sorted by key.
     frontends: Box<[(FeKey, FeVal)]>,
     rare: Option<Box<Rare>>,
+}
+
+/// A service port's slot lists, `[rev][set]` -> backend ids in slot order,
+/// in one exactly sized list: four boxed lists took 64 bytes in every
+/// service port's record, most of them empty.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Slots {
+    ids: Box<[u32]>,
+    /// Lengths of the lists in `[rev][set]` order (a set never exceeds [`MAX_SET`]).
+    lens: [u16; 4],
+}
+
+impl Slots {
+    fn from_lists(lists: [[Vec<u32>; 2]; 2]) -> Slots {
+        let mut slots = Slots::default();
+        for (i, list) in lists.iter().flatten().enumerate() {
+            slots.lens[i] = slot_no(list.len());
+        }
+        slots.ids = lists.into_iter().flatten().flatten().collect();
+        slots
+    }
+
+    fn range(&self, rev: usize, set: usize) -> std::ops::Range<usize> {
+        let i = rev * 2 + set;
+        let start: usize = self.lens[..i].iter().map(|n| usize::from(*n)).sum();
+        start..start + usize::from(self.lens[i])
+    }
+
+    fn get(&self, rev: usize, set: usize) -> &[u32] {
+        &self.ids[self.range(rev, set)]
+    }
+
+    /// Puts `new` in place of one list.
+    fn replace(&mut self, rev: usize, set: usize, new: &[u32]) {
+        let at = self.range(rev, set);
+        let mut ids = Vec::with_capacity(self.ids.len() - at.len() + new.len());
+        ids.extend_from_slice(&self.ids[..at.start]);
+        ids.extend_from_slice(new);
+        ids.extend_from_slice(&self.ids[at.end..]);
+        self.ids = ids.into_boxed_slice();
+        self.lens[rev * 2 + set] = slot_no(new.len());
+    }
+
+    /// Every list with its `(rev, set)`.
+    fn lists(&self) -> impl Iterator<Item = (usize, usize, &[u32])> {
+        (0..4).map(|i| (i / 2, i % 2, self.get(i / 2, i % 2)))
+    }
 }
 
 /// The entries only some service ports have: memberships (session
@@ -156,7 +202,7 @@ impl IdPool {
 /// Backends by id, with their reference counts, and their ids by address.
 #[derive(Debug, Clone, Default)]
 struct BackendTable {
-    entries: HashMap<u32, (Backend, u32)>,
+    entries: BackendEntries,
     /// Backend ids, hashed by the address of the entry each names: the
     /// address is not stored twice (as a key it took 24 bytes a backend).
     by_addr: hashbrown::HashTable<u32>,
@@ -625,6 +671,71 @@ fn backend_addr(be: &Backend) -> (Words, u16, u8) {
     (be.addr, be.port, be.family)
 }
 
+/// Backends with their reference counts, indexed by id. Ids are handed out
+/// densely from 1 ([`IdPool`]), so a list serves where a hash table cost
+/// 38 bytes a backend. A vacant place has family [`VACANT`].
+#[derive(Debug, Clone, Default)]
+struct BackendEntries(Vec<(Backend, u32)>);
+
+/// The family of a vacant place in [`BackendEntries`] (real ones are `FAM_V4` / `FAM_V6`).
+const VACANT: u8 = u8::MAX;
+
+/// Ids above this are not ferry's (it issues them densely from 1): `adopt`
+/// deletes such a backend rather than reserve room up to its id.
+const MAX_BACKEND_ID: u32 = 1 << 24;
+
+impl BackendEntries {
+    fn get(&self, id: &u32) -> Option<&(Backend, u32)> {
+        self.0.get(*id as usize).filter(|e| e.0.family != VACANT)
+    }
+
+    fn get_mut(&mut self, id: &u32) -> Option<&mut (Backend, u32)> {
+        self.0.get_mut(*id as usize).filter(|e| e.0.family != VACANT)
+    }
+
+    fn insert(&mut self, id: u32, entry: (Backend, u32)) {
+        let at = id as usize;
+        if at >= self.0.len() {
+            // A quarter more at a time rather than double: ids are dense, so
+            // the list grows with the backends it holds, and churn (the
+            // previous revision keeps its backends) grows it by a fraction.
+            if at >= self.0.capacity() {
+                self.0.reserve_exact((at + 1 - self.0.len()).max(self.0.len() / 4));
+            }
+            self.0.resize(at + 1, (Backend { addr: [0; 4], port: 0, family: VACANT, flags: 0 }, 0));
+        }
+        self.0[at] = entry;
+    }
+
+    fn remove(&mut self, id: &u32) -> Option<(Backend, u32)> {
+        let found = *self.get(id)?;
+        self.0[*id as usize].0.family = VACANT;
+        while self.0.last().is_some_and(|e| e.0.family == VACANT) {
+            self.0.pop();
+        }
+        Some(found)
+    }
+
+    /// Gives back the room a first sync's growth left (up to a quarter of the
+    /// list), after a full sync: incremental ones grow it by a few.
+    fn trim(&mut self) {
+        if self.0.capacity() > self.0.len() + self.0.len() / 16 {
+            self.0.shrink_to_fit();
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &(Backend, u32))> {
+        self.0.iter().enumerate().filter(|(_, e)| e.0.family != VACANT).map(|(id, e)| (id as u32, e))
+    }
+}
+
+impl std::ops::Index<&u32> for BackendEntries {
+    type Output = (Backend, u32);
+    fn index(&self, id: &u32) -> &(Backend, u32) {
+        self.get(id).expect("backend table consistent")
+    }
+}
+
 impl BackendTable {
     fn addr_hash(&self, be: &Backend) -> u64 {
         use std::hash::BuildHasher;
@@ -748,7 +859,11 @@ pub struct Programmer {
     adopted_names: HashMap<u32, Box<str>>,
     service_ids: IdPool,
     backends: BackendTable,
-    markers: BTreeSet<FeKey>,
+    /// The ClusterIPs whose any-port markers are in the kernel. After a
+    /// sync it is the Plan's own `cluster_ips` (a persistent set: the clone
+    /// shares its nodes), so it costs next to nothing per ClusterIP; a copy
+    /// of its own took ~30 bytes a Service.
+    markers: imbl::OrdSet<std::net::IpAddr>,
     locals: BTreeMap<LocalKey, u8>,
     ranges: BTreeSet<RangeKey>,
     /// DSR tunnels (`ferry_tunnels`).
@@ -888,7 +1003,7 @@ impl Programmer {
         }
         for (k, v) in &dump.frontends {
             if v.kind == FE_CLUSTER_IP_ANY_PORT {
-                p.markers.insert(*k);
+                p.markers.insert(ip_of(&k.addr, k.family));
             } else if let Some(d) = drafts.get_mut(&v.service) {
                 d.frontends.push((*k, *v));
             }
@@ -903,7 +1018,7 @@ impl Programmer {
                 id,
                 svc: d.svc.unwrap_or_default(),
                 has_service: d.svc.is_some(),
-                slots: d.slots.map(|sets| sets.map(Vec::into_boxed_slice)),
+                slots: Slots::from_lists(d.slots),
                 frontends: d.frontends.into(),
                 rare: None,
             };
@@ -912,15 +1027,17 @@ impl Programmer {
         }
         let mut refs: HashMap<u32, u32> = HashMap::new();
         for prog in by_id.values() {
-            for rev in &prog.slots {
-                for set in rev {
-                    for be in set {
-                        *refs.entry(*be).or_default() += 1;
-                    }
+            for (_, _, list) in prog.slots.lists() {
+                for be in list {
+                    *refs.entry(*be).or_default() += 1;
                 }
             }
         }
         for (id, be) in &dump.backends {
+            if *id > MAX_BACKEND_ID {
+                p.half_written.0.push(MapOp::DelBackend(*id));
+                continue;
+            }
             p.backends.ids.mark_used(*id);
             let n = refs.get(id).copied().unwrap_or(0);
             p.backends.insert(*id, *be, n);
@@ -946,7 +1063,7 @@ impl Programmer {
     /// Backends no slot references any more (left behind by a crash between
     /// two phases). Returned as deletions by the first sync after `adopt`.
     fn orphan_backends(&mut self, ops: &mut Ops) {
-        let orphans: Vec<u32> = self.backends.entries.iter().filter(|(_, (_, n))| *n == 0).map(|(id, _)| *id).collect();
+        let orphans: Vec<u32> = self.backends.entries.iter().filter(|(_, (_, n))| *n == 0).map(|(id, _)| id).collect();
         for id in orphans {
             if self.backends.forget(id).is_some() {
                 self.backends.ids.release(id);
@@ -1029,12 +1146,15 @@ impl Programmer {
         ops.node();
         match diff {
             Some(d) if !full && !d.node_changed => {
-                self.sync_markers(&d.cluster_ips_added, &d.cluster_ips_removed, &mut ops)
+                self.sync_markers(plan, &d.cluster_ips_added, &d.cluster_ips_removed, &mut ops)
             }
             _ => self.sync_node(plan, rt, &mut ops),
         }
         self.service_ids.settle();
         self.backends.ids.settle();
+        if full {
+            self.backends.entries.trim();
+        }
         ops.into_batch()
     }
 
@@ -1048,7 +1168,8 @@ impl Programmer {
         // Adopted service ports no sync has claimed yet count too: their
         // frontends are in the kernel (right after `adopt`, all of them are).
         let ports = self.services.values().chain(self.adopted.by_id.values());
-        let frontends = ports.flat_map(|p| p.frontends.iter().map(|(k, _)| k)).chain(&self.markers);
+        let frontends =
+            ports.flat_map(|p| p.frontends.iter().map(|(k, _)| *k)).chain(self.markers.iter().map(marker_key));
         let mut out: BTreeSet<LocalKey> =
             frontends.map(|k| LocalKey { addr: k.addr, family: k.family }).filter(|k| k.addr != [0; 4]).collect();
         out.extend(self.locals.keys().copied());
@@ -1124,7 +1245,7 @@ impl Programmer {
         let live = usize::from(prog.svc.rev & 1);
         let same = !is_new
             && (0..2).all(|set| {
-                let have = &prog.slots[live][set];
+                let have = prog.slots.get(live, set);
                 have.len() == want[set].len()
                     && have
                         .iter()
@@ -1136,7 +1257,7 @@ impl Programmer {
             rev ^= 1;
             let r = usize::from(rev);
             for (set, wanted) in want.iter().enumerate() {
-                let old = std::mem::take(&mut prog.slots[r][set]);
+                let old = prog.slots.get(r, set).to_vec();
                 let mut new = Vec::with_capacity(wanted.len());
                 for (i, be) in wanted.iter().enumerate() {
                     let bid = self.backends.acquire(*be, ops);
@@ -1152,7 +1273,7 @@ impl Programmer {
                     }
                     self.backends.release(*bid, ops);
                 }
-                prog.slots[r][set] = new.into_boxed_slice();
+                prog.slots.replace(r, set, &new);
             }
         }
 
@@ -1161,7 +1282,7 @@ impl Programmer {
         // it has none: a fifth of a full sync's writes saved.
         let mut members: BTreeMap<u32, u8> = BTreeMap::new();
         for set in (0..2).filter(|_| sp.affinity_timeout_seconds.is_some()) {
-            for bid in &prog.slots[usize::from(rev)][set] {
+            for bid in prog.slots.get(usize::from(rev), set) {
                 *members.entry(*bid).or_default() |= 1 << set;
             }
         }
@@ -1189,8 +1310,8 @@ impl Programmer {
         let r = usize::from(rev);
         let use_maglev = sp.maglev.unwrap_or(rt.maglev_default) && rt.maglev_size > 0;
         for set in 0..2 {
-            let want = if use_maglev && !prog.slots[r][set].is_empty() {
-                let ids = &prog.slots[r][set];
+            let want = if use_maglev && !prog.slots.get(r, set).is_empty() {
+                let ids = prog.slots.get(r, set);
                 let names: Vec<String> = ids
                     .iter()
                     .map(|id| {
@@ -1213,7 +1334,7 @@ impl Programmer {
         }
         prog.set_rare(rare);
         let svc = SvcVal {
-            count: [slot_no(prog.slots[r][0].len()), slot_no(prog.slots[r][1].len())],
+            count: [slot_no(prog.slots.get(r, 0).len()), slot_no(prog.slots.get(r, 1).len())],
             action: [
                 [action(&sp.internal.pod), action(&sp.internal.host), action(&sp.internal.external)],
                 [action(&sp.external.pod), action(&sp.external.host), action(&sp.external.external)],
@@ -1221,7 +1342,7 @@ impl Programmer {
             flags: if sp.affinity_timeout_seconds.is_some() { SVC_AFFINITY } else { 0 }
                 | if use_maglev { SVC_MAGLEV } else { 0 },
             rev,
-            affinity_timeout: sp.affinity_timeout_seconds.unwrap_or(0),
+            affinity_timeout: sp.affinity_timeout_seconds.map_or(0, |t| t.get()),
         };
         if is_new || !prog.has_service || svc != prog.svc {
             ops.push(MapOp::PutService(id, svc));
@@ -1274,12 +1395,10 @@ impl Programmer {
             ops.push(MapOp::DelService(id));
         }
         ops.push(MapOp::DelName(id));
-        for (rev, sets) in prog.slots.iter().enumerate() {
-            for (set, list) in sets.iter().enumerate() {
-                for (i, bid) in list.iter().enumerate() {
-                    ops.push(MapOp::DelSlot(SlotKey { service: id, rev: rev as u8, set: set as u8, slot: slot_no(i) }));
-                    self.backends.release(*bid, ops);
-                }
+        for (rev, set, list) in prog.slots.lists() {
+            for (i, bid) in list.iter().enumerate() {
+                ops.push(MapOp::DelSlot(SlotKey { service: id, rev: rev as u8, set: set as u8, slot: slot_no(i) }));
+                self.backends.release(*bid, ops);
             }
         }
         let rare = prog.rare();
@@ -1383,14 +1502,13 @@ impl Programmer {
         }
         self.devices = rt.devices.clone();
 
-        let markers: BTreeSet<FeKey> = plan.cluster_ips.iter().map(marker_key).collect();
-        for k in markers.difference(&self.markers) {
-            ops.push(MapOp::PutFrontend(*k, FeVal { service: 0, kind: FE_CLUSTER_IP_ANY_PORT, flags: 0 }));
+        for ip in plan.cluster_ips.iter().filter(|ip| !self.markers.contains(*ip)) {
+            ops.push(MapOp::PutFrontend(marker_key(ip), FeVal { service: 0, kind: FE_CLUSTER_IP_ANY_PORT, flags: 0 }));
         }
-        for k in self.markers.difference(&markers) {
-            ops.push(MapOp::DelFrontend(*k));
+        for ip in self.markers.iter().filter(|ip| !plan.cluster_ips.contains(*ip)) {
+            ops.push(MapOp::DelFrontend(marker_key(ip)));
         }
-        self.markers = markers;
+        self.markers = plan.cluster_ips.clone();
     }
 
     /// ClusterIPs that came into or went out of use: their any-port markers.
@@ -1420,19 +1538,24 @@ impl Programmer {
         self.tunnels = want;
     }
 
-    fn sync_markers(&mut self, added: &[std::net::IpAddr], removed: &[std::net::IpAddr], ops: &mut Ops) {
+    /// The markers of the ClusterIPs a diff names; the set then becomes the
+    /// Plan's (which is the old set with the diff applied: the planner
+    /// derives both from the same change), sharing its nodes again.
+    fn sync_markers(&mut self, plan: &Plan, added: &[std::net::IpAddr], removed: &[std::net::IpAddr], ops: &mut Ops) {
         for ip in removed {
-            let k = marker_key(ip);
-            if self.markers.remove(&k) {
-                ops.push(MapOp::DelFrontend(k));
+            if self.markers.remove(ip).is_some() {
+                ops.push(MapOp::DelFrontend(marker_key(ip)));
             }
         }
         for ip in added {
-            let k = marker_key(ip);
-            if self.markers.insert(k) {
-                ops.push(MapOp::PutFrontend(k, FeVal { service: 0, kind: FE_CLUSTER_IP_ANY_PORT, flags: 0 }));
+            if self.markers.insert(*ip).is_none() {
+                ops.push(MapOp::PutFrontend(
+                    marker_key(ip),
+                    FeVal { service: 0, kind: FE_CLUSTER_IP_ANY_PORT, flags: 0 },
+                ));
             }
         }
+        self.markers = plan.cluster_ips.clone();
     }
 }
 

@@ -60,6 +60,7 @@ pub const NAMES: &[&str] = &[
     "drop_dsr_too_big",
     "dsr_mss_clamp",
     "dsr_endpoint_fallback",
+    "dsr_frag_needed",
     "xdp_new_flow",
     "xdp_forward",
     "xdp_dsr_encap",

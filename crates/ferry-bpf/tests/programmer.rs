@@ -648,9 +648,7 @@ fn backend_sets_past_16_bits_never_wrap() {
     let plan = build_plan(&state, &config);
     assert!(plan.services.is_empty(), "a 70,000-endpoint service port was planned");
     assert!(
-        plan.problems
-            .iter()
-            .any(|p| p.object.name.as_ref() == "s0" && p.message.contains("at most 65535 per service port")),
+        plan.problems.iter().any(|p| p.object.name() == "s0" && p.message.contains("at most 65535 per service port")),
         "{:?}",
         plan.problems
     );
@@ -668,8 +666,7 @@ fn backend_sets_past_16_bits_never_wrap() {
             e
         })
         .collect();
-    sp.categorized.cluster = (0..n as u32).collect();
-    sp.categorized.local = Box::default();
+    sp.categorized.set_indexes(&(0..n as u32).collect::<Vec<_>>(), &[]);
     plan.services.insert(id.clone(), std::sync::Arc::new(sp));
     let ops = Programmer::new().sync(&plan, None, &rt());
     let slots: Vec<u16> = ops

@@ -45,7 +45,7 @@ struct Kept {
 
 impl Kept {
     fn new(kind: Kind, key: &ObjectKey, digest: u64) -> Kept {
-        Kept { kind, key: format!("{}/{}", key.namespace, key.name).into_boxed_str(), digest }
+        Kept { kind, key: format!("{}/{}", key.namespace(), key.name()).into_boxed_str(), digest }
     }
     fn id(&self) -> (Kind, &str) {
         (self.kind, &self.key)
@@ -58,7 +58,7 @@ impl Kept {
         match self.kind {
             Kind::Service => StateChange::ServiceDeleted(self.object_key()),
             Kind::EndpointSlice => StateChange::EndpointSliceDeleted(self.object_key()),
-            Kind::Node => StateChange::NodeDeleted(self.object_key().name.to_string()),
+            Kind::Node => StateChange::NodeDeleted(self.object_key().name().to_string()),
         }
     }
 }

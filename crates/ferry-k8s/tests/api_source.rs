@@ -131,17 +131,17 @@ fn describe(event: &SourceEvent) -> String {
     }
     match event {
         SourceEvent::Change(StateChange::ServiceApplied(s)) => format!("+svc {}", s.metadata.name.as_deref().unwrap()),
-        SourceEvent::Change(StateChange::ServiceDeleted(k)) => format!("-svc {}", k.name),
+        SourceEvent::Change(StateChange::ServiceDeleted(k)) => format!("-svc {}", k.name()),
         SourceEvent::Change(StateChange::EndpointSliceApplied(s)) => {
             format!("+slice {}", s.metadata.name.as_deref().unwrap())
         }
-        SourceEvent::Change(StateChange::EndpointSliceDeleted(k)) => format!("-slice {}", k.name),
+        SourceEvent::Change(StateChange::EndpointSliceDeleted(k)) => format!("-slice {}", k.name()),
         SourceEvent::Change(StateChange::NodeApplied(n)) => format!("+node {}", rv(&n.metadata)),
         SourceEvent::Change(StateChange::NodeDeleted(n)) => format!("-node {n}"),
         // Each object of a list arrives on its own; the listing closes it.
         SourceEvent::ListItem(c) => format!("list {c:?}"),
         SourceEvent::Listed(listing) => {
-            let mut names: Vec<String> = listing.keys.iter().map(|k| k.name.to_string()).collect();
+            let mut names: Vec<String> = listing.keys.iter().map(|k| k.name().to_string()).collect();
             names.sort();
             format!("replace {} [{}]", listing.kind, names.join(" "))
         }
@@ -357,7 +357,7 @@ async fn gone_makes_the_source_relist_and_forget_deleted_objects() {
     h.until("the Services relist", is_listed(Kind::Service)).await;
     h.until_state("the slices relist", |s| s.endpoint_slices.is_empty()).await;
 
-    assert_eq!(h.state.services.keys().map(|k| &*k.name).collect::<Vec<_>>(), ["b", "c"]);
+    assert_eq!(h.state.services.keys().map(|k| k.name()).collect::<Vec<_>>(), ["b", "c"]);
     let events = &h.events[start..];
     // The deletion is learnt from the relist, not from a (lost) watch event.
     assert!(!show(events).iter().any(|e| e == "-svc a"), "{:#?}", show(events));

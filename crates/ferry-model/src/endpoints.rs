@@ -179,7 +179,15 @@ pub struct SliceRead {
     pub owner: Option<SliceOwner>,
     pub ports: Box<[(Arc<str>, Protocol, u16)]>,
     pub endpoints: Arc<[Endpoint]>,
-    pub problems: Box<[ObjectError]>,
+    /// What was wrong with it; boxed, as nearly every slice has nothing
+    /// (one pointer in the table of every slice, not a list's two words).
+    pub problems: Option<Box<Vec<ObjectError>>>,
+}
+
+impl SliceRead {
+    pub fn problems(&self) -> &[ObjectError] {
+        self.problems.as_deref().map_or(&[], |p| p.as_slice())
+    }
 }
 
 /// Reads one slice (see [`SliceRead`]).
@@ -197,7 +205,8 @@ pub fn read_slice(key: &ObjectKey, slice: &EndpointSlice, cfg: &NodeConfig) -> S
         }
         None => (Box::default(), Arc::default()),
     };
-    SliceRead { owner, ports, endpoints, problems: problems.into() }
+    let problems = (!problems.is_empty()).then(|| Box::new(problems));
+    SliceRead { owner, ports, endpoints, problems }
 }
 
 /// Merges the slices of one Service, in the order given (slice key order).
@@ -308,7 +317,7 @@ fn slice_owner(
         ));
         return None;
     };
-    Some(SliceOwner { service: ObjectKey::new(key.namespace.clone(), service.clone()), family })
+    Some(SliceOwner { service: ObjectKey::in_namespace_of(key, service), family })
 }
 
 fn read_ports(key: &ObjectKey, slice: &EndpointSlice, errors: &mut Vec<ObjectError>) -> Vec<(Arc<str>, Protocol, u16)> {
@@ -418,7 +427,7 @@ mod tests {
             owner: Some(SliceOwner { service: ObjectKey::new("ns", "s"), family: IpFamily::V4 }),
             ports: Box::new([(Arc::from("http"), Protocol::Tcp, 8080)]),
             endpoints: Arc::from_iter::<Vec<Endpoint>>(endpoints),
-            problems: Box::default(),
+            problems: None,
         }
     }
 

@@ -136,7 +136,7 @@ pub struct ServicePort {
     pub external_policy_local: bool,
     /// Reachable through a NodePort, a load-balancer address or an ExternalIP.
     pub externally_accessible: bool,
-    pub affinity_timeout_seconds: Option<u32>,
+    pub affinity_timeout_seconds: Option<std::num::NonZeroU32>,
     pub health_check_node_port: Option<u16>,
     /// Backend choice on the packet path: Maglev (true), random (false), node default (None).
     pub maglev: Option<bool>,
@@ -211,8 +211,8 @@ impl ServicePort {
 
     pub fn endpoint_set(&self, set: EndpointSet) -> impl Iterator<Item = &Endpoint> {
         let idx = match set {
-            EndpointSet::Cluster => &self.categorized.cluster,
-            EndpointSet::Local => &self.categorized.local,
+            EndpointSet::Cluster => self.categorized.cluster(),
+            EndpointSet::Local => self.categorized.local(),
         };
         idx.iter().map(|i| &self.endpoints[*i as usize])
     }
@@ -604,7 +604,7 @@ pub fn build_plan(state: &ClusterState, cfg: &NodeConfig) -> Plan {
     let mut slices_of: BTreeMap<ObjectKey, Vec<crate::endpoints::SliceRead>> = BTreeMap::new();
     for (key, slice) in &state.endpoint_slices {
         let read = read_slice(key, slice, cfg);
-        problems.extend(read.problems.iter().cloned());
+        problems.extend(read.problems().iter().cloned());
         if let Some(owner) = &read.owner {
             if !state.services.contains_key(&owner.service) {
                 problems.push(orphan_slice(key, &owner.service));
@@ -662,7 +662,7 @@ pub(crate) fn plan_service(
     let (admitted_external_ips, refused) = crate::policy::admit_external_ips(node, info);
     out.problems.extend(refused);
     for &family in &node.families {
-        let Some(&cluster_ip) = info.cluster_ips.get(&family) else {
+        let Some(cluster_ip) = info.cluster_ips.get(&family) else {
             continue;
         };
         out.cluster_ips.push(cluster_ip);
@@ -751,7 +751,7 @@ fn decide(
     let uses_local = itp_local || (etp_local && externally_accessible) || (dsr && externally_accessible);
     let categorized = categorize(&endpoints, uses_cluster, uses_local, ctx);
     let has_any = categorized.has_any;
-    let has_local = !categorized.local.is_empty();
+    let has_local = !categorized.local().is_empty();
     let detects = node.detects_pods(family);
 
     let internal = PerSource::from_fn(|source| {

@@ -30,7 +30,7 @@ use crate::plan::{
     health_check_clash, node_facts, orphan_slice, plan_service,
 };
 use crate::problem::ObjectError;
-use crate::service::{IgnoreReason, ServiceInfo, ServiceRead, read_service};
+use crate::service::{IgnoreReason, ServiceInfo, ServiceRead, read_service_as};
 use crate::state::{ObjectKey, StateChange};
 use crate::topology::TopologyContext;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -41,20 +41,24 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// A Service as the planner keeps it: read and validated, never the API object.
+/// A Service as the planner keeps it: read and validated, never the API
+/// object. One pointer and a tag: the rare cases are boxed, so the table
+/// of every Service does not hold their size in each slot.
 #[derive(Debug, Clone, PartialEq)]
 enum StoredService {
     Served(Arc<ServiceInfo>),
-    Ignored(IgnoreReason),
-    Invalid(Vec<ObjectError>),
+    Ignored(Box<IgnoreReason>),
+    // Boxed on purpose: a pointer in the slot, not a list's three words.
+    #[allow(clippy::box_collection)]
+    Invalid(Box<Vec<ObjectError>>),
 }
 
 impl From<ServiceRead> for StoredService {
     fn from(read: ServiceRead) -> Self {
         match read {
             ServiceRead::Served(info) => StoredService::Served(Arc::new(*info)),
-            ServiceRead::Ignored(r) => StoredService::Ignored(r),
-            ServiceRead::Invalid(e) => StoredService::Invalid(e),
+            ServiceRead::Ignored(r) => StoredService::Ignored(Box::new(r)),
+            ServiceRead::Invalid(e) => StoredService::Invalid(Box::new(e)),
         }
     }
 }
@@ -92,6 +96,21 @@ pub struct ReadSettingsChanged(String);
 /// every frontend has one claimant and every Service one slice.
 type Few<T> = SmallVec<[T; 1]>;
 
+/// How many Services use `ip`: its count in `other_counts`, else 1 when
+/// the Plan has it. A count that drops to 0 stays recorded (as 0) until the
+/// end of the sync takes the address out of the Plan.
+fn ip_refs(other_counts: &HashMap<IpAddr, u32>, in_plan: &imbl::OrdSet<IpAddr>, ip: &IpAddr) -> u32 {
+    other_counts.get(ip).copied().unwrap_or_else(|| u32::from(in_plan.contains(ip)))
+}
+
+fn set_ip_refs(other_counts: &mut HashMap<IpAddr, u32>, ip: IpAddr, n: u32) {
+    if n == 1 {
+        other_counts.remove(&ip);
+    } else {
+        other_counts.insert(ip, n);
+    }
+}
+
 /// Inserts into a sorted, duplicate-free list (the sets here hold one or two
 /// items; a `BTreeSet` would allocate a whole node for each).
 fn sorted_insert<T: Ord, A: smallvec::Array<Item = T>>(v: &mut SmallVec<A>, item: T) {
@@ -117,6 +136,9 @@ pub struct Planner {
     slices_of: HashMap<ObjectKey, Few<ObjectKey>>,
     /// Services planned without any service port (rare), see [`Contribution`].
     portless: HashMap<ObjectKey, Contribution>,
+    /// How many Services use a ClusterIP, for those not used by exactly one
+    /// ([`ip_refs`]): nearly every ClusterIP has one Service, and a count of
+    /// them all cost 31 bytes a Service.
     cluster_ip_refs: HashMap<IpAddr, u32>,
     /// The claims on frontends claimed more than once, smallest (the owner)
     /// first. A frontend with one claim keeps it only in the Plan's frontend
@@ -231,7 +253,9 @@ impl Planner {
 
     pub fn apply_service(&mut self, svc: &Service) {
         let key = ObjectKey::of_meta(&svc.metadata);
-        let stored = StoredService::from(read_service(svc, &self.cfg));
+        // An update shares the key the table already holds (the table keeps its own on insert).
+        let key = self.services.get_key_value(&key).map_or(key, |(k, _)| k.clone());
+        let stored = StoredService::from(read_service_as(&key, svc, &self.cfg));
         match self.services.get(&key) {
             Some(old) if *old == stored => {}
             Some(_) => {
@@ -255,6 +279,9 @@ impl Planner {
 
     pub fn apply_slice(&mut self, slice: &EndpointSlice) {
         let key = ObjectKey::of_meta(&slice.metadata);
+        // An update shares the key the table already holds (its owner's list
+        // would otherwise hold a second copy).
+        let key = self.slices.get_key_value(&key).map_or(key, |(k, _)| k.clone());
         let mut read = read_slice(&key, slice, &self.cfg);
         // The owner's key shares the Service's strings rather than holding its own copy.
         if let Some(owner) = &mut read.owner
@@ -350,7 +377,7 @@ impl Planner {
 
     fn refresh_slice_problems(&mut self, key: &ObjectKey) {
         let Some(read) = self.slices.get(key) else { return };
-        let mut problems = read.problems.to_vec();
+        let mut problems = read.problems().to_vec();
         if let Some(owner) = &read.owner
             && !self.services.contains_key(&owner.service)
         {
@@ -395,7 +422,6 @@ impl Planner {
         if self.plan.services.is_empty() {
             // The first sync: sized once rather than rehashed a dozen times on the way up.
             touched_frontends.reserve(dirty.len());
-            self.cluster_ip_refs.reserve(dirty.len());
         }
         let ctx = self.node.topology(&self.cfg);
         let dirty: Vec<ObjectKey> = dirty.into_iter().collect();
@@ -435,10 +461,10 @@ impl Planner {
                 before.insert(sp.id.clone(), sp);
             }
             for ip in old.cluster_ips {
-                if let Some(n) = self.cluster_ip_refs.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.cluster_ip_refs.remove(&ip);
+                let n = ip_refs(&self.cluster_ip_refs, &plan.cluster_ips, &ip);
+                if n > 0 {
+                    set_ip_refs(&mut self.cluster_ip_refs, ip, n - 1);
+                    if n == 1 {
                         released_ips.push(ip);
                     }
                 }
@@ -458,10 +484,10 @@ impl Planner {
             match self.services.get(key) {
                 None => {}
                 Some(StoredService::Ignored(reason)) => {
-                    plan.ignored.insert(key.clone(), reason.clone());
+                    plan.ignored.insert(key.clone(), (**reason).clone());
                 }
                 Some(StoredService::Invalid(errors)) => {
-                    set_problems(&mut self.problems, ProblemSource::Service(key.clone()), errors.clone());
+                    set_problems(&mut self.problems, ProblemSource::Service(key.clone()), (**errors).clone());
                 }
                 Some(StoredService::Served(info)) => {
                     let planned = ahead.unwrap_or_else(|| {
@@ -469,7 +495,8 @@ impl Planner {
                     });
                     set_problems(&mut self.problems, ProblemSource::Service(key.clone()), planned.problems);
                     for ip in &planned.cluster_ips {
-                        *self.cluster_ip_refs.entry(*ip).or_default() += 1;
+                        let n = ip_refs(&self.cluster_ip_refs, &plan.cluster_ips, ip);
+                        set_ip_refs(&mut self.cluster_ip_refs, *ip, n + 1);
                         if plan.cluster_ips.insert(*ip).is_none() {
                             diff.cluster_ips_added.push(*ip);
                         }
@@ -485,13 +512,19 @@ impl Planner {
                         for (fk, claim) in frontend_claims(&sp) {
                             sorted_insert(claims_now(&mut touched_frontends, &mut self.contested, plan, fk), claim);
                         }
-                        let id = sp.id.clone();
-                        // Equal values keep the old Arc: nothing downstream sees a change.
-                        let sp = match before.get(&id) {
+                        // Equal values keep the old Arc: nothing downstream sees a
+                        // change. A changed one keeps the old id's allocation, which
+                        // the Plan's table and the programmer's mirror hold.
+                        let sp = match before.get(&sp.id) {
                             Some(old) if **old == sp => old.clone(),
-                            _ => Arc::new(sp),
+                            Some(old) => {
+                                let mut sp = sp;
+                                sp.id = old.id.clone();
+                                Arc::new(sp)
+                            }
+                            None => Arc::new(sp),
                         };
-                        plan.services.insert(id, sp.clone());
+                        plan.services.insert(sp.id.clone(), sp.clone());
                         if !first_plan {
                             after.push(sp);
                         }
@@ -505,8 +538,11 @@ impl Planner {
         }
 
         for ip in released_ips {
-            if !self.cluster_ip_refs.contains_key(&ip) && plan.cluster_ips.remove(&ip).is_some() {
-                diff.cluster_ips_removed.push(ip);
+            if ip_refs(&self.cluster_ip_refs, &plan.cluster_ips, &ip) == 0 {
+                self.cluster_ip_refs.remove(&ip);
+                if plan.cluster_ips.remove(&ip).is_some() {
+                    diff.cluster_ips_removed.push(ip);
+                }
             }
         }
         diff.cluster_ips_added.sort();

@@ -11,16 +11,19 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-/// `namespace/name` of a namespaced object. The strings are shared: a key
-/// is copied into many tables (the Plan, the frontends, the programmer's
-/// mirror), and a copy costs a reference count, not an allocation. The
-/// namespace is interned (a cluster has few), so every key of a namespace
-/// shares one string and two keys of one namespace compare it by pointer.
-#[derive(Debug, Clone, Eq, Serialize, Deserialize)]
-pub struct ObjectKey {
-    #[serde(deserialize_with = "deserialize_namespace")]
-    pub namespace: Arc<str>,
-    pub name: Arc<str>,
+/// `namespace/name` of a namespaced object: one pointer to a shared pair. A
+/// key is copied into many tables (the planner's, the Plan's, the
+/// programmer's mirror), and a copy costs a reference count, 8 bytes (two
+/// shared strings side by side took 32 in every copy, and most keys are
+/// held five to seven times). The namespace is interned (a cluster has
+/// few), so two keys of one namespace compare it by pointer.
+#[derive(Clone)]
+pub struct ObjectKey(Arc<KeyParts>);
+
+#[derive(Debug)]
+struct KeyParts {
+    namespace: Arc<str>,
+    name: Box<str>,
 }
 
 /// Orders shared strings, equal at once when they are the same string.
@@ -30,21 +33,26 @@ fn cmp_shared(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
 
 impl PartialEq for ObjectKey {
     fn eq(&self, other: &Self) -> bool {
-        cmp_shared(&self.namespace, &other.namespace).is_eq() && cmp_shared(&self.name, &other.name).is_eq()
+        self.cmp(other).is_eq()
     }
 }
+
+impl Eq for ObjectKey {}
 
 // By content, as equality is (the pointer test is only a shortcut).
 impl std::hash::Hash for ObjectKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.namespace.hash(state);
-        self.name.hash(state);
+        self.0.namespace.hash(state);
+        self.0.name.hash(state);
     }
 }
 
 impl Ord for ObjectKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        cmp_shared(&self.namespace, &other.namespace).then_with(|| cmp_shared(&self.name, &other.name))
+        if Arc::ptr_eq(&self.0, &other.0) {
+            return std::cmp::Ordering::Equal;
+        }
+        cmp_shared(&self.0.namespace, &other.0.namespace).then_with(|| self.0.name.cmp(&other.0.name))
     }
 }
 
@@ -54,14 +62,53 @@ impl PartialOrd for ObjectKey {
     }
 }
 
-fn deserialize_namespace<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
-    let namespace = String::deserialize(d)?;
-    Ok(crate::intern::shared_str(&namespace))
+/// What an `ObjectKey` is written and read as.
+#[derive(Serialize, Deserialize)]
+struct KeyFields<'a> {
+    #[serde(borrow)]
+    namespace: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+}
+
+impl Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        KeyFields { namespace: self.namespace().into(), name: self.name().into() }.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ObjectKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = KeyFields::deserialize(d)?;
+        Ok(ObjectKey::new(f.namespace, f.name))
+    }
+}
+
+impl fmt::Debug for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectKey").field("namespace", &self.namespace()).field("name", &self.name()).finish()
+    }
 }
 
 impl ObjectKey {
     pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
-        ObjectKey { namespace: crate::intern::shared_str(namespace.as_ref()), name: Arc::from(name.as_ref()) }
+        ObjectKey(Arc::new(KeyParts {
+            namespace: crate::intern::shared_str(namespace.as_ref()),
+            name: name.as_ref().into(),
+        }))
+    }
+
+    /// A key in the namespace of `other` (sharing its namespace string).
+    pub fn in_namespace_of(other: &ObjectKey, name: impl AsRef<str>) -> Self {
+        ObjectKey(Arc::new(KeyParts { namespace: other.0.namespace.clone(), name: name.as_ref().into() }))
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.0.namespace
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
     }
 
     /// The key of an object's metadata; a missing namespace means `default`,
@@ -73,7 +120,7 @@ impl ObjectKey {
 
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        write!(f, "{}/{}", self.namespace(), self.name())
     }
 }
 

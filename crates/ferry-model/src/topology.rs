@@ -15,14 +15,16 @@ pub enum TopologyMode {
     SameZone,
 }
 
-/// Why the topology filter is (not) in effect, for `ferry explain`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Why the topology filter is (not) in effect, for `ferry explain`. The
+/// zone meant is always the node's own (`NodeFacts::zone`), so it is not
+/// copied into every service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum TopologyReason {
     NodeHintsForThisNode,
-    ZoneHintsForThisZone(String),
+    ZoneHintsForThisZone,
     SomeEndpointLacksHints,
     NodeHasNoZone,
-    NoHintForThisZone(String),
+    NoHintForThisZone,
     NoReadyEndpoints,
 }
 
@@ -32,8 +34,8 @@ impl std::fmt::Display for TopologyReason {
             TopologyReason::NodeHintsForThisNode => {
                 f.write_str("every ready endpoint has node hints and some are for this node")
             }
-            TopologyReason::ZoneHintsForThisZone(z) => {
-                write!(f, "every ready endpoint has zone hints and some are for zone {z}")
+            TopologyReason::ZoneHintsForThisZone => {
+                f.write_str("every ready endpoint has zone hints and some are for this node's zone")
             }
             TopologyReason::SomeEndpointLacksHints => {
                 f.write_str("a ready endpoint has no hints, so hints are ignored")
@@ -41,8 +43,8 @@ impl std::fmt::Display for TopologyReason {
             TopologyReason::NodeHasNoZone => {
                 f.write_str("this node has no topology.kubernetes.io/zone label, so zone hints are ignored")
             }
-            TopologyReason::NoHintForThisZone(z) => {
-                write!(f, "no endpoint is hinted for zone {z}, so hints are ignored")
+            TopologyReason::NoHintForThisZone => {
+                f.write_str("no endpoint is hinted for this node's zone, so hints are ignored")
             }
             TopologyReason::NoReadyEndpoints => f.write_str("no ready endpoints"),
         }
@@ -88,12 +90,12 @@ pub fn topology_mode(endpoints: &[Endpoint], ctx: TopologyContext) -> (TopologyM
         return (TopologyMode::None, TopologyReason::SomeEndpointLacksHints);
     }
     if has_for_zone {
-        return (TopologyMode::SameZone, TopologyReason::ZoneHintsForThisZone(zone.to_string()));
+        return (TopologyMode::SameZone, TopologyReason::ZoneHintsForThisZone);
     }
     if zone.is_empty() {
         (TopologyMode::None, TopologyReason::NodeHasNoZone)
     } else {
-        (TopologyMode::None, TopologyReason::NoHintForThisZone(zone.to_string()))
+        (TopologyMode::None, TopologyReason::NoHintForThisZone)
     }
 }
 
@@ -117,19 +119,58 @@ pub enum EndpointChoice {
 }
 
 /// The outcome of categorising one service port's endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Categorized {
-    /// Indexes into the endpoint list used by "Cluster" traffic policy
-    /// (exactly sized: the planner keeps one per service port).
-    pub cluster: Box<[u32]>,
+    /// Indexes into the endpoint list: those used by "Cluster" traffic
+    /// policy (the first `cluster_len`), then those used by "Local". One
+    /// exactly sized list: the planner keeps one per service port, and two
+    /// lists and a reason with its zone name took 72 bytes in every one.
+    sets: Box<[u32]>,
+    /// A set never exceeds `ServiceLimits::SLOT_CEILING` (u16::MAX) endpoints.
+    cluster_len: u16,
     pub cluster_choice: EndpointChoice,
-    /// Indexes used by "Local" traffic policy.
-    pub local: Box<[u32]>,
     pub local_choice: EndpointChoice,
     /// Some endpoint anywhere could serve: decides DROP (true) against REJECT (false).
     pub has_any: bool,
     pub topology: TopologyMode,
     pub topology_reason: TopologyReason,
+}
+
+impl Categorized {
+    /// Indexes into the endpoint list used by "Cluster" traffic policy.
+    pub fn cluster(&self) -> &[u32] {
+        &self.sets[..self.cluster_len as usize]
+    }
+
+    /// Indexes used by "Local" traffic policy.
+    pub fn local(&self) -> &[u32] {
+        &self.sets[self.cluster_len as usize..]
+    }
+
+    /// Replaces both sets. A "Cluster" set is cut at `u16::MAX`: a port
+    /// with more endpoints than that is refused by the planner anyway
+    /// (`ServiceLimits::SLOT_CEILING`).
+    pub fn set_indexes(&mut self, cluster: &[u32], local: &[u32]) {
+        let cluster = &cluster[..cluster.len().min(usize::from(u16::MAX))];
+        self.sets = cluster.iter().chain(local).copied().collect();
+        self.cluster_len = cluster.len() as u16;
+    }
+}
+
+impl Serialize for Categorized {
+    /// As the two lists they are.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Categorized", 7)?;
+        st.serialize_field("cluster", self.cluster())?;
+        st.serialize_field("cluster_choice", &self.cluster_choice)?;
+        st.serialize_field("local", self.local())?;
+        st.serialize_field("local_choice", &self.local_choice)?;
+        st.serialize_field("has_any", &self.has_any)?;
+        st.serialize_field("topology", &self.topology)?;
+        st.serialize_field("topology_reason", &self.topology_reason)?;
+        st.end()
+    }
 }
 
 /// kube-proxy's `CategorizeEndpoints`.
@@ -138,38 +179,41 @@ pub struct Categorized {
 /// (internal policy Cluster, or reachable from outside at all, for the
 /// short-circuit). `uses_local`: some path uses node-local endpoints.
 pub fn categorize(endpoints: &[Endpoint], uses_cluster: bool, uses_local: bool, ctx: TopologyContext) -> Categorized {
+    let mut cluster: Vec<u32> = Vec::new();
+    let mut local: Vec<u32> = Vec::new();
     let mut out = Categorized {
-        cluster: Box::default(),
+        sets: Box::default(),
+        cluster_len: 0,
         cluster_choice: EndpointChoice::Empty,
-        local: Box::default(),
         local_choice: EndpointChoice::Empty,
         has_any: false,
         topology: TopologyMode::None,
         topology_reason: TopologyReason::NoReadyEndpoints,
     };
-    let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Box<[u32]> {
+    let pick = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<u32> {
         endpoints.iter().enumerate().filter(|(_, e)| f(e)).map(|(i, _)| i as u32).collect()
     };
 
     if uses_cluster {
         let (mode, reason) = topology_mode(endpoints, ctx);
-        out.cluster = pick(&|e| e.is_ready() && available_for_topology(e, &mode, ctx));
+        cluster = pick(&|e| e.is_ready() && available_for_topology(e, &mode, ctx));
         out.topology = mode;
         out.topology_reason = reason;
         out.cluster_choice = EndpointChoice::Ready;
         // Topology is already ignored when no ready endpoint matches it, so an
         // empty set here means nothing is ready anywhere.
-        if out.cluster.is_empty() {
-            out.cluster = pick(&|e| e.is_serving_terminating());
+        if cluster.is_empty() {
+            cluster = pick(&|e| e.is_serving_terminating());
             out.cluster_choice = EndpointChoice::ServingTerminating;
         }
-        if out.cluster.is_empty() {
+        if cluster.is_empty() {
             out.cluster_choice = EndpointChoice::Empty;
         } else {
             out.has_any = true;
         }
     }
     if !uses_local {
+        out.set_indexes(&cluster, &[]);
         return out;
     }
     let mut local_ready = false;
@@ -184,11 +228,12 @@ pub fn categorize(endpoints: &[Endpoint], uses_cluster: bool, uses_local: bool, 
         }
     }
     if local_ready {
-        out.local = pick(&|e| e.local && e.is_ready());
+        local = pick(&|e| e.local && e.is_ready());
         out.local_choice = EndpointChoice::Ready;
     } else if local_serving_terminating {
-        out.local = pick(&|e| e.local && e.is_serving_terminating());
+        local = pick(&|e| e.local && e.is_serving_terminating());
         out.local_choice = EndpointChoice::ServingTerminating;
     }
+    out.set_indexes(&cluster, &local);
     out
 }

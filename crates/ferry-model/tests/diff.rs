@@ -41,7 +41,7 @@ fn one_endpoint_change_touches_only_that_service() {
     assert!(d.frontends_added.is_empty() && d.frontends_removed.is_empty());
     assert_eq!(d.changed.len(), 2, "both ports of s0, nothing else");
     for c in &d.changed {
-        assert_eq!(&*c.new.id.service.name, "s0");
+        assert_eq!(c.new.id.service.name(), "s0");
         assert!(c.only_endpoints);
         assert_eq!(c.endpoints_added.len(), 1);
         assert_eq!(c.endpoints_added[0].ip().to_string(), "10.9.0.3");

@@ -49,7 +49,7 @@ fn problems_with(bad: Vec<Value>) -> Vec<ferry_model::ObjectError> {
     let mut objects = good();
     objects.extend(bad);
     let plan = build_plan(&state(objects), &cfg());
-    let good = plan.services.values().find(|s| &*s.id.service.name == "good").expect("good service still planned");
+    let good = plan.services.values().find(|s| s.id.service.name() == "good").expect("good service still planned");
     assert_eq!(good.endpoints.len(), 1, "good service keeps its endpoint");
     plan.problems
 }
@@ -161,7 +161,7 @@ fn wrong_family_endpoint_is_skipped_alone() {
         "endpoints[2].addresses[0]",
         "not an IP address",
     );
-    let mixed = plan.services.values().find(|s| &*s.id.service.name == "mixed").unwrap();
+    let mixed = plan.services.values().find(|s| s.id.service.name() == "mixed").unwrap();
     assert_eq!(mixed.endpoints.len(), 1);
     assert_eq!(mixed.endpoints[0].ip.to_string(), "10.1.0.9");
 }
@@ -234,7 +234,7 @@ fn headless_slices_are_ignored() {
     s["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
     objects.push(s);
     let plan = build_plan(&state(objects), &cfg());
-    let good = plan.services.values().find(|s| &*s.id.service.name == "good").unwrap();
+    let good = plan.services.values().find(|s| s.id.service.name() == "good").unwrap();
     assert_eq!(good.endpoints.len(), 1);
 }
 
@@ -252,7 +252,7 @@ fn conflicting_frontends_keep_the_first_and_warn() {
         port: 80,
         protocol: ferry_model::Protocol::Tcp,
     };
-    assert_eq!(&*plan.frontends[&key].service.service.name, "a");
+    assert_eq!(plan.frontends[&key].service.service.name(), "a");
 }
 
 #[test]

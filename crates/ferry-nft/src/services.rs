@@ -92,8 +92,8 @@ fn tag(text: &str) -> String {
 fn readable(sp: &ServicePort) -> String {
     let raw = format!(
         "{}/{}/{}/{}",
-        sp.id.service.namespace,
-        sp.id.service.name,
+        sp.id.service.namespace(),
+        sp.id.service.name(),
         proto(sp.id.protocol),
         if sp.id.port_name.is_empty() { sp.port.to_string() } else { sp.id.port_name.to_string() }
     );

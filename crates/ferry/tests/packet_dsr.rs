@@ -248,9 +248,10 @@ fn hybrid_carries_tcp_by_dsr_and_udp_by_snat() {
 /// segments arrives whole and is answered whole, by DSR: node-b lowered the
 /// MSS its endpoint announced by the tunnel's 20 bytes (`dsr_mss_clamp`), so
 /// none of the client's segments was too big for node-a to tunnel. A
-/// full-sized UDP datagram (1472 bytes of payload) cannot be made smaller:
-/// dsr mode drops it and counts it (`drop_dsr_too_big`, README), hybrid mode
-/// carries it by SNAT.
+/// full-sized UDP datagram (1472 bytes of payload, sent with DF as Linux
+/// does) cannot be made smaller: dsr mode answers it with ICMP
+/// "fragmentation needed" (`dsr_frag_needed`, README), which reaches the
+/// client (its kernel caches the path MTU 1480); hybrid mode carries it by SNAT.
 #[test]
 fn an_mtu_sized_request_is_not_lost() {
     let c = cluster("dsrmtu", "dsr", &[B21], &[B21]);
@@ -279,7 +280,11 @@ fn an_mtu_sized_request_is_not_lost() {
     let got = lab.connect(CLIENT, &full(fe)).unwrap();
     assert!(got.reply().is_none(), "dsr mode: a full-sized UDP datagram cannot be tunnelled: {got:?}");
     let a = moved(&a0, &counters(lab, NODE_A));
-    assert_eq!(a.get("drop_dsr_too_big"), Some(&1), "dsr mode: the datagram is dropped and counted: {a:?}");
+    assert_eq!(a.get("dsr_frag_needed"), Some(&1), "dsr mode: answered with fragmentation needed: {a:?}");
+    assert_eq!(a.get("drop_dsr_too_big"), None, "{a:?}");
+    // The ICMP error reached the client: its kernel now knows the path MTU.
+    let route = lab.ip(CLIENT, &["route", "get", &node_a(lab).to_string()]).unwrap();
+    assert!(route.contains("mtu 1480"), "the client learnt the tunnel's MTU (1500 - 20): {route}");
     drop(c);
     let c = cluster("dsrmtuh", "hybrid", &[B21], &[B21]);
     let fe = SocketAddr::new(node_a(&c.lab), node_port(Proto::Udp));

@@ -36,7 +36,7 @@ fn client_ip() -> IpAddr {
     ip("203.0.113.10")
 }
 
-/// A pod `n` on `node`, at 10.244.<node+1>.<n>.
+/// A pod `n` on `node`, at 10.244.<node+1>.<n> and fd00:244:<node+1>::<n>.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct PodRef(usize, u8);
 
@@ -47,34 +47,45 @@ impl PodRef {
     fn ip(self) -> IpAddr {
         ip(&format!("10.244.{}.{}", self.0 + 1, self.1))
     }
+    fn ip6(self) -> IpAddr {
+        ip(&format!("fd00:244:{}::{}", self.0 + 1, self.1))
+    }
 }
 
 const A21: PodRef = PodRef(NODE_A, 21);
 const B21: PodRef = PodRef(NODE_B, 21);
 
-/// An IPv4 LoadBalancer Service `name` (ClusterIP 10.96.0.<n>, LB IP
-/// 198.18.0.<n>), eTP Cluster, TCP 80 -> 8080 on NodePort `np`, UDP 53 ->
-/// 5353 on NodePort `np + 1`, with `endpoints`, and its slice.
+/// A dual-stack LoadBalancer Service `name` (ClusterIP 10.96.0.<n> and
+/// fd00:96::<n>, LB IP 198.18.0.<n>), eTP Cluster, TCP 80 -> 8080 on
+/// NodePort `np`, UDP 53 -> 5353 on NodePort `np + 1`, with `endpoints`,
+/// and its slices.
 fn service(name: &str, n: u8, np: u16, endpoints: &[PodRef]) -> String {
-    let eps: Vec<String> = endpoints
-        .iter()
-        .map(|p| {
-            let node = if p.0 == NODE_A { "node-a" } else { "node-b" };
-            format!("- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}", p.ip())
-        })
-        .collect();
-    format!(
+    let mut out = format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  type: LoadBalancer\n  \
-         clusterIP: 10.96.0.{n}\n  ipFamilies: [IPv4]\n  externalTrafficPolicy: Cluster\n  ports:\n  \
+         clusterIP: 10.96.0.{n}\n  clusterIPs: [10.96.0.{n}, \"fd00:96::{n}\"]\n  ipFamilies: [IPv4, IPv6]\n  \
+         ipFamilyPolicy: RequireDualStack\n  externalTrafficPolicy: Cluster\n  ports:\n  \
          - {{name: http, port: 80, protocol: TCP, targetPort: {TCP_TARGET}, nodePort: {np}}}\n  \
          - {{name: dns, port: 53, protocol: UDP, targetPort: {UDP_TARGET}, nodePort: {}}}\n\
-         status:\n  loadBalancer:\n    ingress: [{{ip: 198.18.0.{n}}}]\n\
-         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-v4, namespace: test, \
-         labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nendpoints:\n{}\nports: [{{name: \
-         http, port: {TCP_TARGET}, protocol: TCP}}, {{name: dns, port: {UDP_TARGET}, protocol: UDP}}]\n",
+         status:\n  loadBalancer:\n    ingress: [{{ip: 198.18.0.{n}}}]\n",
         np + 1,
-        eps.join("\n"),
-    )
+    );
+    for (family, of) in [("IPv4", PodRef::ip as fn(PodRef) -> IpAddr), ("IPv6", PodRef::ip6)] {
+        let eps: Vec<String> = endpoints
+            .iter()
+            .map(|p| {
+                let node = if p.0 == NODE_A { "node-a" } else { "node-b" };
+                format!("- {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}", of(*p))
+            })
+            .collect();
+        out.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-{}, namespace: test, \
+             labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nendpoints:\n{}\nports: [{{name: \
+             http, port: {TCP_TARGET}, protocol: TCP}}, {{name: dns, port: {UDP_TARGET}, protocol: UDP}}]\n",
+            family.to_lowercase(),
+            eps.join("\n"),
+        ));
+    }
+    out
 }
 
 /// NodePorts: `far` (b21, on node-b) 30090/30091, `near` (a21, on node-a)
@@ -104,11 +115,13 @@ fn cluster(tag: &str, mode: &str) -> Lab {
     assert_eq!((lab.add_node("node-a").unwrap(), lab.add_node("node-b").unwrap()), (NODE_A, NODE_B));
     lab.add_external("client", &[client_ip(), ip("2001:db8::10")], NODE_A).unwrap();
     for p in [A21, B21] {
-        let j = lab.add_pod(p.0, &p.name(), &[p.ip()]).unwrap();
-        let listen = vec![
-            Endpoint::tcp(SocketAddr::new(p.ip(), TCP_TARGET)),
-            Endpoint::udp(SocketAddr::new(p.ip(), UDP_TARGET)),
-        ];
+        let j = lab.add_pod(p.0, &p.name(), &[p.ip(), p.ip6()]).unwrap();
+        let listen = [p.ip(), p.ip6()]
+            .iter()
+            .flat_map(|a| {
+                [Endpoint::tcp(SocketAddr::new(*a, TCP_TARGET)), Endpoint::udp(SocketAddr::new(*a, UDP_TARGET))]
+            })
+            .collect();
         let mut opts = ServeOpts::new(&p.name(), listen);
         opts.echo_lines = true;
         lab.serve_with(At::Pod(p.0, j), opts).unwrap();
@@ -116,8 +129,8 @@ fn cluster(tag: &str, mode: &str) -> Lab {
     let mut manifests = service("far", 9, FAR, &[B21]);
     manifests.push_str(&closed_service());
     manifests.push_str(&service("near", 7, NEAR, &[A21]));
-    manifests.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24"]));
-    manifests.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24"]));
+    manifests.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24", "fd00:244:1::/64"]));
+    manifests.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24", "fd00:244:2::/64"]));
     lab.accelerate_fabric(NODE_A).expect("GRO on node-a's fabric port");
     for node in [NODE_A, NODE_B] {
         let acceleration = if node == NODE_A { "native" } else { "disabled" };
@@ -132,16 +145,19 @@ fn cluster(tag: &str, mode: &str) -> Lab {
     // XDP sends only to resolved neighbours (tc resolves the first one:
     // xdp_pass_fib); node-a knows node-b's MAC address from here on, as a
     // node on a busy network does.
-    let mut hello = ConnectOpts::new(Endpoint::udp(SocketAddr::new(IpAddr::V4(lab.nodes[NODE_B].primary_v4), 9)));
-    hello.connected_udp = true;
-    let o = lab.connect(At::Node(NODE_A), &hello).unwrap();
-    assert!(matches!(o, Observation::Refused { .. }), "node-a cannot reach node-b: {o:?}");
+    let b = &lab.nodes[NODE_B];
+    for addr in [IpAddr::V4(b.primary_v4), IpAddr::V6(b.primary_v6)] {
+        let mut hello = ConnectOpts::new(Endpoint::udp(SocketAddr::new(addr, 9)));
+        hello.connected_udp = true;
+        let o = lab.connect(At::Node(NODE_A), &hello).unwrap();
+        assert!(matches!(o, Observation::Refused { .. }), "node-a cannot reach node-b at {addr}: {o:?}");
+    }
     lab
 }
 
 fn opts(proto: Proto, target: SocketAddr) -> ConnectOpts {
     let mut o = ConnectOpts::new(Endpoint { addr: target, proto });
-    o.bind = Some(client_ip());
+    o.bind = Some(if target.is_ipv4() { client_ip() } else { ip("2001:db8::10") });
     o
 }
 
@@ -183,7 +199,7 @@ fn assert_xdp_attached(lab: &Lab) {
     assert!(pin.exists(), "no pinned XDP link at {}", pin.display());
 }
 
-/// snat mode: NodePort and LB IP to a backend on node-b are handled at XDP
+/// snat mode: NodePort (IPv4 and IPv6) and LB IP to a backend on node-b are handled at XDP
 /// on node-a in both directions (DNAT + SNAT out, the reply back to the
 /// client), tc translating none of it; to a backend on node-a, XDP passes
 /// the packets to tc, which delivers them; fragmented UDP and an ICMP error
@@ -196,8 +212,14 @@ fn nodeport_to_a_remote_and_a_local_backend_with_xdp() {
     for proto in [Proto::Tcp, Proto::Udp] {
         let port = |np: u16| if proto == Proto::Tcp { np } else { np + 1 };
         let lb_port = if proto == Proto::Tcp { 80 } else { 53 };
-        for fe in [SocketAddr::new(na, port(FAR)), SocketAddr::new(ip("198.18.0.9"), lb_port)] {
+        let na6 = IpAddr::V6(lab.nodes[NODE_A].primary_v6);
+        for fe in [
+            SocketAddr::new(na, port(FAR)),
+            SocketAddr::new(ip("198.18.0.9"), lb_port),
+            SocketAddr::new(na6, port(FAR)),
+        ] {
             let what = format!("{fe}/{proto} (remote backend)");
+            let na = if fe.is_ipv4() { na } else { na6 };
             let a0 = counters(&lab, NODE_A);
             let o = lab.connect(CLIENT, &opts(proto, fe)).unwrap();
             let r = o.reply().unwrap_or_else(|| panic!("{what}: no reply: {o:?}\n{}", diag(&lab)));

@@ -163,10 +163,14 @@ fn hybrid_snats_udp_and_an_unknown_node_falls_back_to_snat() {
 }
 
 /// A packet that would not fit eth0's MTU (1500) with the 20-byte outer
-/// header is dropped and counted, never sent half-way; one that fits exactly
-/// (1480 bytes of IP, what a pod MTU of 1480 lets TCP send) is tunnelled.
+/// header is never sent half-way: sent with DF (TCP, and UDP of a stack doing
+/// path MTU discovery) it is answered as a router answers it, ICMP
+/// "fragmentation needed" with the MTU left inside the tunnel (1480), back
+/// out of eth0 to the client; without DF it is dropped (tc cannot fragment).
+/// Both counted. One that fits exactly (1480 bytes of IP, what a pod MTU of
+/// 1480 lets TCP send) is tunnelled.
 #[test]
-fn dsr_drops_what_the_tunnel_cannot_carry_and_counts_it() {
+fn dsr_answers_or_drops_what_the_tunnel_cannot_carry_and_counts_it() {
     let rig = Rig::new();
     rig.run(&balancing(CFG_DSR_TCP | CFG_DSR_DGRAM, true), |dp: &Dp| {
         // 1480 bytes of IP: 20 + 20 (TCP) + 1440 of payload.
@@ -174,10 +178,29 @@ fn dsr_drops_what_the_tunnel_cannot_carry_and_counts_it() {
         let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&fits));
         assert_tunnelled(&ran, &fits, "1480-byte packet");
         assert_eq!(ran.out.len(), 14 + 1500, "exactly the MTU once tunnelled");
+
         let big = udp(42003, NP_UDP, &[7u8; 1472]);
-        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_packet(&big));
-        assert_eq!(ran.verdict, TC_ACT_SHOT, "1500-byte datagram");
-        assert_eq!(ran.moved, moved(&[("drop_dsr_too_big", 1), ("dsr_new_flow", 1)]));
+        let sent = client_packet(&big);
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &sent);
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT, "1500-byte datagram with DF: answered, back out of eth0");
+        assert_eq!(ran.moved, moved(&[("dsr_frag_needed", 1), ("dsr_new_flow", 1)]));
+        let icmp = &ran.out[14..];
+        assert_eq!(ran.out.len(), 14 + 20 + 8 + 28, "the IP header, the ICMP header, the quote");
+        assert_eq!(
+            (&icmp[12..16], &icmp[16..20]),
+            (&sent[14 + 16..14 + 20], &sent[14 + 12..14 + 16]),
+            "frontend -> client"
+        );
+        assert_eq!((icmp[9], icmp[20], icmp[21]), (PROTO_ICMP, 3, 4), "destination unreachable, fragmentation needed");
+        assert_eq!(u16::from_be_bytes([icmp[26], icmp[27]]), 1480, "the next-hop MTU: 1500 less the tunnel's 20");
+        assert_eq!(&icmp[28..56], &sent[14..14 + 28], "quotes the client's header and first 8 bytes, untranslated");
+        assert_eq!(crate::shapes::inet_csum(&icmp[..20]), 0, "IPv4 header checksum");
+        assert_eq!(crate::shapes::inet_csum(&icmp[20..]), 0, "ICMP checksum");
+
+        let unfragmentable = IpOpts { frag: 0, ..IpOpts::default() };
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &frame(ip(CLIENT), ip(NODE4), &big, unfragmentable));
+        assert_eq!(ran.verdict, TC_ACT_SHOT, "1500-byte datagram without DF");
+        assert_eq!(ran.moved, moved(&[("drop_dsr_too_big", 1)]));
     });
 }
 

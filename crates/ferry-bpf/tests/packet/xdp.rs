@@ -6,10 +6,9 @@
 //!
 //! Same rig as every packet test (`main.rs`), plus what XDP needs that tc
 //! does not: the next hops' neighbour entries (XDP writes the MAC addresses
-//! itself; tc leaves that to `bpf_redirect_neigh`) and eth0 marked an
-//! external device in `ferry_devices` (XDP sends only out of devices that
-//! carry its program). eth0 is both the way in and the way out here; XDP
-//! sends with a redirect either way (`XDP_REDIRECT`; xdp.h says why not XDP_TX).
+//! itself; tc leaves that to `bpf_redirect_neigh`). XDP sends only back out
+//! of the device a packet came in by (eth0 here), with a redirect
+//! (`XDP_REDIRECT`; xdp.h says why not XDP_TX).
 
 use crate::wire::*;
 use crate::{
@@ -46,10 +45,14 @@ impl Rig {
             ("2001:db8:1::2", "02:00:00:00:00:02"),
             ("2001:db8:1::fe", "02:00:00:00:00:fe"),
         ] {
+            let dev = "eth0";
             self.sandbox
-                .ip(&self.node, &["neigh", "replace", addr, "lladdr", mac, "dev", "eth0", "nud", "permanent"])
+                .ip(&self.node, &["neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent"])
                 .unwrap_or_else(|e| panic!("neighbour {addr}: {e}"));
         }
+        self.sandbox
+            .ip(&self.node, &["neigh", "replace", "10.244.1.77", "lladdr", "02:00:00:00:00:77", "dev", "pods0"])
+            .expect("neighbour on pods0");
     }
 }
 
@@ -80,13 +83,6 @@ impl Dp<'_> {
             .map(|(n, (b, a))| (*n, a - b))
             .partition(|(n, _)| crate::TABLE_COUNTERS.contains(n));
         Ran { verdict, out, moved, tables }
-    }
-
-    /// Marks eth0 an external device (what the agent writes for an uplink).
-    fn eth0_external(&self) {
-        self.maps
-            .apply(&[MapOp::PutDevice(self.eth0, Box::new(Device { snat: [[0; 4]; 2], flags: DEV_EXTERNAL }))])
-            .expect("writing ferry_devices");
     }
 }
 
@@ -127,7 +123,6 @@ fn xdp_nodeport_remote_backend_dnat_snat_and_reply() {
         setup.push(nodeport(port, proto, family, id));
     }
     rig.run(&setup, |dp| {
-        dp.eth0_external();
         for (id, proto, node, client, backend, port) in cases {
             let cport = 20000 + id as u16;
             let what = format!("service {id} proto {proto} {client} -> {node}:{port}");
@@ -179,6 +174,9 @@ fn xdp_passes_what_it_leaves_to_tc_untouched() {
     // A backend behind a next hop without a neighbour entry.
     setup.extend(service(4, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(40, "192.0.2.77", 8080, false)]));
     setup.push(nodeport(30083, PROTO_TCP, FAM_V4, 4));
+    // A remote backend whose next hop (resolved) is out of pods0, not eth0.
+    setup.extend(service(6, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(60, "10.244.1.77", 8080, false)]));
+    setup.push(nodeport(30084, PROTO_TCP, FAM_V4, 6));
     // Source ranges: only 192.0.2.0/24 may use 203.0.113.10:80.
     setup.extend(service(5, every_class(ACT_FORWARD_CLUSTER | ACT_MASQ), 0, &[Be(50, REMOTE4, 8080, false)]));
     setup.push(frontend("203.0.113.10", 80, PROTO_TCP, FE_LOAD_BALANCER, FE_FIREWALL, 5));
@@ -192,9 +190,7 @@ fn xdp_passes_what_it_leaves_to_tc_untouched() {
             assert_eq!(ran.moved, moved(why), "{what}: counters");
             assert!(ran.tables.is_empty(), "{what}: no conntrack entry: {:?}", ran.tables);
         };
-        // eth0 is not known as an external device yet: XDP will not send out of it.
-        pass("egress device without XDP", &syn(30080), &[("xdp_pass_fib", 1)]);
-        dp.eth0_external();
+        pass("egress by another device than the way in", &syn(30084), &[("xdp_pass_fib", 1)]);
 
         let mut first_fragment =
             frame(ip(CLIENT4), ip(NODE4), &udp(40000, 30053, b"ferry udp payload"), IpOpts::default());
@@ -262,7 +258,6 @@ fn xdp_dsr_tunnels_a_new_flow_and_the_rest_of_it() {
         ));
     }
     rig.run(&setup, |dp| {
-        dp.eth0_external();
         for (i, (flags, want)) in [
             (0x02, moved(&[("xdp_new_flow", 1), ("xdp_dsr_encap", 1), ("dsr_new_flow", 1)])),
             (0x18, moved(&[("xdp_dsr_encap", 1)])),

@@ -72,7 +72,7 @@ pub struct ChangeTracker {
 fn owner(slice: &EndpointSlice) -> Digest {
     let key = ObjectKey::of_meta(&slice.metadata);
     match slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-        Some(service) => digest(ObjectKey::new(key.namespace, service.clone())),
+        Some(service) => digest(ObjectKey::new(key.namespace(), service)),
         None => digest(key),
     }
 }

@@ -404,8 +404,8 @@ impl NoLocalCounts {
     fn contribution(sp: &ferry_model::ServicePort) -> (usize, [i64; 2]) {
         let family = usize::from(sp.id.family == ferry_model::IpFamily::V6);
         let c = &sp.categorized;
-        let has_endpoints = !c.cluster.is_empty() || !c.local.is_empty();
-        if !has_endpoints || !c.local.is_empty() {
+        let has_endpoints = !c.cluster().is_empty() || !c.local().is_empty();
+        if !has_endpoints || !c.local().is_empty() {
             return (family, [0, 0]);
         }
         let internal = i64::from(sp.internal_policy_local);

@@ -115,7 +115,7 @@ fn refused_now(proxier: &Proxier, plan: Option<&ferry_model::Plan>) -> Vec<Refus
         if p.consequence == ferry_model::Consequence::ObjectSkipped {
             out.push(RefusedObject {
                 kind: p.kind.to_string(),
-                object: format!("{}/{}", p.object.namespace, p.object.name),
+                object: format!("{}/{}", p.object.namespace(), p.object.name()),
                 cause: p.field.clone(),
                 reason: p.message.clone(),
             });

@@ -433,6 +433,10 @@ pub(crate) fn observe(o: &Observation, flow: &ParsedFlow, snat: &BTreeSet<IpAddr
 /// For debugging a datapath: what the agent of the node under test said, and its nftables.
 pub(crate) fn debug_dump(b: &Built, name: &str) {
     eprintln!("--- agent log of {name:?}:\n{}", b.lab.agent_log(0));
+    if let Ok(c) = b.lab.counters(0) {
+        let moved: Vec<String> = c.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!("--- datapath counters of the node under test: {}", moved.join(" "));
+    }
     let host = b.lab.nodes[0].host.clone();
     let mut cmd = b.lab.sb.command(&host, "nft");
     cmd.args(["list", "ruleset"]);

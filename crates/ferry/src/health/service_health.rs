@@ -202,7 +202,7 @@ fn router(key: ObjectKey, counts: Counts, proxy_healthy: ProxyHealthy) -> axum::
 pub fn respond(key: &ObjectKey, local_endpoints: usize, proxy_healthy: bool) -> Response {
     let status = if local_endpoints > 0 && proxy_healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({
-        "service": {"namespace": key.namespace, "name": key.name},
+        "service": {"namespace": key.namespace(), "name": key.name()},
         "localEndpoints": local_endpoints,
         "serviceProxyHealthy": proxy_healthy,
     });
