@@ -51,8 +51,8 @@ struct RunArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LbMode::Snat, LbMode::Dsr])]
     lb_modes: Vec<LbMode>,
     /// acceleration of the BPF labs, comma-separated: `disabled` (tc) and/or `native` (XDP on
-    /// the nodes' eth0; needs a ferry that has the `acceleration` key).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Acceleration::Disabled])]
+    /// the nodes' eth0, the fabric readied for it).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Acceleration::Disabled, Acceleration::Native])]
     accelerations: Vec<Acceleration>,
     /// Turns per lab (the labs alternate, in alternating order); each turn is one
     /// new-connection run and one held-connection run.
