@@ -445,8 +445,8 @@ impl Results {
             let _ = writeln!(
                 s,
                 "\n**Target (issue 14): XDP ≥ {XDP_TARGET}× the tc path's packets per second per core**: not measured \
-                 in this run: no `acceleration: native` lab (`--accelerations disabled,native` needs a ferry with \
-                 XDP acceleration)."
+                 in this run: no pair of `acceleration: disabled` and `native` labs in the same mode \
+                 (`--accelerations`)."
             );
         }
         s
