@@ -138,6 +138,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000_000)]
         max_packets: u64,
     },
+    /// Draw the charts (nodeport-request.svg, nodeport-connect.svg) again from a saved
+    /// nodeport.json, into the directory it is in.
+    #[command(hide = true)]
+    Charts { json: PathBuf },
     /// Answer `pong NAME PEER` to one-line requests (runs inside a pod).
     #[command(hide = true)]
     Serve {
@@ -185,6 +189,21 @@ fn main() -> anyhow::Result<()> {
             serde_json::to_writer(std::io::stdout().lock(), &flood::generate(&spec)?)?;
             Ok(())
         }
+        Some(Cmd::Charts { json }) => {
+            #[derive(serde::Deserialize)]
+            struct Saved {
+                datapaths: Vec<ferry_bench::nodeport::measure::DatapathResult>,
+            }
+            let text = std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+            let saved: Saved =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a nodeport.json", json.display()))?;
+            let dir = json.parent().unwrap_or(std::path::Path::new("."));
+            for (file, svg) in ferry_bench::nodeport::report::charts(&saved.datapaths) {
+                std::fs::write(dir.join(&file), svg)?;
+                eprintln!("nodeport: wrote {}", dir.join(file).display());
+            }
+            Ok(())
+        }
         Some(Cmd::Serve { listen, name, tell_peer, ready, lifetime_s, cpu }) => {
             if let Some(cpu) = cpu {
                 flood::pin(cpu)?;
@@ -216,7 +235,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.flood_cpu
     );
     anyhow::ensure!(
-        args.flood_flows >= 64 && args.flood_flows % 64 == 0,
+        args.flood_flows >= 64 && args.flood_flows.is_multiple_of(64),
         "--flood-flows must be a positive multiple of 64"
     );
     anyhow::ensure!(args.flood_seconds > 0.0 && args.flood_seconds <= 60.0, "--flood-seconds must be in (0, 60]");

@@ -14,6 +14,8 @@ pub struct Line {
     pub name: String,
     /// (percentile in 0..100, µs); the 100th is left out (it has no place on the scale).
     pub points: Vec<(f64, f64)>,
+    /// Drawn dashed (the floors), so that a colour used twice still tells the lines apart.
+    pub dashed: bool,
 }
 
 /// The y position of percentile `p` in "nines": 0 % -> 0, 90 % -> 1, 99 % -> 2, 99.9 % -> 3.
@@ -102,10 +104,11 @@ pub fn svg(title: &str, lines: &[Line]) -> String {
             .filter(|(p, us)| *p < 100.0 && *us > 0.0)
             .map(|(p, us)| format!("{:.1},{:.1}", sx(*us), sy(*p)))
             .collect();
+        let dash = if line.dashed { r#" stroke-dasharray="6 4""# } else { "" };
         if path.len() > 1 {
             let _ = writeln!(
                 s,
-                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
+                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>"#,
                 path.join(" ")
             );
         }
@@ -113,7 +116,7 @@ pub fn svg(title: &str, lines: &[Line]) -> String {
         let lx = left + pw + 16.0;
         let _ = writeln!(
             s,
-            r#"<line x1="{lx}" y1="{ly}" x2="{:.1}" y2="{ly}" stroke="{colour}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            r#"<line x1="{lx}" y1="{ly}" x2="{:.1}" y2="{ly}" stroke="{colour}" stroke-width="3"{dash}/><text x="{:.1}" y="{:.1}">{}</text>"#,
             lx + 22.0,
             lx + 28.0,
             ly + 4.0,
@@ -139,10 +142,15 @@ mod tests {
 
     #[test]
     fn a_chart_has_one_polyline_per_line_and_escapes_names() {
-        let l = |n: &str| Line { name: n.into(), points: vec![(50.0, 10.0), (99.0, 20.0), (100.0, 900.0)] };
+        let l = |n: &str| Line {
+            name: n.into(),
+            points: vec![(50.0, 10.0), (99.0, 20.0), (100.0, 900.0)],
+            dashed: n == "c",
+        };
         let doc = svg("t", &[l("a<b"), l("c")]);
         assert_eq!(doc.matches("<polyline").count(), 2);
         assert!(doc.contains("a&lt;b"));
         assert!(!doc.contains(">900<"), "the 100th percentile does not set the scale");
+        assert_eq!(doc.matches("stroke-dasharray").count(), 2, "c's line and its legend");
     }
 }

@@ -28,7 +28,7 @@
 use crate::conn::Arm;
 use anyhow::Context;
 use ferry::lab::Lab;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -46,7 +46,7 @@ pub const SERVICE_PORT: u16 = 80;
 const SERVER_LIFETIME_S: u64 = 3600;
 
 /// `loadBalancing.mode` of both agents of a BPF lab.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LbMode {
     /// Remote backends are SNATed by node-a; replies come back through it.
@@ -65,7 +65,7 @@ impl LbMode {
 }
 
 /// `acceleration` of both agents of a BPF lab: the NodePort path at tc, or at XDP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Acceleration {
     /// The tc programs only (ferry's default; the key is left out of the node config).
@@ -84,7 +84,7 @@ impl Acceleration {
 }
 
 /// What both agents of one lab run: a datapath, and for BPF a mode and an acceleration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Variant {
     pub datapath: Datapath,
     pub lb_mode: LbMode,
@@ -138,7 +138,7 @@ impl Variant {
 }
 
 /// Which datapath both agents of a lab run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Datapath {
     /// `datapath: bpf` (the default): tc programs on eth0 and br0, socket hooks in the node's cgroup.

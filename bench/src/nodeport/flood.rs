@@ -160,7 +160,10 @@ pub fn pin(cpu: usize) -> anyhow::Result<()> {
 
 /// Sends `spec`'s frames from eth0 as fast as one pinned thread can, for `spec.seconds`.
 pub fn generate(spec: &GenSpec) -> anyhow::Result<GenReport> {
-    anyhow::ensure!(spec.flows > 0 && usize::from(spec.flows) % BATCH == 0, "--flows must be a multiple of {BATCH}");
+    anyhow::ensure!(
+        spec.flows > 0 && usize::from(spec.flows).is_multiple_of(BATCH),
+        "--flows must be a multiple of {BATCH}"
+    );
     pin(spec.cpu)?;
     let name = std::ffi::CString::new("eth0")?;
     // SAFETY: a NUL-terminated name.
@@ -247,7 +250,7 @@ impl FloodSampling {
 }
 
 /// One recorded run of one arm.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FloodRun {
     pub sent: u64,
     pub send_errors: u64,
@@ -277,7 +280,7 @@ impl FloodRun {
 }
 
 /// Medians over an arm's runs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FloodArm {
     pub name: String,
     pub target: String,
@@ -295,7 +298,7 @@ pub struct FloodArm {
 }
 
 /// The flood in one lab.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FloodResult {
     pub arms: Vec<FloodArm>,
     /// `nodeport` minus `direct`, ns per packet: node-a's NodePort work plus one fabric pass.
@@ -362,10 +365,7 @@ fn one_run(np: &NodePortLab, self_exe: &Path, args: &[String], s: &FloodSampling
     anyhow::ensure!(out.status.success(), "the flood generator failed: {}", String::from_utf8_lossy(&out.stderr));
     let (t1, k1, d1) = (cpu_ticks(s.cpu)?, runtime_of(soft), np.sink_received()?);
     let g: GenReport = serde_json::from_slice(&out.stdout).context("reading the generator's JSON")?;
-    let mut ticks = [0; 5];
-    for i in 0..5 {
-        ticks[i] = t1[i].saturating_sub(t0[i]);
-    }
+    let ticks: [u64; 5] = std::array::from_fn(|i| t1[i].saturating_sub(t0[i]));
     Ok(FloodRun {
         sent: g.sent,
         send_errors: g.send_errors,

@@ -10,7 +10,7 @@ use super::cluster::{ArmSpec, CLIENT, CLIENT_IP, COMPARISONS, NODE_A, NODE_B, No
 use crate::conn::{Arm, ArmSamples};
 use crate::stats::{Summary, median, percentile, summarize};
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -39,7 +39,7 @@ pub struct Sampling {
 }
 
 /// One arm's summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArmResult {
     pub name: String,
     /// Through a NodePort (else straight to the pod: a floor).
@@ -95,7 +95,7 @@ fn cdf(ns: &[u64]) -> Vec<f64> {
 }
 
 /// An arm against a floor (see `cluster::COMPARISONS`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ratios {
     pub arm: String,
     pub floor: String,
@@ -114,7 +114,7 @@ pub struct Ratios {
 }
 
 /// Everything measured on one variant (a datapath; for BPF, a mode and an acceleration).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DatapathResult {
     /// `bpf`, `bpf-dsr`, `bpf-xdp`, `bpf-dsr-xdp`, `nftables`.
     pub name: String,

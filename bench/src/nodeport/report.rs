@@ -452,50 +452,58 @@ impl Results {
         s
     }
 
-    /// The charts: file name and SVG. The remote path in every lab, and the untranslated floors of the first.
+    /// The charts: file name and SVG (see [`charts`]).
     pub fn charts(&self) -> Vec<(String, String)> {
-        let mut lines_req = Vec::new();
-        let mut lines_conn = Vec::new();
-        let mut add = |label: String, a: &ArmResult| {
-            let pts = |v: &[f64]| CDF_PERCENTILES.iter().copied().zip(v.iter().copied()).collect::<Vec<_>>();
-            lines_req.push(Line { name: label.clone(), points: pts(&a.request_cdf_us) });
-            lines_conn.push(Line { name: label, points: pts(&a.connect_cdf_us) });
-        };
-        for d in &self.datapaths {
-            if let Some(a) = Self::arm(d, NODEPORT_REMOTE) {
-                let v = &d.variant;
-                let how = match v.datapath {
-                    Datapath::Nftables => "nftables".to_string(),
-                    Datapath::Bpf => format!(
-                        "bpf {}{}",
-                        v.lb_mode.name().to_uppercase(),
-                        if v.acceleration == Acceleration::Native { " XDP" } else { "" }
-                    ),
-                };
-                add(format!("NodePort, {how}"), &a);
-            }
-        }
-        if let Some(d) = self.find(Datapath::Bpf, LbMode::Dsr, Acceleration::Disabled).or(self.datapaths.first()) {
-            for (arm, label) in [(DIRECT_REMOTE, "direct via node-b"), (DIRECT_REMOTE_DSR_HOPS, "direct, DSR's hops")] {
-                if let Some(a) = Self::arm(d, arm) {
-                    add(format!("{label} ({})", d.name), &a);
-                }
-            }
-        }
-        if lines_req.is_empty() {
-            return Vec::new();
-        }
-        vec![
-            (
-                "nodeport-request.svg".into(),
-                chart::svg("Remote pod: request on a held connection, latency by percentile", &lines_req),
-            ),
-            (
-                "nodeport-connect.svg".into(),
-                chart::svg("Remote pod: new connection, latency by percentile", &lines_conn),
-            ),
-        ]
+        charts(&self.datapaths)
     }
+}
+
+/// The charts of a run's labs: file name and SVG. The remote path in every lab, and the
+/// untranslated floors of the DSR lab (or the first), dashed. `nodeport charts` draws them
+/// again from a saved nodeport.json.
+pub fn charts(datapaths: &[DatapathResult]) -> Vec<(String, String)> {
+    let mut lines_req = Vec::new();
+    let mut lines_conn = Vec::new();
+    let mut add = |label: String, a: &ArmResult, dashed: bool| {
+        let pts = |v: &[f64]| CDF_PERCENTILES.iter().copied().zip(v.iter().copied()).collect::<Vec<_>>();
+        lines_req.push(Line { name: label.clone(), points: pts(&a.request_cdf_us), dashed });
+        lines_conn.push(Line { name: label, points: pts(&a.connect_cdf_us), dashed });
+    };
+    for d in datapaths {
+        if let Some(a) = Results::arm(d, NODEPORT_REMOTE) {
+            let v = &d.variant;
+            let how = match v.datapath {
+                Datapath::Nftables => "nftables".to_string(),
+                Datapath::Bpf => format!(
+                    "bpf {}{}",
+                    v.lb_mode.name().to_uppercase(),
+                    if v.acceleration == Acceleration::Native { " XDP" } else { "" }
+                ),
+            };
+            add(format!("NodePort, {how}"), &a, false);
+        }
+    }
+    let dsr_tc = datapaths.iter().find(|d| {
+        (d.variant.datapath, d.variant.lb_mode, d.variant.acceleration)
+            == (Datapath::Bpf, LbMode::Dsr, Acceleration::Disabled)
+    });
+    if let Some(d) = dsr_tc.or(datapaths.first()) {
+        for (arm, label) in [(DIRECT_REMOTE, "direct via node-b"), (DIRECT_REMOTE_DSR_HOPS, "direct, DSR's hops")] {
+            if let Some(a) = Results::arm(d, arm) {
+                add(format!("{label} ({})", d.name), &a, true);
+            }
+        }
+    }
+    if lines_req.is_empty() {
+        return Vec::new();
+    }
+    vec![
+        (
+            "nodeport-request.svg".into(),
+            chart::svg("Remote pod: request on a held connection, latency by percentile", &lines_req),
+        ),
+        ("nodeport-connect.svg".into(), chart::svg("Remote pod: new connection, latency by percentile", &lines_conn)),
+    ]
 }
 
 /// Median over rounds of a / b (two labs' rounds, paired by index).
