@@ -1,9 +1,9 @@
 //! Summary statistics over latency samples: nearest-rank percentiles and the mean.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Percentiles of a set of durations, in microseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub samples: usize,
     pub min_us: f64,

@@ -44,7 +44,7 @@ impl Series {
 }
 
 /// Colours by series position (colour-blind safe, Okabe-Ito).
-const PALETTE: [&str; 6] = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"];
+pub const PALETTE: [&str; 6] = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"];
 
 fn decades(lo: f64, hi: f64) -> (i32, i32) {
     let a = lo.max(1e-9).log10().floor() as i32;
@@ -69,7 +69,8 @@ fn ms_label(e: i32) -> String {
     }
 }
 
-fn escape(s: &str) -> String {
+/// Text made safe inside SVG elements.
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 

@@ -1,7 +1,8 @@
 //! Every scenario (Service changes over time) on the model and on the real
 //! datapaths: `ferry conformance --scenarios FILE --datapath model|bpf|nftables`
 //! runs one agent per scenario in a lab of network namespaces, hands it each
-//! step's changes, and checks every flow and every held connection. Needs
+//! step's changes, and checks every flow and every held connection; on bpf
+//! also in `--lb-mode dsr` and `hybrid` (Direct Server Return). Needs
 //! root; never skipped. The lab names everything `ferry-*` and removes it
 //! when the run ends (or, after a crash, at the start of the next run).
 
@@ -14,13 +15,18 @@ const FERRY: &str = "ferry-scenarios.json";
 
 /// Runs one scenario file and asserts that every check passed and none was left uncovered.
 fn every_check_passes(file: &str, datapath: &str) {
+    every_check_passes_in(file, datapath, "snat");
+}
+
+/// The same in a `loadBalancing.mode`; returns the output (every check listed).
+fn every_check_passes_in(file: &str, datapath: &str, lb_mode: &str) -> String {
     let path = format!("{}/../../acceptance/{file}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["conformance", "--datapath", datapath, "--scenarios", &path])
+        .args(["conformance", "--verbose", "--datapath", datapath, "--lb-mode", lb_mode, "--scenarios", &path])
         .output()
         .expect("running ferry conformance --scenarios");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let context = format!("{file} on {datapath}:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let context = format!("{file} on {datapath} ({lb_mode}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let last = stdout.lines().last().unwrap_or_default();
     let passed: usize = last
         .strip_suffix(" passed, 0 failed")
@@ -29,6 +35,34 @@ fn every_check_passes(file: &str, datapath: &str) {
     assert!(passed > 0, "no check ran\n{context}");
     assert!(!stdout.contains("not covered"), "some checks were not covered\n{context}");
     assert!(out.status.success(), "{context}");
+    stdout.into_owned()
+}
+
+/// In dsr and hybrid every check passes too, and the outside clients'
+/// connections to endpoints on the other node are checked for DSR's
+/// observation (the endpoint saw the client's own address): the scenarios
+/// with such flows (a NodePort renumbered under a held connection, an
+/// endpoint moving between nodes) carry them by DSR.
+fn ferry_scenarios_pass_in(lb_mode: &str) {
+    let out = every_check_passes_in(FERRY, "bpf", lb_mode);
+    let dsr: Vec<&str> = out.lines().filter(|l| l.contains("[DSR: the endpoint sees the client's address]")).collect();
+    assert!(!dsr.is_empty(), "{lb_mode}: no flow was carried by DSR:\n{out}");
+    assert!(dsr.iter().all(|l| l.starts_with("ok ")), "{lb_mode}:\n{}", dsr.join("\n"));
+}
+
+#[test]
+fn ferry_scenarios_pass_on_the_bpf_datapath_in_dsr_mode() {
+    ferry_scenarios_pass_in("dsr");
+}
+
+#[test]
+fn ferry_scenarios_pass_on_the_bpf_datapath_in_hybrid_mode() {
+    ferry_scenarios_pass_in("hybrid");
+}
+
+#[test]
+fn kube_proxy_scenarios_pass_on_the_bpf_datapath_in_dsr_mode() {
+    every_check_passes_in(KUBE_PROXY, "bpf", "dsr");
 }
 
 #[test]

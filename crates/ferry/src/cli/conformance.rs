@@ -63,9 +63,10 @@ pub struct ConformanceArgs {
     /// Which datapath answers the flows.
     #[arg(long, value_enum, default_value_t = DatapathKind::Model)]
     pub datapath: DatapathKind,
-    /// With --cases and --datapath bpf: run the kernel lab in this loadBalancing.mode (over the
-    /// cases' node config). In dsr and hybrid the lab's remote node runs an agent too, and a
-    /// flow DSR carries to an endpoint (the model says which) is checked for the DSR
+    /// With --cases or --scenarios and --datapath bpf: run the kernel lab in this
+    /// loadBalancing.mode (over the cases' or scenarios' node config). In dsr and hybrid the
+    /// lab's remote node runs an agent too (in a scenario it gets every step's changes first),
+    /// and a flow DSR carries to an endpoint (the model says which) is checked for the DSR
     /// observation: the endpoint sees the client's own address.
     #[arg(long, value_enum, default_value_t = LbMode::Snat)]
     pub lb_mode: LbMode,
@@ -93,8 +94,10 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
         LbMode::Dsr => ferry_model::LoadBalancingMode::Dsr,
         LbMode::Hybrid => ferry_model::LoadBalancingMode::Hybrid,
     };
-    if lb_mode != ferry_model::LoadBalancingMode::Snat && (args.datapath != DatapathKind::Bpf || args.cases.is_none()) {
-        anyhow::bail!("--lb-mode dsr and hybrid run with --cases and --datapath bpf only (scenarios are not done yet)");
+    if lb_mode != ferry_model::LoadBalancingMode::Snat
+        && (args.datapath != DatapathKind::Bpf || (args.cases.is_none() && args.scenarios.is_none()))
+    {
+        anyhow::bail!("--lb-mode dsr and hybrid run with --datapath bpf and --cases or --scenarios only");
     }
     let acceleration = match args.acceleration {
         AccelerationArg::Disabled => ferry_model::Acceleration::Disabled,

@@ -42,6 +42,14 @@ const MAX_ATTEMPTS: usize = 40;
 
 const REMOTE_V4: &str = "198.18.0.2";
 const REMOTE_V6: &str = "fd00:ffff::2";
+/// The lab's node indices: the node under test, and the remote node (endpoints on other nodes).
+pub(crate) const NODE_UNDER_TEST: usize = 0;
+pub(crate) const REMOTE_NODE: usize = 1;
+
+/// The remote node's fabric addresses (its Node object's, for the node under test in DSR).
+pub(crate) fn remote_addresses() -> [IpAddr; 2] {
+    [ip(REMOTE_V4), ip(REMOTE_V6)]
+}
 const WORLD_V4: &str = "198.18.0.1";
 const WORLD_V6: &str = "fd00:ffff::1";
 
@@ -122,7 +130,7 @@ impl KernelRunner {
         if cfg.load_balancing != ferry_model::LoadBalancingMode::Snat {
             // DSR: the remote node, known to the node under test (super::dsr).
             let far = super::dsr::remote_endpoints(&plan);
-            state = super::dsr::for_node_under_test(&state, &far, &[ip(REMOTE_V4), ip(REMOTE_V6)]);
+            state = super::dsr::for_node_under_test(&state, &far, &remote_addresses());
             plan = build_plan(&state, &cfg);
         }
         let spec = LabSpec { name: &case.name, cfg: &cfg, initial: &state, steps: vec![(&plan, flows)], held: false };
@@ -156,7 +164,11 @@ impl KernelRunner {
             }
         }
         let node = lab.add_node_with(&cfg.node_name, &addrs)?;
-        let remote = lab.add_node_with("ferry-remote", &[ip(REMOTE_V4), ip(REMOTE_V6)])?;
+        let remote = lab.add_node_with("ferry-remote", &remote_addresses())?;
+        anyhow::ensure!(
+            (node, remote) == (NODE_UNDER_TEST, REMOTE_NODE),
+            "the lab numbered its nodes {node}, {remote}"
+        );
         let world_ips = [ip(WORLD_V4), ip(WORLD_V6)];
         let world = lab.add_external("world", &world_ips, node)?;
         lab.set_default_route(node, &world_ips)?;
@@ -466,6 +478,33 @@ pub(crate) fn observe_held(b: &Built, o: &Observation, f: &ParsedFlow) -> Observ
     }
 }
 
+/// DSR: where the model says DSR carries the flow to an endpoint, that
+/// endpoint is expected to see the client's own address (super::dsr): per
+/// endpoint, whether it sees the flow masqueraded; `None` keeps the case's
+/// expectation. Only for a client outside the cluster: the lab's host clients
+/// holding a LoadBalancer IP are "external" to the model (the IP is not a
+/// node address) but leave through socket-LB on the node, never through DSR.
+pub(crate) fn dsr_expectation(plan: &Plan, at: At, f: &ParsedFlow) -> Option<BTreeMap<SocketAddr, bool>> {
+    match (plan.node.load_balancing, at) {
+        (ferry_model::LoadBalancingMode::Snat, _) | (_, At::Pod(..) | At::Node(_)) => None,
+        _ => super::dsr::expected_masquerade(
+            plan,
+            &ferry_model::Flow { src: f.src, dst: f.dst, port: f.port, protocol: f.protocol, in_interface: None },
+        ),
+    }
+}
+
+/// `matches`, but under a DSR expectation ([`dsr_expectation`]) an endpoint
+/// of the set must show the masquerade the mode gives it.
+pub(crate) fn matches_in_mode(dsr: Option<&BTreeMap<SocketAddr, bool>>, expected: &Expected, got: &Observed) -> bool {
+    match (dsr, got) {
+        (Some(want), Observed::Endpoint { addr, masq: m }) => {
+            matches!(expected, Expected::Endpoints { set, .. } if set.contains(addr)) && want.get(addr) == Some(m)
+        }
+        _ => matches(expected, got),
+    }
+}
+
 pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Result<FlowOutcome> {
     if proto(f.protocol).is_none() {
         return Ok(FlowOutcome::NotCovered(format!("protocol {} cannot be probed", f.protocol)));
@@ -488,24 +527,8 @@ pub(crate) fn run_flow(b: &mut Built, plan: &Plan, f: &ParsedFlow) -> anyhow::Re
         return Ok(if matches(&f.expected, &got) { FlowOutcome::Passed(got) } else { fail(got, format!("{o:?}")) });
     };
 
-    // DSR: where the model says DSR carries the flow to an endpoint, that
-    // endpoint is expected to see the client's own address (super::dsr).
-    // Only for a client outside the cluster: the lab's host clients holding
-    // a LoadBalancer IP are "external" to the model (the IP is not a node
-    // address) but leave through socket-LB on the node, never through DSR.
-    let dsr = match (plan.node.load_balancing, at) {
-        (ferry_model::LoadBalancingMode::Snat, _) | (_, At::Pod(..) | At::Node(_)) => None,
-        _ => super::dsr::expected_masquerade(
-            plan,
-            &ferry_model::Flow { src: f.src, dst: f.dst, port: f.port, protocol: f.protocol, in_interface: None },
-        ),
-    };
-    let matches = |expected: &Expected, got: &Observed| match (&dsr, got) {
-        (Some(want), Observed::Endpoint { addr, masq: m }) => {
-            matches!(expected, Expected::Endpoints { set, .. } if set.contains(addr)) && want.get(addr) == Some(m)
-        }
-        _ => matches(expected, got),
-    };
+    let dsr = dsr_expectation(plan, at, f);
+    let matches = |expected: &Expected, got: &Observed| matches_in_mode(dsr.as_ref(), expected, got);
     // Keep connecting until every endpoint of the set was seen (affinity pins one client to one).
     let affinity = plan
         .frontend_for(f.dst, f.port, f.protocol)

@@ -13,9 +13,13 @@
 use super::format::ParsedScenario;
 use super::{Check, Outcome, changes};
 use crate::conformance::FlowOutcome;
-use crate::conformance::kernel::{Built, KernelRunner, LabSpec, connect_opts, debug_dump, observe_held, run_flow};
+use crate::conformance::dsr;
+use crate::conformance::kernel::{
+    Built, KernelRunner, LabSpec, NODE_UNDER_TEST, REMOTE_NODE, connect_opts, debug_dump, dsr_expectation,
+    matches_in_mode, observe_held, remote_addresses, run_flow,
+};
 use anyhow::Context;
-use ferry_model::acceptance::{Expected, Observed, ParsedFlow, matches};
+use ferry_model::acceptance::{Expected, Observed, ParsedFlow};
 use ferry_model::{Plan, Protocol, ServicePortId, build_plan};
 use ferry_sandbox::probe::Observation;
 use std::io::{BufRead, BufReader, Write};
@@ -46,8 +50,30 @@ struct Held {
     service: Option<ServicePortId>,
 }
 
-/// Runs every step of `sc` on `runner`'s datapath.
+/// `sc` in `runner`'s `loadBalancing.mode` (over the scenario's). In dsr and
+/// hybrid, every step's state also holds the remote node's Node object, its
+/// pod ranges the endpoints any step places on other nodes (as for a flow
+/// case: `crate::conformance::dsr`), so the node under test can tunnel to it.
+fn in_mode(runner: &KernelRunner, sc: &ParsedScenario) -> ParsedScenario {
+    let mut sc = sc.clone();
+    sc.cfg.load_balancing = runner.lb_mode;
+    if runner.lb_mode == ferry_model::LoadBalancingMode::Snat {
+        return sc;
+    }
+    let mut far: Vec<_> = sc.steps.iter().flat_map(|s| dsr::remote_endpoints(&build_plan(&s.state, &sc.cfg))).collect();
+    far.sort();
+    far.dedup();
+    let remote = remote_addresses();
+    sc.node_state = dsr::for_node_under_test(&sc.node_state, &far, &remote);
+    for step in &mut sc.steps {
+        step.state = dsr::for_node_under_test(&step.state, &far, &remote);
+    }
+    sc
+}
+
+/// Runs every step of `sc` on `runner`'s datapath, in its `loadBalancing.mode`.
 pub fn run(runner: &KernelRunner, sc: &ParsedScenario) -> Vec<Check> {
+    let sc = &in_mode(runner, sc);
     let plans: Vec<Plan> = sc.steps.iter().map(|s| build_plan(&s.state, &sc.cfg)).collect();
     let steps = plans.iter().zip(&sc.steps).map(|(p, s)| (p, s.flows.as_slice())).collect();
     let spec = LabSpec { name: &sc.name, cfg: &sc.cfg, initial: &sc.node_state, steps, held: true };
@@ -81,7 +107,7 @@ pub fn run(runner: &KernelRunner, sc: &ParsedScenario) -> Vec<Check> {
                     label: sc.label(j, "apply the step's changes"),
                     outcome: Outcome::NotCovered("the step's changes did not produce the step's state".into()),
                 });
-            } else if let Err(e) = apply(&mut b, &current) {
+            } else if let Err(e) = apply(&mut b, &current, &sc.cfg) {
                 out.push(Check {
                     label: sc.label(j, "apply the step's changes"),
                     outcome: Outcome::Failed(format!("{e:#}")),
@@ -104,7 +130,11 @@ pub fn run(runner: &KernelRunner, sc: &ParsedScenario) -> Vec<Check> {
             keep
         });
         for f in &step.flows {
-            let label = sc.label(j, &f.name);
+            let mut label = sc.label(j, &f.name);
+            if connect_opts(&b, f).is_some_and(|(at, _)| dsr_expectation(plan, at, f).is_some()) {
+                // Said, so a run in dsr or hybrid shows which flows DSR carried.
+                label.push_str(" [DSR: the endpoint sees the client's address]");
+            }
             let outcome = run_flow(&mut b, plan, f).unwrap_or_else(|e| FlowOutcome::Failed {
                 expected: f.expected.clone(),
                 got: Observed::Unexpected("the lab could not run the flow".into()),
@@ -136,54 +166,63 @@ fn nanos(t: SystemTime) -> u128 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
-/// Waits until the agent reports a sync whose input was read after `since`.
-fn wait_synced(b: &mut Built, since: SystemTime, what: &str) -> anyhow::Result<()> {
+/// Waits until `node`'s agent reports a sync whose input was read after `since`.
+fn wait_synced(b: &mut Built, node: usize, since: SystemTime, what: &str) -> anyhow::Result<()> {
     let since = nanos(since);
     let start = Instant::now();
     let mut exited = false;
     for _ in 0..SYNC_POLLS {
-        if b.lab.synced_input(0).is_some_and(|t| t > since) {
+        if b.lab.synced_input(node).is_some_and(|t| t > since) {
             return Ok(());
         }
-        exited = b.lab.agent_exited(0);
+        exited = b.lab.agent_exited(node);
         if exited || start.elapsed() > SYNC_LIMIT {
             break;
         }
         std::thread::sleep(SYNC_LIMIT / SYNC_POLLS);
     }
     let why = if exited { "the agent exited".to_string() } else { format!("no report within {SYNC_LIMIT:?}") };
-    let tail: Vec<String> = b.lab.agent_log(0).lines().rev().take(15).map(str::to_string).collect();
+    let tail: Vec<String> = b.lab.agent_log(node).lines().rev().take(15).map(str::to_string).collect();
     anyhow::bail!(
         "the agent did not report a sync of {what}: {why} (ready file: {:?}); last agent log lines:\n{}",
-        std::fs::read_to_string(b.lab.ready_file(0)).unwrap_or_default().trim(),
+        std::fs::read_to_string(b.lab.ready_file(node)).unwrap_or_default().trim(),
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     )
 }
 
 /// Hands the agent the new state as one atomic manifest rewrite and waits for it to land.
-fn apply(b: &mut Built, state: &ferry_model::ClusterState) -> anyhow::Result<()> {
-    let before = b.lab.replace_manifests_json(0, state).context("rewriting the agent's manifests")?;
-    wait_synced(b, before, "the step's changes")
+/// In dsr and hybrid the remote node's agent gets its view of the state first
+/// (`dsr::for_remote_node`), so it knows an endpoint before any flow is tunnelled to it.
+fn apply(b: &mut Built, state: &ferry_model::ClusterState, cfg: &ferry_model::NodeConfig) -> anyhow::Result<()> {
+    if cfg.load_balancing != ferry_model::LoadBalancingMode::Snat {
+        let theirs = dsr::for_remote_node(state, cfg, &b.lab.node_ips(NODE_UNDER_TEST));
+        let before =
+            b.lab.replace_manifests_json(REMOTE_NODE, &theirs).context("rewriting the remote node's manifests")?;
+        wait_synced(b, REMOTE_NODE, before, "the step's changes on the remote node")?;
+    }
+    let before = b.lab.replace_manifests_json(NODE_UNDER_TEST, state).context("rewriting the agent's manifests")?;
+    wait_synced(b, NODE_UNDER_TEST, before, "the step's changes")
 }
 
 /// SIGKILL and start again on the pinned datapath (start_agent waits for the first sync).
 fn restart(b: &mut Built) -> anyhow::Result<()> {
-    b.lab.kill_agent(0)?;
+    b.lab.kill_agent(NODE_UNDER_TEST)?;
     let before = SystemTime::now();
-    b.lab.start_agent(0).context("starting the agent again")?;
-    wait_synced(b, before, "the restarted agent's first sync")
+    b.lab.start_agent(NODE_UNDER_TEST).context("starting the agent again")?;
+    wait_synced(b, NODE_UNDER_TEST, before, "the restarted agent's first sync")
 }
 
 /// SIGHUP: a full resync, then wait for the ready file to say so.
 fn resync(b: &mut Built) -> anyhow::Result<()> {
     let before = SystemTime::now();
-    b.lab.hangup_agent(0)?;
-    wait_synced(b, before, "the resync")
+    b.lab.hangup_agent(NODE_UNDER_TEST)?;
+    wait_synced(b, NODE_UNDER_TEST, before, "the resync")
 }
 
 /// Opens the held connection of a passed TCP flow: its first exchange must be what the flow expects.
 fn open_held(b: &mut Built, plan: &Plan, f: &ParsedFlow, step: usize) -> anyhow::Result<Held> {
     let (at, opts) = connect_opts(b, f).context("no host for the flow's source")?;
+    let dsr = dsr_expectation(plan, at, f);
     let (pid, stdin, stdout) = b.lab.spawn_held(at, &opts, HELD_LIFETIME)?;
     let (tx, replies) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -200,7 +239,7 @@ fn open_held(b: &mut Built, plan: &Plan, f: &ParsedFlow, step: usize) -> anyhow:
         Ok(o) => observe_held(b, o, f),
         Err(e) => Observed::Unexpected(e.clone()),
     };
-    let endpoint = match (&got, matches(&f.expected, &got)) {
+    let endpoint = match (&got, matches_in_mode(dsr.as_ref(), &f.expected, &got)) {
         (Observed::Endpoint { addr, .. }, true) => *addr,
         _ => {
             let _ = b.lab.sb.kill(pid);
