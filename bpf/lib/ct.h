@@ -70,6 +70,35 @@ static __always_inline void ct_new_delete(const struct ct_key *k)
 		stat_inc(STAT_CT_NEW_DELETE);
 }
 
+/* During an upgrade's link switch (ferry_ct_prev, maps.h): a flow the
+ * outgoing programs created in the retired table after the agent's first
+ * copy, found there by `k`, is copied into ferry_ct_new with its partner
+ * entry (as the agent's late copy would, a few milliseconds later; its
+ * NOEXIST then keeps what is written here). Returns whether `k` is in
+ * ferry_ct_new now. A function of its own: its key is not on the caller's
+ * stack. */
+static __attribute__((noinline)) int ct_adopt_retired(const struct ct_key *k)
+{
+	__u32 zero = 0;
+	void *prev = bpf_map_lookup_elem(&ferry_ct_prev, &zero);
+
+	if (!prev)
+		return 0;
+	struct ct_val *v = bpf_map_lookup_elem(prev, k);
+	if (!v)
+		return 0;
+	struct ct_key pk;
+	ct_partner_key(&pk, v, k->proto, k->family, k->dir);
+	struct ct_val *pv = bpf_map_lookup_elem(prev, &pk);
+	if (pv && bpf_map_update_elem(&ferry_ct_new, &pk, pv, BPF_NOEXIST) == 0)
+		stat_inc(STAT_CT_NEW_INSERT);
+	if (bpf_map_update_elem(&ferry_ct_new, k, v, BPF_NOEXIST) != 0)
+		return 0;
+	stat_inc(STAT_CT_NEW_INSERT);
+	stat_inc(STAT_CT_ADOPTED);
+	return 1;
+}
+
 /* The live entry for `k` (confirmed flows first, then unconfirmed ones), or
  * NULL; *in_new says which table holds it. Expired entries are removed on sight. */
 static __always_inline struct ct_val *ct_lookup(const struct ct_key *k, __u64 now, int *in_new)
@@ -80,6 +109,8 @@ static __always_inline struct ct_val *ct_lookup(const struct ct_key *k, __u64 no
 	if (!v) {
 		v = bpf_map_lookup_elem(&ferry_ct_new, k);
 		*in_new = 1;
+		if (!v && ct_adopt_retired(k))
+			v = bpf_map_lookup_elem(&ferry_ct_new, k);
 	}
 	if (v && v->expires_ns < now) {
 		if (*in_new)
@@ -244,6 +275,23 @@ static long ct_nat_probe(__u32 i, void *unused)
 	return 0;
 }
 
+/* During a downgrade's link switch (ferry_ct_next, maps.h): a new flow's
+ * two entries, just written into ferry_ct_new, are written into the older
+ * layout's rebuilt table too, so that the older programs taking a link over
+ * find the flow from its first packet they see (a reply among them). Its
+ * later changes reach that table through the command's copies. */
+static __attribute__((noinline)) void ct_mirror_next(const struct ct_key *ok, struct ct_scratch *s)
+{
+	__u32 zero = 0;
+	void *next = bpf_map_lookup_elem(&ferry_ct_next, &zero);
+
+	if (!next)
+		return;
+	if (bpf_map_update_elem(next, &s->rk, &s->reply, BPF_ANY) == 0 &&
+	    bpf_map_update_elem(next, ok, &s->orig, BPF_ANY) == 0)
+		stat_inc(STAT_CT_MIRRORED);
+}
+
 /* Creates both entries of a new flow in ferry_ct_new: original (as it
  * arrived: p) -> rewrite to (nsrc:nsport -> ndst:ndport); reply (ndst:ndport
  * -> nsrc:nsport) -> rewrite back. With `snat`, the source port is chosen
@@ -331,6 +379,7 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 		*why = STAT_DROP_CT_INSERT;
 		return 0;
 	}
+	ct_mirror_next(&ok, s);
 	return s->rk.dport;
 }
 

@@ -76,6 +76,9 @@ enum ferry_stat {
 	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the 20-byte outer header */
 	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60) */
 	STAT_DSR_ENDPOINT_FALLBACK, /* a tunnelled new flow whose carried endpoint (outer IPv4 Identification) names no unique local endpoint of its service: chosen among them here */
+	/* Upgrades and downgrades across map layouts (ct.h). */
+	STAT_CT_ADOPTED,          /* an upgrade's link switch: a flow the outgoing programs created in the retired conntrack table, found there by the incoming ones and moved into ferry_ct_new */
+	STAT_CT_MIRRORED,         /* a downgrade's link switch: a new flow also written into the older layout's rebuilt conntrack table */
 	STAT_COUNT_,
 };
 

@@ -14,6 +14,7 @@ use crate::maps::{bytes, from_bytes};
 use crate::skel::sock::types as t;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 /// What copying one retired map did: the install report's and the log's figures.
@@ -37,6 +38,10 @@ pub struct Carried {
     /// Of the entries written, those the second pass added after the links
     /// switched (flows the old programs created while the first copy ran).
     pub late: u64,
+    /// Flows the incoming programs found in the retired table themselves
+    /// while the links switched, before the second pass ([`lend_retired`]):
+    /// moved over by the datapath (`ct_adopted`), not counted above.
+    pub adopted: u64,
 }
 
 impl Carried {
@@ -131,6 +136,61 @@ pub fn carry(
 pub fn merge(mut first: Carried, late: &Carried) -> Carried {
     first.add(late);
     first
+}
+
+/// Hands the retired conntrack table of a [`Migration::ConntrackSplit`] in
+/// `copy` to the incoming tc programs for the link switch: `slot` is their
+/// `ferry_ct_prev` (bpf/lib/maps.h), in which a flow they miss is looked up
+/// and moved over. Without it, a flow the outgoing programs opened after the
+/// first copy is unknown to the incoming ones until the second pass copies
+/// it, and a reply of it meeting them first (seen: the server's answer 2 ms
+/// into the connection) went to the node's stack, which reset it. Returns
+/// the datapath's `ct_adopted` count so far (for [`take_back`]), or `None`
+/// when nothing was lent (no such copy, or a retired table the slot does
+/// not take: logged; the second pass still copies those flows).
+pub(crate) fn lend_retired(
+    slot: &impl MapCore,
+    copy: &[(String, Migration)],
+    retired_dir: &Path,
+    pin_dir: &Path,
+) -> Option<u64> {
+    let (name, _) = copy.iter().find(|(_, m)| *m == Migration::ConntrackSplit)?;
+    let path = retired_dir.join(name);
+    let lent = open_ct(&path).map_err(|e| e.to_string()).and_then(|old| {
+        let fd = old.as_fd().as_raw_fd() as u32;
+        slot.update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY).map_err(|e| e.to_string())
+    });
+    match lent {
+        Ok(()) => Some(adopted_so_far(pin_dir)),
+        Err(e) => {
+            tracing::warn!(
+                "the retired {} is not handed to the new programs ({e}): a flow opened while the links switch \
+                 may lose a reply until the second copy",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Empties the slot [`lend_retired`] filled (the retired table can go) and
+/// returns how many flows the datapath moved over meanwhile.
+pub(crate) fn take_back(slot: &impl MapCore, before: u64, pin_dir: &Path) -> u64 {
+    if let Err(e) = slot.delete(&0u32.to_ne_bytes()) {
+        tracing::warn!("emptying ferry_ct_prev: {e}");
+    }
+    adopted_so_far(pin_dir).saturating_sub(before)
+}
+
+/// The datapath's `ct_adopted` counter, summed over CPUs (0 if unreadable).
+fn adopted_so_far(pin_dir: &Path) -> u64 {
+    crate::maps::Maps::open(pin_dir)
+        .ok()
+        .and_then(|m| {
+            let i = crate::stats::NAMES.iter().position(|n| *n == "ct_adopted")?;
+            m.counters().get(i).copied()
+        })
+        .unwrap_or(0)
 }
 
 /// The key of a flow's other entry, as `ct_partner_key` in `bpf/lib/ct.h`.

@@ -60,6 +60,8 @@ pub const NAMES: &[&str] = &[
     "drop_dsr_too_big",
     "dsr_mss_clamp",
     "dsr_endpoint_fallback",
+    "ct_adopted",
+    "ct_mirrored",
 ];
 
 #[cfg(test)]
