@@ -39,6 +39,14 @@ static __always_inline void ct_partner_key(struct ct_key *k, const struct ct_val
 	k->pad = 0;
 }
 
+/* Whether two entries translate alike (the same flow's entry, or one of the
+ * same tuple with the same translation). */
+static __always_inline int ct_same_translation(const struct ct_val *a, const struct ct_val *b)
+{
+	return a->new_sport == b->new_sport && a->new_dport == b->new_dport && addr_eq(a->new_src, b->new_src) &&
+	       addr_eq(a->new_dst, b->new_dst);
+}
+
 /* How long an entry lives without traffic. An unconfirmed TCP flow keeps the
  * SYN lifetime even after its SYN-ACK (netfilter's SYN_RECV): a half-open
  * flow of a SYN flood must not hold ferry_ct_new for tcpEstablishedTimeout. */
@@ -99,8 +107,43 @@ static __attribute__((noinline)) int ct_adopt_retired(const struct ct_key *k)
 	return 1;
 }
 
+/* During an upgrade's link switch: whether the retired table holds an open
+ * flow under `k` with another translation than the closing flow `v` (found
+ * by `k` in ferry_ct_new if `in_new`, else ferry_ct): the outgoing programs
+ * opened the tuple again (a client reusing a TIME_WAIT port, re-balanced)
+ * after the agent copied its closing predecessor. Then both entries of `v`
+ * are removed here, for ct_adopt_retired to take the open flow; following
+ * the stale copy would send the new connection's segments to the old flow's
+ * backend, which resets it. (A flow of the retired table that this side
+ * closed and opened again itself is gone from there: ct_forget_retired.) */
+static __attribute__((noinline)) int ct_reopened(const struct ct_key *k, const struct ct_val *v, int in_new)
+{
+	__u32 zero = 0;
+	void *prev = bpf_map_lookup_elem(&ferry_ct_prev, &zero);
+
+	if (!prev)
+		return 0;
+	struct ct_val *open = bpf_map_lookup_elem(prev, k);
+	if (!open || (open->flags & CT_CLOSING))
+		return 0;
+	if (ct_same_translation(open, v))
+		return 0;
+	struct ct_key pk;
+	ct_partner_key(&pk, v, k->proto, k->family, k->dir);
+	if (in_new) {
+		ct_new_delete(&pk);
+		ct_new_delete(k);
+	} else {
+		bpf_map_delete_elem(&ferry_ct, &pk);
+		bpf_map_delete_elem(&ferry_ct, k);
+	}
+	return 1;
+}
+
 /* The live entry for `k` (confirmed flows first, then unconfirmed ones), or
- * NULL; *in_new says which table holds it. Expired entries are removed on sight. */
+ * NULL; *in_new says which table holds it. Expired entries are removed on
+ * sight. While an upgrade switches the links, a miss (or a closing flow the
+ * old programs have opened again since) is looked up in the retired table. */
 static __always_inline struct ct_val *ct_lookup(const struct ct_key *k, __u64 now, int *in_new)
 {
 	struct ct_val *v = bpf_map_lookup_elem(&ferry_ct, k);
@@ -109,7 +152,12 @@ static __always_inline struct ct_val *ct_lookup(const struct ct_key *k, __u64 no
 	if (!v) {
 		v = bpf_map_lookup_elem(&ferry_ct_new, k);
 		*in_new = 1;
-		if (!v && ct_adopt_retired(k))
+	}
+	if (v && (v->flags & CT_CLOSING) && ct_reopened(k, v, *in_new))
+		v = NULL;
+	if (!v) {
+		*in_new = 1;
+		if (ct_adopt_retired(k))
 			v = bpf_map_lookup_elem(&ferry_ct_new, k);
 	}
 	if (v && v->expires_ns < now) {
@@ -191,10 +239,32 @@ static __attribute__((noinline)) void ct_confirm(const struct ct_key *k, struct 
 	stat_inc(STAT_CT_CONFIRM);
 }
 
+/* During an upgrade's link switch: the flow `v` (original-direction key `k`)
+ * that this side forgets to open its tuple again is removed from the retired
+ * table too, where its entries (same translation) may still say it is open:
+ * ct_reopened would otherwise take that stale state for the outgoing
+ * programs opening the tuple again. */
+static __attribute__((noinline)) void ct_forget_retired(const struct ct_key *k, const struct ct_val *v)
+{
+	__u32 zero = 0;
+	void *prev = bpf_map_lookup_elem(&ferry_ct_prev, &zero);
+
+	if (!prev)
+		return;
+	struct ct_val *old = bpf_map_lookup_elem(prev, k);
+	if (!old || !ct_same_translation(old, v))
+		return;
+	struct ct_key pk;
+	ct_partner_key(&pk, v, k->proto, k->family, k->dir);
+	bpf_map_delete_elem(prev, &pk);
+	bpf_map_delete_elem(prev, k);
+}
+
 /* Forgets a flow, given its original-direction key `k` (rewritten in place:
  * first into the reply entry's key, then back) and value. */
 static __always_inline void ct_forget(struct ct_key *k, const struct ct_val *v, const struct pkt *p, int in_new)
 {
+	ct_forget_retired(k, v);
 	__builtin_memcpy(k->src, v->new_dst, 16);
 	__builtin_memcpy(k->dst, v->new_src, 16);
 	k->sport = v->new_dport;
@@ -217,6 +287,27 @@ static __always_inline struct ct_scratch *ct_scratch(void)
 	return bpf_map_lookup_elem(&ferry_ct_scratch, &zero);
 }
 
+/* While the links switch (ferry_ct_prev set): whether a live flow of the
+ * other build's table holds the reply tuple s->rk. Its translation is served
+ * by the programs of that build still on some links: a new flow given the
+ * same NAT port would have its replies turned into that flow's client there
+ * (seen: a SYN-ACK sent to another connection of the same client, which
+ * reset both). The same client tuple's own closing predecessor (its reply
+ * entry turns back into the very client port this flow comes from) is no
+ * conflict: the new flow takes its place, as ct_forget lets it here. */
+static __attribute__((noinline)) int ct_held_retired(const struct ct_scratch *s)
+{
+	__u32 zero = 0;
+	void *prev = bpf_map_lookup_elem(&ferry_ct_prev, &zero);
+
+	if (!prev)
+		return 0;
+	struct ct_val *held = bpf_map_lookup_elem(prev, &s->rk);
+	if (!held || held->expires_ns < s->now)
+		return 0;
+	return !((held->flags & CT_CLOSING) && ct_same_translation(held, &s->reply));
+}
+
 /* Writes the reply entry s->reply under s->rk into ferry_ct_new, unless a
  * live flow holds that tuple in either table (an expired one is removed).
  * With `reclaim`, a live *unconfirmed* flow holding it is removed (both its
@@ -225,6 +316,8 @@ static __always_inline struct ct_scratch *ct_scratch(void)
  * never taken. */
 static __always_inline int ct_claim_reply(struct ct_scratch *s, int reclaim)
 {
+	if (ct_held_retired(s))
+		return 0;
 	struct ct_val *held = bpf_map_lookup_elem(&ferry_ct, &s->rk);
 
 	if (held) {

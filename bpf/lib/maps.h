@@ -433,7 +433,9 @@ struct {
  *                  datapath downgrade` once it is pinned, until the older
  *                  programs hold every link (downgrade.rs). Every flow these
  *                  programs create is written there too (ct_mirror_next), so
- *                  the older programs know it from their first packet. */
+ *                  the older programs know it from their first packet. The
+ *                  command puts it in ferry_ct_prev too: these programs then
+ *                  find there the flows the older ones create meanwhile. */
 struct ct_lru_table {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 1024);

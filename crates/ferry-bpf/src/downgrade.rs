@@ -90,8 +90,8 @@ pub struct Converted {
     copies: Vec<Copy>,
     /// Every pinned link and the program it ran at the conversion.
     links: Vec<(PathBuf, u32)>,
-    /// The running programs' `ferry_ct_next` slots holding the rebuilt
-    /// conntrack table, and `ct_mirrored` when it was put there.
+    /// The running programs' `ferry_ct_next` / `ferry_ct_prev` slots holding
+    /// the rebuilt conntrack table, and `ct_mirrored` when it was put there.
     mirrors: Vec<MapHandle>,
     mirrored_before: u64,
     pin_dir: PathBuf,
@@ -184,8 +184,11 @@ pub fn convert(pin_dir: &Path, to: u32) -> Result<Option<Converted>, DowngradeEr
 /// pass and before its link switched was unknown to the older programs until
 /// the next pass (5 ms later): its reply met them first and went to the
 /// node's stack, which reset it (seen once in 5,000-9,000 new connections
-/// across a switch). Programs without the slot (an older build) are passed
-/// over: the passes alone carry their flows.
+/// across a switch). It goes into their `ferry_ct_prev` slot as well, as an
+/// upgrade's retired table does: a flow the older programs create once they
+/// hold a first link is found by these on the links they still hold.
+/// Programs without the slots (an older build) are passed over: the passes
+/// alone carry their flows.
 fn mirror_into(links: &[(PathBuf, u32)], target: &MapHandle) -> Vec<MapHandle> {
     let progs: HashSet<u32> = links.iter().map(|(_, id)| *id).collect();
     let fd = target.as_fd().as_raw_fd() as u32;
@@ -200,7 +203,7 @@ fn mirror_into(links: &[(PathBuf, u32)], target: &MapHandle) -> Vec<MapHandle> {
                 continue;
             }
             let Ok(m) = MapHandle::from_map_id(id) else { continue };
-            if m.name() != "ferry_ct_next" || m.map_type() != MapType::ArrayOfMaps {
+            if !(m.name() == "ferry_ct_next" || m.name() == "ferry_ct_prev") || m.map_type() != MapType::ArrayOfMaps {
                 continue;
             }
             match m.update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY) {

@@ -8,7 +8,7 @@
 //! the old programs created while the first copy ran. Where each flow goes is
 //! a pure decision ([`table_for`]); the rest is reading and writing maps.
 
-use crate::entries::{CT_ORIGINAL, CT_REPLIED, CT_REPLY};
+use crate::entries::{CT_CLOSING, CT_ORIGINAL, CT_REPLIED, CT_REPLY};
 use crate::layout::Migration;
 use crate::maps::{bytes, from_bytes};
 use crate::skel::sock::types as t;
@@ -193,6 +193,20 @@ fn adopted_so_far(pin_dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the open flow `theirs` of the retired table, under the same
+/// original-direction key as this side's closing `ours` but with another
+/// translation, is the outgoing programs' opening the tuple again (a client
+/// reusing a TIME_WAIT port, re-balanced) after the first pass copied its
+/// predecessor. As `ct_reopened` in `bpf/lib/ct.h` (whose
+/// `ct_forget_retired` removes a flow this side closed and opened again
+/// itself from the retired table, so that its stale open state is not taken
+/// for this).
+fn reopened(theirs: &t::ct_val, ours: &t::ct_val) -> bool {
+    let same = (theirs.new_src, theirs.new_dst, theirs.new_sport, theirs.new_dport)
+        == (ours.new_src, ours.new_dst, ours.new_sport, ours.new_dport);
+    theirs.flags & CT_CLOSING == 0 && ours.flags & CT_CLOSING != 0 && !same
+}
+
 /// The key of a flow's other entry, as `ct_partner_key` in `bpf/lib/ct.h`.
 fn partner_key(k: &t::ct_key, v: &t::ct_val) -> t::ct_key {
     t::ct_key {
@@ -244,6 +258,20 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
         let held = flow.len() as u64;
         let live: Vec<(Vec<u8>, t::ct_val)> = flow.into_iter().filter(|(_, v)| v.expires_ns >= now).collect();
         if late {
+            // A closing flow of this side that the old programs opened again
+            // since gives way (both its entries), so the open flow is written.
+            let original = live.iter().find(|(k, _)| from_bytes::<t::ct_key>(k).dir == CT_ORIGINAL);
+            if let Some((k, theirs)) = original {
+                for table in [ct, ct_new] {
+                    let Some(ours) = table.lookup(k, MapFlags::ANY).ok().flatten() else { continue };
+                    let ours = from_bytes::<t::ct_val>(&ours);
+                    if reopened(theirs, &ours) {
+                        let _ = table.delete(bytes(&partner_key(&from_bytes(k), &ours)));
+                        let _ = table.delete(k);
+                    }
+                    break;
+                }
+            }
             let known = live.iter().any(|(k, _)| {
                 ct.lookup(k, MapFlags::ANY).ok().flatten().is_some()
                     || ct_new.lookup(k, MapFlags::ANY).ok().flatten().is_some()
@@ -294,7 +322,7 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entries::{CT_CLOSING, CT_SNAT};
+    use crate::entries::CT_SNAT;
 
     #[test]
     fn a_flow_that_saw_a_reply_is_confirmed_and_one_that_did_not_stays_unconfirmed() {
@@ -309,6 +337,22 @@ mod tests {
         ];
         for (flags, want) in cases {
             assert_eq!(table_for(flags), want, "flags {flags:#x}");
+        }
+    }
+
+    #[test]
+    fn only_an_open_flow_with_another_translation_replaces_a_closing_copy() {
+        let entry = |flags, port: u16| t::ct_val { flags, new_sport: port.to_be(), ..Default::default() };
+        // (theirs: the retired table's, ours: the new tables', replaced?)
+        let cases = [
+            (entry(CT_REPLIED, 2000), entry(CT_REPLIED | CT_CLOSING, 1000), true), // the old programs reopened it
+            (entry(0, 2000), entry(CT_REPLIED | CT_CLOSING, 1000), true),          // ... and its SYN is in flight
+            (entry(CT_REPLIED, 1000), entry(CT_REPLIED | CT_CLOSING, 1000), false), // the same flow, closed here
+            (entry(CT_CLOSING, 2000), entry(CT_REPLIED | CT_CLOSING, 1000), false), // theirs closed too
+            (entry(CT_REPLIED, 2000), entry(CT_REPLIED, 1000), false),             // ours open: ours was written here
+        ];
+        for (i, (theirs, ours, want)) in cases.iter().enumerate() {
+            assert_eq!(reopened(theirs, ours), *want, "case {i}");
         }
     }
 
