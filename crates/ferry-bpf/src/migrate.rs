@@ -260,7 +260,11 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
         if late {
             // A closing flow of this side that the old programs opened again
             // since gives way (both its entries), so the open flow is written.
+            // It is then written whatever else the new tables hold: leaving
+            // it out would leave the flow in neither (its next segment
+            // re-balanced, `ct_lost`).
             let original = live.iter().find(|(k, _)| from_bytes::<t::ct_key>(k).dir == CT_ORIGINAL);
+            let mut replaced = false;
             if let Some((k, theirs)) = original {
                 for table in [ct, ct_new] {
                     let Some(ours) = table.lookup(k, MapFlags::ANY).ok().flatten() else { continue };
@@ -268,6 +272,7 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
                     if reopened(theirs, &ours) {
                         let _ = table.delete(bytes(&partner_key(&from_bytes(k), &ours)));
                         let _ = table.delete(k);
+                        replaced = true;
                     }
                     break;
                 }
@@ -276,7 +281,7 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
                 ct.lookup(k, MapFlags::ANY).ok().flatten().is_some()
                     || ct_new.lookup(k, MapFlags::ANY).ok().flatten().is_some()
             });
-            if known {
+            if known && !replaced {
                 continue;
             }
         } else {
