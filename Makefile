@@ -30,7 +30,8 @@ test: lint build
 # the agent SIGKILLed during changing syncs under load, 40 rounds; the seed is
 # printed, FERRY_DISRUPTION_SEED=<seed> replays one run. The measured steps
 # (SIGKILL + restart, endpoint rollout, node-config change, 2,000 endpoint
-# changes in 10 s; ROUNDS/4 of each) on both datapaths, and a 30 s API server
+# changes in 10 s, and on bpf a downgrade to layout 1 and the upgrade back;
+# ROUNDS/4 of each) on both datapaths, and a 30 s API server
 # outage under `ferry agent` on both, measured into bench/results/disruption.md
 # (written by the run, not by hand).
 DISRUPTION_ROUNDS ?= 40

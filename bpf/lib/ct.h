@@ -39,6 +39,14 @@ static __always_inline void ct_partner_key(struct ct_key *k, const struct ct_val
 	k->pad = 0;
 }
 
+/* Whether two entries translate alike (the same flow's entry, or one of the
+ * same tuple with the same translation). */
+static __always_inline int ct_same_translation(const struct ct_val *a, const struct ct_val *b)
+{
+	return a->new_sport == b->new_sport && a->new_dport == b->new_dport && addr_eq(a->new_src, b->new_src) &&
+	       addr_eq(a->new_dst, b->new_dst);
+}
+
 /* How long an entry lives without traffic. An unconfirmed TCP flow keeps the
  * SYN lifetime even after its SYN-ACK (netfilter's SYN_RECV): a half-open
  * flow of a SYN flood must not hold ferry_ct_new for tcpEstablishedTimeout. */
@@ -70,8 +78,72 @@ static __always_inline void ct_new_delete(const struct ct_key *k)
 		stat_inc(STAT_CT_NEW_DELETE);
 }
 
+/* During an upgrade's link switch (ferry_ct_prev, maps.h): a flow the
+ * outgoing programs created in the retired table after the agent's first
+ * copy, found there by `k`, is copied into ferry_ct_new with its partner
+ * entry (as the agent's late copy would, a few milliseconds later; its
+ * NOEXIST then keeps what is written here). Returns whether `k` is in
+ * ferry_ct_new now. A function of its own: its key is not on the caller's
+ * stack. */
+static __attribute__((noinline)) int ct_adopt_retired(const struct ct_key *k)
+{
+	__u32 zero = 0;
+	void *prev = bpf_map_lookup_elem(&ferry_ct_prev, &zero);
+
+	if (!prev)
+		return 0;
+	struct ct_val *v = bpf_map_lookup_elem(prev, k);
+	if (!v)
+		return 0;
+	struct ct_key pk;
+	ct_partner_key(&pk, v, k->proto, k->family, k->dir);
+	struct ct_val *pv = bpf_map_lookup_elem(prev, &pk);
+	if (pv && bpf_map_update_elem(&ferry_ct_new, &pk, pv, BPF_NOEXIST) == 0)
+		stat_inc(STAT_CT_NEW_INSERT);
+	if (bpf_map_update_elem(&ferry_ct_new, k, v, BPF_NOEXIST) != 0)
+		return 0;
+	stat_inc(STAT_CT_NEW_INSERT);
+	stat_inc(STAT_CT_ADOPTED);
+	return 1;
+}
+
+/* During an upgrade's link switch: whether the retired table holds an open
+ * flow under `k` with another translation than the closing flow `v` (found
+ * by `k` in ferry_ct_new if `in_new`, else ferry_ct): the outgoing programs
+ * opened the tuple again (a client reusing a TIME_WAIT port, re-balanced)
+ * after the agent copied its closing predecessor. Then both entries of `v`
+ * are removed here, for ct_adopt_retired to take the open flow; following
+ * the stale copy would send the new connection's segments to the old flow's
+ * backend, which resets it. (A flow of the retired table that this side
+ * closed and opened again itself is gone from there: ct_forget_retired.) */
+static __attribute__((noinline)) int ct_reopened(const struct ct_key *k, const struct ct_val *v, int in_new)
+{
+	__u32 zero = 0;
+	void *prev = bpf_map_lookup_elem(&ferry_ct_prev, &zero);
+
+	if (!prev)
+		return 0;
+	struct ct_val *open = bpf_map_lookup_elem(prev, k);
+	if (!open || (open->flags & CT_CLOSING))
+		return 0;
+	if (ct_same_translation(open, v))
+		return 0;
+	struct ct_key pk;
+	ct_partner_key(&pk, v, k->proto, k->family, k->dir);
+	if (in_new) {
+		ct_new_delete(&pk);
+		ct_new_delete(k);
+	} else {
+		bpf_map_delete_elem(&ferry_ct, &pk);
+		bpf_map_delete_elem(&ferry_ct, k);
+	}
+	return 1;
+}
+
 /* The live entry for `k` (confirmed flows first, then unconfirmed ones), or
- * NULL; *in_new says which table holds it. Expired entries are removed on sight. */
+ * NULL; *in_new says which table holds it. Expired entries are removed on
+ * sight. While an upgrade switches the links, a miss (or a closing flow the
+ * old programs have opened again since) is looked up in the retired table. */
 static __always_inline struct ct_val *ct_lookup(const struct ct_key *k, __u64 now, int *in_new)
 {
 	struct ct_val *v = bpf_map_lookup_elem(&ferry_ct, k);
@@ -80,6 +152,13 @@ static __always_inline struct ct_val *ct_lookup(const struct ct_key *k, __u64 no
 	if (!v) {
 		v = bpf_map_lookup_elem(&ferry_ct_new, k);
 		*in_new = 1;
+	}
+	if (v && (v->flags & CT_CLOSING) && ct_reopened(k, v, *in_new))
+		v = NULL;
+	if (!v) {
+		*in_new = 1;
+		if (ct_adopt_retired(k))
+			v = bpf_map_lookup_elem(&ferry_ct_new, k);
 	}
 	if (v && v->expires_ns < now) {
 		if (*in_new)
@@ -173,10 +252,32 @@ static __always_inline void ct_follow(const struct ct_key *k, struct ct_val *v, 
 	}
 }
 
+/* During an upgrade's link switch: the flow `v` (original-direction key `k`)
+ * that this side forgets to open its tuple again is removed from the retired
+ * table too, where its entries (same translation) may still say it is open:
+ * ct_reopened would otherwise take that stale state for the outgoing
+ * programs opening the tuple again. */
+static __attribute__((noinline)) void ct_forget_retired(const struct ct_key *k, const struct ct_val *v)
+{
+	__u32 zero = 0;
+	void *prev = bpf_map_lookup_elem(&ferry_ct_prev, &zero);
+
+	if (!prev)
+		return;
+	struct ct_val *old = bpf_map_lookup_elem(prev, k);
+	if (!old || !ct_same_translation(old, v))
+		return;
+	struct ct_key pk;
+	ct_partner_key(&pk, v, k->proto, k->family, k->dir);
+	bpf_map_delete_elem(prev, &pk);
+	bpf_map_delete_elem(prev, k);
+}
+
 /* Forgets a flow, given its original-direction key `k` (rewritten in place:
  * first into the reply entry's key, then back) and value. */
 static __always_inline void ct_forget(struct ct_key *k, const struct ct_val *v, const struct pkt *p, int in_new)
 {
+	ct_forget_retired(k, v);
 	__builtin_memcpy(k->src, v->new_dst, 16);
 	__builtin_memcpy(k->dst, v->new_src, 16);
 	k->sport = v->new_dport;
@@ -199,6 +300,27 @@ static __always_inline struct ct_scratch *ct_scratch(void)
 	return bpf_map_lookup_elem(&ferry_ct_scratch, &zero);
 }
 
+/* While the links switch (ferry_ct_prev set): whether a live flow of the
+ * other build's table holds the reply tuple s->rk. Its translation is served
+ * by the programs of that build still on some links: a new flow given the
+ * same NAT port would have its replies turned into that flow's client there
+ * (seen: a SYN-ACK sent to another connection of the same client, which
+ * reset both). The same client tuple's own closing predecessor (its reply
+ * entry turns back into the very client port this flow comes from) is no
+ * conflict: the new flow takes its place, as ct_forget lets it here. */
+static __attribute__((noinline)) int ct_held_retired(const struct ct_scratch *s)
+{
+	__u32 zero = 0;
+	void *prev = bpf_map_lookup_elem(&ferry_ct_prev, &zero);
+
+	if (!prev)
+		return 0;
+	struct ct_val *held = bpf_map_lookup_elem(prev, &s->rk);
+	if (!held || held->expires_ns < s->now)
+		return 0;
+	return !((held->flags & CT_CLOSING) && ct_same_translation(held, &s->reply));
+}
+
 /* Writes the reply entry s->reply under s->rk into ferry_ct_new, unless a
  * live flow holds that tuple in either table (an expired one is removed).
  * With `reclaim`, a live *unconfirmed* flow holding it is removed (both its
@@ -207,6 +329,8 @@ static __always_inline struct ct_scratch *ct_scratch(void)
  * never taken. */
 static __always_inline int ct_claim_reply(struct ct_scratch *s, int reclaim)
 {
+	if (ct_held_retired(s))
+		return 0;
 	struct ct_val *held = bpf_map_lookup_elem(&ferry_ct, &s->rk);
 
 	if (held) {
@@ -255,6 +379,23 @@ static long ct_nat_probe(__u32 i, void *unused)
 	}
 	stat_inc(STAT_NAT_RETRY);
 	return 0;
+}
+
+/* During a downgrade's link switch (ferry_ct_next, maps.h): a new flow's
+ * two entries, just written into ferry_ct_new, are written into the older
+ * layout's rebuilt table too, so that the older programs taking a link over
+ * find the flow from its first packet they see (a reply among them). Its
+ * later changes reach that table through the command's copies. */
+static __attribute__((noinline)) void ct_mirror_next(const struct ct_key *ok, struct ct_scratch *s)
+{
+	__u32 zero = 0;
+	void *next = bpf_map_lookup_elem(&ferry_ct_next, &zero);
+
+	if (!next)
+		return;
+	if (bpf_map_update_elem(next, &s->rk, &s->reply, BPF_ANY) == 0 &&
+	    bpf_map_update_elem(next, ok, &s->orig, BPF_ANY) == 0)
+		stat_inc(STAT_CT_MIRRORED);
 }
 
 /* Creates both entries of a new flow in ferry_ct_new: original (as it
@@ -344,6 +485,7 @@ static __always_inline __be16 ct_create(const struct pkt *p, const struct config
 		*why = STAT_DROP_CT_INSERT;
 		return 0;
 	}
+	ct_mirror_next(&ok, s);
 	return s->rk.dport;
 }
 

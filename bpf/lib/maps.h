@@ -417,6 +417,46 @@ struct {
 	PIN_BY_NAME;
 } ferry_ct_new SEC(".maps");
 
+/* The conntrack table of layouts 0 and 1: one LRU of the same entries, no
+ * flags. Two slots take such a table for the few milliseconds an upgrade or
+ * a downgrade across the conntrack split switches the links, while programs
+ * of two builds serve the node's hooks. Neither is pinned: each load's
+ * programs hold their own, empty but for that window.
+ *
+ *   ferry_ct_prev  an upgrade: the retired table, set by the agent before the
+ *                  first link switches and emptied after its copy of the flows
+ *                  the outgoing programs created meanwhile (install.rs). A
+ *                  miss in both tables looks here (ct_adopt_retired), so such
+ *                  a flow is found, and moved over, at its first packet the
+ *                  incoming programs see, not only at that copy.
+ *   ferry_ct_next  a downgrade: the rebuilt older table, set by `ferry
+ *                  datapath downgrade` once it is pinned, until the older
+ *                  programs hold every link (downgrade.rs). Every flow these
+ *                  programs create is written there too (ct_mirror_next), so
+ *                  the older programs know it from their first packet. The
+ *                  command puts it in ferry_ct_prev too: these programs then
+ *                  find there the flows the older ones create meanwhile. */
+struct ct_lru_table {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct ct_key);
+	__type(value, struct ct_val);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct ct_lru_table);
+} ferry_ct_prev SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct ct_lru_table);
+} ferry_ct_next SEC(".maps");
+
 /* dsr_val.flags */
 #define DSR_CLOSING 1 /* FIN or RST seen */
 

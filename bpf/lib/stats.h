@@ -86,6 +86,9 @@ enum ferry_stat {
 	STAT_XDP_PASS_SHAPE,      /* XDP: passed to tc for its shape: fragment, IPv4 options, IPv6 extension header, ICMP, SCTP, a tunnel, other protocols */
 	STAT_XDP_PASS_TC,         /* XDP: passed to tc for its verdict: local or hairpin backend, reject/drop/policy/source-range verdicts, ClusterIP, lost or reopened flows, SYN-ACK MSS clamp, a table that refused an entry */
 	STAT_XDP_PASS_FIB,        /* XDP: passed to tc: no forwarding result (no route, unresolved neighbour, too big for the MTU, local, or out of another device than the way in) */
+	/* Upgrades and downgrades across map layouts (ct.h). */
+	STAT_CT_ADOPTED,          /* an upgrade's link switch: a flow the outgoing programs created in the retired conntrack table, found there by the incoming ones and moved into ferry_ct_new */
+	STAT_CT_MIRRORED,         /* a downgrade's link switch: a new flow also written into the older layout's rebuilt conntrack table */
 	STAT_COUNT_,
 };
 

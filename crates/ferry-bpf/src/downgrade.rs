@@ -17,13 +17,19 @@
 //! maps have and the rebuilt ones lack, without overwriting what the older
 //! programs wrote since: the same two passes an upgrade makes
 //! ([`crate::migrate`]), with the wait for the older agent in between.
+//! Between two passes, though, the running programs write every flow they
+//! create into the rebuilt conntrack table too ([`Converted::mirrored`]):
+//! a flow created just before its link switched is known to the older
+//! programs at its first packet, not only at the next pass.
 
 use crate::layout::{CHANGED_IN, DowngradeRefusal, LAYOUT, REVERT, Reversion, plan_downgrade};
 use crate::maps::{bytes, from_bytes};
 use crate::migrate::open_ct;
 use crate::skel::sock::types as t;
+use libbpf_rs::query::{ProgInfoIter, ProgInfoQueryOptions};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 /// Errors of a downgrade: what failed, on which map, and what state it left.
@@ -67,6 +73,9 @@ pub struct Rebuilt {
     /// Entries added after the links switched: flows the newer programs
     /// created after the last pass.
     pub late: u64,
+    /// Flows the running programs wrote into it themselves as they created
+    /// them (`ct_mirrored`), from the conversion until [`Converted::finish`].
+    pub mirrored: u64,
 }
 
 /// The pinned datapath after [`convert`]: of the older layout, still served
@@ -81,6 +90,11 @@ pub struct Converted {
     copies: Vec<Copy>,
     /// Every pinned link and the program it ran at the conversion.
     links: Vec<(PathBuf, u32)>,
+    /// The running programs' `ferry_ct_next` / `ferry_ct_prev` slots holding
+    /// the rebuilt conntrack table, and `ct_mirrored` when it was put there.
+    mirrors: Vec<MapHandle>,
+    mirrored_before: u64,
+    pin_dir: PathBuf,
 }
 
 /// One rebuilt map and the maps of this layout it is filled from (held open:
@@ -146,6 +160,12 @@ pub fn convert(pin_dir: &Path, to: u32) -> Result<Option<Converted>, DowngradeEr
             source: std::io::Error::other(e),
         })?;
     }
+    let mirrored_before = mirrored_so_far(pin_dir);
+    let mirrors = copies
+        .iter()
+        .find(|(_, c)| c.reversion == Reversion::ConntrackMerge)
+        .map(|(_, c)| mirror_into(&links, &c.target))
+        .unwrap_or_default();
     Ok(Some(Converted {
         from,
         to,
@@ -153,7 +173,59 @@ pub fn convert(pin_dir: &Path, to: u32) -> Result<Option<Converted>, DowngradeEr
         retired: retire,
         copies: copies.into_iter().map(|(_, c)| c).collect(),
         links,
+        mirrors,
+        mirrored_before,
+        pin_dir: pin_dir.to_path_buf(),
     }))
+}
+
+/// Puts the rebuilt conntrack table into the `ferry_ct_next` slot of every
+/// program the pinned links run (bpf/lib/maps.h): from now on they write each
+/// flow they create into it too. Without it, a flow created after the last
+/// pass and before its link switched was unknown to the older programs until
+/// the next pass (5 ms later): its reply met them first and went to the
+/// node's stack, which reset it (seen once in 5,000-9,000 new connections
+/// across a switch). It goes into their `ferry_ct_prev` slot as well, as an
+/// upgrade's retired table does: a flow the older programs create once they
+/// hold a first link is found by these on the links they still hold.
+/// Programs without the slots (an older build) are passed over: the passes
+/// alone carry their flows.
+fn mirror_into(links: &[(PathBuf, u32)], target: &MapHandle) -> Vec<MapHandle> {
+    let progs: HashSet<u32> = links.iter().map(|(_, id)| *id).collect();
+    let fd = target.as_fd().as_raw_fd() as u32;
+    let mut seen = HashSet::new();
+    let mut slots = Vec::new();
+    for prog in ProgInfoIter::with_query_opts(ProgInfoQueryOptions::default().include_map_ids(true)) {
+        if !progs.contains(&prog.id) {
+            continue;
+        }
+        for id in prog.map_ids {
+            if !seen.insert(id) {
+                continue;
+            }
+            let Ok(m) = MapHandle::from_map_id(id) else { continue };
+            if !(m.name() == "ferry_ct_next" || m.name() == "ferry_ct_prev") || m.map_type() != MapType::ArrayOfMaps {
+                continue;
+            }
+            match m.update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY) {
+                Ok(()) => slots.push(m),
+                Err(e) => tracing::warn!("handing the rebuilt ferry_ct to the running programs (map {id}): {e}"),
+            }
+        }
+    }
+    slots
+}
+
+/// The datapath's `ct_mirrored` counter, summed over CPUs (0 if unreadable).
+fn mirrored_so_far(pin_dir: &Path) -> u64 {
+    let Some(i) = crate::stats::NAMES.iter().position(|n| *n == "ct_mirrored") else { return 0 };
+    let Ok(stats) = MapHandle::from_pinned_path(pin_dir.join("ferry_stats")) else { return 0 };
+    stats
+        .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
+        .ok()
+        .flatten()
+        .map(|per_cpu| per_cpu.iter().map(|v| from_bytes::<u64>(v)).sum())
+        .unwrap_or(0)
 }
 
 impl Converted {
@@ -180,6 +252,33 @@ impl Converted {
         self.pass(MapFlags::NO_EXIST, |r, n| r.late += n)
     }
 
+    /// Whether the running programs write their new flows into the rebuilt
+    /// conntrack table themselves (they have the slot: this build's or newer).
+    pub fn mirrored(&self) -> bool {
+        !self.mirrors.is_empty()
+    }
+
+    /// Takes the rebuilt table back from the running programs' slots and
+    /// records how many flows they wrote into it. Also done on drop; call it
+    /// for the figure, once the links have switched.
+    pub fn finish(&mut self) {
+        if self.mirrors.is_empty() {
+            return;
+        }
+        for m in self.mirrors.drain(..) {
+            let _ = m.delete(&0u32.to_ne_bytes());
+        }
+        let n = mirrored_so_far(&self.pin_dir).saturating_sub(self.mirrored_before);
+        if let Some(r) = self
+            .copies
+            .iter()
+            .zip(self.rebuilt.iter_mut())
+            .find_map(|(c, r)| (c.reversion == Reversion::ConntrackMerge).then_some(r))
+        {
+            r.mirrored = n;
+        }
+    }
+
     fn pass(&mut self, how: MapFlags, count: impl Fn(&mut Rebuilt, u64)) -> u64 {
         let now = crate::stale::monotonic_ns();
         let mut total = 0;
@@ -192,6 +291,12 @@ impl Converted {
             total += n;
         }
         total
+    }
+}
+
+impl Drop for Converted {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

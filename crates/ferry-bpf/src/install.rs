@@ -405,19 +405,28 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         // entries the new layout must keep, so the new programs start with
         // every tracked flow (a failure leaves the old datapath serving).
         let first = carry_all(&copy, &retired_dir, &opts.pin_dir, false)?;
+        let lent = tc
+            .as_ref()
+            .and_then(|t| crate::migrate::lend_retired(&t.maps.ferry_ct_prev, &copy, &retired_dir, &opts.pin_dir));
         fast_pass_off(&opts.pin_dir)?;
         let attached = attach_all(opts, &links_dir, &skel, tc.as_ref())?;
         // The old programs ran until the switch: a flow they created during
         // the first copy is added now (nothing the new programs wrote is
         // overwritten). A failure here cannot be undone: those flows are
         // balanced again, which the log says.
-        let carried = match carry_all(&copy, &retired_dir, &opts.pin_dir, true) {
+        let mut carried = match carry_all(&copy, &retired_dir, &opts.pin_dir, true) {
             Ok(late) => first.into_iter().zip(late).map(|(f, l)| crate::migrate::merge(f, &l)).collect(),
             Err(e) => {
                 tracing::warn!("{e} (after the links switched: flows created during the copy are balanced again)");
                 first
             }
         };
+        if let (Some(before), Some(t)) = (lent, tc.as_ref()) {
+            let adopted = crate::migrate::take_back(&t.maps.ferry_ct_prev, before, &opts.pin_dir);
+            if let Some(c) = carried.iter_mut().find(|c| c.map == "ferry_ct") {
+                c.adopted = adopted;
+            }
+        }
         // Recorded last: a failure above leaves the old version in place.
         write_layout(&opts.pin_dir, LAYOUT)?;
         Ok((attached, carried))

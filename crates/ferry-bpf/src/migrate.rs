@@ -8,12 +8,13 @@
 //! the old programs created while the first copy ran. Where each flow goes is
 //! a pure decision ([`table_for`]); the rest is reading and writing maps.
 
-use crate::entries::{CT_ORIGINAL, CT_REPLIED, CT_REPLY};
+use crate::entries::{CT_CLOSING, CT_ORIGINAL, CT_REPLIED, CT_REPLY};
 use crate::layout::Migration;
 use crate::maps::{bytes, from_bytes};
 use crate::skel::sock::types as t;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 /// What copying one retired map did: the install report's and the log's figures.
@@ -37,6 +38,10 @@ pub struct Carried {
     /// Of the entries written, those the second pass added after the links
     /// switched (flows the old programs created while the first copy ran).
     pub late: u64,
+    /// Flows the incoming programs found in the retired table themselves
+    /// while the links switched, before the second pass ([`lend_retired`]):
+    /// moved over by the datapath (`ct_adopted`), not counted above.
+    pub adopted: u64,
 }
 
 impl Carried {
@@ -133,6 +138,75 @@ pub fn merge(mut first: Carried, late: &Carried) -> Carried {
     first
 }
 
+/// Hands the retired conntrack table of a [`Migration::ConntrackSplit`] in
+/// `copy` to the incoming tc programs for the link switch: `slot` is their
+/// `ferry_ct_prev` (bpf/lib/maps.h), in which a flow they miss is looked up
+/// and moved over. Without it, a flow the outgoing programs opened after the
+/// first copy is unknown to the incoming ones until the second pass copies
+/// it, and a reply of it meeting them first (seen: the server's answer 2 ms
+/// into the connection) went to the node's stack, which reset it. Returns
+/// the datapath's `ct_adopted` count so far (for [`take_back`]), or `None`
+/// when nothing was lent (no such copy, or a retired table the slot does
+/// not take: logged; the second pass still copies those flows).
+pub(crate) fn lend_retired(
+    slot: &impl MapCore,
+    copy: &[(String, Migration)],
+    retired_dir: &Path,
+    pin_dir: &Path,
+) -> Option<u64> {
+    let (name, _) = copy.iter().find(|(_, m)| *m == Migration::ConntrackSplit)?;
+    let path = retired_dir.join(name);
+    let lent = open_ct(&path).map_err(|e| e.to_string()).and_then(|old| {
+        let fd = old.as_fd().as_raw_fd() as u32;
+        slot.update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY).map_err(|e| e.to_string())
+    });
+    match lent {
+        Ok(()) => Some(adopted_so_far(pin_dir)),
+        Err(e) => {
+            tracing::warn!(
+                "the retired {} is not handed to the new programs ({e}): a flow opened while the links switch \
+                 may lose a reply until the second copy",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Empties the slot [`lend_retired`] filled (the retired table can go) and
+/// returns how many flows the datapath moved over meanwhile.
+pub(crate) fn take_back(slot: &impl MapCore, before: u64, pin_dir: &Path) -> u64 {
+    if let Err(e) = slot.delete(&0u32.to_ne_bytes()) {
+        tracing::warn!("emptying ferry_ct_prev: {e}");
+    }
+    adopted_so_far(pin_dir).saturating_sub(before)
+}
+
+/// The datapath's `ct_adopted` counter, summed over CPUs (0 if unreadable).
+fn adopted_so_far(pin_dir: &Path) -> u64 {
+    crate::maps::Maps::open(pin_dir)
+        .ok()
+        .and_then(|m| {
+            let i = crate::stats::NAMES.iter().position(|n| *n == "ct_adopted")?;
+            m.counters().get(i).copied()
+        })
+        .unwrap_or(0)
+}
+
+/// Whether the open flow `theirs` of the retired table, under the same
+/// original-direction key as this side's closing `ours` but with another
+/// translation, is the outgoing programs' opening the tuple again (a client
+/// reusing a TIME_WAIT port, re-balanced) after the first pass copied its
+/// predecessor. As `ct_reopened` in `bpf/lib/ct.h` (whose
+/// `ct_forget_retired` removes a flow this side closed and opened again
+/// itself from the retired table, so that its stale open state is not taken
+/// for this).
+fn reopened(theirs: &t::ct_val, ours: &t::ct_val) -> bool {
+    let same = (theirs.new_src, theirs.new_dst, theirs.new_sport, theirs.new_dport)
+        == (ours.new_src, ours.new_dst, ours.new_sport, ours.new_dport);
+    theirs.flags & CT_CLOSING == 0 && ours.flags & CT_CLOSING != 0 && !same
+}
+
 /// The key of a flow's other entry, as `ct_partner_key` in `bpf/lib/ct.h`.
 fn partner_key(k: &t::ct_key, v: &t::ct_val) -> t::ct_key {
     t::ct_key {
@@ -184,11 +258,30 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
         let held = flow.len() as u64;
         let live: Vec<(Vec<u8>, t::ct_val)> = flow.into_iter().filter(|(_, v)| v.expires_ns >= now).collect();
         if late {
+            // A closing flow of this side that the old programs opened again
+            // since gives way (both its entries), so the open flow is written.
+            // It is then written whatever else the new tables hold: leaving
+            // it out would leave the flow in neither (its next segment
+            // re-balanced, `ct_lost`).
+            let original = live.iter().find(|(k, _)| from_bytes::<t::ct_key>(k).dir == CT_ORIGINAL);
+            let mut replaced = false;
+            if let Some((k, theirs)) = original {
+                for table in [ct, ct_new] {
+                    let Some(ours) = table.lookup(k, MapFlags::ANY).ok().flatten() else { continue };
+                    let ours = from_bytes::<t::ct_val>(&ours);
+                    if reopened(theirs, &ours) {
+                        let _ = table.delete(bytes(&partner_key(&from_bytes(k), &ours)));
+                        let _ = table.delete(k);
+                        replaced = true;
+                    }
+                    break;
+                }
+            }
             let known = live.iter().any(|(k, _)| {
                 ct.lookup(k, MapFlags::ANY).ok().flatten().is_some()
                     || ct_new.lookup(k, MapFlags::ANY).ok().flatten().is_some()
             });
-            if known {
+            if known && !replaced {
                 continue;
             }
         } else {
@@ -234,7 +327,7 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entries::{CT_CLOSING, CT_SNAT};
+    use crate::entries::CT_SNAT;
 
     #[test]
     fn a_flow_that_saw_a_reply_is_confirmed_and_one_that_did_not_stays_unconfirmed() {
@@ -249,6 +342,22 @@ mod tests {
         ];
         for (flags, want) in cases {
             assert_eq!(table_for(flags), want, "flags {flags:#x}");
+        }
+    }
+
+    #[test]
+    fn only_an_open_flow_with_another_translation_replaces_a_closing_copy() {
+        let entry = |flags, port: u16| t::ct_val { flags, new_sport: port.to_be(), ..Default::default() };
+        // (theirs: the retired table's, ours: the new tables', replaced?)
+        let cases = [
+            (entry(CT_REPLIED, 2000), entry(CT_REPLIED | CT_CLOSING, 1000), true), // the old programs reopened it
+            (entry(0, 2000), entry(CT_REPLIED | CT_CLOSING, 1000), true),          // ... and its SYN is in flight
+            (entry(CT_REPLIED, 1000), entry(CT_REPLIED | CT_CLOSING, 1000), false), // the same flow, closed here
+            (entry(CT_CLOSING, 2000), entry(CT_REPLIED | CT_CLOSING, 1000), false), // theirs closed too
+            (entry(CT_REPLIED, 2000), entry(CT_REPLIED, 1000), false),             // ours open: ours was written here
+        ];
+        for (i, (theirs, ours, want)) in cases.iter().enumerate() {
+            assert_eq!(reopened(theirs, ours), *want, "case {i}");
         }
     }
 

@@ -67,6 +67,8 @@ pub const NAMES: &[&str] = &[
     "xdp_pass_shape",
     "xdp_pass_tc",
     "xdp_pass_fib",
+    "ct_adopted",
+    "ct_mirrored",
 ];
 
 #[cfg(test)]

@@ -123,8 +123,8 @@ impl Proxier {
                 for c in &installed.carried {
                     let line = format!(
                         "copied the live entries of the retired {}: confirmed={} unconfirmed={} confirm_full={} \
-                         expired={} not_copied={} late={}",
-                        c.map, c.confirmed, c.unconfirmed, c.confirm_full, c.expired, c.not_copied, c.late
+                         expired={} not_copied={} late={} adopted={}",
+                        c.map, c.confirmed, c.unconfirmed, c.confirm_full, c.expired, c.not_copied, c.late, c.adopted
                     );
                     // Entries that found no room are flows balanced again (a SNATed one reset).
                     if c.not_copied > 0 || c.confirm_full > 0 {

@@ -35,8 +35,9 @@ pub enum DatapathCommand {
     /// them, unpins the other changed maps and those the older layout lacks
     /// (the older agent refills them from the Services) and records the
     /// older layout. The running programs keep serving from the maps they
-    /// hold. A connection opened in the moment the older agent switches the
-    /// links can still fail (rarely; README "Downgrades").
+    /// hold, and (from this release on) write each flow they create into
+    /// the converted conntrack table too, so the older programs know it the
+    /// moment they take a link over (README "Downgrades").
     ///
     /// Then start the older agent: it adopts the converted maps and switches
     /// the links to its programs. Meanwhile this command keeps copying the
@@ -128,6 +129,7 @@ fn downgrade(pin_dir: &std::path::Path, to: u32, wait: u64) -> anyhow::Result<Ex
         }
         late += c.late();
         if switched == links {
+            c.finish();
             println!("the links switched to the layout-{to} programs; late={late} ({})", summary(&c));
             return Ok(ExitCode::SUCCESS);
         }
@@ -148,8 +150,9 @@ fn summary(c: &Converted) -> String {
         .iter()
         .map(|r| {
             format!(
-                "{} rebuilt (capacity {}): confirmed={} unconfirmed={} expired={} not_copied={} refreshed={} late={}",
-                r.map, r.capacity, r.confirmed, r.unconfirmed, r.expired, r.not_copied, r.refreshed, r.late
+                "{} rebuilt (capacity {}): confirmed={} unconfirmed={} expired={} not_copied={} refreshed={} late={} \
+                 mirrored={}",
+                r.map, r.capacity, r.confirmed, r.unconfirmed, r.expired, r.not_copied, r.refreshed, r.late, r.mirrored
             )
         })
         .collect();
