@@ -94,7 +94,9 @@ pub struct Converted {
     /// the rebuilt conntrack table, and `ct_mirrored` when it was put there.
     mirrors: Vec<MapHandle>,
     mirrored_before: u64,
-    pin_dir: PathBuf,
+    /// The running programs' `ferry_stats` (held: a downgrade below layout 5
+    /// unpins it).
+    stats: Option<MapHandle>,
 }
 
 /// One rebuilt map and the maps of this layout it is filled from (held open:
@@ -149,6 +151,9 @@ pub fn convert(pin_dir: &Path, to: u32) -> Result<Option<Converted>, DowngradeEr
             .map_err(swap(format!("putting the rebuilt {name} in place")))?;
     }
     let _ = std::fs::remove_dir(&staging);
+    // The running programs' counters, held before a retired ferry_stats
+    // (layout 5 grew it) is unpinned: they count the mirrored flows there.
+    let stats = MapHandle::from_pinned_path(pin_dir.join("ferry_stats")).ok();
     for name in &retire {
         let path = pin_dir.join(name);
         std::fs::remove_file(&path).map_err(swap(format!("unpinning {}", path.display())))?;
@@ -160,7 +165,7 @@ pub fn convert(pin_dir: &Path, to: u32) -> Result<Option<Converted>, DowngradeEr
             source: std::io::Error::other(e),
         })?;
     }
-    let mirrored_before = mirrored_so_far(pin_dir);
+    let mirrored_before = mirrored_so_far(stats.as_ref());
     let mirrors = copies
         .iter()
         .find(|(_, c)| c.reversion == Reversion::ConntrackMerge)
@@ -175,7 +180,7 @@ pub fn convert(pin_dir: &Path, to: u32) -> Result<Option<Converted>, DowngradeEr
         links,
         mirrors,
         mirrored_before,
-        pin_dir: pin_dir.to_path_buf(),
+        stats,
     }))
 }
 
@@ -216,10 +221,10 @@ fn mirror_into(links: &[(PathBuf, u32)], target: &MapHandle) -> Vec<MapHandle> {
     slots
 }
 
-/// The datapath's `ct_mirrored` counter, summed over CPUs (0 if unreadable).
-fn mirrored_so_far(pin_dir: &Path) -> u64 {
+/// The running programs' `ct_mirrored` counter, summed over CPUs (0 if unreadable).
+fn mirrored_so_far(stats: Option<&MapHandle>) -> u64 {
     let Some(i) = crate::stats::NAMES.iter().position(|n| *n == "ct_mirrored") else { return 0 };
-    let Ok(stats) = MapHandle::from_pinned_path(pin_dir.join("ferry_stats")) else { return 0 };
+    let Some(stats) = stats else { return 0 };
     stats
         .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
         .ok()
@@ -268,7 +273,7 @@ impl Converted {
         for m in self.mirrors.drain(..) {
             let _ = m.delete(&0u32.to_ne_bytes());
         }
-        let n = mirrored_so_far(&self.pin_dir).saturating_sub(self.mirrored_before);
+        let n = mirrored_so_far(self.stats.as_ref()).saturating_sub(self.mirrored_before);
         if let Some(r) = self
             .copies
             .iter()
