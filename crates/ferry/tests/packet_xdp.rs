@@ -15,7 +15,7 @@
 //! leaves to tc shows up in `xdp_pass_*` and tc's own counters. Needs root;
 //! never skipped.
 
-use ferry::lab::{At, Lab};
+use ferry::lab::{At, Lab, counters_moved as moved};
 use ferry_sandbox::probe::{ConnectOpts, Endpoint, Observation, Proto, ServeOpts};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -165,25 +165,8 @@ fn counters(lab: &Lab, node: usize) -> BTreeMap<String, u64> {
     lab.counters(node).unwrap_or_else(|e| panic!("reading node {node}'s counters: {e:#}"))
 }
 
-/// `after - before` of the counters that moved.
-fn moved(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .filter_map(|(k, a)| {
-            let d = a - before.get(k).copied().unwrap_or(0);
-            (d > 0).then(|| (k.clone(), d))
-        })
-        .collect()
-}
-
 fn diag(lab: &Lab) -> String {
-    format!(
-        "--- node-a counters {:?}\n--- node-b counters {:?}\n--- node-a log:\n{}\n--- node-b log:\n{}",
-        counters(lab, NODE_A),
-        counters(lab, NODE_B),
-        lab.agent_log(NODE_A),
-        lab.agent_log(NODE_B)
-    )
+    lab.report(&[NODE_A, NODE_B])
 }
 
 fn node_a(lab: &Lab) -> IpAddr {

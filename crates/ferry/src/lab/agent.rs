@@ -198,6 +198,20 @@ impl Lab {
         serde_json::from_value(v["counters"].clone()).context("counters are a map of numbers")
     }
 
+    /// Each node's counters and agent log, for a failed test's message.
+    pub fn report(&self, nodes: &[usize]) -> String {
+        let mut out = String::new();
+        for &n in nodes {
+            let name = &self.nodes[n].name;
+            match self.counters(n) {
+                Ok(c) => out.push_str(&format!("--- {name} counters {c:?}\n")),
+                Err(e) => out.push_str(&format!("--- {name} counters unreadable: {e:#}\n")),
+            }
+            out.push_str(&format!("--- {name} log:\n{}\n", self.agent_log(n)));
+        }
+        out
+    }
+
     /// The agent's log so far (for failure messages).
     pub fn agent_log(&self, node: usize) -> String {
         std::fs::read_to_string(self.state.join(format!("agent-{node}.log"))).unwrap_or_default()
@@ -216,4 +230,18 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// `after - before` of the counters that moved (what a step did to a node's datapath).
+pub fn counters_moved(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(k, a)| {
+            let d = a.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
 }

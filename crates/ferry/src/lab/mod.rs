@@ -18,6 +18,7 @@
 mod agent;
 mod traffic;
 
+pub use agent::counters_moved;
 pub use traffic::{At, BackgroundClient, observed_in};
 
 use anyhow::Context;
