@@ -193,6 +193,24 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 	return deliver(skb, p, hook);
 }
 
+/* The backend (id) a new flow of `service` goes to under route action
+ * `act`, tc and XDP alike: Maglev's choice when the service uses Maglev and
+ * not ClientIP affinity, else the set's pick (which keeps an affine client's
+ * backend). 0: none. */
+static __always_inline __u32 lb_choose(__u32 service, const struct svc_val *svc, __u8 act, const struct pkt *p,
+				       const struct config *cfg)
+{
+	struct aff_key aff = {};
+	__builtin_memcpy(aff.client, p->src, 16);
+	__u8 set = (act & ACT_MASK) == ACT_FORWARD_LOCAL ? SET_LOCAL : SET_CLUSTER;
+	__u32 id = 0;
+	if ((svc->flags & SVC_MAGLEV) && !(svc->flags & SVC_AFFINITY))
+		id = lb_maglev(service, set, flow_hash(p->src, p->dst, p->sport, p->dport, p->proto), cfg->maglev_size);
+	if (!id)
+		id = lb_pick(service, svc, set, &aff);
+	return id;
+}
+
 /* A first packet: load-balance it if it is for a frontend. */
 static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg, enum hook hook,
 				    __u64 now)
@@ -237,14 +255,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	if (p->proto == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
 		stat_inc(STAT_CT_LOST);
 
-	struct aff_key aff = {};
-	__builtin_memcpy(aff.client, p->src, 16);
-	__u8 set = (act & ACT_MASK) == ACT_FORWARD_LOCAL ? SET_LOCAL : SET_CLUSTER;
-	__u32 id = 0;
-	if ((svc->flags & SVC_MAGLEV) && !(svc->flags & SVC_AFFINITY))
-		id = lb_maglev(service, set, flow_hash(p->src, p->dst, p->sport, p->dport, p->proto), cfg->maglev_size);
-	if (!id)
-		id = lb_pick(service, svc, set, &aff);
+	__u32 id = lb_choose(service, svc, act, p, cfg);
 	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
 	if (!be || be->family != p->family)
 		return drop_packet(STAT_DROP_NO_ENDPOINT);
@@ -655,14 +666,7 @@ __attribute__((noinline)) int xdp_new(struct xdp_md *ctx, struct pkt *p, const s
 	if (p->proto == IPPROTO_TCP && !(p->tcp_flags & TCP_FLAG_SYN))
 		return xdp_pass(STAT_XDP_PASS_TC);
 
-	struct aff_key aff = {};
-	__builtin_memcpy(aff.client, p->src, 16);
-	__u8 set = (act & ACT_MASK) == ACT_FORWARD_LOCAL ? SET_LOCAL : SET_CLUSTER;
-	__u32 id = 0;
-	if ((svc->flags & SVC_MAGLEV) && !(svc->flags & SVC_AFFINITY))
-		id = lb_maglev(service, set, flow_hash(p->src, p->dst, p->sport, p->dport, p->proto), cfg->maglev_size);
-	if (!id)
-		id = lb_pick(service, svc, set, &aff);
+	__u32 id = lb_choose(service, svc, act, p, cfg);
 	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
 	/* A local backend is delivered by the kernel (tc); the client as its
 	 * own backend (hairpin) needs tc's SNAT to itself. */
