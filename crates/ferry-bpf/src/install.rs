@@ -563,21 +563,35 @@ fn ifindex(name: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
+/// A link pinned at `pin` that is still attached where `on_device` says:
+/// `prog` is swapped in place (true), so packets never meet a moment
+/// without a program. Any other link there is detached and its pin removed
+/// (false: the caller attaches anew).
+fn swap_pinned_link(
+    pin: &Path,
+    prog: &ProgramMut,
+    on_device: impl Fn(&libbpf_rs::query::LinkTypeInfo) -> bool,
+) -> bool {
+    if !pin.exists() {
+        return false;
+    }
+    if let Ok(mut link) = Link::open(pin) {
+        let here = link.info().is_ok_and(|i| on_device(&i.info));
+        if here && link.update_prog(prog).is_ok() {
+            return true;
+        }
+        let _ = link.detach();
+        let _ = link.unpin();
+    }
+    let _ = std::fs::remove_file(pin);
+    false
+}
+
 /// Attaches `prog` at tcx `ingress`/egress of `ifindex` through a link pinned at `pin`.
 fn attach_tcx(prog: &ProgramMut, ifindex: u32, pin: &Path) -> Result<bool, InstallError> {
-    if pin.exists() {
-        if let Ok(mut link) = Link::open(pin) {
-            let same_device = match link.info().map(|i| i.info) {
-                Ok(libbpf_rs::query::LinkTypeInfo::Tcx(t)) => t.ifindex == ifindex,
-                _ => false,
-            };
-            if same_device && link.update_prog(prog).is_ok() {
-                return Ok(true);
-            }
-            let _ = link.detach();
-            let _ = link.unpin();
-        }
-        let _ = std::fs::remove_file(pin);
+    let on_device = |i: &libbpf_rs::query::LinkTypeInfo| matches!(i, libbpf_rs::query::LinkTypeInfo::Tcx(t) if t.ifindex == ifindex);
+    if swap_pinned_link(pin, prog, on_device) {
+        return Ok(true);
     }
     let mut link = attach_tcx_unpinned(prog, ifindex)?;
     link.pin(pin).map_err(lb(format!("pinning link {}", pin.display())))?;
@@ -687,19 +701,9 @@ fn attach_devices(
 /// Returns whether an existing link was swapped. Driver mode only: generic
 /// XDP runs after the skb is made and would cost more than tc alone.
 fn attach_xdp(prog: &ProgramMut, device: &str, ifindex: u32, pin: &Path) -> Result<bool, InstallError> {
-    if pin.exists() {
-        if let Ok(mut link) = Link::open(pin) {
-            let same_device = match link.info().map(|i| i.info) {
-                Ok(libbpf_rs::query::LinkTypeInfo::Xdp(x)) => x.ifindex == ifindex,
-                _ => false,
-            };
-            if same_device && link.update_prog(prog).is_ok() {
-                return Ok(true);
-            }
-            let _ = link.detach();
-            let _ = link.unpin();
-        }
-        let _ = std::fs::remove_file(pin);
+    let on_device = |i: &libbpf_rs::query::LinkTypeInfo| matches!(i, libbpf_rs::query::LinkTypeInfo::Xdp(x) if x.ifindex == ifindex);
+    if swap_pinned_link(pin, prog, on_device) {
+        return Ok(true);
     }
     let opts = libbpf_sys::bpf_link_create_opts {
         sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _,
