@@ -18,6 +18,23 @@
 #define AF_INET 2
 #endif
 
+/* The FIB lookup of a packet like p sent to dst, entering by ifindex (tc
+ * and XDP alike). */
+static __always_inline void fwd_fib_query(struct bpf_fib_lookup *fib, const struct pkt *p, const __u32 *dst,
+					  __u32 ifindex)
+{
+	fib->family = p->family == FAM_V4 ? AF_INET : AF_INET6;
+	fib->l4_protocol = p->proto;
+	fib->ifindex = ifindex;
+	if (p->family == FAM_V4) {
+		fib->ipv4_src = p->src[0];
+		fib->ipv4_dst = dst[0];
+	} else {
+		__builtin_memcpy(fib->ipv6_src, p->src, 16);
+		__builtin_memcpy(fib->ipv6_dst, dst, 16);
+	}
+}
+
 /* Egress device for p's destination. 0: no route. Sets *local when the
  * destination is an address of this node (deliver up the stack instead). */
 static __always_inline __u32 fwd_egress(struct __sk_buff *skb, const struct pkt *p, const __u32 *dst, int *local)
@@ -26,16 +43,7 @@ static __always_inline __u32 fwd_egress(struct __sk_buff *skb, const struct pkt 
 	long rc;
 
 	*local = 0;
-	fib.family = p->family == FAM_V4 ? AF_INET : AF_INET6;
-	fib.l4_protocol = p->proto;
-	fib.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
-	if (p->family == FAM_V4) {
-		fib.ipv4_src = p->src[0];
-		fib.ipv4_dst = dst[0];
-	} else {
-		__builtin_memcpy(fib.ipv6_src, p->src, 16);
-		__builtin_memcpy(fib.ipv6_dst, dst, 16);
-	}
+	fwd_fib_query(&fib, p, dst, skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex);
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return fib.ifindex;

@@ -143,17 +143,8 @@ static __attribute__((noinline)) int xdp_route(struct xdp_md *ctx, const struct 
 {
 	struct bpf_fib_lookup fib = {};
 
-	fib.family = p->family == FAM_V4 ? AF_INET : AF_INET6;
-	fib.l4_protocol = p->proto;
-	fib.ifindex = ctx->ingress_ifindex;
+	fwd_fib_query(&fib, p, dst, ctx->ingress_ifindex);
 	fib.tot_len = tot_len;
-	if (p->family == FAM_V4) {
-		fib.ipv4_src = p->src[0];
-		fib.ipv4_dst = dst[0];
-	} else {
-		__builtin_memcpy(fib.ipv6_src, p->src, 16);
-		__builtin_memcpy(fib.ipv6_dst, dst, 16);
-	}
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return 0;
 	if (fib.ifindex != ctx->ingress_ifindex)
