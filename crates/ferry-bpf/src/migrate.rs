@@ -35,6 +35,12 @@ pub struct Carried {
     /// Entries that could not be written anywhere: their flows are balanced
     /// again on their next packet (a SNATed one is reset).
     pub not_copied: u64,
+    /// Live entries left behind because the key of their flow's other entry
+    /// is held by another flow ([`crate::stale::stranded_flows`]): a flow
+    /// that is over, or whose NAT port was given to a new one. Copied, such
+    /// an entry would live on in `ferry_ct` and send a client reusing the
+    /// tuple to the other flow's translation.
+    pub stranded: u64,
     /// Of the entries written, those the second pass added after the links
     /// switched (flows the old programs created while the first copy ran).
     pub late: u64,
@@ -50,6 +56,7 @@ impl Carried {
         self.unconfirmed += late.unconfirmed;
         self.confirm_full += late.confirm_full;
         self.not_copied += late.not_copied;
+        self.stranded += late.stranded;
         self.late += late.confirmed + late.unconfirmed;
     }
 }
@@ -207,6 +214,17 @@ fn reopened(theirs: &t::ct_val, ours: &t::ct_val) -> bool {
     theirs.flags & CT_CLOSING == 0 && ours.flags & CT_CLOSING != 0 && !same
 }
 
+/// The keys (as the tables hold them) of the stranded entries among one
+/// table's `entries` ([`crate::stale::stranded_flows`]).
+pub(crate) fn stranded_keys<'a>(
+    entries: impl Iterator<Item = (&'a Vec<u8>, &'a t::ct_val)>,
+    now: u64,
+) -> HashSet<Vec<u8>> {
+    let flows: Vec<_> =
+        entries.map(|(k, v)| crate::stale::CtEntry::from_raw(false, &from_bytes::<t::ct_key>(k), v)).collect();
+    crate::stale::stranded_flows(&flows, now).iter().map(|e| bytes(&e.raw_key()).to_vec()).collect()
+}
+
 /// The key of a flow's other entry, as `ct_partner_key` in `bpf/lib/ct.h`.
 fn partner_key(k: &t::ct_key, v: &t::ct_val) -> t::ct_key {
     t::ct_key {
@@ -235,10 +253,15 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
             Some((k, from_bytes::<t::ct_val>(&v)))
         })
         .collect();
+    let stranded = stranded_keys(entries.iter(), now);
     let mut done: HashSet<Vec<u8>> = HashSet::new();
     let mut new_inserts = 0;
     for (kb, v) in &entries {
         if done.contains(kb) {
+            continue;
+        }
+        if stranded.contains(kb) {
+            c.stranded += 1;
             continue;
         }
         let k = from_bytes::<t::ct_key>(kb);
