@@ -90,6 +90,7 @@ enum ferry_stat {
 	STAT_CT_ADOPTED,          /* an upgrade's link switch: a flow the outgoing programs created in the retired conntrack table, found there by the incoming ones and moved into ferry_ct_new */
 	STAT_CT_MIRRORED,         /* a downgrade's link switch: a new flow also written into the older layout's rebuilt conntrack table */
 	STAT_CT_STRANDED,         /* entries the agent removed because their flow's other entry belongs to another flow (left by a copy across layouts); written by the agent */
+	STAT_CT_ORPHAN_SYN,       /* a SYN met an open flow whose reply entry is gone (evicted, or left behind by a copy across layouts): the flow is opened anew instead of followed */
 	STAT_COUNT_,
 };
 

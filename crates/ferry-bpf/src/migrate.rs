@@ -24,7 +24,8 @@ pub struct Carried {
     pub map: String,
     /// Entries written into the table of confirmed flows (`ferry_ct`).
     pub confirmed: u64,
-    /// Entries written into the table of unconfirmed flows (`ferry_ct_new`).
+    /// Entries written into the table of unconfirmed flows (`ferry_ct_new`):
+    /// unconfirmed flows, and confirmed ones whose other entry was gone.
     pub unconfirmed: u64,
     /// Entries of confirmed flows written into `ferry_ct_new` instead, because
     /// `ferry_ct` was full (the datapath does the same: `ct_confirm_full`).
@@ -268,9 +269,13 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
         let pk = partner_key(&k, v);
         let pkb = bytes(&pk).to_vec();
         done.insert(kb.clone());
-        // A flow whose other entry was evicted is copied as it is: the old
-        // datapath served it that way too.
+        // A flow whose other entry was evicted is copied as it is (the old
+        // datapath served it that way too), but into ferry_ct_new: in
+        // ferry_ct, which never evicts, the datapath would keep it for as
+        // long as packets refresh it (a SYN reusing its tuple opens it anew,
+        // `ct_orphan_syn`, but nothing else would end it).
         let mut flow = vec![(kb.clone(), *v)];
+        let orphan = pkb != *kb && !entries.contains_key(&pkb);
         if let Some(pv) = entries.get(&pkb)
             && pkb != *kb
         {
@@ -315,7 +320,7 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
         }
         let how = if late { MapFlags::NO_EXIST } else { MapFlags::ANY };
         let n = live.len() as u64;
-        if table_for(flags) == Table::Confirmed {
+        if table_for(flags) == Table::Confirmed && !orphan {
             let mut written = Vec::new();
             for (k, v) in &live {
                 if ct.update(k, bytes(v), how).is_err() {

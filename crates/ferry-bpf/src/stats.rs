@@ -70,6 +70,7 @@ pub const NAMES: &[&str] = &[
     "ct_adopted",
     "ct_mirrored",
     "ct_stranded",
+    "ct_orphan_syn",
 ];
 
 #[cfg(test)]
