@@ -90,9 +90,32 @@ impl RefusedObject {
 
 /// Where the agent leaves its refused objects for `ferry status` (bpffs holds no regular files).
 pub fn refused_path(pin_dir: &Path) -> PathBuf {
+    run_file(pin_dir, "refused")
+}
+
+/// `/run/ferry/<what><pin_dir as a tag>.json`: what the agent on `pin_dir` leaves for `ferry status`.
+fn run_file(pin_dir: &Path, what: &str) -> PathBuf {
     let tag: String =
         pin_dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    PathBuf::from("/run/ferry").join(format!("refused{tag}.json"))
+    PathBuf::from("/run/ferry").join(format!("{what}{tag}.json"))
+}
+
+/// The `acceleration` the agent installed with, and the devices `best-effort`
+/// left to tc with why (the pinned links show what is attached, not what was asked).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccelerationRecord {
+    pub acceleration: String,
+    pub fallbacks: Vec<ferry_bpf::acceleration::Fallback>,
+}
+
+/// Where the agent leaves its [`AccelerationRecord`].
+pub fn acceleration_path(pin_dir: &Path) -> PathBuf {
+    run_file(pin_dir, "acceleration")
+}
+
+/// The record the agent on `pin_dir` wrote at its last install (None: none, or an older agent).
+pub fn read_acceleration(pin_dir: &Path) -> Option<AccelerationRecord> {
+    std::fs::read_to_string(acceleration_path(pin_dir)).ok().and_then(|t| serde_json::from_str(&t).ok())
 }
 
 /// The refused objects the agent on `pin_dir` last wrote (empty if none or no agent).
@@ -404,6 +427,20 @@ fn install_datapath(o: &InstallOverrides, settings: &Settings, reinstall: bool) 
         match ferry_bpf::Maps::open(&opts.pin_dir) {
             Ok(m) => maps = Some(m),
             Err(e) => tracing::warn!("datapath counters will be missing from /metrics: {e}"),
+        }
+    }
+    if installed.datapath == "bpf" {
+        let record = AccelerationRecord {
+            acceleration: settings.node.acceleration.to_string(),
+            fallbacks: installed.xdp_fallbacks.clone(),
+        };
+        let path = acceleration_path(&opts.pin_dir);
+        let text = serde_json::to_string_pretty(&record).unwrap_or_default();
+        if let Err(e) = std::fs::create_dir_all("/run/ferry").and_then(|()| std::fs::write(&path, text)) {
+            tracing::warn!(
+                "`ferry status` will not show why a device runs without XDP: writing {}: {e}",
+                path.display()
+            );
         }
     }
     let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();

@@ -66,6 +66,7 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             let _lock = crate::pin_lock::lock(&dir)?;
             // The agent's list of refused objects for `ferry status` goes with the datapath.
             let _ = std::fs::remove_file(crate::agent::sync::refused_path(&dir));
+            let _ = std::fs::remove_file(crate::agent::sync::acceleration_path(&dir));
             ferry_bpf::uninstall(&dir)?
         }
     };
