@@ -311,7 +311,9 @@ fn dsr_tunnels_at_xdp() {
 /// restarted agent adopts the pinned maps and swaps the program inside the
 /// pinned XDP link, and the connection keeps answering from b21 at XDP.
 /// Then `acceleration: disabled` detaches the XDP program, and the same
-/// connection goes on through tc.
+/// connection goes on through tc; `best-effort` with a second uplink that has
+/// no native XDP (a bridge) attaches to eth0 again and leaves the bridge to tc.
+/// `ferry status` and `--verify` are checked at each stage.
 #[test]
 fn an_agent_restart_keeps_a_flow_handled_at_xdp() {
     use std::io::{BufRead, BufReader, Write};
@@ -385,4 +387,28 @@ fn an_agent_restart_keeps_a_flow_handled_at_xdp() {
     let a = moved(&a0, &counters(&lab, NODE_A));
     assert!(a.get("pkt_forward").copied().unwrap_or(0) >= 1, "tc carries the flow now: {a:?}");
     assert_eq!(a.get("xdp_forward"), None, "{a:?}");
+
+    // best-effort with a second uplink whose driver has no native XDP (a
+    // bridge): eth0 runs XDP again, the bridge tc only, and status says why.
+    lab.ip(At::Node(NODE_A), &["link", "add", "ferry-nox0", "type", "bridge"]).unwrap();
+    lab.ip(At::Node(NODE_A), &["link", "set", "ferry-nox0", "up"]).unwrap();
+    lab.write_node_config(NODE_A, &extra.replace("acceleration: disabled", "acceleration: best-effort")).unwrap();
+    let config = std::fs::read_to_string(&lab.nodes[NODE_A].config).unwrap();
+    let two = config.replace("devices: [eth0]", "devices: [eth0, ferry-nox0]");
+    assert_ne!(config, two, "the lab's node config names its uplink as expected:\n{config}");
+    std::fs::write(&lab.nodes[NODE_A].config, two).unwrap();
+    lab.kill_agent(NODE_A).unwrap();
+    lab.start_agent(NODE_A).unwrap_or_else(|e| panic!("restarting node-a's agent: {e:#}"));
+    let (code, out) = status(&lab, false);
+    let line = |dev: &str| out.lines().find(|l| l.trim_start().starts_with(dev)).unwrap_or_default().to_string();
+    assert!(code == 0 && out.contains("acceleration best-effort (the agent's node config)"), "{out}");
+    assert!(line("eth0 ").contains(&format!("XDP native, program {} (link", xdp_prog_id(&lab))), "{out}");
+    let bridge = line("ferry-nox0 ");
+    assert!(bridge.contains("tc only: best-effort fell back (") && bridge.contains("driver mode"), "{out}");
+    let (code, out) = status(&lab, true);
+    assert_eq!(code, 0, "best-effort's recorded fallback is no drift:\n{out}");
+    let a0 = counters(&lab, NODE_A);
+    assert_eq!(exchange(false), Ok("b21".into()), "with best-effort\n{}", diag(&lab));
+    let a = moved(&a0, &counters(&lab, NODE_A));
+    assert!(a.get("xdp_forward").copied().unwrap_or(0) >= 1, "XDP carries the flow again: {a:?}");
 }
