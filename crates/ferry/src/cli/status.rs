@@ -24,7 +24,8 @@ pub struct StatusArgs {
     pub json: bool,
     /// Compare the pinned maps with the Plan the agent would program from
     /// --manifests and the node config, and list every difference (missing,
-    /// extra, wrong or orphaned entries). Exit code 0: equal; 1: they differ;
+    /// extra, wrong or orphaned entries; also XDP links the node config's
+    /// `acceleration` lacks or does not want). Exit code 0: equal; 1: they differ;
     /// 2: could not compare. Run it on the node (its network namespace), with
     /// the agent's own flags; while the agent runs, a change it has not synced
     /// yet shows as a difference.
