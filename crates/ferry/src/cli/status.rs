@@ -163,6 +163,10 @@ pub fn masquerade_line(d: &MapDump) -> String {
 /// XDP acceleration per device, from the pinned links and the agent's record
 /// (what it asked for, and why `best-effort` left a device to tc).
 pub fn acceleration_lines(devs: &[DeviceXdp], record: Option<&AccelerationRecord>) -> Vec<String> {
+    if devs.is_empty() {
+        let setting = record.map_or(String::new(), |r| format!(" {}", r.acceleration));
+        return vec![format!("acceleration{setting}: no external devices")];
+    }
     let mut out = vec![match record {
         Some(r) => format!("acceleration {} (the agent's node config), per external device:", r.acceleration),
         None => {
@@ -419,4 +423,47 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
 struct Plain {
     pin_dir: PathBuf,
     json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_bpf::acceleration::{Fallback, XdpLink};
+
+    fn record(acceleration: &str, fallbacks: &[(&str, &str)]) -> AccelerationRecord {
+        AccelerationRecord {
+            acceleration: acceleration.into(),
+            fallbacks: fallbacks
+                .iter()
+                .map(|(d, r)| Fallback { device: d.to_string(), reason: r.to_string() })
+                .collect(),
+        }
+    }
+
+    fn dev(name: &str, xdp: Option<XdpLink>) -> DeviceXdp {
+        DeviceXdp { device: name.into(), external: true, xdp }
+    }
+
+    #[test]
+    fn acceleration_lines_name_each_device_state() {
+        let link = |mode| Some(XdpLink { link_id: 4, program_id: 40, ifindex: 2, mode });
+        let devs = [
+            dev("eth0", link(Some(XdpMode::Native))),
+            dev("eth1", None),
+            dev("eth2", link(None)),
+            dev("eth3", Some(XdpLink { ifindex: 0, ..link(None).unwrap() })),
+        ];
+        let r = record("best-effort", &[("eth1", "Operation not supported")]);
+        let lines = acceleration_lines(&devs, Some(&r));
+        assert_eq!(lines[0], "acceleration best-effort (the agent's node config), per external device:");
+        assert_eq!(lines[1], "  eth0  XDP native, program 40 (link 4)");
+        assert_eq!(lines[2], "  eth1  tc only: best-effort fell back (Operation not supported)");
+        assert!(lines[3].starts_with("  eth2  XDP attached in driver mode, program 40 (link 4; the device is not in"));
+        assert_eq!(lines[4], "  eth3  XDP link 4 detached (its device went away); tc only");
+        let native = acceleration_lines(&devs[1..2], Some(&record("native", &[])));
+        assert_eq!(native[1], "  eth1  tc only: NO XDP program although acceleration is native (see --verify)");
+        assert_eq!(acceleration_lines(&devs[1..2], Some(&record("disabled", &[])))[1], "  eth1  tc only");
+        assert!(acceleration_lines(&devs[..1], None)[0].contains("no record"));
+        assert_eq!(acceleration_lines(&[], Some(&record("native", &[]))), ["acceleration native: no external devices"]);
+    }
 }
