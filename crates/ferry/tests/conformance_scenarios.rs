@@ -94,6 +94,29 @@ fn ferry_scenarios_pass_on_the_bpf_datapath_with_xdp_native_in_dsr_mode() {
     scenarios_pass_with_xdp(FERRY, "dsr");
 }
 
+/// The scenario whose outside client holds a connection to another node's
+/// endpoint across an agent restart is carried at XDP, not only passed by
+/// it: the node under test's counters (printed by the runner's
+/// FERRY_CONFORMANCE_AGENT_LOG dump) show XDP balancing new flows and
+/// forwarding (snat) or tunnelling (dsr) their packets.
+#[test]
+fn an_outside_clients_scenario_is_carried_at_xdp() {
+    let path = format!("{}/../../acceptance/{FERRY}", env!("CARGO_MANIFEST_DIR"));
+    for (lb_mode, sent) in [("snat", "xdp_forward="), ("dsr", "xdp_dsr_encap=")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["conformance", "--datapath", "bpf", "--acceleration", "native", "--lb-mode", lb_mode])
+            .args(["--only", "another node's endpoint", "--scenarios", &path])
+            .env("FERRY_CONFORMANCE_AGENT_LOG", "1")
+            .output()
+            .expect("running ferry conformance --scenarios");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.ends_with(" passed, 0 failed\n"), "{lb_mode}:\n{stdout}\n{stderr}");
+        let counters = stderr.lines().find(|l| l.starts_with("--- datapath counters of the node under test:"));
+        let counters = counters.unwrap_or_else(|| panic!("{lb_mode}: no counter dump:\n{stderr}"));
+        assert!(counters.contains("xdp_new_flow=") && counters.contains(sent), "{lb_mode}: {counters}");
+    }
+}
+
 #[test]
 fn kube_proxy_scenarios_pass_on_the_bpf_datapath_with_xdp_native() {
     scenarios_pass_with_xdp(KUBE_PROXY, "snat");
