@@ -113,7 +113,14 @@ pub fn acceleration_path(pin_dir: &Path) -> PathBuf {
     run_file(pin_dir, "acceleration")
 }
 
-/// The record the agent on `pin_dir` wrote at its last install (None: none, or an older agent).
+/// Removes what the agent on `pin_dir` left in /run/ferry (with its datapath).
+pub fn remove_run_files(pin_dir: &Path) {
+    let _ = std::fs::remove_file(refused_path(pin_dir));
+    let _ = std::fs::remove_file(acceleration_path(pin_dir));
+}
+
+/// The record the agent on `pin_dir` wrote at its last install (None: none
+/// (acceleration disabled), or an older agent).
 pub fn read_acceleration(pin_dir: &Path) -> Option<AccelerationRecord> {
     std::fs::read_to_string(acceleration_path(pin_dir)).ok().and_then(|t| serde_json::from_str(&t).ok())
 }
@@ -429,12 +436,13 @@ fn install_datapath(o: &InstallOverrides, settings: &Settings, reinstall: bool) 
             Err(e) => tracing::warn!("datapath counters will be missing from /metrics: {e}"),
         }
     }
-    if installed.datapath == "bpf" {
+    // Only while accelerating: disabled, no file (none left behind by the many short-lived agents of a lab).
+    let path = acceleration_path(&opts.pin_dir);
+    if installed.datapath == "bpf" && settings.node.acceleration != ferry_model::Acceleration::Disabled {
         let record = AccelerationRecord {
             acceleration: settings.node.acceleration.to_string(),
             fallbacks: installed.xdp_fallbacks.clone(),
         };
-        let path = acceleration_path(&opts.pin_dir);
         let text = serde_json::to_string_pretty(&record).unwrap_or_default();
         if let Err(e) = std::fs::create_dir_all("/run/ferry").and_then(|()| std::fs::write(&path, text)) {
             tracing::warn!(
@@ -442,6 +450,10 @@ fn install_datapath(o: &InstallOverrides, settings: &Settings, reinstall: bool) 
                 path.display()
             );
         }
+    } else if let Err(e) = std::fs::remove_file(&path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("removing {}: {e}", path.display());
     }
     let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
     let line = format!(

@@ -164,11 +164,13 @@ pub fn masquerade_line(d: &MapDump) -> String {
 /// (what it asked for, and why `best-effort` left a device to tc).
 pub fn acceleration_lines(devs: &[DeviceXdp], record: Option<&AccelerationRecord>) -> Vec<String> {
     if devs.is_empty() {
-        let setting = record.map_or(String::new(), |r| format!(" {}", r.acceleration));
+        let setting = record.map_or(" disabled".to_string(), |r| format!(" {}", r.acceleration));
         return vec![format!("acceleration{setting}: no external devices")];
     }
+    // The agent records its setting only while it accelerates.
     let mut out = vec![match record {
         Some(r) => format!("acceleration {} (the agent's node config), per external device:", r.acceleration),
+        None if devs.iter().all(|d| d.xdp.is_none()) => "acceleration disabled, per external device:".to_string(),
         None => {
             "acceleration: the agent left no record of its setting (/run/ferry); per device, from the pinned links:"
                 .to_string()
@@ -462,8 +464,10 @@ mod tests {
         assert_eq!(lines[4], "  eth3  XDP link 4 detached (its device went away); tc only");
         let native = acceleration_lines(&devs[1..2], Some(&record("native", &[])));
         assert_eq!(native[1], "  eth1  tc only: NO XDP program although acceleration is native (see --verify)");
-        assert_eq!(acceleration_lines(&devs[1..2], Some(&record("disabled", &[])))[1], "  eth1  tc only");
-        assert!(acceleration_lines(&devs[..1], None)[0].contains("no record"));
+        let off = acceleration_lines(&devs[1..2], None);
+        assert_eq!(off, ["acceleration disabled, per external device:", "  eth1  tc only"]);
+        assert!(acceleration_lines(&devs[..1], None)[0].contains("no record"), "links without a record");
+        assert_eq!(acceleration_lines(&[], None), ["acceleration disabled: no external devices"]);
         assert_eq!(acceleration_lines(&[], Some(&record("native", &[]))), ["acceleration native: no external devices"]);
     }
 }
