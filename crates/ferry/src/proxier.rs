@@ -84,6 +84,8 @@ pub struct Started {
     pub devices: Vec<ferry_bpf::AttachedDevice>,
     /// External devices whose XDP program is attached (`acceleration`).
     pub accelerated: Vec<String>,
+    /// `best-effort`: external devices left to tc, and why.
+    pub xdp_fallbacks: Vec<ferry_bpf::acceleration::Fallback>,
 }
 
 /// One node's proxy: the Plan, and the datapath that carries it out.
@@ -164,6 +166,7 @@ impl Proxier {
                     links_attached: installed.links_attached,
                     devices: installed.devices,
                     accelerated: installed.accelerated.clone(),
+                    xdp_fallbacks: installed.xdp_fallbacks.clone(),
                 };
                 (
                     Backend::Bpf(Box::new(BpfBackend {
