@@ -91,6 +91,7 @@ enum ferry_stat {
 	STAT_CT_MIRRORED,         /* a downgrade's link switch: a new flow also written into the older layout's rebuilt conntrack table */
 	STAT_CT_STRANDED,         /* entries the agent removed because their flow's other entry belongs to another flow (left by a copy across layouts); written by the agent */
 	STAT_CT_ORPHAN_SYN,       /* a SYN met an open flow whose reply entry is gone (evicted, or left behind by a copy across layouts): the flow is opened anew instead of followed */
+	STAT_CT_REOPENED,         /* while the links switch: this side's copy of a flow gave way to the other build's table, which holds the flow with another translation (ct_reopened) */
 	STAT_COUNT_,
 };
 

@@ -71,6 +71,7 @@ pub const NAMES: &[&str] = &[
     "ct_mirrored",
     "ct_stranded",
     "ct_orphan_syn",
+    "ct_reopened",
 ];
 
 #[cfg(test)]
