@@ -186,8 +186,7 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 		return drop_packet(STAT_DROP_REWRITE);
 	/* DSR: a local endpoint's SYN-ACK to a client whose address was kept (dsr.h). */
 	if (dir == CT_REPLY && (cfg->flags & CFG_DSR_ANY) && p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN) &&
-	    p->family == FAM_V4 && !(v_flags & CT_SNAT) && !lb_in_range(RANGE_POD, FAM_V4, p->dst) &&
-	    dsr_clamp_mss(skb, p) < 0)
+	    !(v_flags & CT_SNAT) && !lb_in_range(RANGE_POD, p->family, p->dst) && dsr_clamp_mss(skb, p) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_PKT_FORWARD);
 	return deliver(skb, p, hook);
@@ -265,7 +264,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	/* DSR: a remote backend's node answers the client itself (dsr.h); a
 	 * backend whose node is unknown is reached by SNAT, as in snat mode. */
 	if (hook == HOOK_FROM_NETDEV && !(be->flags & BE_LOCAL) && !addr_eq(p->src, bdst) &&
-	    dsr_wanted(cfg, p, fe->kind, class) && dsr_pick(bdst[0], bport, id, service))
+	    dsr_wanted(cfg, p, fe->kind, class) && dsr_pick(p->family, bdst, bport, id, service))
 		return RC_DSR;
 	/* A port change rewrites SCTP's CRC32c from the packet's length, which a first fragment
 	 * tells only when it comes back from the defrag loop (none on this node, or it failed). */
@@ -306,15 +305,16 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
  * set. Tracked like any flow without SNAT, so the reply entry sends the
  * pod's replies from the frontend straight to the client. */
 static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
-						    __be16 tag)
+						    __u32 tag)
 {
 	__u64 now = bpf_ktime_get_ns();
-	struct fe_key k = { .port = p->dport, .proto = p->proto, .family = FAM_V4 };
+	struct fe_key k = { .port = p->dport, .proto = p->proto, .family = p->family };
 
-	k.addr[0] = p->dst[0];
+	__builtin_memcpy(k.addr, p->dst, 16);
 	struct fe_val *fe = bpf_map_lookup_elem(&ferry_frontends, &k);
 	if (!fe) {
-		k.addr[0] = 0; /* a NodePort, on the balancing node's address */
+		/* a NodePort, on the balancing node's address */
+		__builtin_memset(k.addr, 0, sizeof(k.addr));
 		fe = bpf_map_lookup_elem(&ferry_frontends, &k);
 	}
 	if (!fe || fe->kind == FE_CLUSTER_IP || fe->kind == FE_CLUSTER_IP_ANY_PORT)
@@ -323,7 +323,7 @@ static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struc
 	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
 	if (!svc)
 		return drop_packet(STAT_DROP_NO_ENDPOINT);
-	__u32 id = dsr_local_endpoint(service, svc, tag);
+	__u32 id = dsr_local_endpoint(service, svc, p->family, tag);
 	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
 	if (!id)
 		stat_inc(STAT_DSR_ENDPOINT_FALLBACK);
@@ -340,7 +340,7 @@ static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struc
 		id = lb_pick(service, svc, SET_LOCAL, &aff);
 		be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
 	}
-	if (!be || be->family != FAM_V4 || !(be->flags & BE_LOCAL))
+	if (!be || be->family != p->family || !(be->flags & BE_LOCAL))
 		return drop_packet(STAT_DROP_NO_ENDPOINT);
 	__u32 bdst[4];
 	__builtin_memcpy(bdst, be->addr, 16);
@@ -349,7 +349,7 @@ static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struc
 	__u32 ifindex = fwd_egress(skb, p, bdst, &local);
 	if (!ifindex)
 		return drop_packet(STAT_DROP_NO_ROUTE);
-	if (!note_peer(FAM_V4, bdst))
+	if (!note_peer(p->family, bdst))
 		return drop_packet(STAT_DROP_PEERS_FULL);
 	__u32 why = STAT_DROP_CT_INSERT;
 	__be16 nsport = ct_create(p, cfg, p->src, p->sport, bdst, bport, 0, service, id, now, &why);
@@ -414,16 +414,17 @@ static __attribute__((noinline)) int handle_new(struct __sk_buff *skb, struct pk
  * inner packet names the frontend on the other node, which the fast path
  * would pass on, and never is a fragment (dsr_wanted): none of the steps
  * of `handle` but these two apply. */
-static __attribute__((noinline)) int from_tunnel(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
+static __attribute__((noinline)) int from_tunnel(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+						 __u8 family)
 {
-	__be16 tag = dsr_carried_tag(skb);
+	__u32 tag = dsr_carried_tag(skb, family);
 
-	if (dsr_decap(skb) < 0)
+	if (dsr_decap(skb, family) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_DSR_DECAP);
 	if (!parse(skb, p))
 		return TC_ACT_OK;
-	if (p->frag != FRAG_NONE)
+	if (p->frag != FRAG_NONE || p->family != family)
 		return drop_packet(STAT_DROP_UNSUPPORTED);
 	int rc = handle_tracked(skb, p, cfg, HOOK_FROM_TUNNEL, 1);
 	return rc >= 0 ? rc : tunnelled_flow(skb, p, cfg, tag);
@@ -481,8 +482,11 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 	if (!cfg)
 		return TC_ACT_OK;
 	/* DSR: another node's tunnel to one of our endpoints (dsr.h). */
-	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY) && dsr_is_tunnelled(skb))
-		return from_tunnel(skb, &p, cfg);
+	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY)) {
+		int tunnel = dsr_is_tunnelled(skb);
+		if (tunnel != DSR_TUNNEL_NONE)
+			return from_tunnel(skb, &p, cfg, tunnel == DSR_TUNNEL_V4 ? FAM_V4 : FAM_V6);
+	}
 	enum glance glance = glance_at(skb, cfg, hook);
 	/* Back from the defrag loop (mark cleared here): never sent into it again. */
 	int back = loop_back(skb);
@@ -490,7 +494,7 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 		return TC_ACT_OK;
 	/* DSR: a flow this node tunnels goes on the same way (dsr.h). Its
 	 * packets are sent to a frontend address (ferry_addrs). */
-	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY) && p.family == FAM_V4 && has_ports(p.proto) &&
+	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY) && has_ports(p.proto) &&
 	    (glance == GLANCE_TO_ADDR || !(cfg->flags & CFG_FAST_PASS))) {
 		int rc = dsr_tracked(skb, &p, cfg);
 		if (rc >= 0)
@@ -628,7 +632,7 @@ static __always_inline int xdp_dsr_new(struct xdp_md *ctx, struct pkt *p, const 
 	s->dsr.service = service;
 	s->dsr.backend_addr = backend_addr;
 	s->dsr.backend_port = backend_port;
-	if (dsr_record(s, p, cfg, out->src[0]) < 0)
+	if (dsr_record(s, p, cfg, out->src) < 0)
 		return xdp_pass(STAT_XDP_PASS_TC);
 	out->via = via;
 	out->outer_src = out->src[0];
@@ -675,6 +679,9 @@ __attribute__((noinline)) int xdp_new(struct xdp_md *ctx, struct pkt *p, const s
 	__builtin_memcpy(out->dst, be->addr, 16);
 	out->dport = be->port;
 	if (dsr_wanted(cfg, p, fe->kind, class)) {
+		/* XDP tunnels IPv4 only (xdp_send_dsr): tc carries an IPv6 DSR flow. */
+		if (p->family != FAM_V4)
+			return xdp_pass(STAT_XDP_PASS_TC);
 		__u32 via = dsr_tunnel_of(out->dst[0]);
 		if (via)
 			return xdp_dsr_new(ctx, p, cfg, via, id, service, out);

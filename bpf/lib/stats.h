@@ -70,12 +70,12 @@ enum ferry_stat {
 	STAT_LOOP_SCTP_LEN,       /* the defrag loop noted a reassembled SCTP packet's length (for its CRC32c correction) */
 	/* Direct Server Return (issue 14, dsr.h). */
 	STAT_DSR_NEW_FLOW,        /* an outside connection to a remote backend tunnelled to the backend's node (DSR) */
-	STAT_DSR_ENCAP,           /* packets tunnelled (IPIP) to a backend's node, first ones included */
+	STAT_DSR_ENCAP,           /* packets tunnelled (IPIP, IPv6 in IPv6) to a backend's node, first ones included */
 	STAT_DSR_DECAP,           /* tunnelled packets taken out of their outer header on the backend's node */
 	STAT_DSR_NO_TUNNEL,       /* a DSR candidate whose backend's node is unknown (no ferry_tunnels entry): SNAT instead */
-	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the 20-byte outer header */
-	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60) */
-	STAT_DSR_ENDPOINT_FALLBACK, /* a tunnelled new flow whose carried endpoint (outer IPv4 Identification) names no unique local endpoint of its service: chosen among them here */
+	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the outer header (20 bytes, IPv6 40) and could not be answered */
+	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60, IPv6 MTU - 100) */
+	STAT_DSR_ENDPOINT_FALLBACK, /* a tunnelled new flow whose carried endpoint (outer IPv4 Identification, IPv6 flow label) names no unique local endpoint of its service: chosen among them here */
 	STAT_DSR_FRAG_NEEDED,     /* a DSR packet too big for the tunnel, sent with DF: answered with ICMP "fragmentation needed" (MTU - 20) so its sender makes the next ones fit */
 	/* XDP acceleration (issue 14, xdp.h): what the XDP program did with a
 	 * packet sent to an address ferry serves. Drops are never made at XDP:
@@ -89,6 +89,8 @@ enum ferry_stat {
 	/* Upgrades and downgrades across map layouts (ct.h). */
 	STAT_CT_ADOPTED,          /* an upgrade's link switch: a flow the outgoing programs created in the retired conntrack table, found there by the incoming ones and moved into ferry_ct_new */
 	STAT_CT_MIRRORED,         /* a downgrade's link switch: a new flow also written into the older layout's rebuilt conntrack table */
+	/* IPv6 Direct Server Return (issue 14, dsr.h). */
+	STAT_DSR_PKT_TOO_BIG,     /* an IPv6 DSR packet too big for the tunnel: answered with ICMPv6 "packet too big" (MTU - 40) so its sender makes the next ones fit */
 	STAT_COUNT_,
 };
 

@@ -69,6 +69,7 @@ pub const NAMES: &[&str] = &[
     "xdp_pass_fib",
     "ct_adopted",
     "ct_mirrored",
+    "dsr_pkt_too_big",
 ];
 
 #[cfg(test)]
