@@ -416,7 +416,8 @@ mod tests {
         let dsr6 = ["ferry_tunnels6", "ferry_dsr6"];
         let with_dsr6 = |v: &[&str]| names(&[v, &dsr6[..]].concat());
         let down = plan_downgrade(Some(6), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
-        let retire = with_dsr6(&["ferry_stats", "ferry_ct_new", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
+        let retire =
+            with_dsr6(&["ferry_stats", "ferry_ct_new", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
         assert_eq!(
             down,
             Downgrade::Convert {

@@ -525,9 +525,7 @@ impl Maps {
                 None => Ok(()),
             },
             MapOp::PutTunnel6(kv) => match &self.tunnels6 {
-                Some(m) => {
-                    put(m, "ferry_tunnels6", bytes(&enc_tunnel6(&kv.0)), bytes(&t::tunnel6_val { addr: kv.1 }))
-                }
+                Some(m) => put(m, "ferry_tunnels6", bytes(&enc_tunnel6(&kv.0)), bytes(&t::tunnel6_val { addr: kv.1 })),
                 None => Err(MapError::Missing { map: "ferry_tunnels6" }),
             },
             MapOp::DelTunnel6(k) => match &self.tunnels6 {
@@ -689,31 +687,31 @@ impl Maps {
     /// none on a datapath of layout 3 or older, no IPv6 one before 6).
     pub fn dsr_entries(&self) -> Vec<crate::stale::DsrEntry> {
         let v4 = self.dsr.iter().flat_map(|m| m.entries()).map(|(k, v)| crate::stale::DsrEntry {
-                src: k.src,
-                dst: k.dst,
-                sport: u16::from_be(k.sport),
-                dport: u16::from_be(k.dport),
-                proto: k.proto,
-                family: k.family,
-                service: v.service,
-                backend: v.backend,
-                backend_addr: [v.backend_addr, 0, 0, 0],
-                backend_port: u16::from_be(v.backend_port),
-                expires_ns: v.expires_ns,
-            });
+            src: k.src,
+            dst: k.dst,
+            sport: u16::from_be(k.sport),
+            dport: u16::from_be(k.dport),
+            proto: k.proto,
+            family: k.family,
+            service: v.service,
+            backend: v.backend,
+            backend_addr: [v.backend_addr, 0, 0, 0],
+            backend_port: u16::from_be(v.backend_port),
+            expires_ns: v.expires_ns,
+        });
         let v6 = self.dsr6.iter().flat_map(|m| m.entries()).map(|(k, v)| crate::stale::DsrEntry {
-                src: k.src,
-                dst: k.dst,
-                sport: u16::from_be(k.sport),
-                dport: u16::from_be(k.dport),
-                proto: k.proto,
-                family: k.family,
-                service: v.service,
-                backend: v.backend,
-                backend_addr: v.backend_addr,
-                backend_port: u16::from_be(v.backend_port),
-                expires_ns: v.expires_ns,
-            });
+            src: k.src,
+            dst: k.dst,
+            sport: u16::from_be(k.sport),
+            dport: u16::from_be(k.dport),
+            proto: k.proto,
+            family: k.family,
+            service: v.service,
+            backend: v.backend,
+            backend_addr: v.backend_addr,
+            backend_port: u16::from_be(v.backend_port),
+            expires_ns: v.expires_ns,
+        });
         v4.chain(v6).collect()
     }
 

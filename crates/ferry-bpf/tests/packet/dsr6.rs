@@ -16,7 +16,9 @@
 
 use crate::dsr::{node_with, syn_ack_with_mss};
 use crate::wire::*;
-use crate::{Be, Dp, Hook, NODE6, Ran, Rig, TC_ACT_OK, TC_ACT_REDIRECT, every_class, ip, moved, nodeport, service, ttl};
+use crate::{
+    Be, Dp, Hook, NODE6, Ran, Rig, TC_ACT_OK, TC_ACT_REDIRECT, every_class, ip, moved, nodeport, service, ttl,
+};
 use ferry_bpf::MapOp;
 use ferry_bpf::entries::*;
 use std::net::{IpAddr, Ipv6Addr};
@@ -270,5 +272,28 @@ fn ip6ip6_from_a_stranger_or_in_snat_mode_is_left_alone() {
         let ran = dp.run(Hook::FromNetdev, dp.eth0, &packet);
         assert_eq!((ran.verdict, ran.out.as_slice()), (TC_ACT_OK, packet.as_slice()), "snat mode");
         assert!(ran.moved.is_empty(), "{:?}", ran.moved);
+    });
+}
+
+/// XDP tunnels IPv4 only: an IPv6 flow DSR carries is passed to tc
+/// untouched (`xdp_pass_tc`), first packet and later ones alike, and tc
+/// tunnels it; nothing at XDP balanced it another way (no `xdp_new_flow`).
+#[test]
+fn xdp_passes_an_ipv6_dsr_flow_to_tc() {
+    let rig = Rig::new();
+    rig.neighbours();
+    rig.run(&balancing(CFG_DSR_TCP | CFG_DSR_DGRAM), |dp: &Dp| {
+        for (i, flags, tc_moved) in
+            [(0, 0x02, moved(&[("dsr_new_flow", 1), ("dsr_encap", 1)])), (1, 0x18, moved(&[("dsr_encap", 1)]))]
+        {
+            let l4 = tcp(41000, NP_TCP, flags, b"GET /");
+            let sent = client_frame(&l4, 64);
+            let ran = dp.xdp(&sent);
+            assert_eq!((ran.verdict, ran.out.as_slice()), (2, sent.as_slice()), "packet {i}: XDP_PASS, untouched");
+            assert_eq!(ran.moved, moved(&[("xdp_pass_tc", 1)]), "packet {i}");
+            let ran = dp.run(Hook::FromNetdev, dp.eth0, &sent);
+            assert_tunnelled(&ran, &l4, &format!("packet {i} at tc"));
+            assert_eq!(ran.moved, tc_moved, "packet {i} at tc");
+        }
     });
 }

@@ -337,7 +337,11 @@ pub fn check_ip6ip6(frame: &[u8]) -> (Outer6, Vec<u8>) {
     let l3 = &frame[14..];
     let first = u32::from_be_bytes([l3[0], l3[1], l3[2], l3[3]]);
     assert_eq!(first >> 28, 6, "outer header: IPv6");
-    assert_eq!(usize::from(u16::from_be_bytes([l3[4], l3[5]])) + 40, l3.len(), "outer payload length against the frame");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([l3[4], l3[5]])) + 40,
+        l3.len(),
+        "outer payload length against the frame"
+    );
     assert_eq!(l3[6], 41, "outer next header: IPv6");
     let s: [u8; 16] = l3[8..24].try_into().unwrap();
     let d: [u8; 16] = l3[24..40].try_into().unwrap();
