@@ -268,6 +268,53 @@ mod tests {
         }
     }
 
+    /// IPv6: an outside client's connection to a dual-stack NodePort on the
+    /// node's IPv6 address is carried by DSR through node-b's IPv6 address,
+    /// and `explain` says so, naming the tunnel IPv6 in IPv6.
+    #[test]
+    fn explain_says_dsr_carries_an_ipv6_flow_through_the_nodes_ipv6_address() {
+        use crate::explain::{Flow, Verdict, explain};
+        use crate::{ClusterState, NodeConfig, StateChange, build_plan};
+        use serde_json::json;
+        let mut s = ClusterState::default();
+        let svc = json!({"metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00:96::20"],
+                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]}});
+        s.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap())));
+        let slice = json!({"metadata": {"name": "web-6", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv6", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["fd00:244:2::21"], "nodeName": "node-b"}]});
+        s.apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+        let node = json!({"metadata": {"name": "node-b"}, "spec": {"podCIDRs": ["10.244.2.0/24", "fd00:244:2::/64"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.11"},
+                                     {"type": "InternalIP", "address": "fd00:50::b"}]}});
+        s.apply(StateChange::NodeApplied(Box::new(serde_json::from_value(node).unwrap())));
+        let cfg = NodeConfig {
+            node_name: "node-a".into(),
+            node_ips: vec![ip("192.168.50.10"), ip("fd00:50::a")],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap(), "fd00:244::/32".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()],
+            load_balancing: LoadBalancingMode::Dsr,
+            ..Default::default()
+        };
+        let flow = Flow {
+            src: ip("2001:db8::10"),
+            dst: ip("fd00:50::a"),
+            port: 30080,
+            protocol: Protocol::Tcp,
+            in_interface: None,
+        };
+        let plan = build_plan(&s, &cfg);
+        let e = explain(&plan, &flow);
+        let text = e.to_string();
+        let Verdict::Endpoints(c) = e.verdict else { panic!("no endpoints: {text}") };
+        assert_eq!(c.len(), 1, "{text}");
+        assert_eq!(c[0].carrier, Some(Carrier::Dsr { node: "node-b".into(), via: ip("fd00:50::b") }), "{text}");
+        assert!(!c[0].masquerade, "{text}");
+        assert!(text.contains("DSR, tunnelled (IPv6 in IPv6) to node-b at fd00:50::b"), "{text}");
+    }
+
     /// Table: (mode, frontend, source, protocol, backend, local) -> carried how.
     #[test]
     fn which_mode_carries_a_flow() {
