@@ -21,6 +21,8 @@ use crate::{
 };
 use ferry_bpf::MapOp;
 use ferry_bpf::entries::*;
+use ferry_bpf::stale::{Serving, stale_udp_dsr_flows};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 
 const CLIENT: &str = "2001:db8:100::7";
@@ -132,6 +134,14 @@ fn dsr6_tunnels_a_new_flow_and_the_rest_of_it() {
         for e in &held {
             assert_eq!((e.family, e.backend_addr), (FAM_V6, words(&ip(REMOTE_POD))), "{e:?}");
         }
+        // The stale-flow rule reaches ferry_dsr6: the UDP flow to an endpoint
+        // no longer serving is deleted, and its next datagram is a new flow.
+        let serving = HashMap::from([(2, Serving::Endpoints(BTreeSet::from([(words(&ip("fd00:244:2::6")), 5353)])))]);
+        let stale = stale_udp_dsr_flows(&held, &serving);
+        assert_eq!(stale.len(), 1, "{stale:?}");
+        assert_eq!(dp.maps.delete_dsr(&stale), 1);
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_frame(&dgram, 64));
+        assert_eq!(ran.moved, moved(&[("dsr_new_flow", 1), ("dsr_encap", 1)]), "balanced anew once purged");
     });
 }
 
