@@ -555,18 +555,33 @@ __attribute__((noinline)) int xdp_dsr_tracked(struct xdp_md *ctx, struct pkt *p,
 		return -1;
 	__u64 now = bpf_ktime_get_ns();
 	ct_key_of(&k, p, CT_ORIGINAL);
-	struct dsr_val *v = bpf_map_lookup_elem(&ferry_dsr, &k);
+	if (p->family == FAM_V4) {
+		struct dsr_val *v = bpf_map_lookup_elem(&ferry_dsr, &k);
+		if (!v)
+			return -1;
+		if (dsr_over(v, p, now))
+			return xdp_pass(STAT_XDP_PASS_TC);
+		out->dst[0] = v->via;
+		if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR_OVERHEAD, out))
+			return xdp_pass(STAT_XDP_PASS_FIB);
+		dsr_refresh(v, p, cfg, now);
+		out->via[0] = v->via;
+		out->outer_src[0] = v->outer_src;
+		out->tag = dsr_tag_of(FAM_V4, &v->backend_addr);
+		return XDP_DO_TUNNEL;
+	}
+	struct dsr6_val *v = bpf_map_lookup_elem(&ferry_dsr6, &k);
 	if (!v)
 		return -1;
-	if (dsr_over(v, p, now))
+	if (dsr_over_(v->flags, v->expires_ns, p, now))
 		return xdp_pass(STAT_XDP_PASS_TC);
-	out->dst[0] = v->via;
-	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR_OVERHEAD, out))
+	__builtin_memcpy(out->dst, v->via, 16);
+	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR6_OVERHEAD, out))
 		return xdp_pass(STAT_XDP_PASS_FIB);
-	dsr_refresh(v, p, cfg, now);
-	out->via = v->via;
-	out->outer_src = v->outer_src;
-	out->tag = dsr_endpoint_tag(v->backend_addr);
+	dsr_refresh_(&v->flags, &v->expires_ns, p, cfg, now);
+	__builtin_memcpy(out->via, v->via, 16);
+	__builtin_memcpy(out->outer_src, v->outer_src, 16);
+	out->tag = dsr_tag_of(FAM_V6, v->backend_addr);
 	return XDP_DO_TUNNEL;
 }
 
@@ -614,29 +629,38 @@ __attribute__((noinline)) int xdp_tracked(struct xdp_md *ctx, struct pkt *p, con
 
 /* A new flow DSR carries (new_flow's RC_DSR, then dsr_new_flow), to the
  * backend `id` that out names. */
-static __always_inline int xdp_dsr_new(struct xdp_md *ctx, struct pkt *p, const struct config *cfg, __u32 via,
-				       __u32 id, __u32 service, struct xdp_out *out)
+static __always_inline int xdp_dsr_new(struct xdp_md *ctx, struct pkt *p, const struct config *cfg,
+				       const __u32 *via, __u32 id, __u32 service, struct xdp_out *out)
 {
-	__u32 zero = 0, backend_addr = out->dst[0];
+	__u32 zero = 0, backend_addr[4];
 	__be16 backend_port = out->dport;
 	struct ct_scratch *s = bpf_map_lookup_elem(&ferry_ct_scratch, &zero);
 
 	if (!s)
 		return xdp_pass(STAT_XDP_PASS_TC);
-	out->dst[0] = via;
-	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR_OVERHEAD, out))
+	__builtin_memcpy(backend_addr, out->dst, 16);
+	__builtin_memcpy(out->dst, via, 16);
+	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + dsr_overhead(p->family), out))
 		return xdp_pass(STAT_XDP_PASS_FIB);
-	fwd_snat_address(cfg, out->ifindex, FAM_V4, out->src);
-	s->dsr.via = via;
-	s->dsr.backend = id;
-	s->dsr.service = service;
-	s->dsr.backend_addr = backend_addr;
-	s->dsr.backend_port = backend_port;
+	fwd_snat_address(cfg, out->ifindex, p->family, out->src);
+	if (p->family == FAM_V4) {
+		s->dsr.via = via[0];
+		s->dsr.backend = id;
+		s->dsr.service = service;
+		s->dsr.backend_addr = backend_addr[0];
+		s->dsr.backend_port = backend_port;
+	} else {
+		__builtin_memcpy(s->dsr6.via, via, 16);
+		s->dsr6.backend = id;
+		s->dsr6.service = service;
+		__builtin_memcpy(s->dsr6.backend_addr, backend_addr, 16);
+		s->dsr6.backend_port = backend_port;
+	}
 	if (dsr_record(s, p, cfg, out->src) < 0)
 		return xdp_pass(STAT_XDP_PASS_TC);
-	out->via = via;
-	out->outer_src = out->src[0];
-	out->tag = dsr_endpoint_tag(backend_addr);
+	__builtin_memcpy(out->via, via, 16);
+	__builtin_memcpy(out->outer_src, out->src, 16);
+	out->tag = dsr_tag_of(p->family, backend_addr);
 	stat_inc(STAT_XDP_NEW_FLOW);
 	return XDP_DO_TUNNEL;
 }
@@ -679,11 +703,15 @@ __attribute__((noinline)) int xdp_new(struct xdp_md *ctx, struct pkt *p, const s
 	__builtin_memcpy(out->dst, be->addr, 16);
 	out->dport = be->port;
 	if (dsr_wanted(cfg, p, fe->kind, class)) {
-		/* XDP tunnels IPv4 only (xdp_send_dsr): tc carries an IPv6 DSR flow. */
-		if (p->family != FAM_V4)
-			return xdp_pass(STAT_XDP_PASS_TC);
-		__u32 via = dsr_tunnel_of(out->dst[0]);
-		if (via)
+		__u32 via[4] = {};
+		int known;
+		if (p->family == FAM_V4) {
+			via[0] = dsr_tunnel_of(out->dst[0]);
+			known = via[0] != 0;
+		} else {
+			known = dsr6_tunnel_of(out->dst, via);
+		}
+		if (known)
 			return xdp_dsr_new(ctx, p, cfg, via, id, service, out);
 		stat_inc(STAT_DSR_NO_TUNNEL);
 	}
@@ -720,7 +748,7 @@ int ferry_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (seen == XDP_SEEN_SHAPE)
 		return xdp_pass(STAT_XDP_PASS_SHAPE);
-	if ((cfg->flags & CFG_DSR_ANY) && p.family == FAM_V4)
+	if (cfg->flags & CFG_DSR_ANY)
 		rc = xdp_dsr_tracked(ctx, &p, cfg, &out);
 	if (rc < 0) {
 		/* As in handle: to a SNAT port, the reply direction first. */

@@ -53,7 +53,8 @@
  * fragment, ICMPv6 "packet too big" (dsr_pkt_too_big), both with the MTU
  * left inside the tunnel; IPv4 without DF is dropped and counted.
  *
- * XDP (xdp.h) tunnels IPv4 only: an IPv6 flow DSR carries is passed to tc.
+ * XDP (xdp.h) does the balancing node's part for both families too
+ * (xdp_send_dsr); the backend's node unwraps at tc.
  */
 #ifndef FERRY_DSR_H
 #define FERRY_DSR_H
@@ -151,20 +152,10 @@ static __always_inline __u16 csum_fold_(__u32 sum)
 	return (__u16)~sum;
 }
 
-/* What the outer header's Identification carries for an endpoint: the low
- * 16 bits of its IPv4 address (`backend` in network order), as they are on
- * the wire. */
-static __always_inline __be16 dsr_endpoint_tag(__u32 backend)
-{
-	__be16 tag;
-
-	__builtin_memcpy(&tag, (__u8 *)&backend + 2, sizeof(tag));
-	return tag;
-}
-
-/* An endpoint's tag as a number, either family: IPv4 the low 16 bits of its
- * address (bpf_ntohs of dsr_endpoint_tag), IPv6 the low 20 bits (the outer
- * flow label). */
+/* An endpoint's tag (`addr` in network order) as a number, either family:
+ * IPv4 the low 16 bits of its address (the outer Identification, written
+ * with bpf_htons: the address's last two bytes as they are on the wire),
+ * IPv6 the low 20 bits (the outer flow label). */
 static __always_inline __u32 dsr_tag_of(__u8 family, const __u32 *addr)
 {
 	if (family == FAM_V4)

@@ -285,25 +285,53 @@ fn ip6ip6_from_a_stranger_or_in_snat_mode_is_left_alone() {
     });
 }
 
-/// XDP tunnels IPv4 only: an IPv6 flow DSR carries is passed to tc
-/// untouched (`xdp_pass_tc`), first packet and later ones alike, and tc
-/// tunnels it; nothing at XDP balanced it another way (no `xdp_new_flow`).
+/// DSR at XDP, IPv6: a new flow to a remote backend is tunnelled at XDP
+/// (IPv6 in IPv6, the flow label naming the endpoint, the inner hop limit
+/// one less, the next hop's MACs, room made with bpf_xdp_adjust_head); the
+/// next packet follows from ferry_dsr6; tc tunnels the same flow the same
+/// way; a packet too big for the tunnel is left to tc (which answers it).
 #[test]
-fn xdp_passes_an_ipv6_dsr_flow_to_tc() {
+fn xdp_tunnels_an_ipv6_dsr_flow() {
+    const XDP_PASS: i32 = 2;
+    const XDP_REDIRECT: i32 = 4;
+    const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
     let rig = Rig::new();
     rig.neighbours();
     rig.run(&balancing(CFG_DSR_TCP | CFG_DSR_DGRAM), |dp: &Dp| {
-        for (i, flags, tc_moved) in
-            [(0, 0x02, moved(&[("dsr_new_flow", 1), ("dsr_encap", 1)])), (1, 0x18, moved(&[("dsr_encap", 1)]))]
-        {
+        for (i, flags, want) in [
+            (0, 0x02, moved(&[("xdp_new_flow", 1), ("xdp_dsr_encap", 1), ("dsr_new_flow", 1)])),
+            (1, 0x18, moved(&[("xdp_dsr_encap", 1)])),
+        ] {
             let l4 = tcp(41000, NP_TCP, flags, b"GET /");
-            let sent = client_frame(&l4, 64);
-            let ran = dp.xdp(&sent);
-            assert_eq!((ran.verdict, ran.out.as_slice()), (2, sent.as_slice()), "packet {i}: XDP_PASS, untouched");
-            assert_eq!(ran.moved, moved(&[("xdp_pass_tc", 1)]), "packet {i}");
-            let ran = dp.run(Hook::FromNetdev, dp.eth0, &sent);
-            assert_tunnelled(&ran, &l4, &format!("packet {i} at tc"));
-            assert_eq!(ran.moved, tc_moved, "packet {i} at tc");
+            let ran = dp.xdp(&client_frame(&l4, 64));
+            assert_eq!(ran.verdict, XDP_REDIRECT, "packet {i}: tunnelled at XDP");
+            assert_eq!(ran.out[..12], [PEER_MAC, NODE_MAC].concat(), "packet {i}: to the peer node's MAC");
+            let (outer, inner) = check_ip6ip6(&ran.out);
+            let want_outer = Outer6 {
+                src: ip(NODE6),
+                dst: IpAddr::V6(PEER_NODE),
+                hop_limit: 64,
+                tclass: TCLASS,
+                label: label_of(REMOTE_POD),
+            };
+            assert_eq!(outer, want_outer, "packet {i}: the outer header");
+            check(&inner);
+            assert_eq!(inner[14..], client_frame(&l4, 63)[14..], "packet {i}: the inner packet, hop limit - 1");
+            assert_eq!(ran.moved, want, "packet {i}: counters");
+            assert!(ran.tables.is_empty(), "packet {i}: no conntrack entry: {:?}", ran.tables);
         }
+        let l4 = tcp(41000, NP_TCP, 0x10, b"");
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &client_frame(&l4, 64));
+        assert_tunnelled(&ran, &l4, "tc follows the DSR flow XDP made");
+        assert_eq!(ran.moved, moved(&[("dsr_encap", 1)]));
+
+        // 1500 bytes of IPv6: too big for the tunnel; XDP leaves it to tc.
+        let big = udp(42003, NP_UDP, &[7u8; 1452]);
+        let sent = client_frame(&big, 64);
+        let ran = dp.xdp(&sent);
+        assert_eq!((ran.verdict, ran.out.as_slice()), (XDP_PASS, sent.as_slice()), "too big: passed untouched");
+        assert_eq!(ran.moved, moved(&[("xdp_pass_fib", 1)]));
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &sent);
+        assert_eq!(ran.moved, moved(&[("dsr_pkt_too_big", 1), ("dsr_new_flow", 1)]), "tc answers it");
     });
 }
