@@ -169,11 +169,19 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 	/* A SYN reusing the 4-tuple of a flow that is closing (TIME_WAIT reuse)
 	 * opens a new flow, balanced again as netfilter does, rather than going
 	 * after a backend that may be gone. A SYN of an open flow (a retransmit)
-	 * follows it. */
-	if (dir == CT_ORIGINAL && p->proto == IPPROTO_TCP && (v->flags & CT_CLOSING) &&
+	 * follows it, unless the flow's reply entry is gone: its SYN-ACK would
+	 * meet nothing that turns it back, and the node's stack would reset it,
+	 * for every later connection reusing the tuple (seen after a copy across
+	 * map layouts kept such an entry); it opens a new flow too. */
+	if (dir == CT_ORIGINAL && p->proto == IPPROTO_TCP &&
 	    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
-		ct_forget(&k, v, p, in_new);
-		return -1;
+		int closing = v->flags & CT_CLOSING;
+		if (closing || !ct_has_partner(&k, v, in_new)) {
+			if (!closing)
+				stat_inc(STAT_CT_ORPHAN_SYN);
+			ct_forget(&k, v, p, in_new);
+			return -1;
+		}
 	}
 	__u32 src[4], dst[4];
 	__builtin_memcpy(src, v->new_src, 16);
@@ -596,11 +604,11 @@ static __always_inline int xdp_track(struct xdp_md *ctx, struct pkt *p, const st
 	struct ct_val *v = ct_lookup(&k, now, &in_new);
 	if (!v)
 		return -1;
-	/* tc's: a SYN opening the 4-tuple of a closing flow anew (track), and
-	 * a SYN-ACK to a client whose address was kept (the DSR MSS clamp). */
+	/* tc's: a SYN meeting a tracked flow (opened anew when the flow is
+	 * closing or lost its reply entry: track), and a SYN-ACK to a client
+	 * whose address was kept (the DSR MSS clamp). */
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN) &&
-	    ((dir == CT_ORIGINAL && (v->flags & CT_CLOSING) && !(p->tcp_flags & TCP_FLAG_ACK)) ||
-	     (dir == CT_REPLY && !(v->flags & CT_SNAT))))
+	    ((dir == CT_ORIGINAL && !(p->tcp_flags & TCP_FLAG_ACK)) || (dir == CT_REPLY && !(v->flags & CT_SNAT))))
 		return xdp_pass(STAT_XDP_PASS_TC);
 	__builtin_memcpy(out->src, v->new_src, 16);
 	__builtin_memcpy(out->dst, v->new_dst, 16);

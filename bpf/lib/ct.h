@@ -294,6 +294,21 @@ static __always_inline void ct_forget(struct ct_key *k, const struct ct_val *v, 
 		bpf_map_delete_elem(&ferry_ct, k);
 }
 
+/* Whether the flow `v` (its entry `k`, found in ferry_ct_new if `in_new`)
+ * still has its other entry, in the table `v` is in (both move together). A
+ * reply entry evicted from ferry_ct_new, or one a copy across map layouts
+ * left behind, leaves an original-direction entry whose replies nothing
+ * turns back: the node's stack resets them. */
+static __attribute__((noinline)) int ct_has_partner(const struct ct_key *k, const struct ct_val *v, int in_new)
+{
+	struct ct_key pk;
+
+	ct_partner_key(&pk, v, k->proto, k->family, k->dir);
+	if (in_new)
+		return bpf_map_lookup_elem(&ferry_ct_new, &pk) != NULL;
+	return bpf_map_lookup_elem(&ferry_ct, &pk) != NULL;
+}
+
 static __always_inline struct ct_scratch *ct_scratch(void)
 {
 	__u32 zero = 0;

@@ -89,6 +89,8 @@ enum ferry_stat {
 	/* Upgrades and downgrades across map layouts (ct.h). */
 	STAT_CT_ADOPTED,          /* an upgrade's link switch: a flow the outgoing programs created in the retired conntrack table, found there by the incoming ones and moved into ferry_ct_new */
 	STAT_CT_MIRRORED,         /* a downgrade's link switch: a new flow also written into the older layout's rebuilt conntrack table */
+	STAT_CT_STRANDED,         /* entries the agent removed because their flow's other entry belongs to another flow (left by a copy across layouts); written by the agent */
+	STAT_CT_ORPHAN_SYN,       /* a SYN met an open flow whose reply entry is gone (evicted, or left behind by a copy across layouts): the flow is opened anew instead of followed */
 	/* IPv6 Direct Server Return (issue 14, dsr.h). */
 	STAT_DSR_PKT_TOO_BIG,     /* an IPv6 DSR packet too big for the tunnel: answered with ICMPv6 "packet too big" (MTU - 40) so its sender makes the next ones fit */
 	STAT_COUNT_,

@@ -67,6 +67,9 @@ pub struct Rebuilt {
     /// Entries that could not be written: their flows are balanced again on
     /// their next packet after the switch (a SNATed one is reset).
     pub not_copied: u64,
+    /// Live entries left behind because their flow's other entry is held by
+    /// another flow (`stranded`, as an upgrade's copy counts them).
+    pub stranded: u64,
     /// Entries the refresh passes wrote while the links had not switched
     /// yet: flows created or updated since the pass before.
     pub refreshed: u64,
@@ -442,9 +445,14 @@ fn merge_conntrack(
             }
         }
     }
+    let stranded = crate::migrate::stranded_keys(entries.iter().map(|(k, (_, v))| (k, v)), now);
     for (k, (i, v)) in &entries {
         if v.expires_ns < now {
             r.expired += u64::from(first);
+            continue;
+        }
+        if stranded.contains(k) {
+            r.stranded += u64::from(first);
             continue;
         }
         if written.get(k).is_some_and(|w| w.as_slice() == bytes(v)) {

@@ -125,6 +125,8 @@ pub struct Installed {
     pub devices: Vec<AttachedDevice>,
     /// External devices whose XDP program is attached (driver mode).
     pub accelerated: Vec<String>,
+    /// `best-effort`: external devices left to tc, each with why the XDP attach failed.
+    pub xdp_fallbacks: Vec<crate::acceleration::Fallback>,
     /// Adopted maps whose capacity differs from `InstallOptions::capacities`:
     /// they keep their pinned capacity (resizing means recreating them,
     /// which drops tracked flows: `ferry cleanup`, then start again).
@@ -433,7 +435,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         write_layout(&opts.pin_dir, LAYOUT)?;
         Ok((attached, carried))
     })();
-    let ((updated, attached, (devices, accelerated)), carried) = match loaded {
+    let ((updated, attached, (devices, accelerated, xdp_fallbacks)), carried) = match loaded {
         Ok(r) => r,
         Err(e) => {
             if !retired.is_empty() {
@@ -462,6 +464,7 @@ pub fn install(opts: &InstallOptions) -> Result<Installed, InstallError> {
         links_attached: attached,
         devices,
         accelerated,
+        xdp_fallbacks,
         capacity_kept,
     })
 }
@@ -558,7 +561,7 @@ pub fn load_packet_programs<'obj>(
     open.load().map_err(lb("loading the tc BPF programs (verifier)"))
 }
 
-fn ifindex(name: &str) -> Option<u32> {
+pub(crate) fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: if_nametoindex reads a NUL-terminated string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -620,9 +623,9 @@ pub fn attach_tcx_unpinned(prog: &ProgramMut, ifindex: u32) -> Result<Link, Inst
     Ok(unsafe { Link::from_ptr(ptr) })
 }
 
-/// The devices carrying the per-packet programs, and the names of those
-/// whose XDP program is attached too.
-type DevicesAttached = (Vec<AttachedDevice>, Vec<String>);
+/// The devices carrying the per-packet programs, the names of those whose
+/// XDP program is attached too, and those best-effort left to tc.
+type DevicesAttached = (Vec<AttachedDevice>, Vec<String>, Vec<crate::acceleration::Fallback>);
 
 fn attach_devices(
     opts: &InstallOptions,
@@ -634,6 +637,7 @@ fn attach_devices(
     let mut wanted = std::collections::BTreeSet::new();
     let mut devices = Vec::new();
     let mut accelerated = Vec::new();
+    let mut fallbacks = Vec::new();
     if let Some(skel) = tc {
         // The defrag loop first: the device programs send fragments into it as soon as they run.
         if !opts.defrag_loop {
@@ -660,7 +664,7 @@ fn attach_devices(
                 }
             }
             if *role == DeviceRole::External && opts.acceleration != Acceleration::Disabled {
-                let file = format!("xdp_{}_{}", role.tag(), name);
+                let file = crate::acceleration::xdp_link_file(name);
                 match attach_xdp(&skel.progs.ferry_xdp, name, idx, &links_dir.join(&file)) {
                     Ok(swapped) => {
                         wanted.insert(file);
@@ -671,10 +675,13 @@ fn attach_devices(
                             *attached += 1;
                         }
                     }
-                    Err(e) if opts.acceleration == Acceleration::BestEffort => tracing::warn!(
-                        device = %name,
-                        "acceleration best-effort: no XDP in driver mode on {name} ({e}); this device runs on tc only"
-                    ),
+                    Err(e) if opts.acceleration == Acceleration::BestEffort => {
+                        tracing::warn!(
+                            device = %name,
+                            "acceleration best-effort: no XDP in driver mode on {name} ({e}); this device runs on tc only"
+                        );
+                        fallbacks.push(crate::acceleration::Fallback { device: name.clone(), reason: e.to_string() });
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -694,7 +701,7 @@ fn attach_devices(
             }
         }
     }
-    Ok((devices, accelerated))
+    Ok((devices, accelerated, fallbacks))
 }
 
 /// Attaches `prog` as the XDP program of `ifindex` in driver mode through a

@@ -8,6 +8,7 @@
 //! Plan / PlanDiff --Programmer::sync (pure)--> Vec<MapOp> --Maps::apply--> kernel maps
 //! ```
 
+pub mod acceleration;
 pub mod defrag_loop;
 pub mod downgrade;
 pub mod entries;

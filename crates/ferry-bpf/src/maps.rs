@@ -662,24 +662,7 @@ impl Maps {
         let unconfirmed = self.ct_new.iter().flat_map(|m| m.entries()).map(|e| (true, e));
         confirmed
             .chain(unconfirmed)
-            .map(|(unconfirmed, (k, v))| crate::stale::CtEntry {
-                unconfirmed,
-                src: k.src,
-                dst: k.dst,
-                sport: u16::from_be(k.sport),
-                dport: u16::from_be(k.dport),
-                proto: k.proto,
-                family: k.family,
-                dir: k.dir,
-                new_src: v.new_src,
-                new_dst: v.new_dst,
-                new_sport: u16::from_be(v.new_sport),
-                new_dport: u16::from_be(v.new_dport),
-                service: v.service,
-                backend: v.backend,
-                flags: v.flags,
-                expires_ns: v.expires_ns,
-            })
+            .map(|(unconfirmed, (k, v))| crate::stale::CtEntry::from_raw(unconfirmed, &k, &v))
             .collect()
     }
 
@@ -785,6 +768,18 @@ impl Maps {
         n
     }
 
+    /// Removes the entries of `live` (read by [`Maps::ct_entries`], none past
+    /// `now`) that another flow has stranded ([`crate::stale::stranded_flows`])
+    /// and counts them (`ct_stranded`). Returns those removed.
+    pub fn delete_stranded_ct(&self, live: &[crate::stale::CtEntry], now: u64) -> Vec<crate::stale::CtEntry> {
+        let stranded = crate::stale::stranded_flows(live, now);
+        let removed: Vec<_> = stranded.into_iter().filter(|e| self.delete_ct(std::slice::from_ref(e)) == 1).collect();
+        if !removed.is_empty() {
+            self.add_counter("ct_stranded", removed.len() as u64);
+        }
+        removed
+    }
+
     /// Adds `n` to a counter only the agent writes (the datapath never
     /// touches its slot, so the read-modify-write races with no one but
     /// another agent, which the pin directory's lock excludes).
@@ -841,14 +836,14 @@ struct Put<'a> {
     value: Vec<u8>,
 }
 
-/// Writes a run of puts into one map with one syscall; false if the kernel
-/// refused the batch (the caller then writes them one by one, which names
-/// the failing entry).
 /// A conntrack key (`ferry_ct`, `ferry_ct_new`, `ferry_dsr`) from host-order ports.
 fn ct_key(src: Words, dst: Words, sport: u16, dport: u16, proto: u8, family: u8, dir: u8) -> t::ct_key {
     t::ct_key { src, dst, sport: sport.to_be(), dport: dport.to_be(), proto, family, dir, pad: 0 }
 }
 
+/// Writes a run of puts into one map with one syscall; false if the kernel
+/// refused the batch (the caller then writes them one by one, which names
+/// the failing entry).
 fn put_batch(run: &[Put<'_>]) -> bool {
     let keys: Vec<u8> = run.iter().flat_map(|e| e.key.iter().copied()).collect();
     let values: Vec<u8> = run.iter().flat_map(|e| e.value.iter().copied()).collect();

@@ -24,7 +24,8 @@ pub struct Carried {
     pub map: String,
     /// Entries written into the table of confirmed flows (`ferry_ct`).
     pub confirmed: u64,
-    /// Entries written into the table of unconfirmed flows (`ferry_ct_new`).
+    /// Entries written into the table of unconfirmed flows (`ferry_ct_new`):
+    /// unconfirmed flows, and confirmed ones whose other entry was gone.
     pub unconfirmed: u64,
     /// Entries of confirmed flows written into `ferry_ct_new` instead, because
     /// `ferry_ct` was full (the datapath does the same: `ct_confirm_full`).
@@ -35,6 +36,12 @@ pub struct Carried {
     /// Entries that could not be written anywhere: their flows are balanced
     /// again on their next packet (a SNATed one is reset).
     pub not_copied: u64,
+    /// Live entries left behind because the key of their flow's other entry
+    /// is held by another flow ([`crate::stale::stranded_flows`]): a flow
+    /// that is over, or whose NAT port was given to a new one. Copied, such
+    /// an entry would live on in `ferry_ct` and send a client reusing the
+    /// tuple to the other flow's translation.
+    pub stranded: u64,
     /// Of the entries written, those the second pass added after the links
     /// switched (flows the old programs created while the first copy ran).
     pub late: u64,
@@ -50,6 +57,7 @@ impl Carried {
         self.unconfirmed += late.unconfirmed;
         self.confirm_full += late.confirm_full;
         self.not_copied += late.not_copied;
+        self.stranded += late.stranded;
         self.late += late.confirmed + late.unconfirmed;
     }
 }
@@ -207,6 +215,17 @@ fn reopened(theirs: &t::ct_val, ours: &t::ct_val) -> bool {
     theirs.flags & CT_CLOSING == 0 && ours.flags & CT_CLOSING != 0 && !same
 }
 
+/// The keys (as the tables hold them) of the stranded entries among one
+/// table's `entries` ([`crate::stale::stranded_flows`]).
+pub(crate) fn stranded_keys<'a>(
+    entries: impl Iterator<Item = (&'a Vec<u8>, &'a t::ct_val)>,
+    now: u64,
+) -> HashSet<Vec<u8>> {
+    let flows: Vec<_> =
+        entries.map(|(k, v)| crate::stale::CtEntry::from_raw(false, &from_bytes::<t::ct_key>(k), v)).collect();
+    crate::stale::stranded_flows(&flows, now).iter().map(|e| bytes(&e.raw_key()).to_vec()).collect()
+}
+
 /// The key of a flow's other entry, as `ct_partner_key` in `bpf/lib/ct.h`.
 fn partner_key(k: &t::ct_key, v: &t::ct_val) -> t::ct_key {
     t::ct_key {
@@ -235,19 +254,28 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
             Some((k, from_bytes::<t::ct_val>(&v)))
         })
         .collect();
+    let stranded = stranded_keys(entries.iter(), now);
     let mut done: HashSet<Vec<u8>> = HashSet::new();
     let mut new_inserts = 0;
     for (kb, v) in &entries {
         if done.contains(kb) {
             continue;
         }
+        if stranded.contains(kb) {
+            c.stranded += 1;
+            continue;
+        }
         let k = from_bytes::<t::ct_key>(kb);
         let pk = partner_key(&k, v);
         let pkb = bytes(&pk).to_vec();
         done.insert(kb.clone());
-        // A flow whose other entry was evicted is copied as it is: the old
-        // datapath served it that way too.
+        // A flow whose other entry was evicted is copied as it is (the old
+        // datapath served it that way too), but into ferry_ct_new: in
+        // ferry_ct, which never evicts, the datapath would keep it for as
+        // long as packets refresh it (a SYN reusing its tuple opens it anew,
+        // `ct_orphan_syn`, but nothing else would end it).
         let mut flow = vec![(kb.clone(), *v)];
+        let orphan = pkb != *kb && !entries.contains_key(&pkb);
         if let Some(pv) = entries.get(&pkb)
             && pkb != *kb
         {
@@ -292,7 +320,7 @@ fn split_conntrack(old: &MapHandle, ct: &MapHandle, ct_new: &MapHandle, now: u64
         }
         let how = if late { MapFlags::NO_EXIST } else { MapFlags::ANY };
         let n = live.len() as u64;
-        if table_for(flags) == Table::Confirmed {
+        if table_for(flags) == Table::Confirmed && !orphan {
             let mut written = Vec::new();
             for (k, v) in &live {
                 if ct.update(k, bytes(v), how).is_err() {

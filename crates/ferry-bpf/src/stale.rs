@@ -17,6 +17,7 @@
 //! balanced anew (or refused when nothing serves), as a SNATed one's is.
 
 use crate::entries::{FAM_V4, Words};
+use crate::skel::sock::types as t;
 use std::collections::{BTreeSet, HashMap};
 
 pub use crate::entries::{CT_ORIGINAL, CT_REPLY, CT_SNAT};
@@ -59,7 +60,56 @@ pub fn nat_entries_in_use(entries: &[CtEntry], now: u64) -> usize {
     entries.iter().filter(|e| e.flags & CT_SNAT != 0 && e.is_live(now)).count()
 }
 
+/// A conntrack key in Rust terms: (src, dst, sport, dport, proto, family, dir).
+type FlowKey = (Words, Words, u16, u16, u8, u8, u8);
+
 impl CtEntry {
+    /// From a table's raw key and value (`unconfirmed`: read from `ferry_ct_new`).
+    pub fn from_raw(unconfirmed: bool, k: &t::ct_key, v: &t::ct_val) -> Self {
+        CtEntry {
+            unconfirmed,
+            src: k.src,
+            dst: k.dst,
+            sport: u16::from_be(k.sport),
+            dport: u16::from_be(k.dport),
+            proto: k.proto,
+            family: k.family,
+            dir: k.dir,
+            new_src: v.new_src,
+            new_dst: v.new_dst,
+            new_sport: u16::from_be(v.new_sport),
+            new_dport: u16::from_be(v.new_dport),
+            service: v.service,
+            backend: v.backend,
+            flags: v.flags,
+            expires_ns: v.expires_ns,
+        }
+    }
+
+    /// The entry's key as the tables hold it.
+    pub fn raw_key(&self) -> t::ct_key {
+        t::ct_key {
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport.to_be(),
+            dport: self.dport.to_be(),
+            proto: self.proto,
+            family: self.family,
+            dir: self.dir,
+            pad: 0,
+        }
+    }
+
+    fn key(&self) -> FlowKey {
+        (self.src, self.dst, self.sport, self.dport, self.proto, self.family, self.dir)
+    }
+
+    /// The key of the flow's other entry (`ct_partner_key` in bpf/lib/ct.h).
+    fn partner(&self) -> FlowKey {
+        let dir = if self.dir == CT_ORIGINAL { CT_REPLY } else { CT_ORIGINAL };
+        (self.new_dst, self.new_src, self.new_dport, self.new_sport, self.proto, self.family, dir)
+    }
+
     /// Whether the entry has not expired at `now` (see [`monotonic_ns`]). The
     /// datapath removes an expired entry only when a packet meets it.
     pub fn is_live(&self, now: u64) -> bool {
@@ -135,6 +185,30 @@ pub fn stale_udp_flows(entries: &[CtEntry], services: &HashMap<u32, Serving>) ->
     entries.iter().filter(|e| is_stale(e.proto, e.service, e.backend_addr(), services)).copied().collect()
 }
 
+/// Live entries stranded by another flow: the key of their flow's other
+/// entry is held by a live entry of a *different* flow (whose own partner is
+/// not this entry). The datapath never makes such a pair: a reply tuple is
+/// given to a new flow only when nothing live holds it, and both entries of
+/// a flow share one deadline. A copy between table layouts can (an entry
+/// carried across an upgrade whose flow closed, or whose NAT port another
+/// flow took, while the copy was not looking). Left in `ferry_ct`, which
+/// never evicts, such an entry would send a client reusing its 4-tuple hours
+/// later to the old translation, and the replies to the other flow's client:
+/// a connection that never opens. An entry whose partner is simply gone is
+/// not stranded (a one-way flow's reply entry may be; the datapath serves it).
+/// Of two live entries under one key, the one in `ferry_ct` is the one the
+/// datapath finds (it looks there first).
+pub fn stranded_flows(entries: &[CtEntry], now: u64) -> Vec<CtEntry> {
+    let mut by_key: HashMap<FlowKey, &CtEntry> = HashMap::new();
+    for e in entries.iter().filter(|e| e.is_live(now)) {
+        let held = by_key.entry(e.key()).or_insert(e);
+        if held.unconfirmed && !e.unconfirmed {
+            *held = e;
+        }
+    }
+    by_key.values().filter(|e| by_key.get(&e.partner()).is_some_and(|p| p.partner() != e.key())).map(|e| **e).collect()
+}
+
 /// Whether an address belongs to the family code (helper for callers building sets).
 pub fn same_family(family: u8, v4: bool) -> bool {
     (family == FAM_V4) == v4
@@ -169,6 +243,70 @@ mod tests {
             flags: 0,
             expires_ns: u64::MAX,
         }
+    }
+
+    /// A SNATed TCP flow from client port `cport` to the frontend 10.0.0.1:80,
+    /// sent to backend 10.0.0.`backend`:8080 from the node's port `nport`.
+    fn flow(cport: u16, backend: u32, nport: u16) -> [CtEntry; 2] {
+        let orig = CtEntry {
+            unconfirmed: false,
+            src: w(99),
+            dst: w(1),
+            sport: cport,
+            dport: 80,
+            proto: 6,
+            family: FAM_V4,
+            dir: CT_ORIGINAL,
+            new_src: w(2),
+            new_dst: w(backend),
+            new_sport: nport,
+            new_dport: 8080,
+            service: 1,
+            backend,
+            flags: CT_SNAT,
+            expires_ns: 1_000,
+        };
+        let reply = CtEntry {
+            dir: CT_REPLY,
+            src: w(backend),
+            dst: w(2),
+            sport: 8080,
+            dport: nport,
+            new_src: w(1),
+            new_dst: w(99),
+            new_sport: 80,
+            new_dport: cport,
+            ..orig
+        };
+        [orig, reply]
+    }
+
+    #[test]
+    fn an_entry_whose_partner_belongs_to_another_flow_is_stranded() {
+        let [a, a_reply] = flow(40000, 4, 30000);
+        // An old flow from another client port whose NAT port 30000 went to `a`.
+        let [old, _] = flow(40001, 4, 30000);
+        // A one-way flow whose reply entry is gone: served as it is.
+        let [lone, _] = flow(40002, 5, 30002);
+        let entries = vec![a, a_reply, old, lone];
+        assert_eq!(stranded_flows(&entries, 10), vec![old]);
+        // Past its deadline it is not the collection of stranded entries' business.
+        assert_eq!(stranded_flows(&entries, 2_000), vec![]);
+        // Nor is a partner past its deadline: the newer flow is over too.
+        let expired_reply = CtEntry { expires_ns: 5, ..a_reply };
+        assert_eq!(stranded_flows(&[a, expired_reply, old], 10), vec![]);
+    }
+
+    #[test]
+    fn the_partner_the_datapath_finds_first_decides() {
+        let [a, a_reply] = flow(40000, 4, 30000);
+        let [old, old_reply] = flow(40001, 4, 30000);
+        // The same reply key in both tables: ferry_ct's (the old flow's) is
+        // the one a lookup finds, so `a` is the stranded one.
+        let in_new = |e: CtEntry| CtEntry { unconfirmed: true, ..e };
+        let entries = vec![in_new(a), in_new(a_reply), old, old_reply];
+        assert_eq!(stranded_flows(&entries, 10), vec![in_new(a)]);
+        assert!(stranded_flows(&[a, a_reply], 10).is_empty(), "a consistent pair is never stranded");
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub const NAMES: &[&str] = &[
     "xdp_pass_fib",
     "ct_adopted",
     "ct_mirrored",
+    "ct_stranded",
+    "ct_orphan_syn",
     "dsr_pkt_too_big",
 ];
 

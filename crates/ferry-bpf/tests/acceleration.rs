@@ -2,7 +2,8 @@
 //! real kernel: `native` attaches `ferry_xdp` in driver mode to an external
 //! veth through a pinned link, a restart swaps the program inside that link,
 //! a device without native XDP (a bridge) fails `native` by name and is left
-//! to tc by `best-effort`, and `disabled` (or a downgrade) detaches what was attached. What the
+//! to tc by `best-effort` (which reports why), and `disabled` (or a downgrade) detaches what
+//! was attached; `acceleration::devices` reads each state back from the pins. What the
 //! program does with packets is the packet tests' (`tests/packet/xdp.rs`) and
 //! the lab's (`crates/ferry/tests/packet_xdp.rs`).
 //!
@@ -10,6 +11,7 @@
 //! directory and cgroup are `ferry-xdpi-<pid>-install`, removed even when the
 //! test fails. Needs root; never skipped.
 
+use ferry_bpf::acceleration::XdpMode;
 use ferry_bpf::{DeviceRole, InstallOptions};
 use ferry_model::Acceleration;
 use ferry_sandbox::Sandbox;
@@ -80,6 +82,12 @@ fn native_attaches_best_effort_falls_back_disabled_detaches() {
             let first = install(Acceleration::Native, &["ferry-up0"]).expect("native on a veth");
             assert_eq!(first.accelerated, ["ferry-up0"]);
             assert!(xdp_on("ferry-up0") && link.exists(), "native: ferry_xdp in driver mode, its link pinned");
+            let read = ferry_bpf::acceleration::devices(&pins.pin_dir);
+            let x = read[0].xdp.clone().expect("the XDP link read back");
+            assert_eq!((read.len(), read[0].device.as_str(), read[0].external), (1, "ferry-up0", true), "{read:?}");
+            assert_eq!(x.mode, Some(XdpMode::Native), "the device reports the link's program in driver mode");
+            let shown = ip(&["-d", "link", "show", "ferry-up0"]);
+            assert!(shown.contains(&format!("prog/xdp id {} ", x.program_id)), "program id {x:?}:\n{shown}");
             let attached = first.links_attached;
             drop(first);
 
@@ -96,6 +104,12 @@ fn native_attaches_best_effort_falls_back_disabled_detaches() {
 
             let fallback = install(Acceleration::BestEffort, &["ferry-up0", "ferry-br9"]).expect("best-effort");
             assert_eq!(fallback.accelerated, ["ferry-up0"], "the bridge runs on tc only");
+            let why = &fallback.xdp_fallbacks;
+            assert!(why.len() == 1 && why[0].device == "ferry-br9", "{why:?}");
+            assert!(why[0].reason.contains("driver mode"), "the kernel's reason is kept: {why:?}");
+            let read = ferry_bpf::acceleration::devices(&pins.pin_dir);
+            let br = read.iter().find(|d| d.device == "ferry-br9").expect("the bridge is an external device");
+            assert!(br.external && br.xdp.is_none(), "{read:?}");
             assert!(!xdp_on("ferry-br9"));
             assert!(pins.pin_dir.join("links/tcx_ext_ferry-br9_in").exists(), "the bridge keeps its tc programs");
             drop(fallback);
@@ -103,6 +117,7 @@ fn native_attaches_best_effort_falls_back_disabled_detaches() {
             let off = install(Acceleration::Disabled, &["ferry-up0"]).expect("disabled");
             assert!(off.accelerated.is_empty());
             assert!(!xdp_on("ferry-up0") && !link.exists(), "disabled: the XDP program and its link are gone");
+            assert!(ferry_bpf::acceleration::devices(&pins.pin_dir).iter().all(|d| d.xdp.is_none()));
             assert!(pins.pin_dir.join("links/tcx_ext_ferry-up0_in").exists(), "tc stays");
             drop(off);
 

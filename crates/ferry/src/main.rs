@@ -57,7 +57,7 @@ enum Command {
     /// outage leaves the datapath serving as it was; SIGTERM stops the agent
     /// and leaves the datapath installed.
     Agent(cli::agent::AgentArgs),
-    /// Show what the datapath holds: frontends, backends, routes and counters.
+    /// Show what the datapath holds: frontends, backends, routes, XDP acceleration per device and counters.
     Status(cli::status::StatusArgs),
     /// The pinned datapath's layout version; convert it to an older one (downgrade).
     Datapath(cli::datapath::DatapathArgs),

@@ -84,6 +84,8 @@ pub struct Started {
     pub devices: Vec<ferry_bpf::AttachedDevice>,
     /// External devices whose XDP program is attached (`acceleration`).
     pub accelerated: Vec<String>,
+    /// `best-effort`: external devices left to tc, and why.
+    pub xdp_fallbacks: Vec<ferry_bpf::acceleration::Fallback>,
 }
 
 /// One node's proxy: the Plan, and the datapath that carries it out.
@@ -123,8 +125,16 @@ impl Proxier {
                 for c in &installed.carried {
                     let line = format!(
                         "copied the live entries of the retired {}: confirmed={} unconfirmed={} confirm_full={} \
-                         expired={} not_copied={} late={} adopted={}",
-                        c.map, c.confirmed, c.unconfirmed, c.confirm_full, c.expired, c.not_copied, c.late, c.adopted
+                         expired={} not_copied={} stranded={} late={} adopted={}",
+                        c.map,
+                        c.confirmed,
+                        c.unconfirmed,
+                        c.confirm_full,
+                        c.expired,
+                        c.not_copied,
+                        c.stranded,
+                        c.late,
+                        c.adopted
                     );
                     // Entries that found no room are flows balanced again (a SNATed one reset).
                     if c.not_copied > 0 || c.confirm_full > 0 {
@@ -156,6 +166,7 @@ impl Proxier {
                     links_attached: installed.links_attached,
                     devices: installed.devices,
                     accelerated: installed.accelerated.clone(),
+                    xdp_fallbacks: installed.xdp_fallbacks.clone(),
                 };
                 (
                     Backend::Bpf(Box::new(BpfBackend {
@@ -329,15 +340,29 @@ impl Proxier {
     }
 
     /// Deletes expired entries of the packet path's connection tracking
-    /// (and of its DSR flows). The datapath removes an expired entry when a
-    /// packet meets it, and the maps are LRUs, so this is housekeeping: it
-    /// frees NAT ports and keeps fill levels and `ferry_nat_entries` honest.
-    /// Run with the periodic resync. Returns the conntrack entries deleted.
+    /// (and of its DSR flows), and entries stranded by another flow. The
+    /// datapath removes an expired entry only when a packet meets it, and
+    /// `ferry_ct` never evicts: this frees NAT ports and keeps fill levels
+    /// and `ferry_nat_entries` honest. Run with the periodic resync. Returns
+    /// the conntrack entries deleted.
     pub fn collect_expired_flows(&mut self) -> usize {
         let Backend::Bpf(b) = &mut self.backend else { return 0 };
         let now = ferry_bpf::stale::monotonic_ns();
-        let (live, expired): (Vec<_>, Vec<_>) = b.maps.ct_entries().into_iter().partition(|e| e.is_live(now));
-        let n = b.maps.delete_ct(&expired);
+        let (mut live, expired): (Vec<_>, Vec<_>) = b.maps.ct_entries().into_iter().partition(|e| e.is_live(now));
+        let mut n = b.maps.delete_ct(&expired);
+        // Entries a layout change carried across with their flow already
+        // over (ferry_bpf::stale::stranded_flows): the copies leave them
+        // behind, this heals whatever state they come from.
+        let stranded = b.maps.delete_stranded_ct(&live, now);
+        if !stranded.is_empty() {
+            tracing::info!(
+                removed = stranded.len(),
+                "removed conntrack entries stranded by another flow (their flow's other entry belongs to a newer one)"
+            );
+            let stranded: std::collections::HashSet<_> = stranded.into_iter().collect();
+            live.retain(|e| !stranded.contains(e));
+            n += stranded.len();
+        }
         let (live_dsr, expired_dsr): (Vec<_>, Vec<_>) = b.maps.dsr_entries().into_iter().partition(|e| e.is_live(now));
         b.maps.delete_dsr(&expired_dsr);
         // Kept for the resync that follows (its collection of the pass-through sets).

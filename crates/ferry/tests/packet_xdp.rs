@@ -169,6 +169,28 @@ fn diag(lab: &Lab) -> String {
     lab.report(&[NODE_A, NODE_B])
 }
 
+/// `ferry status` on node-a, in its namespace as an operator runs it; with
+/// `verify`, `--verify` against node-a's own manifests and node config:
+/// (exit code, output).
+fn status(lab: &Lab, verify: bool) -> (i32, String) {
+    let n = &lab.nodes[NODE_A];
+    let mut cmd = lab.sb.command(&n.host, FERRY);
+    cmd.arg("status").arg("--pin-dir").arg(&n.pin_dir);
+    if verify {
+        cmd.args(["--verify", "--manifests"]).arg(&n.manifests).arg("--node-config").arg(&n.config);
+    }
+    let out = cmd.output().expect("running ferry status");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The id of the XDP program on node-a's eth0, as `ip` reports it.
+fn xdp_prog_id(lab: &Lab) -> String {
+    let out = lab.ip(At::Node(NODE_A), &["-d", "link", "show", "dev", "eth0"]).unwrap();
+    let id = out.split("prog/xdp id ").nth(1).and_then(|s| s.split_whitespace().next());
+    id.unwrap_or_else(|| panic!("no XDP program id on eth0:\n{out}")).to_string()
+}
+
 fn node_a(lab: &Lab) -> IpAddr {
     IpAddr::V4(lab.nodes[NODE_A].primary_v4)
 }
@@ -223,6 +245,12 @@ fn nodeport_to_a_remote_and_a_local_backend_with_xdp() {
         assert_eq!(r.server, "a21", "{what}");
         assert!(a.get("xdp_pass_tc").copied().unwrap_or(0) >= 1, "{what}: passed to tc: {a:?}");
         assert_eq!(a.get("pkt_new_flow"), Some(&1), "{what}: tc balanced it: {a:?}");
+        if proto == Proto::Tcp {
+            // The client's later packets (ACK, request, FIN, ACK) find the
+            // flow at XDP, whose FIB lookup leads to the pod's device, not
+            // back out of eth0: passed as xdp_pass_fib (the bench's count).
+            assert!(a.get("xdp_pass_fib").copied().unwrap_or(0) >= 3, "{what}: the flow's later packets: {a:?}");
+        }
         assert_eq!(a.get("xdp_new_flow"), None, "{what}: {a:?}");
     }
 
@@ -287,7 +315,9 @@ fn dsr_tunnels_at_xdp() {
 /// restarted agent adopts the pinned maps and swaps the program inside the
 /// pinned XDP link, and the connection keeps answering from b21 at XDP.
 /// Then `acceleration: disabled` detaches the XDP program, and the same
-/// connection goes on through tc.
+/// connection goes on through tc; `best-effort` with a second uplink that has
+/// no native XDP (a bridge) attaches to eth0 again and leaves the bridge to tc.
+/// `ferry status` and `--verify` are checked at each stage.
 #[test]
 fn an_agent_restart_keeps_a_flow_handled_at_xdp() {
     use std::io::{BufRead, BufReader, Write};
@@ -318,6 +348,13 @@ fn an_agent_restart_keeps_a_flow_handled_at_xdp() {
     assert_xdp_attached(&lab);
     let log = lab.agent_log(NODE_A);
     assert!(log.contains("acceleration=native[eth0]"), "the restarted agent names the XDP device:\n{log}");
+    // `ferry status` names the device, the mode and the program; --verify finds no drift.
+    let (code, out) = status(&lab, false);
+    let line = format!("eth0  XDP native, program {} (link ", xdp_prog_id(&lab));
+    assert!(code == 0 && out.contains("acceleration native (the agent's node config)"), "{out}");
+    assert!(out.contains(&line), "status shows {line:?}:\n{out}");
+    let (code, out) = status(&lab, true);
+    assert_eq!(code, 0, "no drift with XDP attached as configured:\n{out}");
     let a0 = counters(&lab, NODE_A);
     for i in 0..3 {
         assert_eq!(exchange(false), Ok("b21".into()), "exchange {i} after the restart\n{}", diag(&lab));
@@ -330,14 +367,52 @@ fn an_agent_restart_keeps_a_flow_handled_at_xdp() {
     let extra = "clusterCIDRs: [10.244.0.0/16, \"fd00:244::/32\"]\nserviceCIDRs: [10.96.0.0/16, \"fd00:96::/112\"]\n\
                  loadBalancing: {mode: snat}\nacceleration: disabled\n";
     lab.write_node_config(NODE_A, extra).unwrap();
+    // Before the agent reads it, --verify reports the XDP link the config no longer wants.
+    let (code, out) = status(&lab, true);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("extra    XDP link") && out.contains("eth0: program"), "{out}");
+    assert!(out.contains("attached while acceleration is disabled"), "{out}");
     lab.kill_agent(NODE_A).unwrap();
     lab.start_agent(NODE_A).unwrap_or_else(|e| panic!("restarting node-a's agent: {e:#}"));
     let link = lab.ip(At::Node(NODE_A), &["-d", "link", "show", "dev", "eth0"]).unwrap();
     assert!(!link.contains("prog/xdp"), "acceleration disabled left an XDP program on eth0:\n{link}");
     assert!(!lab.nodes[NODE_A].pin_dir.join("links/xdp_ext_eth0").exists(), "the XDP link pin is left");
+    let (code, out) = status(&lab, false);
+    assert!(code == 0 && out.contains("acceleration disabled") && out.contains("eth0  tc only"), "{out}");
+    assert_eq!(status(&lab, true).0, 0, "disabled and detached: no drift");
+    // The other way round: a config asking for native while no XDP link is there.
+    lab.write_node_config(NODE_A, &extra.replace("acceleration: disabled", "acceleration: native")).unwrap();
+    let (code, out) = status(&lab, true);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing  XDP link") && out.contains("eth0: no ferry XDP program attached"), "{out}");
+    lab.write_node_config(NODE_A, extra).unwrap();
     let a0 = counters(&lab, NODE_A);
     assert_eq!(exchange(false), Ok("b21".into()), "after disabling XDP\n{}", diag(&lab));
     let a = moved(&a0, &counters(&lab, NODE_A));
     assert!(a.get("pkt_forward").copied().unwrap_or(0) >= 1, "tc carries the flow now: {a:?}");
     assert_eq!(a.get("xdp_forward"), None, "{a:?}");
+
+    // best-effort with a second uplink whose driver has no native XDP (a
+    // bridge): eth0 runs XDP again, the bridge tc only, and status says why.
+    lab.ip(At::Node(NODE_A), &["link", "add", "ferry-nox0", "type", "bridge"]).unwrap();
+    lab.ip(At::Node(NODE_A), &["link", "set", "ferry-nox0", "up"]).unwrap();
+    lab.write_node_config(NODE_A, &extra.replace("acceleration: disabled", "acceleration: best-effort")).unwrap();
+    let config = std::fs::read_to_string(&lab.nodes[NODE_A].config).unwrap();
+    let two = config.replace("devices: [eth0]", "devices: [eth0, ferry-nox0]");
+    assert_ne!(config, two, "the lab's node config names its uplink as expected:\n{config}");
+    std::fs::write(&lab.nodes[NODE_A].config, two).unwrap();
+    lab.kill_agent(NODE_A).unwrap();
+    lab.start_agent(NODE_A).unwrap_or_else(|e| panic!("restarting node-a's agent: {e:#}"));
+    let (code, out) = status(&lab, false);
+    let line = |dev: &str| out.lines().find(|l| l.trim_start().starts_with(dev)).unwrap_or_default().to_string();
+    assert!(code == 0 && out.contains("acceleration best-effort (the agent's node config)"), "{out}");
+    assert!(line("eth0 ").contains(&format!("XDP native, program {} (link", xdp_prog_id(&lab))), "{out}");
+    let bridge = line("ferry-nox0 ");
+    assert!(bridge.contains("tc only: best-effort fell back (") && bridge.contains("driver mode"), "{out}");
+    let (code, out) = status(&lab, true);
+    assert_eq!(code, 0, "best-effort's recorded fallback is no drift:\n{out}");
+    let a0 = counters(&lab, NODE_A);
+    assert_eq!(exchange(false), Ok("b21".into()), "with best-effort\n{}", diag(&lab));
+    let a = moved(&a0, &counters(&lab, NODE_A));
+    assert!(a.get("xdp_forward").copied().unwrap_or(0) >= 1, "XDP carries the flow again: {a:?}");
 }

@@ -1052,6 +1052,41 @@ fn a_syn_reopening_a_closed_flow_is_balanced_again() {
     });
 }
 
+/// A SYN that meets an open flow whose reply entry is gone (evicted from
+/// `ferry_ct_new`, or left behind by a copy across map layouts) opens a new
+/// flow instead of following it: followed, its SYN-ACK would meet nothing
+/// that turns it back (the node's stack resets it), for every connection
+/// that reuses the tuple. A SYN retransmitted while both entries are there
+/// still follows the flow.
+#[test]
+fn a_syn_meeting_a_flow_without_its_reply_entry_opens_it_anew() {
+    let rig = Rig::new();
+    let mut setup = node_setup();
+    setup.extend(service(1, every_class(ACT_FORWARD_LOCAL), 0, &[Be(10, POD4, 8080, true)]));
+    setup.push(nodeport(30080, PROTO_TCP, FAM_V4, 1));
+    rig.run(&setup, |dp| {
+        let syn = frame(ip(CLIENT4), ip(NODE4), &tcp(40001, 30080, 0x02, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &syn);
+        assert_eq!((ran.verdict, ran.moved), (TC_ACT_REDIRECT, moved(&[("pkt_new_flow", 1)])));
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &syn);
+        assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]), "a retransmitted SYN follows the whole flow");
+
+        let reply: Vec<_> = dp.maps.ct_entries().into_iter().filter(|e| e.dir == CT_REPLY).collect();
+        assert_eq!(dp.maps.delete_ct(&reply), 1, "the flow's reply entry");
+        let ran = dp.run(Hook::FromNetdev, dp.eth0, &syn);
+        assert_eq!(ran.verdict, TC_ACT_REDIRECT);
+        assert_eq!(ran.moved, moved(&[("ct_orphan_syn", 1), ("pkt_new_flow", 1)]), "opened anew");
+        assert_eq!(ran.out, frame(ip(CLIENT4), ip(POD4), &tcp(40001, 8080, 0x02, b""), ttl(63)));
+        let entries = dp.maps.ct_entries();
+        assert_eq!(entries.len(), 2, "the new flow has both entries: {entries:?}");
+        // Its SYN-ACK is turned back to the client.
+        let syn_ack = frame(ip(POD4), ip(CLIENT4), &tcp(8080, 40001, 0x12, b""), IpOpts::default());
+        let ran = dp.run(Hook::FromPods, dp.pods0, &syn_ack);
+        assert_eq!(ran.moved, moved(&[("pkt_forward", 1)]));
+        assert_eq!(ran.out, frame(ip(NODE4), ip(CLIENT4), &tcp(30080, 40001, 0x12, b""), ttl(63)));
+    });
+}
+
 const SYN: u8 = 0x02;
 const SYN_ACK: u8 = 0x12;
 const ACK: u8 = 0x10;

@@ -90,9 +90,39 @@ impl RefusedObject {
 
 /// Where the agent leaves its refused objects for `ferry status` (bpffs holds no regular files).
 pub fn refused_path(pin_dir: &Path) -> PathBuf {
+    run_file(pin_dir, "refused")
+}
+
+/// `/run/ferry/<what><pin_dir as a tag>.json`: what the agent on `pin_dir` leaves for `ferry status`.
+fn run_file(pin_dir: &Path, what: &str) -> PathBuf {
     let tag: String =
         pin_dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    PathBuf::from("/run/ferry").join(format!("refused{tag}.json"))
+    PathBuf::from("/run/ferry").join(format!("{what}{tag}.json"))
+}
+
+/// The `acceleration` the agent installed with, and the devices `best-effort`
+/// left to tc with why (the pinned links show what is attached, not what was asked).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccelerationRecord {
+    pub acceleration: String,
+    pub fallbacks: Vec<ferry_bpf::acceleration::Fallback>,
+}
+
+/// Where the agent leaves its [`AccelerationRecord`].
+pub fn acceleration_path(pin_dir: &Path) -> PathBuf {
+    run_file(pin_dir, "acceleration")
+}
+
+/// Removes what the agent on `pin_dir` left in /run/ferry (with its datapath).
+pub fn remove_run_files(pin_dir: &Path) {
+    let _ = std::fs::remove_file(refused_path(pin_dir));
+    let _ = std::fs::remove_file(acceleration_path(pin_dir));
+}
+
+/// The record the agent on `pin_dir` wrote at its last install (None: none
+/// (acceleration disabled), or an older agent).
+pub fn read_acceleration(pin_dir: &Path) -> Option<AccelerationRecord> {
+    std::fs::read_to_string(acceleration_path(pin_dir)).ok().and_then(|t| serde_json::from_str(&t).ok())
 }
 
 /// The refused objects the agent on `pin_dir` last wrote (empty if none or no agent).
@@ -405,6 +435,25 @@ fn install_datapath(o: &InstallOverrides, settings: &Settings, reinstall: bool) 
             Ok(m) => maps = Some(m),
             Err(e) => tracing::warn!("datapath counters will be missing from /metrics: {e}"),
         }
+    }
+    // Only while accelerating: disabled, no file (none left behind by the many short-lived agents of a lab).
+    let path = acceleration_path(&opts.pin_dir);
+    if installed.datapath == "bpf" && settings.node.acceleration != ferry_model::Acceleration::Disabled {
+        let record = AccelerationRecord {
+            acceleration: settings.node.acceleration.to_string(),
+            fallbacks: installed.xdp_fallbacks.clone(),
+        };
+        let text = serde_json::to_string_pretty(&record).unwrap_or_default();
+        if let Err(e) = std::fs::create_dir_all("/run/ferry").and_then(|()| std::fs::write(&path, text)) {
+            tracing::warn!(
+                "`ferry status` will not show why a device runs without XDP: writing {}: {e}",
+                path.display()
+            );
+        }
+    } else if let Err(e) = std::fs::remove_file(&path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("removing {}: {e}", path.display());
     }
     let devices: Vec<String> = installed.devices.iter().map(|d| format!("{}({:?})", d.name, d.role)).collect();
     let line = format!(

@@ -65,7 +65,7 @@ pub fn run(args: CleanupArgs) -> anyhow::Result<ExitCode> {
             // Never pull the datapath from under a running agent.
             let _lock = crate::pin_lock::lock(&dir)?;
             // The agent's list of refused objects for `ferry status` goes with the datapath.
-            let _ = std::fs::remove_file(crate::agent::sync::refused_path(&dir));
+            crate::agent::sync::remove_run_files(&dir);
             ferry_bpf::uninstall(&dir)?
         }
     };

@@ -70,10 +70,12 @@ pub struct ConformanceArgs {
     /// observation: the endpoint sees the client's own address.
     #[arg(long, value_enum, default_value_t = LbMode::Snat)]
     pub lb_mode: LbMode,
-    /// With --cases and --datapath bpf: the node under test's `acceleration` (over the cases'
-    /// node config). native attaches the XDP program to the node's uplink in driver mode (and
-    /// turns GRO on at the lab fabric's end of that link, which XDP on veth needs); every flow
-    /// must pass as without it.
+    /// With --cases or --scenarios and --datapath bpf: the node under test's `acceleration`
+    /// (over the cases' or scenarios' node config). native attaches the XDP program to the
+    /// node's uplink in driver mode (and turns GRO on at the lab fabric's end of that link,
+    /// which XDP on veth needs); every flow and held connection must pass as without it. A
+    /// scenario also checks that the uplink runs ferry's XDP program after the agent starts
+    /// and after every restart.
     #[arg(long, value_enum, default_value_t = AccelerationArg::Disabled)]
     pub acceleration: AccelerationArg,
     /// Only run cases whose name contains this text.
@@ -104,9 +106,9 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
         AccelerationArg::Native => ferry_model::Acceleration::Native,
     };
     if acceleration != ferry_model::Acceleration::Disabled
-        && (args.datapath != DatapathKind::Bpf || args.cases.is_none())
+        && (args.datapath != DatapathKind::Bpf || (args.cases.is_none() && args.scenarios.is_none()))
     {
-        anyhow::bail!("--acceleration native runs with --cases and --datapath bpf only (scenarios are not done yet)");
+        anyhow::bail!("--acceleration native runs with --datapath bpf and --cases or --scenarios only");
     }
     let runner = KernelRunner {
         ferry: std::env::current_exe().context("locating the ferry binary")?,

@@ -150,9 +150,18 @@ fn summary(c: &Converted) -> String {
         .iter()
         .map(|r| {
             format!(
-                "{} rebuilt (capacity {}): confirmed={} unconfirmed={} expired={} not_copied={} refreshed={} late={} \
-                 mirrored={}",
-                r.map, r.capacity, r.confirmed, r.unconfirmed, r.expired, r.not_copied, r.refreshed, r.late, r.mirrored
+                "{} rebuilt (capacity {}): confirmed={} unconfirmed={} expired={} not_copied={} stranded={} \
+                 refreshed={} late={} mirrored={}",
+                r.map,
+                r.capacity,
+                r.confirmed,
+                r.unconfirmed,
+                r.expired,
+                r.not_copied,
+                r.stranded,
+                r.refreshed,
+                r.late,
+                r.mirrored
             )
         })
         .collect();

@@ -1,9 +1,11 @@
 //! `ferry status`: what the datapath holds right now, read from the pinned maps
 //! (with `--verify`, compared with the Plan: `super::verify`).
 
+use crate::agent::sync::AccelerationRecord;
 use crate::config::{self, NodeFlags};
 use anyhow::Context;
 use clap::Args;
+use ferry_bpf::acceleration::{DeviceXdp, XdpMode};
 use ferry_bpf::entries::*;
 use ferry_bpf::{MapDump, Maps};
 use ferry_model::addr::fmt_addr_port;
@@ -22,7 +24,8 @@ pub struct StatusArgs {
     pub json: bool,
     /// Compare the pinned maps with the Plan the agent would program from
     /// --manifests and the node config, and list every difference (missing,
-    /// extra, wrong or orphaned entries). Exit code 0: equal; 1: they differ;
+    /// extra, wrong or orphaned entries; also XDP links the node config's
+    /// `acceleration` lacks or does not want). Exit code 0: equal; 1: they differ;
     /// 2: could not compare. Run it on the node (its network namespace), with
     /// the agent's own flags; while the agent runs, a change it has not synced
     /// yet shows as a difference.
@@ -157,6 +160,49 @@ pub fn masquerade_line(d: &MapDump) -> String {
     }
 }
 
+/// XDP acceleration per device, from the pinned links and the agent's record
+/// (what it asked for, and why `best-effort` left a device to tc).
+pub fn acceleration_lines(devs: &[DeviceXdp], record: Option<&AccelerationRecord>) -> Vec<String> {
+    if devs.is_empty() {
+        let setting = record.map_or(" disabled".to_string(), |r| format!(" {}", r.acceleration));
+        return vec![format!("acceleration{setting}: no external devices")];
+    }
+    // The agent records its setting only while it accelerates.
+    let mut out = vec![match record {
+        Some(r) => format!("acceleration {} (the agent's node config), per external device:", r.acceleration),
+        None if devs.iter().all(|d| d.xdp.is_none()) => "acceleration disabled, per external device:".to_string(),
+        None => {
+            "acceleration: the agent left no record of its setting (/run/ferry); per device, from the pinned links:"
+                .to_string()
+        }
+    }];
+    let native = record.is_some_and(|r| r.acceleration == "native");
+    let width = devs.iter().map(|d| d.device.len()).max().unwrap_or(0);
+    for d in devs {
+        let fallback = record.and_then(|r| r.fallbacks.iter().find(|f| f.device == d.device));
+        let what = match (&d.xdp, fallback) {
+            (Some(x), _) if x.ifindex == 0 => {
+                format!("XDP link {} detached (its device went away); tc only", x.link_id)
+            }
+            (Some(x), _) => match x.mode {
+                Some(XdpMode::Native) => format!("XDP native, program {} (link {})", x.program_id, x.link_id),
+                None => format!(
+                    "XDP attached in driver mode, program {} (link {}; the device is not in this network namespace: \
+                     run status there to read its own report)",
+                    x.program_id, x.link_id
+                ),
+                Some(m) => format!("XDP link {} attached, but the device runs it as: {m}", x.link_id),
+            },
+            (None, Some(f)) => format!("tc only: best-effort fell back ({})", f.reason),
+            (None, None) if native => "tc only: NO XDP program although acceleration is native (see --verify)".into(),
+            (None, None) => "tc only".into(),
+        };
+        let role = if d.external { "" } else { " (not an external device of this datapath)" };
+        out.push(format!("  {:<width$}  {what}{role}", d.device));
+    }
+    out
+}
+
 /// `ferry status --verify`: prints every difference; exit code 1 if there is one.
 fn verify(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let mut settings = config::settings(&args.node)?;
@@ -181,7 +227,16 @@ fn verify(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let dump = maps.dump();
     // The agent turns the fast path on itself once its sets are filled.
     runtime.fast_pass = dump.config.is_some_and(|c| c.flags & ferry_bpf::entries::CFG_FAST_PASS != 0);
-    let diffs = super::verify::differences(&dump, &plan, &runtime);
+    let mut diffs = super::verify::differences(&dump, &plan, &runtime);
+    let externals: Vec<String> =
+        devices.iter().filter(|d| d.role == ferry_bpf::DeviceRole::External).map(|d| d.name.clone()).collect();
+    let fallbacks = crate::agent::sync::read_acceleration(&pin_dir).map(|r| r.fallbacks).unwrap_or_default();
+    diffs.extend(super::verify::xdp_differences(
+        settings.node.acceleration,
+        &externals,
+        &ferry_bpf::acceleration::devices(&pin_dir),
+        &fallbacks,
+    ));
     if args.json {
         let out = serde_json::json!({
             "pinDir": pin_dir,
@@ -248,6 +303,8 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
     let fill = crate::agent::sync::map_fill(&args.pin_dir);
     let evictions = crate::agent::sync::lru_evictions(&maps, &fill);
     let refused = crate::agent::sync::read_refused(&args.pin_dir);
+    let xdp = ferry_bpf::acceleration::devices(&args.pin_dir);
+    let accel = crate::agent::sync::read_acceleration(&args.pin_dir);
     if args.json {
         let fill: Vec<_> = fill
             .iter()
@@ -258,6 +315,17 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
             "maps": fill,
             "evictions": evictions.iter().cloned().collect::<BTreeMap<String, u64>>(),
             "refused": refused,
+            "acceleration": {
+                "setting": accel.as_ref().map(|r| r.acceleration.clone()),
+                "devices": xdp.iter().map(|d| serde_json::json!({
+                    "device": d.device,
+                    "external": d.external,
+                    "xdp": d.xdp,
+                    "fallback": accel.as_ref()
+                        .and_then(|r| r.fallbacks.iter().find(|f| f.device == d.device))
+                        .map(|f| f.reason.clone()),
+                })).collect::<Vec<_>>(),
+            },
             "frontends": rows,
             "backends": dump.backends.len(),
             "servicePorts": dump.services.len(),
@@ -312,6 +380,10 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         println!("{:<wf$} {:<wk$} {:<ws$} {:<wr$} {}", r.frontend, r.kind, r.service, r.routes.join("/"), backends);
     }
+    println!();
+    for line in acceleration_lines(&xdp, accel.as_ref()) {
+        println!("{line}");
+    }
     println!("\n{}", masquerade_line(&dump));
     println!("{}", fast_pass_line(&dump, maps.pass_set(ferry_bpf::pass::PassSet::Peers).len()));
     println!("\nmaps (entries / capacity)");
@@ -353,4 +425,49 @@ pub fn run(mut args: StatusArgs) -> anyhow::Result<ExitCode> {
 struct Plain {
     pin_dir: PathBuf,
     json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_bpf::acceleration::{Fallback, XdpLink};
+
+    fn record(acceleration: &str, fallbacks: &[(&str, &str)]) -> AccelerationRecord {
+        AccelerationRecord {
+            acceleration: acceleration.into(),
+            fallbacks: fallbacks
+                .iter()
+                .map(|(d, r)| Fallback { device: d.to_string(), reason: r.to_string() })
+                .collect(),
+        }
+    }
+
+    fn dev(name: &str, xdp: Option<XdpLink>) -> DeviceXdp {
+        DeviceXdp { device: name.into(), external: true, xdp }
+    }
+
+    #[test]
+    fn acceleration_lines_name_each_device_state() {
+        let link = |mode| Some(XdpLink { link_id: 4, program_id: 40, ifindex: 2, mode });
+        let devs = [
+            dev("eth0", link(Some(XdpMode::Native))),
+            dev("eth1", None),
+            dev("eth2", link(None)),
+            dev("eth3", Some(XdpLink { ifindex: 0, ..link(None).unwrap() })),
+        ];
+        let r = record("best-effort", &[("eth1", "Operation not supported")]);
+        let lines = acceleration_lines(&devs, Some(&r));
+        assert_eq!(lines[0], "acceleration best-effort (the agent's node config), per external device:");
+        assert_eq!(lines[1], "  eth0  XDP native, program 40 (link 4)");
+        assert_eq!(lines[2], "  eth1  tc only: best-effort fell back (Operation not supported)");
+        assert!(lines[3].starts_with("  eth2  XDP attached in driver mode, program 40 (link 4; the device is not in"));
+        assert_eq!(lines[4], "  eth3  XDP link 4 detached (its device went away); tc only");
+        let native = acceleration_lines(&devs[1..2], Some(&record("native", &[])));
+        assert_eq!(native[1], "  eth1  tc only: NO XDP program although acceleration is native (see --verify)");
+        let off = acceleration_lines(&devs[1..2], None);
+        assert_eq!(off, ["acceleration disabled, per external device:", "  eth1  tc only"]);
+        assert!(acceleration_lines(&devs[..1], None)[0].contains("no record"), "links without a record");
+        assert_eq!(acceleration_lines(&[], None), ["acceleration disabled: no external devices"]);
+        assert_eq!(acceleration_lines(&[], Some(&record("native", &[]))), ["acceleration native: no external devices"]);
+    }
 }

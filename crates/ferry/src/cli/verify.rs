@@ -5,7 +5,11 @@
 //! layouts: `Programmer::adopt` reads the maps back, and a full `sync` against
 //! the Plan lists the writes that would bring them to it. A datapath equal to
 //! the Plan needs none; every write it would need is one difference.
+//!
+//! XDP acceleration is checked apart (`xdp_differences`): the pinned XDP
+//! links against the node config's `acceleration` and external devices.
 
+use ferry_bpf::acceleration::{DeviceXdp, Fallback, XdpMode};
 use ferry_bpf::entries::*;
 use ferry_bpf::{MapDump, MapOp, NodeRuntime, Programmer};
 use ferry_model::Plan;
@@ -29,6 +33,66 @@ impl std::fmt::Display for Difference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:<8} {:<16} {}", self.kind, self.map, self.entry)
     }
+}
+
+/// The map name of XDP differences (they are pinned links, not map entries).
+pub const XDP_LINK: &str = "XDP link";
+
+/// Every way ferry's XDP links (`devs`, read from the pins) differ from the
+/// node config: `native` wants ferry's program in driver mode on every
+/// external device; `best-effort` the same, except on a device the agent
+/// recorded it could not attach (`fallbacks`); `disabled` wants none. An XDP
+/// link on a device that is no external device of the config is extra.
+pub fn xdp_differences(
+    acceleration: ferry_model::Acceleration,
+    externals: &[String],
+    devs: &[DeviceXdp],
+    fallbacks: &[Fallback],
+) -> Vec<Difference> {
+    use ferry_model::Acceleration::*;
+    let mut out = Vec::new();
+    let diff = |kind, entry| Difference { kind, map: XDP_LINK, entry };
+    for name in externals {
+        let link = devs.iter().find(|d| &d.device == name).and_then(|d| d.xdp.as_ref());
+        let fell_back = fallbacks.iter().any(|f| &f.device == name);
+        match (acceleration, link) {
+            (Disabled, None) => {}
+            (Disabled, Some(x)) => out.push(diff(
+                "extra",
+                format!(
+                    "{name}: program {} (link {}) attached while acceleration is disabled",
+                    x.program_id, x.link_id
+                ),
+            )),
+            (Native, None) | (BestEffort, None) if !(acceleration == BestEffort && fell_back) => out
+                .push(diff("missing", format!("{name}: no ferry XDP program attached (acceleration {acceleration})"))),
+            (_, None) => {}
+            (_, Some(x)) if x.ifindex == 0 => {
+                out.push(diff("wrong", format!("{name}: link {} detached (its device went away)", x.link_id)))
+            }
+            (_, Some(x)) if x.mode.is_some_and(|m| m != XdpMode::Native) => out.push(diff(
+                "wrong",
+                format!(
+                    "{name}: link {} attached, but the device runs it as: {}",
+                    x.link_id,
+                    x.mode.unwrap_or(XdpMode::Other)
+                ),
+            )),
+            (_, Some(_)) => {}
+        }
+    }
+    for d in devs.iter().filter(|d| !externals.contains(&d.device)) {
+        if let Some(x) = &d.xdp {
+            out.push(diff(
+                "extra",
+                format!(
+                    "{}: program {} (link {}) on a device that is not an external device of the node config",
+                    d.device, x.program_id, x.link_id
+                ),
+            ));
+        }
+    }
+    out
 }
 
 /// Every difference between `dump` (read from the kernel) and `plan` on a node of `rt`.
@@ -294,6 +358,41 @@ mod tests {
         }
         d.addrs.sort_unstable();
         d
+    }
+
+    #[test]
+    fn xdp_links_are_checked_against_the_acceleration_setting() {
+        use ferry_bpf::acceleration::XdpLink;
+        use ferry_model::Acceleration::*;
+        let link = |mode| XdpLink { link_id: 7, program_id: 70, ifindex: 2, mode };
+        let dev = |name: &str, external, xdp| DeviceXdp { device: name.into(), external, xdp };
+        let ext = vec!["eth0".to_string(), "eth1".to_string()];
+        let both = [dev("eth0", true, Some(link(Some(XdpMode::Native)))), dev("eth1", true, Some(link(None)))];
+        assert_eq!(xdp_differences(Native, &ext, &both, &[]), vec![]);
+        assert_eq!(xdp_differences(BestEffort, &ext, &both, &[]), vec![]);
+        let off = xdp_differences(Disabled, &ext, &both, &[]);
+        assert_eq!(off.iter().map(|d| d.kind).collect::<Vec<_>>(), ["extra", "extra"], "{off:#?}");
+        assert!(off[0].entry.contains("eth0: program 70 (link 7) attached while acceleration is disabled"), "{off:#?}");
+
+        let one = [dev("eth0", true, Some(link(Some(XdpMode::Native)))), dev("eth1", true, None)];
+        let missing = xdp_differences(Native, &ext, &one, &[]);
+        assert_eq!(missing.len(), 1, "{missing:#?}");
+        assert_eq!((missing[0].kind, missing[0].map), ("missing", XDP_LINK));
+        assert!(missing[0].entry.starts_with("eth1: no ferry XDP program attached (acceleration native)"));
+        assert_eq!(xdp_differences(BestEffort, &ext, &one, &[]).len(), 1, "best-effort without a recorded fallback");
+        let fell = [Fallback { device: "eth1".into(), reason: "Operation not supported".into() }];
+        assert_eq!(xdp_differences(BestEffort, &ext, &one, &fell), vec![], "a recorded fallback is no drift");
+        assert_eq!(xdp_differences(Native, &ext, &one, &fell).len(), 1, "native has no fallback");
+        assert_eq!(xdp_differences(Disabled, &ext, &[dev("eth0", true, None)], &[]), vec![]);
+
+        let odd = [
+            dev("eth0", true, Some(XdpLink { ifindex: 0, ..link(None) })),
+            dev("eth1", true, Some(link(Some(XdpMode::Generic)))),
+            dev("eth9", false, Some(link(Some(XdpMode::Native)))),
+        ];
+        let got = xdp_differences(Native, &ext, &odd, &[]);
+        let kinds: Vec<_> = got.iter().map(|d| (d.kind, d.entry.split(':').next().unwrap_or(""))).collect();
+        assert_eq!(kinds, [("wrong", "eth0"), ("wrong", "eth1"), ("extra", "eth9")], "{got:#?}");
     }
 
     #[test]

@@ -352,6 +352,7 @@ impl Drop for Lab {
                 let _ = self.sb.kill(pid);
             }
             let _ = ferry_bpf::uninstall(&n.pin_dir);
+            crate::agent::sync::remove_run_files(&n.pin_dir);
             // The node's defrag loop lives in a namespace of its own, which outlives the node's.
             if let Ok(meta) = std::fs::metadata(self.sb.netns_path(&n.host)) {
                 use std::os::unix::fs::MetadataExt;

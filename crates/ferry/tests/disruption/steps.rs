@@ -537,34 +537,9 @@ fn steps_on(datapath: &str, tag: &str, source: Source) {
             synced_since(lab, last, "the last burst write");
             (0, 0)
         }));
-    }
-    // Once, after the rounds (a run of these steps in every round was followed, in
-    // the later rounds, by NodePort connections lost in the other steps too: not
-    // understood yet, see README "Disruption suite").
-    if let Some(objects) = &layout_1 {
-        // The way back: this build converts the datapath to layout 1 while it
-        // serves, and the previous release's programs take the links over (as
-        // its agent's install does); no agent runs until the next step.
-        rows.push(measure(
-            &mut lab,
-            &clients,
-            "downgrade to layout 1 (previous release's programs)",
-            &total_rx,
-            |lab| {
-                lab.kill_agent(node).unwrap();
-                downgrade_to_layout_1(lab, node, objects);
-                (0, 0)
-            },
-        ));
-        // And forth: this build's agent migrates the layout-1 datapath.
-        rows.push(measure(&mut lab, &clients, "upgrade from layout 1 (agent migrates)", &total_rx, |lab| {
-            let before = lab.agent_log(node).len();
-            lab.start_agent(node).unwrap();
-            let log = lab.agent_log(node);
-            let log = log.get(before..).unwrap_or(&log);
-            assert!(log.contains("migrated_from_layout=1"), "the agent did not migrate layout 1:\n{log}");
-            (0, 0)
-        }));
+        if let Some(objects) = &layout_1 {
+            layout_cycle(&mut lab, &clients, &total_rx, node, objects, &mut rows);
+        }
     }
     for pid in [udp_pid, np_pid, ow_pid] {
         let _ = lab.sb.kill(pid);
@@ -597,7 +572,7 @@ fn steps_on(datapath: &str, tag: &str, source: Source) {
              the pod and to a NodePort from outside; one-way (`statsd`) counted by the receiving pods. The \
              burst step moves 50 of the `burst` service's 100 endpoints every 500 ms ({BURST_WRITES} writes, \
              {} endpoint changes).{}",
-            if layout_1.is_some() { ", then the two layout steps once" } else { "" },
+            if layout_1.is_some() { ", each round ending with the two layout steps" } else { "" },
             BURST_WRITES * 2 * BURST_SHIFT,
             if layout_1.is_some() {
                 format!(
@@ -630,6 +605,37 @@ fn steps_on(datapath: &str, tag: &str, source: Source) {
             r.step
         );
     }
+}
+
+/// The way back and forth across a map layout change, two measured steps on
+/// `node`'s bpf datapath: this build converts the datapath to layout 1 while
+/// it serves and the previous release's programs (`objects`) take the links
+/// over, as its agent's install does (no agent runs until the next step);
+/// then this build's agent migrates the layout-1 datapath.
+fn layout_cycle(
+    lab: &mut Lab,
+    clients: &Clients,
+    total_rx: &dyn Fn() -> u64,
+    node: usize,
+    objects: &[PathBuf; 2],
+    rows: &mut Vec<StepResult>,
+) {
+    rows.push(measure(lab, clients, "downgrade to layout 1 (previous release's programs)", total_rx, |lab| {
+        lab.kill_agent(node).unwrap();
+        downgrade_to_layout_1(lab, node, objects);
+        (0, 0)
+    }));
+    rows.push(measure(lab, clients, "upgrade from layout 1 (agent migrates)", total_rx, |lab| {
+        let before = lab.agent_log(node).len();
+        lab.start_agent(node).unwrap();
+        let log = lab.agent_log(node);
+        let log = log.get(before..).unwrap_or(&log);
+        assert!(log.contains("migrated_from_layout=1"), "the agent did not migrate layout 1:\n{log}");
+        for line in log.lines().filter(|l| l.contains("copied the live entries")) {
+            eprintln!("disruption: {line}");
+        }
+        (0, 0)
+    }));
 }
 
 /// Runs `ferry datapath downgrade --to-layout 1` on `node`'s datapath (its

@@ -18,6 +18,7 @@ use crate::conformance::kernel::{
     Built, KernelRunner, LabSpec, NODE_UNDER_TEST, REMOTE_NODE, connect_opts, debug_dump, dsr_expectation,
     matches_in_mode, observe_held, remote_addresses, run_flow,
 };
+use crate::lab::At;
 use anyhow::Context;
 use ferry_model::acceptance::{Expected, Observed, ParsedFlow};
 use ferry_model::{Plan, Protocol, ServicePortId, build_plan};
@@ -50,13 +51,14 @@ struct Held {
     service: Option<ServicePortId>,
 }
 
-/// `sc` in `runner`'s `loadBalancing.mode` (over the scenario's). In dsr and
+/// `sc` in `runner`'s `loadBalancing.mode` and `acceleration` (over the scenario's). In dsr and
 /// hybrid, every step's state also holds the remote node's Node object, its
 /// pod ranges the endpoints any step places on other nodes (as for a flow
 /// case: `crate::conformance::dsr`), so the node under test can tunnel to it.
 fn in_mode(runner: &KernelRunner, sc: &ParsedScenario) -> ParsedScenario {
     let mut sc = sc.clone();
     sc.cfg.load_balancing = runner.lb_mode;
+    sc.cfg.acceleration = runner.acceleration;
     if runner.lb_mode == ferry_model::LoadBalancingMode::Snat {
         return sc;
     }
@@ -92,6 +94,7 @@ pub fn run(runner: &KernelRunner, sc: &ParsedScenario) -> Vec<Check> {
         }
     };
     let mut out = Vec::new();
+    out.extend(xdp_attached(&b, sc, 0, "the agent's start"));
     let mut held: Vec<Held> = Vec::new();
     let mut current = sc.node_state.clone();
     for (j, step) in sc.steps.iter().enumerate() {
@@ -114,10 +117,14 @@ pub fn run(runner: &KernelRunner, sc: &ParsedScenario) -> Vec<Check> {
                 });
             }
         }
-        if step.restart_agent
-            && let Err(e) = restart(&mut b)
-        {
-            out.push(Check { label: sc.label(j, "restart the agent"), outcome: Outcome::Failed(format!("{e:#}")) });
+        if step.restart_agent {
+            match restart(&mut b) {
+                Ok(()) => out.extend(xdp_attached(&b, sc, j, "the restart")),
+                Err(e) => out.push(Check {
+                    label: sc.label(j, "restart the agent"),
+                    outcome: Outcome::Failed(format!("{e:#}")),
+                }),
+            }
         }
         if step.resync
             && let Err(e) = resync(&mut b)
@@ -160,6 +167,24 @@ pub fn run(runner: &KernelRunner, sc: &ParsedScenario) -> Vec<Check> {
         let _ = b.lab.sb.kill(h.pid);
     }
     out
+}
+
+/// With `acceleration: native`, the check that the node under test's uplink
+/// runs ferry's XDP program in driver mode through its pinned link after
+/// `when` (a scenario passing on tc alone would prove nothing about XDP).
+fn xdp_attached(b: &Built, sc: &ParsedScenario, step: usize, when: &str) -> Option<Check> {
+    if sc.cfg.acceleration == ferry_model::Acceleration::Disabled {
+        return None;
+    }
+    let label = sc.label(step, &format!("XDP in driver mode on the node's uplink after {when}"));
+    let link = b.lab.ip(At::Node(NODE_UNDER_TEST), &["-d", "link", "show", "dev", "eth0"]);
+    let pin = b.lab.nodes[NODE_UNDER_TEST].pin_dir.join("links/xdp_ext_eth0");
+    let outcome = match link {
+        Ok(l) if l.contains("prog/xdp") && !l.contains("xdpgeneric") && pin.exists() => Outcome::Passed,
+        Ok(l) => Outcome::Failed(format!("no native XDP program with a pinned link ({}) on eth0:\n{l}", pin.display())),
+        Err(e) => Outcome::Failed(format!("reading eth0: {e:#}")),
+    };
+    Some(Check { label, outcome })
 }
 
 fn nanos(t: SystemTime) -> u128 {
