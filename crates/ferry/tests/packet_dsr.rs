@@ -375,29 +375,38 @@ fn hairpin_and_pod_to_nodeport_still_work_in_dsr_mode() {
     }
 }
 
-/// A held DSR connection survives both agents restarting: node-a's
-/// `ferry_dsr` entry and node-b's conntrack entries are pinned, the
-/// restarted agents adopt them (and `ferry_tunnels`), and the connection
-/// keeps answering from b21 with the client's address, through the tunnel.
+/// Held DSR connections, one per family, survive both agents restarting:
+/// node-a's `ferry_dsr` and `ferry_dsr6` entries and node-b's conntrack
+/// entries are pinned, the restarted agents adopt them (and `ferry_tunnels`,
+/// `ferry_tunnels6`), and both connections keep answering from b21 with the
+/// client's address, through the tunnel.
 #[test]
 fn an_agent_restart_keeps_dsr_flows() {
     use std::io::{BufRead, BufReader, Write};
     let mut c = cluster("dsrrst", "dsr", &[B21], &[B21]);
     let lab = &mut c.lab;
-    let fe = SocketAddr::new(node_a(lab), node_port(Proto::Tcp));
-    let (_pid, mut stdin, stdout) =
-        lab.spawn_held(CLIENT, &opts(Proto::Tcp, fe, Some(client_ip())), Duration::from_secs(120)).unwrap();
-    let (tx, replies) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().take(1000) {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
+    // Each held connection: its client address, stdin, and the lines it printed.
+    let mut held = Vec::new();
+    for (client, node) in [(client_ip(), node_a(lab)), (client_ip6(), node_a6(lab))] {
+        let fe = SocketAddr::new(node, node_port(Proto::Tcp));
+        let (_pid, stdin, stdout) =
+            lab.spawn_held(CLIENT, &opts(Proto::Tcp, fe, Some(client)), Duration::from_secs(120)).unwrap();
+        let (tx, replies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().take(1000) {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-        }
-    });
-    // Each exchange: the server that answered and the client address it saw.
-    let mut exchange = |first: bool| -> Result<(String, IpAddr), String> {
+        });
+        held.push((client, stdin, replies));
+    }
+    // One exchange: the server that answered and the client address it saw.
+    let exchange = |stdin: &mut std::process::ChildStdin,
+                    replies: &std::sync::mpsc::Receiver<String>,
+                    first: bool|
+     -> Result<(String, IpAddr), String> {
         if !first {
             stdin.write_all(b"x\n").and_then(|_| stdin.flush()).map_err(|e| format!("writing: {e}"))?;
         }
@@ -406,19 +415,30 @@ fn an_agent_restart_keeps_dsr_flows() {
         let o: ferry_sandbox::probe::Observation = serde_json::from_str(&line).map_err(|e| format!("{line}: {e}"))?;
         o.reply().map(|r| (r.server.clone(), r.server_peer.ip())).ok_or_else(|| format!("{o:?}"))
     };
-    let want = Ok((B21.name(), client_ip()));
-    assert_eq!(exchange(true), want, "the held connection did not open by DSR\n{}", diag(lab));
-    let encap0 = counters(lab, NODE_A)["dsr_encap"];
+    for (client, stdin, replies) in held.iter_mut() {
+        let want = Ok((B21.name(), *client));
+        assert_eq!(exchange(stdin, replies, true), want, "{client}: did not open by DSR\n{}", diag(lab));
+    }
+    let a0 = counters(lab, NODE_A);
+    assert_eq!(a0["dsr_new_flow"], 2, "one DSR flow per family: {a0:?}");
     for node in [NODE_A, NODE_B] {
         lab.kill_agent(node).unwrap();
         lab.start_agent(node).unwrap_or_else(|e| panic!("restarting the agent of node {node}: {e:#}"));
     }
-    for i in 0..3 {
-        assert_eq!(exchange(false), want, "exchange {i} after the restarts\n{}", diag(lab));
+    for (client, stdin, replies) in held.iter_mut() {
+        let want = Ok((B21.name(), *client));
+        for i in 0..3 {
+            assert_eq!(
+                exchange(stdin, replies, false),
+                want,
+                "{client}: exchange {i} after the restarts\n{}",
+                diag(lab)
+            );
+        }
     }
     let a = counters(lab, NODE_A);
-    assert!(a["dsr_encap"] > encap0, "the exchanges after the restart went through the tunnel: {a:?}");
-    assert_eq!(a["dsr_new_flow"], 1, "the held flow was not balanced again: {a:?}");
+    assert!(a["dsr_encap"] >= a0["dsr_encap"] + 6, "the exchanges after the restart went through the tunnel: {a:?}");
+    assert_eq!(a["dsr_new_flow"], 2, "the held flows were not balanced again: {a:?}");
 }
 
 /// The pass-through fast path keeps out of a DSR flow's way: node-a's
