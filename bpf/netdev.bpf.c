@@ -194,8 +194,7 @@ static __always_inline int track(struct __sk_buff *skb, struct pkt *p, const str
 		return drop_packet(STAT_DROP_REWRITE);
 	/* DSR: a local endpoint's SYN-ACK to a client whose address was kept (dsr.h). */
 	if (dir == CT_REPLY && (cfg->flags & CFG_DSR_ANY) && p->proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN) &&
-	    p->family == FAM_V4 && !(v_flags & CT_SNAT) && !lb_in_range(RANGE_POD, FAM_V4, p->dst) &&
-	    dsr_clamp_mss(skb, p) < 0)
+	    !(v_flags & CT_SNAT) && !lb_in_range(RANGE_POD, p->family, p->dst) && dsr_clamp_mss(skb, p) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_PKT_FORWARD);
 	return deliver(skb, p, hook);
@@ -273,7 +272,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
 	/* DSR: a remote backend's node answers the client itself (dsr.h); a
 	 * backend whose node is unknown is reached by SNAT, as in snat mode. */
 	if (hook == HOOK_FROM_NETDEV && !(be->flags & BE_LOCAL) && !addr_eq(p->src, bdst) &&
-	    dsr_wanted(cfg, p, fe->kind, class) && dsr_pick(bdst[0], bport, id, service))
+	    dsr_wanted(cfg, p, fe->kind, class) && dsr_pick(p->family, bdst, bport, id, service))
 		return RC_DSR;
 	/* A port change rewrites SCTP's CRC32c from the packet's length, which a first fragment
 	 * tells only when it comes back from the defrag loop (none on this node, or it failed). */
@@ -314,15 +313,16 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p, const 
  * set. Tracked like any flow without SNAT, so the reply entry sends the
  * pod's replies from the frontend straight to the client. */
 static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
-						    __be16 tag)
+						    __u32 tag)
 {
 	__u64 now = bpf_ktime_get_ns();
-	struct fe_key k = { .port = p->dport, .proto = p->proto, .family = FAM_V4 };
+	struct fe_key k = { .port = p->dport, .proto = p->proto, .family = p->family };
 
-	k.addr[0] = p->dst[0];
+	__builtin_memcpy(k.addr, p->dst, 16);
 	struct fe_val *fe = bpf_map_lookup_elem(&ferry_frontends, &k);
 	if (!fe) {
-		k.addr[0] = 0; /* a NodePort, on the balancing node's address */
+		/* a NodePort, on the balancing node's address */
+		__builtin_memset(k.addr, 0, sizeof(k.addr));
 		fe = bpf_map_lookup_elem(&ferry_frontends, &k);
 	}
 	if (!fe || fe->kind == FE_CLUSTER_IP || fe->kind == FE_CLUSTER_IP_ANY_PORT)
@@ -331,7 +331,7 @@ static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struc
 	struct svc_val *svc = bpf_map_lookup_elem(&ferry_services, &service);
 	if (!svc)
 		return drop_packet(STAT_DROP_NO_ENDPOINT);
-	__u32 id = dsr_local_endpoint(service, svc, tag);
+	__u32 id = dsr_local_endpoint(service, svc, p->family, tag);
 	struct backend *be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
 	if (!id)
 		stat_inc(STAT_DSR_ENDPOINT_FALLBACK);
@@ -348,7 +348,7 @@ static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struc
 		id = lb_pick(service, svc, SET_LOCAL, &aff);
 		be = id ? bpf_map_lookup_elem(&ferry_backends, &id) : NULL;
 	}
-	if (!be || be->family != FAM_V4 || !(be->flags & BE_LOCAL))
+	if (!be || be->family != p->family || !(be->flags & BE_LOCAL))
 		return drop_packet(STAT_DROP_NO_ENDPOINT);
 	__u32 bdst[4];
 	__builtin_memcpy(bdst, be->addr, 16);
@@ -357,7 +357,7 @@ static __attribute__((noinline)) int tunnelled_flow(struct __sk_buff *skb, struc
 	__u32 ifindex = fwd_egress(skb, p, bdst, &local);
 	if (!ifindex)
 		return drop_packet(STAT_DROP_NO_ROUTE);
-	if (!note_peer(FAM_V4, bdst))
+	if (!note_peer(p->family, bdst))
 		return drop_packet(STAT_DROP_PEERS_FULL);
 	__u32 why = STAT_DROP_CT_INSERT;
 	__be16 nsport = ct_create(p, cfg, p->src, p->sport, bdst, bport, 0, service, id, now, &why);
@@ -422,16 +422,17 @@ static __attribute__((noinline)) int handle_new(struct __sk_buff *skb, struct pk
  * inner packet names the frontend on the other node, which the fast path
  * would pass on, and never is a fragment (dsr_wanted): none of the steps
  * of `handle` but these two apply. */
-static __attribute__((noinline)) int from_tunnel(struct __sk_buff *skb, struct pkt *p, const struct config *cfg)
+static __attribute__((noinline)) int from_tunnel(struct __sk_buff *skb, struct pkt *p, const struct config *cfg,
+						 __u8 family)
 {
-	__be16 tag = dsr_carried_tag(skb);
+	__u32 tag = dsr_carried_tag(skb, family);
 
-	if (dsr_decap(skb) < 0)
+	if (dsr_decap(skb, family) < 0)
 		return drop_packet(STAT_DROP_REWRITE);
 	stat_inc(STAT_DSR_DECAP);
 	if (!parse(skb, p))
 		return TC_ACT_OK;
-	if (p->frag != FRAG_NONE)
+	if (p->frag != FRAG_NONE || p->family != family)
 		return drop_packet(STAT_DROP_UNSUPPORTED);
 	int rc = handle_tracked(skb, p, cfg, HOOK_FROM_TUNNEL, 1);
 	return rc >= 0 ? rc : tunnelled_flow(skb, p, cfg, tag);
@@ -489,8 +490,11 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 	if (!cfg)
 		return TC_ACT_OK;
 	/* DSR: another node's tunnel to one of our endpoints (dsr.h). */
-	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY) && dsr_is_tunnelled(skb))
-		return from_tunnel(skb, &p, cfg);
+	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY)) {
+		int tunnel = dsr_is_tunnelled(skb);
+		if (tunnel != DSR_TUNNEL_NONE)
+			return from_tunnel(skb, &p, cfg, tunnel == DSR_TUNNEL_V4 ? FAM_V4 : FAM_V6);
+	}
 	enum glance glance = glance_at(skb, cfg, hook);
 	/* Back from the defrag loop (mark cleared here): never sent into it again. */
 	int back = loop_back(skb);
@@ -498,7 +502,7 @@ static __always_inline int handle(struct __sk_buff *skb, enum hook hook)
 		return TC_ACT_OK;
 	/* DSR: a flow this node tunnels goes on the same way (dsr.h). Its
 	 * packets are sent to a frontend address (ferry_addrs). */
-	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY) && p.family == FAM_V4 && has_ports(p.proto) &&
+	if (hook == HOOK_FROM_NETDEV && (cfg->flags & CFG_DSR_ANY) && has_ports(p.proto) &&
 	    (glance == GLANCE_TO_ADDR || !(cfg->flags & CFG_FAST_PASS))) {
 		int rc = dsr_tracked(skb, &p, cfg);
 		if (rc >= 0)
@@ -559,18 +563,33 @@ __attribute__((noinline)) int xdp_dsr_tracked(struct xdp_md *ctx, struct pkt *p,
 		return -1;
 	__u64 now = bpf_ktime_get_ns();
 	ct_key_of(&k, p, CT_ORIGINAL);
-	struct dsr_val *v = bpf_map_lookup_elem(&ferry_dsr, &k);
+	if (p->family == FAM_V4) {
+		struct dsr_val *v = bpf_map_lookup_elem(&ferry_dsr, &k);
+		if (!v)
+			return -1;
+		if (dsr_over(v, p, now))
+			return xdp_pass(STAT_XDP_PASS_TC);
+		out->dst[0] = v->via;
+		if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR_OVERHEAD, out))
+			return xdp_pass(STAT_XDP_PASS_FIB);
+		dsr_refresh(v, p, cfg, now);
+		out->via[0] = v->via;
+		out->outer_src[0] = v->outer_src;
+		out->tag = dsr_tag_of(FAM_V4, &v->backend_addr);
+		return XDP_DO_TUNNEL;
+	}
+	struct dsr6_val *v = bpf_map_lookup_elem(&ferry_dsr6, &k);
 	if (!v)
 		return -1;
-	if (dsr_over(v, p, now))
+	if (dsr_over_(v->flags, v->expires_ns, p, now))
 		return xdp_pass(STAT_XDP_PASS_TC);
-	out->dst[0] = v->via;
-	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR_OVERHEAD, out))
+	__builtin_memcpy(out->dst, v->via, 16);
+	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR6_OVERHEAD, out))
 		return xdp_pass(STAT_XDP_PASS_FIB);
-	dsr_refresh(v, p, cfg, now);
-	out->via = v->via;
-	out->outer_src = v->outer_src;
-	out->tag = dsr_endpoint_tag(v->backend_addr);
+	dsr_refresh_(&v->flags, &v->expires_ns, p, cfg, now);
+	__builtin_memcpy(out->via, v->via, 16);
+	__builtin_memcpy(out->outer_src, v->outer_src, 16);
+	out->tag = dsr_tag_of(FAM_V6, v->backend_addr);
 	return XDP_DO_TUNNEL;
 }
 
@@ -618,29 +637,38 @@ __attribute__((noinline)) int xdp_tracked(struct xdp_md *ctx, struct pkt *p, con
 
 /* A new flow DSR carries (new_flow's RC_DSR, then dsr_new_flow), to the
  * backend `id` that out names. */
-static __always_inline int xdp_dsr_new(struct xdp_md *ctx, struct pkt *p, const struct config *cfg, __u32 via,
-				       __u32 id, __u32 service, struct xdp_out *out)
+static __always_inline int xdp_dsr_new(struct xdp_md *ctx, struct pkt *p, const struct config *cfg,
+				       const __u32 *via, __u32 id, __u32 service, struct xdp_out *out)
 {
-	__u32 zero = 0, backend_addr = out->dst[0];
+	__u32 zero = 0, backend_addr[4];
 	__be16 backend_port = out->dport;
 	struct ct_scratch *s = bpf_map_lookup_elem(&ferry_ct_scratch, &zero);
 
 	if (!s)
 		return xdp_pass(STAT_XDP_PASS_TC);
-	out->dst[0] = via;
-	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + DSR_OVERHEAD, out))
+	__builtin_memcpy(backend_addr, out->dst, 16);
+	__builtin_memcpy(out->dst, via, 16);
+	if (!xdp_route(ctx, p, out->dst, xdp_l3_len(ctx) + dsr_overhead(p->family), out))
 		return xdp_pass(STAT_XDP_PASS_FIB);
-	fwd_snat_address(cfg, out->ifindex, FAM_V4, out->src);
-	s->dsr.via = via;
-	s->dsr.backend = id;
-	s->dsr.service = service;
-	s->dsr.backend_addr = backend_addr;
-	s->dsr.backend_port = backend_port;
-	if (dsr_record(s, p, cfg, out->src[0]) < 0)
+	fwd_snat_address(cfg, out->ifindex, p->family, out->src);
+	if (p->family == FAM_V4) {
+		s->dsr.via = via[0];
+		s->dsr.backend = id;
+		s->dsr.service = service;
+		s->dsr.backend_addr = backend_addr[0];
+		s->dsr.backend_port = backend_port;
+	} else {
+		__builtin_memcpy(s->dsr6.via, via, 16);
+		s->dsr6.backend = id;
+		s->dsr6.service = service;
+		__builtin_memcpy(s->dsr6.backend_addr, backend_addr, 16);
+		s->dsr6.backend_port = backend_port;
+	}
+	if (dsr_record(s, p, cfg, out->src) < 0)
 		return xdp_pass(STAT_XDP_PASS_TC);
-	out->via = via;
-	out->outer_src = out->src[0];
-	out->tag = dsr_endpoint_tag(backend_addr);
+	__builtin_memcpy(out->via, via, 16);
+	__builtin_memcpy(out->outer_src, out->src, 16);
+	out->tag = dsr_tag_of(p->family, backend_addr);
 	stat_inc(STAT_XDP_NEW_FLOW);
 	return XDP_DO_TUNNEL;
 }
@@ -683,8 +711,15 @@ __attribute__((noinline)) int xdp_new(struct xdp_md *ctx, struct pkt *p, const s
 	__builtin_memcpy(out->dst, be->addr, 16);
 	out->dport = be->port;
 	if (dsr_wanted(cfg, p, fe->kind, class)) {
-		__u32 via = dsr_tunnel_of(out->dst[0]);
-		if (via)
+		__u32 via[4] = {};
+		int known;
+		if (p->family == FAM_V4) {
+			via[0] = dsr_tunnel_of(out->dst[0]);
+			known = via[0] != 0;
+		} else {
+			known = dsr6_tunnel_of(out->dst, via);
+		}
+		if (known)
 			return xdp_dsr_new(ctx, p, cfg, via, id, service, out);
 		stat_inc(STAT_DSR_NO_TUNNEL);
 	}
@@ -721,7 +756,7 @@ int ferry_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (seen == XDP_SEEN_SHAPE)
 		return xdp_pass(STAT_XDP_PASS_SHAPE);
-	if ((cfg->flags & CFG_DSR_ANY) && p.family == FAM_V4)
+	if (cfg->flags & CFG_DSR_ANY)
 		rc = xdp_dsr_tracked(ctx, &p, cfg, &out);
 	if (rc < 0) {
 		/* As in handle: to a SNAT port, the reply direction first. */

@@ -26,6 +26,7 @@
 #define ICMP_FRAG_NEEDED_ 4
 #define ICMPV6_DEST_UNREACH_ 1
 #define ICMPV6_PORT_UNREACH_ 4
+#define ICMPV6_PKT_TOOBIG_ 2
 /* What an ICMPv4 error quotes: the IP header (options-free) and 8 bytes. */
 #define QUOTE4 28
 /* ICMPv6 quotes as much as fits; ferry quotes the header and 8 bytes too. */
@@ -92,11 +93,14 @@ static __always_inline int reject4(struct __sk_buff *skb, const struct pkt *p)
 	return icmp4_answer(skb, p, ICMP_DEST_UNREACH_, ICMP_PORT_UNREACH_, 0);
 }
 
-static __always_inline int reject6(struct __sk_buff *skb, const struct pkt *p)
+/* Turns an IPv6 packet, in place, into the ICMPv6 error type/code quoting
+ * it, from its destination back to its source; `mtu` is the MTU of "packet
+ * too big" (0 otherwise: the field is unused). */
+static __always_inline int icmp6_answer(struct __sk_buff *skb, const struct pkt *p, __u8 type, __u8 code, __u32 mtu)
 {
 	__u8 quote[QUOTE6];
 	struct ipv6hdr ip6 = {};
-	__u8 icmp[8] = { ICMPV6_DEST_UNREACH_, ICMPV6_PORT_UNREACH_ };
+	__u8 icmp[8] = { type, code, 0, 0, mtu >> 24, (mtu >> 16) & 0xff, (mtu >> 8) & 0xff, mtu & 0xff };
 	__u32 icmp_off = ETH_HLEN_ + IP6_HLEN;
 	struct {
 		__u32 src[4];
@@ -132,6 +136,11 @@ static __always_inline int reject6(struct __sk_buff *skb, const struct pkt *p)
 	    bpf_skb_store_bytes(skb, icmp_off + 8, quote, sizeof(quote), 0) < 0 || swap_macs(skb) < 0)
 		return -1;
 	return 0;
+}
+
+static __always_inline int reject6(struct __sk_buff *skb, const struct pkt *p)
+{
+	return icmp6_answer(skb, p, ICMPV6_DEST_UNREACH_, ICMPV6_PORT_UNREACH_, 0);
 }
 
 /* Answers the packet with port unreachable and consumes it. */

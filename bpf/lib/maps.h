@@ -27,7 +27,7 @@
  * the same size, and record in crates/ferry-bpf/src/layout.rs which maps
  * changed. A pinned datapath without ferry_meta is layout 0 (before
  * versioning). The agent compares before adopting (README: Upgrades). */
-#define FERRY_LAYOUT 5
+#define FERRY_LAYOUT 6
 
 struct meta {
 	__u32 layout; /* FERRY_LAYOUT of the agent that programmed these maps */
@@ -476,6 +476,21 @@ struct dsr_val {
 	__u64 expires_ns;
 };
 
+/* ferry_dsr6's value: dsr_val with IPv6 addresses (the IPv6 flows DSR
+ * carries, IPv6 in IPv6; dsr.h). */
+struct dsr6_val {
+	__u32 outer_src[4];    /* this node's address the tunnel leaves from */
+	__u32 via[4];          /* the backend's node */
+	__u32 backend_addr[4]; /* the endpoint; its low 20 bits go in the outer flow label (dsr.h) */
+	__u32 backend;         /* backend id, as ct_val.backend */
+	__u32 service;
+	__u8 flags;            /* DSR_* */
+	__u8 pad;
+	__be16 backend_port;
+	__u32 pad2;
+	__u64 expires_ns;
+};
+
 /* Room for ct_create's values and its NAT port walk, off the tc programs'
  * stack (at its 512-byte limit). Per CPU, not pinned: it lives for one packet. */
 struct ct_scratch {
@@ -489,7 +504,8 @@ struct ct_scratch {
 	__u8 icmp;           /* ICMP echo: the identifier is both "ports" */
 	__u8 found;          /* the walk wrote the reply entry */
 	__u16 pad;
-	struct dsr_val dsr;  /* dsr_new_flow's entry (its key in rk) */
+	struct dsr_val dsr;  /* dsr_new_flow's entry for an IPv4 flow (its key in rk) */
+	struct dsr6_val dsr6; /* ... for an IPv6 flow */
 };
 
 struct {
@@ -572,7 +588,7 @@ struct {
 /* The tunnel table: a remote backend's address -> the IPv4 address of its
  * node, the outer destination of its tunnelled packets. The agent writes
  * every other node's pod ranges and its own addresses (/32), from the Node
- * objects (ferry_model::dsr::tunnels). IPv4 only. Also tells a tunnelled
+ * objects (ferry_model::dsr::tunnels). IPv4 (IPv6: ferry_tunnels6). Also tells a tunnelled
  * packet's outer source apart as a node's (its own /32 entry names it). */
 struct tunnel_key {
 	__u32 prefixlen; /* 0..32 */
@@ -595,5 +611,37 @@ struct {
 	__type(value, struct dsr_val);
 	PIN_BY_NAME;
 } ferry_dsr SEC(".maps");
+
+/* The same two for IPv6 (layout 6): maps of their own rather than a family
+ * in the IPv4 ones' keys and values, so that those stay as layout 4 made
+ * them (adopted both ways across the change). ferry_tunnels6: a remote
+ * backend's IPv6 address -> its node's IPv6 address (the same rows as
+ * ferry_tunnels, for the other family). */
+struct tunnel6_key {
+	__u32 prefixlen; /* 0..128 */
+	__u32 addr[4];   /* network order */
+};
+
+struct tunnel6_val {
+	__u32 addr[4]; /* the node's address, network order */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 16384);
+	__type(key, struct tunnel6_key);
+	__type(value, struct tunnel6_val);
+	PIN_BY_NAME;
+} ferry_tunnels6 SEC(".maps");
+
+/* The balancing node's IPv6 DSR flows: as ferry_dsr (the key's family is 6). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct ct_key);
+	__type(value, struct dsr6_val);
+	PIN_BY_NAME;
+} ferry_dsr6 SEC(".maps");
 
 #endif

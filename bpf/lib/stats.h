@@ -70,12 +70,12 @@ enum ferry_stat {
 	STAT_LOOP_SCTP_LEN,       /* the defrag loop noted a reassembled SCTP packet's length (for its CRC32c correction) */
 	/* Direct Server Return (issue 14, dsr.h). */
 	STAT_DSR_NEW_FLOW,        /* an outside connection to a remote backend tunnelled to the backend's node (DSR) */
-	STAT_DSR_ENCAP,           /* packets tunnelled (IPIP) to a backend's node, first ones included */
+	STAT_DSR_ENCAP,           /* packets tunnelled (IPIP, IPv6 in IPv6) to a backend's node, first ones included */
 	STAT_DSR_DECAP,           /* tunnelled packets taken out of their outer header on the backend's node */
 	STAT_DSR_NO_TUNNEL,       /* a DSR candidate whose backend's node is unknown (no ferry_tunnels entry): SNAT instead */
-	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the 20-byte outer header */
-	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60) */
-	STAT_DSR_ENDPOINT_FALLBACK, /* a tunnelled new flow whose carried endpoint (outer IPv4 Identification) names no unique local endpoint of its service: chosen among them here */
+	STAT_DROP_DSR_TOO_BIG,    /* dropped: a DSR packet that would not fit the egress MTU with the outer header (20 bytes, IPv6 40) and could not be answered */
+	STAT_DSR_MSS_CLAMP,       /* SYN-ACKs to a client whose address was kept whose MSS was lowered to fit a DSR tunnel (MTU - 60, IPv6 MTU - 100) */
+	STAT_DSR_ENDPOINT_FALLBACK, /* a tunnelled new flow whose carried endpoint (outer IPv4 Identification, IPv6 flow label) names no unique local endpoint of its service: chosen among them here */
 	STAT_DSR_FRAG_NEEDED,     /* a DSR packet too big for the tunnel, sent with DF: answered with ICMP "fragmentation needed" (MTU - 20) so its sender makes the next ones fit */
 	/* XDP acceleration (issue 14, xdp.h): what the XDP program did with a
 	 * packet sent to an address ferry serves. Drops are never made at XDP:
@@ -91,7 +91,9 @@ enum ferry_stat {
 	STAT_CT_MIRRORED,         /* a downgrade's link switch: a new flow also written into the older layout's rebuilt conntrack table */
 	STAT_CT_STRANDED,         /* entries the agent removed because their flow's other entry belongs to another flow (left by a copy across layouts); written by the agent */
 	STAT_CT_ORPHAN_SYN,       /* a SYN met an open flow whose reply entry is gone (evicted, or left behind by a copy across layouts): the flow is opened anew instead of followed */
-	STAT_CT_REOPENED,         /* while the links switch: this side's copy of a flow gave way to the other build's table, which holds the flow with another translation (ct_reopened) */
+	STAT_CT_REOPENED,         /* while the links switch: this side's closing copy of a flow gave way to the other build's table, which holds it open with another translation (ct_reopened) */
+	/* IPv6 Direct Server Return (issue 14, dsr.h). */
+	STAT_DSR_PKT_TOO_BIG,     /* an IPv6 DSR packet too big for the tunnel: answered with ICMPv6 "packet too big" (MTU - 40) so its sender makes the next ones fit */
 	STAT_COUNT_,
 };
 

@@ -46,10 +46,9 @@ struct xdp_out {
 	__u32 ifindex;
 	__u8 smac[6];
 	__u8 dmac[6];
-	__u32 via;       /* DSR: the backend's node */
-	__u32 outer_src; /* DSR: this node's address the tunnel leaves from */
-	__be16 tag;      /* DSR: the endpoint tag (dsr_endpoint_tag) */
-	__u16 pad;
+	__u32 via[4];       /* DSR: the backend's node (IPv4 in via[0]) */
+	__u32 outer_src[4]; /* DSR: this node's address the tunnel leaves from */
+	__u32 tag;          /* DSR: the endpoint tag (dsr_tag_of) */
 };
 
 static __always_inline int xdp_pass(__u32 why)
@@ -280,10 +279,51 @@ __attribute__((noinline)) int xdp_send(struct xdp_md *ctx, const struct pkt *p, 
 	return xdp_out_to(ctx, eth, out);
 }
 
+/* xdp_send_dsr for an IPv6 packet: hop limit as a router, then an outer
+ * IPv6 header (out->outer_src -> out->via, next header 41, the inner
+ * traffic class, the endpoint tag as flow label) in front. */
+static __always_inline int xdp_send_dsr6(struct xdp_md *ctx, const struct xdp_out *out)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+	if ((void *)(ip6 + 1) > end || ip6->hop_limit <= 1)
+		return XDP_PASS;
+	struct ipv6hdr outer = {};
+	__u32 tclass = (bpf_ntohl(*(__be32 *)ip6) >> 20) & 0xff;
+	__be32 word = bpf_htonl((6u << 28) | (tclass << 20) | (out->tag & FLOW_LABEL_MASK));
+	__builtin_memcpy(&outer, &word, sizeof(word));
+	outer.payload_len = bpf_htons(xdp_l3_len(ctx));
+	outer.nexthdr = IPPROTO_IPV6_;
+	outer.hop_limit = DSR_TTL;
+	__builtin_memcpy(&outer.saddr, out->outer_src, 16);
+	__builtin_memcpy(&outer.daddr, out->via, 16);
+	if (bpf_xdp_adjust_head(ctx, -DSR6_OVERHEAD))
+		return XDP_PASS;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	struct ipv6hdr *o = (void *)(eth + 1);
+	struct ipv6hdr *inner = (void *)(o + 1);
+	if ((void *)(inner + 1) > end) {
+		/* Cannot happen (the frame grew by what was asked); put it back as it was. */
+		bpf_xdp_adjust_head(ctx, DSR6_OVERHEAD);
+		return XDP_PASS;
+	}
+	inner->hop_limit--;
+	__builtin_memcpy(o, &outer, sizeof(outer));
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	stat_inc(STAT_XDP_DSR_ENCAP);
+	return xdp_out_to(ctx, eth, out);
+}
+
 /* Sends a packet of a DSR flow into the tunnel (dsr.h): TTL as a router,
  * then an outer IPv4 header (out->outer_src -> out->via, IPIP, DF, the
  * endpoint tag as Identification) in front, made room for with
- * bpf_xdp_adjust_head. The inner packet is otherwise as it came. */
+ * bpf_xdp_adjust_head (IPv6: xdp_send_dsr6). The inner packet is otherwise
+ * as it came. */
 __attribute__((noinline)) int xdp_send_dsr(struct xdp_md *ctx, const struct xdp_out *out)
 {
 	if (!out)
@@ -293,6 +333,10 @@ __attribute__((noinline)) int xdp_send_dsr(struct xdp_md *ctx, const struct xdp_
 	struct ethhdr *eth = data;
 	struct iphdr *ip = (void *)(eth + 1);
 
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return xdp_send_dsr6(ctx, out);
 	if ((void *)(ip + 1) > end || ip->ttl <= 1)
 		return XDP_PASS;
 	struct iphdr outer = {};
@@ -300,12 +344,12 @@ __attribute__((noinline)) int xdp_send_dsr(struct xdp_md *ctx, const struct xdp_
 	outer.ihl = 5;
 	outer.tos = ip->tos;
 	outer.tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + DSR_OVERHEAD);
-	outer.id = out->tag;
+	outer.id = bpf_htons((__u16)out->tag);
 	outer.frag_off = bpf_htons(IP_DF_);
 	outer.ttl = DSR_TTL;
 	outer.protocol = IPPROTO_IPIP_;
-	outer.saddr = out->outer_src;
-	outer.daddr = out->via;
+	outer.saddr = out->outer_src[0];
+	outer.daddr = out->via[0];
 	__u32 sum = 0;
 	__u16 *w = (__u16 *)&outer;
 	for (int i = 0; i < 10; i++)

@@ -129,6 +129,14 @@ pub struct TunnelKey {
     pub addr: u32,
 }
 
+/// A `ferry_tunnels6` key: a remote backend range (IPv6, network order)
+/// whose packets DSR tunnels to a node, as [`TunnelKey`] for IPv4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TunnelKey6 {
+    pub prefixlen: u32,
+    pub addr: Words,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Config {
     pub host_netns: u64,
@@ -187,6 +195,10 @@ pub enum MapOp {
     /// A DSR tunnel: backends in the range go to the node address (network order).
     PutTunnel(TunnelKey, u32),
     DelTunnel(TunnelKey),
+    /// An IPv6 DSR tunnel (`ferry_tunnels6`): the range and the node address
+    /// (boxed: 36 bytes would double every operation's size).
+    PutTunnel6(Box<(TunnelKey6, Words)>),
+    DelTunnel6(TunnelKey6),
     PutConfig(Box<Config>),
     PutDevice(u32, Box<Device>),
     DelDevice(u32),

@@ -159,6 +159,8 @@ macro_rules! map_list {
             ("ferry_peers", &mut $maps.ferry_peers),
             ("ferry_tunnels", &mut $maps.ferry_tunnels),
             ("ferry_dsr", &mut $maps.ferry_dsr),
+            ("ferry_tunnels6", &mut $maps.ferry_tunnels6),
+            ("ferry_dsr6", &mut $maps.ferry_dsr6),
         ]
     };
 }

@@ -66,6 +66,16 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     ("ferry_dsr", 4),
     // XDP acceleration (issue 14) added no map and changed none: its six
     // counters are slots of ferry_stats's 128 (layout 5), additive.
+    // Layout 6 (IPv6 DSR, issue 14): two new maps, the IPv6 counterparts of
+    // ferry_tunnels and ferry_dsr, added rather than a family put into those
+    // (which stay as layout 4 made them, adopted both ways). ferry_stats
+    // gained one counter (dsr_pkt_too_big) in a slot older programs never
+    // touch, and ferry_config no flag: IPv6 is carried under the same
+    // CFG_DSR_* flags, which a layout-5 program reads as "IPv4 only". A
+    // downgrade below 6 retires both (an older build cannot carry an IPv6
+    // DSR flow on; its agent SNATs the next ones), so neither is FLOW_STATE.
+    ("ferry_tunnels6", 6),
+    ("ferry_dsr6", 6),
 ];
 
 /// A copy of a retired map's live entries into this layout's maps
@@ -391,44 +401,71 @@ mod tests {
         assert_eq!(up, Upgrade::Migrate { from: 0, retire: vec!["b".into()], copy: vec![] });
     }
 
-    /// Layout 5 back to 1: the two conntrack tables merge into one LRU
+    /// Layout 6 back to 1: the two conntrack tables merge into one LRU
     /// `ferry_ct`; `ferry_stats` (128 slots since 5), `ferry_ct_new`, the
-    /// pass-through sets (layout 3) and the DSR maps (layout 4) go, every
-    /// other map stays as it is. Back to 2: the counters, the pass-through sets
-    /// and the DSR maps go; back to 3, the counters and the DSR maps; back to
-    /// 4, only the counters.
+    /// pass-through sets (layout 3) and the DSR maps (layouts 4 and 6) go,
+    /// every other map stays as it is. Back to 2: the counters, the
+    /// pass-through sets and the DSR maps go; back to 3, the counters and the
+    /// DSR maps; back to 4, the counters and the IPv6 DSR maps; back to 5,
+    /// only the IPv6 DSR maps.
     #[test]
     fn a_downgrade_to_layout_1_merges_conntrack_and_keeps_the_rest() {
         let pinned: Vec<String> = CHANGED_IN.iter().map(|(n, _)| n.to_string()).collect();
-        assert_eq!(LAYOUT, 5);
+        assert_eq!(LAYOUT, 6);
         let names = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let down = plan_downgrade(Some(5), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        let dsr6 = ["ferry_tunnels6", "ferry_dsr6"];
+        let with_dsr6 = |v: &[&str]| names(&[v, &dsr6[..]].concat());
+        let down = plan_downgrade(Some(6), 1, LAYOUT, CHANGED_IN, REVERT, &pinned);
         let retire =
-            names(&["ferry_stats", "ferry_ct_new", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
+            with_dsr6(&["ferry_stats", "ferry_ct_new", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
         assert_eq!(
             down,
             Downgrade::Convert {
-                from: 5,
+                from: 6,
                 to: 1,
                 rebuild: vec![("ferry_ct".into(), Reversion::ConntrackMerge)],
                 retire,
             }
         );
-        let down = plan_downgrade(Some(5), 2, LAYOUT, CHANGED_IN, REVERT, &pinned);
-        let retire = names(&["ferry_stats", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
-        assert_eq!(down, Downgrade::Convert { from: 5, to: 2, rebuild: vec![], retire });
-        let down = plan_downgrade(Some(5), 3, LAYOUT, CHANGED_IN, REVERT, &pinned);
-        let retire = names(&["ferry_stats", "ferry_tunnels", "ferry_dsr"]);
-        assert_eq!(down, Downgrade::Convert { from: 5, to: 3, rebuild: vec![], retire });
-        let down = plan_downgrade(Some(5), 4, LAYOUT, CHANGED_IN, REVERT, &pinned);
-        assert_eq!(down, Downgrade::Convert { from: 5, to: 4, rebuild: vec![], retire: names(&["ferry_stats"]) });
+        let down = plan_downgrade(Some(6), 2, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        let retire = with_dsr6(&["ferry_stats", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"]);
+        assert_eq!(down, Downgrade::Convert { from: 6, to: 2, rebuild: vec![], retire });
+        let down = plan_downgrade(Some(6), 3, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        let retire = with_dsr6(&["ferry_stats", "ferry_tunnels", "ferry_dsr"]);
+        assert_eq!(down, Downgrade::Convert { from: 6, to: 3, rebuild: vec![], retire });
+        let down = plan_downgrade(Some(6), 4, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        assert_eq!(down, Downgrade::Convert { from: 6, to: 4, rebuild: vec![], retire: with_dsr6(&["ferry_stats"]) });
+        let down = plan_downgrade(Some(6), 5, LAYOUT, CHANGED_IN, REVERT, &pinned);
+        assert_eq!(down, Downgrade::Convert { from: 6, to: 5, rebuild: vec![], retire: with_dsr6(&[]) });
         // To layout 0 ferry_meta goes too (a layout-0 build has none).
-        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(5), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
+        let Downgrade::Convert { retire, .. } = plan_downgrade(Some(6), 0, LAYOUT, CHANGED_IN, REVERT, &pinned) else {
             panic!("a downgrade to 0 is possible")
         };
-        let want =
-            ["ferry_stats", "ferry_ct_new", "ferry_meta", "ferry_addrs", "ferry_peers", "ferry_tunnels", "ferry_dsr"];
+        let want = with_dsr6(&[
+            "ferry_stats",
+            "ferry_ct_new",
+            "ferry_meta",
+            "ferry_addrs",
+            "ferry_peers",
+            "ferry_tunnels",
+            "ferry_dsr",
+        ]);
         assert_eq!(retire, want);
+    }
+
+    /// Layout 6 added the IPv6 DSR maps and nothing else: a layout-5
+    /// datapath is adopted whole (counters and IPv4 DSR flows included) and
+    /// gains ferry_tunnels6 and ferry_dsr6.
+    #[test]
+    fn layout_5_keeps_every_map_and_gains_the_ipv6_dsr_maps() {
+        let shape = MapShape { map_type: 1, key_size: 20, value_size: 1, max_entries: 16 };
+        let layout_5: Vec<(String, MapShape)> =
+            CHANGED_IN.iter().filter(|(_, v)| *v <= 5).map(|(n, _)| (n.to_string(), shape)).collect();
+        let all: Vec<(String, MapShape)> = CHANGED_IN.iter().map(|(n, _)| (n.to_string(), shape)).collect();
+        assert!(!layout_5.iter().any(|(n, _)| n == "ferry_tunnels6" || n == "ferry_dsr6"));
+        assert!(layout_5.iter().any(|(n, _)| n == "ferry_dsr"));
+        let up = plan_upgrade(Some(5), LAYOUT, CHANGED_IN, CARRY, &layout_5, &all);
+        assert_eq!(up, Upgrade::Migrate { from: 5, retire: vec![], copy: vec![] });
     }
 
     /// Layout 4 added the DSR maps, layout 5 room for more counters: a

@@ -39,6 +39,8 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_peers",
     "ferry_tunnels",
     "ferry_dsr",
+    "ferry_tunnels6",
+    "ferry_dsr6",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +206,9 @@ fn enc_range(k: &RangeKey) -> t::range_key {
 fn enc_tunnel(k: &TunnelKey) -> t::tunnel_key {
     t::tunnel_key { prefixlen: k.prefixlen, addr: k.addr }
 }
+fn enc_tunnel6(k: &TunnelKey6) -> t::tunnel6_key {
+    t::tunnel6_key { prefixlen: k.prefixlen, addr: k.addr }
+}
 fn enc_config(c: &Config) -> t::config {
     t::config {
         host_netns: c.host_netns,
@@ -280,6 +285,9 @@ pub struct Maps {
     tunnels: Option<Typed<t::tunnel_key, u32>>,
     /// Optional, as `tunnels`: the balancing node's DSR flows.
     dsr: Option<Typed<t::ct_key, t::dsr_val>>,
+    /// Optional: a datapath of layout 5 or older (before IPv6 DSR) lacks them.
+    tunnels6: Option<Typed<t::tunnel6_key, t::tunnel6_val>>,
+    dsr6: Option<Typed<t::ct_key, t::dsr6_val>>,
 }
 
 impl Maps {
@@ -311,6 +319,8 @@ impl Maps {
             peers: Typed::open_optional(dir, "ferry_peers")?,
             tunnels: Typed::open_optional(dir, "ferry_tunnels")?,
             dsr: Typed::open_optional(dir, "ferry_dsr")?,
+            tunnels6: Typed::open_optional(dir, "ferry_tunnels6")?,
+            dsr6: Typed::open_optional(dir, "ferry_dsr6")?,
         })
     }
 
@@ -444,6 +454,7 @@ impl Maps {
             "ferry_addrs" => self.addrs.as_ref()?,
             "ferry_peers" => self.peers.as_ref()?,
             "ferry_tunnels" => self.tunnels.as_ref()?,
+            "ferry_tunnels6" => self.tunnels6.as_ref()?,
             _ => return None,
         };
         Some(handle.max_entries())
@@ -511,6 +522,14 @@ impl Maps {
             },
             MapOp::DelTunnel(k) => match &self.tunnels {
                 Some(m) => del(m, "ferry_tunnels", bytes(&enc_tunnel(k))),
+                None => Ok(()),
+            },
+            MapOp::PutTunnel6(kv) => match &self.tunnels6 {
+                Some(m) => put(m, "ferry_tunnels6", bytes(&enc_tunnel6(&kv.0)), bytes(&t::tunnel6_val { addr: kv.1 })),
+                None => Err(MapError::Missing { map: "ferry_tunnels6" }),
+            },
+            MapOp::DelTunnel6(k) => match &self.tunnels6 {
+                Some(m) => del(m, "ferry_tunnels6", bytes(&enc_tunnel6(k))),
                 None => Ok(()),
             },
             MapOp::PutConfig(c) => put(&self.config, "ferry_config", &0u32.to_ne_bytes(), bytes(&enc_config(c))),
@@ -595,6 +614,11 @@ impl Maps {
                 d.tunnels.push((TunnelKey { prefixlen: k.prefixlen, addr: k.addr }, v));
             }
         }
+        if let Some(m) = &self.tunnels6 {
+            for (k, v) in m.entries() {
+                d.tunnels6.push((TunnelKey6 { prefixlen: k.prefixlen, addr: k.addr }, v.addr));
+            }
+        }
         d.maglev = self.maglev_tables();
         d.addrs = self.pass_set(crate::pass::PassSet::Addrs);
         d.addrs.sort_unstable();
@@ -642,36 +666,47 @@ impl Maps {
             .collect()
     }
 
-    /// Every flow this node carries by DSR (`ferry_dsr`; none on a datapath
-    /// of layout 3 or older).
+    /// Every flow this node carries by DSR (`ferry_dsr`, then `ferry_dsr6`;
+    /// none on a datapath of layout 3 or older, no IPv6 one before 6).
     pub fn dsr_entries(&self) -> Vec<crate::stale::DsrEntry> {
-        self.dsr
-            .iter()
-            .flat_map(|m| m.entries())
-            .map(|(k, v)| crate::stale::DsrEntry {
-                src: k.src,
-                dst: k.dst,
-                sport: u16::from_be(k.sport),
-                dport: u16::from_be(k.dport),
-                proto: k.proto,
-                family: k.family,
-                service: v.service,
-                backend: v.backend,
-                backend_addr: [v.backend_addr, 0, 0, 0],
-                backend_port: u16::from_be(v.backend_port),
-                expires_ns: v.expires_ns,
-            })
-            .collect()
+        let v4 = self.dsr.iter().flat_map(|m| m.entries()).map(|(k, v)| crate::stale::DsrEntry {
+            src: k.src,
+            dst: k.dst,
+            sport: u16::from_be(k.sport),
+            dport: u16::from_be(k.dport),
+            proto: k.proto,
+            family: k.family,
+            service: v.service,
+            backend: v.backend,
+            backend_addr: [v.backend_addr, 0, 0, 0],
+            backend_port: u16::from_be(v.backend_port),
+            expires_ns: v.expires_ns,
+        });
+        let v6 = self.dsr6.iter().flat_map(|m| m.entries()).map(|(k, v)| crate::stale::DsrEntry {
+            src: k.src,
+            dst: k.dst,
+            sport: u16::from_be(k.sport),
+            dport: u16::from_be(k.dport),
+            proto: k.proto,
+            family: k.family,
+            service: v.service,
+            backend: v.backend,
+            backend_addr: v.backend_addr,
+            backend_port: u16::from_be(v.backend_port),
+            expires_ns: v.expires_ns,
+        });
+        v4.chain(v6).collect()
     }
 
     /// Deletes DSR flows (missing ones are fine: they expired); returns how many went.
     pub fn delete_dsr(&self, entries: &[crate::stale::DsrEntry]) -> usize {
-        let Some(map) = &self.dsr else { return 0 };
         entries
             .iter()
             .filter(|e| {
                 let k = ct_key(e.src, e.dst, e.sport, e.dport, e.proto, e.family, CT_ORIGINAL);
-                map.delete(bytes(&k)).is_ok()
+                let map: Option<&MapHandle> =
+                    if e.family == FAM_V4 { self.dsr.as_deref() } else { self.dsr6.as_deref() };
+                map.is_some_and(|m| m.delete(bytes(&k)).is_ok())
             })
             .count()
     }

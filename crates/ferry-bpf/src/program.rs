@@ -377,9 +377,14 @@ impl Ops {
             | MapOp::PutLocal(..)
             | MapOp::PutRange(..)
             | MapOp::PutTunnel(..)
+            | MapOp::PutTunnel6(..)
             | MapOp::PutConfig(..)
             | MapOp::PutDevice(..) => phase::PUT_FRONTEND,
-            MapOp::DelLocal(..) | MapOp::DelRange(..) | MapOp::DelTunnel(..) | MapOp::DelDevice(..) => phase::DEL_NODE,
+            MapOp::DelLocal(..)
+            | MapOp::DelRange(..)
+            | MapOp::DelTunnel(..)
+            | MapOp::DelTunnel6(..)
+            | MapOp::DelDevice(..) => phase::DEL_NODE,
             MapOp::DelBackend(..) => phase::DEL_BACKEND,
         };
         let owner = self.owner;
@@ -816,6 +821,8 @@ pub struct MapDump {
     pub addrs: Vec<LocalKey>,
     /// `ferry_tunnels` (DSR: remote backend range -> node address).
     pub tunnels: Vec<(TunnelKey, u32)>,
+    /// `ferry_tunnels6` (the same for IPv6).
+    pub tunnels6: Vec<(TunnelKey6, Words)>,
 }
 
 /// Service ports read back by `adopt` that no Plan has claimed yet.
@@ -868,6 +875,8 @@ pub struct Programmer {
     ranges: BTreeSet<RangeKey>,
     /// DSR tunnels (`ferry_tunnels`).
     tunnels: BTreeMap<TunnelKey, u32>,
+    /// IPv6 DSR tunnels (`ferry_tunnels6`).
+    tunnels6: BTreeMap<TunnelKey6, Words>,
     config: Option<Config>,
     devices: BTreeMap<u32, Device>,
     /// Entries of services left half-written by a failed apply or a crash
@@ -1055,6 +1064,7 @@ impl Programmer {
         p.locals = dump.locals.iter().copied().collect();
         p.ranges = dump.ranges.iter().copied().collect();
         p.tunnels = dump.tunnels.iter().copied().collect();
+        p.tunnels6 = dump.tunnels6.iter().copied().collect();
         p.config = dump.config;
         p.devices = dump.devices.iter().copied().collect();
         p
@@ -1512,7 +1522,8 @@ impl Programmer {
     }
 
     /// ClusterIPs that came into or went out of use: their any-port markers.
-    /// `ferry_tunnels` from the model's tunnel table (empty in snat mode).
+    /// `ferry_tunnels` and `ferry_tunnels6` from the model's tunnel table
+    /// (empty in snat mode), each family's rows into its own map.
     fn sync_tunnels(&mut self, node: &ferry_model::NodeFacts, ops: &mut Ops) {
         let want: BTreeMap<TunnelKey, u32> = node
             .tunnels
@@ -1525,6 +1536,31 @@ impl Programmer {
                 _ => None,
             })
             .collect();
+        let want6: BTreeMap<TunnelKey6, Words> = node
+            .tunnels
+            .iter()
+            .filter_map(|t| match (t.prefix, t.via) {
+                (ipnet::IpNet::V6(n), via @ std::net::IpAddr::V6(_)) => Some((
+                    TunnelKey6 {
+                        prefixlen: u32::from(n.prefix_len()),
+                        addr: words(&std::net::IpAddr::V6(n.network())),
+                    },
+                    words(&via),
+                )),
+                _ => None,
+            })
+            .collect();
+        for (k, v) in &want6 {
+            if self.tunnels6.get(k) != Some(v) {
+                ops.push(MapOp::PutTunnel6(Box::new((*k, *v))));
+            }
+        }
+        for k in self.tunnels6.keys() {
+            if !want6.contains_key(k) {
+                ops.push(MapOp::DelTunnel6(*k));
+            }
+        }
+        self.tunnels6 = want6;
         for (k, v) in &want {
             if self.tunnels.get(k) != Some(v) {
                 ops.push(MapOp::PutTunnel(*k, *v));

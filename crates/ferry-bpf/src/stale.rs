@@ -123,9 +123,9 @@ impl CtEntry {
     }
 }
 
-/// One entry of `ferry_dsr`: a flow the balancing node tunnels to its
-/// backend's node (Direct Server Return, IPv4), keyed by its original
-/// direction.
+/// One entry of `ferry_dsr` (IPv4) or `ferry_dsr6` (IPv6): a flow the
+/// balancing node tunnels to its backend's node (Direct Server Return),
+/// keyed by its original direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DsrEntry {
     pub src: Words,
@@ -136,7 +136,7 @@ pub struct DsrEntry {
     pub family: u8,
     pub service: u32,
     pub backend: u32,
-    /// The backend's address (IPv4, first word) and port; zero from a build
+    /// The backend's address (IPv4 in the first word) and port; zero from a build
     /// that did not note them (the flow is then never found stale).
     pub backend_addr: Words,
     pub backend_port: u16,

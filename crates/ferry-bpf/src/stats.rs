@@ -72,6 +72,7 @@ pub const NAMES: &[&str] = &[
     "ct_stranded",
     "ct_orphan_syn",
     "ct_reopened",
+    "dsr_pkt_too_big",
 ];
 
 #[cfg(test)]

@@ -144,7 +144,8 @@ fn stat_enum() -> Vec<String> {
 
 /// Counters the agent keeps in `ferry_stats` itself (the datapath never
 /// writes their slots), each with the Rust source that must bump it.
-const AGENT_COUNTERS: &[(&str, &str)] = &[("STAT_CT_NEW_AGENT_DELETE", "src/maps.rs")];
+const AGENT_COUNTERS: &[(&str, &str)] =
+    &[("STAT_CT_NEW_AGENT_DELETE", "src/maps.rs"), ("STAT_CT_STRANDED", "src/maps.rs")];
 
 #[test]
 fn every_counter_is_bumped_somewhere() {

@@ -28,6 +28,8 @@ struct Kernel {
     addrs: BTreeSet<LocalKey>,
     /// `ferry_tunnels` (DSR).
     tunnels: BTreeMap<TunnelKey, u32>,
+    /// `ferry_tunnels6` (IPv6 DSR).
+    tunnels6: BTreeMap<TunnelKey6, Words>,
 }
 
 impl Kernel {
@@ -62,6 +64,8 @@ impl Kernel {
             MapOp::PutAddr(k) => drop(self.addrs.insert(k)),
             MapOp::PutTunnel(k, v) => drop(self.tunnels.insert(k, v)),
             MapOp::DelTunnel(k) => assert!(self.tunnels.remove(&k).is_some(), "delete of missing tunnel {k:?}"),
+            MapOp::PutTunnel6(kv) => drop(self.tunnels6.insert(kv.0, kv.1)),
+            MapOp::DelTunnel6(k) => assert!(self.tunnels6.remove(&k).is_some(), "delete of missing tunnel {k:?}"),
         }
     }
 
@@ -111,6 +115,7 @@ impl Kernel {
             maglev: self.maglev.iter().map(|(k, v)| (*k, v.clone())).collect(),
             addrs: self.addrs.iter().copied().collect(),
             tunnels: self.tunnels.iter().map(|(k, v)| (*k, *v)).collect(),
+            tunnels6: self.tunnels6.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 
@@ -682,4 +687,58 @@ fn backend_sets_past_16_bits_never_wrap() {
     let counts: Vec<[u16; 2]> =
         ops.iter().filter_map(|op| if let MapOp::PutService(_, v) = op { Some(v.count) } else { None }).collect();
     assert_eq!(counts, vec![[65_535, 0]]);
+}
+
+/// DSR's tunnel table goes to the map of its family: the other nodes' IPv4
+/// rows into `ferry_tunnels`, their IPv6 rows into `ferry_tunnels6`, a node
+/// without an IPv6 address has none there; adopted back, nothing to do; a
+/// Node losing its IPv6 address takes exactly its IPv6 rows away.
+#[test]
+fn dsr_tunnels_of_each_family_go_to_their_own_map() {
+    let node = |name: &str, cidrs: &[&str], addrs: &[&str]| {
+        let addrs: Vec<_> = addrs.iter().map(|a| json!({"type": "InternalIP", "address": a})).collect();
+        let n = json!({"metadata": {"name": name}, "spec": {"podCIDRs": cidrs}, "status": {"addresses": addrs}});
+        StateChange::NodeApplied(Box::new(serde_json::from_value(n).unwrap()))
+    };
+    let mut s = cluster(1, &["10.2.0.1"]);
+    s.apply(node("node-b", &["10.244.2.0/24", "fd00:244:2::/64"], &["192.168.0.3", "fd00:50::3"]));
+    s.apply(node("node-c", &["10.244.3.0/24", "fd00:244:3::/64"], &["192.168.0.4"]));
+    let cfg = NodeConfig { load_balancing: ferry_model::LoadBalancingMode::Dsr, ..cfg() };
+    let plan = build_plan(&s, &cfg);
+    let mut p = Programmer::new();
+    let mut k = Kernel::default();
+    k.apply_all(&p.sync(&plan, None, &rt()));
+    let v4: BTreeSet<String> = k
+        .tunnels
+        .iter()
+        .map(|(t, via)| {
+            let (a, v) = (std::net::Ipv4Addr::from(t.addr.to_ne_bytes()), std::net::Ipv4Addr::from(via.to_ne_bytes()));
+            format!("{a}/{} -> {v}", t.prefixlen)
+        })
+        .collect();
+    let v6 = |k: &Kernel| -> BTreeSet<String> {
+        k.tunnels6
+            .iter()
+            .map(|(t, via)| format!("{}/{} -> {}", ip_of(&t.addr, FAM_V6), t.prefixlen, ip_of(via, FAM_V6)))
+            .collect()
+    };
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        v4,
+        set(&[
+            "10.244.2.0/24 -> 192.168.0.3",
+            "10.244.3.0/24 -> 192.168.0.4",
+            "192.168.0.3/32 -> 192.168.0.3",
+            "192.168.0.4/32 -> 192.168.0.4"
+        ])
+    );
+    assert_eq!(v6(&k), set(&["fd00:244:2::/64 -> fd00:50::3", "fd00:50::3/128 -> fd00:50::3"]), "node-c has no IPv6");
+    assert!(Programmer::adopt(&k.dump()).sync(&plan, None, &rt()).is_empty(), "adopted: nothing to do");
+
+    s.apply(node("node-b", &["10.244.2.0/24", "fd00:244:2::/64"], &["192.168.0.3"]));
+    let plan2 = build_plan(&s, &cfg);
+    let ops = p.sync(&plan2, Some(&Plan::diff(&plan, &plan2)), &rt());
+    assert!(ops.iter().all(|op| matches!(op, MapOp::DelTunnel6(_))) && ops.len() == 2, "{ops:#?}");
+    k.apply_all(&ops);
+    assert!(v6(&k).is_empty() && k.tunnels.len() == 4);
 }

@@ -3,14 +3,17 @@
 //!
 //! In `snat` mode (the default, kube-proxy's behaviour) the receiving node
 //! SNATs such a connection to itself and carries the replies back. In `dsr`
-//! mode it tunnels the client's packets unchanged (IPIP) to the backend's
-//! node, which answers the client directly from the frontend address;
+//! mode it tunnels the client's packets unchanged (IPv4 in IPv4, IPv6 in
+//! IPv6) to the backend's node, which answers the client directly from the
+//! frontend address;
 //! `hybrid` does so for TCP and keeps SNAT for UDP (and SCTP), whose
 //! datagrams cannot be made smaller by an MSS and may not fit the tunnel.
 //!
 //! The backend's node is found from the Node objects: each other node's pod
 //! ranges (`spec.podCIDRs`) and its own addresses (host-network endpoints)
-//! map to its first address of the family. A backend in no such range has
+//! map to its first address of the same family (a tunnel never changes the
+//! family: an IPv6 backend is reached through its node's IPv6 address, and a
+//! node without one has no IPv6 rows). A backend in no such range has
 //! no known node: its flow falls back to SNAT (the datapath counts it,
 //! `dsr_no_tunnel`). The datapath programs the same table, so `explain` and
 //! the kernel agree.
@@ -79,16 +82,18 @@ pub struct Tunnel {
 }
 
 /// The tunnel table of this node: for every other node, its pod ranges and
-/// its own addresses, each to the node's first address of that family.
-/// IPv4 only (the datapath encapsulates IPv4 in IPv4 only so far).
+/// its own addresses, each to the node's first address of that family
+/// (both families: the datapath tunnels IPv4 in IPv4 and IPv6 in IPv6).
 pub fn tunnels(nodes: &BTreeMap<String, NodeInfo>, this_node: &str) -> Vec<Tunnel> {
     let mut out = Vec::new();
     for (name, n) in nodes.iter().filter(|(name, _)| name.as_str() != this_node) {
-        let Some(via) = n.addresses.iter().copied().find(|a| IpFamily::of(a) == IpFamily::V4) else { continue };
-        let ranges = n.pod_cidrs.iter().filter_map(|s| crate::addr::parse_cidr_sloppy(s));
-        let own = n.addresses.iter().map(|a| IpNet::from(*a));
-        for prefix in ranges.chain(own).filter(|p| IpFamily::of_net(p) == IpFamily::V4) {
-            out.push(Tunnel { prefix: prefix.trunc(), node: name.clone(), via });
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let Some(via) = n.addresses.iter().copied().find(|a| IpFamily::of(a) == family) else { continue };
+            let ranges = n.pod_cidrs.iter().filter_map(|s| crate::addr::parse_cidr_sloppy(s));
+            let own = n.addresses.iter().map(|a| IpNet::from(*a));
+            for prefix in ranges.chain(own).filter(|p| IpFamily::of_net(p) == family) {
+                out.push(Tunnel { prefix: prefix.trunc(), node: name.clone(), via });
+            }
         }
     }
     out.sort();
@@ -138,9 +143,6 @@ pub fn carrier(
     if !mode.dsr_for(protocol) {
         return why(format!("loadBalancing.mode {mode} carries {protocol} by SNAT"));
     }
-    if IpFamily::of(backend) != IpFamily::V4 {
-        return why("DSR is IPv4-only so far".into());
-    }
     match tunnel_for(tunnels, backend) {
         Some(t) => Carrier::Dsr { node: t.node.clone(), via: t.via },
         None => why(format!(
@@ -158,15 +160,17 @@ mod tests {
     }
 
     fn nodes() -> BTreeMap<String, NodeInfo> {
-        let n = |cidr: &str, addrs: &[&str]| NodeInfo {
+        let n2 = |cidrs: [&str; 2], addrs: &[&str]| NodeInfo {
             zone: None,
-            pod_cidrs: vec![cidr.into()],
+            pod_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
             addresses: addrs.iter().map(|a| ip(a)).collect(),
         };
+        let n = |cidr: &str, addrs: &[&str]| NodeInfo { pod_cidrs: vec![cidr.into()], ..n2([cidr, cidr], addrs) };
         BTreeMap::from([
             ("node-a".to_string(), n("10.244.1.0/24", &["192.168.50.10"])),
-            ("node-b".to_string(), n("10.244.2.0/24", &["fd00:50::b", "192.168.50.11"])),
-            ("node-c".to_string(), n("10.244.3.0/24", &["fd00:50::c"])),
+            ("node-b".to_string(), n2(["10.244.2.0/24", "fd00:244:2::/64"], &["fd00:50::b", "192.168.50.11"])),
+            ("node-c".to_string(), n2(["10.244.3.0/24", "fd00:244:3::/64"], &["fd00:50::c"])),
+            ("node-d".to_string(), n2(["10.244.4.0/24", "fd00:244:4::/64"], &["192.168.50.13"])),
         ])
     }
 
@@ -182,7 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn the_tunnel_table_maps_other_nodes_pods_and_addresses_to_their_ipv4_address() {
+    fn the_tunnel_table_maps_other_nodes_pods_and_addresses_to_their_address_of_the_family() {
         let t = tunnels(&nodes(), "node-a");
         let rows: Vec<(String, &str, IpAddr)> =
             t.iter().map(|t| (t.prefix.to_string(), t.node.as_str(), t.via)).collect();
@@ -190,12 +194,20 @@ mod tests {
             rows,
             [
                 ("10.244.2.0/24".to_string(), "node-b", ip("192.168.50.11")),
+                ("10.244.4.0/24".to_string(), "node-d", ip("192.168.50.13")),
                 ("192.168.50.11/32".to_string(), "node-b", ip("192.168.50.11")),
+                ("192.168.50.13/32".to_string(), "node-d", ip("192.168.50.13")),
+                ("fd00:50::b/128".to_string(), "node-b", ip("fd00:50::b")),
+                ("fd00:50::c/128".to_string(), "node-c", ip("fd00:50::c")),
+                ("fd00:244:2::/64".to_string(), "node-b", ip("fd00:50::b")),
+                ("fd00:244:3::/64".to_string(), "node-c", ip("fd00:50::c")),
             ],
-            "this node and a node without an IPv4 address have no row"
+            "this node has no row; a node without an address of a family has no row of it (node-c: IPv4, node-d: IPv6)"
         );
         assert_eq!(tunnel_for(&t, &ip("10.244.2.7")).map(|t| t.via), Some(ip("192.168.50.11")));
+        assert_eq!(tunnel_for(&t, &ip("fd00:244:2::7")).map(|t| t.via), Some(ip("fd00:50::b")));
         assert_eq!(tunnel_for(&t, &ip("10.244.3.7")), None);
+        assert_eq!(tunnel_for(&t, &ip("fd00:244:4::7")), None);
     }
 
     /// The whole way: a NodePort with an endpoint on node-b (known from its
@@ -256,6 +268,53 @@ mod tests {
         }
     }
 
+    /// IPv6: an outside client's connection to a dual-stack NodePort on the
+    /// node's IPv6 address is carried by DSR through node-b's IPv6 address,
+    /// and `explain` says so, naming the tunnel IPv6 in IPv6.
+    #[test]
+    fn explain_says_dsr_carries_an_ipv6_flow_through_the_nodes_ipv6_address() {
+        use crate::explain::{Flow, Verdict, explain};
+        use crate::{ClusterState, NodeConfig, StateChange, build_plan};
+        use serde_json::json;
+        let mut s = ClusterState::default();
+        let svc = json!({"metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00:96::20"],
+                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]}});
+        s.apply(StateChange::ServiceApplied(Box::new(serde_json::from_value(svc).unwrap())));
+        let slice = json!({"metadata": {"name": "web-6", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv6", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["fd00:244:2::21"], "nodeName": "node-b"}]});
+        s.apply(StateChange::EndpointSliceApplied(Box::new(serde_json::from_value(slice).unwrap())));
+        let node = json!({"metadata": {"name": "node-b"}, "spec": {"podCIDRs": ["10.244.2.0/24", "fd00:244:2::/64"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.11"},
+                                     {"type": "InternalIP", "address": "fd00:50::b"}]}});
+        s.apply(StateChange::NodeApplied(Box::new(serde_json::from_value(node).unwrap())));
+        let cfg = NodeConfig {
+            node_name: "node-a".into(),
+            node_ips: vec![ip("192.168.50.10"), ip("fd00:50::a")],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap(), "fd00:244::/32".parse().unwrap()],
+            service_cidrs: vec!["10.96.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()],
+            load_balancing: LoadBalancingMode::Dsr,
+            ..Default::default()
+        };
+        let flow = Flow {
+            src: ip("2001:db8::10"),
+            dst: ip("fd00:50::a"),
+            port: 30080,
+            protocol: Protocol::Tcp,
+            in_interface: None,
+        };
+        let plan = build_plan(&s, &cfg);
+        let e = explain(&plan, &flow);
+        let text = e.to_string();
+        let Verdict::Endpoints(c) = e.verdict else { panic!("no endpoints: {text}") };
+        assert_eq!(c.len(), 1, "{text}");
+        assert_eq!(c[0].carrier, Some(Carrier::Dsr { node: "node-b".into(), via: ip("fd00:50::b") }), "{text}");
+        assert!(!c[0].masquerade, "{text}");
+        assert!(text.contains("DSR, tunnelled (IPv6 in IPv6) to node-b at fd00:50::b"), "{text}");
+    }
+
     /// Table: (mode, frontend, source, protocol, backend, local) -> carried how.
     #[test]
     fn which_mode_carries_a_flow() {
@@ -264,7 +323,9 @@ mod tests {
         use SourceClass::*;
         let t = tunnels(&nodes(), "node-a");
         let b = ip("10.244.2.7");
+        let b6 = ip("fd00:244:2::7");
         let dsr = Carrier::Dsr { node: "node-b".into(), via: ip("192.168.50.11") };
+        let dsr6 = Carrier::Dsr { node: "node-b".into(), via: ip("fd00:50::b") };
         let cases = [
             (Dsr, NodePort, External, Protocol::Tcp, b, false, true),
             (Dsr, LoadBalancer, External, Protocol::Udp, b, false, true),
@@ -277,12 +338,19 @@ mod tests {
             (Dsr, NodePort, Pod, Protocol::Tcp, b, false, false),
             (Dsr, NodePort, Host, Protocol::Tcp, b, false, false),
             (Dsr, NodePort, External, Protocol::Tcp, ip("10.244.3.7"), false, false),
-            (Dsr, NodePort, External, Protocol::Tcp, ip("fd00:244:2::7"), false, false),
+            // IPv6: the same decisions, through the node's IPv6 address.
+            (Dsr, NodePort, External, Protocol::Tcp, b6, false, true),
+            (Hybrid, LoadBalancer, External, Protocol::Tcp, b6, false, true),
+            (Hybrid, NodePort, External, Protocol::Udp, b6, false, false),
+            (Dsr, NodePort, External, Protocol::Tcp, b6, true, false),
+            (Dsr, NodePort, Pod, Protocol::Tcp, b6, false, false),
+            (Dsr, NodePort, External, Protocol::Tcp, ip("fd00:244:4::7"), false, false),
         ];
         for (mode, kind, class, proto, backend, local, want_dsr) in cases {
             let got = carrier(mode, &t, kind, class, proto, &backend, local);
             if want_dsr {
-                assert_eq!(got, dsr, "{mode} {kind} {class} {proto} {backend}");
+                let want = if backend.is_ipv6() { &dsr6 } else { &dsr };
+                assert_eq!(&got, want, "{mode} {kind} {class} {proto} {backend}");
             } else {
                 assert!(matches!(got, Carrier::Translated { .. }), "{mode} {kind} {class} {proto} {backend}: {got:?}");
             }

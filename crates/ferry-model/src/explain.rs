@@ -424,8 +424,9 @@ impl fmt::Display for Explanation {
                 match &c.carrier {
                     Some(Carrier::Dsr { node, via }) => writeln!(
                         f,
-                        "carried   to {}: DSR, tunnelled (IPIP) to {node} at {via}, which answers the client directly from the frontend; client address kept",
-                        c.addr
+                        "carried   to {}: DSR, tunnelled ({}) to {node} at {via}, which answers the client directly from the frontend; client address kept",
+                        c.addr,
+                        if via.is_ipv4() { "IPIP" } else { "IPv6 in IPv6" }
                     )?,
                     Some(Carrier::Translated { why }) => {
                         writeln!(f, "carried   to {}: as in snat mode — {why}", c.addr)?

@@ -550,7 +550,7 @@ impl BpfBackend {
     /// its UDP flows, and so does a deleted one (`deleted`: its id before the
     /// sync; on a full sync, whose "before" is unknown, every UDP flow of a
     /// service id no service port holds now). The flows this node carries by
-    /// DSR (`ferry_dsr`) go by the same rule: deleted, the next datagram is
+    /// DSR (`ferry_dsr`, `ferry_dsr6`) go by the same rule: deleted, the next datagram is
     /// balanced anew, or refused. Returns how many entries were deleted.
     fn purge_stale_flows(&self, plan: &Plan, diff: Option<&PlanDiff>, deleted: &[u32]) -> usize {
         let serving = |sp: &ServicePort| {

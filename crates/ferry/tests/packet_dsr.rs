@@ -5,9 +5,13 @@
 //!
 //! ```text
 //!  client 203.0.113.10 ──┐ fabric              default route: node-a
-//!  node-a 192.168.50.10 ─┤  receives NodePort / LB IP traffic, tunnels it (IPIP) to node-b
+//!  client 2001:db8::10 ──┤
+//!  node-a 192.168.50.10 ─┤  receives NodePort / LB IP traffic, tunnels it (IPIP, IPv6 in IPv6) to node-b
+//!         fd00:50::a     │
 //!  node-b 192.168.50.11 ─┘  decapsulates, DNATs to b21, answers the client itself
-//!   pods 10.244.1.<n> on node-a, 10.244.2.<n> on node-b (podCIDRs 10.244.1.0/24, 10.244.2.0/24)
+//!         fd00:50::b
+//!   pods 10.244.1.<n> on node-a, 10.244.2.<n> on node-b (podCIDRs 10.244.1.0/24, 10.244.2.0/24),
+//!        fd00:244:1::<n> and fd00:244:2::<n> (podCIDRs fd00:244:1::/64, fd00:244:2::/64)
 //! ```
 //!
 //! What the endpoint saw decides (`server_peer`: the client's own address
@@ -48,6 +52,10 @@ fn lb_ip() -> IpAddr {
     ip("198.18.0.9")
 }
 
+fn lb_ip6() -> IpAddr {
+    ip("2001:db8:18::9")
+}
+
 /// TCP 80 -> 8080 (NodePort 30090), UDP 53 -> 5353 (NodePort 30091).
 fn service_port(proto: Proto) -> u16 {
     if proto == Proto::Tcp { 80 } else { 53 }
@@ -74,8 +82,8 @@ const A21: PodRef = PodRef(NODE_A, 21);
 const A22: PodRef = PodRef(NODE_A, 22);
 const B21: PodRef = PodRef(NODE_B, 21);
 
-/// A dual-stack LoadBalancer Service `name` (ClusterIP 10.96.0.<n>, LB IP
-/// 198.18.0.9 on v4), eTP Cluster, with `endpoints`, and its slices.
+/// A dual-stack LoadBalancer Service `name` (ClusterIP 10.96.0.<n>, LB IPs
+/// 198.18.0.9 and 2001:db8:18::9), eTP Cluster, with `endpoints`, and its slices.
 fn service(name: &str, n: u8, endpoints: &[PodRef]) -> String {
     let ports = "  - {name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30090}\n  \
                  - {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30091}\n";
@@ -83,8 +91,9 @@ fn service(name: &str, n: u8, endpoints: &[PodRef]) -> String {
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  type: LoadBalancer\n  \
          clusterIP: 10.96.0.{n}\n  clusterIPs: [10.96.0.{n}, \"fd00:96::{n}\"]\n  ipFamilies: [IPv4, IPv6]\n  \
          ipFamilyPolicy: RequireDualStack\n  externalTrafficPolicy: Cluster\n  ports:\n{ports}\
-         status:\n  loadBalancer:\n    ingress: [{{ip: {}}}]\n",
-        lb_ip()
+         status:\n  loadBalancer:\n    ingress: [{{ip: {}}}, {{ip: \"{}\"}}]\n",
+        lb_ip(),
+        lb_ip6()
     );
     for (i, family) in ["IPv4", "IPv6"].iter().enumerate() {
         let eps: Vec<String> = endpoints
@@ -165,6 +174,10 @@ fn node_a(lab: &Lab) -> IpAddr {
     IpAddr::V4(lab.nodes[NODE_A].primary_v4)
 }
 
+fn node_a6(lab: &Lab) -> IpAddr {
+    IpAddr::V6(lab.nodes[NODE_A].primary_v6)
+}
+
 /// Every packet node-a tunnelled reached node-b's datapath (polled: the
 /// last ones may still be on the wire when node-a's counters are read).
 fn assert_every_tunnelled_packet_arrived(lab: &Lab, encap: u64, decap_before: u64, what: &str) {
@@ -175,23 +188,24 @@ fn assert_every_tunnelled_packet_arrived(lab: &Lab, encap: u64, decap_before: u6
 }
 
 /// eTP Cluster to a backend on another node, dsr mode: the endpoint sees the
-/// client's own address (TCP and UDP, NodePort and LB IP), the client sees
-/// the frontend it dialled, and no reply comes back through node-a: its
-/// datapath translated nothing and tunnelled every packet it got, and
-/// node-b unwrapped every one of them. IPv6 (not tunnelled yet) keeps SNAT.
+/// client's own address (IPv4 and IPv6, TCP and UDP, NodePort and LB IP),
+/// the client sees the frontend it dialled, and no reply comes back through
+/// node-a: its datapath translated nothing and tunnelled every packet it
+/// got, and node-b unwrapped every one of them.
 #[test]
 fn dsr_keeps_the_client_address_and_the_reply_skips_the_balancing_node() {
     let c = cluster("dsrkeep", "dsr", &[A21, B21], &[B21]);
     let lab = &c.lab;
-    for proto in [Proto::Tcp, Proto::Udp] {
-        for fe in [SocketAddr::new(node_a(lab), node_port(proto)), SocketAddr::new(lb_ip(), service_port(proto))] {
-            let what = format!("{} -> {fe}/{proto}", client_ip());
+    let families = [(client_ip(), node_a(lab), lb_ip()), (client_ip6(), node_a6(lab), lb_ip6())];
+    for ((client, node, lb), proto) in families.iter().flat_map(|f| [(f, Proto::Tcp), (f, Proto::Udp)]) {
+        for fe in [SocketAddr::new(*node, node_port(proto)), SocketAddr::new(*lb, service_port(proto))] {
+            let what = format!("{client} -> {fe}/{proto}");
             let (a0, b0) = (counters(lab, NODE_A), counters(lab, NODE_B));
-            let o = lab.connect(CLIENT, &opts(proto, fe, Some(client_ip()))).unwrap();
+            let o = lab.connect(CLIENT, &opts(proto, fe, Some(*client))).unwrap();
             let r = o.reply().unwrap_or_else(|| panic!("{what}: no reply: {o:?}\n{}", diag(lab)));
             let a = moved(&a0, &counters(lab, NODE_A));
             assert_eq!(r.server, B21.name(), "{what}");
-            assert_eq!(r.server_peer.ip(), client_ip(), "{what}: the endpoint sees the client's address\n{a:?}");
+            assert_eq!(r.server_peer.ip(), *client, "{what}: the endpoint sees the client's address\n{a:?}");
             assert_eq!(r.client_peer, fe, "{what}: the reply comes from the frontend");
             assert_eq!(a.get("dsr_new_flow"), Some(&1), "{what}: one DSR flow on node-a: {a:?}");
             for c in ["pkt_forward", "pkt_new_flow", "drop_dsr_too_big", "dsr_no_tunnel"] {
@@ -201,25 +215,24 @@ fn dsr_keeps_the_client_address_and_the_reply_skips_the_balancing_node() {
             assert_every_tunnelled_packet_arrived(lab, encap, b0.get("dsr_decap").copied().unwrap_or(0), &what);
         }
     }
-    // IPv6 is not tunnelled (yet): SNAT to node-a, as in snat mode.
-    let node_a6 = IpAddr::V6(lab.nodes[NODE_A].primary_v6);
-    let fe = SocketAddr::new(node_a6, node_port(Proto::Tcp));
-    let o = lab.connect(CLIENT, &opts(Proto::Tcp, fe, Some(client_ip6()))).unwrap();
-    let r = o.reply().unwrap_or_else(|| panic!("IPv6 {fe}: no reply: {o:?}\n{}", diag(lab)));
-    assert_eq!(r.server_peer.ip(), node_a6, "IPv6 keeps SNAT");
 }
 
 /// hybrid mode: TCP is carried by DSR (client address kept), UDP by SNAT
-/// (node-a's address, and node-a translates the reply).
+/// (node-a's address, and node-a translates the reply); both families.
 #[test]
 fn hybrid_carries_tcp_by_dsr_and_udp_by_snat() {
     let c = cluster("dsrhyb", "hybrid", &[A21, B21], &[B21]);
     let lab = &c.lab;
-    for (proto, peer, counter) in [(Proto::Tcp, client_ip(), "dsr_new_flow"), (Proto::Udp, node_a(lab), "pkt_new_flow")]
-    {
-        let fe = SocketAddr::new(node_a(lab), node_port(proto));
+    let cases = [
+        (client_ip(), node_a(lab), Proto::Tcp, client_ip(), "dsr_new_flow"),
+        (client_ip(), node_a(lab), Proto::Udp, node_a(lab), "pkt_new_flow"),
+        (client_ip6(), node_a6(lab), Proto::Tcp, client_ip6(), "dsr_new_flow"),
+        (client_ip6(), node_a6(lab), Proto::Udp, node_a6(lab), "pkt_new_flow"),
+    ];
+    for (client, node, proto, peer, counter) in cases {
+        let fe = SocketAddr::new(node, node_port(proto));
         let a0 = counters(lab, NODE_A);
-        let o = lab.connect(CLIENT, &opts(proto, fe, Some(client_ip()))).unwrap();
+        let o = lab.connect(CLIENT, &opts(proto, fe, Some(client))).unwrap();
         let r = o.reply().unwrap_or_else(|| panic!("{fe}/{proto}: no reply: {o:?}\n{}", diag(lab)));
         let a = moved(&a0, &counters(lab, NODE_A));
         assert_eq!((r.server.as_str(), r.server_peer.ip(), r.client_peer), (B21.name().as_str(), peer, fe), "{proto}");
@@ -276,6 +289,45 @@ fn an_mtu_sized_request_is_not_lost() {
     assert_eq!(r.server_peer.ip(), node_a(&c.lab), "hybrid: UDP by SNAT");
 }
 
+/// The same over IPv6, whose outer header costs 40 bytes: a TCP request of
+/// many full-sized segments arrives whole, by DSR (node-b lowered its
+/// endpoint's MSS by the tunnel's 40 bytes, `dsr_mss_clamp`); a full-sized
+/// UDP datagram (1452 bytes of payload) is answered with ICMPv6 "packet too
+/// big" (`dsr_pkt_too_big`), which reaches the client: its kernel caches
+/// the path MTU 1460.
+#[test]
+fn an_mtu_sized_ipv6_request_is_not_lost() {
+    let c = cluster("dsrmtu6", "dsr", &[B21], &[B21]);
+    let lab = &c.lab;
+    let fe = SocketAddr::new(node_a6(lab), node_port(Proto::Tcp));
+    let (a0, b0) = (counters(lab, NODE_A), counters(lab, NODE_B));
+    let mut o = opts(Proto::Tcp, fe, Some(client_ip6()));
+    o.pad = 16 * UPLINK_MTU;
+    let got = lab.connect(CLIENT, &o).unwrap();
+    let r = got.reply().unwrap_or_else(|| panic!("{fe}: a {}-byte request was lost: {got:?}\n{}", o.pad, diag(lab)));
+    assert_eq!((r.server.as_str(), r.server_peer.ip()), (B21.name().as_str(), client_ip6()));
+    let (a, b) = (moved(&a0, &counters(lab, NODE_A)), moved(&b0, &counters(lab, NODE_B)));
+    for c in ["drop_dsr_too_big", "dsr_pkt_too_big", "pkt_forward", "pkt_new_flow"] {
+        assert_eq!(a.get(c), None, "node-a's {c}: {a:?}");
+    }
+    assert_eq!(a.get("dsr_new_flow"), Some(&1), "{a:?}");
+    assert_eq!(b.get("dsr_mss_clamp"), Some(&1), "node-b lowered the SYN-ACK's MSS: {b:?}");
+
+    // 11 bytes of message, the filler, a newline: 1452 bytes of UDP payload, a 1500-byte packet.
+    let fe = SocketAddr::new(node_a6(lab), node_port(Proto::Udp));
+    let mut o = opts(Proto::Udp, fe, Some(client_ip6()));
+    o.pad = UPLINK_MTU - 40 - 8 - o.message.len() - 1;
+    o.timeout = Duration::from_millis(1500);
+    let a0 = counters(lab, NODE_A);
+    let got = lab.connect(CLIENT, &o).unwrap();
+    assert!(got.reply().is_none(), "a full-sized IPv6 datagram cannot be tunnelled: {got:?}");
+    let a = moved(&a0, &counters(lab, NODE_A));
+    assert_eq!(a.get("dsr_pkt_too_big"), Some(&1), "answered with packet too big: {a:?}");
+    assert_eq!(a.get("drop_dsr_too_big"), None, "{a:?}");
+    let route = lab.ip(CLIENT, &["-6", "route", "get", &node_a6(lab).to_string()]).unwrap();
+    assert!(route.contains("mtu 1460"), "the client learnt the tunnel's MTU (1500 - 40): {route}");
+}
+
 /// In dsr mode, what DSR does not carry works as in snat mode: a pod
 /// reaching its own service, a pod reaching node-a's NodePort with a local
 /// and with a remote endpoint, and the endpoint itself through its node's
@@ -290,7 +342,8 @@ fn hairpin_and_pod_to_nodeport_still_work_in_dsr_mode() {
         &service("self", 7, &[A21])
             .replace("30090", "30070")
             .replace("30091", "30071")
-            .replace("198.18.0.9", "198.18.0.7"),
+            .replace("198.18.0.9", "198.18.0.7")
+            .replace("2001:db8:18::9", "2001:db8:18::7"),
     );
     manifests.push_str(&lab.node_object(NODE_A, &["10.244.1.0/24", "fd00:244:1::/64"]));
     manifests.push_str(&lab.node_object(NODE_B, &["10.244.2.0/24", "fd00:244:2::/64"]));
@@ -322,29 +375,38 @@ fn hairpin_and_pod_to_nodeport_still_work_in_dsr_mode() {
     }
 }
 
-/// A held DSR connection survives both agents restarting: node-a's
-/// `ferry_dsr` entry and node-b's conntrack entries are pinned, the
-/// restarted agents adopt them (and `ferry_tunnels`), and the connection
-/// keeps answering from b21 with the client's address, through the tunnel.
+/// Held DSR connections, one per family, survive both agents restarting:
+/// node-a's `ferry_dsr` and `ferry_dsr6` entries and node-b's conntrack
+/// entries are pinned, the restarted agents adopt them (and `ferry_tunnels`,
+/// `ferry_tunnels6`), and both connections keep answering from b21 with the
+/// client's address, through the tunnel.
 #[test]
 fn an_agent_restart_keeps_dsr_flows() {
     use std::io::{BufRead, BufReader, Write};
     let mut c = cluster("dsrrst", "dsr", &[B21], &[B21]);
     let lab = &mut c.lab;
-    let fe = SocketAddr::new(node_a(lab), node_port(Proto::Tcp));
-    let (_pid, mut stdin, stdout) =
-        lab.spawn_held(CLIENT, &opts(Proto::Tcp, fe, Some(client_ip())), Duration::from_secs(120)).unwrap();
-    let (tx, replies) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().take(1000) {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
+    // Each held connection: its client address, stdin, and the lines it printed.
+    let mut held = Vec::new();
+    for (client, node) in [(client_ip(), node_a(lab)), (client_ip6(), node_a6(lab))] {
+        let fe = SocketAddr::new(node, node_port(Proto::Tcp));
+        let (_pid, stdin, stdout) =
+            lab.spawn_held(CLIENT, &opts(Proto::Tcp, fe, Some(client)), Duration::from_secs(120)).unwrap();
+        let (tx, replies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().take(1000) {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-        }
-    });
-    // Each exchange: the server that answered and the client address it saw.
-    let mut exchange = |first: bool| -> Result<(String, IpAddr), String> {
+        });
+        held.push((client, stdin, replies));
+    }
+    // One exchange: the server that answered and the client address it saw.
+    let exchange = |stdin: &mut std::process::ChildStdin,
+                    replies: &std::sync::mpsc::Receiver<String>,
+                    first: bool|
+     -> Result<(String, IpAddr), String> {
         if !first {
             stdin.write_all(b"x\n").and_then(|_| stdin.flush()).map_err(|e| format!("writing: {e}"))?;
         }
@@ -353,19 +415,30 @@ fn an_agent_restart_keeps_dsr_flows() {
         let o: ferry_sandbox::probe::Observation = serde_json::from_str(&line).map_err(|e| format!("{line}: {e}"))?;
         o.reply().map(|r| (r.server.clone(), r.server_peer.ip())).ok_or_else(|| format!("{o:?}"))
     };
-    let want = Ok((B21.name(), client_ip()));
-    assert_eq!(exchange(true), want, "the held connection did not open by DSR\n{}", diag(lab));
-    let encap0 = counters(lab, NODE_A)["dsr_encap"];
+    for (client, stdin, replies) in held.iter_mut() {
+        let want = Ok((B21.name(), *client));
+        assert_eq!(exchange(stdin, replies, true), want, "{client}: did not open by DSR\n{}", diag(lab));
+    }
+    let a0 = counters(lab, NODE_A);
+    assert_eq!(a0["dsr_new_flow"], 2, "one DSR flow per family: {a0:?}");
     for node in [NODE_A, NODE_B] {
         lab.kill_agent(node).unwrap();
         lab.start_agent(node).unwrap_or_else(|e| panic!("restarting the agent of node {node}: {e:#}"));
     }
-    for i in 0..3 {
-        assert_eq!(exchange(false), want, "exchange {i} after the restarts\n{}", diag(lab));
+    for (client, stdin, replies) in held.iter_mut() {
+        let want = Ok((B21.name(), *client));
+        for i in 0..3 {
+            assert_eq!(
+                exchange(stdin, replies, false),
+                want,
+                "{client}: exchange {i} after the restarts\n{}",
+                diag(lab)
+            );
+        }
     }
     let a = counters(lab, NODE_A);
-    assert!(a["dsr_encap"] > encap0, "the exchanges after the restart went through the tunnel: {a:?}");
-    assert_eq!(a["dsr_new_flow"], 1, "the held flow was not balanced again: {a:?}");
+    assert!(a["dsr_encap"] >= a0["dsr_encap"] + 6, "the exchanges after the restart went through the tunnel: {a:?}");
+    assert_eq!(a["dsr_new_flow"], 2, "the held flows were not balanced again: {a:?}");
 }
 
 /// The pass-through fast path keeps out of a DSR flow's way: node-a's

@@ -281,20 +281,24 @@ fn nodeport_to_a_remote_and_a_local_backend_with_xdp() {
 }
 
 /// dsr mode: a new connection to a backend on node-b is tunnelled by XDP
-/// (node-a's tc tunnels nothing), the endpoint sees the client's address,
-/// and node-b unwraps every packet node-a tunnelled.
+/// (node-a's tc tunnels nothing), IPv4 in IPv4 and IPv6 in IPv6, the
+/// endpoint sees the client's address, and node-b unwraps every packet
+/// node-a tunnelled.
 #[test]
 fn dsr_tunnels_at_xdp() {
     let lab = cluster("xdpdsr", "dsr");
     assert_xdp_attached(&lab);
-    for proto in [Proto::Tcp, Proto::Udp] {
-        let fe = SocketAddr::new(node_a(&lab), if proto == Proto::Tcp { FAR } else { FAR + 1 });
+    let node_a6 = IpAddr::V6(lab.nodes[NODE_A].primary_v6);
+    let cases = [node_a(&lab), node_a6].into_iter().flat_map(|n| [(n, Proto::Tcp), (n, Proto::Udp)]);
+    for (node, proto) in cases {
+        let fe = SocketAddr::new(node, if proto == Proto::Tcp { FAR } else { FAR + 1 });
+        let client = opts(proto, fe).bind.unwrap();
         let what = format!("{fe}/{proto}");
         let (a0, b0) = (counters(&lab, NODE_A), counters(&lab, NODE_B));
         let o = lab.connect(CLIENT, &opts(proto, fe)).unwrap();
         let r = o.reply().unwrap_or_else(|| panic!("{what}: no reply: {o:?}\n{}", diag(&lab)));
         let a = moved(&a0, &counters(&lab, NODE_A));
-        assert_eq!((r.server.as_str(), r.server_peer.ip(), r.client_peer), ("b21", client_ip(), fe), "{what}");
+        assert_eq!((r.server.as_str(), r.server_peer.ip(), r.client_peer), ("b21", client, fe), "{what}");
         assert_eq!((a.get("xdp_new_flow"), a.get("dsr_new_flow")), (Some(&1), Some(&1)), "{what}: {a:?}");
         for tc in ["dsr_encap", "pkt_new_flow", "pkt_forward"] {
             assert_eq!(a.get(tc), None, "{what}: tc's {tc} moved: {a:?}");

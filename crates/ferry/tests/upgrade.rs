@@ -135,8 +135,9 @@ fn an_older_layout_is_migrated_and_a_newer_one_refused_while_a_connection_is_hel
     // Retired: ferry_frags (its shape changed), the conntrack tables, which
     // changed in layout 2 (confirmed flows in a hash, unconfirmed ones in
     // ferry_ct_new), the pass-through sets, new in layout 3, the DSR maps,
-    // new in layout 4 (this build pinned them before the test made the
-    // datapath look like layout 0), and the counters, 128 slots since layout 5.
+    // new in layout 4, and the IPv6 ones, new in layout 6 (this build pinned
+    // them before the test made the datapath look like layout 0), and the
+    // counters, 128 slots since layout 5.
     let retired: std::collections::BTreeSet<&str> = log
         .lines()
         .rev()
@@ -152,10 +153,12 @@ fn an_older_layout_is_migrated_and_a_newer_one_refused_while_a_connection_is_hel
                     "ferry_ct",
                     "ferry_ct_new",
                     "ferry_dsr",
+                    "ferry_dsr6",
                     "ferry_frags",
                     "ferry_peers",
                     "ferry_stats",
-                    "ferry_tunnels"
+                    "ferry_tunnels",
+                    "ferry_tunnels6"
                 ]
                 .into_iter()
                 .collect(),
@@ -344,11 +347,11 @@ fn nodeport_flows_of_a_layout_1_datapath_survive_the_upgrade_and_the_downgrade_b
     lab.start_agent(a).unwrap();
     let log = lab.agent_log(a);
     // ferry_ct changed in layout 2; the pass-through sets (layout 3) and the
-    // DSR maps (layout 4) were pinned by this build's first start, before the
-    // layout-1 objects took over; ferry_stats grew in layout 5.
+    // DSR maps (layouts 4 and 6) were pinned by this build's first start,
+    // before the layout-1 objects took over; ferry_stats grew in layout 5.
     assert!(
         log.contains("migrated_from_layout=1")
-            && log.contains("retired=[ferry_addrs,ferry_ct,ferry_dsr,ferry_peers,ferry_stats,ferry_tunnels]"),
+            && log.contains("retired=[ferry_addrs,ferry_ct,ferry_dsr,ferry_dsr6,ferry_peers,ferry_stats,ferry_tunnels,ferry_tunnels6]"),
         "the agent did not say it migrated layout 1 by retiring ferry_ct (and the pass-through sets and \
          DSR maps):\n{log}"
     );

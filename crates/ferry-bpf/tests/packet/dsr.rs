@@ -43,7 +43,7 @@ fn tunnel(cidr: &str, via: Ipv4Addr) -> MapOp {
 }
 
 /// The node config with `flags` added (the mode's CFG_DSR_*).
-fn node_with(flags: u8) -> Vec<MapOp> {
+pub(crate) fn node_with(flags: u8) -> Vec<MapOp> {
     let mut setup = node_setup();
     if let MapOp::PutConfig(c) = &mut setup[0] {
         c.flags |= flags;
@@ -216,7 +216,7 @@ fn backend_node() -> Vec<MapOp> {
 }
 
 /// A SYN-ACK whose only option is an MSS of `mss` (data offset 6).
-fn syn_ack_with_mss(sport: u16, dport: u16, mss: u16) -> L4 {
+pub(crate) fn syn_ack_with_mss(sport: u16, dport: u16, mss: u16) -> L4 {
     let mut l4 = tcp(sport, dport, 0x12, b"");
     l4.bytes[12] = 0x60;
     l4.bytes.splice(20..20, [2, 4, (mss >> 8) as u8, mss as u8]);

@@ -21,6 +21,7 @@
 
 mod defrag_loop;
 mod dsr;
+mod dsr6;
 mod shapes;
 mod wire;
 mod xdp;

@@ -301,3 +301,58 @@ pub fn check_ipip(frame: &[u8]) -> (IpAddr, IpAddr, u8, bool, Vec<u8>) {
     inner.extend_from_slice(&l3[20..]);
     (IpAddr::from(s), IpAddr::from(d), l3[8], df, inner)
 }
+
+/// A DSR tunnel packet (IPv6 in IPv6) built here: `inner` (an IPv6 packet)
+/// behind an outer header `src -> dst`, next header 41, hop limit 64, the
+/// inner traffic class and flow label `label`.
+pub fn ip6ip6(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, label: u32, inner: &[u8]) -> Vec<u8> {
+    let tclass = u32::from(inner[0] & 0x0f) << 4 | u32::from(inner[1] >> 4);
+    let first = 6 << 28 | tclass << 20 | (label & 0xfffff);
+    let mut p = first.to_be_bytes().to_vec();
+    p.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[41, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(inner);
+    p
+}
+
+/// What [`check_ip6ip6`] reads from an outer IPv6 header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outer6 {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub hop_limit: u8,
+    pub tclass: u8,
+    pub label: u32,
+}
+
+/// Parses an IPv6-in-IPv6 DSR tunnel frame: checks the outer header from
+/// scratch (ethertype, version, payload length against the frame, next
+/// header 41) and returns its fields with the inner packet re-framed with
+/// the same MAC addresses, for [`check`].
+pub fn check_ip6ip6(frame: &[u8]) -> (Outer6, Vec<u8>) {
+    assert!(frame.len() >= 14 + 80, "frame too short for IPv6 in IPv6: {} bytes", frame.len());
+    assert_eq!(u16::from_be_bytes([frame[12], frame[13]]), 0x86dd, "outer ethertype");
+    let l3 = &frame[14..];
+    let first = u32::from_be_bytes([l3[0], l3[1], l3[2], l3[3]]);
+    assert_eq!(first >> 28, 6, "outer header: IPv6");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([l3[4], l3[5]])) + 40,
+        l3.len(),
+        "outer payload length against the frame"
+    );
+    assert_eq!(l3[6], 41, "outer next header: IPv6");
+    let s: [u8; 16] = l3[8..24].try_into().unwrap();
+    let d: [u8; 16] = l3[24..40].try_into().unwrap();
+    let outer = Outer6 {
+        src: IpAddr::from(s),
+        dst: IpAddr::from(d),
+        hop_limit: l3[7],
+        tclass: (first >> 20) as u8,
+        label: first & 0xfffff,
+    };
+    let mut inner = frame[..14].to_vec();
+    inner.extend_from_slice(&l3[40..]);
+    (outer, inner)
+}

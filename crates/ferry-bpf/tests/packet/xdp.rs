@@ -38,7 +38,7 @@ const ETH0_MAC: [u8; 6] = NODE_MAC;
 
 impl Rig {
     /// Neighbour entries for the next hops, so the FIB answers with MAC addresses.
-    fn neighbours(&self) {
+    pub(crate) fn neighbours(&self) {
         for (addr, mac) in [
             ("192.0.2.2", "02:00:00:00:00:02"),
             ("192.0.2.254", "02:00:00:00:00:fe"),
@@ -58,7 +58,7 @@ impl Rig {
 
 impl Dp<'_> {
     /// Runs ferry_xdp on `frame` as if it arrived on eth0 (queue 0).
-    fn xdp(&self, frame: &[u8]) -> Ran {
+    pub(crate) fn xdp(&self, frame: &[u8]) -> Ran {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());

@@ -277,6 +277,12 @@ impl<'a> Present<'a> {
                 "ferry_tunnels",
                 format!("{}/{}", std::net::Ipv4Addr::from(k.addr.to_ne_bytes()), k.prefixlen),
             ),
+            MapOp::PutTunnel6(kv) => (
+                Self::put(d.tunnels6.iter().any(|(t, _)| *t == kv.0)),
+                "ferry_tunnels6",
+                format!("{}/{} -> {}", ip_of(&kv.0.addr, FAM_V6), kv.0.prefixlen, ip_of(&kv.1, FAM_V6)),
+            ),
+            MapOp::DelTunnel6(k) => ("extra", "ferry_tunnels6", format!("{}/{}", ip_of(&k.addr, FAM_V6), k.prefixlen)),
             MapOp::PutConfig(c) => (Self::put(d.config.is_some()), "ferry_config", format!("{c:?}")),
             MapOp::PutDevice(i, v) => {
                 (Self::put(d.devices.iter().any(|(x, _)| x == i)), "ferry_devices", format!("ifindex {i}: {v:?}"))
@@ -346,6 +352,7 @@ mod tests {
                 MapOp::PutMaglev(k, t) => d.maglev.push((k, t.into())),
                 MapOp::PutAddr(k) => d.addrs.push(k),
                 MapOp::PutTunnel(k, v) => d.tunnels.push((k, v)),
+                MapOp::PutTunnel6(kv) => d.tunnels6.push(*kv),
                 other => panic!("a fresh sync deleted something: {other:?}"),
             }
         }
