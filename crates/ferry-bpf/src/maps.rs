@@ -669,32 +669,31 @@ impl Maps {
     /// Every flow this node carries by DSR (`ferry_dsr`, then `ferry_dsr6`;
     /// none on a datapath of layout 3 or older, no IPv6 one before 6).
     pub fn dsr_entries(&self) -> Vec<crate::stale::DsrEntry> {
-        let v4 = self.dsr.iter().flat_map(|m| m.entries()).map(|(k, v)| crate::stale::DsrEntry {
-            src: k.src,
-            dst: k.dst,
-            sport: u16::from_be(k.sport),
-            dport: u16::from_be(k.dport),
-            proto: k.proto,
-            family: k.family,
-            service: v.service,
-            backend: v.backend,
-            backend_addr: [v.backend_addr, 0, 0, 0],
-            backend_port: u16::from_be(v.backend_port),
-            expires_ns: v.expires_ns,
-        });
-        let v6 = self.dsr6.iter().flat_map(|m| m.entries()).map(|(k, v)| crate::stale::DsrEntry {
-            src: k.src,
-            dst: k.dst,
-            sport: u16::from_be(k.sport),
-            dport: u16::from_be(k.dport),
-            proto: k.proto,
-            family: k.family,
-            service: v.service,
-            backend: v.backend,
-            backend_addr: v.backend_addr,
-            backend_port: u16::from_be(v.backend_port),
-            expires_ns: v.expires_ns,
-        });
+        // The two maps' values differ only in the backend address's width.
+        let entry =
+            |k: &t::ct_key, service, backend, backend_addr, backend_port: u16, expires_ns| crate::stale::DsrEntry {
+                src: k.src,
+                dst: k.dst,
+                sport: u16::from_be(k.sport),
+                dport: u16::from_be(k.dport),
+                proto: k.proto,
+                family: k.family,
+                service,
+                backend,
+                backend_addr,
+                backend_port: u16::from_be(backend_port),
+                expires_ns,
+            };
+        let v4 = self
+            .dsr
+            .iter()
+            .flat_map(|m| m.entries())
+            .map(|(k, v)| entry(&k, v.service, v.backend, [v.backend_addr, 0, 0, 0], v.backend_port, v.expires_ns));
+        let v6 = self
+            .dsr6
+            .iter()
+            .flat_map(|m| m.entries())
+            .map(|(k, v)| entry(&k, v.service, v.backend, v.backend_addr, v.backend_port, v.expires_ns));
         v4.chain(v6).collect()
     }
 
